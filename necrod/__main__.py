@@ -1,0 +1,3 @@
+from necrod.daemon.main import main
+
+raise SystemExit(main())

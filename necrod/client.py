@@ -1,0 +1,345 @@
+"""Python clients for necrod: ``Client`` (blocking) and ``AsyncClient`` (anyio), for runners and scripts.
+
+Both have one method per RPC method and raise the ``necrod.proto.errors`` class of each error
+kind (``NotFound``, ``ResourceExhausted``, ...), or ``DaemonUnreachable`` when nothing answers::
+
+    with Client() as necrod:
+        lease = necrod.allocate("my-project", holder="agent-7", ttl_s=600)
+        ...
+        necrod.release(lease["lease_id"])
+
+The socket defaults to ``$NECROD_SOCKET``, then the per-user socket, then the system one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import socket
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import anyio
+from anyio.abc import SocketStream
+
+from necrod import PROTOCOL_VERSION, paths
+from necrod.proto.errors import DaemonUnreachable, Internal, NecrodError, error_from_object
+from necrod.proto.jsonrpc import encode_request
+
+__all__ = ["AsyncClient", "Client", "DaemonUnreachable", "NecrodError"]
+
+R = TypeVar("R")
+
+#: Replies can be large (slots.list of thousands of slots); this bounds a single line.
+MAX_REPLY_BYTES = 256 << 20
+
+
+def _socket_path(path: str | os.PathLike[str] | None) -> Path:
+    return Path(path) if path is not None else paths.client_socket_path()
+
+
+def _clean(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if v is not None}
+
+
+class _Api(Generic[R]):
+    """One method per RPC method; ``call`` is the transport's."""
+
+    def call(self, method: str, params: dict[str, Any] | None = None) -> R:
+        raise NotImplementedError
+
+    def hello(self, client: str = "necrod.client") -> R:
+        return self.call("hello", {"protocol": PROTOCOL_VERSION, "client": client})
+
+    def status(self) -> R:
+        return self.call("daemon.status")
+
+    def reload(self) -> R:
+        return self.call("daemon.reload")
+
+    def pools(self) -> R:
+        return self.call("pools.list")
+
+    def pool(self, name: str) -> R:
+        return self.call("pools.get", {"pool": name})
+
+    def slots(self, pool: str | None = None, state: str | None = None) -> R:
+        return self.call("slots.list", _clean({"pool": pool, "state": state}))
+
+    def allocate(
+        self,
+        pool: str,
+        *,
+        holder: str | None = None,
+        ttl_s: float | None = None,
+        ref: str | None = None,
+        branch: str | None = None,
+        wait_s: float | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> R:
+        return self.call(
+            "slots.allocate",
+            _clean(
+                {
+                    "pool": pool,
+                    "holder": holder,
+                    "ttl_s": ttl_s,
+                    "ref": ref,
+                    "branch": branch,
+                    "wait_s": wait_s,
+                    "metadata": metadata,
+                }
+            ),
+        )
+
+    def heartbeat(self, lease_id: str, ttl_s: float | None = None) -> R:
+        return self.call("slots.heartbeat", _clean({"lease_id": lease_id, "ttl_s": ttl_s}))
+
+    def release(self, lease_id: str, *, salvage: bool | None = None) -> R:
+        return self.call("slots.release", _clean({"lease_id": lease_id, "salvage": salvage}))
+
+    def add_slot(self, pool: str, *, wait_s: float | None = None) -> R:
+        return self.call("slots.add", _clean({"pool": pool, "wait_s": wait_s}))
+
+    def remove_slot(self, slot_id: str, *, force: bool = False) -> R:
+        return self.call("slots.remove", {"slot_id": slot_id, "force": force})
+
+    def salvage_list(self, pool: str | None = None) -> R:
+        return self.call("salvage.list", _clean({"pool": pool}))
+
+    def salvage_show(self, lease_id: str) -> R:
+        return self.call("salvage.show", {"lease_id": lease_id})
+
+
+def _decode_reply(line: bytes) -> dict[str, Any]:
+    try:
+        message = json.loads(line)
+    except ValueError as exc:
+        raise Internal(f"the daemon sent something that is not JSON: {exc}") from None
+    if not isinstance(message, dict):
+        raise Internal("the daemon sent a reply that is not an object")
+    return message
+
+
+def _result(message: dict[str, Any]) -> Any:
+    if "error" in message:
+        raise error_from_object(message["error"])
+    return message.get("result")
+
+
+class Client(_Api[Any]):
+    """A blocking client on one connection. Not thread-safe: one per thread."""
+
+    def __init__(
+        self, socket_path: str | os.PathLike[str] | None = None, *, timeout: float | None = 60.0
+    ) -> None:
+        self.path = _socket_path(socket_path)
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._buf = bytearray()
+        self._ids = itertools.count(1)
+        #: Notifications that arrived while waiting for a reply (``events()`` reads them first).
+        self.notifications: deque[dict[str, Any]] = deque()
+
+    def connect(self) -> None:
+        if self._sock is not None:
+            return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(os.fspath(self.path))
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            sock.close()
+            raise DaemonUnreachable(
+                f"no necrod answers at {self.path} ({exc.strerror})", socket=str(self.path)
+            ) from None
+        except OSError as exc:
+            sock.close()
+            raise DaemonUnreachable(
+                f"cannot connect to {self.path}: {exc.strerror or exc}", socket=str(self.path)
+            ) from None
+        self._sock = sock
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> Client:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _read_message(self, timeout: float | None) -> dict[str, Any]:
+        assert self._sock is not None
+        self._sock.settimeout(timeout)
+        while True:
+            nl = self._buf.find(b"\n")
+            if nl >= 0:
+                line = bytes(self._buf[:nl])
+                del self._buf[: nl + 1]
+                return _decode_reply(line)
+            if len(self._buf) > MAX_REPLY_BYTES:
+                raise Internal("reply line too long")
+            try:
+                chunk = self._sock.recv(1 << 16)
+            except TimeoutError:
+                raise
+            except OSError as exc:
+                self.close()
+                raise DaemonUnreachable(f"connection to {self.path} lost ({exc})") from None
+            if not chunk:
+                self.close()
+                raise DaemonUnreachable(f"the daemon at {self.path} closed the connection")
+            self._buf += chunk
+
+    def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        self.connect()
+        assert self._sock is not None
+        request_id = next(self._ids)
+        try:
+            self._sock.sendall(encode_request(request_id, method, params or {}))
+        except OSError as exc:
+            self.close()
+            raise DaemonUnreachable(f"connection to {self.path} lost ({exc})") from None
+        while True:
+            try:
+                message = self._read_message(self.timeout)
+            except TimeoutError:
+                self.close()
+                raise DaemonUnreachable(f"no reply from {self.path} within {self.timeout}s") from None
+            if "id" not in message:
+                self.notifications.append(message)
+                continue
+            if message.get("id") not in (request_id, None):
+                continue
+            return _result(message)
+
+    def subscribe(
+        self, topics: list[str] | None = None, *, since: int | None = None, snapshot: bool | None = None
+    ) -> Any:
+        return self.call("events.subscribe", _clean({"topics": topics, "since": since, "snapshot": snapshot}))
+
+    def events(self, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        """Event notifications after ``subscribe``; stops when ``timeout`` passes with none."""
+        while True:
+            while self.notifications:
+                note = self.notifications.popleft()
+                if note.get("method") == "event":
+                    yield note.get("params", {})
+            try:
+                message = self._read_message(timeout)
+            except TimeoutError:
+                return
+            if "id" not in message:
+                self.notifications.append(message)
+
+
+class AsyncClient(_Api[Awaitable[Any]]):
+    """An anyio client on one connection; concurrent calls are serialized."""
+
+    def __init__(
+        self, socket_path: str | os.PathLike[str] | None = None, *, timeout: float | None = 60.0
+    ) -> None:
+        self.path = _socket_path(socket_path)
+        self.timeout = timeout
+        self._stream: SocketStream | None = None
+        self._buf = bytearray()
+        self._ids = itertools.count(1)
+        self._lock = anyio.Lock()
+        self.notifications: deque[dict[str, Any]] = deque()
+
+    async def connect(self) -> None:
+        if self._stream is not None:
+            return
+        try:
+            self._stream = await anyio.connect_unix(self.path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise DaemonUnreachable(
+                f"no necrod answers at {self.path} ({exc.strerror})", socket=str(self.path)
+            ) from None
+        except OSError as exc:
+            raise DaemonUnreachable(
+                f"cannot connect to {self.path}: {exc.strerror or exc}", socket=str(self.path)
+            ) from None
+
+    async def aclose(self) -> None:
+        if self._stream is not None:
+            await self._stream.aclose()
+            self._stream = None
+
+    async def __aenter__(self) -> AsyncClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _read_message(self) -> dict[str, Any]:
+        assert self._stream is not None
+        while True:
+            nl = self._buf.find(b"\n")
+            if nl >= 0:
+                line = bytes(self._buf[:nl])
+                del self._buf[: nl + 1]
+                return _decode_reply(line)
+            try:
+                chunk = await self._stream.receive(1 << 16)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                await self.aclose()
+                raise DaemonUnreachable(f"the daemon at {self.path} closed the connection") from None
+            self._buf += chunk
+
+    async def _call(self, method: str, params: dict[str, Any] | None) -> Any:
+        await self.connect()
+        assert self._stream is not None
+        async with self._lock:
+            request_id = next(self._ids)
+            try:
+                await self._stream.send(encode_request(request_id, method, params or {}))
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                await self.aclose()
+                raise DaemonUnreachable(f"connection to {self.path} lost") from None
+            while True:
+                if self.timeout is None:
+                    message = await self._read_message()
+                else:
+                    try:
+                        with anyio.fail_after(self.timeout):
+                            message = await self._read_message()
+                    except TimeoutError:
+                        await self.aclose()
+                        raise DaemonUnreachable(f"no reply from {self.path} within {self.timeout}s") from None
+                if "id" not in message:
+                    self.notifications.append(message)
+                    continue
+                if message.get("id") not in (request_id, None):
+                    continue
+                return _result(message)
+
+    def call(self, method: str, params: dict[str, Any] | None = None) -> Awaitable[Any]:
+        return self._call(method, params)
+
+    def subscribe(
+        self, topics: list[str] | None = None, *, since: int | None = None, snapshot: bool | None = None
+    ) -> Awaitable[Any]:
+        return self._call(
+            "events.subscribe", _clean({"topics": topics, "since": since, "snapshot": snapshot})
+        )
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """Event notifications after ``subscribe``, forever (until the connection closes)."""
+        while True:
+            while self.notifications:
+                note = self.notifications.popleft()
+                if note.get("method") == "event":
+                    yield note.get("params", {})
+            async with self._lock:
+                message = await self._read_message()
+            if "id" not in message:
+                self.notifications.append(message)

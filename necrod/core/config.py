@@ -1,0 +1,572 @@
+"""pools.yaml: the schema, its defaults, and validation that points at the offending line.
+
+Two spellings load: the native one (``daemon:``, ``defaults:``, ``pools:``) and the NecroCode one
+(``num_slots``, ``cleanup_timeout``, ``lock_timeout``, ``cleanup_options``, ...), whose keys are
+accepted as aliases of the native keys. A file is validated whole: the first problem found is
+raised as a ``ConfigError`` carrying the file, line and column, and nothing is half applied.
+
+Pure: no file system access here (``io.config_files`` reads the file and checks paths exist).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import PurePosixPath
+from typing import Any
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from necrod.core.names import pool_name_problem, ref_name_problem
+
+WEEK_S = 7 * 24 * 3600.0
+GIB = 1 << 30
+
+#: Transports git may use unless the config says otherwise (GIT_ALLOW_PROTOCOL).
+DEFAULT_PROTOCOLS = ("file", "https", "ssh")
+KNOWN_PROTOCOLS = ("file", "https", "http", "ssh", "git")
+
+
+class ConfigError(Exception):
+    """A config that cannot be used, with where the problem is."""
+
+    def __init__(
+        self, message: str, *, file: str | None = None, line: int | None = None, column: int | None = None
+    ) -> None:
+        self.message = message
+        self.file = file
+        self.line = line
+        self.column = column
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = self.file or "<config>"
+        if self.line is not None:
+            where += f":{self.line}"
+            if self.column is not None:
+                where += f":{self.column}"
+        return f"{where}: {self.message}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "message": self.message,
+            "file": self.file,
+            "line": self.line,
+            "column": self.column,
+            "text": str(self),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    workspaces: str | None = None
+    git_concurrency: int = 4
+    min_free_disk: int = 1 * GIB
+    socket_group: str | None = None
+    metrics_listen: tuple[str, int] | None = None
+    max_connections: int = 1024
+    shutdown_grace_s: float = 10.0
+    write_timeout_s: float = 10.0
+    read_timeout_s: float = 30.0
+    allowed_protocols: tuple[str, ...] = DEFAULT_PROTOCOLS
+    git: str = "git"
+    event_history: int = 50_000
+    heal_interval_s: float = 300.0
+    release_overdue_leases: bool = False
+    disk_check_interval_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    name: str
+    repo_url: str
+    base: str | None = None
+    slots: int = 2
+    min_idle: int = 1
+    max_slots: int = 8
+    lease_ttl_s: float = 900.0
+    max_lease_s: float | None = None
+    fetch_interval_s: float = 300.0
+    cleanup: str = "full"
+    salvage: bool = True
+    cleanup_timeout_s: float = 300.0
+    clone_timeout_s: float = 3600.0
+    git_concurrency: int = 2
+    idle_timeout_s: float = 600.0
+    isolation: str = "worktree"
+    metrics: bool = True
+    stale_lock_hours: float = 24.0
+    #: NecroCode's ``lock_timeout``: accepted for compatibility; allocation takes no file lock.
+    lock_timeout_s: float | None = None
+
+    @property
+    def clean_flags(self) -> str:
+        return "-ffdx" if self.cleanup == "full" else "-ffd"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    pools: dict[str, PoolConfig] = field(default_factory=dict)
+    #: The file it came from (None for the embedded default).
+    source: str | None = None
+    #: Things accepted but without effect (NecroCode options necrod covers another way).
+    notes: tuple[str, ...] = ()
+    #: (line, column) of values checked later against the file system, by dotted path.
+    marks: dict[str, tuple[int, int]] = field(default_factory=dict, compare=False)
+
+    def error_at(self, path: str, message: str) -> ConfigError:
+        line, column = self.marks.get(path, (None, None))
+        return ConfigError(message, file=self.source, line=line, column=column)
+
+
+# --- reading YAML nodes with their positions -------------------------------------------------
+
+_constructor = yaml.constructor.SafeConstructor()
+
+
+class _Reader:
+    """Walks the YAML node tree, converting values and raising errors that name the line."""
+
+    def __init__(self, file: str | None) -> None:
+        self.file = file
+        self.notes: list[str] = []
+
+    def error(self, node: Node | None, message: str) -> ConfigError:
+        if node is None:
+            return ConfigError(message, file=self.file)
+        mark = node.start_mark
+        return ConfigError(message, file=self.file, line=mark.line + 1, column=mark.column + 1)
+
+    def mapping(self, node: Node, path: str) -> dict[str, tuple[Node, Node]]:
+        if not isinstance(node, MappingNode):
+            raise self.error(node, f"{path} must be a mapping")
+        items: dict[str, tuple[Node, Node]] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                raise self.error(key_node, f"{path}: keys must be plain names (no merge keys)")
+            key = str(_constructor.construct_object(key_node))
+            if key in items:
+                first = items[key][0].start_mark.line + 1
+                raise self.error(key_node, f"{path}: duplicate key {key!r} (first on line {first})")
+            items[key] = (key_node, value_node)
+        return items
+
+    def scalar(self, node: Node, path: str) -> Any:
+        if not isinstance(node, ScalarNode):
+            raise self.error(
+                node,
+                f"{path} must be a single value, not a {'list' if isinstance(node, SequenceNode) else 'mapping'}",
+            )
+        return _constructor.construct_object(node)
+
+    def strings(self, node: Node, path: str) -> list[str]:
+        if not isinstance(node, SequenceNode):
+            raise self.error(node, f"{path} must be a list")
+        out = []
+        for item in node.value:
+            value = self.scalar(item, path)
+            if not isinstance(value, str):
+                raise self.error(item, f"{path}: every item must be a string")
+            out.append(value)
+        return out
+
+
+class _Section:
+    """One mapping being validated: take keys one by one, then ``finish`` refuses the rest."""
+
+    def __init__(self, reader: _Reader, node: Node, path: str) -> None:
+        self.r = reader
+        self.node = node
+        self.path = path
+        self.items = reader.mapping(node, path)
+        self.taken: set[str] = set()
+
+    def has(self, key: str) -> bool:
+        return key in self.items
+
+    def node_of(self, key: str) -> Node | None:
+        item = self.items.get(key)
+        return item[1] if item else None
+
+    def raw(self, key: str) -> tuple[Node, Node] | None:
+        self.taken.add(key)
+        return self.items.get(key)
+
+    def value(self, key: str, check: Callable[[Any], str | None] | None = None) -> Any:
+        item = self.raw(key)
+        if item is None:
+            return _MISSING
+        value = self.r.scalar(item[1], f"{self.path}.{key}")
+        if check is not None:
+            problem = check(value)
+            if problem:
+                raise self.r.error(item[1], f"{self.path}.{key} {problem}")
+        return value
+
+    def finish(self, allowed: list[str]) -> None:
+        for key, (key_node, _) in self.items.items():
+            if key not in self.taken:
+                near = difflib.get_close_matches(key, allowed, n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                raise self.r.error(key_node, f"{self.path}: unknown key {key!r}{hint}")
+
+
+_MISSING: Any = object()
+
+
+# --- value checks ------------------------------------------------------------------------------
+
+
+def _int_in(lo: int, hi: int) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if isinstance(v, bool) or not isinstance(v, int):
+            return "must be a whole number"
+        if not lo <= v <= hi:
+            return f"must be between {lo} and {hi} (got {v})"
+        return None
+
+    return check
+
+
+def _num_in(lo: float, hi: float, *, above: bool = False) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if isinstance(v, bool) or not isinstance(v, int | float) or v != v:
+            return "must be a number"
+        if (v <= lo if above else v < lo) or v > hi:
+            low = f"above {lo:g}" if above else f"at least {lo:g}"
+            return f"must be {low} and at most {hi:g} (got {v})"
+        return None
+
+    return check
+
+
+def _is_bool(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "must be true or false"
+
+
+def _is_str(v: Any) -> str | None:
+    if not isinstance(v, str) or not v:
+        return "must be a non-empty string"
+    if any(ord(c) < 0x20 for c in v):
+        return "must not contain control characters"
+    return None
+
+
+def _one_of(*choices: str) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        return None if v in choices else f"must be one of {', '.join(choices)} (got {v!r})"
+
+    return check
+
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)\s*", re.IGNORECASE)
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from ``5GiB``, ``500MB``, ``2G`` (binary) or a plain number of bytes."""
+    if isinstance(value, bool):
+        raise ValueError("a size must be a number of bytes or a string such as 5GiB")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size may not be negative")
+        return value
+    if not isinstance(value, str):
+        raise ValueError("a size must be a number of bytes or a string such as 5GiB")
+    m = _SIZE.fullmatch(value)
+    if not m:
+        raise ValueError(f"{value!r} is not a size (examples: 5GiB, 500MB, 1048576)")
+    number, unit, binary, _ = m.groups()
+    power = " kmgt".index(unit.lower()) if unit else 0
+    base = 1024 if (binary or (unit and not m.group(4))) else 1000
+    return int(float(number) * base**power)
+
+
+def repo_transport(url: str) -> str:
+    """The git transport ``url`` would use: file, ssh, https, http, git, or a ``x::`` helper."""
+    if "::" in url.split("/", 1)[0]:
+        return url.split("::", 1)[0]
+    m = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", url)
+    if m:
+        scheme = m.group(1).lower()
+        return {"git+ssh": "ssh", "ssh+git": "ssh"}.get(scheme, scheme)
+    if re.match(r"[^/]*:", url) and not url.startswith("/"):
+        return "ssh"  # scp-like user@host:path
+    return "file"
+
+
+def repo_url_problem(url: str, allowed: tuple[str, ...]) -> str | None:
+    """Why git must not be pointed at ``url``, or None."""
+    if not url:
+        return "is empty"
+    if url.startswith("-"):
+        return "starts with '-' (git would read it as an option)"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        return "contains a control character"
+    transport = repo_transport(url)
+    if transport not in allowed:
+        return f"uses transport {transport!r}, which daemon.allowed_protocols does not allow ({', '.join(allowed)})"
+    if transport == "ssh":
+        m = re.match(r"(?:ssh|git\+ssh|ssh\+git)://(?:[^@/]*@)?([^/:]*)", url, re.IGNORECASE)
+        host = m.group(1) if m else url.split(":", 1)[0].rsplit("@", 1)[-1]
+        if not host or host.startswith("-"):
+            return f"has an invalid host {host!r}"
+    return None
+
+
+def local_repo_path(url: str) -> str | None:
+    """The local path a file-transport ``url`` names (``file://`` stripped), else None."""
+    if repo_transport(url) != "file":
+        return None
+    return url[len("file://") :] if url.startswith("file://") else url
+
+
+# --- the schema ---------------------------------------------------------------------------------
+
+_POOL_KEYS = [
+    "base",
+    "slots",
+    "min_idle",
+    "max_slots",
+    "lease_ttl_s",
+    "max_lease_s",
+    "fetch_interval_s",
+    "cleanup",
+    "salvage",
+    "cleanup_timeout_s",
+    "clone_timeout_s",
+    "git_concurrency",
+    "idle_timeout_s",
+    "isolation",
+    "metrics",
+    "stale_lock_hours",
+]
+#: NecroCode's names for native keys.
+_ALIASES = {
+    "num_slots": "slots",
+    "cleanup_timeout": "cleanup_timeout_s",
+    "enable_metrics": "metrics",
+    "lock_timeout": "lock_timeout_s",
+}
+_NECRO_ONLY = ["cleanup_options", "lock_timeout_s"]
+_CLEANUP_OPTIONS = ["fetch_on_allocate", "clean_on_release", "warmup_enabled"]
+
+_POOL_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "base": lambda v: _is_str(v) or (f"is not a valid ref: {p}" if (p := ref_name_problem(v)) else None),
+    "slots": _int_in(1, 10_000),
+    "min_idle": _int_in(0, 10_000),
+    "max_slots": _int_in(1, 10_000),
+    "lease_ttl_s": _num_in(1, WEEK_S),
+    "max_lease_s": lambda v: None if v is None else _num_in(1, 4 * WEEK_S)(v),
+    "fetch_interval_s": lambda v: None if v == 0 else _num_in(5, WEEK_S)(v),
+    "cleanup": _one_of("full", "keep-ignored"),
+    "salvage": _is_bool,
+    "cleanup_timeout_s": _num_in(1, 24 * 3600),
+    "clone_timeout_s": _num_in(1, 7 * 24 * 3600),
+    "git_concurrency": _int_in(1, 256),
+    "idle_timeout_s": _num_in(0, WEEK_S),
+    "isolation": _one_of("worktree"),
+    "metrics": _is_bool,
+    "stale_lock_hours": _num_in(0, 24 * 365, above=True),
+    "lock_timeout_s": _num_in(0, 24 * 3600),
+}
+
+
+def _read_pool_options(
+    r: _Reader, sec: _Section, *, allow_repo: bool
+) -> tuple[dict[str, Any], dict[str, Node]]:
+    """Pool options present in ``sec`` (native or NecroCode names), and the node of each."""
+    options: dict[str, Any] = {}
+    nodes: dict[str, Node] = {}
+    for key in list(sec.items):
+        native = _ALIASES.get(key, key)
+        if native not in _POOL_CHECKS:
+            continue
+        if native in options:
+            raise r.error(sec.items[key][0], f"{sec.path}: both {key!r} and {native!r} given; keep one")
+        value = sec.value(key, _POOL_CHECKS[native])
+        options[native] = value
+        nodes[native] = sec.items[key][1]
+    if sec.has("cleanup_options"):
+        opts = _Section(r, sec.raw("cleanup_options")[1], f"{sec.path}.cleanup_options")  # type: ignore[index]
+        for key in _CLEANUP_OPTIONS:
+            if opts.has(key):
+                opts.value(key, _is_bool)
+        opts.finish(_CLEANUP_OPTIONS)
+        r.notes.append(
+            f"{sec.path}.cleanup_options: accepted; necrod always cleans after release and keeps "
+            "slots fetched in the background, so these options change nothing"
+        )
+    if "lock_timeout_s" in options:
+        r.notes.append(f"{sec.path}.lock_timeout: accepted; allocation takes no lock that could wait")
+    allowed = _POOL_KEYS + list(_ALIASES) + ["cleanup_options"] + (["repo_url"] if allow_repo else [])
+    if not allow_repo and sec.has("repo_url"):
+        raise r.error(sec.items["repo_url"][0], f"{sec.path}: repo_url belongs to a pool, not to defaults")
+    if allow_repo:
+        sec.taken.add("repo_url")
+    sec.finish(allowed)
+    return options, nodes
+
+
+_DAEMON_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "workspaces": _is_str,
+    "git_concurrency": _int_in(1, 256),
+    "socket_group": _is_str,
+    "max_connections": _int_in(1, 65_536),
+    "shutdown_grace_s": _num_in(0, 3600),
+    "write_timeout_s": _num_in(0.1, 3600),
+    "read_timeout_s": _num_in(0.1, 3600),
+    "git": _is_str,
+    "event_history": _int_in(100, 10_000_000),
+    "heal_interval_s": _num_in(0, WEEK_S),
+    "release_overdue_leases": _is_bool,
+    "disk_check_interval_s": _num_in(1, 3600),
+}
+
+
+def _read_daemon(r: _Reader, node: Node) -> DaemonConfig:
+    sec = _Section(r, node, "daemon")
+    values: dict[str, Any] = {}
+    for key, check in _DAEMON_CHECKS.items():
+        v = sec.value(key, check)
+        if v is not _MISSING:
+            values[key] = v
+    if sec.has("min_free_disk"):
+        node_ = sec.node_of("min_free_disk")
+        try:
+            values["min_free_disk"] = parse_size(sec.value("min_free_disk"))
+        except ValueError as exc:
+            raise r.error(node_, f"daemon.min_free_disk: {exc}") from None
+    if sec.has("metrics_listen"):
+        node_ = sec.node_of("metrics_listen")
+        v = sec.value("metrics_listen")
+        m = re.fullmatch(r"\[?([^\]]*?)\]?:(\d{1,5})", v) if isinstance(v, str) else None
+        if not m or not 0 < int(m.group(2)) < 65536 or not m.group(1):
+            raise r.error(node_, "daemon.metrics_listen must be HOST:PORT, e.g. 127.0.0.1:9464")
+        values["metrics_listen"] = (m.group(1), int(m.group(2)))
+    if sec.has("allowed_protocols"):
+        _key_node, value_node = sec.raw("allowed_protocols")  # type: ignore[misc]
+        protocols = r.strings(value_node, "daemon.allowed_protocols")
+        bad = [p for p in protocols if p not in KNOWN_PROTOCOLS]
+        if bad:
+            raise r.error(
+                value_node,
+                f"daemon.allowed_protocols: unknown transport(s) {', '.join(bad)}; "
+                f"known: {', '.join(KNOWN_PROTOCOLS)}",
+            )
+        values["allowed_protocols"] = tuple(dict.fromkeys(protocols))
+    sec.finish([*_DAEMON_CHECKS, "min_free_disk", "metrics_listen", "allowed_protocols"])
+    return DaemonConfig(**values)
+
+
+def _resolve_pool(
+    r: _Reader,
+    name: str,
+    options: dict[str, Any],
+    nodes: dict[str, Node],
+    defaults: dict[str, Any],
+    repo_url: str,
+    repo_node: Node,
+    daemon: DaemonConfig,
+    name_node: Node,
+) -> PoolConfig:
+    merged = {**defaults, **options}
+    slots = merged.get("slots", 2)
+    if "max_slots" not in merged:
+        merged["max_slots"] = max(8, slots)
+    elif merged["max_slots"] < slots:
+        node = nodes.get("max_slots") or nodes.get("slots") or name_node
+        raise r.error(node, f"pools.{name}: max_slots ({merged['max_slots']}) is below slots ({slots})")
+    if merged.get("min_idle", 1) > merged["max_slots"]:
+        node = nodes.get("min_idle") or name_node
+        raise r.error(
+            node, f"pools.{name}: min_idle ({merged['min_idle']}) is above max_slots ({merged['max_slots']})"
+        )
+    problem = repo_url_problem(repo_url, daemon.allowed_protocols)
+    if problem:
+        raise r.error(repo_node, f"pools.{name}.repo_url {problem}")
+    return PoolConfig(name=name, repo_url=repo_url, **merged)
+
+
+def parse_config(text: str, file: str | None = None) -> Config:
+    """Parse and validate a whole pools.yaml; raise ``ConfigError`` at the first problem."""
+    r = _Reader(file)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        raise ConfigError(
+            f"not valid YAML: {exc.problem or exc.context}",
+            file=file,
+            line=mark.line + 1 if mark else None,
+            column=mark.column + 1 if mark else None,
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not valid YAML: {exc}", file=file) from None
+    if root is None:
+        raise ConfigError("the config is empty (it needs at least a pools: section)", file=file)
+    top = _Section(r, root, "config")
+
+    daemon = DaemonConfig()
+    if top.has("daemon"):
+        daemon = _read_daemon(r, top.raw("daemon")[1])  # type: ignore[index]
+
+    defaults: dict[str, Any] = {}
+    if top.has("defaults"):
+        dsec = _Section(r, top.raw("defaults")[1], "defaults")  # type: ignore[index]
+        defaults, _ = _read_pool_options(r, dsec, allow_repo=False)
+
+    pools: dict[str, PoolConfig] = {}
+    marks: dict[str, tuple[int, int]] = {}
+    if not top.has("pools"):
+        raise r.error(root, "config: missing the pools: section")
+    pools_node = top.raw("pools")[1]  # type: ignore[index]
+    if not (isinstance(pools_node, ScalarNode) and pools_node.value in ("", "~", "null")):
+        for name, (name_node, pool_node) in r.mapping(pools_node, "pools").items():
+            problem = pool_name_problem(name)
+            if problem:
+                raise r.error(name_node, f"pools: invalid pool name {name!r}: {problem}")
+            psec = _Section(r, pool_node, f"pools.{name}")
+            repo_item = psec.items.get("repo_url")
+            if repo_item is None:
+                raise r.error(name_node, f"pools.{name}: repo_url is required")
+            repo_url = r.scalar(repo_item[1], f"pools.{name}.repo_url")
+            problem = _is_str(repo_url)
+            if problem:
+                raise r.error(repo_item[1], f"pools.{name}.repo_url {problem}")
+            mark = repo_item[1].start_mark
+            marks[f"pools.{name}.repo_url"] = (mark.line + 1, mark.column + 1)
+            options, nodes = _read_pool_options(r, psec, allow_repo=True)
+            pools[name] = _resolve_pool(
+                r, name, options, nodes, defaults, repo_url, repo_item[1], daemon, name_node
+            )
+    top.finish(["daemon", "defaults", "pools"])
+    return Config(daemon=daemon, pools=pools, source=file, notes=tuple(r.notes), marks=marks)
+
+
+def resolve_relative(config: Config, base_dir: str) -> Config:
+    """Make relative local repo paths and the workspaces dir absolute against ``base_dir``."""
+    pools = {}
+    for name, pool in config.pools.items():
+        path = local_repo_path(pool.repo_url)
+        if path is not None and not path.startswith("/"):
+            pool = replace(pool, repo_url=str(PurePosixPath(base_dir) / path))
+        pools[name] = pool
+    daemon = config.daemon
+    if daemon.workspaces and not daemon.workspaces.startswith("/"):
+        daemon = replace(daemon, workspaces=str(PurePosixPath(base_dir) / daemon.workspaces))
+    return replace(config, daemon=daemon, pools=pools)
+
+
+def embedded_config(repo_path: str, pool_name: str) -> Config:
+    """The config used when none is given: one pool of the repository necrod was started in."""
+    return Config(pools={pool_name: PoolConfig(name=pool_name, repo_url=repo_path)})
+
+
+def pool_name_for(directory: str) -> str:
+    """A valid pool name derived from a directory's name."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", PurePosixPath(directory).name).lstrip("-.")[:64]
+    return name or "repo"

@@ -1,0 +1,187 @@
+"""Slots and leases: the records, their states, and the choice of a slot to hand out.
+
+States::
+
+    creating ──► available ──► allocated ──► cleaning ──► available
+                     │                           │
+                     └──► removing               └──► error (quarantined, kept for inspection)
+
+Only ``available`` slots are handed out. A slot's ``fencing_token`` only grows: it is bumped
+when a lease is granted and again when one expires or is revoked, so a stale holder's token is
+always lower than the current one.
+"""
+
+from __future__ import annotations
+
+import copy
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from enum import StrEnum
+from typing import Any
+
+
+class SlotState(StrEnum):
+    CREATING = "creating"
+    AVAILABLE = "available"
+    ALLOCATED = "allocated"
+    CLEANING = "cleaning"
+    ERROR = "error"
+    REMOVING = "removing"
+
+
+def new_lease_id() -> str:
+    return "l-" + secrets.token_hex(8)
+
+
+@dataclass(slots=True)
+class Lease:
+    lease_id: str
+    holder: str | None
+    metadata: dict[str, Any]
+    ttl_s: float
+    granted_at: float
+    #: Wall-clock expiry, for people and clients; the daemon times leases with ``deadline``.
+    expires_at: float
+    fencing_token: int
+    start_commit: str | None
+    branch: str | None = None
+    task_id: str | None = None
+    #: Monotonic deadline; not persisted (after a restart every lease gets a fresh ttl_s).
+    deadline: float = 0.0
+
+    def to_row(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "deadline"}
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Lease:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in row.items() if k in known})
+
+    def renew(self, now_mono: float, now_wall: float, ttl_s: float | None = None) -> None:
+        if ttl_s is not None:
+            self.ttl_s = ttl_s
+        self.deadline = now_mono + self.ttl_s
+        self.expires_at = now_wall + self.ttl_s
+
+
+_PERSISTED = (
+    "slot_id",
+    "pool",
+    "number",
+    "path",
+    "admin",
+    "state",
+    "commit",
+    "branch",
+    "fencing_token",
+    "error",
+    "cleanup_failures",
+    "allocations",
+    "created_at",
+    "last_released_at",
+    "salvage_as",
+    "salvage_commit",
+    "salvage_note",
+    "retire",
+    "disk_bytes",
+)
+
+
+@dataclass(slots=True)
+class Slot:
+    slot_id: str
+    pool: str
+    number: int
+    path: str
+    #: Name of the worktree's admin directory under ``mirror.git/worktrees/``.
+    admin: str
+    state: SlotState
+    commit: str | None = None
+    branch: str | None = None
+    fencing_token: int = 0
+    lease: Lease | None = None
+    error: str | None = None
+    cleanup_failures: int = 0
+    allocations: int = 0
+    created_at: float = 0.0
+    last_released_at: float = 0.0
+    #: Lease id whose leftover work the next cleanup must salvage (kept across a restart).
+    salvage_as: str | None = None
+    #: Commit the slot's last lease started from (to tell agent commits from the base).
+    salvage_commit: str | None = None
+    #: Who held the lease being salvaged, for the salvage commit's message.
+    salvage_note: str | None = None
+    #: Remove the slot instead of making it available when it comes back.
+    retire: bool = False
+    disk_bytes: int | None = None
+    # In memory only:
+    version: int = 0
+    #: A git process of ours is working in this slot right now.
+    busy: bool = False
+    #: Handed to a waiting allocation that has not yet taken it.
+    reserved: bool = False
+
+    def to_row(self) -> dict[str, Any]:
+        row = {name: getattr(self, name) for name in _PERSISTED}
+        row["state"] = str(self.state)
+        row["lease"] = self.lease.to_row() if self.lease else None
+        return row
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Slot:
+        values = {k: row[k] for k in _PERSISTED if k in row}
+        values["state"] = SlotState(row["state"])
+        slot = cls(**values)
+        if row.get("lease"):
+            slot.lease = Lease.from_row(row["lease"])
+        return slot
+
+    def snapshot(self) -> Slot:
+        """A deep copy, to restore when the change made after it fails to become durable."""
+        return copy.deepcopy(self)
+
+    def restore(self, snap: Slot, version: int) -> bool:
+        """Undo to ``snap`` if nothing changed the slot since the change at ``version``."""
+        if self.version != version:
+            return False
+        for f in fields(self):
+            if f.name not in ("version", "busy", "reserved"):
+                setattr(self, f.name, getattr(snap, f.name))
+        self.version += 1
+        return True
+
+    def view(self) -> dict[str, Any]:
+        """What clients see of a slot."""
+        lease = self.lease
+        return {
+            "slot_id": self.slot_id,
+            "pool": self.pool,
+            "state": str(self.state),
+            "path": self.path,
+            "commit": self.commit,
+            "branch": self.branch,
+            "fencing_token": self.fencing_token,
+            "lease_id": lease.lease_id if lease else None,
+            "holder": lease.holder if lease else None,
+            "expires_at": lease.expires_at if lease else None,
+            "task_id": lease.task_id if lease else None,
+            "error": self.error,
+            "allocations": self.allocations,
+            "last_released_at": self.last_released_at or None,
+            "disk_bytes": self.disk_bytes,
+        }
+
+
+def choose_slot(slots: Iterable[Slot], commit: str | None) -> Slot | None:
+    """The slot to hand out: an idle available one, at ``commit`` if any is, else the least
+    recently used (ties by number, so the choice is stable)."""
+    best: Slot | None = None
+    best_key: tuple[int, float, int] | None = None
+    for slot in slots:
+        if slot.state is not SlotState.AVAILABLE or slot.busy or slot.reserved:
+            continue
+        key = (0 if commit is not None and slot.commit == commit else 1, slot.last_released_at, slot.number)
+        if best_key is None or key < best_key:
+            best, best_key = slot, key
+    return best

@@ -1,0 +1,332 @@
+"""``necroctl``: a thin client that only speaks the protocol.
+
+Exit codes: 0 success; 1 the daemon answered with an error (its kind and message are printed);
+2 usage error; 3 no daemon answered (``status``: also when the daemon is degraded or stopping);
+4 ``status`` could not tell. Every command takes ``--json`` (the result object as the daemon
+sent it) and ``--socket`` (default ``$NECROD_SOCKET``, then the per-user socket, then the
+system one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from necrod import __version__
+from necrod.client import Client
+from necrod.ctl import render
+from necrod.proto.errors import DaemonUnreachable, NecrodError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_UNKNOWN = 0, 1, 2, 3, 4
+
+
+def _common() -> argparse.ArgumentParser:
+    # On every subcommand too, so options work before or after it; SUPPRESS keeps the
+    # subcommand's absent option from overwriting the one given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--socket",
+        default=argparse.SUPPRESS,
+        help="daemon socket (default: $NECROD_SOCKET, the per-user socket, then /run/necrod/necrod.sock)",
+    )
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print the daemon's result as JSON"
+    )
+    common.add_argument(
+        "--timeout", type=float, default=argparse.SUPPRESS, help="seconds to wait for a reply"
+    )
+    return common
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = _common()
+    p = argparse.ArgumentParser(prog="necroctl", description="Drive a necrod daemon.", parents=[common])
+    p.add_argument("--version", action="version", version=f"necroctl {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def cmd(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, parents=[common])
+
+    cmd("status", "the daemon's health, config and pools (exit 0 running, 3 degraded or not running)")
+    cmd("pools", "pools with their slots by state and fetch state")
+    s = cmd("slots", "slots, their state, commit and lease")
+    s.add_argument("--pool")
+    s.add_argument("--state", choices=("creating", "available", "allocated", "cleaning", "error", "removing"))
+    s.add_argument("-l", "--long", action="store_true", help="also path, disk use and last use")
+    a = cmd("allocate", "lease a clean slot; prints its path")
+    a.add_argument("pool")
+    a.add_argument("--holder", help="who holds the lease (default: necroctl@pid)")
+    a.add_argument("--ttl", type=float, help="seconds the lease lives without a heartbeat")
+    a.add_argument("--ref", help="check out this branch, tag or commit (detached)")
+    a.add_argument("--branch", help="create this branch in the slot")
+    a.add_argument("--wait", type=float, help="queue up to this many seconds for a free slot")
+    a.add_argument("--metadata", type=json.loads, help="JSON object stored with the lease")
+    h = cmd("heartbeat", "keep a lease alive")
+    h.add_argument("lease_id")
+    h.add_argument("--ttl", type=float)
+    r = cmd("release", "give a slot back (it is salvaged and cleaned in the background)")
+    r.add_argument("lease_id")
+    r.add_argument(
+        "--no-salvage", action="store_true", help="discard what the lease left without a salvage ref"
+    )
+    ad = cmd("add-slot", "add a slot to a pool")
+    ad.add_argument("pool")
+    rm = cmd("remove-slot", "remove a slot (an allocated one only with --force, which salvages first)")
+    rm.add_argument("slot_id")
+    rm.add_argument("--force", action="store_true")
+    cmd("reload", "re-read pools.yaml and apply it (an invalid file changes nothing)")
+    w = cmd("watch", "print events as they happen")
+    w.add_argument("--topic", action="append", dest="topics", help="only this topic (repeatable)")
+    w.add_argument("--since", type=int, help="first replay events after this seq")
+    w.add_argument("--snapshot", action="store_true", help="print the current state first")
+    sv = cmd("salvage", "work salvaged from slots before they were cleaned")
+    svsub = sv.add_subparsers(dest="salvage_command", metavar="list|show", required=True)
+    sl = svsub.add_parser("list", help="salvage refs, newest first", parents=[common])
+    sl.add_argument("--pool")
+    ss = svsub.add_parser("show", help="what one salvage holds and how to fetch it", parents=[common])
+    ss.add_argument("lease_id")
+    return p
+
+
+# --- renderers: the result as a person reads it -----------------------------------------------------
+
+
+def _print_status(r: dict[str, Any]) -> None:
+    print(f"necrod {r['version']} pid {r['pid']}: {r['state']}, up {render.duration(r['uptime_s'])}")
+    for reason in r.get("degraded", []):
+        print(f"  ! {reason}")
+    cfg = r["config"]
+    print(
+        f"config:  {cfg['path'] or 'embedded default'} (generation {cfg['generation']}, loaded {render.ago(cfg['loaded_at'])})"
+    )
+    if cfg.get("last_reload_error"):
+        print(f"         last reload rejected: {cfg['last_reload_error']['text']}")
+    print(f"socket:  {r['socket']}    state: {r['state_dir']}    git {r['git']['version']}")
+    rows = []
+    for name, p in r["pools"].items():
+        s = p["slots"]
+        rows.append(
+            (
+                name,
+                p["state"],
+                s["available"],
+                s["allocated"],
+                s["cleaning"] + s["creating"],
+                s["error"],
+                p["waiting"],
+                p["fetch"],
+            )
+        )
+    if rows:
+        print()
+        print(
+            render.table(
+                rows, ("POOL", "STATE", "AVAILABLE", "ALLOCATED", "BUSY", "ERROR", "WAITING", "FETCH")
+            )
+        )
+
+
+def _print_pools(r: dict[str, Any]) -> None:
+    rows = []
+    for p in r["pools"]:
+        s = p["slots"]
+        f = p["fetch"]
+        if f["state"] == "failing":
+            fetch = f"failing since {render.iso(f['failing_since'])}: {f['last_error']}"
+        else:
+            fetch = f"{f['state']} {render.ago(f['last_ok_at'])}" if f["last_ok_at"] else f["state"]
+        rows.append(
+            (
+                p["name"],
+                p["state"],
+                p["base"],
+                render.short(p["base_commit"]),
+                f"{s['available']}/{s['allocated']}/{s['cleaning'] + s['creating']}/{s['error']}",
+                p["waiting"],
+                fetch,
+            )
+        )
+    print(render.table(rows, ("POOL", "STATE", "BASE", "COMMIT", "AVAIL/ALLOC/BUSY/ERR", "WAITING", "FETCH")))
+
+
+def _print_slots(r: dict[str, Any], long: bool) -> None:
+    rows = []
+    for s in r["slots"]:
+        row: list[Any] = [
+            s["slot_id"],
+            s["state"],
+            render.short(s["commit"]),
+            s["branch"],
+            s["holder"],
+            render.until(s["expires_at"]) if s["expires_at"] else None,
+        ]
+        if long:
+            row += [
+                s["path"],
+                render.size(s.get("disk_bytes")),
+                s["allocations"],
+                render.ago(s["last_released_at"]),
+                s["error"],
+            ]
+        rows.append(row)
+    headers = ["SLOT", "STATE", "COMMIT", "BRANCH", "HOLDER", "EXPIRES"]
+    if long:
+        headers += ["PATH", "DISK", "USES", "LAST USED", "ERROR"]
+    print(render.table(rows, headers))
+
+
+def _print_lease(r: dict[str, Any]) -> None:
+    print(r["path"])
+    print(
+        f"lease {r['lease_id']} on slot {r['slot_id']} at {render.short(r['commit'])}"
+        + (f" branch {r['branch']}" if r.get("branch") else "")
+        + f", fencing token {r['fencing_token']}, expires {render.until(r['expires_at'])}",
+        file=sys.stderr,
+    )
+
+
+def _print_event(e: dict[str, Any]) -> None:
+    skip = {"seq", "ts", "topic", "type", "subscription"}
+    detail = " ".join(
+        f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in e.items() if k not in skip
+    )
+    print(f"{render.iso(e.get('ts'))} {e.get('seq') or '-':>6} {e.get('type')} {detail}", flush=True)
+
+
+# --- commands ----------------------------------------------------------------------------------------
+
+
+def _run(args: argparse.Namespace, c: Client) -> tuple[Any, Callable[[Any], None] | None]:
+    match args.command:
+        case "status":
+            return c.status(), _print_status
+        case "pools":
+            return c.pools(), _print_pools
+        case "slots":
+            return c.slots(args.pool, args.state), lambda r: _print_slots(r, args.long)
+        case "allocate":
+            if args.metadata is not None and not isinstance(args.metadata, dict):
+                raise SystemExit("necroctl: --metadata must be a JSON object")
+            holder = args.holder or f"necroctl@{os.getpid()}"
+            return c.allocate(
+                args.pool,
+                holder=holder,
+                ttl_s=args.ttl,
+                ref=args.ref,
+                branch=args.branch,
+                wait_s=args.wait,
+                metadata=args.metadata,
+            ), _print_lease
+        case "heartbeat":
+            return c.heartbeat(args.lease_id, args.ttl), lambda r: print(
+                f"lease {r['lease_id']} expires {render.until(r['expires_at'])}"
+            )
+        case "release":
+            return c.release(args.lease_id, salvage=False if args.no_salvage else None), lambda r: print(
+                f"slot {r['slot_id']} released; {r['state']}"
+                + (" (salvaging what was left)" if r.get("salvage") else "")
+            )
+        case "add-slot":
+            return c.add_slot(args.pool), lambda r: print(f"slot {r['slot_id']} {r['state']} at {r['path']}")
+        case "remove-slot":
+            return c.remove_slot(args.slot_id, force=args.force), lambda r: print(
+                f"slot {r['slot_id']} {r['state']}"
+            )
+        case "reload":
+
+            def show(r: dict[str, Any]) -> None:
+                print(f"config generation {r['generation']}")
+                for change in r.get("changes", []):
+                    print(f"  {change}")
+                if r.get("note"):
+                    print(r["note"])
+                if not r.get("changes") and not r.get("note"):
+                    print("  nothing changed")
+
+            return c.reload(), show
+        case "salvage":
+            if args.salvage_command == "list":
+                return c.salvage_list(args.pool), lambda r: print(
+                    render.table(
+                        [
+                            (
+                                i["pool"],
+                                i["lease_id"],
+                                render.short(str(i["commit"])),
+                                render.iso(i["date"]),
+                                i["subject"],
+                            )
+                            for i in r["salvage"]
+                        ],
+                        ("POOL", "LEASE", "COMMIT", "DATE", "SUBJECT"),
+                    )
+                )
+
+            def show_salvage(r: dict[str, Any]) -> None:
+                print(f"{r['ref']} in pool {r['pool']}: {r['commit']}")
+                print(f"  {r['subject']} ({render.iso(r['date'])})")
+                for f in r["files"]:
+                    print(f"  {f['status']}\t{f['path']}")
+                print(f"get it with: {r['fetch']}")
+
+            return c.salvage_show(args.lease_id), show_salvage
+    raise AssertionError(args.command)
+
+
+def _watch(args: argparse.Namespace, c: Client, as_json: bool) -> int:
+    result = c.subscribe(args.topics, since=args.since, snapshot=args.snapshot or None)
+    if args.snapshot and "snapshot" in result:
+        if as_json:
+            print(json.dumps({"snapshot": result["snapshot"], "seq": result["seq"]}), flush=True)
+        else:
+            _print_slots({"slots": result["snapshot"]["slots"]}, False)
+            print(f"-- events after seq {result['seq']} --", flush=True)
+    if result.get("truncated"):
+        print("necroctl: events before the oldest kept were pruned; replaying from there", file=sys.stderr)
+    for event in c.events(timeout=None):
+        if as_json:
+            print(json.dumps(event), flush=True)
+        else:
+            _print_event(event)
+        if event.get("type") == "overflow":
+            print("necroctl: the daemon closed the subscription (we fell behind)", file=sys.stderr)
+            return EXIT_ERROR
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    as_json = getattr(args, "json", False)
+    client = Client(getattr(args, "socket", None), timeout=getattr(args, "timeout", 120.0))
+    try:
+        with client:
+            if args.command == "watch":
+                return _watch(args, client, as_json)
+            result, show = _run(args, client)
+    except DaemonUnreachable as exc:
+        print(f"necroctl: {exc.message}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except NecrodError as exc:
+        if as_json:
+            print(json.dumps({"error": {"kind": exc.kind, "message": exc.message, **exc.data}}, indent=2))
+        print(f"necroctl: {exc.kind}: {exc.message}", file=sys.stderr)
+        return EXIT_UNKNOWN if args.command == "status" else EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_OK if args.command == "watch" else 130
+    except BrokenPipeError:
+        return EXIT_OK
+    if as_json:
+        print(json.dumps(result, indent=2))
+    elif show is not None:
+        show(result)
+    if args.command == "status" and result.get("state") != "running":
+        return EXIT_UNREACHABLE
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""The daemon's task tree: what starts in which order, and how it stops.
+
+Start: check git, take the instance locks (state directory, then socket), open the state
+database, start the store writer, the pool engine, the socket server, the signal handler and the
+watchdog; then tell systemd READY. Every failure before READY is a one-line message and exit 1.
+
+Stop (SIGTERM/SIGINT): tell systemd STOPPING, refuse new leases, stop accepting connections,
+let calls in flight finish within ``shutdown_grace_s``, then cancel the background work (git
+process groups are stopped, slots caught mid-cleanup are cleaned again at the next start) and
+flush the store. A second SIGTERM/SIGINT skips the grace.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+
+from necrod import __version__
+from necrod.core.config import Config, ConfigError
+from necrod.daemon.engine import PoolEngine
+from necrod.daemon.events import EventBus
+from necrod.daemon.rpc import Api
+from necrod.io.config_files import load_config
+from necrod.io.gitrun import (
+    GLOBAL_CONFIG,
+    GitRunner,
+    GitVersionError,
+    git_environment,
+    version_problem,
+)
+from necrod.io.instance import InstanceLock
+from necrod.io.sdnotify import Notifier
+from necrod.io.server import AccessPolicy, RpcServer, raise_fd_limit
+from necrod.io.store import Event, StateStore, StoreError
+from necrod.paths import ensure_private_dir
+from necrod.proto.errors import FailedPrecondition
+
+log = structlog.get_logger("necrod")
+
+
+class StartupError(Exception):
+    """necrod cannot start; the message says why and what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    socket: Path
+    state_dir: Path
+    #: None when running on the embedded default (nothing to reload).
+    config_path: Path | None
+
+
+class Daemon:
+    def __init__(self, settings: Settings, config: Config) -> None:
+        self.settings = settings
+        self.config = config
+        self.pid = os.getpid()
+        self.started_mono = time.monotonic()
+        self.started_at = time.time()
+        self.generation = 1
+        self.loaded_at = time.time()
+        self.last_reload_error: ConfigError | None = None
+        self.reloads = {"applied": 0, "rejected": 0}
+        self.notifier = Notifier()
+        self.bus = EventBus()
+        self._reload_lock = anyio.Lock()
+        self._stop = anyio.Event()
+        self._stopping = False
+        self.git_version = ""
+        self._locks: list[InstanceLock] = []
+        # Set up in run():
+        self.store: StateStore
+        self.engine: PoolEngine
+        self.server: RpcServer
+        self.api = Api(self)
+        self.dispatcher = self.api.dispatcher()
+
+    # --- startup ------------------------------------------------------------------------------------
+
+    def _prepare(self) -> GitRunner:
+        state = self.settings.state_dir
+        try:
+            state.mkdir(parents=True, exist_ok=True)
+            os.chmod(state, 0o700 if self.config.daemon.socket_group is None else 0o750)
+        except OSError as exc:
+            raise StartupError(f"cannot use the state directory {state}: {exc.strerror}") from None
+        socket_dir = self.settings.socket.parent
+        try:
+            if socket_dir == Path("/tmp") / f"necrod-{os.getuid()}":
+                ensure_private_dir(socket_dir)  # a shared /tmp: someone may have planted it
+            elif not socket_dir.exists():
+                socket_dir.mkdir(
+                    mode=0o700 if self.config.daemon.socket_group is None else 0o750, parents=True
+                )
+        except OSError as exc:
+            raise StartupError(f"cannot use the socket directory {socket_dir}: {exc}") from None
+        gitconfig = state / "gitconfig"
+        gitconfig.write_text(GLOBAL_CONFIG)
+        env = git_environment(gitconfig, self.config.daemon.allowed_protocols)
+        return GitRunner(self.config.daemon.git, env)
+
+    def _lock(self) -> None:
+        socket = self.settings.socket
+        for path in (self.settings.state_dir / "necrod.lock", socket.with_name(socket.name + ".lock")):
+            lock = InstanceLock(path)
+            lock.acquire()
+            self._locks.append(lock)
+
+    async def run(self) -> int:
+        git = self._prepare()
+        try:
+            version = await git.version()
+        except GitVersionError as exc:
+            raise StartupError(str(exc)) from None
+        problem = version_problem(version)
+        if problem:
+            raise StartupError(problem)
+        self.git_version = ".".join(map(str, version))
+        self._lock()
+        try:
+            policy = AccessPolicy.for_group(self.config.daemon.socket_group)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
+        try:
+            self.store = StateStore.open(self.settings.state_dir / "necrod.db")
+        except StoreError as exc:
+            raise StartupError(str(exc)) from None
+        self.store.set_history(self.config.daemon.event_history)
+        self.store.on_commit = self.bus.publish
+        workspaces = Path(self.config.daemon.workspaces or self.settings.state_dir / "workspaces")
+        workspaces.mkdir(parents=True, exist_ok=True)
+        workspaces = workspaces.resolve()
+        self.workspaces = workspaces
+        self.engine = PoolEngine(
+            store=self.store,
+            git=git,
+            workspaces=workspaces,
+            git_concurrency=self.config.daemon.git_concurrency,
+        )
+        d = self.config.daemon
+        self.server = RpcServer(
+            self.settings.socket,
+            self.dispatcher,
+            policy=policy,
+            max_connections=d.max_connections,
+            read_timeout=d.read_timeout_s,
+            write_timeout=d.write_timeout_s,
+        )
+        fds = raise_fd_limit()
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(self.store.run)
+                await self.store.write(
+                    [Event("daemon", "daemon.started", {"pid": self.pid, "version": __version__})]
+                )
+                await tg.start(self.engine.run, self.config)
+                try:
+                    await tg.start(self.server.serve)
+                except OSError as exc:
+                    raise StartupError(
+                        f"cannot listen on {self.settings.socket}: {exc.strerror or exc}"
+                    ) from None
+                tg.start_soon(self._signals, tg)
+                tg.start_soon(self._watchdog)
+                log.info(
+                    "ready",
+                    socket=str(self.settings.socket),
+                    state_dir=str(self.settings.state_dir),
+                    workspaces=str(workspaces),
+                    pools=sorted(self.config.pools),
+                    git=self.git_version,
+                    open_files_limit=fds,
+                    config=str(self.settings.config_path or "embedded default"),
+                )
+                for note in self.config.notes:
+                    log.info("config_note", note=note)
+                self.notifier.ready(self._status_line())
+                await self._stop.wait()
+                await self._shutdown()
+                tg.cancel_scope.cancel()
+        finally:
+            self.store.close()
+        log.info("stopped")
+        return 0
+
+    # --- stopping -----------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def _shutdown(self) -> None:
+        self._stopping = True
+        grace = self.config.daemon.shutdown_grace_s
+        log.info("stopping", grace_s=grace, in_flight=self.server.in_flight)
+        self.notifier.stopping()
+        self.engine.stop()
+        self.server.stop_accepting()
+        with anyio.move_on_after(grace) as scope:
+            await self.server.wait_idle()
+        if scope.cancelled_caught:
+            log.warning("grace_expired", in_flight=self.server.in_flight)
+        try:
+            await self.store.write([Event("daemon", "daemon.stopping", {"pid": self.pid})])
+        except Exception:
+            log.warning("stop_event_not_saved")
+
+    async def _signals(self, tg: anyio.abc.TaskGroup) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    tg.start_soon(self._reload_quietly, "SIGHUP")
+                elif self._stop.is_set():
+                    log.warning("stop_now", signal=signal.Signals(signum).name)
+                    tg.cancel_scope.cancel()
+                else:
+                    log.info("signal", signal=signal.Signals(signum).name)
+                    self.request_stop()
+
+    async def _watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            self.notifier.watchdog()
+            await anyio.sleep(interval)
+
+    # --- reload -------------------------------------------------------------------------------------
+
+    async def _reload_quietly(self, reason: str) -> None:
+        try:
+            await self.reload(reason)
+        except FailedPrecondition:
+            pass
+
+    async def reload(self, reason: str) -> dict[str, Any]:
+        """Re-read pools.yaml and apply it as a difference; one reload at a time.
+
+        An invalid file changes nothing: the error is logged, kept for ``daemon.status`` until a
+        good file arrives, and raised as ``failed_precondition``.
+        """
+        async with self._reload_lock:
+            path = self.settings.config_path
+            if path is None:
+                return {
+                    "generation": self.generation,
+                    "changes": [],
+                    "note": "running on the embedded default: there is no file to reload",
+                }
+            self.notifier.reloading()
+            try:
+                try:
+                    new = await anyio.to_thread.run_sync(load_config, path)
+                except ConfigError as exc:
+                    self.last_reload_error = exc
+                    self.reloads["rejected"] += 1
+                    log.error("config_rejected", reason=reason, error=str(exc))
+                    await self._persist_event(
+                        Event("config", "config.rejected", {"reason": reason, **exc.to_dict()})
+                    )
+                    raise FailedPrecondition(f"config not applied: {exc}", **exc.to_dict()) from None
+                changes = self._restart_only_changes(new)
+                changes += await self.engine.apply_config(new)
+                d = new.daemon
+                self.server.configure(
+                    max_connections=d.max_connections,
+                    read_timeout=d.read_timeout_s,
+                    write_timeout=d.write_timeout_s,
+                )
+                self.store.set_history(d.event_history)
+                self.config = new
+                self.generation += 1
+                self.loaded_at = time.time()
+                self.last_reload_error = None
+                self.reloads["applied"] += 1
+                log.info("config_applied", reason=reason, generation=self.generation, changes=changes)
+                await self._persist_event(
+                    Event(
+                        "config",
+                        "config.reloaded",
+                        {"reason": reason, "generation": self.generation, "changes": changes},
+                    )
+                )
+                return {"generation": self.generation, "changes": changes}
+            finally:
+                self.notifier.ready(self._status_line())
+
+    def _restart_only_changes(self, new: Config) -> list[str]:
+        old = self.config.daemon
+        return [
+            f"daemon.{key} changed: takes effect at the next restart"
+            for key in ("workspaces", "socket_group", "git", "allowed_protocols", "metrics_listen")
+            if getattr(old, key) != getattr(new.daemon, key)
+        ]
+
+    async def _persist_event(self, event: Event) -> None:
+        try:
+            await self.store.write([event])
+        except Exception:
+            log.warning("event_not_saved", type=event.type)
+
+    # --- status -------------------------------------------------------------------------------------
+
+    def degraded_reasons(self) -> list[str]:
+        reasons = []
+        if self.last_reload_error is not None:
+            reasons.append(f"config rejected: {self.last_reload_error}")
+        for pool in self.engine.pools.values():
+            if pool.state == "failed":
+                reasons.append(f"pool {pool.name} failed: {pool.error}")
+            if pool.fetch.failing_since is not None:
+                since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(pool.fetch.failing_since))
+                reasons.append(f"pool {pool.name} fetch: failing since {since}: {pool.fetch.last_error}")
+            errors = sum(1 for s in pool.slots.values() if s.state == "error")
+            if errors:
+                reasons.append(f"pool {pool.name}: {errors} slot(s) in error")
+        return reasons
+
+    def status(self) -> dict[str, Any]:
+        reasons = self.degraded_reasons()
+        err = self.last_reload_error
+        return {
+            "server": "necrod",
+            "version": __version__,
+            "pid": self.pid,
+            "state": "stopping" if self._stopping else ("degraded" if reasons else "running"),
+            "degraded": reasons,
+            "uptime_s": round(time.monotonic() - self.started_mono, 3),
+            "started_at": self.started_at,
+            "socket": str(self.settings.socket),
+            "state_dir": str(self.settings.state_dir),
+            "workspaces": str(self.workspaces),
+            "git": {
+                "version": self.git_version,
+                "running": self.engine.git.running,
+                "started": self.engine.git.started,
+            },
+            "config": {
+                "path": str(self.settings.config_path) if self.settings.config_path else None,
+                "generation": self.generation,
+                "loaded_at": self.loaded_at,
+                "last_reload_error": err.to_dict() if err else None,
+                "reloads": dict(self.reloads),
+            },
+            "pools": {
+                name: {
+                    "state": "draining" if p.draining else p.state,
+                    "slots": p.by_state(),
+                    "waiting": len(p.waiters),
+                    "fetch": p.fetch.view()["state"],
+                    "base_commit": p.base_commit,
+                }
+                for name, p in self.engine.pools.items()
+            },
+            "connections": len(self.server.connections),
+            "events": {"last_seq": self.store.last_seq, "subscribers": self.bus.subscribers},
+        }
+
+    def _status_line(self) -> str:
+        slots = sum(len(p.slots) for p in self.engine.pools.values())
+        leases = len(self.engine.leases)
+        return f"{len(self.engine.pools)} pools, {slots} slots, {leases} leases"

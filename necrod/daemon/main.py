@@ -1,0 +1,130 @@
+"""``necrod``: the command line of the daemon."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import anyio
+
+from necrod import __version__, paths
+from necrod.core.config import Config, ConfigError, embedded_config, pool_name_for
+from necrod.daemon.app import Daemon, Settings, StartupError
+from necrod.io import logs
+from necrod.io.config_files import load_config
+from necrod.io.instance import AlreadyRunning
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="necrod",
+        description="Serve pools of clean git worktrees over a Unix socket. With no config, serves the "
+        "git repository it is started in (2 slots).",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="pools.yaml (default: $NECROD_CONFIG, "
+        "$CONFIGURATION_DIRECTORY/pools.yaml, ~/.config/necrod/pools.yaml, else the embedded default)",
+    )
+    p.add_argument(
+        "--socket",
+        type=Path,
+        help="socket path (default: $NECROD_SOCKET, $RUNTIME_DIRECTORY/necrod.sock, "
+        "$XDG_RUNTIME_DIR/necrod/necrod.sock, else /tmp/necrod-<uid>/necrod.sock)",
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        help="state directory (default: $NECROD_STATE_DIR, $STATE_DIRECTORY, "
+        "$XDG_STATE_HOME/necrod, else ~/.local/state/necrod)",
+    )
+    p.add_argument(
+        "--log-format", choices=("console", "json"), help="default: console on a terminal, json otherwise"
+    )
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("NECROD_LOG_LEVEL", "info"),
+        choices=("debug", "info", "warning", "error"),
+    )
+    p.add_argument("--check-config", type=Path, metavar="PATH", help="validate PATH and exit 0 (valid) or 1")
+    p.add_argument("--version", action="version", version=f"necrod {__version__}")
+    return p
+
+
+def find_repository(start: Path) -> Path | None:
+    """The top of the git repository containing ``start`` (read from disk, git is not run)."""
+    for d in (start, *start.parents):
+        if (d / ".git").exists():
+            return d
+        if (d / "HEAD").is_file() and (d / "objects").is_dir() and (d / "refs").is_dir():
+            return d
+    return None
+
+
+def _config(args: argparse.Namespace) -> tuple[Config, Path | None]:
+    path = args.config or paths.config_path()
+    if path is not None:
+        return load_config(path), path
+    repo = find_repository(Path.cwd())
+    if repo is None:
+        raise StartupError(
+            "no config given and not inside a git repository: pass --config pools.yaml, "
+            "or start necrod inside the repository to serve"
+        )
+    return embedded_config(str(repo), pool_name_for(str(repo))), None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.check_config is not None:
+        try:
+            config = load_config(args.check_config)
+        except ConfigError as exc:
+            print(f"necrod: invalid config: {exc}", file=sys.stderr)
+            return 1
+        print(
+            f"{args.check_config}: ok ({len(config.pools)} pool(s): {', '.join(sorted(config.pools)) or 'none'})"
+        )
+        for note in config.notes:
+            print(f"note: {note}")
+        return 0
+
+    logs.configure(args.log_format, args.log_level)
+    try:
+        config, config_path = _config(args)
+    except (ConfigError, StartupError) as exc:
+        print(f"necrod: {exc}", file=sys.stderr)
+        return 1
+    settings = Settings(
+        socket=(args.socket or paths.socket_path()).absolute(),
+        state_dir=(args.state_dir or paths.state_dir()).absolute(),
+        config_path=config_path.absolute() if config_path else None,
+    )
+    if config_path is None:
+        ((name, pool),) = config.pools.items()
+        env_hint = "" if settings.socket == paths.socket_path() else f"NECROD_SOCKET={settings.socket} "
+        print(
+            f"necrod: no config given; serving pool {name!r} ({pool.slots} slots) of {pool.repo_url}\n"
+            f"necrod: socket {settings.socket}, state in {settings.state_dir}\n"
+            f"necrod: reach it with: {env_hint}necroctl status   (then: necroctl allocate {name})",
+            file=sys.stderr,
+            flush=True,
+        )
+    daemon = Daemon(settings, config)
+    try:
+        return anyio.run(daemon.run)
+    except AlreadyRunning as exc:
+        print(f"necrod: {exc}; not starting a second one", file=sys.stderr)
+        return 1
+    except StartupError as exc:
+        print(f"necrod: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

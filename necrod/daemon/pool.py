@@ -1,0 +1,147 @@
+"""One pool's live record: its config, mirror, slots, waiting allocations and fetch state."""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from necrod.core.config import PoolConfig
+from necrod.core.sizing import PoolCounts
+from necrod.core.slots import Slot, SlotState
+from necrod.daemon.mirror import Mirror
+from necrod.io.gitrun import GitRunner
+from necrod.proto.errors import NecrodError
+
+#: Pool states: starting (reading its mirror), cloning (first clone), ready, failed (retrying).
+POOL_STATES = ("starting", "cloning", "ready", "failed")
+
+
+@dataclass(slots=True)
+class Waiter:
+    """An allocation waiting (``wait_s``) for the next clean slot, in FIFO order."""
+
+    event: anyio.Event = field(default_factory=anyio.Event)
+    slot: Slot | None = None
+    error: NecrodError | None = None
+
+
+@dataclass(slots=True)
+class FetchState:
+    last_ok_at: float | None = None
+    last_attempt_at: float | None = None
+    failing_since: float | None = None
+    last_error: str | None = None
+    consecutive_failures: int = 0
+    fetches: int = 0
+    failures: int = 0
+    last_duration_s: float | None = None
+    #: Monotonic time of the next scheduled fetch.
+    next_at: float = 0.0
+    generation: int = 0
+
+    def view(self) -> dict[str, Any]:
+        state = "failing" if self.failing_since is not None else ("ok" if self.last_ok_at else "never")
+        return {
+            "state": state,
+            "last_ok_at": self.last_ok_at,
+            "failing_since": self.failing_since,
+            "last_error": self.last_error,
+            "fetches": self.fetches,
+            "failures": self.failures,
+            "last_duration_s": self.last_duration_s,
+        }
+
+
+class Pool:
+    def __init__(self, config: PoolConfig, root: Path, git: GitRunner) -> None:
+        self.config = config
+        self.name = config.name
+        self.root = root
+        self.slots_dir = root / "slots"
+        self.mirror = Mirror(root / "mirror.git", config.repo_url, git)
+        self.slots: dict[str, Slot] = {}
+        self.waiters: deque[Waiter] = deque()
+        self.limiter = anyio.CapacityLimiter(config.git_concurrency)
+        self.state = "starting"
+        self.error: str | None = None
+        self.draining = False
+        #: Baseline was lowered by a reload: idle slots above it go at once.
+        self.shrinking = False
+        self.default_branch: str | None = None
+        self.base_commit: str | None = None
+        self.refs: dict[str, str] = {}
+        self.next_number = 1
+        #: Operator adjustments (slots.add / slots.remove) on top of config.slots.
+        self.delta = 0
+        self.fetch = FetchState()
+        self.fetch_lock = anyio.Lock()
+        self.became_ready = anyio.Event()
+        self.bring_up_failures = 0
+        self.create_failures = 0
+        #: Monotonic time before which no slot is created (backoff after failed creations).
+        self.create_not_before = 0.0
+        self.maintain_scheduled = False
+
+    @property
+    def base_ref(self) -> str | None:
+        return self.config.base or self.default_branch
+
+    @property
+    def baseline(self) -> int:
+        return max(0, self.config.slots + self.delta)
+
+    def counts(self) -> PoolCounts:
+        total = idle = coming = 0
+        for slot in self.slots.values():
+            if slot.state in (SlotState.ERROR, SlotState.REMOVING) or slot.retire:
+                continue
+            total += 1
+            if slot.state is SlotState.AVAILABLE and not slot.reserved:
+                idle += 1
+            elif slot.state in (SlotState.CREATING, SlotState.CLEANING):
+                coming += 1
+        return PoolCounts(total=total, idle=idle, coming=coming)
+
+    def by_state(self) -> dict[str, int]:
+        counts = Counter(str(s.state) for s in self.slots.values())
+        return {state.value: counts.get(state.value, 0) for state in SlotState}
+
+    def to_row(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "repo_url": self.config.repo_url,
+            "next_number": self.next_number,
+            "delta": self.delta,
+            "default_branch": self.default_branch,
+            "base_commit": self.base_commit,
+            "draining": self.draining,
+        }
+
+    def restore_row(self, row: dict[str, Any]) -> None:
+        self.next_number = int(row.get("next_number", 1))
+        self.delta = int(row.get("delta", 0))
+        self.default_branch = row.get("default_branch")
+        self.base_commit = row.get("base_commit")
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "state": "draining" if self.draining else self.state,
+            "error": self.error,
+            "repo_url": self.config.repo_url,
+            "base": self.base_ref,
+            "base_commit": self.base_commit,
+            "slots": self.by_state(),
+            "size": {
+                "baseline": self.baseline,
+                "min_idle": self.config.min_idle,
+                "max_slots": self.config.max_slots,
+            },
+            "waiting": len(self.waiters),
+            "fetch": self.fetch.view(),
+            "mirror": str(self.mirror.path),
+        }

@@ -1,0 +1,186 @@
+"""The RPC methods: each checks what only it can check, calls the engine, shapes the result.
+
+Parameter types and ranges are checked before these run (``proto.methods``).
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import TYPE_CHECKING, Any
+
+from necrod import PROTOCOL_VERSION, __version__
+from necrod.core.names import check_lease_id, check_pool_name
+from necrod.io.store import Event
+from necrod.proto.dispatch import CallContext, Dispatcher
+from necrod.proto.errors import InvalidParams, NotFound, UnsupportedProtocol
+from necrod.proto.methods import EVENT_TOPICS
+
+if TYPE_CHECKING:
+    from necrod.daemon.app import Daemon
+
+
+class Api:
+    def __init__(self, daemon: Daemon) -> None:
+        self.d = daemon
+
+    def dispatcher(self) -> Dispatcher:
+        dispatcher = Dispatcher()
+        for method, handler in {
+            "hello": self.hello,
+            "daemon.status": self.status,
+            "daemon.reload": self.reload,
+            "pools.list": self.pools_list,
+            "pools.get": self.pools_get,
+            "slots.list": self.slots_list,
+            "slots.allocate": self.allocate,
+            "slots.heartbeat": self.heartbeat,
+            "slots.release": self.release,
+            "slots.add": self.slots_add,
+            "slots.remove": self.slots_remove,
+            "events.subscribe": self.subscribe,
+            "salvage.list": self.salvage_list,
+            "salvage.show": self.salvage_show,
+        }.items():
+            dispatcher.register(method, handler)
+        return dispatcher
+
+    async def hello(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        protocol = params["protocol"]
+        if protocol is not None and protocol != PROTOCOL_VERSION:
+            raise UnsupportedProtocol(
+                f"this daemon speaks protocol {PROTOCOL_VERSION}, not {protocol}",
+                supported=[PROTOCOL_VERSION],
+            )
+        ctx.client = params["client"]
+        return {
+            "server": "necrod",
+            "version": __version__,
+            "protocol": PROTOCOL_VERSION,
+            "pid": self.d.pid,
+            "methods": sorted(self.d.dispatcher.methods),
+        }
+
+    async def status(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        return self.d.status()
+
+    async def reload(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        return await self.d.reload("rpc")
+
+    async def pools_list(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        return {"pools": [p.view() for p in self.d.engine.pools.values()]}
+
+    async def pools_get(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        pool = self.d.engine.pool(params["pool"])
+        view = pool.view()
+        view["slots_detail"] = self.d.engine.list_slots(pool.name)
+        return view
+
+    async def slots_list(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        return {"slots": self.d.engine.list_slots(params["pool"], params["state"])}
+
+    async def allocate(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        return await self.d.engine.allocate(
+            pool=params["pool"],
+            holder=params["holder"] or ctx.client or f"pid:{ctx.peer.pid}",
+            ttl_s=params["ttl_s"],
+            ref=params["ref"],
+            branch=params["branch"],
+            wait_s=params["wait_s"],
+            metadata=params["metadata"],
+        )
+
+    async def heartbeat(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        return await self.d.engine.heartbeat(params["lease_id"], params["ttl_s"])
+
+    async def release(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        return await self.d.engine.release(params["lease_id"], params["salvage"])
+
+    async def slots_add(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        return await self.d.engine.add_slot(params["pool"], params["wait_s"])
+
+    async def slots_remove(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        return await self.d.engine.remove_slot(params["slot_id"], force=bool(params["force"]))
+
+    async def subscribe(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        topics = params["topics"]
+        if topics is not None:
+            unknown = sorted(set(topics) - set(EVENT_TOPICS))
+            if unknown:
+                raise InvalidParams(
+                    f"unknown topic(s) {', '.join(unknown)}; known: {', '.join(EVENT_TOPICS)}", param="topics"
+                )
+        since = params["since"]
+        snapshot = params["snapshot"] if params["snapshot"] is not None else since is None
+        if ctx.notify is None or ctx.spawn is None:
+            raise InvalidParams("this connection cannot receive events")
+        store, bus = self.d.store, self.d.bus
+        # Registered and measured with no await in between: nothing committed can fall in a gap.
+        sub = bus.subscribe(topics)
+        last = store.last_seq
+        replay: list[Event] = []
+        truncated = False
+        if since is not None:
+            truncated = since + 1 < store.first_seq() and since < last
+            replay = store.events_since(since, until=last, topics=topics)
+        result: dict[str, Any] = {
+            "subscription": "s-" + secrets.token_hex(4),
+            "seq": last,
+            "truncated": truncated,
+        }
+        if snapshot:
+            result["snapshot"] = {
+                "pools": [p.view() for p in self.d.engine.pools.values()],
+                "slots": self.d.engine.list_slots(),
+            }
+        ctx.on_close.append(lambda: bus.unsubscribe(sub))
+        notify, spawn, close = ctx.notify, ctx.spawn, ctx.close
+
+        async def pump() -> None:
+            sid = result["subscription"]
+            for event in replay:
+                await notify("event", {"subscription": sid, **event.to_dict()})
+            while True:
+                batch = await sub.next_batch()
+                for event in batch:
+                    if event.seq > last:
+                        await notify("event", {"subscription": sid, **event.to_dict()})
+                if sub.overflowed:
+                    await notify(
+                        "event",
+                        {
+                            "subscription": sid,
+                            "type": "overflow",
+                            "topic": "daemon",
+                            "seq": None,
+                            "message": "subscriber fell too far behind; reconnect with since to resume",
+                        },
+                    )
+                    if close is not None:
+                        close()
+                    return
+                if sub.closed:
+                    return
+
+        ctx.after_reply.append(lambda: spawn(pump))
+        return result
+
+    async def salvage_list(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        names = [check_pool_name(params["pool"])] if params["pool"] else list(self.d.engine.pools)
+        out: list[dict[str, Any]] = []
+        for name in names:
+            pool = self.d.engine.pool(name)
+            if not pool.mirror.exists:
+                continue
+            out.extend({"pool": name, **item} for item in await pool.mirror.salvage_refs())
+        out.sort(key=lambda i: -int(i["date"]))
+        return {"salvage": out}
+
+    async def salvage_show(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        lease_id = check_lease_id(params["lease_id"])
+        for pool in self.d.engine.pools.values():
+            if not pool.mirror.exists:
+                continue
+            shown = await pool.mirror.show_salvage(lease_id)
+            if shown is not None:
+                return {"pool": pool.name, **shown}
+        raise NotFound(f"no salvage for lease {lease_id}", lease_id=lease_id)

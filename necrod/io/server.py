@@ -1,0 +1,412 @@
+"""The Unix-socket JSON-RPC server: accept loop, per-connection framing, peers and limits.
+
+Resource handling: the accept loop is our own (DESIGN.md, trap 2). Running out of file
+descriptors or memory (EMFILE, ENFILE, ENOMEM, ENOBUFS) makes it back off and try again instead
+of dying. Each connection runs in its own task; ``max_connections`` are served normally and a
+few more (``HEADROOM``) are accepted in a restricted mode where only ``hello`` and
+``daemon.status`` answer, so an operator can still look at a saturated daemon (trap 9). Past
+that, a connection gets one ``resource_exhausted`` error and is closed at once.
+
+Error handling: one connection's failure is logged and closes that connection only. A request
+line over ``MAX_LINE_BYTES`` is answered once with ``invalid_request`` and the connection is
+closed (the rest of the line cannot be framed). A client that starts a line and stalls past the
+read deadline, or stops reading our replies past the write deadline, is disconnected.
+"""
+
+from __future__ import annotations
+
+import errno
+import grp
+import os
+import pwd
+import socket
+import struct
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import SocketListener, SocketStream, TaskGroup, TaskStatus
+
+from necrod.proto.dispatch import CallContext, Dispatcher, Peer
+from necrod.proto.errors import InvalidRequest, NecrodError, PermissionDenied, ResourceExhausted
+from necrod.proto.jsonrpc import MAX_LINE_BYTES, encode_error, encode_notification
+
+log = structlog.get_logger("necrod.server")
+
+#: Connections accepted above the cap in restricted mode (status only), for operators.
+HEADROOM = 16
+#: Methods that answer on a restricted connection.
+OPERATOR_METHODS = frozenset({"hello", "daemon.status"})
+#: Idle time after which a restricted connection is closed, so it cannot hog the headroom.
+RESTRICTED_IDLE_S = 5.0
+#: errnos of accept() that mean "out of resources": wait and retry.
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_BACKOFF_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
+RECEIVE_BYTES = 65536
+
+
+class LineTooLong(Exception):
+    """A request line exceeded MAX_LINE_BYTES."""
+
+
+class ReadDeadline(Exception):
+    """A client started a line and did not finish it in time."""
+
+
+def peer_credentials(sock: socket.socket) -> Peer:
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return Peer(pid=pid, uid=uid, gid=gid)
+
+
+@dataclass(frozen=True, slots=True)
+class AccessPolicy:
+    """Who may connect: the daemon's uid, root, and members of ``group`` (if set)."""
+
+    uid: int
+    gid: int | None = None
+    group_name: str | None = None
+
+    @classmethod
+    def for_group(cls, group: str | None) -> AccessPolicy:
+        if group is None:
+            return cls(os.getuid())
+        try:
+            entry = grp.getgrnam(group)
+        except KeyError:
+            raise ValueError(f"socket_group {group!r} does not exist") from None
+        return cls(os.getuid(), entry.gr_gid, group)
+
+    def allows(self, peer: Peer) -> bool:
+        if peer.uid in (0, self.uid):
+            return True
+        if self.gid is None:
+            return False
+        if peer.gid == self.gid:
+            return True
+        try:
+            name = pwd.getpwuid(peer.uid).pw_name
+            entry = grp.getgrgid(self.gid)
+        except KeyError:
+            return False
+        return name in entry.gr_mem or pwd.getpwuid(peer.uid).pw_gid == self.gid
+
+
+def bind_unix_socket(path: Path, policy: AccessPolicy, backlog: int = 512) -> socket.socket:
+    """Bind and listen on ``path`` with its final mode from the start (no window where the
+    umask's mode applies). The caller holds the socket's instance lock: any file at ``path``
+    is a leftover of a dead daemon."""
+    mode = 0o660 if policy.gid is not None else 0o600
+    if path.is_socket():
+        path.unlink()
+    elif path.exists():
+        raise FileExistsError(f"{path} exists and is not a socket; refusing to replace it")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(os.fspath(path))
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    if policy.gid is not None:
+        os.chown(path, -1, policy.gid)
+    os.chmod(path, mode)
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+class LineReader:
+    """Reads newline-terminated lines, enforcing the length limit by counting (trap 1)."""
+
+    def __init__(self, stream: SocketStream, read_timeout: float) -> None:
+        self._stream = stream
+        self._buf = bytearray()
+        self._scanned = 0
+        self._read_timeout = read_timeout
+        self.idle_timeout: float | None = None
+
+    async def read_line(self) -> bytes | None:
+        """The next line without its newline; None at a clean end of stream."""
+        while True:
+            nl = self._buf.find(b"\n", self._scanned)
+            if nl >= 0:
+                if nl > MAX_LINE_BYTES:
+                    raise LineTooLong
+                line = bytes(self._buf[:nl])
+                del self._buf[: nl + 1]
+                self._scanned = 0
+                return line
+            self._scanned = len(self._buf)
+            if len(self._buf) > MAX_LINE_BYTES:
+                raise LineTooLong
+            timeout = self._read_timeout if self._buf else self.idle_timeout
+            try:
+                if timeout is None:
+                    chunk = await self._stream.receive(RECEIVE_BYTES)
+                else:
+                    with anyio.fail_after(timeout):
+                        chunk = await self._stream.receive(RECEIVE_BYTES)
+            except TimeoutError:
+                raise ReadDeadline from None
+            except anyio.EndOfStream:
+                if self._buf.strip():
+                    # A last request without its newline: answer it, then end.
+                    line = bytes(self._buf)
+                    self._buf.clear()
+                    return line
+                return None
+            self._buf += chunk
+
+
+class Connection:
+    """One client: serialized writes with a deadline, and a task group for its subscriptions."""
+
+    def __init__(self, stream: SocketStream, connection_id: int, write_timeout: float) -> None:
+        self.stream = stream
+        self.id = connection_id
+        self._write_timeout = write_timeout
+        self._send_lock = anyio.Lock()
+        self.scope = anyio.CancelScope()
+        self.busy = False
+        self.tg: TaskGroup | None = None
+
+    async def send(self, data: bytes) -> None:
+        async with self._send_lock:
+            with anyio.fail_after(self._write_timeout):
+                await self.stream.send(data)
+
+    async def notify(self, method: str, params: dict[str, Any]) -> None:
+        await self.send(encode_notification(method, params))
+
+    def spawn(self, func: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        assert self.tg is not None
+        self.tg.start_soon(func)
+
+    def close(self) -> None:
+        self.scope.cancel()
+
+
+class RpcServer:
+    """Serves a ``Dispatcher`` on a Unix socket; see the module docstring."""
+
+    def __init__(
+        self,
+        path: Path,
+        dispatcher: Dispatcher,
+        *,
+        policy: AccessPolicy,
+        max_connections: int = 1024,
+        read_timeout: float = 30.0,
+        write_timeout: float = 10.0,
+    ) -> None:
+        self.path = path
+        self.dispatcher = dispatcher
+        self.policy = policy
+        self.max_connections = max_connections
+        self.read_timeout = read_timeout
+        self.write_timeout = write_timeout
+        self.connections: dict[int, Connection] = {}
+        self.restricted = 0
+        self.accepted = 0
+        self.refused = 0
+        self._next_id = 0
+        self.draining = False
+        self._accept_scope: anyio.CancelScope | None = None
+        self._listener: SocketListener | None = None
+
+    def configure(self, *, max_connections: int, read_timeout: float, write_timeout: float) -> None:
+        self.max_connections = max_connections
+        self.read_timeout = read_timeout
+        self.write_timeout = write_timeout
+
+    async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        sock = bind_unix_socket(self.path, self.policy)
+        self._listener = await SocketListener.from_socket(sock)
+        try:
+            async with anyio.create_task_group() as tg:
+                with anyio.CancelScope() as self._accept_scope:
+                    task_status.started()
+                    await self._accept_loop(self._listener, tg)
+        finally:
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+            with anyio.CancelScope(shield=True):
+                await self._listener.aclose()
+
+    def stop_accepting(self) -> None:
+        """Stop taking new connections and stop reading new requests; calls in flight finish."""
+        self.draining = True
+        if self._accept_scope is not None:
+            self._accept_scope.cancel()
+        for conn in list(self.connections.values()):
+            if not conn.busy:
+                conn.close()
+
+    @property
+    def in_flight(self) -> int:
+        return sum(1 for c in self.connections.values() if c.busy)
+
+    async def wait_idle(self) -> None:
+        while self.in_flight:
+            await anyio.sleep(0.02)
+
+    async def _accept_loop(self, listener: SocketListener, tg: TaskGroup) -> None:
+        failures = 0
+        while True:
+            try:
+                stream = await listener.accept()
+            except anyio.BrokenResourceError as exc:
+                cause = exc.__cause__
+                if isinstance(cause, OSError) and cause.errno in RESOURCE_ERRNOS:
+                    delay = ACCEPT_BACKOFF_S[min(failures, len(ACCEPT_BACKOFF_S) - 1)]
+                    failures += 1
+                    log.warning("accept_backoff", error=os.strerror(cause.errno), delay_s=delay)
+                    await anyio.sleep(delay)
+                    continue
+                raise
+            failures = 0
+            self.accepted += 1
+            tg.start_soon(self._connection, stream)
+
+    async def _connection(self, stream: SocketStream) -> None:
+        self._next_id += 1
+        conn_id = self._next_id
+        restricted = False
+        async with stream:
+            try:
+                sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+                peer = peer_credentials(sock)
+            except OSError as exc:
+                log.warning("peer_unknown", error=str(exc))
+                return
+            with structlog.contextvars.bound_contextvars(peer=peer.describe(), conn=conn_id):
+                if not self.policy.allows(peer):
+                    self.refused += 1
+                    log.warning("peer_refused", uid=peer.uid)
+                    await self._refuse(
+                        stream,
+                        PermissionDenied(
+                            f"uid {peer.uid} may not use this daemon (allowed: its own uid, root"
+                            + (f", group {self.policy.group_name}" if self.policy.group_name else "")
+                            + ")"
+                        ),
+                    )
+                    return
+                if len(self.connections) >= self.max_connections:
+                    if self.restricted >= HEADROOM:
+                        self.refused += 1
+                        await self._refuse(
+                            stream,
+                            ResourceExhausted(
+                                f"the daemon is at its connection limit ({self.max_connections}); try again later"
+                            ),
+                        )
+                        return
+                    restricted = True
+                    self.restricted += 1
+                try:
+                    await self._serve_connection(stream, conn_id, peer, restricted)
+                finally:
+                    if restricted:
+                        self.restricted -= 1
+
+    async def _refuse(self, stream: SocketStream, error: NecrodError) -> None:
+        with anyio.move_on_after(1.0):
+            try:
+                await stream.send(encode_error(None, error))
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                pass
+
+    async def _serve_connection(
+        self, stream: SocketStream, conn_id: int, peer: Peer, restricted: bool
+    ) -> None:
+        conn = Connection(stream, conn_id, self.write_timeout)
+        ctx = CallContext(
+            peer=peer,
+            connection_id=conn_id,
+            notify=conn.notify,
+            spawn=conn.spawn,
+            close=conn.close,
+            only_methods=OPERATOR_METHODS if restricted else None,
+        )
+        reader = LineReader(stream, self.read_timeout)
+        if restricted:
+            reader.idle_timeout = RESTRICTED_IDLE_S
+        if not restricted:
+            self.connections[conn_id] = conn
+        try:
+            with conn.scope:
+                async with anyio.create_task_group() as conn.tg:
+                    await self._request_loop(conn, ctx, reader)
+                    conn.tg.cancel_scope.cancel()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError):
+            log.debug("connection_lost")
+        except TimeoutError:
+            log.info("client_not_reading", write_timeout_s=self.write_timeout)
+        except Exception:
+            log.exception("connection_failed")
+        finally:
+            self.connections.pop(conn_id, None)
+            for callback in ctx.on_close:
+                try:
+                    callback()
+                except Exception:
+                    log.exception("on_close_failed")
+
+    async def _request_loop(self, conn: Connection, ctx: CallContext, reader: LineReader) -> None:
+        while True:
+            try:
+                line = await reader.read_line()
+            except LineTooLong:
+                log.info("line_too_long")
+                await conn.send(
+                    encode_error(
+                        None,
+                        InvalidRequest(
+                            f"request line longer than {MAX_LINE_BYTES} bytes; closing the connection"
+                        ),
+                    )
+                )
+                return
+            except ReadDeadline:
+                log.info("read_deadline", read_timeout_s=self.read_timeout)
+                return
+            if line is None:
+                return
+            if not line.strip():
+                continue
+            conn.busy = True
+            try:
+                reply = await self.dispatcher.handle_line(line, ctx)
+                if reply is not None:
+                    await conn.send(reply)
+                hooks, ctx.after_reply = ctx.after_reply, []
+                for hook in hooks:
+                    hook()
+            finally:
+                conn.busy = False
+            if self.draining:
+                return
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft open-files limit to the hard one (1,024 connections need more than 1,024 fds)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return target
+        except (ValueError, OSError):
+            return soft
+    return soft

@@ -1,0 +1,148 @@
+"""The method table: every RPC method, the parameters it takes, and their checks.
+
+Checking happens here, once, before a handler runs: a handler receives a dict whose keys are
+known, whose required keys are present and whose values have the declared type and range.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from necrod.proto.errors import InvalidParams, MethodNotFound
+
+#: Upper bound on any free-form object a client may store with a lease or task, serialized.
+MAX_OBJECT_BYTES = 16 * 1024
+
+#: Upper bound on a free-form string (holder, client name, ...).
+MAX_STRING = 1024
+
+WEEK_S = 7 * 24 * 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """One parameter: its JSON type, whether it is required, and its range."""
+
+    type: str  # "string", "integer", "number", "boolean", "object", "strings", "list"
+    required: bool = False
+    min: float | None = None
+    max: float | None = None
+    max_len: int = MAX_STRING
+    choices: tuple[str, ...] = ()
+
+
+def _s(*, required: bool = False, max_len: int = MAX_STRING, choices: tuple[str, ...] = ()) -> Param:
+    return Param("string", required, max_len=max_len, choices=choices)
+
+
+def _n(*, min: float | None = None, max: float | None = None, integer: bool = False) -> Param:
+    return Param("integer" if integer else "number", False, min, max)
+
+
+SLOT_STATES = ("creating", "available", "allocated", "cleaning", "error", "removing")
+EVENT_TOPICS = ("slots", "leases", "pools", "config", "daemon", "tasks", "hosts")
+
+METHODS: dict[str, dict[str, Param]] = {
+    "hello": {"protocol": _n(min=0, max=1 << 30, integer=True), "client": _s()},
+    "daemon.status": {},
+    "daemon.reload": {},
+    "pools.list": {},
+    "pools.get": {"pool": _s(required=True)},
+    "slots.list": {"pool": _s(), "state": _s(choices=SLOT_STATES)},
+    "slots.allocate": {
+        "pool": _s(required=True),
+        "holder": _s(),
+        "ttl_s": _n(min=1, max=WEEK_S),
+        "ref": _s(max_len=4096),
+        "branch": _s(max_len=4096),
+        "wait_s": _n(min=0, max=3600),
+        "metadata": Param("object"),
+    },
+    "slots.heartbeat": {"lease_id": _s(required=True), "ttl_s": _n(min=1, max=WEEK_S)},
+    "slots.release": {"lease_id": _s(required=True), "salvage": Param("boolean")},
+    "slots.add": {"pool": _s(required=True), "wait_s": _n(min=0, max=3600)},
+    "slots.remove": {"slot_id": _s(required=True), "force": Param("boolean")},
+    "events.subscribe": {
+        "topics": Param("strings"),
+        "snapshot": Param("boolean"),
+        "since": _n(min=0, integer=True),
+    },
+    "salvage.list": {"pool": _s()},
+    "salvage.show": {"lease_id": _s(required=True)},
+}
+
+
+def _type_ok(spec: Param, value: Any) -> bool:
+    match spec.type:
+        case "string":
+            return isinstance(value, str)
+        case "integer":
+            return isinstance(value, int) and not isinstance(value, bool)
+        case "number":
+            return isinstance(value, int | float) and not isinstance(value, bool)
+        case "boolean":
+            return isinstance(value, bool)
+        case "object":
+            return isinstance(value, dict)
+        case "strings":
+            return isinstance(value, list) and all(isinstance(v, str) for v in value)
+        case "list":
+            return isinstance(value, list)
+    raise AssertionError(spec.type)
+
+
+_TYPE_NAMES = {
+    "string": "a string",
+    "integer": "an integer",
+    "number": "a number",
+    "boolean": "true or false",
+    "object": "an object",
+    "strings": "a list of strings",
+    "list": "a list",
+}
+
+
+def check_param(method: str, name: str, spec: Param, value: Any) -> None:
+    """Raise ``InvalidParams`` unless ``value`` fits ``spec``."""
+    where = f"{method}: {name}"
+    if value is None:
+        if spec.required:
+            raise InvalidParams(f"{where} is required", param=name)
+        return
+    if not _type_ok(spec, value):
+        raise InvalidParams(f"{where} must be {_TYPE_NAMES[spec.type]}", param=name)
+    if spec.type == "string":
+        if len(value) > spec.max_len:
+            raise InvalidParams(f"{where} is longer than {spec.max_len} characters", param=name)
+        if spec.choices and value not in spec.choices:
+            raise InvalidParams(f"{where} must be one of {', '.join(spec.choices)}", param=name)
+    if spec.type in ("integer", "number"):
+        if spec.min is not None and value < spec.min:
+            raise InvalidParams(f"{where} must be at least {spec.min:g}", param=name)
+        if spec.max is not None and value > spec.max:
+            raise InvalidParams(f"{where} must be at most {spec.max:g}", param=name)
+    if spec.type in ("object", "strings", "list"):
+        size = len(json.dumps(value))
+        if size > MAX_OBJECT_BYTES:
+            raise InvalidParams(f"{where} is {size} bytes serialized, over {MAX_OBJECT_BYTES}", param=name)
+
+
+def check_params(
+    method: str, params: Mapping[str, Any], table: Mapping[str, Mapping[str, Param]] = METHODS
+) -> dict[str, Any]:
+    """Validate ``params`` against the table; returns a dict with every declared key (None if absent)."""
+    specs = table.get(method)
+    if specs is None:
+        raise MethodNotFound(f"no method {method!r}", method=method)
+    unknown = sorted(set(params) - set(specs))
+    if unknown:
+        raise InvalidParams(f"{method}: unknown parameter(s): {', '.join(unknown)}", param=unknown[0])
+    checked: dict[str, Any] = {}
+    for name, spec in specs.items():
+        value = params.get(name)
+        check_param(method, name, spec, value)
+        checked[name] = value
+    return checked
