@@ -11,6 +11,7 @@ Pure: no file system access here (``io.config_files`` reads the file and checks 
 from __future__ import annotations
 
 import difflib
+import posixpath
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -553,11 +554,11 @@ def resolve_relative(config: Config, base_dir: str) -> Config:
     for name, pool in config.pools.items():
         path = local_repo_path(pool.repo_url)
         if path is not None and not path.startswith("/"):
-            pool = replace(pool, repo_url=str(PurePosixPath(base_dir) / path))
+            pool = replace(pool, repo_url=posixpath.normpath(posixpath.join(base_dir, path)))
         pools[name] = pool
     daemon = config.daemon
     if daemon.workspaces and not daemon.workspaces.startswith("/"):
-        daemon = replace(daemon, workspaces=str(PurePosixPath(base_dir) / daemon.workspaces))
+        daemon = replace(daemon, workspaces=posixpath.normpath(posixpath.join(base_dir, daemon.workspaces)))
     return replace(config, daemon=daemon, pools=pools)
 
 

@@ -188,9 +188,18 @@ class PoolEngine:
                 await anyio.sleep(delay)
         if self.stopping or self.pools.get(pool.name) is not pool:
             return
+        if first:
+            await self._reconcile_disk(pool)
+        # From here to _maintain nothing awaits: the pool never looks ready without its slots.
         pool.state = "ready"
         pool.error = None
         pool.bring_up_failures = 0
+        pool.became_ready.set()
+        for slot in list(pool.slots.values()):
+            self._kick(slot)
+            if slot.state is SlotState.AVAILABLE:
+                self._offer(pool, slot)
+        self._maintain(pool)
         await self._persist_quietly(
             [
                 Put("pool", pool.name, pool.to_row()),
@@ -201,14 +210,6 @@ class PoolEngine:
                 ),
             ]
         )
-        if first:
-            await self._reconcile_disk(pool)
-        pool.became_ready.set()
-        for slot in list(pool.slots.values()):
-            self._kick(slot)
-            if slot.state is SlotState.AVAILABLE:
-                self._offer(pool, slot)
-        self._maintain(pool)
 
     async def _open_mirror(self, pool: Pool) -> None:
         pool.root.mkdir(parents=True, exist_ok=True)

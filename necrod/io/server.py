@@ -46,6 +46,10 @@ RESTRICTED_IDLE_S = 5.0
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_BACKOFF_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
 RECEIVE_BYTES = 65536
+#: After refusing an over-long line, keep reading (and discarding) this long / this much, so
+#: a client still writing it is not cut off with EPIPE before it can read why.
+LINGER_S = 2.0
+LINGER_BYTES = 32 << 20
 
 
 class LineTooLong(Exception):
@@ -323,7 +327,10 @@ class RpcServer:
             try:
                 await stream.send(encode_error(None, error))
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                pass
+                return
+        # Closing with the client's request unread would reset the connection before it can
+        # read the refusal; read a little first.
+        await self._linger(stream, seconds=0.5, limit=64 << 10)
 
     async def _serve_connection(
         self, stream: SocketStream, conn_id: int, peer: Peer, restricted: bool
@@ -375,6 +382,7 @@ class RpcServer:
                         ),
                     )
                 )
+                await self._linger(conn.stream)
                 return
             except ReadDeadline:
                 log.info("read_deadline", read_timeout_s=self.read_timeout)
@@ -395,6 +403,18 @@ class RpcServer:
                 conn.busy = False
             if self.draining:
                 return
+
+    async def _linger(
+        self, stream: SocketStream, seconds: float = LINGER_S, limit: int = LINGER_BYTES
+    ) -> None:
+        try:
+            await stream.send_eof()
+            discarded = 0
+            with anyio.move_on_after(seconds):
+                while discarded < limit:
+                    discarded += len(await stream.receive(RECEIVE_BYTES))
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
 
 
 def raise_fd_limit() -> int:

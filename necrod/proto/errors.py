@@ -34,7 +34,7 @@ class NecrodError(Exception):
     kind: ClassVar[str] = "internal"
     code: ClassVar[int] = -32603
 
-    def __init__(self, message: str, **data: Any) -> None:
+    def __init__(self, message: str, /, **data: Any) -> None:
         super().__init__(message)
         self.message = message
         self.data = data

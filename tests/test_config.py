@@ -1,0 +1,120 @@
+"""pools.yaml: both spellings load; every invalid file is refused whole, naming its line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from necrod.core.config import ConfigError, parse_config, parse_size, repo_transport, repo_url_problem
+from necrod.io.config_files import load_config
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+def test_native_form_with_defaults() -> None:
+    c = parse_config(
+        """
+daemon:
+  workspaces: /srv/necro
+  git_concurrency: 6
+  min_free_disk: 5GiB
+  metrics_listen: 127.0.0.1:9464
+defaults:
+  slots: 3
+  lease_ttl_s: 600
+  cleanup: keep-ignored
+pools:
+  a:
+    repo_url: https://example.com/a.git
+    base: main
+  b:
+    repo_url: git@example.com:b.git
+    slots: 10
+    salvage: false
+""",
+        "pools.yaml",
+    )
+    assert c.daemon.git_concurrency == 6 and c.daemon.min_free_disk == 5 << 30
+    assert c.daemon.metrics_listen == ("127.0.0.1", 9464)
+    a, b = c.pools["a"], c.pools["b"]
+    assert (a.slots, a.lease_ttl_s, a.cleanup, a.base, a.max_slots) == (3, 600, "keep-ignored", "main", 8)
+    assert (b.slots, b.salvage, b.max_slots) == (10, False, 10)
+    assert a.clean_flags == "-ffd"
+
+
+def test_necrocode_example_loads_unchanged() -> None:
+    c = load_config(EXAMPLES / "necrocode-pools.yaml")
+    pool = c.pools["my-project"]
+    assert pool.slots == 3 and pool.cleanup_timeout_s == 60.0 and pool.metrics is True
+    assert pool.lock_timeout_s == 30.0
+    assert c.pools["another-project"].slots == 2
+    assert any("cleanup_options" in note for note in c.notes)
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "fragment"),
+    [
+        ("pools:\n  a:\n    repo_url: /x\n    slotz: 3\n", 4, "unknown key 'slotz' (did you mean 'slots'?)"),
+        ("pools:\n  a:\n    repo_url: /x\n    slots: many\n", 4, "whole number"),
+        ("pools:\n  a:\n    repo_url: /x\n    slots: 0\n", 4, "between 1 and"),
+        ("pools:\n  a:\n    repo_url: /x\n  a:\n    repo_url: /y\n", 4, "duplicate key 'a'"),
+        ("pools:\n  -bad:\n    repo_url: /x\n", 2, "invalid pool name"),
+        ("pools:\n  a:\n    slots: 2\n", 2, "repo_url is required"),
+        ("pools:\n  a:\n    repo_url: ext::sh -c touch% /tmp/pwned\n", 3, "transport 'ext'"),
+        ("pools:\n  a:\n    repo_url: --upload-pack=evil\n", 3, "starts with '-'"),
+        ("pools:\n  a:\n    repo_url: ssh://-oProxyCommand=evil/x\n", 3, "invalid host"),
+        ("pools:\n  a:\n    repo_url: /x\n    num_slots: 2\n    slots: 3\n", 5, "both"),
+        ("pools:\n  a:\n    repo_url: /x\n    slots: 9\n    max_slots: 4\n", 5, "below slots"),
+        ("pools:\n  a:\n    repo_url: /x\n    base: 'a..b'\n", 4, "not a valid ref"),
+        ("pools:\n  a:\n    repo_url: /x\n    cleanup: sometimes\n", 4, "one of full, keep-ignored"),
+        ("daemon:\n  git_concurrency: 0\npools: {}\n", 2, "between 1 and"),
+        ("daemon:\n  min_free_disk: lots\npools: {}\n", 2, "not a size"),
+        ("daemon:\n  allowed_protocols: [file, ext]\npools: {}\n", 2, "unknown transport"),
+        ("defaults:\n  repo_url: /x\npools: {}\n", 2, "belongs to a pool"),
+        ("pools:\n  a: [1, 2]\n", 2, "must be a mapping"),
+        ("pools:\n  a:\n    repo_url: /x\n   bad_indent: 1\n", 4, "not valid YAML"),
+        ("daemon: {}\n", 1, "missing the pools"),
+        ("surprise: 1\npools: {}\n", 1, "unknown key 'surprise'"),
+    ],
+)
+def test_invalid_configs_name_their_line(text: str, line: int, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "pools.yaml")
+    assert info.value.line == line, str(info.value)
+    assert fragment in str(info.value)
+    assert str(info.value).startswith(f"pools.yaml:{line}:")
+
+
+def test_empty_file_is_an_error_not_an_empty_config() -> None:
+    with pytest.raises(ConfigError, match="empty"):
+        parse_config("", "pools.yaml")
+
+
+def test_local_repo_paths_are_checked_and_resolved(tmp_path: Path) -> None:
+    (tmp_path / "cfg").mkdir()
+    cfg = tmp_path / "cfg" / "pools.yaml"
+    cfg.write_text("pools:\n  a:\n    repo_url: ../nowhere\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg)
+    assert info.value.line == 3 and "not a directory" in str(info.value)
+    (tmp_path / "plain").mkdir()
+    cfg.write_text("pools:\n  a:\n    repo_url: ../plain\n")
+    with pytest.raises(ConfigError, match="not a git repository"):
+        load_config(cfg)
+    (tmp_path / "plain" / ".git").mkdir()
+    assert load_config(cfg).pools["a"].repo_url == str(tmp_path / "plain")
+
+
+def test_sizes_and_transports() -> None:
+    assert parse_size("5GiB") == 5 << 30
+    assert parse_size("500MB") == 500_000_000
+    assert parse_size("2G") == 2 << 30
+    assert parse_size(1024) == 1024
+    assert repo_transport("https://x/y.git") == "https"
+    assert repo_transport("git@github.com:u/r.git") == "ssh"
+    assert repo_transport("file:///srv/r") == "file"
+    assert repo_transport("/srv/r") == "file"
+    assert repo_transport("ext::sh -c x") == "ext"
+    assert repo_url_problem("http://x/y", ("file", "https", "ssh")) is not None
+    assert repo_url_problem("https://x/y", ("file", "https", "ssh")) is None

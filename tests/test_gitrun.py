@@ -1,0 +1,159 @@
+"""The git runner: a fixed environment, no option injection, and no process left behind."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from necrod.io.gitrun import (
+    SAFE_FLAGS,
+    GitError,
+    GitRunner,
+    GitTimeout,
+    git_environment,
+    parse_git_version,
+    version_problem,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+def runner(tmp_path: Path, git: str = "git") -> GitRunner:
+    hostile = {
+        **os.environ,
+        "GIT_DIR": "/nonexistent",
+        "GIT_SSH_COMMAND": "touch /tmp/pwned-ssh",
+        "GIT_CONFIG_COUNT": "1",
+        "GIT_CONFIG_KEY_0": "core.pager",
+        "GIT_CONFIG_VALUE_0": "evil",
+        "GIT_EXEC_PATH": "/nonexistent",
+        "HOME": str(tmp_path),
+    }
+    (tmp_path / ".gitconfig").write_text("[alias]\n\tstatus = !touch /tmp/pwned-alias\n")
+    config = tmp_path / "necrod-gitconfig"
+    config.write_text("")
+    return GitRunner(git, git_environment(config, ("file",), hostile))
+
+
+def alive(pid: int) -> bool:
+    """Running (a killed child that nobody has reaped yet is a zombie, not alive)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_environment_is_fixed(tmp_path: Path) -> None:
+    env = runner(tmp_path).env
+    assert not {k for k in env if k.startswith("GIT_")} - {
+        "GIT_CONFIG_NOSYSTEM",
+        "GIT_CONFIG_GLOBAL",
+        "GIT_TERMINAL_PROMPT",
+        "GIT_OPTIONAL_LOCKS",
+        "GIT_ALLOW_PROTOCOL",
+        "GIT_PROTOCOL_FROM_USER",
+        "GIT_ATTR_NOSYSTEM",
+        "GIT_SSH_COMMAND",
+        "GIT_ASKPASS",
+    }
+    assert env["GIT_SSH_COMMAND"] == "ssh -o BatchMode=yes" and env["GIT_ALLOW_PROTOCOL"] == "file"
+    assert env["LC_ALL"] == "C"
+    assert "core.hooksPath=/dev/null" in SAFE_FLAGS and "core.fsmonitor=false" in SAFE_FLAGS
+
+
+async def test_hostile_environment_does_not_reach_git(tmp_path: Path) -> None:
+    git = runner(tmp_path)
+    repo = tmp_path / "r"
+    await git.run(["init", "-q", "--", str(repo)], timeout=30)
+    result = await git.run(["config", "--show-origin", "--list"], git_dir=repo / ".git", timeout=30)
+    assert "pwned" not in result.out and "evil" not in result.out
+    await git.run(["status"], git_dir=repo / ".git", work_tree=repo, cwd=repo, timeout=30)
+    assert not Path("/tmp/pwned-alias").exists()
+
+
+async def test_failure_and_option_like_arguments(tmp_path: Path) -> None:
+    git = runner(tmp_path)
+    with pytest.raises(GitError) as info:
+        await git.run(
+            ["rev-parse", "--verify", "--end-of-options", "--upload-pack=touch /tmp/pwned"],
+            git_dir=tmp_path,
+            timeout=30,
+        )
+    assert info.value.returncode != 0 and "git rev-parse failed" in str(info.value)
+    assert not Path("/tmp/pwned").exists()
+
+
+async def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
+    # A stand-in for git that leaves a child behind (like ssh under git fetch).
+    fake = tmp_path / "slowgit"
+    pidfile = tmp_path / "child.pid"
+    fake.write_text(f"#!/bin/sh\nsleep 60 &\necho $! > {pidfile}\nwait\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    git = GitRunner(str(fake), git_environment(tmp_path / "cfg", ("file",)))
+    started = time.monotonic()
+    with pytest.raises(GitTimeout):
+        await git.run(["fetch"], timeout=0.5)
+    assert time.monotonic() - started < 5
+    await anyio.sleep(0.2)
+    assert not alive(int(pidfile.read_text()))
+    assert git.running == 0
+
+
+async def test_cancellation_kills_the_whole_process_group(tmp_path: Path) -> None:
+    fake = tmp_path / "slowgit"
+    pidfile = tmp_path / "child.pid"
+    fake.write_text(f"#!/bin/sh\nsleep 60 &\necho $! > {pidfile}\nwait\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    git = GitRunner(str(fake), git_environment(tmp_path / "cfg", ("file",)))
+    with anyio.move_on_after(0.5):
+        await git.run(["clean"], timeout=60)
+    await anyio.sleep(0.2)
+    assert not alive(int(pidfile.read_text()))
+
+
+def test_version_gate() -> None:
+    assert parse_git_version("git version 2.39.5\n") == (2, 39, 5)
+    assert parse_git_version("git version 2.45.1.windows.1") == (2, 45, 1)
+    assert version_problem((2, 39, 5)) is None
+    assert version_problem((2, 45, 1)) is None and version_problem((2, 47, 0)) is None
+    assert version_problem((2, 43, 4)) is None
+    for bad in ((2, 39, 3), (2, 45, 0), (2, 30, 9), (1, 8, 0), (2, 44, 0)):
+        problem = version_problem(bad)
+        assert problem is not None and "CVE-2024-32002" in problem
+
+
+async def test_necrod_refuses_an_old_git(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    fake = tmp_path / "oldgit"
+    fake.write_text("#!/bin/sh\necho 'git version 2.39.3'\n")
+    fake.chmod(0o755)
+    repo = tmp_path / "repo"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    config = tmp_path / "pools.yaml"
+    config.write_text(f"daemon:\n  git: {fake}\npools:\n  r:\n    repo_url: {repo}\n")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "necrod",
+            "--config",
+            str(config),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--socket",
+            str(tmp_path / "s.sock"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert "git 2.39.3" in result.stderr and "2.39.4" in result.stderr and "Traceback" not in result.stderr
