@@ -340,6 +340,7 @@ class Daemon:
                 "version": self.git_version,
                 "running": self.engine.git.running,
                 "started": self.engine.git.started,
+                "started_by_verb": dict(self.engine.git.started_by_verb),
             },
             "config": {
                 "path": str(self.settings.config_path) if self.settings.config_path else None,
