@@ -113,6 +113,18 @@ class _Api(Generic[R]):
     def salvage_show(self, lease_id: str) -> R:
         return self.call("salvage.show", {"lease_id": lease_id})
 
+    def anomalies(self, pool: str | None = None, *, heal: bool = False, deep: bool = False) -> R:
+        return self.call("anomalies.list", _clean({"pool": pool, "heal": heal, "deep": deep}))
+
+    def recover(self, slot_id: str) -> R:
+        return self.call("slots.recover", {"slot_id": slot_id})
+
+    def isolate(self, slot_id: str, reason: str | None = None) -> R:
+        return self.call("slots.isolate", _clean({"slot_id": slot_id, "reason": reason}))
+
+    def metrics(self) -> R:
+        return self.call("metrics.get")
+
 
 def _decode_reply(line: bytes) -> dict[str, Any]:
     try:

@@ -78,6 +78,8 @@ class DaemonConfig:
     heal_interval_s: float = 300.0
     release_overdue_leases: bool = False
     disk_check_interval_s: float = 30.0
+    #: How often each mirror's object connectivity is checked (``git fsck --connectivity-only``).
+    mirror_check_interval_s: float = 6 * 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,7 +364,7 @@ _POOL_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "max_slots": _int_in(1, 10_000),
     "lease_ttl_s": _num_in(1, WEEK_S),
     "max_lease_s": lambda v: None if v is None else _num_in(1, 4 * WEEK_S)(v),
-    "fetch_interval_s": lambda v: None if v == 0 else _num_in(5, WEEK_S)(v),
+    "fetch_interval_s": lambda v: None if v == 0 else _num_in(1, WEEK_S)(v),
     "cleanup": _one_of("full", "keep-ignored"),
     "salvage": _is_bool,
     "cleanup_timeout_s": _num_in(1, 24 * 3600),
@@ -425,6 +427,7 @@ _DAEMON_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "heal_interval_s": _num_in(0, WEEK_S),
     "release_overdue_leases": _is_bool,
     "disk_check_interval_s": _num_in(1, 3600),
+    "mirror_check_interval_s": _num_in(0, 30 * 24 * 3600),
 }
 
 

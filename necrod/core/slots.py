@@ -114,6 +114,10 @@ class Slot:
     salvage_note: str | None = None
     #: Remove the slot instead of making it available when it comes back.
     retire: bool = False
+    #: Rebuild the worktree (remove and add) instead of resetting it in place.
+    rebuild: bool = False
+    #: Quarantine the slot, untouched, when its lease ends (an operator isolated it).
+    isolate: str | None = None
     disk_bytes: int | None = None
     # In memory only:
     version: int = 0
@@ -121,6 +125,8 @@ class Slot:
     busy: bool = False
     #: Handed to a waiting allocation that has not yet taken it.
     reserved: bool = False
+    #: Monotonic time the slot was last known clean (cleaned, created, or checked).
+    verified_at: float = 0.0
 
     def to_row(self) -> dict[str, Any]:
         row = {name: getattr(self, name) for name in _PERSISTED}

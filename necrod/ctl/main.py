@@ -83,6 +83,18 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--topic", action="append", dest="topics", help="only this topic (repeatable)")
     w.add_argument("--since", type=int, help="first replay events after this seq")
     w.add_argument("--snapshot", action="store_true", help="print the current state first")
+    an = cmd("anomalies", "look for broken slots, stray directories, stale locks, overdue leases")
+    an.add_argument("--pool")
+    an.add_argument(
+        "--heal", action="store_true", help="also mend what is found (as the scheduled scan does)"
+    )
+    an.add_argument("--deep", action="store_true", help="also check every idle slot and the mirror's objects")
+    rc = cmd("recover", "rebuild a slot in error (what it holds is salvaged first)")
+    rc.add_argument("slot_id")
+    iso = cmd("isolate", "take a slot out of rotation, untouched, for inspection")
+    iso.add_argument("slot_id")
+    iso.add_argument("--reason")
+    cmd("metrics", "Prometheus metrics, as text")
     sv = cmd("salvage", "work salvaged from slots before they were cleaned")
     svsub = sv.add_subparsers(dest="salvage_command", metavar="list|show", required=True)
     sl = svsub.add_parser("list", help="salvage refs, newest first", parents=[common])
@@ -248,6 +260,27 @@ def _run(args: argparse.Namespace, c: Client) -> tuple[Any, Callable[[Any], None
                     print("  nothing changed")
 
             return c.reload(), show
+        case "anomalies":
+
+            def show_anomalies(r: dict[str, Any]) -> None:
+                if not r["anomalies"]:
+                    print("no anomalies")
+                    return
+                rows = [
+                    (a["pool"], a["slot_id"], a["kind"], a["detail"], a["action"]) for a in r["anomalies"]
+                ]
+                print(render.table(rows, ("POOL", "SLOT", "KIND", "DETAIL", "ACTION")))
+
+            return c.anomalies(args.pool, heal=args.heal, deep=args.deep), show_anomalies
+        case "recover":
+            return c.recover(args.slot_id), lambda r: print(f"slot {r['slot_id']} {r['state']}")
+        case "isolate":
+            return c.isolate(args.slot_id, args.reason), lambda r: print(
+                f"slot {r['slot_id']} {r['state']}"
+                + (f": {r['error']}" if r.get("error") else " (isolated when released)")
+            )
+        case "metrics":
+            return c.metrics(), lambda r: print(r["text"], end="")
         case "salvage":
             if args.salvage_command == "list":
                 return c.salvage_list(args.pool), lambda r: print(

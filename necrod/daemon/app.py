@@ -15,18 +15,22 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
 import structlog
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from necrod import __version__
 from necrod.core.config import Config, ConfigError
 from necrod.daemon.engine import PoolEngine
 from necrod.daemon.events import EventBus
+from necrod.daemon.metrics import Metrics
 from necrod.daemon.rpc import Api
+from necrod.daemon.supervisor import Supervisor
 from necrod.io.config_files import load_config
 from necrod.io.gitrun import (
     GLOBAL_CONFIG,
@@ -36,9 +40,11 @@ from necrod.io.gitrun import (
     version_problem,
 )
 from necrod.io.instance import InstanceLock
+from necrod.io.metrics_http import serve_metrics
 from necrod.io.sdnotify import Notifier
 from necrod.io.server import AccessPolicy, RpcServer, raise_fd_limit
 from necrod.io.store import Event, StateStore, StoreError
+from necrod.io.watcher import ConfigWatcher, content_digest
 from necrod.paths import ensure_private_dir
 from necrod.proto.errors import FailedPrecondition
 
@@ -70,6 +76,9 @@ class Daemon:
         self.reloads = {"applied": 0, "rejected": 0}
         self.notifier = Notifier()
         self.bus = EventBus()
+        self.metrics = Metrics()
+        self.metrics.add_gauges(self._gauges)
+        self.watcher: ConfigWatcher | None = None
         self._reload_lock = anyio.Lock()
         self._stop = anyio.Event()
         self._stopping = False
@@ -79,6 +88,7 @@ class Daemon:
         self.store: StateStore
         self.engine: PoolEngine
         self.server: RpcServer
+        self.supervisor: Supervisor
         self.api = Api(self)
         self.dispatcher = self.api.dispatcher()
 
@@ -143,7 +153,9 @@ class Daemon:
             git=git,
             workspaces=workspaces,
             git_concurrency=self.config.daemon.git_concurrency,
+            metrics=self.metrics,
         )
+        self.supervisor = Supervisor(self.engine, lambda: self.config.daemon)
         d = self.config.daemon
         self.server = RpcServer(
             self.settings.socket,
@@ -167,6 +179,18 @@ class Daemon:
                     raise StartupError(
                         f"cannot listen on {self.settings.socket}: {exc.strerror or exc}"
                     ) from None
+                await tg.start(self.supervisor.run)
+                if d.metrics_listen is not None:
+                    host, port = d.metrics_listen
+                    try:
+                        await tg.start(serve_metrics, host, port, self.metrics.render)
+                    except OSError as exc:
+                        raise StartupError(
+                            f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}"
+                        ) from None
+                if self.settings.config_path is not None:
+                    self.watcher = ConfigWatcher(self.settings.config_path, self._on_config_change)
+                    tg.start_soon(self.watcher.run)
                 tg.start_soon(self._signals, tg)
                 tg.start_soon(self._watchdog)
                 log.info(
@@ -184,7 +208,7 @@ class Daemon:
                 self.notifier.ready(self._status_line())
                 await self._stop.wait()
                 await self._shutdown()
-                tg.cancel_scope.cancel()
+                self._cancel(tg)
         finally:
             self.store.close()
         log.info("stopped")
@@ -194,6 +218,12 @@ class Daemon:
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    def _cancel(self, tg: anyio.abc.TaskGroup) -> None:
+        # The watcher's thread returns promptly only once its stop event is set (trap 4).
+        if self.watcher is not None:
+            self.watcher.stop()
+        tg.cancel_scope.cancel()
 
     async def _shutdown(self) -> None:
         self._stopping = True
@@ -218,7 +248,7 @@ class Daemon:
                     tg.start_soon(self._reload_quietly, "SIGHUP")
                 elif self._stop.is_set():
                     log.warning("stop_now", signal=signal.Signals(signum).name)
-                    tg.cancel_scope.cancel()
+                    self._cancel(tg)
                 else:
                     log.info("signal", signal=signal.Signals(signum).name)
                     self.request_stop()
@@ -232,6 +262,9 @@ class Daemon:
             await anyio.sleep(interval)
 
     # --- reload -------------------------------------------------------------------------------------
+
+    async def _on_config_change(self) -> None:
+        await self._reload_quietly("file changed")
 
     async def _reload_quietly(self, reason: str) -> None:
         try:
@@ -254,12 +287,15 @@ class Daemon:
                     "note": "running on the embedded default: there is no file to reload",
                 }
             self.notifier.reloading()
+            if self.watcher is not None:
+                self.watcher.last_digest = content_digest(path)
             try:
                 try:
                     new = await anyio.to_thread.run_sync(load_config, path)
                 except ConfigError as exc:
                     self.last_reload_error = exc
                     self.reloads["rejected"] += 1
+                    self.metrics.reloads.labels("rejected").inc()
                     log.error("config_rejected", reason=reason, error=str(exc))
                     await self._persist_event(
                         Event("config", "config.rejected", {"reason": reason, **exc.to_dict()})
@@ -279,6 +315,7 @@ class Daemon:
                 self.loaded_at = time.time()
                 self.last_reload_error = None
                 self.reloads["applied"] += 1
+                self.metrics.reloads.labels("applied").inc()
                 log.info("config_applied", reason=reason, generation=self.generation, changes=changes)
                 await self._persist_event(
                     Event(
@@ -311,6 +348,12 @@ class Daemon:
         reasons = []
         if self.last_reload_error is not None:
             reasons.append(f"config rejected: {self.last_reload_error}")
+        if self.engine.disk_low:
+            free = self.supervisor.free_bytes
+            reasons.append(
+                f"disk: {free if free is not None else '?'} bytes free on {self.workspaces}, below "
+                f"min_free_disk {self.config.daemon.min_free_disk}: no new slots are cut"
+            )
         for pool in self.engine.pools.values():
             if pool.state == "failed":
                 reasons.append(f"pool {pool.name} failed: {pool.error}")
@@ -359,9 +402,54 @@ class Daemon:
                 }
                 for name, p in self.engine.pools.items()
             },
+            "disk": {
+                "free_bytes": self.supervisor.free_bytes,
+                "min_free_disk": self.config.daemon.min_free_disk,
+                "low": self.engine.disk_low,
+            },
+            "anomalies": {
+                "last_scan_at": self.supervisor.last_scan_at,
+                "found": len(self.supervisor.last_scan),
+            },
             "connections": len(self.server.connections),
             "events": {"last_seq": self.store.last_seq, "subscribers": self.bus.subscribers},
         }
+
+    def _gauges(self) -> Iterable[Metric]:
+        slots = GaugeMetricFamily("necrod_slots", "Slots by pool and state.", labels=["pool", "state"])
+        waiting = GaugeMetricFamily(
+            "necrod_waiting_allocations", "Allocations queued for a slot.", labels=["pool"]
+        )
+        ready = GaugeMetricFamily("necrod_pool_ready", "1 when the pool serves leases.", labels=["pool"])
+        failing = GaugeMetricFamily(
+            "necrod_fetch_failing", "1 while the pool's fetches fail.", labels=["pool"]
+        )
+        if hasattr(self, "engine"):
+            for name, p in self.engine.pools.items():
+                if not p.config.metrics:
+                    continue
+                for state, count in p.by_state().items():
+                    slots.add_metric([name, state], count)
+                waiting.add_metric([name], len(p.waiters))
+                ready.add_metric([name], 1 if p.state == "ready" and not p.draining else 0)
+                failing.add_metric([name], 1 if p.fetch.failing_since is not None else 0)
+            yield GaugeMetricFamily(
+                "necrod_git_processes", "git processes running now.", value=self.engine.git.running
+            )
+            yield GaugeMetricFamily("necrod_leases", "Leases held now.", value=len(self.engine.leases))
+            yield GaugeMetricFamily("necrod_disk_low", "1 while free disk is below min_free_disk.",
+                                    value=1 if self.engine.disk_low else 0)  # fmt: skip
+            if self.supervisor.free_bytes is not None:
+                yield GaugeMetricFamily("necrod_disk_free_bytes", "Free bytes on the workspaces file system.",
+                                        value=self.supervisor.free_bytes)  # fmt: skip
+        if hasattr(self, "server"):
+            yield GaugeMetricFamily(
+                "necrod_connections", "Open client connections.", value=len(self.server.connections)
+            )
+        yield GaugeMetricFamily(
+            "necrod_config_generation", "Config generation in use.", value=self.generation
+        )
+        yield from (slots, waiting, ready, failing)
 
     def _status_line(self) -> str:
         slots = sum(len(p.slots) for p in self.engine.pools.values())

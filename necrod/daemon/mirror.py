@@ -120,6 +120,18 @@ class Mirror:
                 _remove(p)
         return changed
 
+    def dotgit_problem(self, admin: str, slot_path: str) -> str | None:
+        """Why the slot's ``.git`` file does not point at its admin directory, or None."""
+        dotgit = Path(slot_path) / ".git"
+        want = f"gitdir: {self.path / 'worktrees' / admin}"
+        try:
+            current = dotgit.read_text(errors="replace").strip() if not dotgit.is_symlink() else None
+        except OSError:
+            return "its .git file cannot be read"
+        if current != want:
+            return f"its .git file points elsewhere ({(current or 'a symlink')[:80]})"
+        return None
+
     def restore_admin(self, admin: str, slot_path: str) -> list[str]:
         """Keep one worktree's admin directory pointing where necrod put it."""
         changed: list[str] = []
@@ -200,6 +212,20 @@ class Mirror:
         if refspecs:
             args = ["fetch", "--quiet", "origin", "--end-of-options", *refspecs]
         await self.git.run(args, git_dir=self.path, timeout=timeout, network=True)
+
+    async def connectivity_problem(self, *, timeout: float) -> str | None:
+        """What ``git fsck --connectivity-only`` says is missing, or None when nothing is."""
+        result = await self.git.run(["fsck", "--connectivity-only", "--no-dangling", "--no-progress"],
+                                    git_dir=self.path, timeout=timeout, check=False)  # fmt: skip
+        if result.returncode == 0:
+            return None
+        lines = [line for line in (result.err + result.out).splitlines() if line.strip()]
+        return "; ".join(lines[:3]) or f"git fsck exited {result.returncode}"
+
+    async def refetch(self, *, timeout: float) -> None:
+        """Fetch every object again (heals a mirror that lost objects)."""
+        await self.git.run(["fetch", "--quiet", "--refetch", "--prune", "origin"], git_dir=self.path,
+                           timeout=timeout, network=True)  # fmt: skip
 
     async def remote_head(self, *, timeout: float) -> str | None:
         """The origin's default branch (what its HEAD points at)."""
@@ -325,6 +351,18 @@ class Mirror:
         dotgit = (path / ".git").read_text().strip()
         if dotgit != f"gitdir: {stale_admin}":
             raise OSError(f"git put the worktree's admin directory at {dotgit!r}, expected {stale_admin}")
+
+    def owns_worktree(self, directory: Path) -> bool:
+        """Whether ``directory`` is a worktree of this mirror, as necrod lays them out."""
+        admin = self.path / "worktrees" / directory.name
+        try:
+            return (
+                directory.name.isdigit()
+                and (directory / ".git").read_text().strip() == f"gitdir: {admin}"
+                and admin.is_dir()
+            )
+        except OSError:
+            return False
 
     async def remove_worktree(self, path: Path, admin: str, *, timeout: float) -> None:
         if path.exists():

@@ -85,6 +85,13 @@ class Pool:
         #: Monotonic time before which no slot is created (backoff after failed creations).
         self.create_not_before = 0.0
         self.maintain_scheduled = False
+        #: git processes of ours working for this pool right now (background jobs and checkouts).
+        self.git_active = 0
+        #: Set while maintenance needs the pool to itself (lock removal, worktree prune).
+        self.maintenance: anyio.Event | None = None
+        self.fetching = False
+        #: Monotonic time of the last mirror connectivity check.
+        self.mirror_checked_at = 0.0
 
     @property
     def base_ref(self) -> str | None:

@@ -40,6 +40,10 @@ class Api:
             "events.subscribe": self.subscribe,
             "salvage.list": self.salvage_list,
             "salvage.show": self.salvage_show,
+            "anomalies.list": self.anomalies,
+            "slots.recover": self.recover,
+            "slots.isolate": self.isolate,
+            "metrics.get": self.metrics,
         }.items():
             dispatcher.register(method, handler)
         return dispatcher
@@ -184,3 +188,18 @@ class Api:
             if shown is not None:
                 return {"pool": pool.name, **shown}
         raise NotFound(f"no salvage for lease {lease_id}", lease_id=lease_id)
+
+    async def anomalies(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        found = await self.d.supervisor.scan(
+            params["pool"], heal=bool(params["heal"]), deep=bool(params["deep"])
+        )
+        return {"anomalies": found, "healed": bool(params["heal"])}
+
+    async def recover(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        return await self.d.engine.recover(params["slot_id"])
+
+    async def isolate(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        return await self.d.engine.isolate(params["slot_id"], params["reason"])
+
+    async def metrics(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        return {"text": self.d.metrics.render()}

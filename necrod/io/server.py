@@ -125,6 +125,28 @@ def bind_unix_socket(path: Path, policy: AccessPolicy, backlog: int = 512) -> so
     return sock
 
 
+async def accept_forever(
+    listener: SocketListener, tg: TaskGroup, handle: Callable[[SocketStream], Coroutine[Any, Any, None]]
+) -> None:
+    """Accept connections until cancelled, each handled in its own task. Running out of file
+    descriptors or memory is waited out with backoff; any other accept error propagates."""
+    failures = 0
+    while True:
+        try:
+            stream = await listener.accept()
+        except anyio.BrokenResourceError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, OSError) and cause.errno in RESOURCE_ERRNOS:
+                delay = ACCEPT_BACKOFF_S[min(failures, len(ACCEPT_BACKOFF_S) - 1)]
+                failures += 1
+                log.warning("accept_backoff", error=os.strerror(cause.errno), delay_s=delay)
+                await anyio.sleep(delay)
+                continue
+            raise
+        failures = 0
+        tg.start_soon(handle, stream)
+
+
 class LineReader:
     """Reads newline-terminated lines, enforcing the length limit by counting (trap 1)."""
 
@@ -236,7 +258,7 @@ class RpcServer:
             async with anyio.create_task_group() as tg:
                 with anyio.CancelScope() as self._accept_scope:
                     task_status.started()
-                    await self._accept_loop(self._listener, tg)
+                    await accept_forever(self._listener, tg, self._connection_accepted)
         finally:
             try:
                 self.path.unlink()
@@ -262,23 +284,9 @@ class RpcServer:
         while self.in_flight:
             await anyio.sleep(0.02)
 
-    async def _accept_loop(self, listener: SocketListener, tg: TaskGroup) -> None:
-        failures = 0
-        while True:
-            try:
-                stream = await listener.accept()
-            except anyio.BrokenResourceError as exc:
-                cause = exc.__cause__
-                if isinstance(cause, OSError) and cause.errno in RESOURCE_ERRNOS:
-                    delay = ACCEPT_BACKOFF_S[min(failures, len(ACCEPT_BACKOFF_S) - 1)]
-                    failures += 1
-                    log.warning("accept_backoff", error=os.strerror(cause.errno), delay_s=delay)
-                    await anyio.sleep(delay)
-                    continue
-                raise
-            failures = 0
-            self.accepted += 1
-            tg.start_soon(self._connection, stream)
+    async def _connection_accepted(self, stream: SocketStream) -> None:
+        self.accepted += 1
+        await self._connection(stream)
 
     async def _connection(self, stream: SocketStream) -> None:
         self._next_id += 1

@@ -72,6 +72,10 @@ METHODS: dict[str, dict[str, Param]] = {
     },
     "salvage.list": {"pool": _s()},
     "salvage.show": {"lease_id": _s(required=True)},
+    "anomalies.list": {"pool": _s(), "heal": Param("boolean"), "deep": Param("boolean")},
+    "slots.recover": {"slot_id": _s(required=True)},
+    "slots.isolate": {"slot_id": _s(required=True), "reason": _s()},
+    "metrics.get": {},
 }
 
 

@@ -1,0 +1,242 @@
+"""Self-healing: finding what went wrong with a pool on disk, and mending it.
+
+A scan of one pool looks for:
+
+=========================  =====================================================================
+kind                       healed by
+=========================  =====================================================================
+lease_overdue              releasing it (``daemon.release_overdue_leases``), else only reported
+slot_missing               (held slot whose directory is gone) rebuilt when its lease ends
+slot_broken                directory, ``.git`` file or admin directory gone: rebuilt; a ``.git``
+                           file pointing elsewhere: repaired (as ``git worktree repair``)
+stale_lock                 ``index.lock`` in an idle slot with no process there: removed
+status_failed              ``git status`` fails in an idle slot: rebuilt
+dirty_while_idle           an idle slot was written to: salvaged (``stray-*``) and cleaned
+wrong_commit               an idle slot is not at its recorded commit: cleaned
+quarantined                a slot in ``error``: reported (``necroctl recover`` rebuilds it)
+unknown_directory          a directory in ``slots/`` no slot owns: a worktree of ours is adopted,
+                           anything else is moved to ``<pool>/orphans/``
+stale_mirror_lock          a ``*.lock`` in the mirror while no git of ours runs there: removed
+mirror_objects_missing     ``git fsck --connectivity-only`` fails: ``git fetch --refetch``
+=========================  =====================================================================
+
+Repairs of the mirror itself (locks, ``git worktree prune``) run only while no git of ours works
+on that pool (``engine.exclusive``). Idle slots are checked with ``git status`` at most once an
+hour each, so a large idle daemon stays idle.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from necrod.core.slots import Slot, SlotState
+from necrod.daemon.engine import PoolEngine
+from necrod.daemon.engine_base import log
+from necrod.daemon.pool import Pool
+from necrod.io.gitrun import GitError
+from necrod.io.procs import processes_in
+
+#: An idle slot is verified with git status at most this often.
+VERIFY_IDLE_EVERY_S = 3600.0
+#: How long maintenance waits to have a pool to itself before giving up for this round.
+EXCLUSIVE_WAIT_S = 30.0
+
+
+@dataclass(slots=True)
+class Anomaly:
+    kind: str
+    pool: str
+    detail: str
+    slot_id: str | None = None
+    action: str | None = None
+
+    def view(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Healer:
+    def __init__(self, engine: PoolEngine) -> None:
+        self.engine = engine
+        self.release_overdue = False
+
+    async def scan(self, p: Pool, *, heal: bool, deep: bool = False) -> list[Anomaly]:
+        found: list[Anomaly] = []
+        for slot in list(p.slots.values()):
+            found += await self._check_slot(p, slot, heal=heal, deep=deep)
+        found += await self._check_directories(p, heal=heal)
+        found += await self._check_mirror_locks(p, heal=heal)
+        if deep:
+            found += await self.check_mirror_objects(p, heal=heal)
+        for anomaly in found:
+            if p.config.metrics:
+                self.engine.metrics.anomalies.labels(p.name, anomaly.kind).inc()
+            log.warning("anomaly", **anomaly.view())
+        return found
+
+    # --- slots ------------------------------------------------------------------------------------
+
+    async def _check_slot(self, p: Pool, slot: Slot, *, heal: bool, deep: bool) -> list[Anomaly]:
+        engine = self.engine
+        if slot.state is SlotState.ERROR:
+            return [Anomaly("quarantined", p.name, slot.error or "in error", slot.slot_id)]
+        if slot.state is SlotState.ALLOCATED and slot.lease is not None:
+            out = []
+            held_s = engine.clock.wall() - slot.lease.granted_at
+            limit = p.config.max_lease_s
+            if limit is not None and held_s > limit:
+                action = None
+                if heal and self.release_overdue:
+                    engine._start_expiry(slot, "overdue")
+                    action = "lease ended, slot salvaged and cleaned"
+                out.append(Anomaly("lease_overdue", p.name, f"held {held_s:.0f}s by {slot.lease.holder} "
+                                   f"(max_lease_s {limit:g})", slot.slot_id, action))  # fmt: skip
+            if not os.path.isdir(slot.path):
+                out.append(Anomaly("slot_missing", p.name, "the directory of a held slot is gone", slot.slot_id,
+                                   "rebuilt when its lease ends"))  # fmt: skip
+            return out
+        if slot.state is not SlotState.AVAILABLE or slot.reserved or slot.busy:
+            return []
+        sg = engine._slot_git(p, slot)
+        problem = sg.healthy()
+        if problem is not None:
+            if heal:
+                engine._kick(slot)
+            return [Anomaly("slot_broken", p.name, problem, slot.slot_id, "rebuilding" if heal else None)]
+        out = []
+        pointer = p.mirror.dotgit_problem(slot.admin, slot.path)
+        if pointer is not None:
+            if heal:
+                p.mirror.restore_admin(slot.admin, slot.path)  # what `git worktree repair` would do
+            out.append(Anomaly("slot_broken", p.name, pointer, slot.slot_id, "repaired" if heal else None))
+        locks = [name for name in ("index.lock", "HEAD.lock") if (sg.admin_dir / name).exists()]
+        if locks and not processes_in(slot.path):
+            if heal:
+                sg.clear_stale_locks()
+            out.append(
+                Anomaly("stale_lock", p.name, ", ".join(locks), slot.slot_id, "removed" if heal else None)
+            )
+        due = engine.clock.monotonic() - slot.verified_at >= VERIFY_IDLE_EVERY_S
+        if not (deep or due):
+            return out
+        try:
+            async with engine._limits(p):
+                status = await sg.run(["status", "--porcelain=v2", "--branch", "-z", "--untracked-files=all"])
+        except (GitError, OSError) as exc:
+            if self._still_idle(slot) and heal:
+                slot.rebuild = True
+                await self._to_cleaning(p, slot, "status_failed")
+            out.append(
+                Anomaly("status_failed", p.name, str(exc), slot.slot_id, "rebuilding" if heal else None)
+            )
+            return out
+        slot.verified_at = engine.clock.monotonic()
+        fields = [f for f in status.out.split("\0") if f]
+        head = next((f.split()[-1] for f in fields if f.startswith("# branch.oid ")), None)
+        changes = [f for f in fields if not f.startswith("#")]
+        if not self._still_idle(slot):
+            return out
+        if changes:
+            if heal:
+                slot.salvage_as = f"stray-{p.name}-{slot.number}-{int(engine.clock.wall())}"
+                slot.salvage_note = "written to while idle"
+                slot.salvage_commit = slot.commit
+                await self._to_cleaning(p, slot, "dirty_while_idle")
+            out.append(Anomaly("dirty_while_idle", p.name, f"{len(changes)} changed path(s) in an idle slot",
+                               slot.slot_id, "salvaged and cleaned" if heal else None))  # fmt: skip
+        elif head != slot.commit:
+            if heal:
+                await self._to_cleaning(p, slot, "wrong_commit")
+            out.append(Anomaly("wrong_commit", p.name, f"at {head}, recorded {slot.commit}", slot.slot_id,
+                               "cleaned" if heal else None))  # fmt: skip
+        return out
+
+    @staticmethod
+    def _still_idle(slot: Slot) -> bool:
+        return slot.state is SlotState.AVAILABLE and not slot.reserved and not slot.busy
+
+    async def _to_cleaning(self, p: Pool, slot: Slot, reason: str) -> None:
+        slot.state = SlotState.CLEANING
+        await self.engine._persist_or_keep(slot, [self.engine._slot_event(slot, reason)])
+        self.engine._kick(slot)
+
+    # --- the pool's directories -----------------------------------------------------------------
+
+    async def _check_directories(self, p: Pool, *, heal: bool) -> list[Anomaly]:
+        out = []
+        for entry in self.engine.unknown_entries(p):
+            if p.mirror.owns_worktree(entry):
+                action = None
+                if heal:
+                    await self.engine.adopt(p, entry, "found on disk by self-healing")
+                    action = "adopted: salvaged and cleaned"
+                out.append(
+                    Anomaly("unknown_directory", p.name, f"a worktree no slot owns: {entry}", None, action)
+                )
+            else:
+                action = None
+                if heal:
+                    target = p.root / "orphans" / f"{entry.name}-{int(time.time())}"
+                    target.parent.mkdir(exist_ok=True)
+                    await anyio.to_thread.run_sync(shutil.move, str(entry), str(target))
+                    action = f"moved to {target}"
+                out.append(Anomaly("unknown_directory", p.name, f"not a slot: {entry}", None, action))
+        return out
+
+    # --- the mirror -----------------------------------------------------------------------------
+
+    def _mirror_locks(self, p: Pool) -> list[Path]:
+        locks = []
+        root = p.mirror.path
+        for dirpath, dirnames, filenames in os.walk(root):
+            rel = os.path.relpath(dirpath, root)
+            if rel == "objects":
+                dirnames[:] = [d for d in dirnames if d == "info"]  # skip the 256 loose-object dirs and packs
+            elif rel == "worktrees":
+                dirnames[:] = []  # per-slot locks are the slots' business
+            locks += [Path(dirpath) / f for f in filenames if f.endswith(".lock") or f == "gc.pid"]
+        return locks
+
+    async def _check_mirror_locks(self, p: Pool, *, heal: bool) -> list[Anomaly]:
+        if not p.mirror.exists:
+            return []
+        locks = await anyio.to_thread.run_sync(self._mirror_locks, p)
+        if not locks:
+            return []
+        names = ", ".join(str(lock.relative_to(p.mirror.path)) for lock in locks)
+        if not heal:
+            return [Anomaly("stale_mirror_lock", p.name, names)]
+        async with self.engine.exclusive(p, EXCLUSIVE_WAIT_S) as alone:
+            if not alone:
+                return [Anomaly("stale_mirror_lock", p.name, names, None, "not removed: git kept running")]
+            for lock in locks:
+                lock.unlink(missing_ok=True)
+            try:
+                await p.mirror.prune_worktrees()
+            except GitError as exc:
+                log.warning("worktree_prune_failed", pool=p.name, error=str(exc))
+        return [Anomaly("stale_mirror_lock", p.name, names, None, "removed")]
+
+    async def check_mirror_objects(self, p: Pool, *, heal: bool) -> list[Anomaly]:
+        if not p.mirror.exists:
+            return []
+        p.mirror_checked_at = time.monotonic()
+        problem = await p.mirror.connectivity_problem(timeout=p.config.clone_timeout_s)
+        if problem is None:
+            return []
+        action = None
+        if heal:
+            try:
+                async with self.engine._limits(p):
+                    await p.mirror.refetch(timeout=p.config.clone_timeout_s)
+                after = await p.mirror.connectivity_problem(timeout=p.config.clone_timeout_s)
+                action = "refetched" if after is None else f"refetched, still broken: {after}"
+            except (GitError, OSError) as exc:
+                action = f"refetch failed: {exc}"
+        return [Anomaly("mirror_objects_missing", p.name, problem, None, action)]

@@ -1,0 +1,373 @@
+"""Leases: allocation (with FIFO waiting), heartbeats, release, expiry.
+
+Allocation touches no git when it can: a plain allocation picks an available slot (one already
+at the requested commit first, else the least recently used) and only waits for the state
+write. ``ref`` at another commit or ``branch`` costs one git checkout in the chosen slot, which
+is first recorded as ``cleaning`` on disk so that a crash mid-checkout leaves a slot to clean,
+never one handed out half-done.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import anyio
+
+from necrod.core.names import check_branch, check_ref, looks_like_sha
+from necrod.core.refs import resolve
+from necrod.core.slots import Lease, Slot, SlotState, choose_slot, new_lease_id
+from necrod.daemon.engine_base import EngineBase, iso, log
+from necrod.daemon.pool import Pool, Waiter
+from necrod.io.gitrun import GitError
+from necrod.io.store import Put
+from necrod.proto.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    NecrodError,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+
+#: How often the lease reaper looks at deadlines, at most.
+REAP_INTERVAL_S = 0.25
+#: Time to fetch a ref the mirror does not have yet, when the caller gave no wait_s.
+REF_FETCH_DEFAULT_S = 30.0
+
+
+class LeaseOps(EngineBase):
+    async def fetch_pool(self, p: Pool, *, extra: list[str] | None = None) -> bool:
+        raise NotImplementedError
+
+    async def allocate(
+        self,
+        *,
+        pool: str,
+        holder: str | None = None,
+        ttl_s: float | None = None,
+        ref: str | None = None,
+        branch: str | None = None,
+        wait_s: float | None = None,
+        metadata: dict[str, Any] | None = None,
+        task_id: str | None = None,
+    ) -> dict[str, Any]:
+        started = time.perf_counter()
+        p = self.pool(pool)
+        if ref is not None:
+            check_ref(ref)
+        if branch is not None:
+            check_branch(branch)
+        self._check_serving(p)
+        wait = wait_s or 0.0
+        deadline = self.clock.monotonic() + wait
+        if p.state != "ready":
+            if not wait:
+                raise Unavailable(self._not_ready_message(p), pool=p.name, state=p.state)
+            with anyio.move_on_after(wait):
+                await p.became_ready.wait()
+            self._check_serving(p)
+            if p.state != "ready":
+                raise Unavailable(self._not_ready_message(p), pool=p.name, state=p.state)
+        target = await self._resolve_ref(p, ref, deadline) if ref is not None else None
+        if branch is not None:
+            self._check_branch_free(p, branch)
+        slot = None if p.waiters else choose_slot(p.slots.values(), target or p.base_commit)
+        if slot is None:
+            if not wait:
+                c = p.by_state()
+                raise ResourceExhausted(
+                    f"no free slot in pool {p.name} ({c['allocated']} allocated, {c['cleaning']} cleaning, "
+                    f"{c['creating']} creating); pass wait_s to queue",
+                    pool=p.name,
+                )
+            slot = await self._wait_for_slot(p, max(0.0, deadline - self.clock.monotonic()), wait)
+        result = await self._grant(
+            p, slot, holder=holder, ttl_s=ttl_s or p.config.lease_ttl_s, target=target, branch=branch,
+            metadata=metadata or {}, task_id=task_id,
+        )  # fmt: skip
+        if p.config.metrics:
+            self.metrics.allocations.labels(p.name).inc()
+            self.metrics.allocation_seconds.labels(p.name).observe(time.perf_counter() - started)
+        self._maintain(p)  # one idle slot fewer: min_idle may want another cut
+        return result
+
+    def _not_ready_message(self, p: Pool) -> str:
+        if p.state == "failed":
+            return f"pool {p.name} failed to start: {p.error} (retrying)"
+        if p.state == "cloning":
+            return f"pool {p.name} is still cloning its mirror; pass wait_s to wait"
+        return f"pool {p.name} is starting; pass wait_s to wait"
+
+    def _check_serving(self, p: Pool) -> None:
+        if self.stopping:
+            raise Unavailable("the daemon is shutting down")
+        if p.draining:
+            raise Unavailable(f"pool {p.name} is being removed (draining)", pool=p.name)
+
+    def _check_branch_free(self, p: Pool, branch: str) -> None:
+        for other in p.slots.values():
+            if other.branch == branch and other.state in (SlotState.ALLOCATED, SlotState.CLEANING):
+                raise AlreadyExists(
+                    f"branch {branch!r} is checked out in slot {other.slot_id}", branch=branch
+                )
+
+    async def _resolve_ref(self, p: Pool, ref: str, deadline: float) -> str:
+        commit = resolve(p.refs, ref)
+        if commit is not None:
+            return commit
+        if looks_like_sha(ref):
+            found = await p.mirror.has_commit(ref)
+            if found:
+                return found
+        # A just-pushed branch: fetch once, within the caller's wait (or a short default).
+        budget = max(deadline - self.clock.monotonic(), 0.0) or REF_FETCH_DEFAULT_S
+        with anyio.move_on_after(budget) as scope:
+            try:
+                await self.fetch_pool(p, extra=[ref] if looks_like_sha(ref) else None)
+            except GitError as exc:
+                raise Unavailable(f"could not fetch {ref!r} for pool {p.name}: {exc}") from None
+        if scope.cancelled_caught:
+            raise DeadlineExceeded(f"fetching {ref!r} for pool {p.name} took longer than {budget:g}s")
+        commit = resolve(p.refs, ref)
+        if commit is None and looks_like_sha(ref):
+            commit = await p.mirror.has_commit(ref)
+        if commit is None:
+            raise NotFound(f"ref {ref!r} is not in {p.config.repo_url} (fetched just now)", ref=ref)
+        return commit
+
+    # --- waiting -------------------------------------------------------------------------------------
+
+    async def _wait_for_slot(self, p: Pool, timeout: float, wait_s: float) -> Slot:
+        waiter = Waiter()
+        p.waiters.append(waiter)
+        self._maintain(p)
+        try:
+            with anyio.move_on_after(timeout):
+                await waiter.event.wait()
+        except BaseException:
+            if waiter.slot is not None:
+                self._give_back(p, waiter.slot)
+            raise
+        finally:
+            if waiter.slot is None and waiter in p.waiters:
+                p.waiters.remove(waiter)
+        if waiter.error is not None:
+            raise waiter.error
+        if waiter.slot is None:
+            raise ResourceExhausted(f"no slot in pool {p.name} became free within {wait_s:g}s", pool=p.name)
+        return waiter.slot
+
+    def _give_back(self, p: Pool, slot: Slot) -> None:
+        slot.reserved = False
+        if slot.state is SlotState.AVAILABLE:
+            self._offer(p, slot)
+
+    def _offer(self, p: Pool, slot: Slot) -> None:
+        """A slot became available: hand it to the first waiting allocation, if any."""
+        if slot.state is not SlotState.AVAILABLE or slot.reserved or slot.busy:
+            return
+        while p.waiters:
+            waiter = p.waiters.popleft()
+            if waiter.event.is_set():
+                continue
+            slot.reserved = True
+            waiter.slot = slot
+            waiter.event.set()
+            return
+        for callback in self.on_slot_available:
+            callback(p.name)
+
+    def _fail_waiters(self, p: Pool, error: NecrodError) -> None:
+        while p.waiters:
+            waiter = p.waiters.popleft()
+            if not waiter.event.is_set():
+                waiter.error = error
+                waiter.event.set()
+
+    # --- granting ------------------------------------------------------------------------------------
+
+    async def _grant(
+        self, p: Pool, slot: Slot, *, holder: str | None, ttl_s: float, target: str | None, branch: str | None,
+        metadata: dict[str, Any], task_id: str | None,
+    ) -> dict[str, Any]:  # fmt: skip
+        # Everything up to the first await is atomic: the slot is ours from here on.
+        now_m, now_w = self.clock.monotonic(), self.clock.wall()
+        snap = slot.snapshot()
+        slot.reserved = False
+        slot.fencing_token += 1
+        lease = Lease(
+            lease_id=new_lease_id(), holder=holder, metadata=metadata, ttl_s=ttl_s, granted_at=now_w,
+            expires_at=now_w + ttl_s, fencing_token=slot.fencing_token, start_commit=slot.commit,
+            task_id=task_id, deadline=now_m + ttl_s,
+        )  # fmt: skip
+        slot.state = SlotState.ALLOCATED
+        slot.lease = lease
+        slot.allocations += 1
+        self.leases[lease.lease_id] = slot
+        if (target is None or target == slot.commit) and branch is None:
+            await self._commit(
+                [(slot, snap)], [self._lease_event("granted", slot, lease, commit=slot.commit)]
+            )
+            self._reap_wake.set()
+            return self._lease_view(slot)
+
+        # Slow path: record the slot as dirty before git touches it, and keep the lease from
+        # expiring while its checkout runs (nobody knows its id yet).
+        lease.deadline = math.inf
+        dirty = slot.to_row()
+        dirty.update(state=str(SlotState.CLEANING), lease=None)
+        slot.version += 1
+        version = slot.version
+        await self.store.write(
+            [Put("slot", slot.slot_id, dirty)], undo=lambda: self._undo_slot(slot, snap, version)
+        )
+        slot.busy = True
+        try:
+            async with self._pool_git(p):
+                self._check_mirror(p, slot)
+                await self._slot_git(p, slot).checkout(target or slot.commit or "", branch)
+        except BaseException as exc:
+            slot.busy = False
+            with anyio.CancelScope(shield=True):
+                await self._abandon_grant(slot, lease)
+            if isinstance(exc, GitError | OSError):
+                raise Unavailable(
+                    f"could not check out {target or branch} in slot {slot.slot_id}: {exc}"
+                ) from None
+            raise
+        slot.busy = False
+        snap = slot.snapshot()
+        slot.commit = target or slot.commit
+        slot.branch = branch
+        lease.branch = branch
+        lease.start_commit = slot.commit
+        lease.renew(self.clock.monotonic(), self.clock.wall())
+        try:
+            await self._commit(
+                [(slot, snap)], [self._lease_event("granted", slot, lease, commit=slot.commit, branch=branch)]
+            )
+        except Unavailable:
+            await self._abandon_grant(slot, lease)
+            raise
+        self._reap_wake.set()
+        return self._lease_view(slot)
+
+    async def _abandon_grant(self, slot: Slot, lease: Lease) -> None:
+        """A lease whose grant could not complete: nobody holds it; clean the slot."""
+        if slot.lease is not lease:
+            return
+        slot.lease = None
+        slot.state = SlotState.CLEANING
+        slot.salvage_as = None
+        self.leases.pop(lease.lease_id, None)
+        await self._persist_or_keep(slot, [self._slot_event(slot, "grant_abandoned")])
+        self._kick(slot)
+
+    def _lease_view(self, slot: Slot) -> dict[str, Any]:
+        lease = slot.lease
+        assert lease is not None
+        return {
+            "slot_id": slot.slot_id,
+            "pool": slot.pool,
+            "path": slot.path,
+            "commit": slot.commit,
+            "branch": slot.branch,
+            "lease_id": lease.lease_id,
+            "fencing_token": lease.fencing_token,
+            "expires_at": lease.expires_at,
+            "ttl_s": lease.ttl_s,
+            "holder": lease.holder,
+        }
+
+    # --- heartbeat, release, expiry -----------------------------------------------------------------
+
+    async def heartbeat(self, lease_id: str, ttl_s: float | None = None) -> dict[str, Any]:
+        slot = self.slot_for_lease(lease_id)
+        lease = slot.lease
+        assert lease is not None
+        now_m = self.clock.monotonic()
+        if lease.deadline <= now_m:
+            self._start_expiry(slot, "expired")
+            raise FailedPrecondition(
+                f"lease {lease_id} expired at {iso(lease.expires_at)}; its slot is being reclaimed",
+                lease_id=lease_id, reason="expired",
+            )  # fmt: skip
+        snap = slot.snapshot()
+        lease.renew(now_m, self.clock.wall(), ttl_s)
+        await self._commit([(slot, snap)])
+        self._reap_wake.set()
+        return {
+            "lease_id": lease_id, "slot_id": slot.slot_id, "expires_at": lease.expires_at, "ttl_s": lease.ttl_s,
+            "fencing_token": lease.fencing_token,
+        }  # fmt: skip
+
+    async def release(self, lease_id: str, salvage: bool | None = None) -> dict[str, Any]:
+        slot = self.slot_for_lease(lease_id)
+        p = self.pools[slot.pool]
+        lease = slot.lease
+        assert lease is not None
+        keep = p.config.salvage if salvage is None else salvage
+        snap = slot.snapshot()
+        self._end_lease(slot, lease, salvage=keep)
+        self._ended(lease_id, "released")
+        await self._commit(
+            [(slot, snap)],
+            [self._lease_event("released", slot, lease, salvage=keep), self._slot_event(slot, "released")],
+            on_undo=lambda: self._forget_ended(lease_id),
+        )
+        if p.config.metrics:
+            self.metrics.releases.labels(p.name).inc()
+        self._kick(slot)
+        return {"slot_id": slot.slot_id, "state": str(slot.state), "salvage": keep}
+
+    def _end_lease(self, slot: Slot, lease: Lease, *, salvage: bool) -> None:
+        """The lease is over: the slot goes to cleaning (or, isolated, to error untouched)."""
+        slot.lease = None
+        slot.salvage_as = lease.lease_id if salvage else None
+        slot.salvage_commit = lease.start_commit
+        slot.salvage_note = f"holder {lease.holder}" if lease.holder else None
+        slot.last_released_at = self.clock.wall()
+        self.leases.pop(lease.lease_id, None)
+        if slot.isolate is not None:
+            slot.state = SlotState.ERROR
+            slot.error = f"isolated by an operator: {slot.isolate}"
+        else:
+            slot.state = SlotState.CLEANING
+
+    def _start_expiry(self, slot: Slot, how: str) -> None:
+        """Expire (or revoke) the slot's lease now: bump the token, then in the background stop
+        the holder's processes, salvage and clean."""
+        if slot.lease is None or slot.state is not SlotState.ALLOCATED or self._tg is None:
+            return
+        lease = slot.lease
+        p = self.pools[slot.pool]
+        slot.fencing_token += 1
+        self._end_lease(slot, lease, salvage=p.config.salvage)
+        self._ended(lease.lease_id, how)
+        if p.config.metrics:
+            self.metrics.lease_ends.labels(p.name, how).inc()
+        log.warning("lease_" + how, lease_id=lease.lease_id, slot=slot.slot_id, holder=lease.holder)
+        self._spawn(self._finish_expiry, slot, lease, how)
+
+    async def _finish_expiry(self, slot: Slot, lease: Lease, how: str) -> None:
+        await self._persist_or_keep(slot, [self._lease_event(how, slot, lease), self._slot_event(slot, how)])
+        for hook in self.lease_hooks:
+            try:
+                await hook(slot, lease, how)
+            except Exception:
+                log.exception("lease_hook_failed", lease_id=lease.lease_id)
+        self._kick(slot)
+
+    async def _reap_leases(self) -> None:
+        while True:
+            now = self.clock.monotonic()
+            for slot in list(self.leases.values()):
+                lease = slot.lease
+                if lease is not None and lease.deadline <= now:
+                    self._start_expiry(slot, "expired")
+            self._reap_wake = anyio.Event()
+            with anyio.move_on_after(REAP_INTERVAL_S):
+                await self._reap_wake.wait()

@@ -1,0 +1,509 @@
+"""The life of a slot after its lease: creation, cleanup, moves to a new base, removal, and the
+pool's size. All of it runs in the background, driven by slot state (``_drive``).
+
+=============  ===========================================================================
+state          what the driver does
+=============  ===========================================================================
+creating       ``git worktree add --detach`` at the base commit → available
+cleaning       salvage what the lease left, ``checkout --force --detach <base>``, ``clean``
+               → available (or removing, when retiring); failing twice → error
+removing       ``git worktree remove`` → the slot is forgotten
+available      behind the base commit → moved there; broken on disk → cleaning
+=============  ===========================================================================
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from necrod.core.names import slot_id
+from necrod.core.sizing import idle_to_remove, may_retire_idle, slots_to_create
+from necrod.core.slots import Slot, SlotState
+from necrod.daemon.engine_base import EngineBase, log
+from necrod.daemon.pool import Pool
+from necrod.io.diskusage import disk_usage
+from necrod.io.gitrun import GitError
+from necrod.io.store import Delete, Event, Put
+from necrod.proto.errors import FailedPrecondition, ResourceExhausted, Unavailable
+
+#: Wait before the second attempt at a failed cleanup.
+CLEANUP_RETRY_S = 5.0
+Action = Callable[[Pool, Slot], Awaitable[None]]
+
+
+class Lifecycle(EngineBase):
+    def _start_expiry(self, slot: Slot, how: str) -> None:
+        raise NotImplementedError
+
+    # --- driving -------------------------------------------------------------------------------------
+
+    async def _drive(self, slot: Slot) -> None:
+        try:
+            while not self.stopping:
+                p = self.pools.get(slot.pool)
+                if p is None or p.slots.get(slot.slot_id) is not slot or p.state != "ready":
+                    return
+                action = self._next_action(p, slot)
+                if action is None:
+                    return
+                await action(p, slot)
+        except Exception:
+            log.exception("slot_job_crashed", slot=slot.slot_id)
+        finally:
+            self._active.discard(slot.slot_id)
+
+    def _next_action(self, p: Pool, slot: Slot) -> Action | None:
+        match slot.state:
+            case SlotState.CREATING:
+                return self._build
+            case SlotState.CLEANING:
+                return self._clean
+            case SlotState.REMOVING:
+                return self._remove
+            case SlotState.AVAILABLE if not slot.reserved:
+                if p.draining or slot.retire:
+                    return self._retire
+                if self._slot_git(p, slot).healthy() is not None:
+                    return self._mark_broken
+                if p.base_commit and slot.commit != p.base_commit:
+                    return self._move
+        return None
+
+    # --- actions -------------------------------------------------------------------------------------
+
+    async def _build(self, p: Pool, slot: Slot) -> None:
+        base = p.base_commit
+        assert base is not None
+        try:
+            async with self._limits(p):
+                slot.busy = True
+                try:
+                    self._check_mirror(p)
+                    await p.mirror.add_worktree(
+                        Path(slot.path), slot.admin, base, timeout=p.config.cleanup_timeout_s
+                    )
+                finally:
+                    slot.busy = False
+        except (GitError, OSError) as exc:
+            p.create_failures += 1
+            delay = min(300.0, 2.0**p.create_failures)
+            p.create_not_before = self.clock.monotonic() + delay
+            log.error("slot_create_failed", slot=slot.slot_id, error=str(exc), next_try_in_s=delay)
+            slot.state = SlotState.REMOVING
+            slot.error = f"creating the worktree failed: {exc}"
+            await self._persist_or_keep(slot, [self._slot_event(slot, "create_failed", error=slot.error)])
+            return
+        p.create_failures = 0
+        snap = slot.snapshot()
+        slot.state = SlotState.AVAILABLE
+        slot.commit = base
+        slot.error = None
+        slot.verified_at = self.clock.monotonic()
+        if await self._commit_or_log(slot, snap, [self._slot_event(slot, "created")]):
+            self._offer(p, slot)
+            self._maintain(p)
+            self._spawn(self.measure, slot)
+
+    def _retiring(self, p: Pool, slot: Slot) -> bool:
+        if p.draining or slot.retire:
+            return True
+        counts = p.counts()
+        if counts.total > max(p.baseline, p.config.max_slots):
+            return True
+        return (
+            (p.shrinking or self.disk_low) and counts.total > p.baseline and counts.idle >= p.config.min_idle
+        )
+
+    async def _clean(self, p: Pool, slot: Slot) -> None:
+        if slot.cleanup_failures:
+            await anyio.sleep(CLEANUP_RETRY_S)
+        base = p.base_commit
+        assert base is not None
+        retiring = self._retiring(p, slot)
+        sg = self._slot_git(p, slot)
+        salvaged = None
+        started = time.perf_counter()
+        try:
+            async with self._limits(p):
+                slot.busy = True
+                try:
+                    self._check_mirror(p, slot)
+                    problem = sg.healthy()
+                    if problem is not None and slot.salvage_as:
+                        log.warning("salvage_impossible", slot=slot.slot_id, reason=problem)
+                    if problem is None:
+                        locks = sg.clear_stale_locks()
+                        if locks:
+                            log.warning("stale_locks_removed", slot=slot.slot_id, locks=locks)
+                        if slot.salvage_as:
+                            note = f" ({slot.salvage_note})" if slot.salvage_note else ""
+                            salvaged = await sg.salvage(
+                                slot.salvage_as, slot.salvage_commit,
+                                f"necrod salvage of lease {slot.salvage_as} in slot {slot.slot_id}{note}",
+                            )  # fmt: skip
+                        branch = slot.branch or _head_branch(sg.admin_dir)
+                        if not retiring and not slot.rebuild:
+                            await sg.reset(base, p.config.clean_flags)
+                        if branch:
+                            await sg.delete_branch(branch)
+                    if not retiring and (problem is not None or slot.rebuild):
+                        await p.mirror.add_worktree(
+                            Path(slot.path), slot.admin, base, timeout=p.config.cleanup_timeout_s
+                        )
+                finally:
+                    slot.busy = False
+        except (GitError, OSError) as exc:
+            await self._cleanup_failed(p, slot, exc)
+            return
+        events = []
+        if salvaged is not None:
+            if p.config.metrics:
+                self.metrics.salvages.labels(p.name).inc()
+            events.append(Event("slots", "salvage.saved", {
+                "slot_id": slot.slot_id, "pool": p.name, "lease_id": slot.salvage_as, "ref": salvaged.ref,
+                "commit": salvaged.commit, "dirty": salvaged.dirty, "partial": salvaged.partial,
+            }))  # fmt: skip
+        snap = slot.snapshot()
+        slot.salvage_as = slot.salvage_commit = slot.salvage_note = None
+        slot.branch = None
+        slot.cleanup_failures = 0
+        slot.rebuild = False
+        slot.error = None
+        if retiring:
+            slot.state = SlotState.REMOVING
+        else:
+            slot.state = SlotState.AVAILABLE
+            slot.commit = base
+            slot.verified_at = self.clock.monotonic()
+        events.append(self._slot_event(slot, "cleaned"))
+        if await self._commit_or_log(slot, snap, events):
+            if p.config.metrics:
+                self.metrics.cleanup_seconds.labels(p.name).observe(time.perf_counter() - started)
+            if slot.state is SlotState.AVAILABLE:
+                self._offer(p, slot)
+                self._spawn(self.measure, slot)
+            self._maintain(p)
+
+    async def _cleanup_failed(self, p: Pool, slot: Slot, exc: Exception) -> None:
+        if p.config.metrics:
+            self.metrics.cleanup_failures.labels(p.name).inc()
+        slot.cleanup_failures += 1
+        events = []
+        if slot.cleanup_failures >= 2:
+            slot.state = SlotState.ERROR
+            slot.error = f"cleanup failed twice: {exc}"
+            events.append(self._slot_event(slot, "quarantined", error=slot.error))
+            log.error("slot_quarantined", slot=slot.slot_id, error=str(exc))
+        else:
+            log.warning("cleanup_failed", slot=slot.slot_id, error=str(exc), retry_in_s=CLEANUP_RETRY_S)
+        await self._persist_or_keep(slot, events)
+        if slot.state is SlotState.ERROR:
+            self._maintain(p)
+
+    async def _mark_broken(self, p: Pool, slot: Slot) -> None:
+        log.warning("slot_broken", slot=slot.slot_id, reason=self._slot_git(p, slot).healthy())
+        slot.state = SlotState.CLEANING
+        await self._persist_or_keep(slot, [self._slot_event(slot, "broken")])
+
+    async def _retire(self, p: Pool, slot: Slot) -> None:
+        slot.state = SlotState.REMOVING
+        await self._persist_or_keep(slot, [self._slot_event(slot, "retired")])
+
+    async def _move(self, p: Pool, slot: Slot) -> None:
+        """Bring an available slot to the pool's new base commit, in the background."""
+        async with self._limits(p):
+            base = p.base_commit
+            if (
+                slot.state is not SlotState.AVAILABLE
+                or slot.reserved
+                or slot.busy
+                or base is None
+                or slot.commit == base
+            ):
+                return
+            slot.busy = True
+            try:
+                dirty = slot.to_row()
+                dirty["state"] = str(SlotState.CLEANING)
+                await self.store.write([Put("slot", slot.slot_id, dirty)])
+                self._check_mirror(p, slot)
+                await self._slot_git(p, slot).run(["checkout", "--quiet", "--force", "--detach", base])
+            except (GitError, OSError, Unavailable) as exc:
+                log.warning("slot_move_failed", slot=slot.slot_id, error=str(exc))
+                slot.busy = False
+                slot.state = SlotState.CLEANING
+                await self._persist_or_keep(slot, [self._slot_event(slot, "move_failed")])
+                return
+            finally:
+                slot.busy = False
+        snap = slot.snapshot()
+        slot.commit = base
+        if await self._commit_or_log(slot, snap, [self._slot_event(slot, "moved")]):
+            self._offer(p, slot)
+        else:
+            # The worktree moved but the state could not say so: never hand it out as it is.
+            slot.state = SlotState.CLEANING
+
+    async def _remove(self, p: Pool, slot: Slot) -> None:
+        async with self._limits(p):
+            slot.busy = True
+            try:
+                await p.mirror.remove_worktree(
+                    Path(slot.path), slot.admin, timeout=p.config.cleanup_timeout_s
+                )
+            except (GitError, OSError) as exc:
+                log.error("slot_remove_failed", slot=slot.slot_id, error=str(exc))
+            finally:
+                slot.busy = False
+        removed = Event("slots", "slot.removed", {"slot_id": slot.slot_id, "pool": p.name})
+        if not await self._persist_quietly([Delete("slot", slot.slot_id), removed]):
+            await anyio.sleep(CLEANUP_RETRY_S)
+            return
+        p.slots.pop(slot.slot_id, None)
+        done = self._removed.pop(slot.slot_id, None)
+        if done is not None:
+            done.set()
+        if p.draining:
+            await self._maybe_forget(p)
+        else:
+            self._maintain(p)
+
+    async def measure(self, slot: Slot) -> None:
+        """Disk use of one slot, walked in a worker thread (shown by ``necroctl slots -l``)."""
+        slot.disk_bytes = await anyio.to_thread.run_sync(disk_usage, slot.path)
+
+    # --- pool size -----------------------------------------------------------------------------------
+
+    def _maintain(self, p: Pool) -> None:
+        """Create or remove slots so the pool matches its size rules (core.sizing)."""
+        if self.stopping or p.state != "ready" or self._tg is None:
+            return
+        if p.draining:
+            for slot in list(p.slots.values()):
+                self._kick(slot)
+            if not p.slots:
+                self._spawn(self._maybe_forget, p)
+            return
+        counts = p.counts()
+        cfg = p.config
+        wanted = 0 if self.disk_low else slots_to_create(
+            counts, baseline=p.baseline, min_idle=cfg.min_idle, max_slots=cfg.max_slots, waiting=len(p.waiters)
+        )  # fmt: skip
+        now = self.clock.monotonic()
+        if wanted and now < p.create_not_before:
+            if not p.maintain_scheduled:
+                p.maintain_scheduled = True
+                self._spawn(self._maintain_later, p, p.create_not_before - now)
+        else:
+            for _ in range(wanted):
+                self._spawn(self._persist_new, p, self._new_slot(p))
+        excess = idle_to_remove(
+            counts, baseline=p.baseline, min_idle=cfg.min_idle, max_slots=cfg.max_slots,
+            shrinking=p.shrinking or self.disk_low,
+        )  # fmt: skip
+        if excess:
+            idle = [
+                s
+                for s in p.slots.values()
+                if s.state is SlotState.AVAILABLE and not (s.reserved or s.busy or s.retire)
+            ]
+            for slot in sorted(idle, key=lambda s: -s.number)[:excess]:
+                slot.retire = True
+                self._kick(slot)
+        if p.shrinking and p.counts().total <= p.baseline:
+            p.shrinking = False
+
+    async def _maintain_later(self, p: Pool, delay: float) -> None:
+        await anyio.sleep(delay)
+        p.maintain_scheduled = False
+        self._maintain(p)
+
+    def retire_idle(self, p: Pool, idle_for_s: float) -> int:
+        """Remove slots above the baseline idle longer than ``idle_for_s`` (the supervisor's call)."""
+        now = self.clock.wall()
+        removed = 0
+        for slot in sorted(p.slots.values(), key=lambda s: -s.number):
+            if not may_retire_idle(p.counts(), baseline=p.baseline, min_idle=p.config.min_idle):
+                break
+            idle_since = slot.last_released_at or slot.created_at
+            if (
+                slot.state is SlotState.AVAILABLE
+                and not (slot.reserved or slot.busy or slot.retire)
+                and now - idle_since >= idle_for_s
+            ):
+                slot.retire = True
+                self._kick(slot)
+                removed += 1
+        return removed
+
+    def _new_slot(self, p: Pool) -> Slot:
+        number = p.next_number
+        p.next_number += 1
+        slot = Slot(
+            slot_id=slot_id(p.name, number), pool=p.name, number=number, path=str(p.slots_dir / str(number)),
+            admin=str(number), state=SlotState.CREATING, created_at=self.clock.wall(),
+        )  # fmt: skip
+        p.slots[slot.slot_id] = slot
+        return slot
+
+    async def _persist_new(self, p: Pool, slot: Slot) -> None:
+        slot.version += 1
+        version = slot.version
+
+        def undo() -> None:
+            if slot.version == version:
+                p.slots.pop(slot.slot_id, None)
+
+        try:
+            await self.store.write(
+                [Put("slot", slot.slot_id, slot.to_row()), Put("pool", p.name, p.to_row()),
+                 self._slot_event(slot, "creating")], undo,
+            )  # fmt: skip
+        except Unavailable:
+            return
+        self._kick(slot)
+
+    async def _maybe_forget(self, p: Pool) -> None:
+        if not p.draining or p.slots or self.pools.get(p.name) is not p:
+            return
+        if await self._persist_quietly(
+            [Delete("pool", p.name), Event("pools", "pool.removed", {"pool": p.name})]
+        ):
+            self.pools.pop(p.name, None)
+            log.info("pool_removed", pool=p.name, mirror_kept=str(p.mirror.path))
+
+    async def adopt(self, p: Pool, directory: Path, reason: str) -> Slot:
+        """Take a worktree of this mirror that the state does not know into the pool: salvage
+        whatever it holds, then clean it like any returned slot."""
+        number = int(directory.name)
+        now = self.clock.wall()
+        slot = Slot(
+            slot_id=slot_id(p.name, number), pool=p.name, number=number, path=str(directory), admin=directory.name,
+            state=SlotState.CLEANING, created_at=now, salvage_as=f"adopted-{p.name}-{number}-{int(now)}",
+            salvage_note=reason,
+        )  # fmt: skip
+        p.slots[slot.slot_id] = slot
+        p.next_number = max(p.next_number, number + 1)
+        log.warning("worktree_adopted", pool=p.name, slot=slot.slot_id, reason=reason)
+        await self._persist_quietly(
+            [
+                Put("slot", slot.slot_id, slot.to_row()),
+                Put("pool", p.name, p.to_row()),
+                self._slot_event(slot, "adopted"),
+            ]
+        )
+        self._kick(slot)
+        return slot
+
+    # --- operator actions ---------------------------------------------------------------------------
+
+    async def add_slot(self, pool: str, wait_s: float | None = None) -> dict[str, Any]:
+        p = self.pool(pool)
+        if self.stopping or p.draining or p.state != "ready":
+            raise Unavailable(
+                f"pool {p.name} is not ready ({'draining' if p.draining else p.state})", pool=p.name
+            )
+        if self.disk_low:
+            raise ResourceExhausted(
+                "free disk is below daemon.min_free_disk: no new slots are cut", pool=p.name
+            )
+        if p.counts().total >= p.config.max_slots:
+            raise ResourceExhausted(
+                f"pool {p.name} is at max_slots ({p.config.max_slots}); raise it in pools.yaml", pool=p.name
+            )
+        p.delta += 1
+        slot = self._new_slot(p)
+        await self._persist_new(p, slot)
+        if slot.slot_id not in p.slots:
+            p.delta -= 1
+            raise Unavailable("the new slot could not be recorded")
+        with anyio.move_on_after(wait_s if wait_s is not None else 300):
+            while slot.state is SlotState.CREATING:
+                await anyio.sleep(0.05)
+        return slot.view()
+
+    async def remove_slot(self, sid: str, *, force: bool = False, wait_s: float = 300) -> dict[str, Any]:
+        slot = self.slot(sid)
+        p = self.pools[slot.pool]
+        counted = slot.state not in (SlotState.ERROR, SlotState.REMOVING) and not slot.retire
+        if slot.state is SlotState.ALLOCATED:
+            if not force:
+                assert slot.lease is not None
+                raise FailedPrecondition(
+                    f"slot {sid} is allocated (lease {slot.lease.lease_id}, holder {slot.lease.holder}); "
+                    "pass force to revoke the lease (its work is salvaged)"
+                )
+            slot.retire = True
+            slot.isolate = None
+            self._start_expiry(slot, "revoked")
+        elif slot.state is not SlotState.REMOVING:
+            slot.retire = True
+            if slot.state in (SlotState.AVAILABLE, SlotState.ERROR) and not slot.reserved:
+                snap = slot.snapshot()
+                slot.state = SlotState.REMOVING
+                await self._commit([(slot, snap)], [self._slot_event(slot, "removed_by_operator")])
+        if counted:
+            p.delta -= 1
+            await self._persist_quietly([Put("pool", p.name, p.to_row())])
+        done = self._removed.setdefault(sid, anyio.Event())
+        self._kick(slot)
+        with anyio.move_on_after(wait_s):
+            await done.wait()
+        view = slot.view()
+        view["state"] = "removed" if done.is_set() else str(slot.state)
+        return view
+
+    async def recover(self, sid: str, wait_s: float = 300) -> dict[str, Any]:
+        """Rebuild a quarantined (or suspect idle) slot, salvaging what it holds first."""
+        slot = self.slot(sid)
+        if slot.state not in (SlotState.ERROR, SlotState.AVAILABLE) or slot.reserved:
+            raise FailedPrecondition(
+                f"slot {sid} is {slot.state}; only error or available slots are recovered"
+            )
+        snap = slot.snapshot()
+        if slot.state is SlotState.ERROR and slot.salvage_as is None:
+            slot.salvage_as = f"recovered-{slot.pool}-{slot.number}-{int(self.clock.wall())}"
+            slot.salvage_note = f"recovered from error: {slot.error}"
+        slot.state = SlotState.CLEANING
+        slot.rebuild = True
+        slot.isolate = None
+        slot.cleanup_failures = 0
+        await self._commit([(slot, snap)], [self._slot_event(slot, "recover")])
+        self._kick(slot)
+        with anyio.move_on_after(wait_s):
+            while slot.state is SlotState.CLEANING:
+                await anyio.sleep(0.05)
+        return slot.view()
+
+    async def isolate(self, sid: str, reason: str | None) -> dict[str, Any]:
+        """Take a slot out of rotation, untouched, for inspection: at once when it is idle,
+        when its lease ends when it is held."""
+        slot = self.slot(sid)
+        why = reason or "no reason given"
+        snap = slot.snapshot()
+        slot.isolate = why
+        if slot.state is SlotState.AVAILABLE and not slot.reserved and not slot.busy:
+            slot.state = SlotState.ERROR
+            slot.error = f"isolated by an operator: {why}"
+        elif slot.state not in (SlotState.ALLOCATED, SlotState.ERROR):
+            slot.isolate = None
+            raise FailedPrecondition(f"slot {sid} is {slot.state}; isolate an available or allocated slot")
+        await self._commit([(slot, snap)], [self._slot_event(slot, "isolated", detail=why)])
+        if slot.state is SlotState.ERROR:
+            self._maintain(self.pools[slot.pool])
+        return slot.view()
+
+
+def _head_branch(admin_dir: Path) -> str | None:
+    """The branch a worktree's HEAD is on, read from its HEAD file (None when detached)."""
+    try:
+        head = (admin_dir / "HEAD").read_text().strip()
+    except OSError:
+        return None
+    prefix = "ref: refs/heads/"
+    return head[len(prefix) :] if head.startswith(prefix) else None

@@ -1,0 +1,76 @@
+"""Prometheus metrics: counters and histograms updated as things happen, gauges read at scrape.
+
+Rendered by ``metrics.get`` (``necroctl metrics``) and, when ``daemon.metrics_listen`` is set,
+served over HTTP. Pools with ``metrics: false`` are left out of the per-pool series.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
+
+_FAST = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_SLOW = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
+
+
+class _Gauges(Collector):
+    def __init__(self, collect: Callable[[], Iterable[Metric]]) -> None:
+        self._collect = collect
+
+    def collect(self) -> Iterable[Metric]:
+        return self._collect()
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.allocations = Counter("necrod_allocations", "Leases granted.", ["pool"], registry=r)
+        self.allocation_seconds = Histogram(
+            "necrod_allocation_seconds",
+            "Time to answer slots.allocate, waiting included.",
+            ["pool"],
+            buckets=_FAST,
+            registry=r,
+        )
+        self.releases = Counter("necrod_releases", "Leases released by their holder.", ["pool"], registry=r)
+        self.lease_ends = Counter(
+            "necrod_lease_expiries", "Leases that ended without a release.", ["pool", "how"], registry=r
+        )
+        self.cleanup_seconds = Histogram(
+            "necrod_cleanup_seconds",
+            "Time from the start of a cleanup to the slot being available.",
+            ["pool"],
+            buckets=_SLOW,
+            registry=r,
+        )
+        self.cleanup_failures = Counter("necrod_cleanup_failures", "Failed cleanups.", ["pool"], registry=r)
+        self.salvages = Counter("necrod_salvages", "Salvage refs written.", ["pool"], registry=r)
+        self.fetch_seconds = Histogram(
+            "necrod_fetch_seconds",
+            "Duration of successful mirror fetches.",
+            ["pool"],
+            buckets=_SLOW,
+            registry=r,
+        )
+        self.fetch_failures = Counter("necrod_fetch_failures", "Failed mirror fetches.", ["pool"], registry=r)
+        self.tampers = Counter(
+            "necrod_tamper_events",
+            "Times the mirror's shared files were found changed.",
+            ["pool"],
+            registry=r,
+        )
+        self.anomalies = Counter(
+            "necrod_anomalies", "Anomalies found by self-healing.", ["pool", "kind"], registry=r
+        )
+        self.reloads = Counter(
+            "necrod_config_reloads", "Config reloads by result (applied, rejected).", ["result"], registry=r
+        )
+
+    def add_gauges(self, collect: Callable[[], Iterable[Metric]]) -> None:
+        self.registry.register(_Gauges(collect))
+
+    def render(self) -> str:
+        return generate_latest(self.registry).decode()

@@ -1,0 +1,174 @@
+"""The background side of necrod: what keeps pools fresh and healthy with nobody watching.
+
+- Fetching: each pool's mirror is fetched every ``fetch_interval_s`` (±10% jitter), once per
+  pool whatever its number of slots. A moved base moves the idle slots (the engine does that).
+  A failing fetch leaves the pool serving at its last good commit, shows as
+  ``fetch: failing since ...`` and is retried with backoff (10 s doubling, at most the
+  interval) until it recovers.
+- Self-healing (``health``): every ``heal_interval_s``, and the mirror's objects every
+  ``mirror_check_interval_s``.
+- The disk guard: every ``disk_check_interval_s`` the free space of the workspaces file system
+  is compared with ``min_free_disk``; below it no new slots are cut and idle slots above each
+  pool's baseline go. Held slots' disk use is measured every 20 checks.
+- Idle slots above the baseline that stay idle past ``idle_timeout_s`` are removed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable
+
+import anyio
+import structlog
+from anyio.abc import TaskGroup, TaskStatus
+
+from necrod.core.config import DaemonConfig
+from necrod.core.slots import SlotState
+from necrod.daemon.engine import PoolEngine
+from necrod.daemon.health import Healer
+from necrod.daemon.pool import Pool
+from necrod.io.gitrun import GitError
+from necrod.io.store import Event
+
+log = structlog.get_logger("necrod.supervisor")
+
+#: How often the fetch schedule is looked at.
+TICK_S = 0.5
+#: First retry after a failed fetch; doubles up to the pool's interval.
+FETCH_RETRY_S = 10.0
+
+
+class Supervisor:
+    def __init__(self, engine: PoolEngine, config: Callable[[], DaemonConfig]) -> None:
+        self.engine = engine
+        self._config = config
+        self.healer = Healer(engine)
+        self.free_bytes: int | None = None
+        self.last_scan: list[dict[str, object]] = []
+        self.last_scan_at: float | None = None
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._fetch_loop, tg)
+            tg.start_soon(self._heal_loop)
+            tg.start_soon(self._disk_loop)
+            tg.start_soon(self._idle_loop)
+            task_status.started()
+
+    # --- fetching -------------------------------------------------------------------------------
+
+    async def _fetch_loop(self, tg: TaskGroup) -> None:
+        while True:
+            now = self.engine.clock.monotonic()
+            for p in list(self.engine.pools.values()):
+                interval = p.config.fetch_interval_s
+                if p.state != "ready" or p.draining or p.fetching or not interval:
+                    continue
+                if p.fetch.next_at == 0.0:
+                    p.fetch.next_at = now + self._first_delay(p, interval)
+                if now >= p.fetch.next_at:
+                    p.fetching = True
+                    tg.start_soon(self._fetch, p)
+            await anyio.sleep(TICK_S)
+
+    def _first_delay(self, p: Pool, interval: float) -> float:
+        """A freshly cloned mirror waits a whole interval; one from before a restart is fetched soon."""
+        last = p.fetch.last_ok_at
+        if last is not None:
+            age = self.engine.clock.wall() - last
+            if age < interval:
+                return interval - age
+        return random.uniform(0, min(5.0, interval))
+
+    async def _fetch(self, p: Pool) -> None:
+        interval = p.config.fetch_interval_s
+        try:
+            await self.engine.fetch_pool(p)
+        except (GitError, OSError) as exc:
+            delay = min(interval, FETCH_RETRY_S * 2 ** (p.fetch.consecutive_failures - 1))
+            log.warning("fetch_failed", pool=p.name, error=str(exc), retry_in_s=round(delay, 1),
+                        failures=p.fetch.consecutive_failures)  # fmt: skip
+            p.fetch.next_at = self.engine.clock.monotonic() + delay
+        else:
+            p.fetch.next_at = self.engine.clock.monotonic() + interval * random.uniform(0.9, 1.1)
+        finally:
+            p.fetching = False
+
+    # --- self-healing ----------------------------------------------------------------------------
+
+    async def scan(
+        self, pool: str | None = None, *, heal: bool, deep: bool = False
+    ) -> list[dict[str, object]]:
+        pools = [self.engine.pool(pool)] if pool is not None else list(self.engine.pools.values())
+        found = []
+        for p in pools:
+            if p.state == "ready" and not p.draining:
+                found += [a.view() for a in await self.healer.scan(p, heal=heal, deep=deep)]
+        if pool is None:
+            self.last_scan = found
+            self.last_scan_at = self.engine.clock.wall()
+        return found
+
+    async def _heal_loop(self) -> None:
+        while True:
+            cfg = self._config()
+            interval = cfg.heal_interval_s
+            await anyio.sleep(interval if interval else 60.0)
+            if not interval:
+                continue
+            self.healer.release_overdue = cfg.release_overdue_leases
+            now = self.engine.clock.monotonic()
+            deep_due = cfg.mirror_check_interval_s and any(
+                now - p.mirror_checked_at >= cfg.mirror_check_interval_s for p in self.engine.pools.values()
+            )
+            try:
+                await self.scan(heal=True, deep=bool(deep_due))
+            except Exception:
+                log.exception("heal_scan_failed")
+
+    # --- the disk guard -----------------------------------------------------------------------------
+
+    async def check_disk(self) -> bool:
+        cfg = self._config()
+        try:
+            st = os.statvfs(self.engine.workspaces)
+        except OSError as exc:
+            log.error("statvfs_failed", path=str(self.engine.workspaces), error=str(exc))
+            return self.engine.disk_low
+        self.free_bytes = st.f_bavail * st.f_frsize
+        low = self.free_bytes < cfg.min_free_disk
+        if low != self.engine.disk_low:
+            self.engine.disk_low = low
+            kind = "disk.low" if low else "disk.ok"
+            data = {
+                "free_bytes": self.free_bytes,
+                "min_free_disk": cfg.min_free_disk,
+                "path": str(self.engine.workspaces),
+            }
+            (log.error if low else log.info)(kind.replace(".", "_"), **data)
+            await self.engine._persist_quietly([Event("daemon", kind, data)])
+            for p in list(self.engine.pools.values()):
+                self.engine._maintain(p)
+        return low
+
+    async def _disk_loop(self) -> None:
+        rounds = 0
+        while True:
+            await self.check_disk()
+            if rounds % 20 == 0:
+                for p in list(self.engine.pools.values()):
+                    for slot in list(p.slots.values()):
+                        if slot.state is SlotState.ALLOCATED:
+                            await self.engine.measure(slot)
+            rounds += 1
+            await anyio.sleep(self._config().disk_check_interval_s)
+
+    # --- idle slots above the baseline ------------------------------------------------------------------
+
+    async def _idle_loop(self) -> None:
+        while True:
+            await anyio.sleep(5.0)
+            for p in list(self.engine.pools.values()):
+                if p.state == "ready" and not p.draining:
+                    self.engine.retire_idle(p, p.config.idle_timeout_s)
