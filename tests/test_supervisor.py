@@ -315,3 +315,22 @@ def test_metrics_over_http(necrod_factory: Callable[..., Necrod], origin: Path) 
         body = reply.read().decode()
         assert reply.headers["Content-Type"].startswith("text/plain")
     assert any(f.name == "necrod_slots" for f in text_string_to_metric_families(body))
+
+
+def test_overdue_leases_are_reported_or_ended(necrod_factory: Callable[..., Necrod], origin: Path) -> None:
+    d = necrod_factory(pool_config({"repo": origin}, slots=2, min_idle=0, max_lease_s=1))
+    assert d.config_path is not None
+    with d.client() as c:
+        lease = c.allocate("repo", ttl_s=600)
+        time.sleep(1.5)
+        found = c.anomalies(heal=True)["anomalies"]
+        overdue = next(a for a in found if a["kind"] == "lease_overdue")
+        assert overdue["slot_id"] == lease["slot_id"] and overdue["action"] is None  # reported only
+        assert c.heartbeat(lease["lease_id"])["lease_id"] == lease["lease_id"]
+        d.config_path.write_text(
+            "daemon:\n  release_overdue_leases: true\n  heal_interval_s: 1\n"
+            + pool_config({"repo": origin}, slots=2, min_idle=0, max_lease_s=1)
+        )
+        wait_for(lambda: c.status()["config"]["generation"] == 2, 20, what="the reload")
+        with pytest.raises(Exception, match="overdue"):
+            wait_for(lambda: c.heartbeat(lease["lease_id"]) and False, 20, what="the lease to be ended")

@@ -110,13 +110,20 @@ class Supervisor:
             self.last_scan_at = self.engine.clock.wall()
         return found
 
+    async def _every(self, interval: Callable[[DaemonConfig], float]) -> None:
+        """Sleep until ``interval`` (read from the config now, so a reload applies at once) has
+        passed since the last time; an interval of 0 waits for ever (until it changes)."""
+        started = self.engine.clock.monotonic()
+        while True:
+            await anyio.sleep(min(1.0, interval(self._config()) or 1.0))
+            seconds = interval(self._config())
+            if seconds and self.engine.clock.monotonic() - started >= seconds:
+                return
+
     async def _heal_loop(self) -> None:
         while True:
+            await self._every(lambda c: c.heal_interval_s)
             cfg = self._config()
-            interval = cfg.heal_interval_s
-            await anyio.sleep(interval if interval else 60.0)
-            if not interval:
-                continue
             self.healer.release_overdue = cfg.release_overdue_leases
             now = self.engine.clock.monotonic()
             deep_due = cfg.mirror_check_interval_s and any(
@@ -162,7 +169,7 @@ class Supervisor:
                         if slot.state is SlotState.ALLOCATED:
                             await self.engine.measure(slot)
             rounds += 1
-            await anyio.sleep(self._config().disk_check_interval_s)
+            await self._every(lambda c: c.disk_check_interval_s)
 
     # --- idle slots above the baseline ------------------------------------------------------------------
 
