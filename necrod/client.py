@@ -125,6 +125,31 @@ class _Api(Generic[R]):
     def metrics(self) -> R:
         return self.call("metrics.get")
 
+    def submit(self, pool: str | None = None, **task: Any) -> R:
+        """One task (``command=[...]`` or ``runner="profile"``, ``payload``, ``depends_on``, ...),
+        or a batch with ``tasks=[{...}, ...]``."""
+        return self.call("tasks.submit", _clean({"pool": pool, **task}))
+
+    def task(self, task_id: str) -> R:
+        return self.call("tasks.get", {"task_id": task_id})
+
+    def tasks(self, *, state: str | None = None, pool: str | None = None, label: str | None = None,
+              batch: str | None = None, graph: bool = False) -> R:  # fmt: skip
+        return self.call("tasks.list", _clean({"state": state, "pool": pool, "label": label, "batch": batch,
+                                               "graph": graph or None}))  # fmt: skip
+
+    def cancel(self, task_id: str | None = None, *, batch: str | None = None) -> R:
+        return self.call("tasks.cancel", _clean({"task_id": task_id, "batch": batch}))
+
+    def retry(self, task_id: str | None = None, *, batch: str | None = None) -> R:
+        return self.call("tasks.retry", _clean({"task_id": task_id, "batch": batch}))
+
+    def logs(
+        self, task_id: str, *, attempt: int | None = None, offset: int = 0, limit: int | None = None
+    ) -> R:
+        return self.call("tasks.logs", _clean({"task_id": task_id, "attempt": attempt, "offset": offset,
+                                               "limit": limit}))  # fmt: skip
+
 
 def _decode_reply(line: bytes) -> dict[str, Any]:
     try:

@@ -110,10 +110,59 @@ class PoolConfig:
         return "-ffdx" if self.cleanup == "full" else "-ffd"
 
 
+LAUNCHERS = ("process", "tmux")
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerProfile:
+    """A way to run tasks: ``runners.<name>`` in pools.yaml."""
+
+    name: str
+    launcher: str = "process"
+    #: argv template (list) or a shell command (string, run with ``sh -c``); None: tasks bring theirs.
+    command: tuple[str, ...] | str | None = None
+    skills: tuple[str, ...] = ()
+    max_concurrency: int = 1
+    #: Pools this profile serves (empty: all).
+    pools: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    memory_limit: int | None = None
+    timeout_s: float | None = None
+    #: Stop a runner that writes no output for this long (None: never).
+    output_timeout_s: float | None = None
+    #: TTL of the task's lease: the runner must heartbeat within it.
+    lease_ttl_s: float = 300.0
+    #: Between SIGTERM and SIGKILL when a runner is stopped.
+    grace_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class DispatcherConfig:
+    policy: str = "fifo"
+    max_running: int = 8
+    max_retries: int = 0
+    retry_backoff_s: float = 10.0
+    retry_backoff_max_s: float = 600.0
+    failure_strategy: str = "continue"
+    label_priority: tuple[tuple[str, int], ...] = ()
+    fair_share_half_life_s: float = 3600.0
+    fair_share_weights: tuple[tuple[str, float], ...] = ()
+    fair_share_key: str = "project"
+    #: No new task starts while the machine's memory use is above this percentage.
+    max_memory_percent: float = 95.0
+    #: No new task starts while the 1-minute load average per CPU is above this (None: ignored).
+    max_load_per_cpu: float | None = None
+    #: Finished tasks kept (the oldest beyond this are forgotten).
+    keep_finished: int = 10_000
+    logs: str | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     pools: dict[str, PoolConfig] = field(default_factory=dict)
+    runners: dict[str, RunnerProfile] = field(default_factory=dict)
+    dispatcher: DispatcherConfig = field(default_factory=DispatcherConfig)
     #: The file it came from (None for the embedded default).
     source: str | None = None
     #: Things accepted but without effect (NecroCode options necrod covers another way).
@@ -466,6 +515,117 @@ def _read_daemon(r: _Reader, node: Node) -> DaemonConfig:
     return DaemonConfig(**values)
 
 
+def _mapping_of(
+    r: _Reader, sec: _Section, key: str, value_check: Callable[[Any], str | None]
+) -> dict[str, Any]:
+    item = sec.raw(key)
+    if item is None:
+        return {}
+    out = {}
+    for name, (_, node) in r.mapping(item[1], f"{sec.path}.{key}").items():
+        value = r.scalar(node, f"{sec.path}.{key}.{name}")
+        problem = value_check(value)
+        if problem:
+            raise r.error(node, f"{sec.path}.{key}.{name} {problem}")
+        out[name] = value
+    return out
+
+
+def _optional_num(lo: float, hi: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v is None else _num_in(lo, hi, above=True)(v)
+
+
+_RUNNER_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "launcher": _one_of(*LAUNCHERS),
+    "max_concurrency": _int_in(1, 10_000),
+    "timeout_s": _optional_num(0, 30 * 24 * 3600),
+    "output_timeout_s": _optional_num(0, 30 * 24 * 3600),
+    "lease_ttl_s": _num_in(1, WEEK_S),
+    "grace_s": _num_in(0, 3600),
+}
+
+
+def _read_runner(r: _Reader, name: str, node: Node, pools: dict[str, PoolConfig]) -> RunnerProfile:
+    sec = _Section(r, node, f"runners.{name}")
+    values: dict[str, Any] = {"name": name}
+    for key, check in _RUNNER_CHECKS.items():
+        v = sec.value(key, check)
+        if v is not _MISSING:
+            values[key] = v
+    item = sec.raw("command")
+    if item is not None:
+        cmd_node = item[1]
+        if isinstance(cmd_node, SequenceNode):
+            argv = r.strings(cmd_node, f"runners.{name}.command")
+            if not argv:
+                raise r.error(cmd_node, f"runners.{name}.command may not be empty")
+            values["command"] = tuple(argv)
+        else:
+            text = r.scalar(cmd_node, f"runners.{name}.command")
+            if not isinstance(text, str) or not text.strip():
+                raise r.error(
+                    cmd_node, f"runners.{name}.command must be a list of arguments or a shell command"
+                )
+            values["command"] = text
+    for key in ("skills", "pools"):
+        item = sec.raw(key)
+        if item is not None:
+            values[key] = tuple(r.strings(item[1], f"runners.{name}.{key}"))
+            if key == "pools":
+                unknown = [p for p in values[key] if p not in pools]
+                if unknown:
+                    raise r.error(item[1], f"runners.{name}.pools: no pool named {', '.join(unknown)}")
+    env = _mapping_of(r, sec, "env", lambda v: None if isinstance(v, str | int | float) and not isinstance(v, bool)
+                      else "must be a string")  # fmt: skip
+    values["env"] = tuple((k, str(v)) for k, v in env.items())
+    if sec.has("memory_limit"):
+        node_ = sec.node_of("memory_limit")
+        try:
+            values["memory_limit"] = parse_size(sec.value("memory_limit"))
+        except ValueError as exc:
+            raise r.error(node_, f"runners.{name}.memory_limit: {exc}") from None
+    sec.finish([*_RUNNER_CHECKS, "command", "skills", "pools", "env", "memory_limit"])
+    return RunnerProfile(**values)
+
+
+_DISPATCHER_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "policy": _one_of("fifo", "priority", "skill", "fair-share"),
+    "max_running": _int_in(1, 100_000),
+    "max_retries": _int_in(0, 1000),
+    "retry_backoff_s": _num_in(0, 24 * 3600),
+    "retry_backoff_max_s": _num_in(0, 7 * 24 * 3600),
+    "failure_strategy": _one_of("continue", "stop-all", "retry"),
+    "max_memory_percent": _num_in(1, 100),
+    "max_load_per_cpu": _optional_num(0, 10_000),
+    "keep_finished": _int_in(0, 10_000_000),
+    "logs": _is_str,
+}
+
+
+def _read_dispatcher(r: _Reader, node: Node) -> DispatcherConfig:
+    sec = _Section(r, node, "dispatcher")
+    values: dict[str, Any] = {}
+    for key, check in _DISPATCHER_CHECKS.items():
+        v = sec.value(key, check)
+        if v is not _MISSING:
+            values[key] = v
+    rules = _mapping_of(r, sec, "label_priority", _int_in(-1_000_000, 1_000_000))
+    values["label_priority"] = tuple(rules.items())
+    if sec.has("fair_share"):
+        fs = _Section(r, sec.raw("fair_share")[1], "dispatcher.fair_share")  # type: ignore[index]
+        half = fs.value("half_life_s", _num_in(1, 365 * 24 * 3600))
+        if half is not _MISSING:
+            values["fair_share_half_life_s"] = half
+        key = fs.value("key", _one_of("project", "label"))
+        if key is not _MISSING:
+            values["fair_share_key"] = key
+        weights = _mapping_of(r, fs, "weights", _num_in(0, 1e9, above=True))
+        values["fair_share_weights"] = tuple((k, float(v)) for k, v in weights.items())
+        fs.finish(["half_life_s", "key", "weights"])
+    sec.finish([*_DISPATCHER_CHECKS, "label_priority", "fair_share"])
+    return DispatcherConfig(**values)
+
+
 def _resolve_pool(
     r: _Reader,
     name: str,
@@ -547,8 +707,21 @@ def parse_config(text: str, file: str | None = None) -> Config:
             pools[name] = _resolve_pool(
                 r, name, options, nodes, defaults, repo_url, repo_item[1], daemon, name_node
             )
-    top.finish(["daemon", "defaults", "pools"])
-    return Config(daemon=daemon, pools=pools, source=file, notes=tuple(r.notes), marks=marks)
+    runners: dict[str, RunnerProfile] = {}
+    if top.has("runners"):
+        for name, (name_node, node) in r.mapping(top.raw("runners")[1], "runners").items():  # type: ignore[index]
+            problem = pool_name_problem(name)
+            if problem:
+                raise r.error(
+                    name_node, f"runners: invalid profile name {name!r}: {problem.replace('pool', 'profile')}"
+                )
+            runners[name] = _read_runner(r, name, node, pools)
+    dispatcher = DispatcherConfig()
+    if top.has("dispatcher"):
+        dispatcher = _read_dispatcher(r, top.raw("dispatcher")[1])  # type: ignore[index]
+    top.finish(["daemon", "defaults", "pools", "runners", "dispatcher"])
+    return Config(daemon=daemon, pools=pools, runners=runners, dispatcher=dispatcher, source=file,
+                  notes=tuple(r.notes), marks=marks)  # fmt: skip
 
 
 def resolve_relative(config: Config, base_dir: str) -> Config:
@@ -562,7 +735,10 @@ def resolve_relative(config: Config, base_dir: str) -> Config:
     daemon = config.daemon
     if daemon.workspaces and not daemon.workspaces.startswith("/"):
         daemon = replace(daemon, workspaces=posixpath.normpath(posixpath.join(base_dir, daemon.workspaces)))
-    return replace(config, daemon=daemon, pools=pools)
+    dispatcher = config.dispatcher
+    if dispatcher.logs and not dispatcher.logs.startswith("/"):
+        dispatcher = replace(dispatcher, logs=posixpath.normpath(posixpath.join(base_dir, dispatcher.logs)))
+    return replace(config, daemon=daemon, pools=pools, dispatcher=dispatcher)
 
 
 def embedded_config(repo_path: str, pool_name: str) -> Config:

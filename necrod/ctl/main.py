@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -95,6 +96,42 @@ def _parser() -> argparse.ArgumentParser:
     iso.add_argument("slot_id")
     iso.add_argument("--reason")
     cmd("metrics", "Prometheus metrics, as text")
+    sub_ = cmd("submit", "queue a task (or a batch from a YAML file)")
+    sub_.add_argument("pool", nargs="?", help="the pool (or set pool: in the file)")
+    sub_.add_argument("argv", nargs="*", metavar="COMMAND", help="the command, after --")
+    sub_.add_argument("-f", "--file", help="a tasks.yaml batch: top-level keys are defaults, tasks: a list")
+    sub_.add_argument("--runner", help="a runner profile from pools.yaml")
+    sub_.add_argument("--payload", type=json.loads, help="JSON passed to the runner ($NECROD_PAYLOAD)")
+    sub_.add_argument("--priority", type=int)
+    sub_.add_argument("--label", action="append", dest="labels")
+    sub_.add_argument("--skill", action="append", dest="skills")
+    sub_.add_argument("--depends-on", action="append", dest="depends_on", metavar="TASK")
+    sub_.add_argument("--max-retries", type=int)
+    sub_.add_argument(
+        "--task-timeout", type=float, dest="timeout_s", help="stop the task after this many seconds"
+    )
+    sub_.add_argument("--env", action="append", metavar="NAME=VALUE")
+    sub_.add_argument("--ref")
+    sub_.add_argument("--branch")
+    sub_.add_argument("--project")
+    sub_.add_argument("--failure-strategy", choices=("continue", "stop-all", "retry"))
+    tl = cmd("tasks", "tasks and their state (--graph: the levels that can run in parallel)")
+    tl.add_argument("--state", choices=("queued", "blocked", "running", "succeeded", "failed", "cancelled"))
+    tl.add_argument("--pool")
+    tl.add_argument("--label")
+    tl.add_argument("--batch")
+    tl.add_argument("--graph", action="store_true")
+    tg = cmd("task", "one task with its attempts")
+    tg.add_argument("task_id")
+    for name, text in (("cancel", "cancel a task (a running one is stopped, its slot salvaged)"),
+                       ("retry", "queue a failed or cancelled task again (and what it blocked)")):  # fmt: skip
+        c_ = cmd(name, text)
+        c_.add_argument("task_id", nargs="?")
+        c_.add_argument("--batch")
+    lg = cmd("logs", "a task attempt's output")
+    lg.add_argument("task_id")
+    lg.add_argument("--attempt", type=int, help="default: the latest")
+    lg.add_argument("-f", "--follow", action="store_true", help="keep printing until the attempt ends")
     sv = cmd("salvage", "work salvaged from slots before they were cleaned")
     svsub = sv.add_subparsers(dest="salvage_command", metavar="list|show", required=True)
     sl = svsub.add_parser("list", help="salvage refs, newest first", parents=[common])
@@ -209,6 +246,92 @@ def _print_event(e: dict[str, Any]) -> None:
     print(f"{render.iso(e.get('ts'))} {e.get('seq') or '-':>6} {e.get('type')} {detail}", flush=True)
 
 
+def _submission(args: argparse.Namespace) -> dict[str, Any]:
+    if args.file:
+        import yaml
+
+        with open(args.file) as f:
+            doc = yaml.safe_load(f)
+        if not isinstance(doc, dict) or not isinstance(doc.get("tasks"), list):
+            raise SystemExit(f"necroctl submit: {args.file} needs a tasks: list")
+        if args.pool:
+            doc.setdefault("pool", args.pool)
+        return doc
+    if not args.pool:
+        raise SystemExit("necroctl submit: give a pool (or --file)")
+    env = {}
+    for item in args.env or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"necroctl submit: --env {item!r} is not NAME=VALUE")
+        env[name] = value
+    fields = ("runner", "payload", "priority", "labels", "skills", "depends_on", "max_retries", "timeout_s",
+              "ref", "branch", "project", "failure_strategy")  # fmt: skip
+    task = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
+    if args.argv:
+        task["command"] = args.argv
+    if env:
+        task["env"] = env
+    return {"pool": args.pool, **task}
+
+
+def _print_submitted(r: dict[str, Any]) -> None:
+    for t in r.get("tasks", [r]):
+        key = f" ({t['key']})" if t.get("key") else ""
+        print(f"{t['task_id']}{key}: {t['state']}")
+    if r.get("batch"):
+        print(f"batch {r['batch']}")
+
+
+def _print_tasks(r: dict[str, Any], graph: bool) -> None:
+    if graph:
+        for n, level in enumerate(r.get("levels", [])):
+            print(f"level {n}: {' '.join(level)}")
+        return
+    rows = []
+    for t in r["tasks"]:
+        why = t["waiting_on"] or ""
+        if t.get("reason") and t["state"] in ("blocked", "failed", "queued"):
+            why = f"{why}: {t['reason']}" if why else t["reason"]
+        rows.append((t["task_id"], t["state"], t["pool"], t["runner"], t["priority"], ",".join(t["labels"]),
+                     t["attempts"], why))  # fmt: skip
+    print(render.table(rows, ("TASK", "STATE", "POOL", "RUNNER", "PRIO", "LABELS", "ATTEMPTS", "WHY")))
+
+
+def _print_task(t: dict[str, Any]) -> None:
+    print(
+        f"{t['task_id']}: {t['state']} in pool {t['pool']}" + (f" ({t['reason']})" if t.get("reason") else "")
+    )
+    if t.get("waiting_on"):
+        print(f"  waiting on {t['waiting_on']}")
+    if t["depends_on"]:
+        print(f"  depends on {' '.join(t['depends_on'])}")
+    if t.get("dependents"):
+        print(f"  blocks {' '.join(t['dependents'])}")
+    rows = [(a["number"], a["runner"], a["slot_id"], render.iso(a["started_at"]), render.iso(a["ended_at"]),
+             a["outcome"] or "running", a["exit_code"], a["detail"]) for a in t["attempts"]]  # fmt: skip
+    if rows:
+        print(render.table(rows, ("#", "RUNNER", "SLOT", "STARTED", "ENDED", "OUTCOME", "EXIT", "DETAIL")))
+
+
+def _logs(args: argparse.Namespace, c: Client) -> int:
+    offset, attempt = 0, args.attempt
+    while True:
+        chunk = c.logs(args.task_id, attempt=attempt, offset=offset)
+        attempt = chunk["attempt"] or attempt
+        if chunk["data"]:
+            sys.stdout.write(chunk["data"])
+            sys.stdout.flush()
+        offset = chunk["offset"]
+        if not args.follow or (chunk["eof"] and not chunk["data"]):
+            if args.follow and attempt is None and not chunk["eof"]:
+                time.sleep(0.5)
+                continue
+            return EXIT_OK
+        if not chunk["data"]:
+            time.sleep(0.5)
+
+
 # --- commands ----------------------------------------------------------------------------------------
 
 
@@ -281,6 +404,18 @@ def _run(args: argparse.Namespace, c: Client) -> tuple[Any, Callable[[Any], None
             )
         case "metrics":
             return c.metrics(), lambda r: print(r["text"], end="")
+        case "submit":
+            return c.submit(**_submission(args)), _print_submitted
+        case "tasks":
+            return c.tasks(state=args.state, pool=args.pool, label=args.label, batch=args.batch,
+                           graph=args.graph), lambda r: _print_tasks(r, args.graph)  # fmt: skip
+        case "task":
+            return c.task(args.task_id), _print_task
+        case "cancel" | "retry":
+            if (args.task_id is None) == (args.batch is None):
+                raise SystemExit(f"necroctl {args.command}: give a task id or --batch")
+            method = c.cancel if args.command == "cancel" else c.retry
+            return method(args.task_id, batch=args.batch), _print_submitted
         case "salvage":
             if args.salvage_command == "list":
                 return c.salvage_list(args.pool), lambda r: print(
@@ -339,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
         with client:
             if args.command == "watch":
                 return _watch(args, client, as_json)
+            if args.command == "logs":
+                return _logs(args, client)
             result, show = _run(args, client)
     except DaemonUnreachable as exc:
         print(f"necroctl: {exc.message}", file=sys.stderr)

@@ -26,6 +26,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from necrod import __version__
 from necrod.core.config import Config, ConfigError
+from necrod.daemon.dispatcher import Dispatcher
 from necrod.daemon.engine import PoolEngine
 from necrod.daemon.events import EventBus
 from necrod.daemon.metrics import Metrics
@@ -89,8 +90,9 @@ class Daemon:
         self.engine: PoolEngine
         self.server: RpcServer
         self.supervisor: Supervisor
+        self.dispatcher: Dispatcher
         self.api = Api(self)
-        self.dispatcher = self.api.dispatcher()
+        self.rpc = self.api.router()
 
     # --- startup ------------------------------------------------------------------------------------
 
@@ -156,10 +158,13 @@ class Daemon:
             metrics=self.metrics,
         )
         self.supervisor = Supervisor(self.engine, lambda: self.config.daemon)
+        self.dispatcher = Dispatcher(engine=self.engine, store=self.store, config=lambda: self.config,
+                                     socket=self.settings.socket, state_dir=self.settings.state_dir,
+                                     metrics=self.metrics)  # fmt: skip
         d = self.config.daemon
         self.server = RpcServer(
             self.settings.socket,
-            self.dispatcher,
+            self.rpc,
             policy=policy,
             max_connections=d.max_connections,
             read_timeout=d.read_timeout_s,
@@ -180,6 +185,7 @@ class Daemon:
                         f"cannot listen on {self.settings.socket}: {exc.strerror or exc}"
                     ) from None
                 await tg.start(self.supervisor.run)
+                await tg.start(self.dispatcher.run)
                 if d.metrics_listen is not None:
                     host, port = d.metrics_listen
                     try:
@@ -230,6 +236,7 @@ class Daemon:
         grace = self.config.daemon.shutdown_grace_s
         log.info("stopping", grace_s=grace, in_flight=self.server.in_flight)
         self.notifier.stopping()
+        await self.dispatcher.stop()
         self.engine.stop()
         self.server.stop_accepting()
         with anyio.move_on_after(grace) as scope:
@@ -354,6 +361,8 @@ class Daemon:
                 f"disk: {free if free is not None else '?'} bytes free on {self.workspaces}, below "
                 f"min_free_disk {self.config.daemon.min_free_disk}: no new slots are cut"
             )
+        if self.dispatcher.stalled:
+            reasons.append("dispatcher stalled: " + "; ".join(self.dispatcher.stalled[:3]))
         for pool in self.engine.pools.values():
             if pool.state == "failed":
                 reasons.append(f"pool {pool.name} failed: {pool.error}")
@@ -411,6 +420,7 @@ class Daemon:
                 "last_scan_at": self.supervisor.last_scan_at,
                 "found": len(self.supervisor.last_scan),
             },
+            "dispatcher": self.dispatcher.status(),
             "connections": len(self.server.connections),
             "events": {"last_seq": self.store.last_seq, "subscribers": self.bus.subscribers},
         }
@@ -442,6 +452,17 @@ class Daemon:
             if self.supervisor.free_bytes is not None:
                 yield GaugeMetricFamily("necrod_disk_free_bytes", "Free bytes on the workspaces file system.",
                                         value=self.supervisor.free_bytes)  # fmt: skip
+        if hasattr(self, "dispatcher"):
+            tasks = GaugeMetricFamily("necrod_tasks", "Tasks by state.", labels=["state"])
+            for state, count in self.dispatcher.counts().items():
+                tasks.add_metric([state], count)
+            running = GaugeMetricFamily(
+                "necrod_tasks_running", "Running tasks by runner profile.", labels=["runner"]
+            )
+            for name, count in self.dispatcher.status()["running_by_profile"].items():
+                running.add_metric([name], count)
+            yield tasks
+            yield running
         if hasattr(self, "server"):
             yield GaugeMetricFamily(
                 "necrod_connections", "Open client connections.", value=len(self.server.connections)

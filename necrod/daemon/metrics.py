@@ -65,6 +65,21 @@ class Metrics:
         self.anomalies = Counter(
             "necrod_anomalies", "Anomalies found by self-healing.", ["pool", "kind"], registry=r
         )
+        self.queue_wait = Histogram(
+            "necrod_task_queue_wait_seconds",
+            "Time tasks waited in the queue before an attempt started.",
+            buckets=_SLOW,
+            registry=r,
+        )
+        self.attempt_seconds = Histogram(
+            "necrod_task_attempt_seconds", "Duration of task attempts.", ["runner"], buckets=_SLOW, registry=r
+        )
+        self.tasks_finished = Counter(
+            "necrod_task_attempts_finished",
+            "Task attempts ended, by outcome (throughput, success rate).",
+            ["outcome"],
+            registry=r,
+        )
         self.reloads = Counter(
             "necrod_config_reloads", "Config reloads by result (applied, rejected).", ["result"], registry=r
         )

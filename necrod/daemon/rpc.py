@@ -23,7 +23,8 @@ class Api:
     def __init__(self, daemon: Daemon) -> None:
         self.d = daemon
 
-    def dispatcher(self) -> Dispatcher:
+    def router(self) -> Dispatcher:
+        """The RPC methods, routed (the task dispatcher is ``Daemon.dispatcher``)."""
         dispatcher = Dispatcher()
         for method, handler in {
             "hello": self.hello,
@@ -44,6 +45,12 @@ class Api:
             "slots.recover": self.recover,
             "slots.isolate": self.isolate,
             "metrics.get": self.metrics,
+            "tasks.submit": self.tasks_submit,
+            "tasks.get": self.tasks_get,
+            "tasks.list": self.tasks_list,
+            "tasks.cancel": self.tasks_cancel,
+            "tasks.retry": self.tasks_retry,
+            "tasks.logs": self.tasks_logs,
         }.items():
             dispatcher.register(method, handler)
         return dispatcher
@@ -61,7 +68,7 @@ class Api:
             "version": __version__,
             "protocol": PROTOCOL_VERSION,
             "pid": self.d.pid,
-            "methods": sorted(self.d.dispatcher.methods),
+            "methods": sorted(self.d.rpc.methods),
         }
 
     async def status(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
@@ -203,3 +210,31 @@ class Api:
 
     async def metrics(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         return {"text": self.d.metrics.render()}
+
+    async def tasks_submit(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        return await self.d.dispatcher.submit({k: v for k, v in params.items() if v is not None})
+
+    async def tasks_get(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        task = self.d.dispatcher.task(params["task_id"])
+        view = task.view()
+        view["dependents"] = sorted(self.d.dispatcher.dependents.get(task.task_id, ()))
+        return view
+
+    async def tasks_list(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        dispatcher = self.d.dispatcher
+        tasks = dispatcher.matching(state=params["state"], pool=params["pool"], label=params["label"],
+                                batch=params["batch"])  # fmt: skip
+        result: dict[str, Any] = {"tasks": [t.view(brief=True) for t in tasks]}
+        if params["graph"]:
+            result["levels"] = dispatcher.graph(tasks)
+        return result
+
+    async def tasks_cancel(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        return await self.d.dispatcher.cancel(params["task_id"], params["batch"])
+
+    async def tasks_retry(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        return await self.d.dispatcher.retry(params["task_id"], params["batch"])
+
+    async def tasks_logs(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        return self.d.dispatcher.logs(params["task_id"], params["attempt"], params["offset"] or 0,
+                                      params["limit"] or 256 * 1024)  # fmt: skip

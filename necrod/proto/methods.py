@@ -76,6 +76,42 @@ METHODS: dict[str, dict[str, Param]] = {
     "slots.recover": {"slot_id": _s(required=True)},
     "slots.isolate": {"slot_id": _s(required=True), "reason": _s()},
     "metrics.get": {},
+    "tasks.submit": {
+        "pool": _s(),
+        "runner": _s(max_len=64),
+        "command": Param("any"),
+        "payload": Param("any"),
+        "priority": _n(min=-1_000_000, max=1_000_000, integer=True),
+        "labels": Param("strings"),
+        "skills": Param("strings"),
+        "depends_on": Param("list"),
+        "max_retries": _n(min=0, max=1000, integer=True),
+        "timeout_s": _n(min=0.001, max=30 * 24 * 3600.0),
+        "env": Param("object"),
+        "ref": _s(max_len=4096),
+        "branch": _s(max_len=4096),
+        "project": _s(max_len=256),
+        "key": _s(max_len=128),
+        "body": _s(max_len=65536),
+        "failure_strategy": _s(choices=("continue", "stop-all", "retry")),
+        "tasks": Param("list"),
+    },
+    "tasks.get": {"task_id": _s(required=True, max_len=64)},
+    "tasks.list": {
+        "state": _s(choices=("queued", "blocked", "running", "succeeded", "failed", "cancelled")),
+        "pool": _s(),
+        "label": _s(),
+        "batch": _s(max_len=64),
+        "graph": Param("boolean"),
+    },
+    "tasks.cancel": {"task_id": _s(max_len=64), "batch": _s(max_len=64)},
+    "tasks.retry": {"task_id": _s(max_len=64), "batch": _s(max_len=64)},
+    "tasks.logs": {
+        "task_id": _s(required=True, max_len=64),
+        "attempt": _n(min=1, max=1_000_000, integer=True),
+        "offset": _n(min=0, integer=True),
+        "limit": _n(min=1, max=4 << 20, integer=True),
+    },
 }
 
 
@@ -95,6 +131,8 @@ def _type_ok(spec: Param, value: Any) -> bool:
             return isinstance(value, list) and all(isinstance(v, str) for v in value)
         case "list":
             return isinstance(value, list)
+        case "any":
+            return True
     raise AssertionError(spec.type)
 
 
@@ -106,6 +144,7 @@ _TYPE_NAMES = {
     "object": "an object",
     "strings": "a list of strings",
     "list": "a list",
+    "any": "a JSON value",
 }
 
 
@@ -128,7 +167,7 @@ def check_param(method: str, name: str, spec: Param, value: Any) -> None:
             raise InvalidParams(f"{where} must be at least {spec.min:g}", param=name)
         if spec.max is not None and value > spec.max:
             raise InvalidParams(f"{where} must be at most {spec.max:g}", param=name)
-    if spec.type in ("object", "strings", "list"):
+    if spec.type in ("object", "strings", "list", "any"):
         size = len(json.dumps(value))
         if size > MAX_OBJECT_BYTES:
             raise InvalidParams(f"{where} is {size} bytes serialized, over {MAX_OBJECT_BYTES}", param=name)

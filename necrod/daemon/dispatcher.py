@@ -1,0 +1,975 @@
+"""The dispatcher: tasks queued, scheduled, run in slots, watched, retried.
+
+A task names a pool and what to run. When its dependencies have succeeded, capacity allows and
+the machine is not overloaded, the scheduler (``core.scheduler``) picks it and a runner profile;
+the dispatcher leases a slot (the task is the holder), starts the runner in the slot and
+watches it: its exit, its output (a runner silent for ``output_timeout_s`` is stopped), its time
+(``timeout_s``) and its lease (a runner that stops heartbeating loses its lease and is stopped
+before the slot is salvaged). Success releases the slot; anything else salvages it first. A
+failure is retried with exponential backoff up to ``max_retries``; a task that finally fails
+or is cancelled blocks the tasks that depend on it.
+
+Restarts: tasks and attempts are in the state database. tmux runners keep running across a
+daemon restart and are found again by session name; a process runner does not survive its
+daemon, and an orphan left by a crash is stopped. Either way an attempt cut short by the daemon
+is recorded as ``interrupted`` and does not use up a retry.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import TaskGroup, TaskStatus
+
+from necrod.core.clock import Clock
+from necrod.core.config import Config, DispatcherConfig, RunnerProfile
+from necrod.core.names import check_branch, check_pool_name, check_ref
+from necrod.core.scheduler import FairShare, ProfileView, choose_profile, eligible, fair_key, order
+from necrod.core.slots import Lease, Slot
+from necrod.core.tasks import (
+    FINISHED,
+    STRATEGY_RETRY_DEFAULT,
+    Attempt,
+    Task,
+    TaskState,
+    body_dependencies,
+    find_cycle,
+    levels,
+    retry_delay,
+)
+from necrod.core.templates import TemplateError, check, render
+from necrod.daemon.engine import PoolEngine
+from necrod.daemon.metrics import Metrics
+from necrod.io import sysload
+from necrod.io.cgroups import memory_parent
+from necrod.io.launchers import Exit, LaunchSpec, ProcessLauncher, Run, TmuxLauncher, group_alive, stop_group
+from necrod.io.procs import processes_in
+from necrod.io.store import Delete, Event, Put, StateStore
+from necrod.proto.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidParams,
+    NecrodError,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+
+log = structlog.get_logger("necrod.dispatch")
+
+#: The scheduler runs at least this often (backoffs ending, resources freeing).
+TICK_S = 1.0
+#: Environment passed from the daemon to runners (nothing else of the daemon's leaks through).
+RUNNER_PASSTHROUGH = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "TERM")
+#: The profile that runs a task which brings its own command and names no profile.
+DEFAULT_PROFILE = RunnerProfile(name="default", launcher="process", max_concurrency=1_000_000)
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_KEY = re.compile(r"[A-Za-z0-9._#-]{1,128}")
+
+
+@dataclass(slots=True)
+class Active:
+    """A task being started or running."""
+
+    task: Task
+    profile: RunnerProfile
+    attempt: Attempt | None = None
+    run: Run | None = None
+    #: Why we want it stopped: cancelled, timeout, stalled, lease_lost, shutdown.
+    stop_reason: str | None = None
+    stop: anyio.Event = field(default_factory=anyio.Event)
+    stopped: anyio.Event = field(default_factory=anyio.Event)
+    accounted_at: float = 0.0
+
+    def request_stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self.stop.set()
+
+
+class Dispatcher:
+    def __init__(self, *, engine: PoolEngine, store: StateStore, config: Callable[[], Config], socket: Path,
+                 state_dir: Path, metrics: Metrics, clock: Clock | None = None) -> None:  # fmt: skip
+        self.engine = engine
+        self.store = store
+        self._config = config
+        self.socket = socket
+        self.state_dir = state_dir
+        self.metrics = metrics
+        self.clock = clock or Clock()
+        self.tasks: dict[str, Task] = {}
+        self.dependents: dict[str, set[str]] = {}
+        self.active: dict[str, Active] = {}
+        self.next_seq = 1
+        self.next_batch = 1
+        self.stopping = False
+        self.stalled: list[str] = []
+        self.scheduled = 0
+        cfg = config().dispatcher
+        self.fair = FairShare(cfg.fair_share_half_life_s, dict(cfg.fair_share_weights))
+        self._wake = anyio.Event()
+        self._tg: TaskGroup | None = None
+        self._resources: tuple[float, bool, str | None] = (0.0, True, None)
+        cgroups = memory_parent()
+        self.cgroups = cgroups[1] if cgroups else None
+        self.tmux = TmuxLauncher(state_dir / "tmux.sock", cgroups)
+        self.launchers: dict[str, ProcessLauncher | TmuxLauncher] = {
+            "process": ProcessLauncher(cgroups),
+            "tmux": self.tmux,
+        }
+        engine.lease_hooks.append(self._lease_ended)
+        engine.on_slot_available.append(lambda pool: self.wake())
+
+    @property
+    def cfg(self) -> DispatcherConfig:
+        return self._config().dispatcher
+
+    @property
+    def logs_dir(self) -> Path:
+        return Path(self.cfg.logs or self.state_dir / "logs")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # --- startup --------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        self._load()
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            await self._reconcile()
+            task_status.started()
+            await self._loop()
+
+    def _load(self) -> None:
+        for row in self.store.load("task").values():
+            task = Task.from_row(row)
+            self.tasks[task.task_id] = task
+            self.next_seq = max(self.next_seq, task.seq + 1)
+            for dep in task.depends_on:
+                self.dependents.setdefault(dep, set()).add(task.task_id)
+        meta = self.store.load("dispatcher").get("state", {})
+        self.next_batch = int(meta.get("next_batch", 1))
+        now = self.clock.monotonic()
+        self.fair.usage = {k: (float(v), now) for k, v in meta.get("fair_usage", {}).items()}
+
+    async def _reconcile(self) -> None:
+        """After a restart: find tmux runners again, stop orphaned process runners, release
+        leases held for tasks that no longer run."""
+        sessions = await self.tmux.sessions()
+        live_leases = set()
+        for task in [t for t in self.tasks.values() if t.state is TaskState.RUNNING]:
+            attempt = task.current
+            profile = self._profile(task.runner) if task.runner else DEFAULT_PROFILE
+            if attempt is not None and attempt.lease_id:
+                live_leases.add(attempt.lease_id)
+            a = Active(task, profile, attempt, accounted_at=self.clock.monotonic())
+            self.active[task.task_id] = a
+            if attempt is None:
+                self._spawn(
+                    self._finish, a, None, "interrupted", "the daemon stopped before the runner started"
+                )
+            elif attempt.launcher == "tmux" and attempt.session in sessions:
+                a.run = await self.tmux.adopt(
+                    attempt.session or "", Path(attempt.log or ""), attempt.pid, None
+                )
+                log.info("runner_adopted", task=task.task_id, session=attempt.session)
+                self._spawn(self._watch, a)
+            elif attempt.launcher == "tmux":
+                run = await self.tmux.adopt(attempt.session or "", Path(attempt.log or ""), None, None)
+                exit_ = run._read_exit() or Exit(code=None, lost=True)
+                self._spawn(self._finish, a, exit_, None, "the tmux session ended while the daemon was down")
+            else:
+                if attempt.pid and group_alive(attempt.pid):
+                    log.warning("orphan_runner_stopped", task=task.task_id, pid=attempt.pid)
+                    await stop_group(attempt.pid, profile.grace_s)
+                self._spawn(
+                    self._finish, a, None, "interrupted", "the runner did not survive a daemon restart"
+                )
+        for slot in list(self.engine.leases.values()):
+            lease = slot.lease
+            if lease is not None and lease.task_id and lease.lease_id not in live_leases:
+                log.warning("orphan_task_lease_released", lease_id=lease.lease_id, task=lease.task_id)
+                await self._release(lease.lease_id, salvage=True)
+
+    async def _stop_orphans(self, attempt: Attempt, profile: RunnerProfile) -> None:
+        """Stop what is left of a process runner after a crash: its process group if we recorded
+        it, and every process working inside its slot (the daemon may have died before it could
+        record the pid)."""
+        groups = set()
+        if attempt.pid and group_alive(attempt.pid):
+            groups.add(attempt.pid)
+        for pid in processes_in(attempt.path) if attempt.path else []:
+            try:
+                groups.add(os.getpgid(pid))
+            except ProcessLookupError:
+                continue
+        groups.discard(os.getpgid(0))
+        for pgid in groups:
+            log.warning("orphan_runner_stopped", task=attempt.runner, pgid=pgid)
+            await stop_group(pgid, profile.grace_s)
+
+    # --- submitting -----------------------------------------------------------------------------
+
+    def _profile(self, name: str) -> RunnerProfile:
+        profile = self._config().runners.get(name)
+        if profile is None:
+            raise NotFound(f"no runner profile {name!r}", runner=name)
+        return profile
+
+    def _views(self) -> list[ProfileView]:
+        return [ProfileView(p.name, frozenset(p.skills), p.max_concurrency, frozenset(p.pools))
+                for p in self._config().runners.values()]  # fmt: skip
+
+    def _profiles_for(self, task: Task) -> list[RunnerProfile]:
+        runners = self._config().runners
+        found = [runners[v.name] for v in eligible(task, self._views())]
+        if not found and task.runner is None and not task.skills and task.command is not None:
+            found = [DEFAULT_PROFILE]
+        return found
+
+    def _build(self, spec: dict[str, Any], defaults: dict[str, Any], seq: int, batch: str | None) -> Task:
+        def get(name: str, fallback: Any = None) -> Any:
+            value = spec.get(name)
+            return value if value is not None else defaults.get(name, fallback)
+
+        pool = get("pool")
+        if not isinstance(pool, str):
+            raise InvalidParams("a task needs a pool", param="pool")
+        check_pool_name(pool)
+        self.engine.pool(pool)
+        runner = get("runner")
+        command = get("command")
+        if command is not None and not (
+            (isinstance(command, str) and command.strip())
+            or (isinstance(command, list) and command and all(isinstance(a, str) for a in command))
+        ):
+            raise InvalidParams(
+                "command must be a non-empty list of strings or a shell command", param="command"
+            )
+        env = get("env", {}) or {}
+        if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+            raise InvalidParams("env must be an object of strings", param="env")
+        for name in env:
+            if not _ENV_NAME.fullmatch(name) or name.startswith("NECROD_"):
+                raise InvalidParams(f"env: {name!r} is not a variable a task may set", param="env")
+        for name in ("labels", "skills"):
+            value = get(name, [])
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                raise InvalidParams(f"{name} must be a list of strings", param=name)
+        ref, branch = get("ref"), get("branch")
+        if ref is not None:
+            check_ref(ref)
+        if branch is not None:
+            check_branch(branch)
+        strategy = get("failure_strategy", self.cfg.failure_strategy)
+        if strategy not in ("continue", "stop-all", "retry"):
+            raise InvalidParams(
+                "failure_strategy must be continue, stop-all or retry", param="failure_strategy"
+            )
+        retries = get("max_retries", self.cfg.max_retries)
+        if strategy == "retry" and spec.get("max_retries") is None and defaults.get("max_retries") is None:
+            retries = max(retries, STRATEGY_RETRY_DEFAULT)
+        task = Task(
+            task_id=f"t-{seq}", seq=seq, pool=pool, submitted_at=self.clock.wall(), runner=runner, command=command,
+            payload=get("payload"), priority=int(get("priority", 0)), labels=list(get("labels", [])),
+            skills=list(get("skills", [])), max_retries=int(retries), timeout_s=get("timeout_s"), env=dict(env),
+            ref=ref, branch=branch, project=get("project"), batch=batch, key=spec.get("key"),
+            failure_strategy=strategy,
+        )  # fmt: skip
+        if runner is not None:
+            self._profile(runner)
+        profiles = self._profiles_for(task)
+        if not profiles:
+            wanted = f"skills {', '.join(task.skills)}" if task.skills else "a command"
+            raise FailedPrecondition(
+                f"no runner profile can run this task (it needs {wanted}"
+                + (f" and profile {runner!r}" if runner else "") + f" in pool {pool})", runner=runner,
+            )  # fmt: skip
+        for profile in profiles:
+            template = command if command is not None else profile.command
+            if template is None:
+                raise InvalidParams(f"no command: the task gives none and profile {profile.name!r} has none",
+                                    param="command")  # fmt: skip
+            try:
+                check(template, task.payload)
+            except TemplateError as exc:
+                raise InvalidParams(f"command template: {exc}", param="command") from None
+        return task
+
+    async def submit(self, params: dict[str, Any]) -> dict[str, Any]:
+        """One task, or a batch (``tasks: [...]``) with dependencies between its members."""
+        if self.stopping:
+            raise Unavailable("the daemon is shutting down")
+        specs = params.get("tasks")
+        single = specs is None
+        defaults = {k: v for k, v in params.items() if k != "tasks" and v is not None}
+        if single:
+            specs = [{}]
+        if not isinstance(specs, list) or not specs or not all(isinstance(s, dict) for s in specs):
+            raise InvalidParams("tasks must be a non-empty list of task objects", param="tasks")
+        batch = None if single else f"b-{self.next_batch}"
+        seq = self.next_seq
+        built: list[Task] = []
+        keys: dict[str, str] = {}
+        for i, spec in enumerate(specs):
+            where = f"tasks[{i}]"
+            try:
+                task = self._build(spec, defaults, seq + i, batch)
+            except NecrodError as exc:
+                if single:
+                    raise
+                raise type(exc)(f"{where}: {exc.message}", **exc.data) from None
+            for key in filter(None, (spec.get("key"), f"#{spec['issue']}" if "issue" in spec else None)):
+                key = str(key)
+                if not _KEY.fullmatch(key) or key in keys:
+                    raise InvalidParams(f"{where}: key {key!r} is invalid or used twice", param="key")
+                keys[key] = task.task_id
+            built.append(task)
+        by_id = {t.task_id: t for t in built}
+        for spec, task in zip(specs, built, strict=True):
+            named = list(spec.get("depends_on") or defaults.get("depends_on") or [])
+            if not all(isinstance(d, str | int) for d in named):
+                raise InvalidParams("depends_on must list task ids or batch keys", param="depends_on")
+            named += [f"#{n}" for n in body_dependencies(str(spec.get("body") or ""))]
+            deps: list[str] = []
+            for ref in map(str, named):
+                target = keys.get(ref) or (ref if ref in self.tasks or ref in by_id else None)
+                if target is None:
+                    raise NotFound(f"{task.task_id}: depends on {ref!r}, which is neither a task nor a key of this "
+                                   "batch", depends_on=ref)  # fmt: skip
+                if target == task.task_id:
+                    raise InvalidParams(f"{task.task_id} depends on itself", param="depends_on")
+                if target not in deps:
+                    deps.append(target)
+            task.depends_on = deps
+        cycle = find_cycle({t.task_id: t.depends_on for t in built})
+        if cycle:
+            names = [by_id[c].key or c for c in cycle]
+            raise InvalidParams(f"dependency cycle: {' -> '.join(names)}", param="depends_on", cycle=cycle)
+        ops: list[Put | Delete | Event] = []
+        for task in built:
+            broken = self._broken_dependency(task, by_id)
+            if broken:
+                task.state = TaskState.BLOCKED
+                task.reason = broken
+            ops += [Put("task", task.task_id, task.to_row()), self._event(task, "submitted")]
+        self.next_seq = seq + len(built)
+        if batch is not None:
+            self.next_batch += 1
+        ops.append(self._meta_op())
+        await self.store.write(ops)
+        for task in built:
+            self.tasks[task.task_id] = task
+            for dep in task.depends_on:
+                self.dependents.setdefault(dep, set()).add(task.task_id)
+        self.wake()
+        if single:
+            return {"task_id": built[0].task_id, "state": str(built[0].state)}
+        return {
+            "batch": batch,
+            "tasks": [{"key": t.key, "task_id": t.task_id, "state": str(t.state)} for t in built],
+        }
+
+    def _meta_op(self) -> Put:
+        now = self.clock.monotonic()
+        return Put(
+            "dispatcher", "state", {"next_batch": self.next_batch, "fair_usage": self.fair.snapshot(now)}
+        )
+
+    def _event(self, task: Task, kind: str, **extra: Any) -> Event:
+        return Event("tasks", f"task.{kind}", {"task_id": task.task_id, "state": str(task.state), "pool": task.pool,
+                                               "batch": task.batch, **extra})  # fmt: skip
+
+    def _dependency(self, task_id: str, pending: dict[str, Task] | None = None) -> Task | None:
+        return self.tasks.get(task_id) or (pending or {}).get(task_id)
+
+    def _broken_dependency(self, task: Task, pending: dict[str, Task] | None = None) -> str | None:
+        for dep_id in task.depends_on:
+            dep = self._dependency(dep_id, pending)
+            if dep is not None and dep.state in (TaskState.FAILED, TaskState.CANCELLED, TaskState.BLOCKED):
+                return f"dependency {dep_id} is {dep.state}"
+        return None
+
+    def _dependencies_done(self, task: Task) -> bool:
+        return all(
+            (d := self.tasks.get(dep)) is None or d.state is TaskState.SUCCEEDED for dep in task.depends_on
+        )
+
+    # --- queries ----------------------------------------------------------------------------------
+
+    def task(self, task_id: str) -> Task:
+        task = self.tasks.get(task_id)
+        if task is None:
+            raise NotFound(f"no task {task_id!r}", task_id=task_id)
+        return task
+
+    def matching(self, *, state: str | None = None, pool: str | None = None, label: str | None = None,
+             batch: str | None = None) -> list[Task]:  # fmt: skip
+        return [t for t in sorted(self.tasks.values(), key=lambda t: t.seq)
+                if (state is None or t.state == state) and (pool is None or t.pool == pool)
+                and (label is None or label in t.labels) and (batch is None or t.batch == batch)]  # fmt: skip
+
+    def graph(self, tasks: Iterable[Task]) -> list[list[str]]:
+        pending = {t.task_id: t.depends_on for t in tasks if t.state not in FINISHED}
+        return levels(pending)
+
+    def logs(self, task_id: str, attempt: int | None, offset: int, limit: int) -> dict[str, Any]:
+        task = self.task(task_id)
+        if not task.attempts:
+            return {
+                "task_id": task_id,
+                "attempt": None,
+                "offset": 0,
+                "data": "",
+                "eof": task.state in FINISHED,
+            }
+        n = attempt or len(task.attempts)
+        if not 1 <= n <= len(task.attempts):
+            raise NotFound(f"task {task_id} has no attempt {n}", task_id=task_id)
+        a = task.attempts[n - 1]
+        data = b""
+        if a.log:
+            try:
+                with open(a.log, "rb") as f:
+                    f.seek(offset)
+                    data = f.read(limit)
+            except FileNotFoundError:
+                pass
+        finished = a.ended_at is not None
+        return {"task_id": task_id, "attempt": n, "offset": offset + len(data), "data": data.decode("utf-8", "replace"),
+                "eof": finished and len(data) < limit, "path": a.log}  # fmt: skip
+
+    def counts(self) -> dict[str, int]:
+        c = Counter(str(t.state) for t in self.tasks.values())
+        return {s.value: c.get(s.value, 0) for s in TaskState}
+
+    # --- cancel and retry -------------------------------------------------------------------------
+
+    async def cancel(self, task_id: str | None, batch: str | None) -> dict[str, Any]:
+        if (task_id is None) == (batch is None):
+            raise InvalidParams("give task_id or batch")
+        targets = [self.task(task_id)] if task_id else self.matching(batch=batch)
+        if batch and not targets:
+            raise NotFound(f"no batch {batch!r}", batch=batch)
+        waits = []
+        ops: list[Put | Delete | Event] = []
+        for t in targets:
+            if t.state in FINISHED:
+                continue
+            if t.state is TaskState.RUNNING:
+                a = self.active[t.task_id]
+                a.request_stop("cancelled")
+                waits.append(a)
+            else:
+                t.state = TaskState.CANCELLED
+                t.finished_at = self.clock.wall()
+                t.reason = "cancelled"
+                ops += [Put("task", t.task_id, t.to_row()), self._event(t, "cancelled")]
+                ops += self._block_dependents(t)
+        if ops:
+            await self.store.write(ops)
+        for a in waits:
+            with anyio.move_on_after(a.profile.grace_s + 15):
+                await a.stopped.wait()
+        self.wake()
+        out = [{"task_id": t.task_id, "state": str(t.state)} for t in targets]
+        return out[0] if task_id else {"batch": batch, "tasks": out}
+
+    async def retry(self, task_id: str | None, batch: str | None) -> dict[str, Any]:
+        if (task_id is None) == (batch is None):
+            raise InvalidParams("give task_id or batch")
+        targets = [self.task(task_id)] if task_id else self.matching(batch=batch)
+        ops: list[Put | Delete | Event] = []
+        for t in targets:
+            if t.state is TaskState.BLOCKED and task_id:
+                raise FailedPrecondition(
+                    f"{t.task_id} is blocked ({t.reason}); retry the failed task instead"
+                )
+            if t.state not in (TaskState.FAILED, TaskState.CANCELLED):
+                if task_id:
+                    raise FailedPrecondition(
+                        f"{t.task_id} is {t.state}; only failed or cancelled tasks are retried"
+                    )
+                continue
+            t.state = TaskState.QUEUED
+            t.retries_used = 0
+            t.next_attempt_at = 0.0
+            t.finished_at = None
+            t.reason = self._broken_dependency(t)
+            if t.reason:
+                t.state = TaskState.BLOCKED
+            ops += [Put("task", t.task_id, t.to_row()), self._event(t, "retried")]
+            ops += self._unblock_dependents(t)
+        if ops:
+            await self.store.write(ops)
+        self.wake()
+        out = [{"task_id": t.task_id, "state": str(t.state)} for t in targets]
+        return out[0] if task_id else {"batch": batch, "tasks": out}
+
+    def _transitive(self, task: Task) -> list[Task]:
+        seen: set[str] = set()
+        stack = [task.task_id]
+        out = []
+        while stack:
+            for dep_id in self.dependents.get(stack.pop(), ()):
+                if dep_id not in seen and (dep := self.tasks.get(dep_id)) is not None:
+                    seen.add(dep_id)
+                    out.append(dep)
+                    stack.append(dep_id)
+        return out
+
+    def _block_dependents(self, task: Task) -> list[Put | Delete | Event]:
+        ops: list[Put | Delete | Event] = []
+        for dep in self._transitive(task):
+            if dep.state is TaskState.QUEUED:
+                dep.state = TaskState.BLOCKED
+                dep.reason = f"dependency {task.task_id} {task.state}"
+                ops += [
+                    Put("task", dep.task_id, dep.to_row()),
+                    self._event(dep, "blocked", reason=dep.reason),
+                ]
+        return ops
+
+    def _unblock_dependents(self, task: Task) -> list[Put | Delete | Event]:
+        ops: list[Put | Delete | Event] = []
+        for dep in self._transitive(task):
+            if dep.state is TaskState.BLOCKED and self._broken_dependency(dep) is None:
+                dep.state = TaskState.QUEUED
+                dep.reason = None
+                ops += [Put("task", dep.task_id, dep.to_row()), self._event(dep, "queued")]
+        return ops
+
+    # --- scheduling -------------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while True:
+            self._account()
+            self.schedule()
+            with anyio.move_on_after(TICK_S):
+                await self._wake.wait()
+            self._wake = anyio.Event()
+
+    def _resources_ok(self) -> tuple[bool, str | None]:
+        """Memory and load against the thresholds, sampled at most once a second."""
+        now = self.clock.monotonic()
+        at, ok, why = self._resources
+        if now - at < 1.0:
+            return ok, why
+        cfg, ok, why = self.cfg, True, None
+        memory = sysload.memory_used_percent()
+        if memory is not None and memory > cfg.max_memory_percent:
+            ok, why = (
+                False,
+                f"memory {memory:.0f}% in use, above max_memory_percent {cfg.max_memory_percent:g}",
+            )
+        load = sysload.load_per_cpu()
+        if ok and cfg.max_load_per_cpu is not None and load is not None and load > cfg.max_load_per_cpu:
+            ok, why = False, f"load {load:.2f} per CPU, above max_load_per_cpu {cfg.max_load_per_cpu:g}"
+        self._resources = (now, ok, why)
+        return ok, why
+
+    def schedule(self) -> int:
+        """Start every task that can start now; returns how many started."""
+        if self.stopping or self._tg is None:
+            return 0
+        cfg = self.cfg
+        now = self.clock.wall()
+        candidates = []
+        for t in self.tasks.values():
+            if t.state is not TaskState.QUEUED:
+                continue
+            if not self._dependencies_done(t):
+                t.waiting_on, t.reason = "dependencies", None
+            elif t.next_attempt_at > now:
+                t.waiting_on = "backoff"
+            else:
+                candidates.append(t)
+        if not candidates:
+            self._report_stall()
+            return 0
+        runners = self._config().runners
+        views = self._views()
+        running = Counter(a.profile.name for a in self.active.values())
+        total = len(self.active)
+        ok, why = self._resources_ok()
+        labels = dict(cfg.label_priority)
+        ordered = order(candidates, cfg.policy, label_priority=labels, fair=self.fair,
+                        fair_key_by=cfg.fair_share_key, now=self.clock.monotonic())  # fmt: skip
+        no_slot: set[str] = set()
+        started = 0
+        for t in ordered:
+            if total >= cfg.max_running:
+                t.waiting_on, t.reason = "capacity", f"{total} tasks running (dispatcher.max_running)"
+                continue
+            if not ok:
+                t.waiting_on, t.reason = "resources", why
+                continue
+            view = choose_profile(t, views, running, cfg.policy)
+            profile = runners.get(view.name) if view else None
+            if profile is None and not views and t.runner is None and not t.skills and t.command is not None:
+                profile = DEFAULT_PROFILE
+            if profile is None:
+                names = ", ".join(v.name for v in eligible(t, views)) or "none"
+                t.waiting_on, t.reason = "capacity", f"eligible runner profiles are busy ({names})"
+                continue
+            pool = self.engine.pools.get(t.pool)
+            if pool is None or t.pool in no_slot or pool.state != "ready" or pool.counts().idle == 0:
+                no_slot.add(t.pool)
+                t.waiting_on = "slot"
+                t.reason = f"pool {t.pool} is {pool.state}" if pool and pool.state != "ready" else \
+                    f"no free slot in pool {t.pool}"  # fmt: skip
+                continue
+            # Taken: from here the task is ours to start.
+            t.state = TaskState.RUNNING
+            t.waiting_on = t.reason = None
+            a = Active(t, profile, accounted_at=self.clock.monotonic())
+            self.active[t.task_id] = a
+            running[profile.name] += 1
+            total += 1
+            started += 1
+            self.scheduled += 1
+            self._spawn(self._start, a)
+        if not started:
+            self._report_stall()
+        else:
+            self.stalled = []
+        return started
+
+    def _report_stall(self) -> None:
+        """When tasks are queued, none runs and none can start, say which chain holds them."""
+        queued = [t for t in self.tasks.values() if t.state is TaskState.QUEUED]
+        if self.active or not queued or any(t.waiting_on == "backoff" for t in queued):
+            self.stalled = []
+            return
+        chains = []
+        for t in queued:
+            if t.waiting_on != "dependencies":
+                continue
+            chain, seen, cur = [t.task_id], {t.task_id}, t
+            while cur.waiting_on == "dependencies":
+                nxt = next((self.tasks[d] for d in cur.depends_on
+                            if d in self.tasks and self.tasks[d].state is not TaskState.SUCCEEDED), None)  # fmt: skip
+                if nxt is None or nxt.task_id in seen:
+                    break
+                chain.append(nxt.task_id)
+                seen.add(nxt.task_id)
+                cur = nxt
+            chains.append(
+                " <- ".join(chain) + f": {cur.task_id} waits on {cur.waiting_on} ({cur.reason or cur.state})"
+            )
+        roots = [
+            f"{t.task_id} waits on {t.waiting_on} ({t.reason})"
+            for t in queued
+            if t.waiting_on != "dependencies"
+        ]
+        self.stalled = (chains + roots)[:20]
+
+    def _account(self) -> None:
+        """Charge running tasks' runner-seconds to their fair-share key."""
+        now = self.clock.monotonic()
+        key = self.cfg.fair_share_key
+        for a in self.active.values():
+            self.fair.add(fair_key(a.task, key), max(0.0, now - a.accounted_at), now)
+            a.accounted_at = now
+        cfg = self.cfg
+        self.fair.half_life_s = cfg.fair_share_half_life_s
+        self.fair.weights = dict(cfg.fair_share_weights)
+
+    def _spawn(self, func: Callable[..., Any], *args: Any) -> None:
+        assert self._tg is not None
+
+        async def run() -> None:
+            structlog.contextvars.clear_contextvars()
+            try:
+                await func(*args)
+            except Exception:
+                log.exception("dispatcher_job_crashed", job=getattr(func, "__name__", "?"))
+
+        self._tg.start_soon(run)
+
+    # --- running ----------------------------------------------------------------------------------
+
+    def _context(self, t: Task, n: int, lease: dict[str, Any]) -> dict[str, Any]:
+        return {"task_id": t.task_id, "attempt": str(n), "pool": t.pool, "slot_id": lease["slot_id"],
+                "slot_path": lease["path"], "lease_id": lease["lease_id"], "commit": lease["commit"],
+                "ref": t.ref, "branch": lease["branch"], "payload": t.payload}  # fmt: skip
+
+    def _environment(self, t: Task, profile: RunnerProfile, n: int, lease: dict[str, Any]) -> dict[str, str]:
+        env = {k: os.environ[k] for k in RUNNER_PASSTHROUGH if k in os.environ}
+        env.update(dict(profile.env))
+        env.update(t.env)
+        env.update({
+            "NECROD_SOCKET": str(self.socket), "NECROD_LEASE_ID": lease["lease_id"], "NECROD_TASK_ID": t.task_id,
+            "NECROD_ATTEMPT": str(n), "NECROD_SLOT_PATH": lease["path"], "NECROD_SLOT_ID": lease["slot_id"],
+            "NECROD_POOL": t.pool, "NECROD_COMMIT": lease["commit"] or "",
+            "NECROD_FENCING_TOKEN": str(lease["fencing_token"]), "NECROD_LEASE_TTL_S": f"{lease['ttl_s']:g}",
+            "NECROD_PAYLOAD": json.dumps(t.payload),
+        })  # fmt: skip
+        if lease.get("branch"):
+            env["NECROD_BRANCH"] = lease["branch"]
+        return env
+
+    async def _start(self, a: Active) -> None:
+        t, profile = a.task, a.profile
+        n = len(t.attempts) + 1
+        try:
+            lease = await self.engine.allocate(
+                pool=t.pool, holder=f"task {t.task_id}", ttl_s=profile.lease_ttl_s, ref=t.ref, branch=t.branch,
+                metadata={"task_id": t.task_id, "attempt": n}, task_id=t.task_id,
+            )  # fmt: skip
+        except (ResourceExhausted, Unavailable, AlreadyExists) as exc:
+            # Not the task's fault: back to the queue, to try again when things change.
+            self.active.pop(t.task_id, None)
+            t.state = TaskState.QUEUED
+            t.waiting_on, t.reason = "slot", exc.message
+            a.stopped.set()
+            if a.stop_reason == "cancelled":
+                await self.cancel(t.task_id, None)
+            return
+        except NecrodError as exc:
+            attempt = Attempt(n, self.clock.wall(), profile.name, profile.launcher)
+            t.attempts.append(attempt)
+            a.attempt = attempt
+            await self._finish(a, None, "start_failed", f"could not lease a slot: {exc.message}")
+            return
+        log_path = self.logs_dir / t.task_id / f"{n}.log"
+        attempt = Attempt(n, self.clock.wall(), profile.name, profile.launcher, slot_id=lease["slot_id"],
+                          lease_id=lease["lease_id"], path=lease["path"], log=str(log_path))  # fmt: skip
+        t.attempts.append(attempt)
+        a.attempt = attempt
+        wait_s = attempt.started_at - (t.next_attempt_at or t.submitted_at)
+        self.metrics.queue_wait.observe(max(0.0, wait_s))
+        template = t.command if t.command is not None else profile.command
+        assert template is not None
+        spec = LaunchSpec(
+            name=f"necro-{t.task_id}-{n}", argv=render(template, self._context(t, n, lease)), cwd=lease["path"],
+            env=self._environment(t, profile, n, lease), log=log_path, memory_limit=profile.memory_limit,
+        )  # fmt: skip
+        if profile.launcher == "tmux":
+            attempt.session = spec.name
+        await self._save(
+            t, self._event(t, "started", attempt=n, slot_id=lease["slot_id"], runner=profile.name)
+        )
+        try:
+            a.run = await self.launchers[profile.launcher].start(spec)
+        except OSError as exc:
+            await self._finish(a, None, "start_failed", f"could not start the runner: {exc}")
+            return
+        attempt.pid = a.run.pid
+        await self._save(t)
+        log.info("task_started", task=t.task_id, attempt=n, slot=lease["slot_id"], runner=profile.name,
+                 launcher=profile.launcher, pid=a.run.pid)  # fmt: skip
+        self._spawn(self._watch, a)
+
+    async def _watch(self, a: Active) -> None:
+        t, profile = a.task, a.profile
+        assert a.run is not None
+        run = a.run
+        timeout = t.timeout_s or profile.timeout_s
+        result: Exit | None = None
+        with anyio.move_on_after(timeout if timeout else math.inf) as clock:
+            async with anyio.create_task_group() as tg:
+
+                async def wait_exit() -> None:
+                    nonlocal result
+                    result = await run.wait()
+                    tg.cancel_scope.cancel()
+
+                async def wait_stop() -> None:
+                    await a.stop.wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(wait_exit)
+                tg.start_soon(wait_stop)
+                if profile.output_timeout_s:
+                    tg.start_soon(self._watch_output, a, profile.output_timeout_s, tg)
+                if a.stop_reason is not None:
+                    tg.cancel_scope.cancel()
+        if clock.cancelled_caught:
+            a.request_stop("timeout")
+        if result is None:
+            if a.stop_reason == "shutdown" and profile.launcher == "tmux":
+                return  # it keeps running; the next daemon finds it again
+            await run.stop(profile.grace_s)
+            with anyio.move_on_after(10):
+                result = await run.wait()
+        await self._finish(a, result, None, None)
+
+    async def _watch_output(self, a: Active, limit: float, tg: TaskGroup) -> None:
+        path = Path(a.attempt.log or "") if a.attempt else None
+        size, since = -1, self.clock.monotonic()
+        while path is not None:
+            await anyio.sleep(min(1.0, limit / 4))
+            try:
+                now_size = path.stat().st_size
+            except OSError:
+                now_size = 0
+            now = self.clock.monotonic()
+            if now_size != size:
+                size, since = now_size, now
+            elif now - since >= limit:
+                a.request_stop("stalled")
+                tg.cancel_scope.cancel()
+                return
+
+    async def _lease_ended(self, slot: Slot, lease: Lease, how: str) -> None:
+        """The engine ended a task's lease (no heartbeat, or revoked): stop the runner before
+        the slot is salvaged."""
+        a = self.active.get(lease.task_id or "")
+        if a is None or a.attempt is None or a.attempt.lease_id != lease.lease_id:
+            return
+        a.request_stop("lease_lost")
+        with anyio.move_on_after(a.profile.grace_s + 15):
+            await a.stopped.wait()
+
+    async def _release(self, lease_id: str, *, salvage: bool) -> None:
+        try:
+            await self.engine.release(lease_id, salvage=salvage)
+        except (NotFound, FailedPrecondition):
+            pass  # already reclaimed (expired, revoked)
+        except Unavailable as exc:
+            log.error("release_failed", lease_id=lease_id, error=exc.message)
+
+    def _outcome(self, a: Active, result: Exit | None) -> tuple[str, str | None]:
+        reason = a.stop_reason
+        if reason == "cancelled":
+            return "cancelled", "cancelled"
+        if reason == "timeout":
+            return "timeout", f"ran longer than timeout_s ({a.task.timeout_s or a.profile.timeout_s}s)"
+        if reason == "stalled":
+            return "stalled", f"wrote no output for {a.profile.output_timeout_s}s"
+        if reason == "lease_lost":
+            return "lease_lost", "its lease ended (no heartbeat within the lease TTL, or revoked)"
+        if reason == "shutdown":
+            return "interrupted", "the daemon stopped"
+        if result is None:
+            return "lost", "the runner's end was not seen"
+        if result.lost:
+            return "lost", "the tmux session went away without an exit status"
+        if result.code == 0:
+            return "succeeded", None
+        if result.oom:
+            return "failed", f"killed for exceeding its memory limit ({a.profile.memory_limit} bytes)"
+        if result.signal is not None:
+            return "failed", f"killed by signal {result.signal}"
+        return "failed", f"exited with {result.code}"
+
+    async def _finish(self, a: Active, result: Exit | None, outcome: str | None, detail: str | None) -> None:
+        try:
+            await self._record_end(a, result, outcome, detail)
+        finally:
+            # Whatever happened above, the attempt is over: never leave it dangling.
+            if a.task.state is TaskState.RUNNING:
+                a.task.state, a.task.reason = TaskState.QUEUED, "its last attempt could not be recorded"
+            self.active.pop(a.task.task_id, None)
+            a.stopped.set()
+            self.wake()
+
+    async def _record_end(
+        self, a: Active, result: Exit | None, outcome: str | None, detail: str | None
+    ) -> None:
+        t = a.task
+        attempt = a.attempt
+        if outcome is None:
+            outcome, detail = self._outcome(a, result)
+        now = self.clock.wall()
+        if attempt is not None:
+            attempt.ended_at = now
+            attempt.outcome = outcome
+            attempt.detail = detail
+            attempt.counts = outcome not in ("interrupted", "cancelled")
+            if result is not None:
+                attempt.exit_code, attempt.signal = result.code, result.signal
+            if attempt.duration_s is not None:
+                self.metrics.attempt_seconds.labels(a.profile.name).observe(attempt.duration_s)
+        if a.run is not None:
+            a.run.close()
+        if attempt is not None and attempt.lease_id:
+            await self._release(attempt.lease_id, salvage=outcome != "succeeded")
+        self._account()
+        ops: list[Put | Delete | Event] = []
+        if outcome == "succeeded":
+            t.state, t.reason, t.finished_at = TaskState.SUCCEEDED, None, now
+        elif outcome == "cancelled":
+            t.state, t.reason, t.finished_at = TaskState.CANCELLED, "cancelled", now
+            ops += self._block_dependents(t)
+        elif outcome == "interrupted":
+            t.state, t.reason, t.next_attempt_at = TaskState.QUEUED, detail, 0.0
+        else:
+            limit = t.max_retries
+            if t.retries_used < limit:
+                t.retries_used += 1
+                delay = retry_delay(t.retries_used, self.cfg.retry_backoff_s, self.cfg.retry_backoff_max_s)
+                t.state, t.reason = TaskState.QUEUED, f"attempt {len(t.attempts)} {outcome}: {detail}"
+                t.next_attempt_at, t.waiting_on = now + delay, "backoff"
+            else:
+                t.state, t.reason, t.finished_at = TaskState.FAILED, f"{outcome}: {detail}", now
+                ops += self._block_dependents(t)
+                if t.failure_strategy == "stop-all" and t.batch:
+                    self._spawn(self._stop_batch, t)
+        self.metrics.tasks_finished.labels(outcome).inc()
+        log.info("task_attempt_ended", task=t.task_id, attempt=attempt.number if attempt else None, outcome=outcome,
+                 detail=detail, state=str(t.state))  # fmt: skip
+        ops += self._prune()
+        await self._save(t, self._event(t, outcome if t.state in FINISHED else "attempt_ended", outcome=outcome,
+                                        detail=detail, attempt=attempt.number if attempt else None), *ops)  # fmt: skip
+
+    async def _stop_batch(self, failed: Task) -> None:
+        log.warning("batch_stopped", batch=failed.batch, failed=failed.task_id)
+        await self.cancel(None, failed.batch)
+
+    def _prune(self) -> list[Put | Delete | Event]:
+        finished = [t for t in self.tasks.values() if t.state in FINISHED]
+        excess = len(finished) - self.cfg.keep_finished
+        if excess <= 0:
+            return []
+        ops: list[Put | Delete | Event] = []
+        for t in sorted(finished, key=lambda t: t.finished_at or 0)[:excess]:
+            if any(
+                self.tasks[d].state not in FINISHED
+                for d in self.dependents.get(t.task_id, ())
+                if d in self.tasks
+            ):
+                continue
+            del self.tasks[t.task_id]
+            self.dependents.pop(t.task_id, None)
+            ops.append(Delete("task", t.task_id))
+        return ops
+
+    async def _save(self, task: Task, *extra: Put | Delete | Event) -> None:
+        try:
+            await self.store.write([Put("task", task.task_id, task.to_row()), *extra, self._meta_op()])
+        except Unavailable as exc:
+            log.error("task_not_saved", task=task.task_id, error=exc.message)
+
+    # --- stopping ---------------------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        """No new task starts; process runners are stopped (their tasks re-queued, no retry used);
+        tmux runners keep running for the next daemon."""
+        self.stopping = True
+        waits = []
+        for a in list(self.active.values()):
+            if a.profile.launcher == "process":
+                a.request_stop("shutdown")
+                waits.append(a)
+        for a in waits:
+            with anyio.move_on_after(a.profile.grace_s + 15):
+                await a.stopped.wait()
+
+    def status(self) -> dict[str, Any]:
+        running = Counter(a.profile.name for a in self.active.values())
+        return {"tasks": self.counts(), "running_by_profile": dict(running), "stalled": self.stalled,
+                "policy": self.cfg.policy, "memory_cgroups": self.cgroups,
+                "fair_share_usage": self.fair.snapshot(self.clock.monotonic())}  # fmt: skip

@@ -1,0 +1,276 @@
+"""Starting, watching and stopping runners: a process of our own, or a tmux session.
+
+Both launchers run the command through ``runshim`` (cgroup and limits first), in the slot's
+directory, with exactly the environment given, in a process group of its own, with stdout and
+stderr appended to the attempt's log file.
+
+- ``process``: a child of the daemon; its exit is noticed at once. It does not outlive the
+  daemon: a daemon stop ends it, and after a crash the orphan is stopped and its task re-queued.
+- ``tmux``: a session ``necro-<task>-<attempt>`` on necrod's own tmux server (its own socket, so
+  operators' tmux is untouched). An operator can attach to watch or help. The session outlives
+  a daemon restart and is found again by name; a small wrapper script records the exit status
+  in a file, and tmux's ``pipe-pane`` copies the output to the log.
+
+Stopping is always the same: SIGTERM to the process group (and to everything in the runner's
+cgroup), a grace, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import structlog
+
+from necrod.io.cgroups import RunnerCgroup
+
+log = structlog.get_logger("necrod.launch")
+
+TMUX_POLL_S = 0.25
+TMUX_SESSION_CHECK_EVERY = 8
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchSpec:
+    name: str
+    argv: list[str]
+    cwd: str
+    env: dict[str, str]
+    log: Path
+    memory_limit: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Exit:
+    code: int | None
+    signal: int | None = None
+    oom: bool = False
+    #: The runner vanished without leaving an exit status (a tmux session killed from outside).
+    lost: bool = False
+
+
+def _shim(spec: LaunchSpec, cgroup: RunnerCgroup | None) -> list[str]:
+    argv = [sys.executable, "-m", "necrod.io.runshim"]
+    if cgroup is not None:
+        argv += ["--cgroup", str(cgroup.path)]
+    elif spec.memory_limit is not None:
+        argv += ["--rlimit-data", str(spec.memory_limit)]
+    return [*argv, "--", *spec.argv]
+
+
+def _killpg(pgid: int | None, sig: int) -> bool:
+    if not pgid:
+        return False
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of process group ``pgid`` is still running (zombies do not count)."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return False
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
+
+
+async def stop_group(pgid: int | None, grace: float, cgroup: RunnerCgroup | None = None) -> None:
+    """SIGTERM the group (and the cgroup), wait up to ``grace`` for it to go, then SIGKILL."""
+    with anyio.CancelScope(shield=True):
+        _killpg(pgid, signal.SIGTERM)
+        if cgroup is not None:
+            cgroup.signal_all(signal.SIGTERM)
+        with anyio.move_on_after(grace):
+            while (pgid and group_alive(pgid)) or (cgroup is not None and cgroup.pids()):
+                await anyio.sleep(0.05)
+        _killpg(pgid, signal.SIGKILL)
+        if cgroup is not None:
+            cgroup.signal_all(signal.SIGKILL)
+
+
+class Run:
+    """A started runner."""
+
+    pid: int | None = None
+    session: str | None = None
+    cgroup: RunnerCgroup | None = None
+
+    async def wait(self) -> Exit:
+        raise NotImplementedError
+
+    async def stop(self, grace: float) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if self.cgroup is not None:
+            self.cgroup.remove()
+
+
+class ProcessRun(Run):
+    def __init__(self, process: anyio.abc.Process, cgroup: RunnerCgroup | None) -> None:
+        self.process = process
+        self.pid = process.pid
+        self.cgroup = cgroup
+
+    async def wait(self) -> Exit:
+        code = await self.process.wait()
+        oom = self.cgroup.oom_killed() if self.cgroup else False
+        return Exit(code=code if code >= 0 else None, signal=-code if code < 0 else None, oom=oom)
+
+    async def stop(self, grace: float) -> None:
+        await stop_group(self.pid, grace, self.cgroup)
+
+
+class ProcessLauncher:
+    def __init__(self, cgroup_parent: tuple[Path, str] | None) -> None:
+        self.cgroup_parent = cgroup_parent
+
+    def _cgroup(self, spec: LaunchSpec) -> RunnerCgroup | None:
+        if spec.memory_limit is None or self.cgroup_parent is None:
+            return None
+        parent, kind = self.cgroup_parent
+        try:
+            return RunnerCgroup.create(parent, kind, spec.name, spec.memory_limit)
+        except OSError as exc:
+            log.warning("cgroup_unavailable", error=str(exc))
+            return None
+
+    async def start(self, spec: LaunchSpec) -> Run:
+        cgroup = self._cgroup(spec)
+        spec.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(spec.log, "ab") as out:  # noqa: ASYNC230 (opened for the child, not read here)
+            process = await anyio.open_process(
+                _shim(spec, cgroup), cwd=spec.cwd, env=spec.env, stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        return ProcessRun(process, cgroup)
+
+
+class TmuxRun(Run):
+    def __init__(self, launcher: TmuxLauncher, session: str, exit_file: Path, pid: int | None,
+                 cgroup: RunnerCgroup | None) -> None:  # fmt: skip
+        self.launcher = launcher
+        self.name = session
+        self.session = session
+        self.exit_file = exit_file
+        self.pid = pid
+        self.cgroup = cgroup
+
+    def _read_exit(self) -> Exit | None:
+        try:
+            text = self.exit_file.read_text().strip()
+        except OSError:
+            return None
+        code = int(text) if text.lstrip("-").isdigit() else None
+        oom = self.cgroup.oom_killed() if self.cgroup else False
+        if code is not None and code > 128:  # the shell reports "killed by signal n" as 128+n
+            return Exit(code=None, signal=code - 128, oom=oom)
+        return Exit(code=code, oom=oom)
+
+    async def wait(self) -> Exit:
+        n = 0
+        while True:
+            found = self._read_exit()
+            if found is not None:
+                return found
+            n += 1
+            if n % TMUX_SESSION_CHECK_EVERY == 0 and not await self.launcher.has_session(self.name):
+                await anyio.sleep(0.5)  # the wrapper may be writing the status right now
+                return self._read_exit() or Exit(code=None, lost=True)
+            await anyio.sleep(TMUX_POLL_S)
+
+    async def stop(self, grace: float) -> None:
+        await stop_group(self.pid, grace, self.cgroup)
+        await self.launcher.kill_session(self.name)
+
+
+class TmuxLauncher:
+    def __init__(self, socket: Path, cgroup_parent: tuple[Path, str] | None) -> None:
+        self.socket = socket
+        self.cgroup_parent = cgroup_parent
+
+    async def _tmux(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+        result = await anyio.run_process(["tmux", "-S", str(self.socket), *args], check=False,
+                                         env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TERM": "xterm"})  # fmt: skip
+        if check and result.returncode != 0:
+            raise OSError(f"tmux {args[0]} failed: {result.stderr.decode(errors='replace').strip()}")
+        return result
+
+    async def has_session(self, name: str) -> bool:
+        return (await self._tmux("has-session", "-t", f"={name}", check=False)).returncode == 0
+
+    async def sessions(self) -> set[str]:
+        result = await self._tmux("list-sessions", "-F", "#{session_name}", check=False)
+        return set(result.stdout.decode(errors="replace").split()) if result.returncode == 0 else set()
+
+    async def kill_session(self, name: str) -> None:
+        await self._tmux("kill-session", "-t", f"={name}", check=False)
+
+    async def pane_pid(self, name: str) -> int | None:
+        result = await self._tmux("display-message", "-p", "-t", f"={name}:", "#{pane_pid}", check=False)
+        text = result.stdout.decode().strip()
+        return int(text) if result.returncode == 0 and text.isdigit() else None
+
+    @staticmethod
+    def files(log: Path) -> tuple[Path, Path, Path]:
+        """The wrapper script, its start signal, and its exit status file, beside the log."""
+        stem = log.with_suffix("")
+        return stem.with_suffix(".sh"), stem.with_suffix(".go"), stem.with_suffix(".exit")
+
+    def _cgroup(self, spec: LaunchSpec) -> RunnerCgroup | None:
+        if spec.memory_limit is None or self.cgroup_parent is None:
+            return None
+        parent, kind = self.cgroup_parent
+        try:
+            return RunnerCgroup.create(parent, kind, spec.name, spec.memory_limit)
+        except OSError as exc:
+            log.warning("cgroup_unavailable", error=str(exc))
+            return None
+
+    async def start(self, spec: LaunchSpec) -> Run:
+        cgroup = self._cgroup(spec)
+        spec.log.parent.mkdir(parents=True, exist_ok=True)
+        script, go, exit_file = self.files(spec.log)
+        for stale in (go, exit_file):
+            stale.unlink(missing_ok=True)
+        env = " ".join(shlex.quote(f"{k}={v}") for k, v in spec.env.items())
+        command = " ".join(shlex.quote(a) for a in _shim(spec, cgroup))
+        # Wait for pipe-pane to be in place, so no output is lost; then run; then record the status.
+        script.write_text(
+            "#!/bin/sh\n"
+            f"i=0; while [ ! -e {shlex.quote(str(go))} ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done\n"
+            f"env -i {env} {command}\n"
+            f"echo $? > {shlex.quote(str(exit_file))}.tmp && mv {shlex.quote(str(exit_file))}.tmp "
+            f"{shlex.quote(str(exit_file))}\n"
+        )
+        script.chmod(0o700)
+        spec.log.touch()
+        await self._tmux("new-session", "-d", "-s", spec.name, "-c", spec.cwd, "-x", "200", "-y", "50",
+                         f"sh {shlex.quote(str(script))}")  # fmt: skip
+        await self._tmux("pipe-pane", "-o", "-t", f"={spec.name}:", f"cat >> {shlex.quote(str(spec.log))}")
+        pid = await self.pane_pid(spec.name)
+        go.touch()
+        return TmuxRun(self, spec.name, exit_file, pid, cgroup)
+
+    async def adopt(self, name: str, log_path: Path, pid: int | None, cgroup: RunnerCgroup | None) -> TmuxRun:
+        _, _, exit_file = self.files(log_path)
+        return TmuxRun(self, name, exit_file, pid or await self.pane_pid(name), cgroup)
