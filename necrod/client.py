@@ -8,7 +8,9 @@ kind (``NotFound``, ``ResourceExhausted``, ...), or ``DaemonUnreachable`` when n
         ...
         necrod.release(lease["lease_id"])
 
-The socket defaults to ``$NECROD_SOCKET``, then the per-user socket, then the system one.
+The address defaults to ``$NECROD_HOST`` (``ssh://[user@]host[:port][/socket]``: the daemon of
+another host, reached over SSH), then ``$NECROD_SOCKET``, then the per-user socket, then the
+system one. ``ssh_options`` (``key``, ``known_hosts``, ``accept_unknown``) refine SSH addresses.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import anyio
 from anyio.abc import SocketStream
 
 from necrod import PROTOCOL_VERSION, paths
+from necrod.io.ssh import SSHBridge, SSHError, SSHStream, SSHTarget
 from necrod.proto.errors import DaemonUnreachable, Internal, NecrodError, error_from_object
 from necrod.proto.jsonrpc import encode_request
 
@@ -37,8 +40,24 @@ R = TypeVar("R")
 MAX_REPLY_BYTES = 256 << 20
 
 
-def _socket_path(path: str | os.PathLike[str] | None) -> Path:
-    return Path(path) if path is not None else paths.client_socket_path()
+Address = Path | SSHTarget
+
+
+def _address(where: str | os.PathLike[str] | None, ssh_options: dict[str, Any] | None) -> Address:
+    if where is None:
+        where = os.environ.get("NECROD_HOST") or None
+    if where is None:
+        return paths.client_socket_path()
+    if str(where).startswith("ssh://"):
+        try:
+            return SSHTarget.parse(str(where), **(ssh_options or {}))
+        except ValueError as exc:
+            raise DaemonUnreachable(str(exc)) from None
+    return Path(where)
+
+
+def _describe(address: Address) -> str:
+    return address.describe() if isinstance(address, SSHTarget) else str(address)
 
 
 def _clean(params: dict[str, Any]) -> dict[str, Any]:
@@ -170,10 +189,10 @@ def _result(message: dict[str, Any]) -> Any:
 class Client(_Api[Any]):
     """A blocking client on one connection. Not thread-safe: one per thread."""
 
-    def __init__(
-        self, socket_path: str | os.PathLike[str] | None = None, *, timeout: float | None = 60.0
-    ) -> None:
-        self.path = _socket_path(socket_path)
+    def __init__(self, address: str | os.PathLike[str] | None = None, *, timeout: float | None = 60.0,
+                 ssh_options: dict[str, Any] | None = None) -> None:  # fmt: skip
+        self.address = _address(address, ssh_options)
+        self.path = _describe(self.address)
         self.timeout = timeout
         self._sock: socket.socket | None = None
         self._buf = bytearray()
@@ -184,10 +203,16 @@ class Client(_Api[Any]):
     def connect(self) -> None:
         if self._sock is not None:
             return
+        if isinstance(self.address, SSHTarget):
+            try:
+                self._sock = SSHBridge(self.address).open()
+            except SSHError as exc:
+                raise DaemonUnreachable(str(exc), host=self.path) from None
+            return
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
-            sock.connect(os.fspath(self.path))
+            sock.connect(os.fspath(self.address))
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             sock.close()
             raise DaemonUnreachable(
@@ -280,12 +305,12 @@ class Client(_Api[Any]):
 class AsyncClient(_Api[Awaitable[Any]]):
     """An anyio client on one connection; concurrent calls are serialized."""
 
-    def __init__(
-        self, socket_path: str | os.PathLike[str] | None = None, *, timeout: float | None = 60.0
-    ) -> None:
-        self.path = _socket_path(socket_path)
+    def __init__(self, address: str | os.PathLike[str] | None = None, *, timeout: float | None = 60.0,
+                 ssh_options: dict[str, Any] | None = None) -> None:  # fmt: skip
+        self.address = _address(address, ssh_options)
+        self.path = _describe(self.address)
         self.timeout = timeout
-        self._stream: SocketStream | None = None
+        self._stream: SocketStream | SSHStream | None = None
         self._buf = bytearray()
         self._ids = itertools.count(1)
         self._lock = anyio.Lock()
@@ -294,8 +319,14 @@ class AsyncClient(_Api[Awaitable[Any]]):
     async def connect(self) -> None:
         if self._stream is not None:
             return
+        if isinstance(self.address, SSHTarget):
+            try:
+                self._stream = await SSHStream.open(self.address)
+            except SSHError as exc:
+                raise DaemonUnreachable(str(exc), host=self.path) from None
+            return
         try:
-            self._stream = await anyio.connect_unix(self.path)
+            self._stream = await anyio.connect_unix(self.address)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise DaemonUnreachable(
                 f"no necrod answers at {self.path} ({exc.strerror})", socket=str(self.path)
@@ -327,7 +358,7 @@ class AsyncClient(_Api[Awaitable[Any]]):
                 return _decode_reply(line)
             try:
                 chunk = await self._stream.receive(1 << 16)
-            except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+            except (anyio.EndOfStream, anyio.BrokenResourceError, OSError, EOFError):
                 await self.aclose()
                 raise DaemonUnreachable(f"the daemon at {self.path} closed the connection") from None
             self._buf += chunk

@@ -32,13 +32,33 @@ def _common() -> argparse.ArgumentParser:
     common.add_argument(
         "--socket",
         default=argparse.SUPPRESS,
-        help="daemon socket (default: $NECROD_SOCKET, the per-user socket, then /run/necrod/necrod.sock)",
+        help="daemon socket (default: $NECROD_SOCKET, the per-user socket, then /run/necrod/necrod.sock); "
+        "with -H, the daemon's socket on that host",
     )
     common.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="print the daemon's result as JSON"
     )
     common.add_argument(
         "--timeout", type=float, default=argparse.SUPPRESS, help="seconds to wait for a reply"
+    )
+    common.add_argument(
+        "-H",
+        "--host",
+        default=argparse.SUPPRESS,
+        metavar="ssh://[USER@]HOST[:PORT][/SOCKET]",
+        help="talk to the necrod of another host over SSH (default: $NECROD_HOST)",
+    )
+    common.add_argument(
+        "--ssh-key", default=argparse.SUPPRESS, help="private key for -H (default: agent, ~/.ssh)"
+    )
+    common.add_argument(
+        "--known-hosts", default=argparse.SUPPRESS, help="known_hosts for -H (default: ~/.ssh/known_hosts)"
+    )
+    common.add_argument(
+        "--accept-unknown-host-key",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="with -H, connect even when the host key is not in known_hosts",
     )
     return common
 
@@ -469,7 +489,16 @@ def _watch(args: argparse.Namespace, c: Client, as_json: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     as_json = getattr(args, "json", False)
-    client = Client(getattr(args, "socket", None), timeout=getattr(args, "timeout", 120.0))
+    host = getattr(args, "host", None) or os.environ.get("NECROD_HOST") or None
+    ssh_options = {"key": getattr(args, "ssh_key", None), "known_hosts": getattr(args, "known_hosts", None),
+                   "accept_unknown": getattr(args, "accept_unknown_host_key", None),
+                   "socket": getattr(args, "socket", None) if host else None}  # fmt: skip
+    try:
+        client = Client(host or getattr(args, "socket", None), timeout=getattr(args, "timeout", 120.0),
+                        ssh_options=ssh_options)  # fmt: skip
+    except DaemonUnreachable as exc:
+        print(f"necroctl: {exc.message}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     try:
         with client:
             if args.command == "watch":
