@@ -163,6 +163,9 @@ class _Api(Generic[R]):
     def retry(self, task_id: str | None = None, *, batch: str | None = None) -> R:
         return self.call("tasks.retry", _clean({"task_id": task_id, "batch": batch}))
 
+    def hosts(self) -> R:
+        return self.call("hosts.list")
+
     def logs(
         self, task_id: str, *, attempt: int | None = None, offset: int = 0, limit: int | None = None
     ) -> R:
@@ -315,6 +318,13 @@ class AsyncClient(_Api[Awaitable[Any]]):
         self._ids = itertools.count(1)
         self._lock = anyio.Lock()
         self.notifications: deque[dict[str, Any]] = deque()
+
+    @classmethod
+    def over(cls, stream: SSHStream, label: str, *, timeout: float | None = 60.0) -> AsyncClient:
+        """A client on a stream opened elsewhere (the fleet reuses one SSH connection per host)."""
+        client = cls(Path(label), timeout=timeout)
+        client._stream = stream
+        return client
 
     async def connect(self) -> None:
         if self._stream is not None:

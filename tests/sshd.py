@@ -30,13 +30,51 @@ class Server(asyncssh.SSHServer):
 
 
 async def run_command(process: asyncssh.SSHServerProcess[bytes]) -> None:
+    """Run the command in the login's home, as sshd does; all output is sent before the exit
+    status, and a command whose channel the client closes is ended."""
     command = process.command or "exec sh"
     proc = await asyncio.create_subprocess_exec(
         "/bin/sh", "-c", command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env=os.environ.copy(),
+        stderr=asyncio.subprocess.PIPE, env=os.environ.copy(), cwd=os.path.expanduser("~"), start_new_session=True,
     )  # fmt: skip
-    await process.redirect(stdin=proc.stdin, stdout=proc.stdout, stderr=proc.stderr)
-    process.exit(await proc.wait())
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+
+    async def feed() -> None:
+        try:
+            while data := await process.stdin.read(65536):
+                proc.stdin.write(data)
+                await proc.stdin.drain()
+        except (asyncssh.Error, ConnectionError, BrokenPipeError):
+            pass
+        finally:
+            proc.stdin.close()
+
+    async def pump(source: asyncio.StreamReader, sink: asyncssh.SSHWriter[bytes]) -> None:
+        while data := await source.read(65536):
+            sink.write(data)
+            await sink.drain()
+
+    async def hang_up() -> None:
+        await process.wait_closed()
+        try:
+            os.killpg(proc.pid, 9)  # the client closed the channel
+        except ProcessLookupError:
+            pass
+
+    feeding = asyncio.ensure_future(feed())
+    closing = asyncio.ensure_future(hang_up())
+    try:
+        await asyncio.gather(pump(proc.stdout, process.stdout), pump(proc.stderr, process.stderr))
+        status = await proc.wait()
+        process.exit(status)
+    except (asyncssh.Error, ConnectionError, BrokenPipeError):
+        try:
+            os.killpg(proc.pid, 9)  # the client went away: so does the command
+        except ProcessLookupError:
+            pass
+    finally:
+        feeding.cancel()
+        closing.cancel()
 
 
 async def main() -> None:

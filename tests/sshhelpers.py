@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -63,11 +64,13 @@ class SSHHost:
     def start(self) -> SSHHost:
         ready = self.dir / "ready"
         ready.unlink(missing_ok=True)
+        (self.dir / "home").mkdir(exist_ok=True)
         log = open(self.dir / "sshd.log", "ab")  # noqa: SIM115 (handed to the child)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.sshd", "--port", str(self.port), "--host-key", str(self.host_key),
              "--authorized-keys", str(self.keys.authorized_keys), "--ready", str(ready)],
             cwd=ROOT, stdout=log, stderr=log, start_new_session=True,
+            env={**os.environ, "HOME": str(self.dir / "home")},  # a login of its own, as on another host
         )  # fmt: skip
         log.close()
         deadline = time.monotonic() + 20
@@ -81,8 +84,6 @@ class SSHHost:
         """The host dies: its sshd, and every process started through it."""
         if self.proc is not None and self.proc.poll() is None:
             try:
-                import os
-
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass

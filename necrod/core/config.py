@@ -137,6 +137,24 @@ class RunnerProfile:
 
 
 @dataclass(frozen=True, slots=True)
+class HostConfig:
+    """Another necrod host, reached over SSH: ``hosts.<name>`` in pools.yaml."""
+
+    name: str
+    #: ``ssh://[user@]host[:port][/path/to/necrod.sock]``
+    address: str
+    key: str | None = None
+    known_hosts: str | None = None
+    accept_unknown_host_key: bool = False
+    pools: tuple[str, ...] = ()
+    max_concurrency: int = 4
+    skills: tuple[str, ...] = ()
+    labels: tuple[str, ...] = ()
+    #: Where runner scripts, exit statuses and logs live on that host (relative: to the login's home).
+    workdir: str = ".necrod-fleet"
+
+
+@dataclass(frozen=True, slots=True)
 class DispatcherConfig:
     policy: str = "fifo"
     max_running: int = 8
@@ -155,6 +173,10 @@ class DispatcherConfig:
     #: Finished tasks kept (the oldest beyond this are forgotten).
     keep_finished: int = 10_000
     logs: str | None = None
+    #: Run tasks on this host too (its own pools), beside the ``hosts:``.
+    run_locally: bool = True
+    #: A host unreachable this long has its running attempts written off and retried elsewhere.
+    host_grace_s: float = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +185,7 @@ class Config:
     pools: dict[str, PoolConfig] = field(default_factory=dict)
     runners: dict[str, RunnerProfile] = field(default_factory=dict)
     dispatcher: DispatcherConfig = field(default_factory=DispatcherConfig)
+    hosts: dict[str, HostConfig] = field(default_factory=dict)
     #: The file it came from (None for the embedded default).
     source: str | None = None
     #: Things accepted but without effect (NecroCode options necrod covers another way).
@@ -571,10 +594,6 @@ def _read_runner(r: _Reader, name: str, node: Node, pools: dict[str, PoolConfig]
         item = sec.raw(key)
         if item is not None:
             values[key] = tuple(r.strings(item[1], f"runners.{name}.{key}"))
-            if key == "pools":
-                unknown = [p for p in values[key] if p not in pools]
-                if unknown:
-                    raise r.error(item[1], f"runners.{name}.pools: no pool named {', '.join(unknown)}")
     env = _mapping_of(r, sec, "env", lambda v: None if isinstance(v, str | int | float) and not isinstance(v, bool)
                       else "must be a string")  # fmt: skip
     values["env"] = tuple((k, str(v)) for k, v in env.items())
@@ -599,7 +618,43 @@ _DISPATCHER_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "max_load_per_cpu": _optional_num(0, 10_000),
     "keep_finished": _int_in(0, 10_000_000),
     "logs": _is_str,
+    "run_locally": _is_bool,
+    "host_grace_s": _num_in(1, 7 * 24 * 3600),
 }
+
+
+def _read_host(r: _Reader, name: str, node: Node) -> HostConfig:
+    sec = _Section(r, node, f"hosts.{name}")
+    values: dict[str, Any] = {"name": name}
+    checks: dict[str, Callable[[Any], str | None]] = {
+        "address": _is_str, "key": _is_str, "known_hosts": _is_str, "accept_unknown_host_key": _is_bool,
+        "max_concurrency": _int_in(1, 100_000), "workdir": _is_str,
+    }  # fmt: skip
+    for key, check in checks.items():
+        v = sec.value(key, check)
+        if v is not _MISSING:
+            values[key] = v
+    address = values.get("address")
+    if address is None:
+        raise r.error(
+            node, f"hosts.{name}: address is required (ssh://[user@]host[:port][/path/to/necrod.sock])"
+        )
+    if not re.fullmatch(r"ssh://(?:[^@/\s]+@)?[A-Za-z0-9._\[\]:-]+(?::\d+)?(?:/\S*)?", address) or re.match(
+        r"ssh://(?:[^@/]+@)?-", address
+    ):
+        raise r.error(
+            sec.node_of("address"), f"hosts.{name}.address must be ssh://[user@]host[:port][/socket]"
+        )
+    for key in ("pools", "skills", "labels"):
+        item = sec.raw(key)
+        if item is not None:
+            values[key] = tuple(r.strings(item[1], f"hosts.{name}.{key}"))
+    if not values.get("pools"):
+        raise r.error(
+            node, f"hosts.{name}: pools is required (the pools of that host's necrod to run tasks in)"
+        )
+    sec.finish([*checks, "pools", "skills", "labels"])
+    return HostConfig(**values)
 
 
 def _read_dispatcher(r: _Reader, node: Node) -> DispatcherConfig:
@@ -719,8 +774,22 @@ def parse_config(text: str, file: str | None = None) -> Config:
     dispatcher = DispatcherConfig()
     if top.has("dispatcher"):
         dispatcher = _read_dispatcher(r, top.raw("dispatcher")[1])  # type: ignore[index]
-    top.finish(["daemon", "defaults", "pools", "runners", "dispatcher"])
-    return Config(daemon=daemon, pools=pools, runners=runners, dispatcher=dispatcher, source=file,
+    hosts: dict[str, HostConfig] = {}
+    if top.has("hosts"):
+        for name, (name_node, node) in r.mapping(top.raw("hosts")[1], "hosts").items():  # type: ignore[index]
+            problem = pool_name_problem(name)
+            if problem or name == "local":
+                why = problem.replace("pool", "host") if problem else "'local' is this daemon's own name"
+                raise r.error(name_node, f"hosts: invalid host name {name!r}: {why}")
+            hosts[name] = _read_host(r, name, node)
+    known_pools = set(pools) | {p for h in hosts.values() for p in h.pools}
+    for runner in runners.values():
+        unknown = [p for p in runner.pools if p not in known_pools]
+        if unknown:
+            raise r.error(top.node_of("runners"), f"runners.{runner.name}.pools: no pool named {', '.join(unknown)} "
+                          "here or on any host")  # fmt: skip
+    top.finish(["daemon", "defaults", "pools", "runners", "dispatcher", "hosts"])
+    return Config(daemon=daemon, pools=pools, runners=runners, dispatcher=dispatcher, hosts=hosts, source=file,
                   notes=tuple(r.notes), marks=marks)  # fmt: skip
 
 

@@ -38,14 +38,16 @@ class ProfileView:
     pools: frozenset[str] = frozenset()
 
 
-def eligible(task: Task, profiles: Iterable[ProfileView]) -> list[ProfileView]:
-    """Profiles that can run ``task``: the one it names, else every profile with its skills
-    (and serving its pool, when the profile lists pools)."""
+def eligible(task: Task, profiles: Iterable[ProfileView], host_skills: frozenset[str] = frozenset()
+             ) -> list[ProfileView]:  # fmt: skip
+    """Profiles that can run ``task``: the one it names, else every profile with its skills —
+    counting the skills of the host it would run on — and serving its pool, when the profile
+    lists pools."""
     out = []
     for p in profiles:
         if task.runner is not None and p.name != task.runner:
             continue
-        if not set(task.skills) <= p.skills:
+        if not set(task.skills) <= p.skills | host_skills:
             continue
         if p.pools and task.pool not in p.pools:
             continue
@@ -108,11 +110,13 @@ def order(tasks: Sequence[Task], policy: str, *, label_priority: Mapping[str, in
 
 
 def choose_profile(task: Task, profiles: Sequence[ProfileView], running: Mapping[str, int],
-                   policy: str) -> ProfileView | None:  # fmt: skip
+                   policy: str, host_skills: frozenset[str] = frozenset()) -> ProfileView | None:  # fmt: skip
     """The profile to run ``task`` on now, or None when every eligible one is full."""
-    free = [p for p in eligible(task, profiles) if running.get(p.name, 0) < p.max_concurrency]
+    free = [p for p in eligible(task, profiles, host_skills) if running.get(p.name, 0) < p.max_concurrency]
     if not free:
         return None
     if policy == "skill":
-        return min(free, key=lambda p: (len(p.skills - set(task.skills)), running.get(p.name, 0)))
+        return min(
+            free, key=lambda p: (len((p.skills | host_skills) - set(task.skills)), running.get(p.name, 0))
+        )
     return min(free, key=lambda p: running.get(p.name, 0) / max(1, p.max_concurrency))

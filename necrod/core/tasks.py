@@ -58,7 +58,11 @@ class Attempt:
     detail: str | None = None
     #: False when the attempt ended for a reason that is not the task's fault (a daemon restart).
     counts: bool = True
+    #: The host it ran on (None: this one), the runner's directory there, and whether a runner
+    #: written off while its host was unreachable still has to be stopped when the host returns.
     host: str | None = None
+    remote_dir: str | None = None
+    cleanup_pending: bool = False
 
     def to_row(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

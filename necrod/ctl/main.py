@@ -116,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     iso.add_argument("slot_id")
     iso.add_argument("--reason")
     cmd("metrics", "Prometheus metrics, as text")
+    cmd("hosts", "the hosts tasks run on: state, pools, running tasks, last contact")
     sub_ = cmd("submit", "queue a task (or a batch from a YAML file)")
     sub_.add_argument("pool", nargs="?", help="the pool (or set pool: in the file)")
     sub_.add_argument("argv", nargs="*", metavar="COMMAND", help="the command, after --")
@@ -424,6 +425,11 @@ def _run(args: argparse.Namespace, c: Client) -> tuple[Any, Callable[[Any], None
             )
         case "metrics":
             return c.metrics(), lambda r: print(r["text"], end="")
+        case "hosts":
+            return c.hosts(), lambda r: print(render.table(
+                [(h["name"], h["state"], h["address"], ",".join(h["pools"]), f"{len(h['running'])}/{h['max_concurrency']}",
+                  " ".join(h["running"]), render.ago(h.get("last_contact")), h.get("error")) for h in r["hosts"]],
+                ("HOST", "STATE", "ADDRESS", "POOLS", "RUNNING", "TASKS", "LAST CONTACT", "ERROR")))  # fmt: skip
         case "submit":
             return c.submit(**_submission(args)), _print_submitted
         case "tasks":

@@ -310,6 +310,7 @@ class Daemon:
                     raise FailedPrecondition(f"config not applied: {exc}", **exc.to_dict()) from None
                 changes = self._restart_only_changes(new)
                 changes += await self.engine.apply_config(new)
+                changes += self.dispatcher.apply_config(new)
                 d = new.daemon
                 self.server.configure(
                     max_connections=d.max_connections,

@@ -49,6 +49,7 @@ from necrod.core.tasks import (
 )
 from necrod.core.templates import TemplateError, check, render
 from necrod.daemon.engine import PoolEngine
+from necrod.daemon.fleet import Fleet, HostDown, HostLink, RemoteRun, launch, origin_id
 from necrod.daemon.metrics import Metrics
 from necrod.io import sysload
 from necrod.io.cgroups import memory_parent
@@ -84,6 +85,8 @@ class Active:
     task: Task
     profile: RunnerProfile
     attempt: Attempt | None = None
+    #: The host it runs on (None: this one).
+    host: str | None = None
     run: Run | None = None
     #: Why we want it stopped: cancelled, timeout, stalled, lease_lost, shutdown.
     stop_reason: str | None = None
@@ -127,6 +130,10 @@ class Dispatcher:
             "process": ProcessLauncher(cgroups),
             "tmux": self.tmux,
         }
+        self.fleet = Fleet(origin_id(state_dir))
+        self.fleet.on_up.append(self._host_returned)
+        #: (host, pool) → monotonic time until which that host had no free slot in that pool.
+        self._no_remote_slot: dict[tuple[str, str], float] = {}
         engine.lease_hooks.append(self._lease_ended)
         engine.on_slot_available.append(lambda pool: self.wake())
 
@@ -147,9 +154,15 @@ class Dispatcher:
         self._load()
         async with anyio.create_task_group() as tg:
             self._tg = tg
+            await tg.start(self.fleet.run, self._config().hosts)
             await self._reconcile()
             task_status.started()
+            tg.start_soon(self._watch_remote_leases)
             await self._loop()
+
+    def apply_config(self, config: Config) -> list[str]:
+        """What a reload changes here: the hosts (links are opened, restarted or closed)."""
+        return self.fleet.apply(config.hosts)
 
     def _load(self) -> None:
         for row in self.store.load("task").values():
@@ -189,10 +202,19 @@ class Dispatcher:
                 run = await self.tmux.adopt(attempt.session or "", Path(attempt.log or ""), None, None)
                 exit_ = run._read_exit() or Exit(code=None, lost=True)
                 self._spawn(self._finish, a, exit_, None, "the tmux session ended while the daemon was down")
+            elif attempt.host is not None:
+                a.host = attempt.host
+                link = self.fleet.links.get(attempt.host)
+                if link is None:
+                    self._spawn(
+                        self._finish, a, None, "lost", f"host {attempt.host} is no longer in the config"
+                    )
+                else:
+                    a.run = RemoteRun(link, attempt.remote_dir or "", attempt.number, attempt.pid,
+                                      Path(attempt.log or ""), lambda: self.cfg.host_grace_s)  # fmt: skip
+                    self._spawn(self._watch, a)
             else:
-                if attempt.pid and group_alive(attempt.pid):
-                    log.warning("orphan_runner_stopped", task=task.task_id, pid=attempt.pid)
-                    await stop_group(attempt.pid, profile.grace_s)
+                await self._stop_orphans(attempt, profile)
                 self._spawn(
                     self._finish, a, None, "interrupted", "the runner did not survive a daemon restart"
                 )
@@ -231,12 +253,32 @@ class Dispatcher:
         return [ProfileView(p.name, frozenset(p.skills), p.max_concurrency, frozenset(p.pools))
                 for p in self._config().runners.values()]  # fmt: skip
 
+    def _places(self, task: Task) -> list[tuple[str | None, frozenset[str]]]:
+        """Where ``task`` could run, ignoring load: this host (None) and the hosts serving its pool,
+        each with the skills it adds."""
+        places: list[tuple[str | None, frozenset[str]]] = []
+        if self.cfg.run_locally and task.pool in self.engine.pools:
+            places.append((None, frozenset()))
+        places += [
+            (name, frozenset(h.skills)) for name, h in self._config().hosts.items() if task.pool in h.pools
+        ]
+        return places
+
     def _profiles_for(self, task: Task) -> list[RunnerProfile]:
+        """Profiles that could run ``task`` somewhere (the submit-time check)."""
         runners = self._config().runners
-        found = [runners[v.name] for v in eligible(task, self._views())]
-        if not found and task.runner is None and not task.skills and task.command is not None:
-            found = [DEFAULT_PROFILE]
-        return found
+        found: dict[str, RunnerProfile] = {}
+        for _, skills in self._places(task):
+            found.update((v.name, runners[v.name]) for v in eligible(task, self._views(), skills))
+        if (
+            not found
+            and task.runner is None
+            and not task.skills
+            and task.command is not None
+            and self._places(task)
+        ):
+            return [DEFAULT_PROFILE]
+        return list(found.values())
 
     def _build(self, spec: dict[str, Any], defaults: dict[str, Any], seq: int, batch: str | None) -> Task:
         def get(name: str, fallback: Any = None) -> Any:
@@ -247,7 +289,8 @@ class Dispatcher:
         if not isinstance(pool, str):
             raise InvalidParams("a task needs a pool", param="pool")
         check_pool_name(pool)
-        self.engine.pool(pool)
+        if pool not in self.engine.pools and not any(pool in h.pools for h in self._config().hosts.values()):
+            raise NotFound(f"no pool named {pool!r} here or on any host", pool=pool)
         runner = get("runner")
         command = get("command")
         if command is not None and not (
@@ -607,6 +650,7 @@ class Dispatcher:
         ordered = order(candidates, cfg.policy, label_priority=labels, fair=self.fair,
                         fair_key_by=cfg.fair_share_key, now=self.clock.monotonic())  # fmt: skip
         no_slot: set[str] = set()
+        on_host = Counter(a.host for a in self.active.values())
         started = 0
         for t in ordered:
             if total >= cfg.max_running:
@@ -615,27 +659,18 @@ class Dispatcher:
             if not ok:
                 t.waiting_on, t.reason = "resources", why
                 continue
-            view = choose_profile(t, views, running, cfg.policy)
-            profile = runners.get(view.name) if view else None
-            if profile is None and not views and t.runner is None and not t.skills and t.command is not None:
-                profile = DEFAULT_PROFILE
-            if profile is None:
-                names = ", ".join(v.name for v in eligible(t, views)) or "none"
-                t.waiting_on, t.reason = "capacity", f"eligible runner profiles are busy ({names})"
+            placed = self._place(t, views, runners, running, on_host, no_slot)
+            if isinstance(placed, str):
+                t.waiting_on, t.reason = placed.split(":", 1)[0], placed.split(": ", 1)[-1]
                 continue
-            pool = self.engine.pools.get(t.pool)
-            if pool is None or t.pool in no_slot or pool.state != "ready" or pool.counts().idle == 0:
-                no_slot.add(t.pool)
-                t.waiting_on = "slot"
-                t.reason = f"pool {t.pool} is {pool.state}" if pool and pool.state != "ready" else \
-                    f"no free slot in pool {t.pool}"  # fmt: skip
-                continue
+            host, profile = placed
             # Taken: from here the task is ours to start.
             t.state = TaskState.RUNNING
             t.waiting_on = t.reason = None
-            a = Active(t, profile, accounted_at=self.clock.monotonic())
+            a = Active(t, profile, host=host, accounted_at=self.clock.monotonic())
             self.active[t.task_id] = a
             running[profile.name] += 1
+            on_host[host] += 1
             total += 1
             started += 1
             self.scheduled += 1
@@ -645,6 +680,55 @@ class Dispatcher:
         else:
             self.stalled = []
         return started
+
+    def _place(self, t: Task, views: list[ProfileView], runners: dict[str, RunnerProfile], running: Counter[str],
+               on_host: Counter[str | None], no_slot: set[str]) -> tuple[str | None, RunnerProfile] | str:  # fmt: skip
+        """Where ``t`` runs now and on which profile: the least loaded place that serves its pool,
+        has room and (with its profile) its skills; this host first among equals. Otherwise why
+        not, as ``"capacity: ..."`` or ``"slot: ..."``."""
+        best: tuple[float, int, str | None, RunnerProfile] | None = None
+        slot_why = capacity_why = None
+        now = self.clock.monotonic()
+        for index, (host, skills) in enumerate(self._places(t)):
+            if host is None:
+                pool = self.engine.pools.get(t.pool)
+                if pool is None or pool.state != "ready":
+                    slot_why = f"pool {t.pool} is {pool.state if pool else 'missing'}"
+                    continue
+                if t.pool in no_slot or pool.counts().idle == 0:
+                    no_slot.add(t.pool)
+                    slot_why = f"no free slot in pool {t.pool}"
+                    continue
+                load = on_host[None] / max(1, self.cfg.max_running)
+            else:
+                link = self.fleet.links.get(host)
+                if link is None or not link.up:
+                    slot_why = f"host {host} is {link.state if link else 'not connected'}"
+                    continue
+                capacity = link.config.max_concurrency
+                if on_host[host] >= capacity:
+                    capacity_why = f"host {host} runs {capacity} task(s), its max_concurrency"
+                    continue
+                if self._no_remote_slot.get((host, t.pool), 0.0) > now:
+                    slot_why = f"no free slot in pool {t.pool} on host {host}"
+                    continue
+                load = on_host[host] / capacity
+            view = choose_profile(t, views, running, self.cfg.policy, skills)
+            profile = runners.get(view.name) if view else None
+            if profile is None and t.runner is None and t.command is not None and not eligible(t, views, skills) \
+                    and not t.skills:  # fmt: skip
+                profile = DEFAULT_PROFILE
+            if profile is None:
+                names = ", ".join(v.name for v in eligible(t, views, skills)) or "none"
+                capacity_why = f"eligible runner profiles are busy ({names})"
+                continue
+            if best is None or (load, index) < best[:2]:
+                best = (load, index, host, profile)
+        if best is not None:
+            return best[2], best[3]
+        if capacity_why:
+            return f"capacity: {capacity_why}"
+        return f"slot: {slot_why or f'no place serves pool {t.pool}'}"
 
     def _report_stall(self) -> None:
         """When tasks are queued, none runs and none can start, say which chain holds them."""
@@ -705,12 +789,15 @@ class Dispatcher:
                 "slot_path": lease["path"], "lease_id": lease["lease_id"], "commit": lease["commit"],
                 "ref": t.ref, "branch": lease["branch"], "payload": t.payload}  # fmt: skip
 
-    def _environment(self, t: Task, profile: RunnerProfile, n: int, lease: dict[str, Any]) -> dict[str, str]:
-        env = {k: os.environ[k] for k in RUNNER_PASSTHROUGH if k in os.environ}
+    def _environment(self, t: Task, profile: RunnerProfile, n: int, lease: dict[str, Any],
+                     link: HostLink | None) -> dict[str, str]:  # fmt: skip
+        # On another host, PATH, HOME and the like come from that host's login (the runner
+        # script passes them); here, from the daemon's own environment.
+        env = {} if link else {k: os.environ[k] for k in RUNNER_PASSTHROUGH if k in os.environ}
         env.update(dict(profile.env))
         env.update(t.env)
         env.update({
-            "NECROD_SOCKET": str(self.socket), "NECROD_LEASE_ID": lease["lease_id"], "NECROD_TASK_ID": t.task_id,
+            "NECROD_SOCKET": link.target.socket if link else str(self.socket), "NECROD_LEASE_ID": lease["lease_id"], "NECROD_TASK_ID": t.task_id,
             "NECROD_ATTEMPT": str(n), "NECROD_SLOT_PATH": lease["path"], "NECROD_SLOT_ID": lease["slot_id"],
             "NECROD_POOL": t.pool, "NECROD_COMMIT": lease["commit"] or "",
             "NECROD_FENCING_TOKEN": str(lease["fencing_token"]), "NECROD_LEASE_TTL_S": f"{lease['ttl_s']:g}",
@@ -720,14 +807,30 @@ class Dispatcher:
             env["NECROD_BRANCH"] = lease["branch"]
         return env
 
+    async def _allocate(self, a: Active, n: int) -> dict[str, Any]:
+        t, profile = a.task, a.profile
+        request: dict[str, Any] = {"pool": t.pool, "ttl_s": profile.lease_ttl_s, "ref": t.ref, "branch": t.branch,
+                                   "metadata": {"task_id": t.task_id, "attempt": n}}  # fmt: skip
+        if a.host is None:
+            return await self.engine.allocate(holder=f"task {t.task_id}", task_id=t.task_id, **request)
+        link = self.fleet.link(a.host)
+        request["holder"] = f"task {t.task_id} of {self.fleet.origin}"
+        try:
+            lease: dict[str, Any] = await link.call(
+                "slots.allocate", {k: v for k, v in request.items() if v is not None}
+            )
+        except HostDown as exc:
+            raise Unavailable(str(exc)) from None
+        except ResourceExhausted:
+            self._no_remote_slot[(a.host, t.pool)] = self.clock.monotonic() + 2.0
+            raise
+        return lease
+
     async def _start(self, a: Active) -> None:
         t, profile = a.task, a.profile
         n = len(t.attempts) + 1
         try:
-            lease = await self.engine.allocate(
-                pool=t.pool, holder=f"task {t.task_id}", ttl_s=profile.lease_ttl_s, ref=t.ref, branch=t.branch,
-                metadata={"task_id": t.task_id, "attempt": n}, task_id=t.task_id,
-            )  # fmt: skip
+            lease = await self._allocate(a, n)
         except (ResourceExhausted, Unavailable, AlreadyExists) as exc:
             # Not the task's fault: back to the queue, to try again when things change.
             self.active.pop(t.task_id, None)
@@ -744,8 +847,10 @@ class Dispatcher:
             await self._finish(a, None, "start_failed", f"could not lease a slot: {exc.message}")
             return
         log_path = self.logs_dir / t.task_id / f"{n}.log"
-        attempt = Attempt(n, self.clock.wall(), profile.name, profile.launcher, slot_id=lease["slot_id"],
-                          lease_id=lease["lease_id"], path=lease["path"], log=str(log_path))  # fmt: skip
+        link = self.fleet.link(a.host) if a.host else None
+        attempt = Attempt(n, self.clock.wall(), profile.name, "remote" if link else profile.launcher,
+                          slot_id=lease["slot_id"], lease_id=lease["lease_id"], path=lease["path"], log=str(log_path),
+                          host=a.host, remote_dir=self.fleet.directory(link, t.task_id) if link else None)  # fmt: skip
         t.attempts.append(attempt)
         a.attempt = attempt
         wait_s = attempt.started_at - (t.next_attempt_at or t.submitted_at)
@@ -754,7 +859,7 @@ class Dispatcher:
         assert template is not None
         spec = LaunchSpec(
             name=f"necro-{t.task_id}-{n}", argv=render(template, self._context(t, n, lease)), cwd=lease["path"],
-            env=self._environment(t, profile, n, lease), log=log_path, memory_limit=profile.memory_limit,
+            env=self._environment(t, profile, n, lease, link), log=log_path, memory_limit=profile.memory_limit,
         )  # fmt: skip
         if profile.launcher == "tmux":
             attempt.session = spec.name
@@ -762,17 +867,34 @@ class Dispatcher:
             t, self._event(t, "started", attempt=n, slot_id=lease["slot_id"], runner=profile.name)
         )
         try:
-            a.run = await self.launchers[profile.launcher].start(spec)
-        except OSError as exc:
+            if link is not None:
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                a.run = await launch(link, directory=attempt.remote_dir or "", number=n, slot_path=lease["path"],
+                                     argv=spec.argv, env=spec.env, log_path=log_path,
+                                     grace=lambda: self.cfg.host_grace_s)  # fmt: skip
+            else:
+                a.run = await self.launchers[profile.launcher].start(spec)
+        except (OSError, HostDown) as exc:
             await self._finish(a, None, "start_failed", f"could not start the runner: {exc}")
             return
         attempt.pid = a.run.pid
+        if isinstance(a.run, RemoteRun):
+            attempt.remote_dir = a.run.dir
         await self._save(t)
         log.info("task_started", task=t.task_id, attempt=n, slot=lease["slot_id"], runner=profile.name,
-                 launcher=profile.launcher, pid=a.run.pid)  # fmt: skip
+                 launcher=attempt.launcher, host=a.host, pid=a.run.pid)  # fmt: skip
         self._spawn(self._watch, a)
 
     async def _watch(self, a: Active) -> None:
+        try:
+            await self._watch_run(a)
+        except Exception as exc:
+            # Never leave an attempt without an end: a bug here must not wedge the task.
+            log.exception("watch_failed", task=a.task.task_id)
+            if not a.stopped.is_set():
+                await self._finish(a, None, "lost", f"necrod lost track of the runner: {exc}")
+
+    async def _watch_run(self, a: Active) -> None:
         t, profile = a.task, a.profile
         assert a.run is not None
         run = a.run
@@ -833,13 +955,17 @@ class Dispatcher:
         with anyio.move_on_after(a.profile.grace_s + 15):
             await a.stopped.wait()
 
-    async def _release(self, lease_id: str, *, salvage: bool) -> None:
+    async def _release(self, lease_id: str, *, salvage: bool, host: str | None = None) -> None:
         try:
-            await self.engine.release(lease_id, salvage=salvage)
+            if host is None:
+                await self.engine.release(lease_id, salvage=salvage)
+            else:
+                await self.fleet.link(host).call("slots.release", {"lease_id": lease_id, "salvage": salvage})
         except (NotFound, FailedPrecondition):
             pass  # already reclaimed (expired, revoked)
-        except Unavailable as exc:
-            log.error("release_failed", lease_id=lease_id, error=exc.message)
+        except (Unavailable, HostDown) as exc:
+            # A host out of reach: the lease expires there and the slot is salvaged all the same.
+            log.error("release_failed", lease_id=lease_id, host=host, error=str(exc))
 
     def _outcome(self, a: Active, result: Exit | None) -> tuple[str, str | None]:
         reason = a.stop_reason
@@ -856,7 +982,7 @@ class Dispatcher:
         if result is None:
             return "lost", "the runner's end was not seen"
         if result.lost:
-            return "lost", "the tmux session went away without an exit status"
+            return "lost", result.detail or "the tmux session went away without an exit status"
         if result.code == 0:
             return "succeeded", None
         if result.oom:
@@ -895,8 +1021,12 @@ class Dispatcher:
                 self.metrics.attempt_seconds.labels(a.profile.name).observe(attempt.duration_s)
         if a.run is not None:
             a.run.close()
-        if attempt is not None and attempt.lease_id:
-            await self._release(attempt.lease_id, salvage=outcome != "succeeded")
+        if isinstance(a.run, RemoteRun) and a.run.written_off and attempt is not None:
+            attempt.cleanup_pending = True
+            detail = f"host {a.host} was unreachable for {self.cfg.host_grace_s:g}s (dispatcher.host_grace_s)"
+            attempt.detail = detail
+        elif attempt is not None and attempt.lease_id:
+            await self._release(attempt.lease_id, salvage=outcome != "succeeded", host=attempt.host)
         self._account()
         ops: list[Put | Delete | Event] = []
         if outcome == "succeeded":
@@ -957,16 +1087,72 @@ class Dispatcher:
 
     async def stop(self) -> None:
         """No new task starts; process runners are stopped (their tasks re-queued, no retry used);
-        tmux runners keep running for the next daemon."""
+        tmux and remote runners keep running for the next daemon."""
         self.stopping = True
         waits = []
         for a in list(self.active.values()):
-            if a.profile.launcher == "process":
+            if a.profile.launcher == "process" and a.host is None:
                 a.request_stop("shutdown")
                 waits.append(a)
         for a in waits:
             with anyio.move_on_after(a.profile.grace_s + 15):
                 await a.stopped.wait()
+
+    # --- hosts -----------------------------------------------------------------------------------
+
+    async def _watch_remote_leases(self) -> None:
+        """A remote runner's lease can end on its host (no heartbeat): that host's necrod did not
+        start the runner and cannot stop it, so we look, and stop it ourselves."""
+        while True:
+            await anyio.sleep(2.0)
+            by_host: dict[str, list[Active]] = {}
+            for a in list(self.active.values()):
+                if a.host and a.attempt and a.attempt.lease_id and a.run is not None:
+                    by_host.setdefault(a.host, []).append(a)
+            for host, runs in by_host.items():
+                link = self.fleet.links.get(host)
+                if link is None or not link.up:
+                    continue
+                try:
+                    held = {s["lease_id"] for s in (await link.call("slots.list"))["slots"] if s["lease_id"]}
+                except (HostDown, NecrodError):
+                    continue
+                for a in runs:
+                    if a.attempt is not None and a.attempt.lease_id not in held and a.stop_reason is None:
+                        log.warning("remote_lease_lost", task=a.task.task_id, host=host)
+                        a.request_stop("lease_lost")
+
+    async def _host_returned(self, link: HostLink) -> None:
+        """Stop runners written off while their host was out of reach: their tasks may already
+        run elsewhere, and a task must not keep two runners."""
+        for t in self.tasks.values():
+            for attempt in t.attempts:
+                if attempt.host != link.name or not attempt.cleanup_pending:
+                    continue
+                run = RemoteRun(link, attempt.remote_dir or "", attempt.number, attempt.pid,
+                                Path(attempt.log or ""), lambda: self.cfg.host_grace_s)  # fmt: skip
+                profile = self._config().runners.get(attempt.runner, DEFAULT_PROFILE)
+                await run.stop(profile.grace_s)
+                if attempt.lease_id:
+                    await self._release(attempt.lease_id, salvage=True, host=link.name)
+                attempt.cleanup_pending = False
+                log.warning(
+                    "written_off_runner_stopped", task=t.task_id, attempt=attempt.number, host=link.name
+                )
+                await self._save(t)
+        self.wake()
+
+    def hosts(self) -> list[dict[str, Any]]:
+        running: dict[str | None, list[str]] = {}
+        for a in self.active.values():
+            running.setdefault(a.host, []).append(a.task.task_id)
+        local = {"name": "local", "address": str(self.socket), "state": "up" if not self.stopping else "stopping",
+                 "pools": sorted(self.engine.pools), "max_concurrency": self.cfg.max_running,
+                 "runs_tasks": self.cfg.run_locally, "last_contact": self.clock.wall()}  # fmt: skip
+        out = [{**local, "running": sorted(running.get(None, []))}]
+        for name, link in self.fleet.links.items():
+            out.append({**link.view(), "running": sorted(running.get(name, []))})
+        return out
 
     def status(self) -> dict[str, Any]:
         running = Counter(a.profile.name for a in self.active.values())

@@ -51,6 +51,7 @@ class Api:
             "tasks.cancel": self.tasks_cancel,
             "tasks.retry": self.tasks_retry,
             "tasks.logs": self.tasks_logs,
+            "hosts.list": self.hosts_list,
         }.items():
             dispatcher.register(method, handler)
         return dispatcher
@@ -238,3 +239,6 @@ class Api:
     async def tasks_logs(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         return self.d.dispatcher.logs(params["task_id"], params["attempt"], params["offset"] or 0,
                                       params["limit"] or 256 * 1024)  # fmt: skip
+
+    async def hosts_list(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        return {"hosts": self.d.dispatcher.hosts()}

@@ -53,6 +53,8 @@ class Exit:
     oom: bool = False
     #: The runner vanished without leaving an exit status (a tmux session killed from outside).
     lost: bool = False
+    #: Why, when the launcher knows better than "lost".
+    detail: str | None = None
 
 
 def _shim(spec: LaunchSpec, cgroup: RunnerCgroup | None) -> list[str]:

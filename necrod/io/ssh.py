@@ -134,8 +134,9 @@ class SSHStream:
     """The remote daemon's socket as the few stream calls ``AsyncClient`` makes (anyio-shaped)."""
 
     def __init__(self, conn: asyncssh.SSHClientConnection, reader: asyncssh.SSHReader[bytes],
-                 writer: asyncssh.SSHWriter[bytes]) -> None:  # fmt: skip
+                 writer: asyncssh.SSHWriter[bytes], *, owns_connection: bool = True) -> None:  # fmt: skip
         self._conn, self._reader, self._writer = conn, reader, writer
+        self._owns = owns_connection
 
     @classmethod
     async def open(cls, target: SSHTarget) -> SSHStream:
@@ -159,8 +160,9 @@ class SSHStream:
 
     async def aclose(self) -> None:
         self._writer.close()
-        self._conn.close()
-        await self._conn.wait_closed()
+        if self._owns:
+            self._conn.close()
+            await self._conn.wait_closed()
 
 
 class SSHBridge:

@@ -97,6 +97,7 @@ METHODS: dict[str, dict[str, Param]] = {
         "tasks": Param("list"),
     },
     "tasks.get": {"task_id": _s(required=True, max_len=64)},
+    "hosts.list": {},
     "tasks.list": {
         "state": _s(choices=("queued", "blocked", "running", "succeeded", "failed", "cancelled")),
         "pool": _s(),
