@@ -1,0 +1,86 @@
+"""Scratch space and child processes of one bench run, all removed at the end, even on Ctrl-C.
+
+``Scratch`` owns a short directory under /tmp (Unix socket paths must stay under 108 bytes) and
+every subprocess started through it; ``close`` stops them (SIGTERM, then SIGKILL) and deletes
+the directory. Children also get ``PR_SET_PDEATHSIG``, so a bench killed with SIGKILL does
+not leave a daemon behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+class Scratch:
+    def __init__(self, keep: bool = False) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="nb-", dir="/tmp"))
+        self.keep = keep
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def path(self, *parts: str) -> Path:
+        p = self.root.joinpath(*parts)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def spawn(
+        self, argv: list[str], *, log: Path, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                argv, stdout=out, stderr=out, env=env, preexec_fn=_die_with_parent, start_new_session=True
+            )
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def close(self) -> None:
+        for proc in list(self.procs):
+            with contextlib.suppress(Exception):
+                self.stop(proc, timeout=10)
+        if not self.keep:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def raise_on_sigterm() -> None:
+    """Turn SIGTERM into KeyboardInterrupt, so the same cleanup runs for both."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def rmtree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def env_without_socket() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("NECROD_SOCKET", None)
+    return env
