@@ -743,25 +743,27 @@ def parse_config(text: str, file: str | None = None) -> Config:
     if not top.has("pools"):
         raise r.error(root, "config: missing the pools: section")
     pools_node = top.raw("pools")[1]  # type: ignore[index]
-    if not (isinstance(pools_node, ScalarNode) and pools_node.value in ("", "~", "null")):
-        for name, (name_node, pool_node) in r.mapping(pools_node, "pools").items():
-            problem = pool_name_problem(name)
-            if problem:
-                raise r.error(name_node, f"pools: invalid pool name {name!r}: {problem}")
-            psec = _Section(r, pool_node, f"pools.{name}")
-            repo_item = psec.items.get("repo_url")
-            if repo_item is None:
-                raise r.error(name_node, f"pools.{name}: repo_url is required")
-            repo_url = r.scalar(repo_item[1], f"pools.{name}.repo_url")
-            problem = _is_str(repo_url)
-            if problem:
-                raise r.error(repo_item[1], f"pools.{name}.repo_url {problem}")
-            mark = repo_item[1].start_mark
-            marks[f"pools.{name}.repo_url"] = (mark.line + 1, mark.column + 1)
-            options, nodes = _read_pool_options(r, psec, allow_repo=True)
-            pools[name] = _resolve_pool(
-                r, name, options, nodes, defaults, repo_url, repo_item[1], daemon, name_node
-            )
+    if isinstance(pools_node, ScalarNode) and pools_node.value in ("", "~", "null"):
+        # Most likely a file cut short while being written: "no pools" must be said explicitly.
+        raise r.error(pools_node, "pools: is empty; write pools: {} to run no pools")
+    for name, (name_node, pool_node) in r.mapping(pools_node, "pools").items():
+        problem = pool_name_problem(name)
+        if problem:
+            raise r.error(name_node, f"pools: invalid pool name {name!r}: {problem}")
+        psec = _Section(r, pool_node, f"pools.{name}")
+        repo_item = psec.items.get("repo_url")
+        if repo_item is None:
+            raise r.error(name_node, f"pools.{name}: repo_url is required")
+        repo_url = r.scalar(repo_item[1], f"pools.{name}.repo_url")
+        problem = _is_str(repo_url)
+        if problem:
+            raise r.error(repo_item[1], f"pools.{name}.repo_url {problem}")
+        mark = repo_item[1].start_mark
+        marks[f"pools.{name}.repo_url"] = (mark.line + 1, mark.column + 1)
+        options, nodes = _read_pool_options(r, psec, allow_repo=True)
+        pools[name] = _resolve_pool(
+            r, name, options, nodes, defaults, repo_url, repo_item[1], daemon, name_node
+        )
     runners: dict[str, RunnerProfile] = {}
     if top.has("runners"):
         for name, (name_node, node) in r.mapping(top.raw("runners")[1], "runners").items():  # type: ignore[index]

@@ -185,12 +185,14 @@ class PoolEngine(LeaseOps, Lifecycle):
             except (GitError, OSError) as exc:
                 p.fetch.failures += 1
                 p.fetch.consecutive_failures += 1
-                if p.fetch.failing_since is None:
+                started_failing = p.fetch.failing_since is None
+                if started_failing:
                     p.fetch.failing_since = self.clock.wall()
                 p.fetch.last_error = str(exc)
                 if p.config.metrics:
                     self.metrics.fetch_failures.labels(p.name).inc()
-                await self._persist_quietly([Event("pools", "pool.fetch", {
+                if started_failing:  # one event per outage, and one when it ends
+                    await self._persist_quietly([Event("pools", "pool.fetch", {
                     "pool": p.name, "ok": False, "error": str(exc), "failing_since": p.fetch.failing_since})])  # fmt: skip
                 raise
             finally:

@@ -127,6 +127,8 @@ class Healer:
             return out
         try:
             async with engine._limits(p):
+                # git status may run filter drivers: the mirror's config is made canonical first.
+                engine._check_mirror(p, slot)
                 status = await sg.run(["status", "--porcelain=v2", "--branch", "-z", "--untracked-files=all"])
         except (GitError, OSError) as exc:
             if self._still_idle(slot) and heal:
@@ -224,19 +226,8 @@ class Healer:
         return [Anomaly("stale_mirror_lock", p.name, names, None, "removed")]
 
     async def check_mirror_objects(self, p: Pool, *, heal: bool) -> list[Anomaly]:
-        if not p.mirror.exists:
+        found = await self.engine.verify_mirror(p, heal)
+        if found is None:
             return []
-        p.mirror_checked_at = time.monotonic()
-        problem = await p.mirror.connectivity_problem(timeout=p.config.clone_timeout_s)
-        if problem is None:
-            return []
-        action = None
-        if heal:
-            try:
-                async with self.engine._limits(p):
-                    await p.mirror.refetch(timeout=p.config.clone_timeout_s)
-                after = await p.mirror.connectivity_problem(timeout=p.config.clone_timeout_s)
-                action = "refetched" if after is None else f"refetched, still broken: {after}"
-            except (GitError, OSError) as exc:
-                action = f"refetch failed: {exc}"
+        problem, action = found
         return [Anomaly("mirror_objects_missing", p.name, problem, None, action)]

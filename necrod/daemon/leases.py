@@ -63,6 +63,9 @@ class LeaseOps(EngineBase):
         self._check_serving(p)
         wait = wait_s or 0.0
         deadline = self.clock.monotonic() + wait
+        if p.repairing:
+            raise Unavailable(f"pool {p.name} is repairing its mirror (objects were missing); retry shortly",
+                              pool=p.name, state="repairing")  # fmt: skip
         if p.state != "ready":
             if not wait:
                 raise Unavailable(self._not_ready_message(p), pool=p.name, state=p.state)
@@ -74,7 +77,7 @@ class LeaseOps(EngineBase):
         target = await self._resolve_ref(p, ref, deadline) if ref is not None else None
         if branch is not None:
             self._check_branch_free(p, branch)
-        slot = None if p.waiters else choose_slot(p.slots.values(), target or p.base_commit)
+        slot = None if p.waiters else self._choose_whole(p, target or p.base_commit)
         if slot is None:
             if not wait:
                 c = p.by_state()
@@ -84,6 +87,10 @@ class LeaseOps(EngineBase):
                     pool=p.name,
                 )
             slot = await self._wait_for_slot(p, max(0.0, deadline - self.clock.monotonic()), wait)
+            if p.repairing:
+                self._give_back(p, slot)
+                raise Unavailable(f"pool {p.name} is repairing its mirror (objects were missing); retry shortly",
+                                  pool=p.name, state="repairing")  # fmt: skip
         result = await self._grant(
             p, slot, holder=holder, ttl_s=ttl_s or p.config.lease_ttl_s, target=target, branch=branch,
             metadata=metadata or {}, task_id=task_id,
@@ -165,9 +172,32 @@ class LeaseOps(EngineBase):
         if slot.state is SlotState.AVAILABLE:
             self._offer(p, slot)
 
+    def _choose_whole(self, p: Pool, commit: str | None) -> Slot | None:
+        """``choose_slot``, skipping (and sending to be rebuilt) slots damaged on disk since they
+        were cleaned: a few stat calls, so nothing broken is ever handed out."""
+        while (slot := choose_slot(p.slots.values(), commit)) is not None:
+            if self._whole(p, slot):
+                return slot
+        return None
+
+    def _whole(self, p: Pool, slot: Slot) -> bool:
+        problem = self._slot_git(p, slot).healthy()
+        if problem is None:
+            pointer = p.mirror.dotgit_problem(slot.admin, slot.path)
+            if pointer is not None:
+                self._report_tamper(p, p.mirror.restore_admin(slot.admin, slot.path))
+            return True
+        log.warning("slot_broken", slot=slot.slot_id, reason=problem)
+        slot.state = SlotState.CLEANING
+        self._spawn(self._persist_or_keep, slot, [self._slot_event(slot, "broken", error=problem)])
+        self._kick(slot)
+        return False
+
     def _offer(self, p: Pool, slot: Slot) -> None:
         """A slot became available: hand it to the first waiting allocation, if any."""
         if slot.state is not SlotState.AVAILABLE or slot.reserved or slot.busy:
+            return
+        if p.waiters and not self._whole(p, slot):
             return
         while p.waiters:
             waiter = p.waiters.popleft()
@@ -322,6 +352,19 @@ class LeaseOps(EngineBase):
             self.metrics.releases.labels(p.name).inc()
         self._kick(slot)
         return {"slot_id": slot.slot_id, "state": str(slot.state), "salvage": keep}
+
+    def abandon(self, lease_id: str) -> None:
+        """Release a lease whose grant never reached its holder (no work to salvage)."""
+
+        async def release() -> None:
+            try:
+                await self.release(lease_id, salvage=False)
+                log.warning("lease_undelivered_released", lease_id=lease_id)
+            except NecrodError:
+                pass
+
+        if self._tg is not None:
+            self._spawn(release)
 
     def _end_lease(self, slot: Slot, lease: Lease, *, salvage: bool) -> None:
         """The lease is over: the slot goes to cleaning (or, isolated, to error untouched)."""

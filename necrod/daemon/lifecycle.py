@@ -202,6 +202,7 @@ class Lifecycle(EngineBase):
         else:
             log.warning("cleanup_failed", slot=slot.slot_id, error=str(exc), retry_in_s=CLEANUP_RETRY_S)
         await self._persist_or_keep(slot, events)
+        self._spawn(self.verify_mirror, p, True)  # a cleanup may fail for want of objects
         if slot.state is SlotState.ERROR:
             self._maintain(p)
 
@@ -272,6 +273,42 @@ class Lifecycle(EngineBase):
             await self._maybe_forget(p)
         else:
             self._maintain(p)
+
+    async def verify_mirror(self, p: Pool, heal: bool) -> tuple[str, str | None] | None:
+        """Check the mirror's objects (``git fsck --connectivity-only``); with ``heal``, fetch
+        them all again when some are missing, handing nothing out of the pool meanwhile. Returns
+        None when nothing is missing, else the problem and what was done about it."""
+        if p.verifying or not p.mirror.exists:
+            return None
+        p.verifying = True
+        try:
+            p.mirror_checked_at = self.clock.monotonic()
+            problem = await p.mirror.connectivity_problem(timeout=p.config.clone_timeout_s)
+            if problem is None:
+                return None
+            if not heal:
+                return problem, None
+            log.error("mirror_objects_missing", pool=p.name, problem=problem)
+            p.repairing = True
+            try:
+                async with self._limits(p):
+                    await p.mirror.refetch(timeout=p.config.clone_timeout_s)
+                after = await p.mirror.connectivity_problem(timeout=p.config.clone_timeout_s)
+            except (GitError, OSError) as exc:
+                return problem, f"refetch failed: {exc}"
+            finally:
+                p.repairing = False
+            for slot in list(p.slots.values()):
+                if slot.state is SlotState.AVAILABLE:
+                    slot.verified_at = 0.0  # look at them again at the next scan
+            self._persist_quietly_later(Event("pools", "pool.repaired", {"pool": p.name, "problem": problem,
+                                                                         "still": after}))  # fmt: skip
+            return problem, "refetched" + (f", still broken: {after}" if after else "")
+        finally:
+            p.verifying = False
+
+    def _persist_quietly_later(self, event: Event) -> None:
+        self._spawn(self._persist_quietly, [event])
 
     async def measure(self, slot: Slot) -> None:
         """Disk use of one slot, walked in a worker thread (shown by ``necroctl slots -l``)."""

@@ -90,6 +90,9 @@ class Pool:
         #: Set while maintenance needs the pool to itself (lock removal, worktree prune).
         self.maintenance: anyio.Event | None = None
         self.fetching = False
+        #: The mirror lost objects and is being fetched again: nothing is handed out meanwhile.
+        self.repairing = False
+        self.verifying = False
         #: Monotonic time of the last mirror connectivity check.
         self.mirror_checked_at = 0.0
 

@@ -91,7 +91,7 @@ class Api:
         return {"slots": self.d.engine.list_slots(params["pool"], params["state"])}
 
     async def allocate(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        return await self.d.engine.allocate(
+        lease = await self.d.engine.allocate(
             pool=params["pool"],
             holder=params["holder"] or ctx.client or f"pid:{ctx.peer.pid}",
             ttl_s=params["ttl_s"],
@@ -100,6 +100,9 @@ class Api:
             wait_s=params["wait_s"],
             metadata=params["metadata"],
         )
+        # A lease nobody heard about (the caller vanished while queued) goes back at once.
+        ctx.undelivered.append(lambda: self.d.engine.abandon(lease["lease_id"]))
+        return lease
 
     async def heartbeat(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         return await self.d.engine.heartbeat(params["lease_id"], params["ttl_s"])

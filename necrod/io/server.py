@@ -402,8 +402,18 @@ class RpcServer:
             conn.busy = True
             try:
                 reply = await self.dispatcher.handle_line(line, ctx)
-                if reply is not None:
-                    await conn.send(reply)
+                undo, ctx.undelivered = ctx.undelivered, []
+                delivered = False
+                try:
+                    if reply is not None:
+                        await conn.send(reply)
+                        delivered = True
+                finally:
+                    if not delivered:
+                        # The client never learns the outcome (it is gone, or asked for no
+                        # reply): what the call granted it is taken back.
+                        for hook in undo:
+                            hook()
                 hooks, ctx.after_reply = ctx.after_reply, []
                 for hook in hooks:
                     hook()

@@ -49,6 +49,8 @@ class CallContext:
     #: Run once the reply to the current call has been written (subscriptions start here,
     #: so no notification can overtake the reply that announces them).
     after_reply: list[Callable[[], None]] = field(default_factory=list)
+    #: Run instead when the reply could not be delivered: what the call granted is taken back.
+    undelivered: list[Callable[[], None]] = field(default_factory=list)
     #: Called when the connection ends, for whatever a handler tied to its life.
     on_close: list[Callable[[], None]] = field(default_factory=list)
     client: str | None = None

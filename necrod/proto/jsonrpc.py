@@ -10,6 +10,7 @@ so that nothing it lets through can fail later when it is logged, stored or pass
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +59,10 @@ def _parse_int(text: str) -> int:
 def _parse_float(text: str) -> float:
     if len(text) > 64:
         raise InvalidRequest(f"number of {len(text)} characters is too long")
-    return float(text)
+    value = float(text)
+    if math.isinf(value):
+        raise InvalidRequest(f"number {text} is out of range (JSON has no infinity)")
+    return value
 
 
 def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -105,11 +105,6 @@ def _send_quietly(conn: Raw, data: bytes) -> None:
         pass
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="necrod defect: a queued slots.allocate whose client disconnected is still granted the next "
-    "free slot, which then sits leased to nobody until its TTL expires",
-)
 def test_a_caller_that_vanished_while_queued_does_not_take_the_next_slot(
     necrod_factory: Callable[..., Necrod], origin: Path
 ) -> None:

@@ -64,11 +64,6 @@ def _delete_all_slots(slot: dict[str, object], mirror: Path) -> None:
     [_delete_dir, _delete_dotgit, _delete_admin, _delete_all_slots],
     ids=["slot-directory", "dotgit-file", "admin-directory", "all-slot-directories"],
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="necrod defect: an idle slot whose directory, .git file or admin directory was deleted is "
-    "handed out as it is (allocate does not check SlotGit.healthy())",
-)
 def test_an_idle_slot_damaged_under_the_daemon_is_not_handed_out_broken(
     necrod_factory: Callable[..., Necrod], origin: Path, damage: Callable[[dict[str, object], Path], None]
 ) -> None:
@@ -200,11 +195,6 @@ def test_a_cleanup_on_a_mirror_missing_its_pack_is_healed_or_quarantined(
         assert status["state"] == "degraded" and any("in error" in r for r in status["degraded"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="necrod defect: after a cleanup fails on objects missing from the mirror, the mirror is not "
-    "repaired and its other slots (HEAD unreadable) are still handed out",
-)
 def test_no_slot_of_a_mirror_missing_its_pack_is_handed_out_unusable(
     packless: tuple[Necrod, str, dict[str, object]],
 ) -> None:

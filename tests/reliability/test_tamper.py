@@ -247,23 +247,9 @@ def test_planted_code_never_runs_under_cleanup_or_fetch(scene: Scene, marker: Pa
     assert all(e["pool"] == "repo" and e["changed"] for e in events)
 
 
-#: Plants that the health scan's `git status` in idle slots runs, because it does not restore the
-#: mirror first (each one is a defect report).
-RUN_BY_HEALTH_SCAN = (
-    "necrod defect: the health scan runs `git status` in idle slots without restoring the mirror "
-    "first, so a planted filter driver (info/attributes + filter.<name>.clean, directly or through "
-    "include.path) runs under the daemon's git"
-)
-
-
 @pytest.mark.parametrize(
     "plant",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=RUN_BY_HEALTH_SCAN))
-        if name in ("include", "filter-info-attributes")
-        else name
-        for name in PLANTS
-    ],
+    PLANTS,
 )
 def test_planted_code_never_runs_under_a_deep_health_scan_or_salvage_queries(
     scene: Scene, marker: Path, plant: str
