@@ -144,8 +144,13 @@ class Slot:
         return slot
 
     def snapshot(self) -> Slot:
-        """A deep copy, to restore when the change made after it fails to become durable."""
-        return copy.deepcopy(self)
+        """A copy to restore when the change made after it fails to become durable. Shallow is
+        enough: every field but the lease is immutable, and a lease's fields are replaced, never
+        changed in place."""
+        snap = copy.copy(self)
+        if self.lease is not None:
+            snap.lease = copy.copy(self.lease)
+        return snap
 
     def restore(self, snap: Slot, version: int) -> bool:
         """Undo to ``snap`` if nothing changed the slot since the change at ``version``."""

@@ -107,7 +107,6 @@ class Lifecycle(EngineBase):
         if await self._commit_or_log(slot, snap, [self._slot_event(slot, "created")]):
             self._offer(p, slot)
             self._maintain(p)
-            self._spawn(self.measure, slot)
 
     def _retiring(self, p: Pool, slot: Slot) -> bool:
         if p.draining or slot.retire:
@@ -180,13 +179,14 @@ class Lifecycle(EngineBase):
             slot.state = SlotState.AVAILABLE
             slot.commit = base
             slot.verified_at = self.clock.monotonic()
+            if p.clean_bytes is not None and p.clean_bytes[0] == base:
+                slot.disk_bytes = p.clean_bytes[1]
         events.append(self._slot_event(slot, "cleaned"))
         if await self._commit_or_log(slot, snap, events):
             if p.config.metrics:
                 self.metrics.cleanup_seconds.labels(p.name).observe(time.perf_counter() - started)
             if slot.state is SlotState.AVAILABLE:
                 self._offer(p, slot)
-                self._spawn(self.measure, slot)
             self._maintain(p)
 
     async def _cleanup_failed(self, p: Pool, slot: Slot, exc: Exception) -> None:
@@ -310,9 +310,11 @@ class Lifecycle(EngineBase):
     def _persist_quietly_later(self, event: Event) -> None:
         self._spawn(self._persist_quietly, [event])
 
-    async def measure(self, slot: Slot) -> None:
-        """Disk use of one slot, walked in a worker thread (shown by ``necroctl slots -l``)."""
-        slot.disk_bytes = await anyio.to_thread.run_sync(disk_usage, slot.path)
+    async def measure(self, slot: Slot) -> int | None:
+        """Disk use of one slot (shown by ``necroctl slots -l``); the supervisor calls this, never
+        the cleanup path: a walk of a large checkout costs tens of milliseconds."""
+        slot.disk_bytes = await disk_usage(slot.path)
+        return slot.disk_bytes
 
     # --- pool size -----------------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 from pathlib import Path
@@ -77,6 +78,18 @@ def _config(args: argparse.Namespace) -> tuple[Config, Path | None]:
     return embedded_config(str(repo), pool_name_for(str(repo))), None
 
 
+def _watch_children_with_pidfds() -> None:
+    """On Python 3.11 asyncio watches each child (every git) with a thread of its own; a pidfd
+    watcher is about half the cost per process start (3.12 does this by itself)."""
+    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return  # the kernel has no pidfds
+    asyncio.set_child_watcher(asyncio.PidfdChildWatcher())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.check_config is not None:
@@ -114,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     daemon = Daemon(settings, config)
+    _watch_children_with_pidfds()
     try:
         return anyio.run(daemon.run)
     except AlreadyRunning as exc:

@@ -93,6 +93,8 @@ class Pool:
         #: The mirror lost objects and is being fetched again: nothing is handed out meanwhile.
         self.repairing = False
         self.verifying = False
+        #: (commit, bytes): the disk use of a clean checkout of that commit.
+        self.clean_bytes: tuple[str, int] | None = None
         #: Monotonic time of the last mirror connectivity check.
         self.mirror_checked_at = 0.0
 

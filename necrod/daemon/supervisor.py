@@ -164,12 +164,28 @@ class Supervisor:
         while True:
             await self.check_disk()
             if rounds % 20 == 0:
-                for p in list(self.engine.pools.values()):
-                    for slot in list(p.slots.values()):
-                        if slot.state is SlotState.ALLOCATED:
-                            await self.engine.measure(slot)
+                await self.measure_slots()
             rounds += 1
             await self._every(lambda c: c.disk_check_interval_s)
+
+    async def measure_slots(self) -> None:
+        """Disk use: every held slot (agents change them), and one clean slot per base commit,
+        whose size every idle slot at that commit shares (they are the same checkout)."""
+        for p in list(self.engine.pools.values()):
+            for slot in list(p.slots.values()):
+                if slot.state is SlotState.ALLOCATED:
+                    await self.engine.measure(slot)
+            idle = [
+                s for s in p.slots.values() if s.state is SlotState.AVAILABLE and s.commit == p.base_commit
+            ]
+            if idle and p.base_commit and (p.clean_bytes is None or p.clean_bytes[0] != p.base_commit):
+                size = await self.engine.measure(idle[0])
+                if size is not None:
+                    p.clean_bytes = (p.base_commit, size)
+            if p.clean_bytes is not None:
+                for slot in idle:
+                    if slot.commit == p.clean_bytes[0]:
+                        slot.disk_bytes = p.clean_bytes[1]
 
     # --- idle slots above the baseline ------------------------------------------------------------------
 

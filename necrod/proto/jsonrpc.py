@@ -153,8 +153,12 @@ def decode_request(line: bytes) -> Request | BadRequest:
     return Request(request_id, method, params, notification=not has_id)
 
 
+# Made once: json.dumps with arguments builds a new encoder on every call.
+_encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def _dump(obj: dict[str, Any]) -> bytes:
-    return (json.dumps(obj, separators=(",", ":"), allow_nan=False) + "\n").encode("ascii")
+    return (_encoder.encode(obj) + "\n").encode("ascii")
 
 
 def encode_result(request_id: RequestId, result: Any) -> bytes:

@@ -138,7 +138,8 @@ def test_a_mirror_missing_an_object_never_hands_out_a_broken_checkout(
             except (ResourceExhausted, Unavailable):
                 continue
             handed_out += 1
-            assert lease["slot_id"] != victim["slot_id"], "handed out while it was being cleaned"
+            # The victim itself may come back healed while this call waits: whichever slot it
+            # is, what is handed out must be whole.
             assert_usable(lease["path"], base)
             c.release(lease["lease_id"], salvage=False)
         slot = slots_by_id(d)[victim["slot_id"]]
