@@ -181,6 +181,8 @@ class LeaseOps(EngineBase):
         return None
 
     def _whole(self, p: Pool, slot: Slot) -> bool:
+        if p.mirror.slot_looks_whole(slot.admin, slot.path):
+            return True
         problem = self._slot_git(p, slot).healthy()
         if problem is None:
             pointer = p.mirror.dotgit_problem(slot.admin, slot.path)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -119,6 +120,25 @@ class Mirror:
                 changed.append(name)
                 _remove(p)
         return changed
+
+    def slot_looks_whole(self, admin: str, slot_path: str) -> bool:
+        """The allocation path's check, in five system calls: the slot's ``.git`` is a regular
+        file naming its admin directory, which has a ``HEAD``. False means: look closer
+        (``SlotGit.healthy`` and ``dotgit_problem`` say what is wrong)."""
+        try:
+            fd = os.open(os.path.join(slot_path, ".git"), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            return False
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return False
+            text = os.read(fd, 4096)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+        admin_dir = f"{self.path}/worktrees/{admin}"
+        return text.strip() == os.fsencode(f"gitdir: {admin_dir}") and os.path.isfile(f"{admin_dir}/HEAD")
 
     def dotgit_problem(self, admin: str, slot_path: str) -> str | None:
         """Why the slot's ``.git`` file does not point at its admin directory, or None."""

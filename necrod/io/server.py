@@ -197,7 +197,8 @@ class Connection:
         self.stream = stream
         self.id = connection_id
         self._write_timeout = write_timeout
-        self._send_lock = anyio.Lock()
+        # Uncontended (nearly always: one reply at a time), it takes the lock without a turn of the loop.
+        self._send_lock = anyio.Lock(fast_acquire=True)
         self.scope = anyio.CancelScope()
         self.busy = False
         self.tg: TaskGroup | None = None
