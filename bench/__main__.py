@@ -2,7 +2,7 @@
 it, and print one table of medians, p99s and ratios against baselines measured in the same run.
 
 Items (issue 6): 1 allocation latency, 2 the other ways per task, 3 release to available,
-4 fetching, 5 disk, 6 the daemon itself, and ``db`` the SQLite commit inline vs in a thread.
+4 fetching, 5 disk, 6 the daemon itself, 7 the dispatcher, and ``db`` the SQLite commit inline vs in a thread.
 Everything it starts lives under one /tmp/nb-* directory, removed at the end, even on Ctrl-C.
 """
 
@@ -16,13 +16,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import alloc, baselines, daemon_cost, debris, disk, fetch, release, report, sqlite_hop
+from bench import alloc, baselines, daemon_cost, debris, disk, dispatch, fetch, release, report, sqlite_hop
 from bench.daemon import Daemon, config_yaml
 from bench.gitrepo import git, make_origin
 from bench.report import Row
 from bench.scratch import Scratch, raise_on_sigterm
 
-ITEMS = ("1", "2", "3", "4", "5", "6", "db")
+ITEMS = ("1", "2", "3", "4", "5", "6", "7", "db")
 ALLOC_POOL, DISK_POOL = "alloc", "disk"
 
 
@@ -38,10 +38,12 @@ class Plan:
     fetch_intervals: int
     fetch_slots: tuple[int, ...]
     fetch_clones: tuple[int, ...]
+    #: Tasks run to completion per dispatcher measurement.
+    tasks_done: int
 
 
-QUICK = Plan((1, 8, 32), 2, 2, 2, 5.0, 300, 2, (1, 10), (10,))
-FULL = Plan((1, 8, 32, 64), 6, 9, 9, 35.0, 2000, 4, (1, 10, 50), (10, 50))
+QUICK = Plan((1, 8, 32), 2, 2, 2, 5.0, 300, 2, (1, 10), (10,), 200)
+FULL = Plan((1, 8, 32, 64), 6, 9, 9, 35.0, 2000, 4, (1, 10, 50), (10, 50), 1000)
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -133,10 +135,14 @@ def run(
             say("5: disk")
             rows += disk.measure(daemon, DISK_POOL, scratch, origin)
         daemon.stop()
+    if items & {"6", "7"}:
+        small = make_origin(scratch.path("small.git"), 50, 20)
     if "6" in items:
         say("6: the daemon with 1,000 slots (small repository)")
-        small = make_origin(scratch.path("small.git"), 50, 20)
         rows += daemon_cost.measure(scratch, small, plan.idle_s, args.quick)
+    if "7" in items:
+        say(f"7: the dispatcher, {plan.tasks_done} tasks alone and with {dispatch.QUEUED:,} queued")
+        rows += dispatch.measure(scratch, small, plan.tasks_done, args.quick)
     if "db" in items:
         say("db: sqlite commit inline vs in a thread")
         rows += sqlite_hop.measure(Path(scratch.path("db")), plan.db_commits)

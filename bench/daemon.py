@@ -14,9 +14,12 @@ from necrod.client import Client
 from necrod.proto.errors import DaemonUnreachable
 
 
-def config_yaml(pools: dict[str, dict[str, Any]], daemon: dict[str, Any] | None = None) -> str:
+def config_yaml(
+    pools: dict[str, dict[str, Any]], daemon: dict[str, Any] | None = None, **sections: dict[str, Any]
+) -> str:
+    """pools.yaml text; ``sections`` (``runners``, ``dispatcher``) are written as JSON flow mappings."""
     # JSON values are valid YAML flow scalars, which spares quoting rules.
-    lines = []
+    lines = [f"{name}: {json.dumps(value)}" for name, value in sections.items()]
     if daemon:
         lines.append("daemon:")
         lines += [f"  {k}: {json.dumps(v)}" for k, v in daemon.items()]

@@ -75,6 +75,8 @@ class Watch:
     def __init__(self, conn: Conn) -> None:
         self.conn = conn
         self.seen: list[tuple[float, dict[str, Any]]] = []
+        #: The event the last ``wait`` returned.
+        self.last: dict[str, Any] = {}
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -103,6 +105,7 @@ class Watch:
                 for i, (at, event) in enumerate(self.seen):
                     if match(event):
                         del self.seen[: i + 1]
+                        self.last = event
                         return at
                 self._changed.clear()
                 await self._changed.wait()

@@ -36,6 +36,7 @@ from necrod.core.config import Config, DispatcherConfig, RunnerProfile
 from necrod.core.names import check_branch, check_pool_name, check_ref
 from necrod.core.scheduler import FairShare, ProfileView, choose_profile, eligible, fair_key, order
 from necrod.core.slots import Lease, Slot
+from necrod.core.taskindex import TaskIndex
 from necrod.core.tasks import (
     FINISHED,
     STRATEGY_RETRY_DEFAULT,
@@ -70,6 +71,8 @@ log = structlog.get_logger("necrod.dispatch")
 
 #: The scheduler runs at least this often (backoffs ending, resources freeing).
 TICK_S = 1.0
+#: Stalled chains named in the status.
+STALLED_SHOWN = 20
 #: Environment passed from the daemon to runners (nothing else of the daemon's leaks through).
 RUNNER_PASSTHROUGH = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "TERM")
 #: The profile that runs a task which brings its own command and names no profile.
@@ -110,8 +113,9 @@ class Dispatcher:
         self.state_dir = state_dir
         self.metrics = metrics
         self.clock = clock or Clock()
-        self.tasks: dict[str, Task] = {}
-        self.dependents: dict[str, set[str]] = {}
+        self.index = TaskIndex()
+        self.tasks = self.index.tasks
+        self.dependents = self.index.dependents
         self.active: dict[str, Active] = {}
         self.next_seq = 1
         self.next_batch = 1
@@ -165,12 +169,8 @@ class Dispatcher:
         return self.fleet.apply(config.hosts)
 
     def _load(self) -> None:
-        for row in self.store.load("task").values():
-            task = Task.from_row(row)
-            self.tasks[task.task_id] = task
-            self.next_seq = max(self.next_seq, task.seq + 1)
-            for dep in task.depends_on:
-                self.dependents.setdefault(dep, set()).add(task.task_id)
+        self.index.add(Task.from_row(row) for row in self.store.load("task").values())
+        self.next_seq = max((t.seq + 1 for t in self.tasks.values()), default=1)
         meta = self.store.load("dispatcher").get("state", {})
         self.next_batch = int(meta.get("next_batch", 1))
         now = self.clock.monotonic()
@@ -412,10 +412,7 @@ class Dispatcher:
             self.next_batch += 1
         ops.append(self._meta_op())
         await self.store.write(ops)
-        for task in built:
-            self.tasks[task.task_id] = task
-            for dep in task.depends_on:
-                self.dependents.setdefault(dep, set()).add(task.task_id)
+        self.index.add(built)
         self.wake()
         if single:
             return {"task_id": built[0].task_id, "state": str(built[0].state)}
@@ -444,10 +441,9 @@ class Dispatcher:
                 return f"dependency {dep_id} is {dep.state}"
         return None
 
-    def _dependencies_done(self, task: Task) -> bool:
-        return all(
-            (d := self.tasks.get(dep)) is None or d.state is TaskState.SUCCEEDED for dep in task.depends_on
-        )
+    def _to(self, task: Task, state: TaskState) -> None:
+        """Every change of a task's state goes here, to keep the index of ready tasks right."""
+        self.index.set_state(task, state)
 
     # --- queries ----------------------------------------------------------------------------------
 
@@ -515,7 +511,7 @@ class Dispatcher:
                 a.request_stop("cancelled")
                 waits.append(a)
             else:
-                t.state = TaskState.CANCELLED
+                self._to(t, TaskState.CANCELLED)
                 t.finished_at = self.clock.wall()
                 t.reason = "cancelled"
                 ops += [Put("task", t.task_id, t.to_row()), self._event(t, "cancelled")]
@@ -545,13 +541,11 @@ class Dispatcher:
                         f"{t.task_id} is {t.state}; only failed or cancelled tasks are retried"
                     )
                 continue
-            t.state = TaskState.QUEUED
             t.retries_used = 0
             t.next_attempt_at = 0.0
             t.finished_at = None
             t.reason = self._broken_dependency(t)
-            if t.reason:
-                t.state = TaskState.BLOCKED
+            self._to(t, TaskState.BLOCKED if t.reason else TaskState.QUEUED)
             ops += [Put("task", t.task_id, t.to_row()), self._event(t, "retried")]
             ops += self._unblock_dependents(t)
         if ops:
@@ -576,7 +570,7 @@ class Dispatcher:
         ops: list[Put | Delete | Event] = []
         for dep in self._transitive(task):
             if dep.state is TaskState.QUEUED:
-                dep.state = TaskState.BLOCKED
+                self._to(dep, TaskState.BLOCKED)
                 dep.reason = f"dependency {task.task_id} {task.state}"
                 ops += [
                     Put("task", dep.task_id, dep.to_row()),
@@ -588,8 +582,8 @@ class Dispatcher:
         ops: list[Put | Delete | Event] = []
         for dep in self._transitive(task):
             if dep.state is TaskState.BLOCKED and self._broken_dependency(dep) is None:
-                dep.state = TaskState.QUEUED
                 dep.reason = None
+                self._to(dep, TaskState.QUEUED)
                 ops += [Put("task", dep.task_id, dep.to_row()), self._event(dep, "queued")]
         return ops
 
@@ -629,12 +623,8 @@ class Dispatcher:
         cfg = self.cfg
         now = self.clock.wall()
         candidates = []
-        for t in self.tasks.values():
-            if t.state is not TaskState.QUEUED:
-                continue
-            if not self._dependencies_done(t):
-                t.waiting_on, t.reason = "dependencies", None
-            elif t.next_attempt_at > now:
+        for t in self.index.ready.values():
+            if t.next_attempt_at > now:
                 t.waiting_on = "backoff"
             else:
                 candidates.append(t)
@@ -646,9 +636,11 @@ class Dispatcher:
         running = Counter(a.profile.name for a in self.active.values())
         total = len(self.active)
         ok, why = self._resources_ok()
-        labels = dict(cfg.label_priority)
-        ordered = order(candidates, cfg.policy, label_priority=labels, fair=self.fair,
-                        fair_key_by=cfg.fair_share_key, now=self.clock.monotonic())  # fmt: skip
+        if total >= cfg.max_running or not ok:
+            ordered = candidates  # none starts: the order does not matter, only the reason each shows
+        else:
+            ordered = order(candidates, cfg.policy, label_priority=dict(cfg.label_priority), fair=self.fair,
+                            fair_key_by=cfg.fair_share_key, now=self.clock.monotonic())  # fmt: skip
         no_slot: set[str] = set()
         on_host = Counter(a.host for a in self.active.values())
         started = 0
@@ -665,7 +657,7 @@ class Dispatcher:
                 continue
             host, profile = placed
             # Taken: from here the task is ours to start.
-            t.state = TaskState.RUNNING
+            self._to(t, TaskState.RUNNING)
             t.waiting_on = t.reason = None
             a = Active(t, profile, host=host, accounted_at=self.clock.monotonic())
             self.active[t.task_id] = a
@@ -732,14 +724,19 @@ class Dispatcher:
 
     def _report_stall(self) -> None:
         """When tasks are queued, none runs and none can start, say which chain holds them."""
-        queued = [t for t in self.tasks.values() if t.state is TaskState.QUEUED]
-        if self.active or not queued or any(t.waiting_on == "backoff" for t in queued):
+        if self.active:
             self.stalled = []
             return
-        chains = []
+        queued = [t for t in self.tasks.values() if t.state is TaskState.QUEUED]
+        if not queued or any(t.waiting_on == "backoff" for t in queued):
+            self.stalled = []
+            return
+        chains: list[str] = []
         for t in queued:
             if t.waiting_on != "dependencies":
                 continue
+            if len(chains) == STALLED_SHOWN:
+                break
             chain, seen, cur = [t.task_id], {t.task_id}, t
             while cur.waiting_on == "dependencies":
                 nxt = next((self.tasks[d] for d in cur.depends_on
@@ -757,7 +754,7 @@ class Dispatcher:
             for t in queued
             if t.waiting_on != "dependencies"
         ]
-        self.stalled = (chains + roots)[:20]
+        self.stalled = (chains + roots)[:STALLED_SHOWN]
 
     def _account(self) -> None:
         """Charge running tasks' runner-seconds to their fair-share key."""
@@ -834,7 +831,7 @@ class Dispatcher:
         except (ResourceExhausted, Unavailable, AlreadyExists) as exc:
             # Not the task's fault: back to the queue, to try again when things change.
             self.active.pop(t.task_id, None)
-            t.state = TaskState.QUEUED
+            self._to(t, TaskState.QUEUED)
             t.waiting_on, t.reason = "slot", exc.message
             a.stopped.set()
             if a.stop_reason == "cancelled":
@@ -997,7 +994,8 @@ class Dispatcher:
         finally:
             # Whatever happened above, the attempt is over: never leave it dangling.
             if a.task.state is TaskState.RUNNING:
-                a.task.state, a.task.reason = TaskState.QUEUED, "its last attempt could not be recorded"
+                self._to(a.task, TaskState.QUEUED)
+                a.task.reason = "its last attempt could not be recorded"
             self.active.pop(a.task.task_id, None)
             a.stopped.set()
             self.wake()
@@ -1030,21 +1028,26 @@ class Dispatcher:
         self._account()
         ops: list[Put | Delete | Event] = []
         if outcome == "succeeded":
-            t.state, t.reason, t.finished_at = TaskState.SUCCEEDED, None, now
+            self._to(t, TaskState.SUCCEEDED)
+            t.reason, t.finished_at = None, now
         elif outcome == "cancelled":
-            t.state, t.reason, t.finished_at = TaskState.CANCELLED, "cancelled", now
+            self._to(t, TaskState.CANCELLED)
+            t.reason, t.finished_at = "cancelled", now
             ops += self._block_dependents(t)
         elif outcome == "interrupted":
-            t.state, t.reason, t.next_attempt_at = TaskState.QUEUED, detail, 0.0
+            t.reason, t.next_attempt_at = detail, 0.0
+            self._to(t, TaskState.QUEUED)
         else:
             limit = t.max_retries
             if t.retries_used < limit:
                 t.retries_used += 1
                 delay = retry_delay(t.retries_used, self.cfg.retry_backoff_s, self.cfg.retry_backoff_max_s)
-                t.state, t.reason = TaskState.QUEUED, f"attempt {len(t.attempts)} {outcome}: {detail}"
+                self._to(t, TaskState.QUEUED)
+                t.reason = f"attempt {len(t.attempts)} {outcome}: {detail}"
                 t.next_attempt_at, t.waiting_on = now + delay, "backoff"
             else:
-                t.state, t.reason, t.finished_at = TaskState.FAILED, f"{outcome}: {detail}", now
+                self._to(t, TaskState.FAILED)
+                t.reason, t.finished_at = f"{outcome}: {detail}", now
                 ops += self._block_dependents(t)
                 if t.failure_strategy == "stop-all" and t.batch:
                     self._spawn(self._stop_batch, t)
@@ -1060,6 +1063,8 @@ class Dispatcher:
         await self.cancel(None, failed.batch)
 
     def _prune(self) -> list[Put | Delete | Event]:
+        if len(self.tasks) <= self.cfg.keep_finished:
+            return []
         finished = [t for t in self.tasks.values() if t.state in FINISHED]
         excess = len(finished) - self.cfg.keep_finished
         if excess <= 0:
@@ -1072,8 +1077,7 @@ class Dispatcher:
                 if d in self.tasks
             ):
                 continue
-            del self.tasks[t.task_id]
-            self.dependents.pop(t.task_id, None)
+            self.index.remove(t.task_id)
             ops.append(Delete("task", t.task_id))
         return ops
 

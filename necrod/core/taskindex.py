@@ -1,0 +1,74 @@
+"""The dispatcher's tasks, indexed so that a scheduling pass looks only at tasks that could start.
+
+With ten thousand tasks queued in chains, nearly all of them wait on a dependency; a pass that
+walked every task and its dependencies on every wake-up cost more than running the tasks did.
+The index keeps the set of *ready* tasks (queued, every dependency succeeded) up to date as
+states change, and a task's dependents are looked at again only when its success changes.
+
+Every state change goes through ``set_state``. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from necrod.core.tasks import Task, TaskState
+
+
+class TaskIndex:
+    def __init__(self) -> None:
+        self.tasks: dict[str, Task] = {}
+        #: task id → ids of the tasks that depend on it.
+        self.dependents: dict[str, set[str]] = {}
+        #: Queued tasks whose dependencies have all succeeded, in the order they became ready.
+        self.ready: dict[str, Task] = {}
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def add(self, tasks: Iterable[Task]) -> None:
+        """Add tasks that may depend on each other: all are known before any is judged ready
+        (a dependency not known counts as pruned, hence done)."""
+        added = list(tasks)
+        for task in added:
+            self.tasks[task.task_id] = task
+            for dep in task.depends_on:
+                self.dependents.setdefault(dep, set()).add(task.task_id)
+        for task in added:
+            self._update(task)
+
+    def remove(self, task_id: str) -> None:
+        """Forget a finished task (pruned). Its dependents count it as done from now on."""
+        self.tasks.pop(task_id, None)
+        self.ready.pop(task_id, None)
+        for dep_id in self.dependents.pop(task_id, ()):
+            if (dep := self.tasks.get(dep_id)) is not None:
+                self._update(dep)
+
+    def set_state(self, task: Task, state: TaskState) -> None:
+        was_done = task.state is TaskState.SUCCEEDED
+        task.state = state
+        self._update(task)
+        if was_done != (state is TaskState.SUCCEEDED):
+            for dep_id in self.dependents.get(task.task_id, ()):
+                if (dep := self.tasks.get(dep_id)) is not None:
+                    self._update(dep)
+
+    def dependencies_done(self, task: Task) -> bool:
+        """Every dependency succeeded (one no longer known was pruned after it finished)."""
+        for dep_id in task.depends_on:
+            dep = self.tasks.get(dep_id)
+            if dep is not None and dep.state is not TaskState.SUCCEEDED:
+                return False
+        return True
+
+    def _update(self, task: Task) -> None:
+        if task.state is not TaskState.QUEUED or task.task_id not in self.tasks:
+            self.ready.pop(task.task_id, None)
+        elif self.dependencies_done(task):
+            if task.waiting_on == "dependencies":
+                task.waiting_on = None
+            self.ready.setdefault(task.task_id, task)
+        else:
+            self.ready.pop(task.task_id, None)
+            task.waiting_on, task.reason = "dependencies", None
