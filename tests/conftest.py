@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from tests import helpers
 from tests.helpers import Necrod, cleanup_dir, make_origin, pool_config, short_tmpdir
 
 
@@ -24,6 +25,13 @@ def workdir() -> Iterator[Path]:
 @pytest.fixture
 def origin(workdir: Path) -> Path:
     return make_origin(workdir / "origin")
+
+
+@pytest.fixture(params=["worktree", "shared-clone"])
+def slot_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test once per kind of slot (``pytestmark = pytest.mark.usefixtures("slot_kind")``)."""
+    monkeypatch.setattr(helpers, "POOL_DEFAULTS", {**helpers.POOL_DEFAULTS, "isolation": request.param})
+    return str(request.param)
 
 
 @pytest.fixture

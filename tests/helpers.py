@@ -206,7 +206,13 @@ class Necrod:
         return wait_for(check, timeout, what=f"{count} {state} slot(s) in {pool}")  # type: ignore[no-any-return]
 
 
+#: Defaults every ``pool_config`` carries unless a test says otherwise: the ``slot_kind``
+#: fixture sets ``isolation`` here, so one suite runs on both kinds of pool.
+POOL_DEFAULTS: dict[str, Any] = {}
+
+
 def pool_config(pools: dict[str, Path | str], **defaults: Any) -> str:
+    defaults = {**POOL_DEFAULTS, **defaults}
     lines = []
     if defaults:
         lines.append("defaults:")

@@ -26,6 +26,8 @@ from tests.helpers import Necrod, commit_file, git, pool_config, wait_for
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
+pytestmark = pytest.mark.usefixtures("slot_kind")
+
 
 def status_porcelain(path: str) -> str:
     return git(path, "status", "--porcelain", "--ignored", "--untracked-files=all")

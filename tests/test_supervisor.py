@@ -15,6 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from necrod.proto.errors import ResourceExhausted
 from tests.helpers import Necrod, commit_file, git, pool_config, wait_for
 
+pytestmark = pytest.mark.usefixtures("slot_kind")
+
 
 def pool_view(d: Necrod, name: str) -> dict[str, Any]:
     return next(p for p in d.call("pools.list")["pools"] if p["name"] == name)
@@ -117,12 +119,13 @@ def test_an_invalid_file_changes_nothing_and_is_reported_with_its_line(
     d = necrod_factory(pool_config({"repo": origin}, slots=2, min_idle=0))
     assert d.config_path is not None
     good = d.config_path.read_text()
-    d.config_path.write_text(good.replace("slots: 2", "slots: 2\n  colour: blue"))
+    bad = good.replace("slots: 2", "slots: 2\n  colour: blue")
+    d.config_path.write_text(bad)
     status = wait_for(lambda: (s := d.call("daemon.status"))["config"]["last_reload_error"] and s, 20,
                       what="the rejection")  # fmt: skip
     error = status["config"]["last_reload_error"]
     assert (
-        error["line"] == 3
+        error["line"] == bad.splitlines().index("  colour: blue") + 1
         and "unknown key 'colour'" in error["message"]
         and error["file"] == str(d.config_path)
     )
@@ -166,17 +169,27 @@ def kinds(found: list[dict[str, Any]]) -> set[str]:
     return {a["kind"] for a in found}
 
 
-def test_corruption_is_detected_and_healed(necrod_factory: Callable[..., Necrod], origin: Path) -> None:
+def test_corruption_is_detected_and_healed(
+    necrod_factory: Callable[..., Necrod], origin: Path, slot_kind: str
+) -> None:
     d = necrod_factory(pool_config({"repo": origin}, slots=5, max_slots=5, min_idle=0, fetch_interval_s=0))
     slots = d.wait_slots("repo", "available", 5)
     paths = {s["slot_id"]: Path(s["path"]) for s in slots}
     mirror = Path(pool_view(d, "repo")["mirror"])
+
+    def git_dir(n: int) -> Path:
+        return mirror / "worktrees" / str(n) if slot_kind == "worktree" else paths[f"repo/{n}"] / ".git"
+
     assert anomalies(d, deep=True) == []
-    # 1: directory gone; 2: .git file broken; 3: git status fails; 4: index.lock with no git.
+    # 1: directory gone; 2: its pointer to the mirror broken; 3: git status fails; 4: index.lock
+    # with no git.
     shutil.rmtree(paths["repo/1"])
-    (paths["repo/2"] / ".git").write_text("gitdir: /nowhere\n")
-    (mirror / "worktrees" / "3" / "index").write_bytes(b"garbage, not an index")
-    (mirror / "worktrees" / "4" / "index.lock").write_text("")
+    if slot_kind == "worktree":
+        (paths["repo/2"] / ".git").write_text("gitdir: /nowhere\n")
+    else:
+        (paths["repo/2"] / ".git" / "objects" / "info" / "alternates").write_text("/nowhere\n")
+    (git_dir(3) / "index").write_bytes(b"garbage, not an index")
+    (git_dir(4) / "index.lock").write_text("")
     # 5: an idle slot written to.
     (paths["repo/5"] / "stray.txt").write_text("someone wrote here after release\n")
     # Things no slot owns, and a stale lock in the mirror.

@@ -443,7 +443,7 @@ _POOL_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "clone_timeout_s": _num_in(1, 7 * 24 * 3600),
     "git_concurrency": _int_in(1, 256),
     "idle_timeout_s": _num_in(0, WEEK_S),
-    "isolation": _one_of("worktree"),
+    "isolation": _one_of("worktree", "shared-clone"),
     "metrics": _is_bool,
     "stale_lock_hours": _num_in(0, 24 * 365, above=True),
     "lock_timeout_s": _num_in(0, 24 * 3600),

@@ -85,6 +85,7 @@ _PERSISTED = (
     "salvage_note",
     "retire",
     "disk_bytes",
+    "kind",
 )
 
 
@@ -94,9 +95,12 @@ class Slot:
     pool: str
     number: int
     path: str
-    #: Name of the worktree's admin directory under ``mirror.git/worktrees/``.
+    #: Name of the worktree's admin directory under ``mirror.git/worktrees/`` (and of the slot's pin).
     admin: str
     state: SlotState
+    #: ``worktree`` or ``shared-clone`` (``slotkinds``): what is on disk, which may lag the pool's
+    #: ``isolation`` after a reload until the slot is rebuilt.
+    kind: str = "worktree"
     commit: str | None = None
     branch: str | None = None
     fencing_token: int = 0
@@ -181,6 +185,7 @@ class Slot:
             "allocations": self.allocations,
             "last_released_at": self.last_released_at or None,
             "disk_bytes": self.disk_bytes,
+            "kind": self.kind,
         }
 
 

@@ -1,7 +1,8 @@
 """Git work inside one slot: salvaging what a lease left, and resetting to a clean checkout.
 
-Every call names the worktree's admin directory and work tree explicitly (``--git-dir``,
-``--work-tree``) instead of trusting the slot's ``.git`` file, which the agent could rewrite.
+Every call names the slot's git directory and work tree explicitly (``--git-dir``,
+``--work-tree``) instead of trusting the slot's ``.git``, which the agent could rewrite. Where
+that git directory is and how salvage reaches the mirror depend on the pool's slot kind.
 """
 
 from __future__ import annotations
@@ -9,10 +10,10 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
 import anyio
 
+from necrod.daemon.slotkinds import SlotKind
 from necrod.io.gitrun import GitError, GitResult, GitRunner
 from necrod.io.procs import processes_in
 
@@ -49,24 +50,19 @@ class Salvage:
 
 
 class SlotGit:
-    """git in one slot of a mirror."""
+    """git in one slot of a pool."""
 
-    def __init__(self, git: GitRunner, mirror: Path, admin: str, path: str, timeout: float) -> None:
+    def __init__(self, git: GitRunner, kind: SlotKind, admin: str, path: str, timeout: float) -> None:
         self.git = git
-        self.mirror = mirror
-        self.admin_dir = mirror / "worktrees" / admin
+        self.kind = kind
+        self.admin = admin
+        self.admin_dir = kind.git_dir(admin, path)
         self.path = path
         self.timeout = timeout
 
     def healthy(self) -> str | None:
         """Why the slot cannot be cleaned in place (it must be rebuilt), or None."""
-        if not os.path.isdir(self.path):
-            return "its directory is gone"
-        if not os.path.isfile(os.path.join(self.path, ".git")):
-            return "its .git file is gone"
-        if not (self.admin_dir / "HEAD").is_file():
-            return "its admin directory in the mirror is gone"
-        return None
+        return self.kind.problem(self.admin, self.path)
 
     async def run(
         self, args: list[str], *, env: dict[str, str] | None = None, check: bool = True
@@ -127,28 +123,28 @@ class SlotGit:
         trailers = f"\n\nNecrod-Lease: {lease_id}\nNecrod-Start: {start_commit or head}\n"
         commit = (await self.run(["commit-tree", tree, "-p", head, "-m", message + trailers])).out.strip()
         ref = f"refs/necrod/salvage/{lease_id}"
-        await self.git.run(
-            ["update-ref", "--end-of-options", ref, commit], git_dir=self.mirror, timeout=self.timeout
-        )
+        await self.kind.keep(self.admin, self.path, ref, commit, timeout=self.timeout)
         return Salvage(ref, commit, dirty, partial=added.returncode != 0)
 
     async def reset(self, commit: str, clean_flags: str) -> None:
         """Detached at ``commit``, tracked files as committed, untracked (and ignored, with -x)
         files gone, no interrupted merge or rebase left behind."""
         self.clear_operation_state()
+        self.kind.pin(self.admin, commit)
         await self.run(["checkout", "--quiet", "--force", "--detach", commit])
         await self.run(["clean", "--quiet", clean_flags])
 
+    async def move(self, commit: str) -> None:
+        """An idle, clean slot to a new base commit: only the tracked files that differ change."""
+        self.kind.pin(self.admin, commit)
+        await self.run(["checkout", "--quiet", "--force", "--detach", commit])
+
     async def checkout(self, commit: str, branch: str | None) -> None:
+        self.kind.pin(self.admin, commit)
         if branch is None:
             await self.run(["checkout", "--quiet", "--detach", commit])
         else:
             await self.run(["checkout", "--quiet", "-B", branch, commit])
 
     async def delete_branch(self, branch: str) -> None:
-        await self.git.run(
-            ["update-ref", "-d", "--end-of-options", f"refs/heads/{branch}"],
-            git_dir=self.mirror,
-            timeout=self.timeout,
-            check=False,
-        )
+        await self.kind.delete_branch(self.admin, self.path, branch, timeout=self.timeout)

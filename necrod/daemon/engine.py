@@ -146,11 +146,11 @@ class PoolEngine(LeaseOps, Lifecycle):
         """At start: forget worktrees whose directories vanished, adopt worktrees of ours the
         state does not know (salvaged, then cleaned), report anything else."""
         try:
-            await pool.mirror.prune_worktrees()
+            await pool.kind.prune()
         except GitError as exc:
             log.warning("worktree_prune_failed", pool=pool.name, error=str(exc))
         for entry in self.unknown_entries(pool):
-            if pool.mirror.owns_worktree(entry):
+            if pool.kind.owns(entry):
                 await self.adopt(pool, entry, "found on disk at start")
             else:
                 log.warning("unknown_directory", pool=pool.name, path=str(entry))
@@ -275,6 +275,9 @@ class PoolEngine(LeaseOps, Lifecycle):
                 p.shrinking = True
         if "fetch_interval_s" in changed:
             p.fetch.next_at = 0.0
+        if "isolation" in changed:
+            for slot in p.slots.values():
+                self._kick(slot)  # idle slots are remade now, held ones after release
         if "repo_url" in changed or "base" in changed:
             self._spawn(self._refetch_base, p)
         self._maintain(p)

@@ -291,13 +291,13 @@ class EngineBase:
             done.set()
 
     def _slot_git(self, p: Pool, slot: Slot) -> SlotGit:
-        return SlotGit(self.git, p.mirror.path, slot.admin, slot.path, p.config.cleanup_timeout_s)
+        return SlotGit(self.git, p.kind_of(slot), slot.admin, slot.path, p.config.cleanup_timeout_s)
 
     def _check_mirror(self, p: Pool, slot: Slot | None = None) -> None:
         """Restore the mirror's shared files (and the slot's admin files) before git runs."""
         changed = p.mirror.restore_canonical()
         if slot is not None:
-            changed += p.mirror.restore_admin(slot.admin, slot.path)
+            changed += p.kind_of(slot).restore(slot.admin, slot.path)
         if changed:
             self._report_tamper(p, changed)
 

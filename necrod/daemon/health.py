@@ -110,10 +110,10 @@ class Healer:
                 engine._kick(slot)
             return [Anomaly("slot_broken", p.name, problem, slot.slot_id, "rebuilding" if heal else None)]
         out = []
-        pointer = p.mirror.dotgit_problem(slot.admin, slot.path)
+        pointer = p.kind_of(slot).pointer_problem(slot.admin, slot.path)
         if pointer is not None:
             if heal:
-                p.mirror.restore_admin(slot.admin, slot.path)  # what `git worktree repair` would do
+                p.kind_of(slot).restore(slot.admin, slot.path)
             out.append(Anomaly("slot_broken", p.name, pointer, slot.slot_id, "repaired" if heal else None))
         locks = [name for name in ("index.lock", "HEAD.lock") if (sg.admin_dir / name).exists()]
         if locks and not processes_in(slot.path):
@@ -173,7 +173,7 @@ class Healer:
     async def _check_directories(self, p: Pool, *, heal: bool) -> list[Anomaly]:
         out = []
         for entry in self.engine.unknown_entries(p):
-            if p.mirror.owns_worktree(entry):
+            if p.kind.owns(entry):
                 action = None
                 if heal:
                     await self.engine.adopt(p, entry, "found on disk by self-healing")
@@ -220,7 +220,7 @@ class Healer:
             for lock in locks:
                 lock.unlink(missing_ok=True)
             try:
-                await p.mirror.prune_worktrees()
+                await p.kind.prune()
             except GitError as exc:
                 log.warning("worktree_prune_failed", pool=p.name, error=str(exc))
         return [Anomaly("stale_mirror_lock", p.name, names, None, "removed")]

@@ -181,13 +181,13 @@ class LeaseOps(EngineBase):
         return None
 
     def _whole(self, p: Pool, slot: Slot) -> bool:
-        if p.mirror.slot_looks_whole(slot.admin, slot.path):
+        if p.kind_of(slot).looks_whole(slot.admin, slot.path):
             return True
         problem = self._slot_git(p, slot).healthy()
         if problem is None:
-            pointer = p.mirror.dotgit_problem(slot.admin, slot.path)
+            pointer = p.kind_of(slot).pointer_problem(slot.admin, slot.path)
             if pointer is not None:
-                self._report_tamper(p, p.mirror.restore_admin(slot.admin, slot.path))
+                self._report_tamper(p, p.kind_of(slot).restore(slot.admin, slot.path))
             return True
         log.warning("slot_broken", slot=slot.slot_id, reason=problem)
         slot.state = SlotState.CLEANING

@@ -68,7 +68,7 @@ class Lifecycle(EngineBase):
             case SlotState.AVAILABLE if not slot.reserved:
                 if p.draining or slot.retire:
                     return self._retire
-                if self._slot_git(p, slot).healthy() is not None:
+                if self._slot_git(p, slot).healthy() is not None or slot.kind != p.config.isolation:
                     return self._mark_broken
                 if p.base_commit and slot.commit != p.base_commit:
                     return self._move
@@ -84,9 +84,8 @@ class Lifecycle(EngineBase):
                 slot.busy = True
                 try:
                     self._check_mirror(p)
-                    await p.mirror.add_worktree(
-                        Path(slot.path), slot.admin, base, timeout=p.config.cleanup_timeout_s
-                    )
+                    slot.kind = p.config.isolation
+                    await p.kind.add(Path(slot.path), slot.admin, base, timeout=p.config.cleanup_timeout_s)
                 finally:
                     slot.busy = False
         except (GitError, OSError) as exc:
@@ -146,12 +145,19 @@ class Lifecycle(EngineBase):
                                 f"necrod salvage of lease {slot.salvage_as} in slot {slot.slot_id}{note}",
                             )  # fmt: skip
                         branch = slot.branch or _head_branch(sg.admin_dir)
-                        if not retiring and not slot.rebuild:
+                        remake = slot.rebuild or slot.kind != p.config.isolation
+                        if not retiring and not remake:
                             await sg.reset(base, p.config.clean_flags)
                         if branch:
                             await sg.delete_branch(branch)
+                    if not retiring and slot.kind != p.config.isolation:
+                        # The pool changed kind: the slot is remade as the new kind, its work
+                        # salvaged first by the kind it was.
+                        await p.kind_of(slot).remove(Path(slot.path), slot.admin,
+                                                     timeout=p.config.cleanup_timeout_s)  # fmt: skip
+                        slot.kind, problem = p.config.isolation, "its kind changed"
                     if not retiring and (problem is not None or slot.rebuild):
-                        await p.mirror.add_worktree(
+                        await p.kind.add(
                             Path(slot.path), slot.admin, base, timeout=p.config.cleanup_timeout_s
                         )
                 finally:
@@ -207,7 +213,10 @@ class Lifecycle(EngineBase):
             self._maintain(p)
 
     async def _mark_broken(self, p: Pool, slot: Slot) -> None:
-        log.warning("slot_broken", slot=slot.slot_id, reason=self._slot_git(p, slot).healthy())
+        reason = (
+            self._slot_git(p, slot).healthy() or f"it is a {slot.kind} slot in a {p.config.isolation} pool"
+        )
+        log.warning("slot_broken", slot=slot.slot_id, reason=reason)
         slot.state = SlotState.CLEANING
         await self._persist_or_keep(slot, [self._slot_event(slot, "broken")])
 
@@ -233,7 +242,7 @@ class Lifecycle(EngineBase):
                 dirty["state"] = str(SlotState.CLEANING)
                 await self.store.write([Put("slot", slot.slot_id, dirty)])
                 self._check_mirror(p, slot)
-                await self._slot_git(p, slot).run(["checkout", "--quiet", "--force", "--detach", base])
+                await self._slot_git(p, slot).move(base)
             except (GitError, OSError, Unavailable) as exc:
                 log.warning("slot_move_failed", slot=slot.slot_id, error=str(exc))
                 slot.busy = False
@@ -254,9 +263,7 @@ class Lifecycle(EngineBase):
         async with self._limits(p):
             slot.busy = True
             try:
-                await p.mirror.remove_worktree(
-                    Path(slot.path), slot.admin, timeout=p.config.cleanup_timeout_s
-                )
+                await p.kind_of(slot).remove(Path(slot.path), slot.admin, timeout=p.config.cleanup_timeout_s)
             except (GitError, OSError) as exc:
                 log.error("slot_remove_failed", slot=slot.slot_id, error=str(exc))
             finally:
@@ -385,7 +392,7 @@ class Lifecycle(EngineBase):
         p.next_number += 1
         slot = Slot(
             slot_id=slot_id(p.name, number), pool=p.name, number=number, path=str(p.slots_dir / str(number)),
-            admin=str(number), state=SlotState.CREATING, created_at=self.clock.wall(),
+            admin=str(number), state=SlotState.CREATING, created_at=self.clock.wall(), kind=p.config.isolation,
         )  # fmt: skip
         p.slots[slot.slot_id] = slot
         return slot

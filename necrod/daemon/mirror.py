@@ -2,21 +2,21 @@
 
 Layout under ``<workspaces>/<pool>/``::
 
-    mirror.git/          bare repository; refs/remotes/origin/*, refs/tags/*, refs/necrod/salvage/*
-    slots/<n>/           the worktrees
+    mirror.git/          bare repository; refs/remotes/origin/*, refs/tags/*, refs/necrod/salvage/*,
+                         refs/necrod/slots/<n> (the commit each shared-clone slot stands on)
+    slots/<n>/           the slots (see ``slotkinds``)
     salvage-tmp/         scratch for salvage indexes
 
 Every worktree shares the mirror's ``config``, ``info/`` and ``hooks/``: an agent in any slot can
 write them (DESIGN.md, trap 7). necrod wrote them, remembers what they hold, and checks before
-running git for the pool; a difference is restored and reported as tamper.
+running git for the pool; a difference is restored and reported as tamper. Shared-clone slots
+only borrow the mirror's objects: mounted read-only into a container, it is out of their reach.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
-import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,11 +33,9 @@ log = structlog.get_logger("necrod.mirror")
 _EMPTY_DIRS = ("hooks", "info")
 #: Files that must not exist in the mirror: an alternate would let objects come from elsewhere.
 _FORBIDDEN = ("objects/info/alternates", "objects/info/http-alternates", "commondir", "shallow")
-#: Files in a worktree's admin directory that necrod writes, and ones that must not be there.
-_ADMIN_FORBIDDEN = ("config.worktree",)
 
 
-def _quote(value: str) -> str:
+def quote_config(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
@@ -49,24 +47,59 @@ def canonical_config(repo_url: str) -> str:
         "\tbare = true\n"
         "\tlogallrefupdates = false\n"
         '[remote "origin"]\n'
-        f"\turl = {_quote(repo_url)}\n"
+        f"\turl = {quote_config(repo_url)}\n"
         "\tfetch = +refs/heads/*:refs/remotes/origin/*\n"
         "\tfetch = +refs/tags/*:refs/tags/*\n"
         "\ttagOpt = --no-tags\n"
     )
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".necrod-tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def restore_files(
+    root: Path, config_text: str, empty_dirs: tuple[str, ...], forbidden: tuple[str, ...]
+) -> list[str]:
+    """Make ``root/config`` hold ``config_text``, the ``empty_dirs`` empty and the ``forbidden``
+    files absent; return what had to change."""
+    changed: list[str] = []
+    config = root / "config"
+    try:
+        current = config.read_text(errors="replace")
+    except FileNotFoundError:
+        current = None
+    if current != config_text:
+        changed.append("config")
+        write_atomic(config, config_text)
+    for name in empty_dirs:
+        d = root / name
+        if d.is_symlink() or (d.exists() and not d.is_dir()):
+            changed.append(name)
+            d.unlink()
+        try:
+            entries = list(d.iterdir())
+        except FileNotFoundError:
+            entries = []
+        for entry in entries:
+            changed.append(f"{name}/{entry.name}")
+            remove_path(entry)
+        d.mkdir(exist_ok=True)
+    for name in forbidden:
+        p = root / name
+        if p.exists() or p.is_symlink():
+            changed.append(name)
+            remove_path(p)
+    return changed
 
 
 class Mirror:
@@ -86,124 +119,13 @@ class Mirror:
         self.repo_url = repo_url
         self._config_text = canonical_config(repo_url)
         if self.exists:
-            _write_atomic(self.path / "config", self._config_text)
+            write_atomic(self.path / "config", self._config_text)
 
     # --- tamper ---------------------------------------------------------------------------------
 
     def restore_canonical(self) -> list[str]:
         """Put config, info/, hooks/ back as necrod wrote them; return what had changed."""
-        changed: list[str] = []
-        config = self.path / "config"
-        try:
-            current = config.read_text(errors="replace")
-        except FileNotFoundError:
-            current = None
-        if current != self._config_text:
-            changed.append("config")
-            _write_atomic(config, self._config_text)
-        for name in _EMPTY_DIRS:
-            d = self.path / name
-            if d.is_symlink() or (d.exists() and not d.is_dir()):
-                changed.append(name)
-                d.unlink()
-            try:
-                entries = list(d.iterdir())
-            except FileNotFoundError:
-                entries = []
-            for entry in entries:
-                changed.append(f"{name}/{entry.name}")
-                _remove(entry)
-            d.mkdir(exist_ok=True)
-        for name in _FORBIDDEN:
-            p = self.path / name
-            if p.exists() or p.is_symlink():
-                changed.append(name)
-                _remove(p)
-        return changed
-
-    def slot_looks_whole(self, admin: str, slot_path: str) -> bool:
-        """The allocation path's check, in five system calls: the slot's ``.git`` is a regular
-        file naming its admin directory, which has a ``HEAD``. False means: look closer
-        (``SlotGit.healthy`` and ``dotgit_problem`` say what is wrong)."""
-        try:
-            fd = os.open(os.path.join(slot_path, ".git"), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError:
-            return False
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return False
-            text = os.read(fd, 4096)
-        except OSError:
-            return False
-        finally:
-            os.close(fd)
-        admin_dir = f"{self.path}/worktrees/{admin}"
-        return text.strip() == os.fsencode(f"gitdir: {admin_dir}") and os.path.isfile(f"{admin_dir}/HEAD")
-
-    def dotgit_problem(self, admin: str, slot_path: str) -> str | None:
-        """Why the slot's ``.git`` file does not point at its admin directory, or None."""
-        dotgit = Path(slot_path) / ".git"
-        want = f"gitdir: {self.path / 'worktrees' / admin}"
-        try:
-            current = dotgit.read_text(errors="replace").strip() if not dotgit.is_symlink() else None
-        except OSError:
-            return "its .git file cannot be read"
-        if current != want:
-            return f"its .git file points elsewhere ({(current or 'a symlink')[:80]})"
-        return None
-
-    def restore_admin(self, admin: str, slot_path: str) -> list[str]:
-        """Keep one worktree's admin directory pointing where necrod put it."""
-        changed: list[str] = []
-        d = self.path / "worktrees" / admin
-        if not d.is_dir():
-            return changed
-        expected = {"commondir": "../..\n", "gitdir": f"{slot_path}/.git\n"}
-        for name, text in expected.items():
-            p = d / name
-            try:
-                current = p.read_text(errors="replace")
-            except FileNotFoundError:
-                current = None
-            if current != text:
-                changed.append(f"worktrees/{admin}/{name}")
-                _write_atomic(p, text)
-        for name in _ADMIN_FORBIDDEN:
-            p = d / name
-            if p.exists() or p.is_symlink():
-                changed.append(f"worktrees/{admin}/{name}")
-                _remove(p)
-        dotgit = Path(slot_path) / ".git"
-        want = f"gitdir: {d}\n"
-        if not os.path.lexists(dotgit):
-            return changed  # a broken slot: its cleanup rebuilds it
-        try:
-            current = (
-                dotgit.read_text(errors="replace") if dotgit.is_file() and not dotgit.is_symlink() else None
-            )
-        except OSError:
-            current = None
-        if current != want:
-            changed.append(f"{slot_path}/.git")
-            _remove(dotgit)
-            dotgit.write_text(want)
-        return changed
-
-    def fingerprint(self) -> str:
-        """A cheap digest of everything ``restore_canonical`` guards, to skip it when unchanged."""
-        h = hashlib.sha256()
-        try:
-            h.update((self.path / "config").read_bytes())
-        except OSError:
-            h.update(b"\0missing")
-        for name in _EMPTY_DIRS:
-            try:
-                h.update(repr(sorted(os.listdir(self.path / name))).encode())
-            except OSError:
-                h.update(b"\0nodir")
-        for name in _FORBIDDEN:
-            h.update(b"1" if os.path.lexists(self.path / name) else b"0")
-        return h.hexdigest()
+        return restore_files(self.path, self._config_text, _EMPTY_DIRS, _FORBIDDEN)
 
     # --- creation, fetching, refs ---------------------------------------------------------------
 
@@ -352,54 +274,6 @@ class Mirror:
             "files": files,
             "fetch": f"git fetch {self.path} {ref}",
         }
-
-    # --- worktrees ------------------------------------------------------------------------------
-
-    async def add_worktree(self, path: Path, admin: str, commit: str, *, timeout: float) -> None:
-        """``git worktree add --detach`` at ``path``; leftovers of an earlier attempt go first."""
-        stale_admin = self.path / "worktrees" / admin
-        if path.exists() or path.is_symlink():
-            await anyio.to_thread.run_sync(_remove, path)
-        if stale_admin.exists():
-            await anyio.to_thread.run_sync(_remove, stale_admin)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        await self.git.run(
-            ["worktree", "add", "--quiet", "--detach", "--", str(path), commit],
-            git_dir=self.path,
-            timeout=timeout,
-        )
-        dotgit = (path / ".git").read_text().strip()
-        if dotgit != f"gitdir: {stale_admin}":
-            raise OSError(f"git put the worktree's admin directory at {dotgit!r}, expected {stale_admin}")
-
-    def owns_worktree(self, directory: Path) -> bool:
-        """Whether ``directory`` is a worktree of this mirror, as necrod lays them out."""
-        admin = self.path / "worktrees" / directory.name
-        try:
-            return (
-                directory.name.isdigit()
-                and (directory / ".git").read_text().strip() == f"gitdir: {admin}"
-                and admin.is_dir()
-            )
-        except OSError:
-            return False
-
-    async def remove_worktree(self, path: Path, admin: str, *, timeout: float) -> None:
-        if path.exists():
-            result = await self.git.run(
-                ["worktree", "remove", "--force", "--force", "--", str(path)],
-                git_dir=self.path,
-                timeout=timeout,
-                check=False,
-            )
-            if result.returncode != 0:
-                log.warning("worktree_remove_failed", path=str(path), error=result.err.strip())
-        for leftover in (path, self.path / "worktrees" / admin):
-            if leftover.exists() or leftover.is_symlink():
-                await anyio.to_thread.run_sync(_remove, leftover)
-
-    async def prune_worktrees(self) -> None:
-        await self.git.run(["worktree", "prune"], git_dir=self.path, timeout=120)
 
 
 class ProgressLog:

@@ -13,6 +13,7 @@ from necrod.core.config import PoolConfig
 from necrod.core.sizing import PoolCounts
 from necrod.core.slots import Slot, SlotState
 from necrod.daemon.mirror import Mirror
+from necrod.daemon.slotkinds import KINDS, SlotKind, slot_kind
 from necrod.io.gitrun import GitRunner
 from necrod.proto.errors import NecrodError
 
@@ -63,6 +64,7 @@ class Pool:
         self.root = root
         self.slots_dir = root / "slots"
         self.mirror = Mirror(root / "mirror.git", config.repo_url, git)
+        self.kinds = {name: slot_kind(name, self.mirror) for name in KINDS}
         self.slots: dict[str, Slot] = {}
         self.waiters: deque[Waiter] = deque()
         self.limiter = anyio.CapacityLimiter(config.git_concurrency)
@@ -97,6 +99,14 @@ class Pool:
         self.clean_bytes: tuple[str, int] | None = None
         #: Monotonic time of the last mirror connectivity check.
         self.mirror_checked_at = 0.0
+
+    @property
+    def kind(self) -> SlotKind:
+        """The kind new slots are made of."""
+        return self.kinds[self.config.isolation]
+
+    def kind_of(self, slot: Slot) -> SlotKind:
+        return self.kinds[slot.kind]
 
     @property
     def base_ref(self) -> str | None:

@@ -1,9 +1,11 @@
-"""A hostile slot plants code in the shared repository config or the mirror.
+"""A hostile slot plants code in the repository configuration it can reach.
 
 Every worktree of a pool shares the mirror's ``config``, ``info/``, ``hooks/`` and object store,
 and an agent reaches them from its slot (``git config`` in a worktree writes the shared config).
-Whatever it plants must not run under the daemon's git; the mirror goes back to what necrod
-wrote, and a ``tamper`` event (topic ``pools``) names the leases held at the time.
+A shared-clone slot has a ``.git`` of its own, which the agent writes instead. Either way,
+whatever it plants must not run under the daemon's git; what it changed goes back to what necrod
+wrote, and a ``tamper`` event (topic ``pools``) names the leases held at the time. Every case
+runs on both kinds of pool.
 
 Each planted command would create a marker file; the marker must never appear.
 """
@@ -22,6 +24,7 @@ import pytest
 
 from necrod.client import Client
 from necrod.daemon.mirror import canonical_config
+from necrod.daemon.slotkinds import KINDS, clone_config
 from tests.helpers import Necrod, cleanup_dir, commit_file, git, short_tmpdir, wait_for
 from tests.reliability.conftest import FIGURES, daemon_config, slots_by_id, wait_settled, workspaces_of
 
@@ -34,19 +37,25 @@ class Scene:
     origin: Path
     mirror: Path
     markers: Path
+    kind: str
+
+    def reachable(self, slot: Path) -> Path:
+        """The repository directory an agent in ``slot`` can write: the mirror, or its own."""
+        return self.mirror if self.kind == "worktree" else slot / ".git"
 
 
-@pytest.fixture(scope="module")
-def scene(module_daemon: Callable[..., Necrod]) -> Iterator[Scene]:
+@pytest.fixture(scope="module", params=KINDS)
+def scene(module_daemon: Callable[..., Necrod], request: pytest.FixtureRequest) -> Iterator[Scene]:
     markers = short_tmpdir()
     origins: list[Path] = []
 
     def config(origin: Path) -> str:
         origins.append(origin)
-        return daemon_config({"repo": origin}, {"heal_interval_s": 0}, slots=3, max_slots=3, min_idle=0)
+        return daemon_config({"repo": origin}, {"heal_interval_s": 0}, slots=3, max_slots=3, min_idle=0,
+                             isolation=request.param)  # fmt: skip
 
     d = module_daemon(config)
-    yield Scene(d, origins[0], workspaces_of(d) / "repo" / "mirror.git", markers)
+    yield Scene(d, origins[0], workspaces_of(d) / "repo" / "mirror.git", markers, request.param)
     cleanup_dir(markers)
 
 
@@ -64,7 +73,7 @@ def restore_by_hand(scene: Scene) -> None:
         shutil.rmtree(scene.mirror / name, ignore_errors=True)
         (scene.mirror / name).mkdir(exist_ok=True)
     (scene.mirror / "objects" / "info" / "alternates").unlink(missing_ok=True)
-    for admin in (scene.mirror / "worktrees").iterdir():
+    for admin in (scene.mirror / "worktrees").iterdir() if scene.kind == "worktree" else []:
         (admin / "config.worktree").unlink(missing_ok=True)
 
 
@@ -203,11 +212,17 @@ PLANTS: dict[str, Callable[[Path, Path, Path], None]] = {
 }
 
 
-def assert_canonical(scene: Scene) -> None:
+def assert_canonical(scene: Scene, slot: Path) -> None:
     assert (scene.mirror / "config").read_text() == canonical_config(str(scene.origin))
     assert not list((scene.mirror / "hooks").iterdir())
     assert not list((scene.mirror / "info").iterdir())
     assert not (scene.mirror / "objects" / "info" / "alternates").exists()
+    if scene.kind == "shared-clone":
+        own = slot / ".git"
+        assert (own / "config").read_text() == clone_config(str(scene.origin))
+        assert not list((own / "hooks").iterdir()) and not list((own / "info").iterdir())
+        assert (own / "objects" / "info" / "alternates").read_text() == f"{scene.mirror / 'objects'}\n"
+        assert not (own / "config.worktree").exists()
 
 
 def tamper_events(c: Client) -> list[dict[str, Any]]:
@@ -223,7 +238,7 @@ def test_planted_code_never_runs_under_cleanup_or_fetch(scene: Scene, marker: Pa
         bystander = c.allocate("repo", holder="bystander")
         agent = c.allocate("repo", holder="agent")
         slot = Path(agent["path"])
-        PLANTS[plant](slot, scene.mirror, marker)
+        PLANTS[plant](slot, scene.reachable(slot), marker)
         FIGURES["tamper plants"] += 1
         # The agent leaves work behind and releases: salvage, checkout and clean run in its slot.
         (slot / "README").write_text("the agent's edit\n")
@@ -239,7 +254,7 @@ def test_planted_code_never_runs_under_cleanup_or_fetch(scene: Scene, marker: Pa
         c.release(fetched["lease_id"], salvage=False)
         c.release(bystander["lease_id"], salvage=False)
     assert not marker.exists(), f"{plant}: planted code ran under the daemon's git"
-    assert_canonical(scene)
+    assert_canonical(scene, slot)
     assert {"README", "notes.txt"} <= {f["path"] for f in shown["files"]}, "the agent's work was not salvaged"
     assert events, f"{plant}: no tamper event"
     held = {lease["lease_id"] for e in events for lease in e["leases"]}
@@ -259,7 +274,7 @@ def test_planted_code_never_runs_under_a_deep_health_scan_or_salvage_queries(
     with d.client() as c:
         agent = c.allocate("repo", holder="agent")
         slot = Path(agent["path"])
-        PLANTS[plant](slot, scene.mirror, marker)
+        PLANTS[plant](slot, scene.reachable(slot), marker)
         FIGURES["tamper plants"] += 1
         # An idle slot whose files look touched (an agent can reach those too): git must re-read them.
         idle = next(s for s in slots_by_id(d).values() if s["state"] == "available")

@@ -1,0 +1,104 @@
+"""The allocation path's quick check of a slot, against a real mirror and slots of both kinds."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import pytest
+
+from necrod.daemon.mirror import Mirror
+from necrod.daemon.slotkinds import KINDS, SlotKind, slot_kind
+from necrod.io.gitrun import GitRunner
+from tests.helpers import git
+
+Slot = tuple[SlotKind, Path]
+
+
+@pytest.fixture(params=KINDS)
+def slot(request: pytest.FixtureRequest, tmp_path: Path, origin: Path) -> Slot:
+    mirror_path = tmp_path / "mirror.git"
+    git(tmp_path, "clone", "-q", "--bare", str(origin), str(mirror_path))
+    kind = slot_kind(request.param, Mirror(mirror_path, str(origin), GitRunner("git", os.environ)))
+    slot_path = tmp_path / "slots" / "1"
+    anyio.run(lambda: kind.add(slot_path, "1", git(mirror_path, "rev-parse", "main"), timeout=60))
+    assert git(slot_path, "status", "--porcelain") == ""
+    return kind, slot_path
+
+
+def test_a_whole_slot_passes(slot: Slot) -> None:
+    kind, path = slot
+    assert kind.looks_whole("1", str(path))
+    assert kind.problem("1", str(path)) is None and kind.pointer_problem("1", str(path)) is None
+    assert kind.owns(path) and kind.restore("1", str(path)) == []
+    if kind.name == "worktree":
+        assert not kind.looks_whole("2", str(path)), "another slot's admin directory"
+
+
+def _dotgit_symlink(kind: SlotKind, path: Path) -> None:
+    target = path.parent / "elsewhere"
+    (path / ".git").rename(target)
+    (path / ".git").symlink_to(target)
+
+
+def _dotgit_elsewhere(kind: SlotKind, path: Path) -> None:
+    if kind.name == "worktree":
+        (path / ".git").write_text("gitdir: /tmp/not-the-mirror\n")
+    else:
+        shutil.rmtree(path / ".git")
+        (path / ".git").write_text(f"gitdir: {kind.mirror.path}\n")
+
+
+def _dotgit_swapped(kind: SlotKind, path: Path) -> None:
+    """A file where a directory belongs, or the other way round."""
+    if kind.name == "worktree":
+        (path / ".git").unlink()
+        (path / ".git").mkdir()
+    else:
+        shutil.rmtree(path / ".git")
+        (path / ".git").write_text("not a repository\n")
+
+
+def _head_gone(kind: SlotKind, path: Path) -> None:
+    (kind.git_dir("1", str(path)) / "HEAD").unlink()
+
+
+def _slot_gone(kind: SlotKind, path: Path) -> None:
+    shutil.rmtree(path)
+
+
+def _dotgit_fifo(kind: SlotKind, path: Path) -> None:
+    shutil.rmtree(path / ".git") if (path / ".git").is_dir() else (path / ".git").unlink()
+    os.mkfifo(path / ".git")  # opening must not block the daemon
+
+
+@pytest.mark.parametrize(
+    "damage", [_dotgit_symlink, _dotgit_elsewhere, _dotgit_swapped, _head_gone, _slot_gone, _dotgit_fifo]
+)
+def test_damage_sends_the_slot_to_the_closer_look(
+    slot: Slot, damage: Callable[[SlotKind, Path], None]
+) -> None:
+    kind, path = slot
+    damage(kind, path)
+    assert not kind.looks_whole("1", str(path))
+    assert kind.problem("1", str(path)) or kind.pointer_problem("1", str(path))
+
+
+def test_a_slot_stands_on_the_mirror_and_goes_without_a_trace(slot: Slot) -> None:
+    kind, path = slot
+    mirror = kind.mirror.path
+    if kind.name == "shared-clone":
+        # Borrowed, not copied; pinned, so no gc in the mirror can take its commit away.
+        assert (path / ".git" / "objects" / "info" / "alternates").read_text() == f"{mirror / 'objects'}\n"
+        assert not list((path / ".git" / "objects").glob("??/*")), "objects were copied, not borrowed"
+        assert git(mirror, "rev-parse", "refs/necrod/slots/1") == git(path, "rev-parse", "HEAD")
+    else:
+        # git itself counts a worktree's HEAD as reachable: no pin.
+        assert (path / ".git").is_file() and (mirror / "worktrees" / "1").is_dir()
+        assert git(mirror, "for-each-ref", "refs/necrod/slots/") == ""
+    anyio.run(lambda: kind.remove(path, "1", timeout=60))
+    assert not path.exists() and not (mirror / "worktrees" / "1").exists()
+    assert git(mirror, "for-each-ref", "refs/necrod/slots/") == ""
