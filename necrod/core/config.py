@@ -110,7 +110,25 @@ class PoolConfig:
         return "-ffdx" if self.cleanup == "full" else "-ffd"
 
 
-LAUNCHERS = ("process", "tmux")
+LAUNCHERS = ("process", "tmux", "container")
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerSpec:
+    """``runners.<name>.container``: how a ``container`` launcher runs a task (docs/containers.md)."""
+
+    image: str
+    #: ``uid:gid`` inside the container; never root unless said so.
+    user: str = "65534:65534"
+    #: Where the slot is mounted, read-write (also the working directory).
+    workdir: str = "/workspace"
+    network: str = "none"
+    cpus: float | None = None
+    pids_limit: int | None = 512
+    #: Extra host paths mounted read-only at the same path.
+    mounts: tuple[str, ...] = ()
+    #: The Docker Engine API (``unix://PATH``); None: ``$DOCKER_HOST``, else the default socket.
+    docker_host: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +152,7 @@ class RunnerProfile:
     lease_ttl_s: float = 300.0
     #: Between SIGTERM and SIGKILL when a runner is stopped.
     grace_s: float = 10.0
+    container: ContainerSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -603,8 +622,50 @@ def _read_runner(r: _Reader, name: str, node: Node, pools: dict[str, PoolConfig]
             values["memory_limit"] = parse_size(sec.value("memory_limit"))
         except ValueError as exc:
             raise r.error(node_, f"runners.{name}.memory_limit: {exc}") from None
-    sec.finish([*_RUNNER_CHECKS, "command", "skills", "pools", "env", "memory_limit"])
+    container = sec.raw("container")
+    if container is not None:
+        values["container"] = _read_container(r, name, container[1])
+    if values.get("launcher") == "container" and "container" not in values:
+        raise r.error(node, f"runners.{name}: launcher container needs a container: section with an image")
+    sec.finish([*_RUNNER_CHECKS, "command", "skills", "pools", "env", "memory_limit", "container"])
     return RunnerProfile(**values)
+
+
+def _user_spec(v: Any) -> str | None:
+    if not isinstance(v, str) or not re.fullmatch(r"\d+:\d+", v):
+        return "must be uid:gid, numbers"
+    return None
+
+
+def _abs_path(v: Any) -> str | None:
+    return _is_str(v) or (None if str(v).startswith("/") and ":" not in v else "must be an absolute path")
+
+
+_CONTAINER_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "image": _is_str, "user": _user_spec, "workdir": _abs_path, "network": _is_str,
+    "cpus": _optional_num(0, 1024), "pids_limit": lambda v: None if v is None else _int_in(16, 4_194_304)(v),
+    "docker_host": _is_str,
+}  # fmt: skip
+
+
+def _read_container(r: _Reader, name: str, node: Node) -> ContainerSpec:
+    sec = _Section(r, node, f"runners.{name}.container")
+    values: dict[str, Any] = {}
+    for key, check in _CONTAINER_CHECKS.items():
+        v = sec.value(key, check)
+        if v is not _MISSING:
+            values[key] = v
+    if "image" not in values:
+        raise r.error(node, f"runners.{name}.container.image is required")
+    item = sec.raw("mounts")
+    if item is not None:
+        mounts = r.strings(item[1], f"runners.{name}.container.mounts")
+        for m in mounts:
+            if _abs_path(m):
+                raise r.error(item[1], f"runners.{name}.container.mounts: {m!r} must be an absolute path")
+        values["mounts"] = tuple(mounts)
+    sec.finish([*_CONTAINER_CHECKS, "mounts"])
+    return ContainerSpec(**values)
 
 
 _DISPATCHER_CHECKS: dict[str, Callable[[Any], str | None]] = {

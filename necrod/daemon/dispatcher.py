@@ -54,6 +54,7 @@ from necrod.daemon.fleet import Fleet, HostDown, HostLink, RemoteRun, launch, or
 from necrod.daemon.metrics import Metrics
 from necrod.io import sysload
 from necrod.io.cgroups import memory_parent
+from necrod.io.containers import ContainerLaunch, ContainerLauncher
 from necrod.io.launchers import Exit, LaunchSpec, ProcessLauncher, Run, TmuxLauncher, group_alive, stop_group
 from necrod.io.procs import processes_in
 from necrod.io.store import Delete, Event, Put, StateStore
@@ -135,6 +136,7 @@ class Dispatcher:
             "tmux": self.tmux,
         }
         self.fleet = Fleet(origin_id(state_dir))
+        self.containers = ContainerLauncher(self.fleet.origin)
         self.fleet.on_up.append(self._host_returned)
         #: (host, pool) → monotonic time until which that host had no free slot in that pool.
         self._no_remote_slot: dict[tuple[str, str], float] = {}
@@ -156,13 +158,17 @@ class Dispatcher:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         self._load()
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            await tg.start(self.fleet.run, self._config().hosts)
-            await self._reconcile()
-            task_status.started()
-            tg.start_soon(self._watch_remote_leases)
-            await self._loop()
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                await tg.start(self.fleet.run, self._config().hosts)
+                await self._reconcile()
+                task_status.started()
+                tg.start_soon(self._watch_remote_leases)
+                await self._loop()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.containers.aclose()
 
     def apply_config(self, config: Config) -> list[str]:
         """What a reload changes here: the hosts (links are opened, restarted or closed)."""
@@ -202,6 +208,8 @@ class Dispatcher:
                 run = await self.tmux.adopt(attempt.session or "", Path(attempt.log or ""), None, None)
                 exit_ = run._read_exit() or Exit(code=None, lost=True)
                 self._spawn(self._finish, a, exit_, None, "the tmux session ended while the daemon was down")
+            elif attempt.launcher == "container":
+                await self._adopt_container(a, attempt, profile)
             elif attempt.host is not None:
                 a.host = attempt.host
                 link = self.fleet.links.get(attempt.host)
@@ -218,11 +226,36 @@ class Dispatcher:
                 self._spawn(
                     self._finish, a, None, "interrupted", "the runner did not survive a daemon restart"
                 )
+        await self._sweep_containers()
         for slot in list(self.engine.leases.values()):
             lease = slot.lease
             if lease is not None and lease.task_id and lease.lease_id not in live_leases:
                 log.warning("orphan_task_lease_released", lease_id=lease.lease_id, task=lease.task_id)
                 await self._release(lease.lease_id, salvage=True)
+
+    async def _adopt_container(self, a: Active, attempt: Attempt, profile: RunnerProfile) -> None:
+        run = None
+        if profile.container is not None and attempt.session:
+            try:
+                run = await self.containers.adopt(attempt.session, profile.container, attempt.path or "",
+                                                  Path(attempt.log or ""))  # fmt: skip
+            except OSError as exc:
+                log.error("container_adopt_failed", task=a.task.task_id, error=str(exc))
+        if run is None:
+            self._spawn(
+                self._finish, a, None, "lost", "its container is gone (or its profile no longer names one)"
+            )
+            return
+        a.run = run
+        log.info("runner_adopted", task=a.task.task_id, container=attempt.session)
+        self._spawn(self._watch, a)
+
+    async def _sweep_containers(self) -> None:
+        """Remove containers of ours that no running attempt claims (left by a crash)."""
+        hosts = {p.container.docker_host for p in self._config().runners.values() if p.container is not None}
+        keep = {a.attempt.session for a in self.active.values() if a.attempt and a.attempt.session}
+        if hosts:
+            await self.containers.sweep(hosts, keep)
 
     async def _stop_orphans(self, attempt: Attempt, profile: RunnerProfile) -> None:
         """Stop what is left of a process runner after a crash: its process group if we recorded
@@ -854,11 +887,12 @@ class Dispatcher:
         self.metrics.queue_wait.observe(max(0.0, wait_s))
         template = t.command if t.command is not None else profile.command
         assert template is not None
+        seen = lease if profile.container is None or link else {**lease, "path": profile.container.workdir}
         spec = LaunchSpec(
-            name=f"necro-{t.task_id}-{n}", argv=render(template, self._context(t, n, lease)), cwd=lease["path"],
+            name=f"necro-{t.task_id}-{n}", argv=render(template, self._context(t, n, seen)), cwd=lease["path"],
             env=self._environment(t, profile, n, lease, link), log=log_path, memory_limit=profile.memory_limit,
         )  # fmt: skip
-        if profile.launcher == "tmux":
+        if profile.launcher in ("tmux", "container"):
             attempt.session = spec.name
         await self._save(
             t, self._event(t, "started", attempt=n, slot_id=lease["slot_id"], runner=profile.name)
@@ -869,6 +903,8 @@ class Dispatcher:
                 a.run = await launch(link, directory=attempt.remote_dir or "", number=n, slot_path=lease["path"],
                                      argv=spec.argv, env=spec.env, log_path=log_path,
                                      grace=lambda: self.cfg.host_grace_s)  # fmt: skip
+            elif profile.launcher == "container":
+                a.run = await self.containers.start(spec, self._container_launch(t, n, profile, lease))
             else:
                 a.run = await self.launchers[profile.launcher].start(spec)
         except (OSError, HostDown) as exc:
@@ -881,6 +917,17 @@ class Dispatcher:
         log.info("task_started", task=t.task_id, attempt=n, slot=lease["slot_id"], runner=profile.name,
                  launcher=attempt.launcher, host=a.host, pid=a.run.pid)  # fmt: skip
         self._spawn(self._watch, a)
+
+    def _container_launch(
+        self, t: Task, n: int, profile: RunnerProfile, lease: dict[str, Any]
+    ) -> ContainerLaunch:
+        pool = self.engine.pool(t.pool)
+        if pool.config.isolation != "shared-clone" or profile.container is None:
+            # A worktree's git metadata lives in the mirror, which the container must not write.
+            raise OSError(f"container runners need a pool with isolation: shared-clone ({t.pool} is "
+                          f"{pool.config.isolation})")  # fmt: skip
+        return ContainerLaunch(spec=profile.container, slot=lease["path"], mirror=str(pool.mirror.path),
+                               socket=str(self.socket), labels={"necrod.task": t.task_id, "necrod.attempt": str(n)})  # fmt: skip
 
     async def _watch(self, a: Active) -> None:
         try:
@@ -918,7 +965,7 @@ class Dispatcher:
         if clock.cancelled_caught:
             a.request_stop("timeout")
         if result is None:
-            if a.stop_reason == "shutdown" and profile.launcher == "tmux":
+            if a.stop_reason == "shutdown" and profile.launcher in ("tmux", "container") and a.host is None:
                 return  # it keeps running; the next daemon finds it again
             await run.stop(profile.grace_s)
             with anyio.move_on_after(10):

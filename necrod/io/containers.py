@@ -1,0 +1,241 @@
+"""The ``container`` launcher: a task's runner in a container, through the Docker Engine API.
+
+Docker itself or podman's compatible service (``podman system service``), at ``DOCKER_HOST`` or
+the profile's ``docker_host``, spoken to with aiodocker. What the container sees:
+
+- the slot, read-write, at the profile's ``workdir`` (``/workspace``), also its working directory;
+- the pool's mirror, read-only, at its own path: a shared-clone slot's ``alternates`` name it;
+- the daemon's socket at ``/run/necrod/necrod.sock``, so the runner can heartbeat;
+- the profile's extra mounts, read-only; nothing else of the host.
+
+It runs as the profile's ``uid:gid`` (never root by default), with no capabilities,
+``no-new-privileges``, the network the profile names (none by default) and the profile's memory,
+CPU and pids limits. Files in the slot are handed to that uid before the start and handed back
+when the container is gone, so the daemon's git can clean them (git refuses a repository owned
+by someone else).
+
+Containers carry the labels ``necrod.daemon``, ``necrod.task`` and ``necrod.attempt`` and are
+named after the attempt: after a daemon restart a running one is adopted by name, and any of
+ours that no attempt claims is removed. Output is streamed to the attempt's log; the exit status
+is the attempt's result; a stop is the engine's own SIGTERM, grace, SIGKILL.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiodocker
+import anyio
+import structlog
+
+from necrod.core.config import ContainerSpec
+from necrod.io.launchers import Exit, LaunchSpec, Run
+
+log = structlog.get_logger("necrod.containers")
+
+SOCKET_IN_CONTAINER = "/run/necrod/necrod.sock"
+LABEL_DAEMON = "necrod.daemon"
+
+
+class ContainerError(OSError):
+    """The engine could not be reached, or refused what we asked."""
+
+
+def hand_over(root: str, uid: int, gid: int) -> int:
+    """Give every file under ``root`` to ``uid:gid`` (symlinks themselves, never their targets);
+    return how many changed hands."""
+    changed = 0
+    for directory, dirs, files in os.walk(root):
+        for name in (directory, *(os.path.join(directory, n) for n in (*dirs, *files))):
+            try:
+                st = os.lstat(name)
+                if st.st_uid != uid or st.st_gid != gid:
+                    os.lchown(name, uid, gid)
+                    changed += 1
+            except FileNotFoundError:
+                continue
+    return changed
+
+
+def _user(spec: ContainerSpec) -> tuple[int, int]:
+    uid, gid = spec.user.split(":")
+    return int(uid), int(gid)
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerLaunch:
+    """What the dispatcher knows that a container needs beyond a ``LaunchSpec``."""
+
+    spec: ContainerSpec
+    slot: str
+    mirror: str
+    socket: str
+    labels: dict[str, str]
+
+
+class ContainerRun(Run):
+    def __init__(self, launcher: ContainerLauncher, container: Any, name: str, slot: str, log_path: Path,
+                 since: int = 0) -> None:  # fmt: skip
+        self.launcher = launcher
+        self.container = container
+        self.name = name
+        self.session = name
+        self.slot = slot
+        self.log_path = log_path
+        self.since = since
+        self._exit: Exit | None = None
+
+    async def _pump_logs(self, done: anyio.Event) -> None:
+        try:
+            with open(self.log_path, "ab", buffering=0) as out:  # noqa: ASYNC230 (small appends)
+                async for chunk in self.container.log(
+                    stdout=True, stderr=True, follow=True, since=self.since
+                ):
+                    out.write(chunk.encode() if isinstance(chunk, str) else chunk)
+        except (aiodocker.DockerError, OSError) as exc:
+            log.warning("container_logs_failed", container=self.name, error=str(exc))
+        finally:
+            done.set()
+
+    async def wait(self) -> Exit:
+        if self._exit is not None:
+            return self._exit
+        try:
+            async with anyio.create_task_group() as tg:
+                drained = anyio.Event()
+                tg.start_soon(self._pump_logs, drained)
+                status = await self.container.wait()
+                with anyio.move_on_after(2):  # the log stream ends with the container
+                    await drained.wait()
+                tg.cancel_scope.cancel()
+            info = await self.container.show()
+        except aiodocker.DockerError as exc:
+            if exc.status == 404:
+                self._exit = Exit(code=None, lost=True, detail="the container was removed from outside")
+                await self.launcher.give_back(self.slot)
+                return self._exit
+            raise ContainerError(f"the container engine failed: {exc.message}") from None
+        code = int(status.get("StatusCode", -1))
+        oom = bool(info.get("State", {}).get("OOMKilled"))
+        self._exit = Exit(code=None, signal=code - 128, oom=oom) if code > 128 else Exit(code=code, oom=oom)
+        await self.launcher.remove(self.container)
+        await self.launcher.give_back(self.slot)
+        return self._exit
+
+    async def stop(self, grace: float) -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.container.stop(t=max(1, round(grace)))
+            except aiodocker.DockerError as exc:
+                if exc.status not in (304, 404):
+                    log.warning("container_stop_failed", container=self.name, error=exc.message)
+
+
+class ContainerLauncher:
+    def __init__(self, daemon_id: str) -> None:
+        self.daemon_id = daemon_id
+        self._clients: dict[str | None, aiodocker.Docker] = {}
+
+    def _docker(self, host: str | None) -> aiodocker.Docker:
+        if host not in self._clients:
+            self._clients[host] = aiodocker.Docker(url=host or os.environ.get("DOCKER_HOST"))
+        return self._clients[host]
+
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client.close()
+        self._clients.clear()
+
+    async def start(self, spec: LaunchSpec, launch: ContainerLaunch) -> ContainerRun:
+        c = launch.spec
+        uid, gid = _user(c)
+        env = {**spec.env, "NECROD_SOCKET": SOCKET_IN_CONTAINER, "NECROD_SLOT_PATH": c.workdir}
+        env = {k: v for k, v in env.items() if k not in ("PATH", "HOME")}
+        binds = [f"{launch.slot}:{c.workdir}:rw", f"{launch.mirror}:{launch.mirror}:ro",
+                 f"{launch.socket}:{SOCKET_IN_CONTAINER}:rw", *(f"{m}:{m}:ro" for m in c.mounts)]  # fmt: skip
+        host: dict[str, Any] = {
+            "Binds": binds, "NetworkMode": c.network, "CapDrop": ["ALL"],
+            "SecurityOpt": ["no-new-privileges"], "PidsLimit": c.pids_limit or 0,
+        }  # fmt: skip
+        if spec.memory_limit:
+            host["Memory"] = host["MemorySwap"] = spec.memory_limit
+        if c.cpus:
+            host["NanoCpus"] = int(c.cpus * 1e9)
+        config: dict[str, Any] = {
+            "Image": c.image, "Cmd": spec.argv, "User": c.user, "WorkingDir": c.workdir,
+            "Env": [f"{k}={v}" for k, v in env.items()], "Tty": False, "HostConfig": host,
+            "Labels": {**launch.labels, LABEL_DAEMON: self.daemon_id},
+        }  # fmt: skip
+        spec.log.parent.mkdir(parents=True, exist_ok=True)
+        spec.log.touch()
+        started = time.perf_counter()
+        await anyio.to_thread.run_sync(hand_over, launch.slot, uid, gid)
+        handed = time.perf_counter() - started
+        docker = self._docker(c.docker_host)
+        try:
+            container = await docker.containers.create(config=config, name=spec.name)
+            await container.start()
+        except aiodocker.DockerError as exc:
+            await self.give_back(launch.slot)
+            raise ContainerError(
+                f"could not start container {spec.name} from {c.image}: {exc.message}"
+            ) from None
+        except OSError as exc:
+            await self.give_back(launch.slot)
+            raise ContainerError(
+                f"cannot reach the container engine ({c.docker_host or 'DOCKER_HOST'}): {exc}"
+            ) from None
+        log.info("container_started", container=spec.name, image=c.image, user=c.user,
+                 hand_over_ms=round(handed * 1000, 1))  # fmt: skip
+        return ContainerRun(self, container, spec.name, launch.slot, spec.log)
+
+    async def give_back(self, slot: str) -> None:
+        if os.path.isdir(slot):
+            await anyio.to_thread.run_sync(hand_over, slot, os.getuid(), os.getgid())
+
+    async def remove(self, container: Any) -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                await container.delete(force=True)
+            except aiodocker.DockerError as exc:
+                if exc.status != 404:
+                    log.warning("container_remove_failed", error=exc.message)
+
+    async def adopt(self, name: str, spec: ContainerSpec, slot: str, log_path: Path) -> ContainerRun | None:
+        """The container of an attempt that ran while the daemon was down, or None if it is gone."""
+        docker = self._docker(spec.docker_host)
+        try:
+            container = await docker.containers.get(name)
+        except aiodocker.DockerError as exc:
+            if exc.status == 404:
+                return None
+            raise ContainerError(f"the container engine failed: {exc.message}") from None
+        try:
+            since = int(log_path.stat().st_mtime)
+        except OSError:
+            since = 0
+        return ContainerRun(self, container, name, slot, log_path, since=since)
+
+    async def sweep(self, hosts: set[str | None], keep: set[str]) -> list[str]:
+        """Remove every container of this daemon that no running attempt claims."""
+        removed = []
+        for host in hosts:
+            try:
+                found = await self._docker(host).containers.list(
+                    all=True, filters={"label": [f"{LABEL_DAEMON}={self.daemon_id}"]}
+                )
+            except (aiodocker.DockerError, OSError) as exc:
+                log.warning("container_sweep_failed", docker_host=host, error=str(exc))
+                continue
+            for container in found:
+                names = [n.lstrip("/") for n in container._container.get("Names", [])]
+                if not set(names) & keep:
+                    await self.remove(container)
+                    removed.extend(names)
+        if removed:
+            log.warning("orphan_containers_removed", containers=removed)
+        return removed
