@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 the daemon answered with an error (its kind and message are printed);
 2 usage error; 3 no daemon answered (``status``: also when the daemon is degraded or stopping);
-4 ``status`` could not tell. Every command takes ``--json`` (the result object as the daemon
+4 ``status`` could not tell; ``run`` exits with its command's status (its own codes are in
+``necrod.ctl.run``). Every command takes ``--json`` (the result object as the daemon
 sent it) and ``--socket`` (default ``$NECROD_SOCKET``, then the per-user socket, then the
 system one).
 """
@@ -19,7 +20,7 @@ from typing import Any
 
 from necrod import __version__
 from necrod.client import Client
-from necrod.ctl import render
+from necrod.ctl import render, run
 from necrod.proto.errors import DaemonUnreachable, NecrodError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_UNKNOWN = 0, 1, 2, 3, 4
@@ -159,6 +160,7 @@ def _parser() -> argparse.ArgumentParser:
     sl.add_argument("--pool")
     ss = svsub.add_parser("show", help="what one salvage holds and how to fetch it", parents=[common])
     ss.add_argument("lease_id")
+    run.configure(cmd("run", "run a command in a leased slot, heartbeating it; exits with its status"))
     return p
 
 
@@ -494,6 +496,8 @@ def _watch(args: argparse.Namespace, c: Client, as_json: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "run":
+        return run.main(args)
     as_json = getattr(args, "json", False)
     host = getattr(args, "host", None) or os.environ.get("NECROD_HOST") or None
     ssh_options = {"key": getattr(args, "ssh_key", None), "known_hosts": getattr(args, "known_hosts", None),
