@@ -7,7 +7,9 @@ client: busybox cannot talk to a Unix socket.
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -38,8 +40,6 @@ def config(origin: Path, engine: Engine, **runner: Any) -> str:
     profile = {"launcher": "container", "max_concurrency": 4, "grace_s": 2, "lease_ttl_s": 60,
                "container": {"image": IMAGE, "user": "1000:100", "docker_host": engine.docker_host,
                              "pids_limit": 64}, **runner}  # fmt: skip
-    import json
-
     return (
         'daemon: {"socket_group": "users"}\n'
         "pools:\n"
@@ -153,8 +153,6 @@ def test_cancel_stops_the_container_within_its_grace(daemon: Necrod, engine: Eng
     task_id = submit(daemon, "echo up; sleep 300")
     wait_for(lambda: "up" in Path(daemon.call("tasks.get", {"task_id": task_id})["attempts"][-1]["log"] or "/nonexistent").read_text()
              if daemon.call("tasks.get", {"task_id": task_id})["attempts"] else False, 30, what="the container to run")  # fmt: skip
-    import time
-
     started = time.monotonic()
     daemon.call("tasks.cancel", {"task_id": task_id})
     task = finished(daemon, task_id, timeout=30)

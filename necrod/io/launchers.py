@@ -66,6 +66,17 @@ def _shim(spec: LaunchSpec, cgroup: RunnerCgroup | None) -> list[str]:
     return [*argv, "--", *spec.argv]
 
 
+def _cgroup(parent: tuple[Path, str] | None, spec: LaunchSpec) -> RunnerCgroup | None:
+    """A cgroup enforcing the runner's memory limit, when one is asked for and cgroups are ours."""
+    if spec.memory_limit is None or parent is None:
+        return None
+    try:
+        return RunnerCgroup.create(parent[0], parent[1], spec.name, spec.memory_limit)
+    except OSError as exc:
+        log.warning("cgroup_unavailable", error=str(exc))
+        return None
+
+
 def _killpg(pgid: int | None, sig: int) -> bool:
     if not pgid:
         return False
@@ -146,18 +157,8 @@ class ProcessLauncher:
     def __init__(self, cgroup_parent: tuple[Path, str] | None) -> None:
         self.cgroup_parent = cgroup_parent
 
-    def _cgroup(self, spec: LaunchSpec) -> RunnerCgroup | None:
-        if spec.memory_limit is None or self.cgroup_parent is None:
-            return None
-        parent, kind = self.cgroup_parent
-        try:
-            return RunnerCgroup.create(parent, kind, spec.name, spec.memory_limit)
-        except OSError as exc:
-            log.warning("cgroup_unavailable", error=str(exc))
-            return None
-
     async def start(self, spec: LaunchSpec) -> Run:
-        cgroup = self._cgroup(spec)
+        cgroup = _cgroup(self.cgroup_parent, spec)
         spec.log.parent.mkdir(parents=True, exist_ok=True)
         with open(spec.log, "ab") as out:  # noqa: ASYNC230 (opened for the child, not read here)
             process = await anyio.open_process(
@@ -238,18 +239,8 @@ class TmuxLauncher:
         stem = log.with_suffix("")
         return stem.with_suffix(".sh"), stem.with_suffix(".go"), stem.with_suffix(".exit")
 
-    def _cgroup(self, spec: LaunchSpec) -> RunnerCgroup | None:
-        if spec.memory_limit is None or self.cgroup_parent is None:
-            return None
-        parent, kind = self.cgroup_parent
-        try:
-            return RunnerCgroup.create(parent, kind, spec.name, spec.memory_limit)
-        except OSError as exc:
-            log.warning("cgroup_unavailable", error=str(exc))
-            return None
-
     async def start(self, spec: LaunchSpec) -> Run:
-        cgroup = self._cgroup(spec)
+        cgroup = _cgroup(self.cgroup_parent, spec)
         spec.log.parent.mkdir(parents=True, exist_ok=True)
         script, go, exit_file = self.files(spec.log)
         for stale in (go, exit_file):
