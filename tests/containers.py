@@ -88,7 +88,9 @@ def start_engine(work: Path) -> Iterator[Engine]:
     subprocess.run(
         ["podman", "import", "-", IMAGE], input=tar, env=env, capture_output=True, check=True, timeout=120
     )
-    service = subprocess.Popen(["podman", "system", "service", "--time=0", engine.docker_host], env=env,
+    # In the scratch directory: conmon drops an ``oom`` file in its working directory when a
+    # container runs out of memory.
+    service = subprocess.Popen(["podman", "system", "service", "--time=0", engine.docker_host], env=env, cwd=work,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 30
