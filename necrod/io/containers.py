@@ -5,7 +5,8 @@ the profile's ``docker_host``, spoken to with aiodocker. What the container sees
 
 - the slot, read-write, at the profile's ``workdir`` (``/workspace``), also its working directory;
 - the pool's mirror, read-only, at its own path: a shared-clone slot's ``alternates`` name it;
-- the daemon's socket at ``/run/necrod/necrod.sock``, so the runner can heartbeat;
+- the directory of the daemon's socket, read-only, at ``/run/necrod``, so the runner can heartbeat
+  (the directory, not the socket file: a restarted daemon binds a new socket there);
 - the profile's extra mounts, read-only; nothing else of the host.
 
 It runs as the profile's ``uid:gid`` (never root by default), with no capabilities,
@@ -37,7 +38,7 @@ from necrod.io.launchers import Exit, LaunchSpec, Run
 
 log = structlog.get_logger("necrod.containers")
 
-SOCKET_IN_CONTAINER = "/run/necrod/necrod.sock"
+SOCKET_DIR_INSIDE = "/run/necrod"
 LABEL_DAEMON = "necrod.daemon"
 
 
@@ -59,6 +60,11 @@ def hand_over(root: str, uid: int, gid: int) -> int:
             except FileNotFoundError:
                 continue
     return changed
+
+
+def socket_inside(socket: str) -> str:
+    """The daemon's socket as a contained runner sees it (its directory mounted at /run/necrod)."""
+    return f"{SOCKET_DIR_INSIDE}/{os.path.basename(socket)}"
 
 
 def _user(spec: ContainerSpec) -> tuple[int, int]:
@@ -153,10 +159,10 @@ class ContainerLauncher:
     async def start(self, spec: LaunchSpec, launch: ContainerLaunch) -> ContainerRun:
         c = launch.spec
         uid, gid = _user(c)
-        env = {**spec.env, "NECROD_SOCKET": SOCKET_IN_CONTAINER, "NECROD_SLOT_PATH": c.workdir}
+        env = {**spec.env, "NECROD_SOCKET": socket_inside(launch.socket), "NECROD_SLOT_PATH": c.workdir}
         env = {k: v for k, v in env.items() if k not in ("PATH", "HOME")}
         binds = [f"{launch.slot}:{c.workdir}:rw", f"{launch.mirror}:{launch.mirror}:ro",
-                 f"{launch.socket}:{SOCKET_IN_CONTAINER}:rw", *(f"{m}:{m}:ro" for m in c.mounts)]  # fmt: skip
+                 f"{os.path.dirname(launch.socket)}:{SOCKET_DIR_INSIDE}:ro", *(f"{m}:{m}:ro" for m in c.mounts)]  # fmt: skip
         host: dict[str, Any] = {
             "Binds": binds, "NetworkMode": c.network, "CapDrop": ["ALL"],
             "SecurityOpt": ["no-new-privileges"], "PidsLimit": c.pids_limit or 0,
