@@ -118,3 +118,14 @@ def test_sizes_and_transports() -> None:
     assert repo_transport("ext::sh -c x") == "ext"
     assert repo_url_problem("http://x/y", ("file", "https", "ssh")) is not None
     assert repo_url_problem("https://x/y", ("file", "https", "ssh")) is None
+
+
+def test_relative_paths_resolve_where_the_file_is_named_not_where_its_symlink_leads(tmp_path: Path) -> None:
+    # A mounted ConfigMap: pools.yaml -> ..data/pools.yaml -> ..2026_11_23_10_00_00.1/pools.yaml
+    mount = tmp_path / "etc-necrod"
+    stamped = mount / "..2026_11_23_10_00_00.1"
+    stamped.mkdir(parents=True)
+    (stamped / "pools.yaml").write_text("daemon:\n  workspaces: work\npools: {}\n")
+    (mount / "..data").symlink_to(stamped.name)
+    (mount / "pools.yaml").symlink_to("..data/pools.yaml")
+    assert load_config(mount / "pools.yaml").daemon.workspaces == str(mount / "work")

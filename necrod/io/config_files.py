@@ -25,7 +25,9 @@ def load_config(path: Path) -> Config:
         raise ConfigError(f"not UTF-8 text (byte {exc.start})", file=name) from None
     except OSError as exc:
         raise ConfigError(f"cannot read it: {exc.strerror}", file=name) from None
-    config = resolve_relative(parse_config(text, name), str(path.resolve().parent))
+    # Against the directory the file is named in, not where a symlink leads: a ConfigMap's
+    # pools.yaml links into a timestamped directory the kubelet deletes at the next update.
+    config = resolve_relative(parse_config(text, name), str(path.absolute().parent))
     check_local_repos(config)
     return config
 
