@@ -110,7 +110,7 @@ class PoolConfig:
         return "-ffdx" if self.cleanup == "full" else "-ffd"
 
 
-LAUNCHERS = ("process", "tmux", "container")
+LAUNCHERS = ("process", "tmux", "container", "kubernetes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +129,26 @@ class ContainerSpec:
     mounts: tuple[str, ...] = ()
     #: The Docker Engine API (``unix://PATH``); None: ``$DOCKER_HOST``, else the default socket.
     docker_host: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KubernetesSpec:
+    """``runners.<name>.kubernetes``: how a ``kubernetes`` launcher runs a task (docs/kubernetes.md)."""
+
+    image: str
+    #: None: ``$POD_NAMESPACE``, else the service account's namespace, else the kubeconfig's, else default.
+    namespace: str | None = None
+    #: The node the Job is pinned to; None: ``$NODE_NAME`` (the daemon's own node: slots are hostPaths).
+    node: str | None = None
+    user: str = "65534:65534"
+    workdir: str = "/workspace"
+    cpus: float | None = None
+    service_account: str | None = None
+    image_pull_policy: str = "IfNotPresent"
+    ttl_after_finished_s: int = 600
+    labels: tuple[tuple[str, str], ...] = ()
+    #: None: the in-cluster service account, else ``$KUBECONFIG``.
+    kubeconfig: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +173,7 @@ class RunnerProfile:
     #: Between SIGTERM and SIGKILL when a runner is stopped.
     grace_s: float = 10.0
     container: ContainerSpec | None = None
+    kubernetes: KubernetesSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -625,9 +646,17 @@ def _read_runner(r: _Reader, name: str, node: Node, pools: dict[str, PoolConfig]
     container = sec.raw("container")
     if container is not None:
         values["container"] = _read_container(r, name, container[1])
-    if values.get("launcher") == "container" and "container" not in values:
-        raise r.error(node, f"runners.{name}: launcher container needs a container: section with an image")
-    sec.finish([*_RUNNER_CHECKS, "command", "skills", "pools", "env", "memory_limit", "container"])
+    kubernetes = sec.raw("kubernetes")
+    if kubernetes is not None:
+        values["kubernetes"] = _read_kubernetes(r, name, kubernetes[1])
+    for launcher in ("container", "kubernetes"):
+        if values.get("launcher") == launcher and launcher not in values:
+            raise r.error(
+                node, f"runners.{name}: launcher {launcher} needs a {launcher}: section with an image"
+            )
+    sec.finish(
+        [*_RUNNER_CHECKS, "command", "skills", "pools", "env", "memory_limit", "container", "kubernetes"]
+    )
     return RunnerProfile(**values)
 
 
@@ -666,6 +695,52 @@ def _read_container(r: _Reader, name: str, node: Node) -> ContainerSpec:
         values["mounts"] = tuple(mounts)
     sec.finish([*_CONTAINER_CHECKS, "mounts"])
     return ContainerSpec(**values)
+
+
+def _dns_label(v: Any) -> str | None:
+    if not isinstance(v, str) or not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", v):
+        return "must be a Kubernetes name: lowercase letters, digits and '-', at most 63"
+    return None
+
+
+def _dns_subdomain(v: Any) -> str | None:
+    if not isinstance(v, str) or len(v) > 253 or not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", v):
+        return "must be a Kubernetes name: lowercase letters, digits, '-' and '.', at most 253"
+    return None
+
+
+def _or_null(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    return lambda v: None if v is None else check(v)
+
+
+_LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
+
+_KUBERNETES_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "image": _is_str, "namespace": _or_null(_dns_label), "node": _or_null(_dns_subdomain), "user": _user_spec,
+    "workdir": _abs_path, "cpus": _optional_num(0, 1024), "service_account": _or_null(_dns_subdomain),
+    "image_pull_policy": _one_of("Always", "IfNotPresent", "Never"),
+    "ttl_after_finished_s": _int_in(0, 365 * 24 * 3600), "kubeconfig": _or_null(_is_str),
+}  # fmt: skip
+
+
+def _read_kubernetes(r: _Reader, name: str, node: Node) -> KubernetesSpec:
+    sec = _Section(r, node, f"runners.{name}.kubernetes")
+    values: dict[str, Any] = {}
+    for key, check in _KUBERNETES_CHECKS.items():
+        v = sec.value(key, check)
+        if v is not _MISSING and v is not None:
+            values[key] = v
+    if "image" not in values:
+        raise r.error(node, f"runners.{name}.kubernetes.image is required")
+
+    def label_value(v: Any) -> str | None:
+        ok = isinstance(v, str) and len(v) <= 63 and _LABEL_VALUE.fullmatch(v)
+        return None if ok else "must be a Kubernetes label value: at most 63 letters, digits, '-', '_', '.'"
+
+    labels = _mapping_of(r, sec, "labels", label_value)
+    values["labels"] = tuple((k, str(v)) for k, v in labels.items())
+    sec.finish([*_KUBERNETES_CHECKS, "labels"])
+    return KubernetesSpec(**values)
 
 
 _DISPATCHER_CHECKS: dict[str, Callable[[Any], str | None]] = {

@@ -55,6 +55,7 @@ from necrod.daemon.metrics import Metrics
 from necrod.io import sysload
 from necrod.io.cgroups import memory_parent
 from necrod.io.containers import ContainerLaunch, ContainerLauncher
+from necrod.io.kubernetes import KubeLaunch, KubeLauncher
 from necrod.io.launchers import Exit, LaunchSpec, ProcessLauncher, Run, TmuxLauncher, group_alive, stop_group
 from necrod.io.procs import processes_in
 from necrod.io.store import Delete, Event, Put, StateStore
@@ -77,6 +78,8 @@ STALLED_SHOWN = 20
 #: Environment passed from the daemon to runners (nothing else of the daemon's leaks through).
 RUNNER_PASSTHROUGH = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "TERM")
 #: The profile that runs a task which brings its own command and names no profile.
+#: Launchers whose runners keep going through a daemon restart, found again by ``attempt.session``.
+OUTLIVE_DAEMON = ("tmux", "container", "kubernetes")
 DEFAULT_PROFILE = RunnerProfile(name="default", launcher="process", max_concurrency=1_000_000)
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _KEY = re.compile(r"[A-Za-z0-9._#-]{1,128}")
@@ -137,6 +140,7 @@ class Dispatcher:
         }
         self.fleet = Fleet(origin_id(state_dir))
         self.containers = ContainerLauncher(self.fleet.origin)
+        self.kube = KubeLauncher(self.fleet.origin, self._spawn)
         self.fleet.on_up.append(self._host_returned)
         #: (host, pool) → monotonic time until which that host had no free slot in that pool.
         self._no_remote_slot: dict[tuple[str, str], float] = {}
@@ -169,6 +173,7 @@ class Dispatcher:
         finally:
             with anyio.CancelScope(shield=True):
                 await self.containers.aclose()
+                await self.kube.aclose()
 
     def apply_config(self, config: Config) -> list[str]:
         """What a reload changes here: the hosts (links are opened, restarted or closed)."""
@@ -210,6 +215,8 @@ class Dispatcher:
                 self._spawn(self._finish, a, exit_, None, "the tmux session ended while the daemon was down")
             elif attempt.launcher == "container":
                 await self._adopt_container(a, attempt, profile)
+            elif attempt.launcher == "kubernetes":
+                await self._adopt_job(a, attempt, profile)
             elif attempt.host is not None:
                 a.host = attempt.host
                 link = self.fleet.links.get(attempt.host)
@@ -227,6 +234,7 @@ class Dispatcher:
                     self._finish, a, None, "interrupted", "the runner did not survive a daemon restart"
                 )
         await self._sweep_containers()
+        await self._sweep_jobs()
         for slot in list(self.engine.leases.values()):
             lease = slot.lease
             if lease is not None and lease.task_id and lease.lease_id not in live_leases:
@@ -249,6 +257,29 @@ class Dispatcher:
         a.run = run
         log.info("runner_adopted", task=a.task.task_id, container=attempt.session)
         self._spawn(self._watch, a)
+
+    async def _adopt_job(self, a: Active, attempt: Attempt, profile: RunnerProfile) -> None:
+        run, why = None, "its Job is gone (or its profile no longer names one)"
+        if profile.kubernetes is not None and attempt.session:
+            try:
+                run = await self.kube.adopt(attempt.session, profile.kubernetes, attempt.path or "",
+                                            Path(attempt.log or ""))  # fmt: skip
+            except OSError as exc:
+                log.error("kubernetes_adopt_failed", task=a.task.task_id, error=str(exc))
+                why = f"its Job could not be looked up: {exc}"
+        if run is None:
+            self._spawn(self._finish, a, None, "lost", why)
+            return
+        a.run = run
+        log.info("runner_adopted", task=a.task.task_id, job=attempt.session)
+        self._spawn(self._watch, a)
+
+    async def _sweep_jobs(self) -> None:
+        """Delete unfinished Jobs of ours that no running attempt claims (left by a crash)."""
+        specs = [p.kubernetes for p in self._config().runners.values() if p.kubernetes is not None]
+        keep = {a.attempt.session for a in self.active.values() if a.attempt and a.attempt.session}
+        if specs:
+            await self.kube.sweep(specs, keep)
 
     async def _sweep_containers(self) -> None:
         """Remove containers of ours that no running attempt claims (left by a crash)."""
@@ -887,12 +918,13 @@ class Dispatcher:
         self.metrics.queue_wait.observe(max(0.0, wait_s))
         template = t.command if t.command is not None else profile.command
         assert template is not None
-        seen = lease if profile.container is None or link else {**lease, "path": profile.container.workdir}
+        boundary = profile.container or profile.kubernetes
+        seen = lease if boundary is None or link else {**lease, "path": boundary.workdir}
         spec = LaunchSpec(
             name=f"necro-{t.task_id}-{n}", argv=render(template, self._context(t, n, seen)), cwd=lease["path"],
             env=self._environment(t, profile, n, lease, link), log=log_path, memory_limit=profile.memory_limit,
         )  # fmt: skip
-        if profile.launcher in ("tmux", "container"):
+        if profile.launcher in OUTLIVE_DAEMON:
             attempt.session = spec.name
         await self._save(
             t, self._event(t, "started", attempt=n, slot_id=lease["slot_id"], runner=profile.name)
@@ -905,6 +937,8 @@ class Dispatcher:
                                      grace=lambda: self.cfg.host_grace_s)  # fmt: skip
             elif profile.launcher == "container":
                 a.run = await self.containers.start(spec, self._container_launch(t, n, profile, lease))
+            elif profile.launcher == "kubernetes":
+                a.run = await self.kube.start(spec, self._kube_launch(t, n, profile, lease))
             else:
                 a.run = await self.launchers[profile.launcher].start(spec)
         except (OSError, HostDown) as exc:
@@ -918,16 +952,30 @@ class Dispatcher:
                  launcher=attempt.launcher, host=a.host, pid=a.run.pid)  # fmt: skip
         self._spawn(self._watch, a)
 
+    def _isolated_mirror(self, t: Task, profile: RunnerProfile) -> str:
+        """The mirror a contained runner may read: only a shared-clone pool's."""
+        pool = self.engine.pool(t.pool)
+        if pool.config.isolation != "shared-clone":
+            # A worktree's git metadata lives in the mirror, which the runner must not write.
+            raise OSError(f"{profile.launcher} runners need a pool with isolation: shared-clone ({t.pool} is "
+                          f"{pool.config.isolation})")  # fmt: skip
+        return str(pool.mirror.path)
+
     def _container_launch(
         self, t: Task, n: int, profile: RunnerProfile, lease: dict[str, Any]
     ) -> ContainerLaunch:
-        pool = self.engine.pool(t.pool)
-        if pool.config.isolation != "shared-clone" or profile.container is None:
-            # A worktree's git metadata lives in the mirror, which the container must not write.
-            raise OSError(f"container runners need a pool with isolation: shared-clone ({t.pool} is "
-                          f"{pool.config.isolation})")  # fmt: skip
-        return ContainerLaunch(spec=profile.container, slot=lease["path"], mirror=str(pool.mirror.path),
+        assert profile.container is not None
+        return ContainerLaunch(spec=profile.container, slot=lease["path"], mirror=self._isolated_mirror(t, profile),
                                socket=str(self.socket), labels={"necrod.task": t.task_id, "necrod.attempt": str(n)})  # fmt: skip
+
+    def _kube_launch(self, t: Task, n: int, profile: RunnerProfile, lease: dict[str, Any]) -> KubeLaunch:
+        assert profile.kubernetes is not None
+        timeout = t.timeout_s or profile.timeout_s
+        # The Job's own deadline is a backstop for a daemon that is not there to stop it.
+        deadline = timeout + profile.grace_s + 60 if timeout else None
+        return KubeLaunch(spec=profile.kubernetes, slot=lease["path"], mirror=self._isolated_mirror(t, profile),
+                          socket=str(self.socket), labels={"necrod.task": t.task_id, "necrod.attempt": str(n)},
+                          grace_s=profile.grace_s, deadline_s=deadline)  # fmt: skip
 
     async def _watch(self, a: Active) -> None:
         try:
@@ -965,7 +1013,7 @@ class Dispatcher:
         if clock.cancelled_caught:
             a.request_stop("timeout")
         if result is None:
-            if a.stop_reason == "shutdown" and profile.launcher in ("tmux", "container") and a.host is None:
+            if a.stop_reason == "shutdown" and profile.launcher in OUTLIVE_DAEMON and a.host is None:
                 return  # it keeps running; the next daemon finds it again
             await run.stop(profile.grace_s)
             with anyio.move_on_after(10):

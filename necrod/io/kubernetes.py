@@ -1,0 +1,551 @@
+"""The ``kubernetes`` launcher: a task's runner as a Kubernetes Job on the daemon's own node.
+
+One Job per attempt, named after it (``necro-<task>-<attempt>``), with ``backoffLimit: 0`` (necrod
+does the retries), pinned to the node by ``nodeName``; its pod mounts by hostPath the slot
+(read-write, at the profile's ``workdir``), the pool's mirror (read-only, at its own path: a
+shared-clone slot's ``alternates`` name it) and the directory of the daemon's socket (read-only,
+at ``/run/necrod``: a restarted daemon's new socket is seen there, as a mounted file would not be). It runs as the profile's
+``uid:gid``, never root by default, with no capabilities and no privilege escalation. Files in
+the slot are handed to that uid before the Job is created and back when the pod has ended, as
+for the container launcher.
+
+The pod's phase and its container's exit code, watched, are the attempt's result; its log is
+followed into the attempt's log. A stop deletes the Job with foreground propagation (the pod
+gets its grace, then SIGKILL). Jobs carry the labels ``necrod.daemon``, ``necrod.task`` and
+``necrod.attempt``: after a daemon restart a running Job is adopted by name, a finished one
+gives its result, and any Job of ours that no attempt claims is deleted. Finished Jobs are left
+for ``ttlSecondsAfterFinished`` so ``kubectl logs`` still works for a while.
+
+Credentials: the profile's ``kubeconfig``, else the in-cluster service account, else
+``$KUBECONFIG``. Every API failure is a ``KubeError`` with a protocol code: ``failed_precondition``
+(no credentials, no node), ``permission_denied`` (401/403), ``unavailable`` (unreachable, 5xx).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anyio
+import structlog
+from kubernetes_asyncio import client, config
+
+from necrod.core.config import KubernetesSpec
+from necrod.io.containers import SOCKET_DIR_INSIDE, hand_over, socket_inside
+from necrod.io.launchers import Exit, LaunchSpec, Run
+
+log = structlog.get_logger("necrod.kubernetes")
+
+LABEL_DAEMON = "necrod.daemon"
+#: On the pod template, so the Job's pods can be selected without relying on ``job-name``.
+LABEL_RUN = "necrod.run"
+CONTAINER = "runner"
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+#: A watch is re-opened after this long: servers end them anyway, and a re-list catches anything missed.
+WATCH_S = 60
+#: Waiting reasons after which the pod will never start by itself.
+HOPELESS = {"InvalidImageName", "ErrImageNeverPull", "CreateContainerConfigError", "CreateContainerError"}
+#: Waiting reasons that may pass (a registry hiccup), until this long after the Job was created.
+PULLING = {"ErrImagePull", "ImagePullBackOff"}
+PULL_PATIENCE_S = 120.0
+CALL_TIMEOUT = aiohttp.ClientTimeout(sock_connect=10, sock_read=30)
+WATCH_TIMEOUT = aiohttp.ClientTimeout(sock_connect=10, sock_read=WATCH_S + 15)
+FOLLOW_TIMEOUT = aiohttp.ClientTimeout(sock_connect=10)
+
+
+class KubeError(OSError):
+    """The API could not be reached, refused, or there is no way to talk to it."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{message} ({code})")
+        self.code = code
+        self.message = message
+
+
+def label_value(text: str) -> str:
+    """``text`` made a valid label value (at most 63 of [A-Za-z0-9-_.], alphanumeric ends)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", text)[-63:].strip("-_.") or "x"
+
+
+def _refusal(status: int, body: bytes, what: str) -> KubeError:
+    try:
+        detail = json.loads(body).get("message") or body.decode(errors="replace")
+    except (ValueError, AttributeError):
+        detail = body.decode(errors="replace")[:300]
+    code = {401: "permission_denied", 403: "permission_denied", 404: "not_found", 409: "already_exists",
+            400: "invalid_params", 422: "invalid_params"}.get(status, "unavailable")  # fmt: skip
+    return KubeError(code, f"the Kubernetes API refused to {what}: HTTP {status}: {detail}")
+
+
+class Api:
+    """The few calls the launcher makes, on raw JSON: no model objects, so the same dicts come
+    from a real API server and from the test's fake."""
+
+    def __init__(self, api: client.ApiClient, namespace: str, where: str) -> None:
+        self.client = api
+        self.namespace = namespace
+        self.where = where
+        self.batch = client.BatchV1Api(api)
+        self.core = client.CoreV1Api(api)
+
+    @staticmethod
+    async def _open(method: Any, *args: Any, **kwargs: Any) -> aiohttp.ClientResponse:
+        """The raw HTTP response of a generated API method (``_preload_content=False``)."""
+        kwargs.setdefault("_request_timeout", CALL_TIMEOUT)
+        resp: aiohttp.ClientResponse = await method(*args, _preload_content=False, **kwargs)
+        return resp
+
+    async def _call(self, what: str, method: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        try:
+            resp = await self._open(method, *args, **kwargs)
+            async with resp:
+                body = await resp.read()
+                if not 200 <= resp.status < 300:
+                    raise _refusal(resp.status, body, what)
+                return dict(json.loads(body))
+        except KubeError:
+            raise
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            raise KubeError("unavailable", f"cannot reach the Kubernetes API at {self.where} to {what}: "
+                            f"{exc or type(exc).__name__}") from None  # fmt: skip
+
+    async def create_job(self, body: dict[str, Any]) -> dict[str, Any]:
+        name = body["metadata"]["name"]
+        return await self._call(f"create job {name}", self.batch.create_namespaced_job, self.namespace, body)
+
+    async def read_job(self, name: str) -> dict[str, Any] | None:
+        try:
+            return await self._call(f"read job {name}", self.batch.read_namespaced_job, name, self.namespace)
+        except KubeError as exc:
+            if exc.code == "not_found":
+                return None
+            raise
+
+    async def list_jobs(self, selector: str) -> list[dict[str, Any]]:
+        found = await self._call("list jobs", self.batch.list_namespaced_job, self.namespace,
+                                 label_selector=selector)  # fmt: skip
+        return list(found.get("items") or [])
+
+    async def delete_job(self, name: str, grace: float | None, propagation: str = "Foreground") -> None:
+        kwargs: dict[str, Any] = {"propagation_policy": propagation}
+        if grace is not None:
+            kwargs["grace_period_seconds"] = max(1, round(grace))
+        try:
+            await self._call(f"delete job {name}", self.batch.delete_namespaced_job, name, self.namespace,
+                             **kwargs)  # fmt: skip
+        except KubeError as exc:
+            if exc.code != "not_found":
+                raise
+
+    async def list_pods(self, selector: str) -> dict[str, Any]:
+        return await self._call("list pods", self.core.list_namespaced_pod, self.namespace,
+                                label_selector=selector)  # fmt: skip
+
+    async def watch_pods(self, selector: str, since: str) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """Pod events after resource version ``since``, until the server ends the watch."""
+        try:
+            resp = await self._open(
+                self.core.list_namespaced_pod, self.namespace, label_selector=selector, watch=True,
+                resource_version=since, timeout_seconds=WATCH_S, allow_watch_bookmarks=False,
+                _request_timeout=WATCH_TIMEOUT,
+            )  # fmt: skip
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise KubeError("unavailable", f"cannot watch pods at {self.where}: {exc}") from None
+        async with resp:
+            if resp.status != 200:
+                raise _refusal(resp.status, await resp.read(), "watch pods")
+            try:
+                async for line in resp.content:
+                    if not line.strip():
+                        continue
+                    event = json.loads(line)
+                    if event.get("type") == "ERROR":
+                        return  # typically 410 Gone: the caller lists again
+                    yield event["type"], event["object"]
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.warning("kubernetes_watch_broken", error=str(exc) or type(exc).__name__)
+
+    async def follow_log(self, pod: str) -> aiohttp.ClientResponse:
+        try:
+            return await self._open(self.core.read_namespaced_pod_log, pod, self.namespace, container=CONTAINER,
+                                    follow=True, _request_timeout=FOLLOW_TIMEOUT)  # fmt: skip
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise KubeError("unavailable", f"cannot read the log of pod {pod}: {exc}") from None
+
+
+def _namespace(spec: KubernetesSpec, kube_namespace: str | None) -> str:
+    if spec.namespace:
+        return spec.namespace
+    if os.environ.get("POD_NAMESPACE"):
+        return os.environ["POD_NAMESPACE"]
+    try:
+        return (SERVICE_ACCOUNT_DIR / "namespace").read_text().strip()
+    except OSError:
+        return kube_namespace or "default"
+
+
+async def connect(spec: KubernetesSpec) -> Api:
+    """An API client from the profile's kubeconfig, the pod's service account, or ``$KUBECONFIG``."""
+    cfg = client.Configuration()
+    kubeconfig = spec.kubeconfig or (None if _in_cluster() else os.environ.get("KUBECONFIG"))
+    context_namespace = None
+    try:
+        if kubeconfig:
+            path = kubeconfig.split(os.pathsep)[0]
+            loader = await config.load_kube_config(config_file=path, client_configuration=cfg,
+                                                   persist_config=False)  # fmt: skip
+            context_namespace = (loader.current_context or {}).get("context", {}).get("namespace")
+        elif _in_cluster():
+            config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+        else:
+            raise KubeError("failed_precondition", "no Kubernetes credentials: not in a cluster (no service "
+                            f"account token in {SERVICE_ACCOUNT_DIR}) and KUBECONFIG is not set")  # fmt: skip
+    except config.ConfigException as exc:
+        raise KubeError("failed_precondition", f"bad Kubernetes credentials ({kubeconfig or 'in-cluster'}): "
+                        f"{exc}") from None  # fmt: skip
+    except KubeError:
+        raise
+    except OSError as exc:
+        raise KubeError("failed_precondition", f"cannot read the kubeconfig {kubeconfig}: {exc}") from None
+    return Api(client.ApiClient(configuration=cfg), _namespace(spec, context_namespace), cfg.host or "?")
+
+
+def _in_cluster() -> bool:
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and (SERVICE_ACCOUNT_DIR / "token").exists()
+
+
+@dataclass(frozen=True, slots=True)
+class KubeLaunch:
+    """What the dispatcher knows that a Job needs beyond a ``LaunchSpec``."""
+
+    spec: KubernetesSpec
+    slot: str
+    mirror: str
+    socket: str
+    labels: dict[str, str]
+    grace_s: float
+    #: The Job's ``activeDeadlineSeconds``: a backstop for when the daemon is not there to stop it.
+    deadline_s: float | None = None
+
+
+def _user(spec: KubernetesSpec) -> tuple[int, int]:
+    uid, gid = spec.user.split(":")
+    return int(uid), int(gid)
+
+
+def job_manifest(spec: LaunchSpec, launch: KubeLaunch, node: str, labels: dict[str, str]) -> dict[str, Any]:
+    k = launch.spec
+    uid, gid = _user(k)
+    env = {**spec.env, "NECROD_SOCKET": socket_inside(launch.socket), "NECROD_SLOT_PATH": k.workdir}
+    env = {key: v for key, v in env.items() if key not in ("PATH", "HOME")}
+    limits: dict[str, str] = {}
+    if spec.memory_limit:
+        limits["memory"] = str(spec.memory_limit)
+    if k.cpus:
+        limits["cpu"] = f"{round(k.cpus * 1000)}m"
+    container = {
+        "name": CONTAINER, "image": k.image, "imagePullPolicy": k.image_pull_policy, "command": spec.argv,
+        "workingDir": k.workdir, "env": [{"name": key, "value": v} for key, v in env.items()],
+        "resources": {"limits": limits, "requests": dict(limits)},
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "volumeMounts": [
+            {"name": "slot", "mountPath": k.workdir},
+            {"name": "mirror", "mountPath": launch.mirror, "readOnly": True},
+            {"name": "necrod-socket", "mountPath": SOCKET_DIR_INSIDE, "readOnly": True},
+        ],
+    }  # fmt: skip
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never", "nodeName": node, "automountServiceAccountToken": False,
+        "terminationGracePeriodSeconds": max(1, round(launch.grace_s)),
+        "securityContext": {"runAsUser": uid, "runAsGroup": gid, "runAsNonRoot": uid != 0},
+        "containers": [container],
+        "volumes": [
+            {"name": "slot", "hostPath": {"path": launch.slot, "type": "Directory"}},
+            {"name": "mirror", "hostPath": {"path": launch.mirror, "type": "Directory"}},
+            {"name": "necrod-socket", "hostPath": {"path": os.path.dirname(launch.socket), "type": "Directory"}},
+        ],
+    }  # fmt: skip
+    if k.service_account:
+        pod["serviceAccountName"] = k.service_account
+    job_spec: dict[str, Any] = {
+        "backoffLimit": 0, "ttlSecondsAfterFinished": k.ttl_after_finished_s,
+        "template": {"metadata": {"labels": {**labels, LABEL_RUN: spec.name}}, "spec": pod},
+    }  # fmt: skip
+    if launch.deadline_s:
+        job_spec["activeDeadlineSeconds"] = max(1, round(launch.deadline_s))
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": spec.name, "labels": labels},
+            "spec": job_spec}  # fmt: skip
+
+
+def pod_exit(pod: dict[str, Any]) -> Exit | None:
+    """The attempt's result if the pod has ended, else None."""
+    status = pod.get("status") or {}
+    for c in status.get("containerStatuses") or []:
+        if c.get("name") != CONTAINER:
+            continue
+        ended = (c.get("state") or {}).get("terminated")
+        if ended:
+            code = int(ended.get("exitCode", -1))
+            oom = ended.get("reason") == "OOMKilled"
+            if code > 128:
+                return Exit(code=None, signal=code - 128, oom=oom)
+            return Exit(code=code, oom=oom)
+    if status.get("phase") in ("Succeeded", "Failed"):
+        why = status.get("reason") or "no exit status"
+        return Exit(code=None, lost=True, detail=f"the pod ended without an exit status: {why}: "
+                    f"{status.get('message', '')}".rstrip(": "))  # fmt: skip
+    return None
+
+
+def _waiting(pod: dict[str, Any]) -> tuple[str, str] | None:
+    for c in (pod.get("status") or {}).get("containerStatuses") or []:
+        waiting = (c.get("state") or {}).get("waiting")
+        if c.get("name") == CONTAINER and waiting:
+            return str(waiting.get("reason", "")), str(waiting.get("message", ""))
+    return None
+
+
+def _started(pod: dict[str, Any]) -> bool:
+    for c in (pod.get("status") or {}).get("containerStatuses") or []:
+        state = c.get("state") or {}
+        if c.get("name") == CONTAINER and ("running" in state or "terminated" in state):
+            return True
+    return False
+
+
+def _job_failure(job: dict[str, Any]) -> str | None:
+    for cond in (job.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "Failed" and cond.get("status") == "True":
+            return f"{cond.get('reason', 'Failed')}: {cond.get('message', '')}".rstrip(": ")
+    return None
+
+
+class KubeRun(Run):
+    """A Job being watched. The watch (and the log it follows) runs in the dispatcher's task
+    group, not in ``wait()``: a wait cut short by a stop must not miss the pod's last words,
+    which vanish with the pod once the Job is deleted."""
+
+    def __init__(self, launcher: KubeLauncher, api: Api, name: str, slot: str, log_path: Path,
+                 created: float) -> None:  # fmt: skip
+        self.launcher = launcher
+        self.api = api
+        self.name = name
+        self.session = name
+        self.slot = slot
+        self.log_path = log_path
+        self.created = created
+        self._exit: Exit | None = None
+        self._ended = anyio.Event()
+        self._stopping = False
+        #: The pod whose log is followed, and the end of the latest follow.
+        self._pod: str | None = None
+        self._pumped: anyio.Event | None = None
+        launcher.spawn(self._monitor)
+
+    async def _pump_log(self, pod: str, drained: anyio.Event) -> None:
+        """Follow the container's log from its start, skipping what the attempt's log already
+        holds: a wait cut short, or a daemon restart, picks up where the file ends."""
+        try:
+            resp = await self.api.follow_log(pod)
+            async with resp:
+                if resp.status != 200:
+                    log.warning("kubernetes_log_refused", pod=pod, status=resp.status)
+                    return
+                with open(self.log_path, "ab", buffering=0) as out:  # noqa: ASYNC230 (small appends)
+                    skip = out.tell()
+                    async for chunk in resp.content.iter_any():
+                        if skip >= len(chunk):
+                            skip -= len(chunk)
+                            continue
+                        out.write(chunk[skip:])
+                        skip = 0
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            log.warning("kubernetes_log_failed", pod=pod, error=str(exc) or type(exc).__name__)
+        finally:
+            drained.set()
+
+    def _follow_log(self, tg: Any) -> None:
+        """(Re)start following the log: a follow cut short (the API went away) resumes."""
+        if self._pod is not None and (self._pumped is None or self._pumped.is_set()):
+            self._pumped = anyio.Event()
+            tg.start_soon(self._pump_log, self._pod, self._pumped)
+
+    def _see(self, pod: dict[str, Any], tg: Any) -> Exit | None:
+        if _started(pod):
+            self._pod = (pod.get("metadata") or {}).get("name", "")
+            self._follow_log(tg)
+        ended = pod_exit(pod)
+        if ended is not None:
+            return ended
+        waiting = _waiting(pod)
+        if waiting is not None:
+            reason, message = waiting
+            waited = time.time() - self.created
+            if reason in HOPELESS or (reason in PULLING and waited > PULL_PATIENCE_S):
+                return Exit(
+                    code=None, lost=True, detail=f"the pod cannot start: {reason}: {message}".rstrip(": ")
+                )
+        return None
+
+    async def _follow(self, tg: Any) -> tuple[Exit, bool]:
+        """Watch the Job's pod until it ends; the result, and whether the Job must be deleted."""
+        selector = f"{LABEL_RUN}={self.name}"
+        backoff = 1.0
+        while True:
+            try:
+                listed = await self.api.list_pods(selector)
+                pods = listed.get("items") or []
+                for pod in pods:
+                    if (ended := self._see(pod, tg)) is not None:
+                        return ended, ended.lost
+                if not pods:
+                    job = await self.api.read_job(self.name)
+                    if job is None:
+                        return self._gone("the Job was deleted from outside"), False
+                    if (failure := _job_failure(job)) is not None:
+                        return Exit(code=None, lost=True, detail=f"the Job failed: {failure}"), False
+                since = str((listed.get("metadata") or {}).get("resourceVersion", ""))
+                async for kind, pod in self.api.watch_pods(selector, since):
+                    if kind == "DELETED":
+                        return pod_exit(pod) or self._gone("its pod was deleted from outside"), False
+                    if (ended := self._see(pod, tg)) is not None:
+                        return ended, ended.lost
+                backoff = 1.0
+            except KubeError as exc:
+                log.warning("kubernetes_watch_failed", job=self.name, error=exc.message)
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 15.0)
+
+    def _gone(self, why: str) -> Exit:
+        if self._stopping:
+            return Exit(code=None, signal=signal.SIGTERM)
+        return Exit(code=None, lost=True, detail=why)
+
+    async def _monitor(self) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                result, delete = await self._follow(tg)
+                self._follow_log(tg)  # catch up, if the last follow ended before the pod did
+                if self._pumped is not None:
+                    with anyio.move_on_after(5):  # the log stream ends with the container
+                        await self._pumped.wait()
+                tg.cancel_scope.cancel()
+            if delete:
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await self.api.delete_job(self.name, grace=0, propagation="Background")
+                    except KubeError as exc:
+                        log.warning("kubernetes_delete_failed", job=self.name, error=exc.message)
+            await self.launcher.give_back(self.slot)
+        except Exception as exc:
+            log.exception("kubernetes_monitor_failed", job=self.name)
+            result = Exit(code=None, lost=True, detail=f"necrod lost track of the Job: {exc}")
+        self._exit = result
+        self._ended.set()
+
+    async def wait(self) -> Exit:
+        await self._ended.wait()
+        assert self._exit is not None
+        return self._exit
+
+    async def stop(self, grace: float) -> None:
+        self._stopping = True
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.api.delete_job(self.name, grace=grace)
+            except KubeError as exc:
+                log.warning("kubernetes_stop_failed", job=self.name, error=exc.message)
+
+
+class KubeLauncher:
+    def __init__(self, daemon_id: str, spawn: Callable[..., None]) -> None:
+        self.daemon_id = daemon_id
+        self.daemon_label = label_value(daemon_id)
+        #: Starts a background task in the dispatcher's task group (where each Job is watched).
+        self.spawn = spawn
+        self._apis: dict[KubernetesSpec, Api] = {}
+
+    async def api(self, spec: KubernetesSpec) -> Api:
+        key = _connection_key(spec)
+        if key not in self._apis:
+            self._apis[key] = await connect(spec)
+        return self._apis[key]
+
+    async def aclose(self) -> None:
+        for api in self._apis.values():
+            await api.client.close()
+        self._apis.clear()
+
+    async def start(self, spec: LaunchSpec, launch: KubeLaunch) -> KubeRun:
+        node = launch.spec.node or os.environ.get("NODE_NAME")
+        if not node:
+            raise KubeError("failed_precondition", "cannot pin the Job to this node: set NODE_NAME (the "
+                            "downward API's spec.nodeName) or the profile's kubernetes.node")  # fmt: skip
+        api = await self.api(launch.spec)
+        labels = {**dict(launch.spec.labels), **{k: label_value(v) for k, v in launch.labels.items()},
+                  LABEL_DAEMON: self.daemon_label}  # fmt: skip
+        body = job_manifest(spec, launch, node, labels)
+        spec.log.parent.mkdir(parents=True, exist_ok=True)
+        spec.log.touch()
+        uid, gid = _user(launch.spec)
+        started = time.perf_counter()
+        await anyio.to_thread.run_sync(hand_over, launch.slot, uid, gid)
+        handed = time.perf_counter() - started
+        try:
+            await api.create_job(body)
+        except KubeError:
+            await self.give_back(launch.slot)
+            raise
+        log.info("kubernetes_job_created", job=spec.name, namespace=api.namespace, node=node,
+                 image=launch.spec.image, hand_over_ms=round(handed * 1000, 1))  # fmt: skip
+        return KubeRun(self, api, spec.name, launch.slot, spec.log, time.time())
+
+    async def give_back(self, slot: str) -> None:
+        if os.path.isdir(slot):
+            await anyio.to_thread.run_sync(hand_over, slot, os.getuid(), os.getgid())
+
+    async def adopt(self, name: str, spec: KubernetesSpec, slot: str, log_path: Path) -> KubeRun | None:
+        """The Job of an attempt that ran while the daemon was down (running or finished: its
+        result is read), or None if it is gone."""
+        api = await self.api(spec)
+        job = await api.read_job(name)
+        if job is None:
+            return None
+        return KubeRun(self, api, name, slot, log_path, time.time())
+
+    async def sweep(self, specs: list[KubernetesSpec], keep: set[str]) -> list[str]:
+        """Delete every unfinished Job of this daemon that no running attempt claims (finished
+        ones are left to ``ttlSecondsAfterFinished``)."""
+        deleted: list[str] = []
+        seen: set[tuple[Any, ...]] = set()
+        for spec in specs:
+            try:
+                api = await self.api(spec)
+                if (api.where, api.namespace) in seen:
+                    continue
+                seen.add((api.where, api.namespace))
+                for job in await api.list_jobs(f"{LABEL_DAEMON}={self.daemon_label}"):
+                    name = job["metadata"]["name"]
+                    status = job.get("status") or {}
+                    finished = status.get("succeeded") or status.get("failed") or _job_failure(job)
+                    if name not in keep and not finished:
+                        await api.delete_job(name, grace=None)
+                        deleted.append(name)
+            except KubeError as exc:
+                log.warning("kubernetes_sweep_failed", error=exc.message)
+        if deleted:
+            log.warning("orphan_jobs_deleted", jobs=deleted)
+        return deleted
+
+
+def _connection_key(spec: KubernetesSpec) -> KubernetesSpec:
+    """Profiles that reach the same API the same way share one client."""
+    return KubernetesSpec(image="", namespace=spec.namespace, kubeconfig=spec.kubeconfig)
