@@ -175,11 +175,11 @@ def test_a_failure_is_retried_as_a_new_job_and_its_work_salvaged(daemon: Necrod,
     assert done["state"] == "succeeded", done
     assert (first["outcome"], first["exit_code"]) == ("failed", 3) and second["exit_code"] == 0, done
     assert "second try" in Path(second["log"]).read_text()
+    slots_clean(daemon)  # salvage happens on the way back to available
     shown = daemon.call("salvage.show", {"lease_id": first["lease_id"]})
     assert "wip.txt" in {f["path"] for f in shown["files"]}
     if cluster.fake is not None:
         assert cluster.fake.job_names() == [f"necro-{done['task_id']}-1", f"necro-{done['task_id']}-2"]
-    slots_clean(daemon)
 
 
 def test_a_timeout_and_a_cancel_delete_the_job_within_the_grace(daemon: Necrod, cluster: Cluster) -> None:
