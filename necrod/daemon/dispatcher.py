@@ -259,14 +259,14 @@ class Dispatcher:
         self._spawn(self._watch, a)
 
     async def _adopt_job(self, a: Active, attempt: Attempt, profile: RunnerProfile) -> None:
-        run, why = None, "its Job is gone (or its profile no longer names one)"
+        run, why = None, "its profile no longer names a kubernetes: section"
         if profile.kubernetes is not None and attempt.session:
             try:
                 run = await self.kube.adopt(attempt.session, profile.kubernetes, attempt.path or "",
                                             Path(attempt.log or ""))  # fmt: skip
             except OSError as exc:
                 log.error("kubernetes_adopt_failed", task=a.task.task_id, error=str(exc))
-                why = f"its Job could not be looked up: {exc}"
+                why = f"its Job cannot be watched: {exc}"
         if run is None:
             self._spawn(self._finish, a, None, "lost", why)
             return

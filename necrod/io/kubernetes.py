@@ -56,6 +56,8 @@ HOPELESS = {"InvalidImageName", "ErrImageNeverPull", "CreateContainerConfigError
 #: Waiting reasons that may pass (a registry hiccup), until this long after the Job was created.
 PULLING = {"ErrImagePull", "ImagePullBackOff"}
 PULL_PATIENCE_S = 120.0
+#: How long a stop keeps asking an unreachable API to delete the Job.
+STOP_RETRY_S = 30.0
 CALL_TIMEOUT = aiohttp.ClientTimeout(sock_connect=10, sock_read=30)
 WATCH_TIMEOUT = aiohttp.ClientTimeout(sock_connect=10, sock_read=WATCH_S + 15)
 FOLLOW_TIMEOUT = aiohttp.ClientTimeout(sock_connect=10)
@@ -457,12 +459,19 @@ class KubeRun(Run):
         return self._exit
 
     async def stop(self, grace: float) -> None:
+        """Delete the Job; an API that is away is asked again for a while (the pod must not go
+        on writing in a slot that is about to be cleaned)."""
         self._stopping = True
-        with anyio.CancelScope(shield=True):
-            try:
-                await self.api.delete_job(self.name, grace=grace)
-            except KubeError as exc:
-                log.warning("kubernetes_stop_failed", job=self.name, error=exc.message)
+        with anyio.CancelScope(shield=True), anyio.move_on_after(STOP_RETRY_S):
+            backoff = 0.5
+            while True:
+                try:
+                    await self.api.delete_job(self.name, grace=grace)
+                    return
+                except KubeError as exc:
+                    log.warning("kubernetes_stop_failed", job=self.name, error=exc.message)
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
 
 
 class KubeLauncher:
@@ -501,7 +510,15 @@ class KubeLauncher:
         handed = time.perf_counter() - started
         try:
             await api.create_job(body)
-        except KubeError:
+        except KubeError as exc:
+            if exc.code == "unavailable":
+                # The request may have landed before the connection broke: no Job may run on
+                # in a slot that goes back to the pool.
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await api.delete_job(spec.name, grace=0, propagation="Background")
+                    except KubeError:
+                        log.warning("kubernetes_job_maybe_left", job=spec.name)
             await self.give_back(launch.slot)
             raise
         log.info("kubernetes_job_created", job=spec.name, namespace=api.namespace, node=node,
@@ -512,14 +529,11 @@ class KubeLauncher:
         if os.path.isdir(slot):
             await anyio.to_thread.run_sync(hand_over, slot, os.getuid(), os.getgid())
 
-    async def adopt(self, name: str, spec: KubernetesSpec, slot: str, log_path: Path) -> KubeRun | None:
-        """The Job of an attempt that ran while the daemon was down (running or finished: its
-        result is read), or None if it is gone."""
-        api = await self.api(spec)
-        job = await api.read_job(name)
-        if job is None:
-            return None
-        return KubeRun(self, api, name, slot, log_path, time.time())
+    async def adopt(self, name: str, spec: KubernetesSpec, slot: str, log_path: Path) -> KubeRun:
+        """Watch again the Job of an attempt that ran while the daemon was down: a running one
+        to its end, a finished one for its result; one that is gone ends the attempt as lost.
+        An API that is away for now is waited for, like any watch."""
+        return KubeRun(self, await self.api(spec), name, slot, log_path, time.time())
 
     async def sweep(self, specs: list[KubernetesSpec], keep: set[str]) -> list[str]:
         """Delete every unfinished Job of this daemon that no running attempt claims (finished
