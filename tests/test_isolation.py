@@ -54,6 +54,11 @@ def test_what_one_slot_writes_reaches_neither_another_slot_nor_the_mirror(
     assert _has(mirror, shown["commit"]) and _has(mirror, made)
     assert git(mirror, "fsck", "--connectivity-only", "--no-dangling") == ""
     assert git(slot_a, "config", "--get", "core.fsmonitor", check=False) == ""
+    # And slot a's own repository keeps nothing of the lease for the next one: no refs, no
+    # objects of its own, no reflog; it still stands whole on the mirror's objects.
+    assert git(slot_a, "for-each-ref") == "" and not (slot_a / ".git" / "logs").exists()
+    assert "count: 0\nsize: 0\nin-pack: 0" in git(slot_a, "count-objects", "-v")
+    assert git(slot_a, "fsck", "--no-dangling") == ""
 
 
 def _has(repo: Path, sha: str) -> bool:

@@ -128,11 +128,13 @@ class SlotGit:
 
     async def reset(self, commit: str, clean_flags: str) -> None:
         """Detached at ``commit``, tracked files as committed, untracked (and ignored, with -x)
-        files gone, no interrupted merge or rebase left behind."""
+        files gone, no interrupted merge or rebase left behind, nothing of the lease's own in
+        the slot's repository."""
         self.clear_operation_state()
         self.kind.pin(self.admin, commit)
         await self.run(["checkout", "--quiet", "--force", "--detach", commit])
         await self.run(["clean", "--quiet", clean_flags])
+        await anyio.to_thread.run_sync(self.kind.forget, self.admin, self.path)
 
     async def move(self, commit: str) -> None:
         """An idle, clean slot to a new base commit: only the tracked files that differ change."""

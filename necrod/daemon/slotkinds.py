@@ -61,6 +61,7 @@ class SlotKind(Protocol):
     def pin(self, admin: str, commit: str) -> None: ...
     async def keep(self, admin: str, path: str, ref: str, commit: str, *, timeout: float) -> None: ...
     async def delete_branch(self, admin: str, path: str, branch: str, *, timeout: float) -> None: ...
+    def forget(self, admin: str, path: str) -> None: ...
 
 
 def slot_kind(name: str, mirror: Mirror) -> SlotKind:
@@ -92,6 +93,9 @@ class WorktreeSlots:
 
     def git_dir(self, admin: str, path: str) -> Path:
         return self.mirror.path / "worktrees" / admin
+
+    def forget(self, admin: str, path: str) -> None:
+        """Nothing of a worktree's repository is its own (refs and objects are the mirror's)."""
 
     def problem(self, admin: str, path: str) -> str | None:
         """Why the slot cannot be cleaned in place (it must be rebuilt), or None."""
@@ -338,3 +342,22 @@ class CloneSlots:
     async def delete_branch(self, admin: str, path: str, branch: str, *, timeout: float) -> None:
         await self.git.run(["update-ref", "-d", "--end-of-options", f"refs/heads/{branch}"],
                            git_dir=self.git_dir(admin, path), timeout=timeout, check=False)  # fmt: skip
+
+    def forget(self, admin: str, path: str) -> None:
+        """Drop what leases left in the slot's own repository: refs (branches, tags), reflogs
+        and objects, so the next lease inherits nothing of the last one. Run after the reset
+        to a commit of the mirror, and after salvage fetched the work into the mirror: every
+        object the slot needs is borrowed, so its own objects are only agents' leftovers."""
+        d = Path(path) / ".git"
+        for name in ("refs", "logs", "packed-refs", "ORIG_HEAD", "FETCH_HEAD", "shallow"):
+            remove_path(d / name)
+        for name in ("refs/heads", "refs/tags"):
+            (d / name).mkdir(parents=True, exist_ok=True)
+        objects = d / "objects"
+        for entry in os.scandir(objects):
+            if entry.name != "info":
+                remove_path(objects / entry.name)
+        (objects / "pack").mkdir(exist_ok=True)
+        for entry in os.scandir(objects / "info"):
+            if entry.name != "alternates":
+                remove_path(objects / "info" / entry.name)
