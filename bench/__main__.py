@@ -2,7 +2,9 @@
 it, and print one table of medians, p99s and ratios against baselines measured in the same run.
 
 Items (issue 6): 1 allocation latency, 2 the other ways per task, 3 release to available,
-4 fetching, 5 disk, 6 the daemon itself, 7 the dispatcher, and ``db`` the SQLite commit inline vs in a thread.
+4 fetching, 5 disk, 6 the daemon itself, 7 the dispatcher, 8 isolation and launchers (shared-clone
+vs worktree allocation, container vs process task start), and ``db`` the SQLite commit inline vs
+in a thread.
 Everything it starts lives under one /tmp/nb-* directory, removed at the end, even on Ctrl-C.
 """
 
@@ -16,13 +18,25 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import alloc, baselines, daemon_cost, debris, disk, dispatch, fetch, release, report, sqlite_hop
+from bench import (
+    alloc,
+    baselines,
+    daemon_cost,
+    debris,
+    disk,
+    dispatch,
+    fetch,
+    isolation,
+    release,
+    report,
+    sqlite_hop,
+)
 from bench.daemon import Daemon, config_yaml
 from bench.gitrepo import git, make_origin
 from bench.report import Row
 from bench.scratch import Scratch, raise_on_sigterm
 
-ITEMS = ("1", "2", "3", "4", "5", "6", "7", "db")
+ITEMS = ("1", "2", "3", "4", "5", "6", "7", "8", "db")
 ALLOC_POOL, DISK_POOL = "alloc", "disk"
 
 
@@ -36,14 +50,23 @@ class Plan:
     idle_s: float
     db_commits: int
     fetch_intervals: int
+    fetch_interval_s: float
     fetch_slots: tuple[int, ...]
     fetch_clones: tuple[int, ...]
     #: Tasks run to completion per dispatcher measurement.
     tasks_done: int
+    #: Item 8: clients (the pools have as many slots as the largest), rounds per count,
+    #: allocations with a ref per pool, tasks per launcher.
+    iso_levels: tuple[int, ...]
+    iso_rounds: int
+    ref_allocs: int
+    start_tasks: int
 
 
-QUICK = Plan((1, 8, 32), 2, 2, 2, 5.0, 300, 2, (1, 10), (10,), 200)
-FULL = Plan((1, 8, 32, 64), 6, 9, 9, 35.0, 2000, 4, (1, 10, 50), (10, 50), 1000)
+# --quick must finish in under two minutes on two cores (issue 6): fewer of everything, a shorter
+# fetch interval, item 8 at 1 and 8 clients only.
+QUICK = Plan((1, 8, 32), 2, 2, 2, 4.0, 300, 2, 2.5, (1, 10), (10,), 100, (1, 8), 1, 8, 5)
+FULL = Plan((1, 8, 32, 64), 6, 9, 9, 35.0, 2000, 4, 5.0, (1, 10, 50), (10, 50), 1000, (1, 8, 32), 4, 32, 20)
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -143,6 +166,13 @@ def run(
     if "7" in items:
         say(f"7: the dispatcher, {plan.tasks_done} tasks alone and with {dispatch.QUEUED:,} queued")
         rows += dispatch.measure(scratch, small, plan.tasks_done, args.quick)
+    if "8" in items:
+        say(f"8: allocation on shared-clone vs worktree pools at {list(plan.iso_levels)} clients")
+        rows += isolation.allocation(
+            scratch, origin, base, list(plan.iso_levels), plan.iso_rounds, plan.ref_allocs
+        )
+        say(f"8: task start, process vs container launcher, {plan.start_tasks} tasks each")
+        rows += isolation.starts(scratch, origin, base, plan.start_tasks)
     if "db" in items:
         say("db: sqlite commit inline vs in a thread")
         rows += sqlite_hop.measure(Path(scratch.path("db")), plan.db_commits)
@@ -150,7 +180,14 @@ def run(
         say("4: fetching")
         moving = not args.repo  # only the generated origin is ours to add commits to
         rows += fetch.measure(
-            scratch, origin, base, plan.fetch_slots, plan.fetch_clones, plan.fetch_intervals, moving
+            scratch,
+            origin,
+            base,
+            plan.fetch_slots,
+            plan.fetch_clones,
+            plan.fetch_intervals,
+            moving,
+            plan.fetch_interval_s,
         )
     return rows, [f"repository: {source}"]
 

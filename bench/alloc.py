@@ -42,7 +42,7 @@ def _ready(daemon: Daemon, pool: str, quiet: bool) -> None:
         daemon.wait_quiet()
 
 
-async def _level(
+async def level(
     daemon: Daemon, pool: str, clients: int, slots: int, rounds: int, quiet: bool
 ) -> tuple[list[float], float, float]:
     """Latencies (ms), allocations per second, and daemon CPU ms per allocation."""
@@ -83,7 +83,7 @@ def measure(
     rows = []
     single = float("nan")
     for clients in levels:
-        latencies, rate, cpu_ms = asyncio.run(_level(daemon, pool, clients, slots, rounds, quiet=True))
+        latencies, rate, cpu_ms = asyncio.run(level(daemon, pool, clients, slots, rounds, quiet=True))
         if clients == 1:
             single = median(latencies)
         judged = clients == TARGET_CLIENTS
@@ -91,9 +91,7 @@ def measure(
             f"{clients} client{'s' if clients > 1 else ''}, quiet daemon", latencies, rate, cpu_ms, judged
         )
     if burst and TARGET_CLIENTS in levels:
-        latencies, rate, cpu_ms = asyncio.run(
-            _level(daemon, pool, TARGET_CLIENTS, slots, rounds, quiet=False)
-        )
+        latencies, rate, cpu_ms = asyncio.run(level(daemon, pool, TARGET_CLIENTS, slots, rounds, quiet=False))
         label = f"{TARGET_CLIENTS} clients, just after {slots} releases were cleaned"
         rows += _rows(label, latencies, rate, cpu_ms, False)
     daemon.wait_available(pool)

@@ -36,14 +36,20 @@ def _verbs(daemon: Daemon) -> dict[str, int]:
 
 
 def _necrod(
-    scratch: Scratch, origin: str, base: str, sizes: tuple[int, ...], intervals: int, moving: bool
+    scratch: Scratch,
+    origin: str,
+    base: str,
+    sizes: tuple[int, ...],
+    intervals: int,
+    moving: bool,
+    interval_s: float,
 ) -> tuple[list[Row], dict[int, float]]:
     """Rows, and the median wall time of one fetch per pool size."""
-    common = {"repo_url": origin, "base": base, "fetch_interval_s": INTERVAL_S, "min_idle": 0}
+    common = {"repo_url": origin, "base": base, "fetch_interval_s": interval_s, "min_idle": 0}
     pools = {_pool(n): {**common, "slots": n, "max_slots": n} for n in sizes}
     daemon = Daemon(scratch, "fetch", config_yaml(pools)).start()
     try:
-        deadline = time.monotonic() + 3 * INTERVAL_S + 30
+        deadline = time.monotonic() + 3 * interval_s + 30
         while not all(f["fetches"] for f in _fetch_state(daemon).values()):
             if time.monotonic() > deadline:
                 return [
@@ -58,18 +64,18 @@ def _necrod(
         started = time.monotonic()
         next_commit = started
         n = 0
-        while time.monotonic() - started < intervals * INTERVAL_S:
+        while time.monotonic() - started < intervals * interval_s:
             if moving and time.monotonic() >= next_commit:
                 n += 1
                 add_commit(Path(origin), n)
-                next_commit += INTERVAL_S
+                next_commit += interval_s
             for name, f in _fetch_state(daemon).items():
                 if f["fetches"] > seen[name]:
                     seen[name] = f["fetches"]
                     durations[name].append(f["last_duration_s"] * 1000)
                     finished[name].append(f["last_ok_at"])
             time.sleep(0.25)
-        window = (time.monotonic() - started) / INTERVAL_S
+        window = (time.monotonic() - started) / interval_s
         verbs = {
             v: c - verbs_before.get(v, 0) for v, c in _verbs(daemon).items() if c > verbs_before.get(v, 0)
         }
@@ -84,7 +90,7 @@ def _necrod(
         pool_fetches += count
         times = finished[name]
         gaps = [b - a for a, b in itertools.pairwise(times)]
-        per = INTERVAL_S / median(gaps) if gaps else 0.0
+        per = interval_s / median(gaps) if gaps else 0.0
         rows.append(
             Row(
                 "4",
@@ -177,6 +183,7 @@ def measure(
     clones: tuple[int, ...],
     intervals: int,
     moving: bool,
+    interval_s: float = INTERVAL_S,
 ) -> list[Row]:
-    rows, walls = _necrod(scratch, origin, base, sizes, intervals, moving)
+    rows, walls = _necrod(scratch, origin, base, sizes, intervals, moving, interval_s)
     return rows + _clones(scratch, origin, clones, intervals, moving, walls)

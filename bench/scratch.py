@@ -1,9 +1,10 @@
 """Scratch space and child processes of one bench run, all removed at the end, even on Ctrl-C.
 
 ``Scratch`` owns a short directory under /tmp (Unix socket paths must stay under 108 bytes) and
-every subprocess started through it; ``close`` stops them (SIGTERM, then SIGKILL) and deletes
-the directory. Children also get ``PR_SET_PDEATHSIG``, so a bench killed with SIGKILL does
-not leave a daemon behind.
+every subprocess started through it; ``close`` runs the clean-ups registered with ``at_close``
+(what lives outside the directory: containers, images), stops the processes (SIGTERM, then
+SIGKILL) and deletes the directory. Children also get ``PR_SET_PDEATHSIG``, so a bench killed
+with SIGKILL does not leave a daemon behind.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
@@ -32,6 +34,7 @@ class Scratch:
         self.root = Path(tempfile.mkdtemp(prefix="nb-", dir="/tmp"))
         self.keep = keep
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.cleanups: list[Callable[[], None]] = []
 
     def path(self, *parts: str) -> Path:
         p = self.root.joinpath(*parts)
@@ -39,12 +42,13 @@ class Scratch:
         return p
 
     def spawn(
-        self, argv: list[str], *, log: Path, env: dict[str, str] | None = None
+        self, argv: list[str], *, log: Path, env: dict[str, str] | None = None, cwd: Path | None = None
     ) -> subprocess.Popen[bytes]:
         with open(log, "ab") as out:
             proc = subprocess.Popen(
-                argv, stdout=out, stderr=out, env=env, preexec_fn=_die_with_parent, start_new_session=True
-            )
+                argv, stdout=out, stderr=out, env=env, cwd=cwd, preexec_fn=_die_with_parent,
+                start_new_session=True,
+            )  # fmt: skip
         self.procs.append(proc)
         return proc
 
@@ -59,7 +63,14 @@ class Scratch:
         if proc in self.procs:
             self.procs.remove(proc)
 
+    def at_close(self, cleanup: Callable[[], None]) -> None:
+        """Run ``cleanup`` at ``close`` (last registered first, before the processes stop)."""
+        self.cleanups.append(cleanup)
+
     def close(self) -> None:
+        while self.cleanups:
+            with contextlib.suppress(Exception):
+                self.cleanups.pop()()
         for proc in list(self.procs):
             with contextlib.suppress(Exception):
                 self.stop(proc, timeout=10)
