@@ -163,7 +163,12 @@ def test_cancel_stops_the_container_within_its_grace(daemon: Necrod, engine: Eng
 def test_a_daemon_killed_and_restarted_adopts_its_running_container(
     daemon: Necrod, engine: Engine, origin: Path
 ) -> None:
-    task_id = submit(daemon, "echo started; sleep 6; echo finished")
+    # It heartbeats only after the restart: through the new daemon's socket, which it reaches
+    # because the socket's directory is mounted, not the old socket file.
+    beat = ('sleep 5; for i in 1 2 3; do rpc $NECROD_SOCKET "{{\\"jsonrpc\\":\\"2.0\\",\\"id\\":$i,'
+            '\\"method\\":\\"slots.heartbeat\\",\\"params\\":{{\\"lease_id\\":\\"$NECROD_LEASE_ID\\"}}}}"; '
+            "sleep 1; done")  # fmt: skip
+    task_id = submit(daemon, f"echo started; {beat}; echo finished")
     wait_for(lambda: engine.ours(), 30, what="the container")
     daemon.kill9()
     # A container of ours that no attempt claims (left by an older crash): removed at start.
@@ -180,7 +185,7 @@ def test_a_daemon_killed_and_restarted_adopts_its_running_container(
     daemon.start()
     task = finished(daemon, task_id, timeout=60)
     assert task["state"] == "succeeded" and len(task["attempts"]) == 1, task
-    assert "finished" in log_of(task)
+    assert "finished" in log_of(task) and log_of(task).count('"result"') == 3, log_of(task)
     assert "necro-orphan-1" not in engine.ours()
 
 

@@ -24,8 +24,9 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import structlog
@@ -54,8 +55,6 @@ from necrod.daemon.fleet import Fleet, HostDown, HostLink, RemoteRun, launch, or
 from necrod.daemon.metrics import Metrics
 from necrod.io import sysload
 from necrod.io.cgroups import memory_parent
-from necrod.io.containers import ContainerLaunch, ContainerLauncher
-from necrod.io.kubernetes import KubeLaunch, KubeLauncher
 from necrod.io.launchers import Exit, LaunchSpec, ProcessLauncher, Run, TmuxLauncher, group_alive, stop_group
 from necrod.io.procs import processes_in
 from necrod.io.store import Delete, Event, Put, StateStore
@@ -68,6 +67,10 @@ from necrod.proto.errors import (
     ResourceExhausted,
     Unavailable,
 )
+
+if TYPE_CHECKING:
+    from necrod.io.containers import ContainerLaunch, ContainerLauncher
+    from necrod.io.kubernetes import KubeLaunch, KubeLauncher
 
 log = structlog.get_logger("necrod.dispatch")
 
@@ -139,13 +142,26 @@ class Dispatcher:
             "tmux": self.tmux,
         }
         self.fleet = Fleet(origin_id(state_dir))
-        self.containers = ContainerLauncher(self.fleet.origin)
-        self.kube = KubeLauncher(self.fleet.origin, self._spawn)
         self.fleet.on_up.append(self._host_returned)
         #: (host, pool) → monotonic time until which that host had no free slot in that pool.
         self._no_remote_slot: dict[tuple[str, str], float] = {}
         engine.lease_hooks.append(self._lease_ended)
         engine.on_slot_available.append(lambda pool: self.wake())
+
+    # The contained launchers load on first use: their HTTP client stacks (aiohttp, aiodocker,
+    # kubernetes_asyncio) cost ~70 MB of memory and 0.5 s of start that a daemon without such
+    # runners need not pay.
+    @cached_property
+    def containers(self) -> ContainerLauncher:
+        from necrod.io.containers import ContainerLauncher
+
+        return ContainerLauncher(self.fleet.origin)
+
+    @cached_property
+    def kube(self) -> KubeLauncher:
+        from necrod.io.kubernetes import KubeLauncher
+
+        return KubeLauncher(self.fleet.origin, self._spawn)
 
     @property
     def cfg(self) -> DispatcherConfig:
@@ -172,8 +188,9 @@ class Dispatcher:
                 await self._loop()
         finally:
             with anyio.CancelScope(shield=True):
-                await self.containers.aclose()
-                await self.kube.aclose()
+                for launcher in ("containers", "kube"):
+                    if launcher in self.__dict__:  # only if ever used
+                        await self.__dict__[launcher].aclose()
 
     def apply_config(self, config: Config) -> list[str]:
         """What a reload changes here: the hosts (links are opened, restarted or closed)."""
@@ -964,11 +981,15 @@ class Dispatcher:
     def _container_launch(
         self, t: Task, n: int, profile: RunnerProfile, lease: dict[str, Any]
     ) -> ContainerLaunch:
+        from necrod.io.containers import ContainerLaunch
+
         assert profile.container is not None
         return ContainerLaunch(spec=profile.container, slot=lease["path"], mirror=self._isolated_mirror(t, profile),
                                socket=str(self.socket), labels={"necrod.task": t.task_id, "necrod.attempt": str(n)})  # fmt: skip
 
     def _kube_launch(self, t: Task, n: int, profile: RunnerProfile, lease: dict[str, Any]) -> KubeLaunch:
+        from necrod.io.kubernetes import KubeLaunch
+
         assert profile.kubernetes is not None
         timeout = t.timeout_s or profile.timeout_s
         # The Job's own deadline is a backstop for a daemon that is not there to stop it.

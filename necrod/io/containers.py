@@ -34,37 +34,16 @@ import anyio
 import structlog
 
 from necrod.core.config import ContainerSpec
+from necrod.io.contained import SOCKET_DIR_INSIDE, hand_over, socket_inside
 from necrod.io.launchers import Exit, LaunchSpec, Run
 
 log = structlog.get_logger("necrod.containers")
 
-SOCKET_DIR_INSIDE = "/run/necrod"
 LABEL_DAEMON = "necrod.daemon"
 
 
 class ContainerError(OSError):
     """The engine could not be reached, or refused what we asked."""
-
-
-def hand_over(root: str, uid: int, gid: int) -> int:
-    """Give every file under ``root`` to ``uid:gid`` (symlinks themselves, never their targets);
-    return how many changed hands."""
-    changed = 0
-    for directory, dirs, files in os.walk(root):
-        for name in (directory, *(os.path.join(directory, n) for n in (*dirs, *files))):
-            try:
-                st = os.lstat(name)
-                if st.st_uid != uid or st.st_gid != gid:
-                    os.lchown(name, uid, gid)
-                    changed += 1
-            except FileNotFoundError:
-                continue
-    return changed
-
-
-def socket_inside(socket: str) -> str:
-    """The daemon's socket as a contained runner sees it (its directory mounted at /run/necrod)."""
-    return f"{SOCKET_DIR_INSIDE}/{os.path.basename(socket)}"
 
 
 def _user(spec: ContainerSpec) -> tuple[int, int]:

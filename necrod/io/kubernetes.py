@@ -39,7 +39,7 @@ import structlog
 from kubernetes_asyncio import client, config
 
 from necrod.core.config import KubernetesSpec
-from necrod.io.containers import SOCKET_DIR_INSIDE, hand_over, socket_inside
+from necrod.io.contained import SOCKET_DIR_INSIDE, hand_over, socket_inside
 from necrod.io.launchers import Exit, LaunchSpec, Run
 
 log = structlog.get_logger("necrod.kubernetes")
