@@ -35,6 +35,19 @@ def _verbs(daemon: Daemon) -> dict[str, int]:
     return dict(daemon.call("daemon.status")["git"]["started_by_verb"])
 
 
+def _settled(daemon: Daemon) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
+    """Fetch counts and git processes started, read when no git runs: a fetch in flight at an
+    edge of the window would count as a process on one side and as a pool fetch on the other."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if daemon.call("daemon.status")["git"]["running"] == 0:
+            state, verbs = _fetch_state(daemon), _verbs(daemon)
+            if daemon.call("daemon.status")["git"]["running"] == 0 and _verbs(daemon) == verbs:
+                return state, verbs
+        time.sleep(0.02)
+    return _fetch_state(daemon), _verbs(daemon)
+
+
 def _necrod(
     scratch: Scratch,
     origin: str,
@@ -56,7 +69,7 @@ def _necrod(
                     Row("4", "no periodic fetch seen (fetch_interval_s not implemented?)", "count", 0)
                 ], {}
             time.sleep(0.25)
-        first, verbs_before = _fetch_state(daemon), _verbs(daemon)
+        first, verbs_before = _settled(daemon)
         durations: dict[str, list[float]] = {name: [] for name in pools}
         #: When each fetch finished (``last_ok_at``, wall clock): gaps give fetches per interval.
         finished = {name: [f["last_ok_at"]] for name, f in first.items()}
@@ -76,9 +89,13 @@ def _necrod(
                     finished[name].append(f["last_ok_at"])
             time.sleep(0.25)
         window = (time.monotonic() - started) / interval_s
-        verbs = {
-            v: c - verbs_before.get(v, 0) for v, c in _verbs(daemon).items() if c > verbs_before.get(v, 0)
-        }
+        last, verbs_after = _settled(daemon)
+        for name, f in last.items():
+            if f["fetches"] > seen[name]:
+                seen[name] = f["fetches"]
+                durations[name].append(f["last_duration_s"] * 1000)
+                finished[name].append(f["last_ok_at"])
+        verbs = {v: c - verbs_before.get(v, 0) for v, c in verbs_after.items() if c > verbs_before.get(v, 0)}
     finally:
         daemon.stop()
     rows = []
