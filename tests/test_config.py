@@ -76,6 +76,24 @@ def test_necrocode_example_loads_unchanged() -> None:
         ("pools:\n  a:\n    repo_url: /x\n   bad_indent: 1\n", 4, "not valid YAML"),
         ("daemon: {}\n", 1, "missing the pools"),
         ("surprise: 1\npools: {}\n", 1, "unknown key 'surprise'"),
+        ("pools: {}\nrunners:\n  k:\n    launcher: kubernetes\n", 4, "needs a kubernetes: section"),
+        ("pools: {}\nrunners:\n  k:\n    kubernetes: {namespace: ci}\n", 4, "kubernetes.image is required"),
+        (
+            "pools: {}\nrunners:\n  k:\n    kubernetes:\n      image: x\n      namespace: Prod_1\n",
+            6,
+            "must be a Kubernetes name",
+        ),
+        (
+            "pools: {}\nrunners:\n  k:\n    kubernetes:\n      image: x\n      image_pull_policy: sometimes\n",
+            6,
+            "one of Always, IfNotPresent, Never",
+        ),
+        (
+            "pools: {}\nrunners:\n  k:\n    kubernetes:\n      image: x\n      labels: {team: 'a b'}\n",
+            6,
+            "label value",
+        ),
+        ("pools: {}\nrunners:\n  k:\n    kubernetes:\n      image: x\n      user: root\n", 6, "uid:gid"),
     ],
 )
 def test_invalid_configs_name_their_line(text: str, line: int, fragment: str) -> None:
