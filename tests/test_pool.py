@@ -372,7 +372,9 @@ def test_draining_pool_is_unavailable(necrod_factory: Callable[..., Necrod], ori
         assert d.config_path is not None
         d.config_path.write_text(pool_config({"repo": origin}, slots=1, min_idle=0))
         result = c.reload()
-        assert any("removed pool other" in change for change in result["changes"])
+        # The file watcher may have applied the same change a moment before the explicit reload.
+        by_reload = any("removed pool other" in change for change in result["changes"])
+        assert by_reload or (result["changes"] == [] and result["generation"] == 3), result
         with pytest.raises(Unavailable, match="being removed"):
             c.allocate("other")
         c.release(held["lease_id"])
