@@ -302,6 +302,29 @@ def test_the_api_going_away_mid_run_does_not_lose_the_attempt(daemon: Necrod, fa
     assert '"kubernetes_watch_failed"' in daemon.log()
 
 
+def test_a_runner_that_cannot_be_stopped_keeps_its_slot_out_of_rotation(
+    daemon: Necrod, fake: Cluster
+) -> None:
+    assert fake.fake is not None
+    t = submit(daemon, "echo STARTED; exec sleep 60", max_retries=0)
+    slot_id = running(daemon, t, fake)["attempts"][-1]["slot_id"]
+    fake.fake.down()
+    try:
+        daemon.call("tasks.cancel", {"task_id": t})
+        assert finished(daemon, t, timeout=40)["state"] == "cancelled"
+        # The pod may still be writing in the slot: not cleaned, not handed out, kept for a look.
+        slot = next(s for s in daemon.call("slots.list")["slots"] if s["slot_id"] == slot_id)
+        assert slot["state"] == "error" and "could not be confirmed stopped" in slot["error"], slot
+        assert fake.fake.running_pids(), "the pod runs on while the API is away"
+    finally:
+        fake.fake.up()
+    # Once the API answers again the Job is deleted after all; an operator recovers the slot.
+    wait_for(lambda: fake.fake.job_names() == [] and not fake.fake.running_pids(), 30,  # type: ignore[union-attr]
+             what="the Job deleted once the API is back")  # fmt: skip
+    daemon.call("slots.recover", {"slot_id": slot_id})
+    daemon.wait_slots("repo", "available", 2)
+
+
 def test_a_pod_that_can_never_start_ends_the_attempt(
     necrod_factory: Callable[..., Necrod], origin: Path, fake: Cluster
 ) -> None:

@@ -1039,7 +1039,23 @@ class Dispatcher:
             await run.stop(profile.grace_s)
             with anyio.move_on_after(10):
                 result = await run.wait()
+            if result is None:
+                await self._quarantine(a, run)
         await self._finish(a, result, None, None)
+
+    async def _quarantine(self, a: Active, run: Run) -> None:
+        """A runner that could not be confirmed stopped may still write in its slot: the slot is
+        kept out of rotation, untouched, rather than cleaned and handed to someone else."""
+        attempt = a.attempt
+        if attempt is None or not attempt.slot_id or a.host is not None:
+            return
+        why = (f"task {a.task.task_id} attempt {attempt.number}: its runner ({run.session or run.pid}) "
+               "could not be confirmed stopped; check it is gone, then necroctl recover it")  # fmt: skip
+        try:
+            await self.engine.isolate(attempt.slot_id, why)
+            log.error("runner_not_stopped_slot_isolated", task=a.task.task_id, slot=attempt.slot_id)
+        except NecrodError as exc:
+            log.error("runner_not_stopped", task=a.task.task_id, slot=attempt.slot_id, error=exc.message)
 
     async def _watch_output(self, a: Active, limit: float, tg: TaskGroup) -> None:
         path = Path(a.attempt.log or "") if a.attempt else None

@@ -378,7 +378,7 @@ class LeaseOps(EngineBase):
         self.leases.pop(lease.lease_id, None)
         if slot.isolate is not None:
             slot.state = SlotState.ERROR
-            slot.error = f"isolated by an operator: {slot.isolate}"
+            slot.error = f"isolated: {slot.isolate}"
         else:
             slot.state = SlotState.CLEANING
 

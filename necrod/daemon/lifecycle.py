@@ -535,7 +535,7 @@ class Lifecycle(EngineBase):
         slot.isolate = why
         if slot.state is SlotState.AVAILABLE and not slot.reserved and not slot.busy:
             slot.state = SlotState.ERROR
-            slot.error = f"isolated by an operator: {why}"
+            slot.error = f"isolated: {why}"
         elif slot.state not in (SlotState.ALLOCATED, SlotState.ERROR):
             slot.isolate = None
             raise FailedPrecondition(f"slot {sid} is {slot.state}; isolate an available or allocated slot")

@@ -56,8 +56,9 @@ HOPELESS = {"InvalidImageName", "ErrImageNeverPull", "CreateContainerConfigError
 #: Waiting reasons that may pass (a registry hiccup), until this long after the Job was created.
 PULLING = {"ErrImagePull", "ImagePullBackOff"}
 PULL_PATIENCE_S = 120.0
-#: How long a stop keeps asking an unreachable API to delete the Job.
-STOP_RETRY_S = 30.0
+#: How long past the grace a stop keeps asking an unreachable API to delete the Job (then the
+#: dispatcher keeps the slot out of rotation: the pod may still be writing in it).
+STOP_RETRY_S = 10.0
 CALL_TIMEOUT = aiohttp.ClientTimeout(sock_connect=10, sock_read=30)
 WATCH_TIMEOUT = aiohttp.ClientTimeout(sock_connect=10, sock_read=WATCH_S + 15)
 FOLLOW_TIMEOUT = aiohttp.ClientTimeout(sock_connect=10)
@@ -347,6 +348,7 @@ class KubeRun(Run):
         self._exit: Exit | None = None
         self._ended = anyio.Event()
         self._stopping = False
+        self._deleted = False
         #: The pod whose log is followed, and the end of the latest follow.
         self._pod: str | None = None
         self._pumped: anyio.Event | None = None
@@ -403,6 +405,10 @@ class KubeRun(Run):
         backoff = 1.0
         while True:
             try:
+                if self._stopping and not self._deleted:
+                    # A stop that could not reach the API: finish it now that the API answers.
+                    await self.api.delete_job(self.name, grace=0)
+                    self._deleted = True
                 listed = await self.api.list_pods(selector)
                 pods = listed.get("items") or []
                 for pod in pods:
@@ -462,11 +468,12 @@ class KubeRun(Run):
         """Delete the Job; an API that is away is asked again for a while (the pod must not go
         on writing in a slot that is about to be cleaned)."""
         self._stopping = True
-        with anyio.CancelScope(shield=True), anyio.move_on_after(STOP_RETRY_S):
+        with anyio.CancelScope(shield=True), anyio.move_on_after(grace + STOP_RETRY_S):
             backoff = 0.5
             while True:
                 try:
                     await self.api.delete_job(self.name, grace=grace)
+                    self._deleted = True
                     return
                 except KubeError as exc:
                     log.warning("kubernetes_stop_failed", job=self.name, error=exc.message)
