@@ -17,8 +17,10 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -336,3 +338,71 @@ def git_image(engine: Engine) -> Iterator[str]:
                                   check=False).split():  # fmt: skip
             engine.podman("rm", "-f", "-t", "0", name, check=False)
         engine.podman("rmi", "-f", image, check=False)
+
+
+class EngineRelay:
+    """A Unix-socket relay in front of the engine's API, for a daemon to talk through:
+    ``down()`` is an engine that went away (open connections cut, new ones refused), ``up()``
+    brings it back at the same path. Only for fault injection: the engine itself stays up."""
+
+    def __init__(self, upstream: str, path: Path) -> None:
+        self.upstream = upstream.removeprefix("unix://")
+        self.path = path
+        self.url = f"unix://{path}"
+        self._listener: socket.socket | None = None
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+
+    def up(self) -> EngineRelay:
+        self.path.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(self.path))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        return self
+
+    def down(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            cut, self._open = self._open, set()
+        if listener is not None:
+            listener.close()
+        for s in cut:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        self.path.unlink(missing_ok=True)
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # closed by down()
+            server = socket.socket(socket.AF_UNIX)
+            try:
+                server.connect(self.upstream)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._open |= {client, server}
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass

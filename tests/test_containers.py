@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.containers import IMAGE, Engine, start_engine, why_no_engine
+from tests.containers import IMAGE, Engine, EngineRelay, start_engine, why_no_engine
 from tests.helpers import Necrod, cleanup_dir, git, short_tmpdir, wait_for
 
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -187,6 +187,42 @@ def test_a_daemon_killed_and_restarted_adopts_its_running_container(
     assert task["state"] == "succeeded" and len(task["attempts"]) == 1, task
     assert "finished" in log_of(task) and log_of(task).count('"result"') == 3, log_of(task)
     assert "necro-orphan-1" not in engine.ours()
+
+
+def test_an_engine_out_of_reach_during_a_stop_keeps_the_slot_out_of_rotation(
+    necrod_factory: Callable[..., Necrod], origin: Path, engine: Engine, workdir: Path
+) -> None:
+    relay = EngineRelay(engine.docker_host, workdir / "relay.sock").up()
+    d = necrod_factory(config(origin, engine, grace_s=1).replace(engine.docker_host, relay.url), name="relay")
+    try:
+        task_id = submit(d, "echo started; exec sleep 120", max_retries=0)
+
+        def started() -> bool:
+            task = d.call("tasks.get", {"task_id": task_id})
+            return bool(task["attempts"]) and "started" in log_of(task)
+
+        wait_for(started, 30, what="the container")
+        name = f"necro-{task_id}-1"
+        slot_id = d.call("tasks.get", {"task_id": task_id})["attempts"][-1]["slot_id"]
+        relay.down()
+        d.call("tasks.cancel", {"task_id": task_id})
+        ended = finished(d, task_id, timeout=45)
+        assert ended["state"] == "cancelled", (ended["attempts"][-1]["outcome"], ended["attempts"][-1]["detail"])
+        # The container may still write in the slot: kept out of rotation, untouched.
+        slot = next(s for s in d.call("slots.list")["slots"] if s["slot_id"] == slot_id)
+        assert slot["state"] == "error" and "could not be confirmed stopped" in slot["error"], slot
+        assert name in engine.ours(), "the container runs on while the engine is out of reach"
+    finally:
+        relay.up()
+    # The engine answers again: the stop goes through, the container is removed, the slot's
+    # files come back to the daemon, and an operator's recover makes the slot available.
+    wait_for(lambda: name not in engine.ours(), 60, what="the container stopped and removed")
+    path = Path(slot["path"])
+    wait_for(lambda: {p.stat().st_uid for p in [path, *path.rglob("*")]} == {os.getuid()}, 10,
+             what="the slot handed back")  # fmt: skip
+    d.call("slots.recover", {"slot_id": slot_id})
+    d.wait_slots("repo", "available", 2)
+    relay.down()
 
 
 def _daemon_id(engine: Engine) -> str:

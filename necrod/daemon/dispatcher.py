@@ -1056,6 +1056,17 @@ class Dispatcher:
             log.error("runner_not_stopped_slot_isolated", task=a.task.task_id, slot=attempt.slot_id)
         except NecrodError as exc:
             log.error("runner_not_stopped", task=a.task.task_id, slot=attempt.slot_id, error=exc.message)
+        self._spawn(self._stop_eventually, run, a.profile.grace_s)
+
+    async def _stop_eventually(self, run: Run, grace: float) -> None:
+        """Keep stopping a runner whose end was not seen, until it is seen: its launcher then
+        removes what is left and hands the slot's files back (for ``necroctl recover``)."""
+        while True:
+            await run.stop(grace)
+            with anyio.move_on_after(30):
+                await run.wait()
+                log.info("runner_stopped_at_last", session=run.session, pid=run.pid)
+                return
 
     async def _watch_output(self, a: Active, limit: float, tg: TaskGroup) -> None:
         path = Path(a.attempt.log or "") if a.attempt else None

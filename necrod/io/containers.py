@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import aiodocker
+import aiohttp
 import anyio
 import structlog
 
@@ -40,6 +41,20 @@ from necrod.io.launchers import Exit, LaunchSpec, Run
 log = structlog.get_logger("necrod.containers")
 
 LABEL_DAEMON = "necrod.daemon"
+#: How long past the grace a stop keeps asking an unreachable engine (then the dispatcher keeps
+#: the slot out of rotation: the container may still be writing in it).
+STOP_RETRY_S = 10.0
+#: What aiohttp raises when the engine's socket is gone or the connection breaks.
+UNREACHABLE = (OSError, aiohttp.ClientError)
+#: aiodocker's status for "Cannot connect to Docker Engine".
+NO_ENGINE = 900
+
+
+def _away(exc: Exception) -> bool:
+    """The engine could not be reached (as opposed to refusing)."""
+    return isinstance(exc, UNREACHABLE) or (
+        isinstance(exc, aiodocker.DockerError) and exc.status == NO_ENGINE
+    )
 
 
 class ContainerError(OSError):
@@ -81,29 +96,48 @@ class ContainerRun(Run):
                     stdout=True, stderr=True, follow=True, since=self.since
                 ):
                     out.write(chunk.encode() if isinstance(chunk, str) else chunk)
-        except (aiodocker.DockerError, OSError) as exc:
+        except (aiodocker.DockerError, *UNREACHABLE) as exc:
             log.warning("container_logs_failed", container=self.name, error=str(exc))
         finally:
             done.set()
 
-    async def wait(self) -> Exit:
-        if self._exit is not None:
-            return self._exit
-        try:
-            async with anyio.create_task_group() as tg:
-                drained = anyio.Event()
-                tg.start_soon(self._pump_logs, drained)
+    async def _wait_once(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        failure: Exception | None = None
+        async with anyio.create_task_group() as tg:
+            drained = anyio.Event()
+            tg.start_soon(self._pump_logs, drained)
+            try:
                 status = await self.container.wait()
                 with anyio.move_on_after(2):  # the log stream ends with the container
                     await drained.wait()
-                tg.cancel_scope.cancel()
-            info = await self.container.show()
-        except aiodocker.DockerError as exc:
-            if exc.status == 404:
-                self._exit = Exit(code=None, lost=True, detail="the container was removed from outside")
-                await self.launcher.give_back(self.slot)
-                return self._exit
-            raise ContainerError(f"the container engine failed: {exc.message}") from None
+            except (aiodocker.DockerError, *UNREACHABLE) as exc:
+                failure = exc  # raised as itself, not inside the task group's ExceptionGroup
+            tg.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        return status, await self.container.show()
+
+    async def wait(self) -> Exit:
+        if self._exit is not None:
+            return self._exit
+        backoff = 1.0
+        while True:
+            try:
+                status, info = await self._wait_once()
+                break
+            except (aiodocker.DockerError, *UNREACHABLE) as exc:
+                if isinstance(exc, aiodocker.DockerError) and exc.status == 404:
+                    self._exit = Exit(code=None, lost=True, detail="the container was removed from outside")
+                    await self.launcher.give_back(self.slot)
+                    return self._exit
+                if not _away(exc):
+                    raise ContainerError(f"the container engine failed: {exc}") from None
+                # The engine is away (restarting, say): the container may well run on. Wait for it.
+                log.warning(
+                    "container_engine_unreachable", container=self.name, error=str(exc) or type(exc).__name__
+                )
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 15.0)
         code = int(status.get("StatusCode", -1))
         oom = bool(info.get("State", {}).get("OOMKilled"))
         self._exit = Exit(code=None, signal=code - 128, oom=oom) if code > 128 else Exit(code=code, oom=oom)
@@ -112,12 +146,23 @@ class ContainerRun(Run):
         return self._exit
 
     async def stop(self, grace: float) -> None:
-        with anyio.CancelScope(shield=True):
-            try:
-                await self.container.stop(t=max(1, round(grace)))
-            except aiodocker.DockerError as exc:
-                if exc.status not in (304, 404):
-                    log.warning("container_stop_failed", container=self.name, error=exc.message)
+        """The engine's SIGTERM, grace, SIGKILL; an engine that is away is asked again for a while."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(grace + STOP_RETRY_S):
+            backoff = 0.5
+            while True:
+                try:
+                    await self.container.stop(t=max(1, round(grace)))
+                    return
+                except (aiodocker.DockerError, *UNREACHABLE) as exc:
+                    if not _away(exc):
+                        if not (isinstance(exc, aiodocker.DockerError) and exc.status in (304, 404)):
+                            log.warning("container_stop_failed", container=self.name, error=str(exc))
+                        return
+                    log.warning(
+                        "container_stop_failed", container=self.name, error=str(exc) or type(exc).__name__
+                    )
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
 
 
 class ContainerLauncher:
