@@ -129,7 +129,8 @@ def test_the_pids_and_memory_limits_are_in_force(daemon: Necrod) -> None:
 def test_heartbeats_from_inside_keep_the_lease_and_silence_loses_it(
     necrod_factory: Callable[..., Necrod], origin: Path, engine: Engine
 ) -> None:
-    d = necrod_factory(config(origin, engine, lease_ttl_s=2, grace_s=1), name="hb")
+    # Beats every second against a 4 s TTL: a busy CI machine can stall a container for a second.
+    d = necrod_factory(config(origin, engine, lease_ttl_s=4, grace_s=1), name="hb")
     # Commands are templates: {{ and }} are literal braces.
     beat = ('for i in 1 2 3 4 5 6; do rpc $NECROD_SOCKET "{{\\"jsonrpc\\":\\"2.0\\",\\"id\\":$i,'
             '\\"method\\":\\"slots.heartbeat\\",\\"params\\":{{\\"lease_id\\":\\"$NECROD_LEASE_ID\\"}}}}"; '
