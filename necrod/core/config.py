@@ -322,6 +322,15 @@ class _Section:
                 raise self.r.error(item[1], f"{self.path}.{key} {problem}")
         return value
 
+    def values(self, checks: dict[str, Callable[[Any], str | None]]) -> dict[str, Any]:
+        """Each of ``checks``' keys that is present, checked."""
+        found = {}
+        for key, check in checks.items():
+            v = self.value(key, check)
+            if v is not _MISSING:
+                found[key] = v
+        return found
+
     def finish(self, allowed: list[str]) -> None:
         for key, (key_node, _) in self.items.items():
             if key not in self.taken:
@@ -545,11 +554,7 @@ _DAEMON_CHECKS: dict[str, Callable[[Any], str | None]] = {
 
 def _read_daemon(r: _Reader, node: Node) -> DaemonConfig:
     sec = _Section(r, node, "daemon")
-    values: dict[str, Any] = {}
-    for key, check in _DAEMON_CHECKS.items():
-        v = sec.value(key, check)
-        if v is not _MISSING:
-            values[key] = v
+    values: dict[str, Any] = sec.values(_DAEMON_CHECKS)
     if sec.has("min_free_disk"):
         node_ = sec.node_of("min_free_disk")
         try:
@@ -611,10 +616,7 @@ _RUNNER_CHECKS: dict[str, Callable[[Any], str | None]] = {
 def _read_runner(r: _Reader, name: str, node: Node, pools: dict[str, PoolConfig]) -> RunnerProfile:
     sec = _Section(r, node, f"runners.{name}")
     values: dict[str, Any] = {"name": name}
-    for key, check in _RUNNER_CHECKS.items():
-        v = sec.value(key, check)
-        if v is not _MISSING:
-            values[key] = v
+    values.update(sec.values(_RUNNER_CHECKS))
     item = sec.raw("command")
     if item is not None:
         cmd_node = item[1]
@@ -679,11 +681,7 @@ _CONTAINER_CHECKS: dict[str, Callable[[Any], str | None]] = {
 
 def _read_container(r: _Reader, name: str, node: Node) -> ContainerSpec:
     sec = _Section(r, node, f"runners.{name}.container")
-    values: dict[str, Any] = {}
-    for key, check in _CONTAINER_CHECKS.items():
-        v = sec.value(key, check)
-        if v is not _MISSING:
-            values[key] = v
+    values: dict[str, Any] = sec.values(_CONTAINER_CHECKS)
     if "image" not in values:
         raise r.error(node, f"runners.{name}.container.image is required")
     item = sec.raw("mounts")
@@ -725,11 +723,7 @@ _KUBERNETES_CHECKS: dict[str, Callable[[Any], str | None]] = {
 
 def _read_kubernetes(r: _Reader, name: str, node: Node) -> KubernetesSpec:
     sec = _Section(r, node, f"runners.{name}.kubernetes")
-    values: dict[str, Any] = {}
-    for key, check in _KUBERNETES_CHECKS.items():
-        v = sec.value(key, check)
-        if v is not _MISSING and v is not None:
-            values[key] = v
+    values: dict[str, Any] = sec.values(_KUBERNETES_CHECKS)
     if "image" not in values:
         raise r.error(node, f"runners.{name}.kubernetes.image is required")
 
@@ -766,10 +760,7 @@ def _read_host(r: _Reader, name: str, node: Node) -> HostConfig:
         "address": _is_str, "key": _is_str, "known_hosts": _is_str, "accept_unknown_host_key": _is_bool,
         "max_concurrency": _int_in(1, 100_000), "workdir": _is_str,
     }  # fmt: skip
-    for key, check in checks.items():
-        v = sec.value(key, check)
-        if v is not _MISSING:
-            values[key] = v
+    values.update(sec.values(checks))
     address = values.get("address")
     if address is None:
         raise r.error(
@@ -795,11 +786,7 @@ def _read_host(r: _Reader, name: str, node: Node) -> HostConfig:
 
 def _read_dispatcher(r: _Reader, node: Node) -> DispatcherConfig:
     sec = _Section(r, node, "dispatcher")
-    values: dict[str, Any] = {}
-    for key, check in _DISPATCHER_CHECKS.items():
-        v = sec.value(key, check)
-        if v is not _MISSING:
-            values[key] = v
+    values: dict[str, Any] = sec.values(_DISPATCHER_CHECKS)
     rules = _mapping_of(r, sec, "label_priority", _int_in(-1_000_000, 1_000_000))
     values["label_priority"] = tuple(rules.items())
     if sec.has("fair_share"):

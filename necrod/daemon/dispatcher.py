@@ -230,10 +230,8 @@ class Dispatcher:
                 run = await self.tmux.adopt(attempt.session or "", Path(attempt.log or ""), None, None)
                 exit_ = run._read_exit() or Exit(code=None, lost=True)
                 self._spawn(self._finish, a, exit_, None, "the tmux session ended while the daemon was down")
-            elif attempt.launcher == "container":
-                await self._adopt_container(a, attempt, profile)
-            elif attempt.launcher == "kubernetes":
-                await self._adopt_job(a, attempt, profile)
+            elif attempt.launcher in ("container", "kubernetes"):
+                await self._adopt_contained(a, attempt, profile)
             elif attempt.host is not None:
                 a.host = attempt.host
                 link = self.fleet.links.get(attempt.host)
@@ -250,60 +248,47 @@ class Dispatcher:
                 self._spawn(
                     self._finish, a, None, "interrupted", "the runner did not survive a daemon restart"
                 )
-        await self._sweep_containers()
-        await self._sweep_jobs()
+        await self._sweep_contained()
         for slot in list(self.engine.leases.values()):
             lease = slot.lease
             if lease is not None and lease.task_id and lease.lease_id not in live_leases:
                 log.warning("orphan_task_lease_released", lease_id=lease.lease_id, task=lease.task_id)
                 await self._release(lease.lease_id, salvage=True)
 
-    async def _adopt_container(self, a: Active, attempt: Attempt, profile: RunnerProfile) -> None:
-        run = None
-        if profile.container is not None and attempt.session:
-            try:
+    async def _adopt_contained(self, a: Active, attempt: Attempt, profile: RunnerProfile) -> None:
+        """The container or Job of an attempt that ran on while the daemon was down: watched
+        again, or the attempt ends as lost."""
+        run: Run | None = None
+        why = f"its profile no longer names a {attempt.launcher}: section"
+        try:
+            if attempt.launcher == "container" and profile.container is not None and attempt.session:
+                why = "its container is gone"
                 run = await self.containers.adopt(attempt.session, profile.container, attempt.path or "",
                                                   Path(attempt.log or ""))  # fmt: skip
-            except OSError as exc:
-                log.error("container_adopt_failed", task=a.task.task_id, error=str(exc))
-        if run is None:
-            self._spawn(
-                self._finish, a, None, "lost", "its container is gone (or its profile no longer names one)"
-            )
-            return
-        a.run = run
-        log.info("runner_adopted", task=a.task.task_id, container=attempt.session)
-        self._spawn(self._watch, a)
-
-    async def _adopt_job(self, a: Active, attempt: Attempt, profile: RunnerProfile) -> None:
-        run, why = None, "its profile no longer names a kubernetes: section"
-        if profile.kubernetes is not None and attempt.session:
-            try:
+            elif attempt.launcher == "kubernetes" and profile.kubernetes is not None and attempt.session:
                 run = await self.kube.adopt(attempt.session, profile.kubernetes, attempt.path or "",
                                             Path(attempt.log or ""))  # fmt: skip
-            except OSError as exc:
-                log.error("kubernetes_adopt_failed", task=a.task.task_id, error=str(exc))
-                why = f"its Job cannot be watched: {exc}"
+        except OSError as exc:
+            log.error("runner_adopt_failed", task=a.task.task_id, launcher=attempt.launcher, error=str(exc))
+            why = f"its {attempt.launcher} runner cannot be watched: {exc}"
         if run is None:
             self._spawn(self._finish, a, None, "lost", why)
             return
         a.run = run
-        log.info("runner_adopted", task=a.task.task_id, job=attempt.session)
+        log.info("runner_adopted", task=a.task.task_id, launcher=attempt.launcher, session=attempt.session)
         self._spawn(self._watch, a)
 
-    async def _sweep_jobs(self) -> None:
-        """Delete unfinished Jobs of ours that no running attempt claims (left by a crash)."""
-        specs = [p.kubernetes for p in self._config().runners.values() if p.kubernetes is not None]
+    async def _sweep_contained(self) -> None:
+        """Remove containers, and delete unfinished Jobs, of ours that no running attempt claims
+        (left by a crash)."""
+        runners = self._config().runners.values()
         keep = {a.attempt.session for a in self.active.values() if a.attempt and a.attempt.session}
-        if specs:
-            await self.kube.sweep(specs, keep)
-
-    async def _sweep_containers(self) -> None:
-        """Remove containers of ours that no running attempt claims (left by a crash)."""
-        hosts = {p.container.docker_host for p in self._config().runners.values() if p.container is not None}
-        keep = {a.attempt.session for a in self.active.values() if a.attempt and a.attempt.session}
+        hosts = {p.container.docker_host for p in runners if p.container is not None}
         if hosts:
             await self.containers.sweep(hosts, keep)
+        specs = [p.kubernetes for p in runners if p.kubernetes is not None]
+        if specs:
+            await self.kube.sweep(specs, keep)
 
     async def _stop_orphans(self, attempt: Attempt, profile: RunnerProfile) -> None:
         """Stop what is left of a process runner after a crash: its process group if we recorded

@@ -336,15 +336,15 @@ class KubeRun(Run):
     group, not in ``wait()``: a wait cut short by a stop must not miss the pod's last words,
     which vanish with the pod once the Job is deleted."""
 
-    def __init__(self, launcher: KubeLauncher, api: Api, name: str, slot: str, log_path: Path,
-                 created: float) -> None:  # fmt: skip
+    def __init__(self, launcher: KubeLauncher, api: Api, name: str, slot: str, log_path: Path) -> None:
         self.launcher = launcher
         self.api = api
         self.name = name
         self.session = name
         self.slot = slot
         self.log_path = log_path
-        self.created = created
+        #: When this daemon started watching: how long an image pull may keep failing counts from here.
+        self.created = time.time()
         self._exit: Exit | None = None
         self._ended = anyio.Event()
         self._stopping = False
@@ -530,7 +530,7 @@ class KubeLauncher:
             raise
         log.info("kubernetes_job_created", job=spec.name, namespace=api.namespace, node=node,
                  image=launch.spec.image, hand_over_ms=round(handed * 1000, 1))  # fmt: skip
-        return KubeRun(self, api, spec.name, launch.slot, spec.log, time.time())
+        return KubeRun(self, api, spec.name, launch.slot, spec.log)
 
     async def give_back(self, slot: str) -> None:
         if os.path.isdir(slot):
@@ -540,7 +540,7 @@ class KubeLauncher:
         """Watch again the Job of an attempt that ran while the daemon was down: a running one
         to its end, a finished one for its result; one that is gone ends the attempt as lost.
         An API that is away for now is waited for, like any watch."""
-        return KubeRun(self, await self.api(spec), name, slot, log_path, time.time())
+        return KubeRun(self, await self.api(spec), name, slot, log_path)
 
     async def sweep(self, specs: list[KubernetesSpec], keep: set[str]) -> list[str]:
         """Delete every unfinished Job of this daemon that no running attempt claims (finished
