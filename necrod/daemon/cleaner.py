@@ -1,4 +1,4 @@
-"""Git work inside one slot: salvaging what a lease left, and resetting to a clean checkout.
+"""Git work inside one slot: resetting it to a clean checkout (salvage is ``salvage.py``).
 
 Every call names the slot's git directory and work tree explicitly (``--git-dir``,
 ``--work-tree``) instead of trusting the slot's ``.git``, which the agent could rewrite. Where
@@ -7,14 +7,11 @@ that git directory is and how salvage reaches the mirror depend on the pool's sl
 
 from __future__ import annotations
 
-import os
-import shutil
-from dataclasses import dataclass
-
 import anyio
 
 from necrod.daemon.slotkinds import SlotKind
-from necrod.io.gitrun import GitError, GitResult, GitRunner
+from necrod.io import slotfs
+from necrod.io.gitrun import GitResult, GitRunner
 from necrod.io.procs import processes_in
 
 #: State files of interrupted operations in a worktree's admin directory: a clean slot has none.
@@ -37,16 +34,6 @@ _OPERATION_STATE = (
     "sequencer",
 )
 _LOCKS = ("index.lock", "HEAD.lock", "ORIG_HEAD.lock")
-
-
-@dataclass(frozen=True, slots=True)
-class Salvage:
-    ref: str
-    commit: str
-    #: Whether the slot held uncommitted work (else only commits the agent made).
-    dirty: bool
-    #: Files git could not read were left out (the rest was kept).
-    partial: bool = False
 
 
 class SlotGit:
@@ -79,58 +66,24 @@ class SlotGit:
 
     def clear_stale_locks(self) -> list[str]:
         """Remove lock files left by a killed git, but only when no process works in the slot."""
-        present = [name for name in _LOCKS if (self.admin_dir / name).exists()]
+        root, rel = self.kind.git_dir_at(self.admin, self.path)
+        present = [name for name in _LOCKS if slotfs.kind(root, f"{rel}/{name}") is not None]
         if not present or processes_in(self.path):
             return []
         for name in present:
-            (self.admin_dir / name).unlink(missing_ok=True)
+            slotfs.remove(root, f"{rel}/{name}")
         return present
 
     def clear_operation_state(self) -> None:
+        root, rel = self.kind.git_dir_at(self.admin, self.path)
         for name in _OPERATION_STATE:
-            p = self.admin_dir / name
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            elif os.path.lexists(p):
-                p.unlink(missing_ok=True)
-
-    async def salvage(self, lease_id: str, start_commit: str | None, message: str) -> Salvage | None:
-        """Commit everything the lease left (tracked changes, untracked files, commits made on
-        top; not ignored files) to ``refs/necrod/salvage/<lease_id>``. Uses a copy of the
-        index, so the slot itself is untouched. None when there was nothing to keep."""
-        index = self.admin_dir / "index"
-        scratch = self.admin_dir / "necrod-salvage.index"
-        if index.exists():
-            await anyio.to_thread.run_sync(shutil.copyfile, index, scratch)
-        else:
-            scratch.unlink(missing_ok=True)
-        env = {"GIT_INDEX_FILE": str(scratch)}
-        try:
-            # Ignore rules apply to untracked files; --ignore-errors keeps what can be read
-            # when the agent left something unreadable.
-            added = await self.run(["add", "--all", "--ignore-errors"], env=env, check=False)
-            if added.returncode != 0 and "fatal:" in added.err:
-                raise GitError(["add"], added.returncode, added.err)
-            tree = (await self.run(["write-tree"], env=env)).out.strip()
-        finally:
-            scratch.unlink(missing_ok=True)
-        head_out = (await self.run(["rev-parse", "HEAD", "HEAD^{tree}"])).out.split()
-        head, head_tree = head_out[0], head_out[1]
-        dirty = tree != head_tree
-        if not dirty and (start_commit is None or head == start_commit):
-            return None
-        # Always a commit of our own, so its trailers say where the lease started.
-        trailers = f"\n\nNecrod-Lease: {lease_id}\nNecrod-Start: {start_commit or head}\n"
-        commit = (await self.run(["commit-tree", tree, "-p", head, "-m", message + trailers])).out.strip()
-        ref = f"refs/necrod/salvage/{lease_id}"
-        await self.kind.keep(self.admin, self.path, ref, commit, timeout=self.timeout)
-        return Salvage(ref, commit, dirty, partial=added.returncode != 0)
+            slotfs.remove(root, f"{rel}/{name}")
 
     async def reset(self, commit: str, clean_flags: str) -> None:
         """Detached at ``commit``, tracked files as committed, untracked (and ignored, with -x)
         files gone, no interrupted merge or rebase left behind, nothing of the lease's own in
         the slot's repository."""
-        self.clear_operation_state()
+        await anyio.to_thread.run_sync(self.clear_operation_state)
         self.kind.pin(self.admin, commit)
         await self.run(["checkout", "--quiet", "--force", "--detach", commit])
         await self.run(["clean", "--quiet", clean_flags])

@@ -113,7 +113,7 @@ class Healer:
         pointer = p.kind_of(slot).pointer_problem(slot.admin, slot.path)
         if pointer is not None:
             if heal:
-                p.kind_of(slot).restore(slot.admin, slot.path)
+                await engine._check_mirror(p, slot)
             out.append(Anomaly("slot_broken", p.name, pointer, slot.slot_id, "repaired" if heal else None))
         locks = [name for name in ("index.lock", "HEAD.lock") if (sg.admin_dir / name).exists()]
         if locks and not processes_in(slot.path):
@@ -128,7 +128,7 @@ class Healer:
         try:
             async with engine._limits(p):
                 # git status may run filter drivers: the mirror's config is made canonical first.
-                engine._check_mirror(p, slot)
+                await engine._check_mirror(p, slot)
                 status = await sg.run(["status", "--porcelain=v2", "--branch", "-z", "--untracked-files=all"])
         except (GitError, OSError) as exc:
             if self._still_idle(slot) and heal:

@@ -183,12 +183,11 @@ class LeaseOps(EngineBase):
     def _whole(self, p: Pool, slot: Slot) -> bool:
         if p.kind_of(slot).looks_whole(slot.admin, slot.path):
             return True
-        problem = self._slot_git(p, slot).healthy()
+        problem = self._slot_git(p, slot).healthy() or p.kind_of(slot).pointer_problem(slot.admin, slot.path)
         if problem is None:
-            pointer = p.kind_of(slot).pointer_problem(slot.admin, slot.path)
-            if pointer is not None:
-                self._report_tamper(p, p.kind_of(slot).restore(slot.admin, slot.path))
             return True
+        # Repaired (restored, or rebuilt) by its cleanup, in a worker thread: what is there to
+        # remove is the agent's to choose.
         log.warning("slot_broken", slot=slot.slot_id, reason=problem)
         slot.state = SlotState.CLEANING
         self._spawn(self._persist_or_keep, slot, [self._slot_event(slot, "broken", error=problem)])
@@ -259,7 +258,7 @@ class LeaseOps(EngineBase):
         slot.busy = True
         try:
             async with self._pool_git(p):
-                self._check_mirror(p, slot)
+                await self._check_mirror(p, slot)
                 await self._slot_git(p, slot).checkout(target or slot.commit or "", branch)
         except BaseException as exc:
             slot.busy = False

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ import anyio
 import structlog
 
 from necrod.core.refs import parse_for_each_ref, parse_symref
+from necrod.io import slotfs
 from necrod.io.gitrun import GitRunner
 
 log = structlog.get_logger("necrod.mirror")
@@ -54,52 +56,83 @@ def canonical_config(repo_url: str) -> str:
     )
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".necrod-tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def remove_path(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+    """Remove a whole slot or mirror (a directory necrod made), never following a symlink in it."""
+    slotfs.remove(path.parent, path.name)
 
 
 def restore_files(
-    root: Path, config_text: str, empty_dirs: tuple[str, ...], forbidden: tuple[str, ...]
+    root: Path, git_dir: str, config_text: str, empty_dirs: tuple[str, ...], forbidden: tuple[str, ...]
 ) -> list[str]:
-    """Make ``root/config`` hold ``config_text``, the ``empty_dirs`` empty and the ``forbidden``
-    files absent; return what had to change."""
+    """Make ``git_dir/config`` (relative to the trusted ``root``) hold ``config_text``, the
+    ``empty_dirs`` empty and the ``forbidden`` files absent; return what had to change. Nothing
+    in ``git_dir`` is followed, blocked on or read past a small cap (see ``slotfs``)."""
     changed: list[str] = []
-    config = root / "config"
+    config = f"{git_dir}/config"
     try:
-        current = config.read_text(errors="replace")
-    except FileNotFoundError:
+        current = slotfs.read_bytes(root, config)
+    except slotfs.UnsafePath:
         current = None
-    if current != config_text:
+    if current != config_text.encode():
         changed.append("config")
-        write_atomic(config, config_text)
+        slotfs.write_atomic(root, config, config_text)
     for name in empty_dirs:
-        d = root / name
-        if d.is_symlink() or (d.exists() and not d.is_dir()):
+        rel = f"{git_dir}/{name}"
+        if slotfs.ensure_dir(root, rel):
             changed.append(name)
-            d.unlink()
-        try:
-            entries = list(d.iterdir())
-        except FileNotFoundError:
-            entries = []
-        for entry in entries:
-            changed.append(f"{name}/{entry.name}")
-            remove_path(entry)
-        d.mkdir(exist_ok=True)
-    for name in forbidden:
-        p = root / name
-        if p.exists() or p.is_symlink():
-            changed.append(name)
-            remove_path(p)
+        for entry in slotfs.list_dir(root, rel):
+            changed.append(f"{name}/{entry}")
+            slotfs.remove(root, f"{rel}/{entry}")
+    changed += [name for name in forbidden if slotfs.remove(root, f"{git_dir}/{name}")]
     return changed
+
+
+#: Directories of a repository that git writes into: a symlink among them (or below ``refs``
+#: and ``logs``) would take git's writes, and ours, outside the repository.
+_TREES = ("refs", "logs")
+
+
+#: Files git reads in a repository (or a worktree's admin directory) that an agent may have
+#: made a FIFO, a device or a huge sparse file: git would block on them or read for minutes.
+GIT_FILES = ("HEAD", "index", "ORIG_HEAD", "FETCH_HEAD", "packed-refs", "commondir", "gitdir")
+#: An index larger than this is not one a checkout of ours made: it goes (git rebuilds it).
+MAX_INDEX_BYTES = 256 << 20
+
+
+def unsafe_files(root: Path, git_dir: str, names: tuple[str, ...] = GIT_FILES) -> list[str]:
+    """Remove each of ``names`` in ``git_dir`` that is there but is not a regular file (or is an
+    index too large to be ours); return what was removed. A repository left without its HEAD
+    this way is broken, and is rebuilt by its cleanup."""
+    removed = []
+    for name in names:
+        st = slotfs.lstat(root, f"{git_dir}/{name}")
+        if st is None:
+            continue
+        if not stat.S_ISREG(st.st_mode) or (name == "index" and st.st_size > MAX_INDEX_BYTES):
+            slotfs.remove(root, f"{git_dir}/{name}")
+            removed.append(name)
+    return removed
+
+
+def unsafe_structure(root: Path, git_dir: str) -> list[str]:
+    """Remove what stands where a repository's own directories should be: a symlink (or any
+    non-directory) as ``objects`` or one of its subdirectories, and any symlink or special file
+    under ``refs`` or ``logs``; return what was removed. Walks ``refs`` and ``logs`` (bounded):
+    call it from a worker thread."""
+    removed: list[str] = []
+    objects = f"{git_dir}/objects"
+    if slotfs.kind(root, objects) not in (None, "dir"):
+        slotfs.remove(root, objects)
+        removed.append("objects")
+    for name in slotfs.list_dir(root, objects) if slotfs.kind(root, objects) == "dir" else []:
+        if slotfs.kind(root, f"{objects}/{name}") not in ("dir", "file"):
+            slotfs.remove(root, f"{objects}/{name}")
+            removed.append(f"objects/{name}")
+    for tree in _TREES:
+        for found in slotfs.symlinks_below(root, f"{git_dir}/{tree}"):
+            slotfs.remove(root, found)
+            removed.append(found.removeprefix(f"{git_dir}/").removeprefix("./"))
+    return removed
 
 
 class Mirror:
@@ -119,13 +152,20 @@ class Mirror:
         self.repo_url = repo_url
         self._config_text = canonical_config(repo_url)
         if self.exists:
-            write_atomic(self.path / "config", self._config_text)
+            slotfs.write_atomic(self.path, "config", self._config_text)
 
     # --- tamper ---------------------------------------------------------------------------------
 
     def restore_canonical(self) -> list[str]:
-        """Put config, info/, hooks/ back as necrod wrote them; return what had changed."""
-        return restore_files(self.path, self._config_text, _EMPTY_DIRS, _FORBIDDEN)
+        """Put config, info/, hooks/ back as necrod wrote them, and remove symlinks planted
+        where git writes (an agent in a worktree slot can write the whole mirror); return what
+        had changed."""
+        changed = restore_files(self.path, ".", self._config_text, _EMPTY_DIRS, _FORBIDDEN)
+        changed += unsafe_structure(self.path, ".")
+        if "HEAD" in unsafe_files(self.path, ".", ("HEAD", "packed-refs", "FETCH_HEAD")):
+            slotfs.write_atomic(self.path, "HEAD", "ref: refs/heads/main\n")
+            changed.append("HEAD")
+        return changed
 
     # --- creation, fetching, refs ---------------------------------------------------------------
 
@@ -201,21 +241,16 @@ class Mirror:
         return out if result.returncode == 0 and out else None
 
     async def salvage_refs(self) -> list[dict[str, str | int]]:
-        result = await self.git.run(
-            [
-                "for-each-ref",
-                "--sort=-committerdate",
-                "--format=%(refname)%00%(objectname)%00%(committerdate:unix)%00%(contents:subject)",
-                "refs/necrod/salvage/",
-            ],
-            git_dir=self.path,
-            timeout=60,
+        fmt = "%(refname)%00%(objectname)%00%(committerdate:unix)%00%(contents:subject)%00" + (
+            "%(trailers:key=Necrod-Bytes,valueonly,separator=)"
         )
+        result = await self.git.run(["for-each-ref", "--sort=-committerdate", f"--format={fmt}",
+                                     "refs/necrod/salvage/"], git_dir=self.path, timeout=60)  # fmt: skip
         out: list[dict[str, str | int]] = []
         for line in result.out.splitlines():
             parts = line.split("\0")
-            if len(parts) == 4:
-                ref, commit, date, subject = parts
+            if len(parts) == 5:
+                ref, commit, date, subject, size = parts
                 out.append(
                     {
                         "ref": ref,
@@ -223,9 +258,21 @@ class Mirror:
                         "commit": commit,
                         "date": int(date or 0),
                         "subject": subject,
+                        "bytes": int(size) if size.strip().isdigit() else 0,
                     }
                 )
         return out
+
+    async def prune_salvage(self, refs: list[str], *, timeout: float) -> None:
+        """Delete these salvage refs, then let git drop what only they kept (objects younger
+        than an hour stay: an agent in a worktree slot may be writing some right now)."""
+        if not refs:
+            return
+        deletes = "".join(f"delete {ref}\n" for ref in refs if ref.startswith("refs/necrod/salvage/"))
+        await self.git.run(
+            ["update-ref", "--stdin"], git_dir=self.path, timeout=timeout, input=deletes.encode()
+        )
+        await self.git.run(["gc", "--quiet", "--prune=1.hour.ago"], git_dir=self.path, timeout=timeout)
 
     async def show_salvage(self, lease_id: str) -> dict[str, object] | None:
         """One salvage commit: what it holds and how to get it, or None if there is none."""

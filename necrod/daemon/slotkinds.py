@@ -30,7 +30,15 @@ from typing import Protocol
 import anyio
 import structlog
 
-from necrod.daemon.mirror import Mirror, quote_config, remove_path, restore_files, write_atomic
+from necrod.daemon.mirror import (
+    Mirror,
+    quote_config,
+    remove_path,
+    restore_files,
+    unsafe_files,
+    unsafe_structure,
+)
+from necrod.io import slotfs
 from necrod.io.gitrun import GitRunner
 
 log = structlog.get_logger("necrod.slots")
@@ -50,6 +58,7 @@ class SlotKind(Protocol):
     mirror: Mirror
 
     def git_dir(self, admin: str, path: str) -> Path: ...
+    def git_dir_at(self, admin: str, path: str) -> tuple[Path, str]: ...
     def problem(self, admin: str, path: str) -> str | None: ...
     def looks_whole(self, admin: str, path: str) -> bool: ...
     def pointer_problem(self, admin: str, path: str) -> str | None: ...
@@ -59,7 +68,7 @@ class SlotKind(Protocol):
     async def remove(self, path: Path, admin: str, *, timeout: float) -> None: ...
     async def prune(self) -> None: ...
     def pin(self, admin: str, commit: str) -> None: ...
-    async def keep(self, admin: str, path: str, ref: str, commit: str, *, timeout: float) -> None: ...
+    def object_dirs(self, admin: str, path: str) -> list[Path]: ...
     async def delete_branch(self, admin: str, path: str, branch: str, *, timeout: float) -> None: ...
     def forget(self, admin: str, path: str) -> None: ...
 
@@ -70,18 +79,9 @@ def slot_kind(name: str, mirror: Mirror) -> SlotKind:
     return WorktreeSlots(mirror)
 
 
-def _real_dir(path: str) -> bool:
-    try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)
-    except OSError:
-        return False
-
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text(errors="replace") if not path.is_symlink() else None
-    except OSError:
-        return None
+def _slot_dir(path: str) -> bool:
+    """Whether the slot's own directory is a real directory (not a symlink, not gone)."""
+    return slotfs.kind(os.path.dirname(path), os.path.basename(path)) == "dir"
 
 
 class WorktreeSlots:
@@ -94,16 +94,19 @@ class WorktreeSlots:
     def git_dir(self, admin: str, path: str) -> Path:
         return self.mirror.path / "worktrees" / admin
 
+    def git_dir_at(self, admin: str, path: str) -> tuple[Path, str]:
+        return self.mirror.path, f"worktrees/{admin}"
+
     def forget(self, admin: str, path: str) -> None:
         """Nothing of a worktree's repository is its own (refs and objects are the mirror's)."""
 
     def problem(self, admin: str, path: str) -> str | None:
         """Why the slot cannot be cleaned in place (it must be rebuilt), or None."""
-        if not os.path.isdir(path):
+        if not _slot_dir(path):
             return "its directory is gone"
-        if not os.path.isfile(os.path.join(path, ".git")):
-            return "its .git file is gone"
-        if not (self.git_dir(admin, path) / "HEAD").is_file():
+        if slotfs.kind(path, ".git") != "file":
+            return "its .git file is gone or replaced"
+        if slotfs.kind(self.mirror.path, f"worktrees/{admin}/HEAD") != "file":
             return "its admin directory in the mirror is gone"
         return None
 
@@ -128,47 +131,41 @@ class WorktreeSlots:
 
     def pointer_problem(self, admin: str, path: str) -> str | None:
         """Why the slot's ``.git`` file does not point at its admin directory, or None."""
-        dotgit = Path(path) / ".git"
         want = f"gitdir: {self.git_dir(admin, path)}"
         try:
-            current = dotgit.read_text(errors="replace").strip() if not dotgit.is_symlink() else None
+            current = (slotfs.read_text(path, ".git") or "").strip()
+        except slotfs.UnsafePath as exc:
+            return f"its .git file {exc.why}"
         except OSError:
             return "its .git file cannot be read"
         if current != want:
-            return f"its .git file points elsewhere ({(current or 'a symlink')[:80]})"
+            return f"its .git file points elsewhere ({current[:80]!r})"
         return None
 
     def restore(self, admin: str, path: str) -> list[str]:
         """Keep one worktree's admin directory pointing where necrod put it (what
         ``git worktree repair`` would do, without trusting anything the slot says)."""
         changed: list[str] = []
-        d = self.git_dir(admin, path)
-        if not d.is_dir():
+        mirror, rel = self.git_dir_at(admin, path)
+        if slotfs.kind(mirror, rel) != "dir":
             return changed
+        changed += [f"{rel}/{name}" for name in unsafe_files(mirror, rel)]
         expected = {"commondir": "../..\n", "gitdir": f"{path}/.git\n"}
         for name, text in expected.items():
-            p = d / name
             try:
-                current = p.read_text(errors="replace")
-            except FileNotFoundError:
+                current = slotfs.read_bytes(mirror, f"{rel}/{name}")
+            except slotfs.UnsafePath:
                 current = None
-            if current != text:
-                changed.append(f"worktrees/{admin}/{name}")
-                write_atomic(p, text)
-        for name in _ADMIN_FORBIDDEN:
-            p = d / name
-            if p.exists() or p.is_symlink():
-                changed.append(f"worktrees/{admin}/{name}")
-                remove_path(p)
-        dotgit = Path(path) / ".git"
-        want = f"gitdir: {d}\n"
-        if not os.path.lexists(dotgit):
+            if current != text.encode():
+                changed.append(f"{rel}/{name}")
+                slotfs.write_atomic(mirror, f"{rel}/{name}", text)
+        changed += [f"{rel}/{n}" for n in _ADMIN_FORBIDDEN if slotfs.remove(mirror, f"{rel}/{n}")]
+        if slotfs.kind(path, ".git") is None:
             return changed  # a broken slot: its cleanup rebuilds it
-        current = _read(dotgit) if dotgit.is_file() else None
-        if current != want:
+        want = f"gitdir: {self.git_dir(admin, path)}\n"
+        if slotfs.read_text_or_none(path, ".git") != want:
             changed.append(f"{path}/.git")
-            remove_path(dotgit)
-            dotgit.write_text(want)
+            slotfs.write_atomic(path, ".git", want)
         return changed
 
     async def add(self, path: Path, admin: str, commit: str, *, timeout: float) -> None:
@@ -181,7 +178,7 @@ class WorktreeSlots:
         path.parent.mkdir(parents=True, exist_ok=True)
         await self.git.run(["worktree", "add", "--quiet", "--detach", "--", str(path), commit],
                            git_dir=self.mirror.path, timeout=timeout)  # fmt: skip
-        dotgit = (path / ".git").read_text().strip()
+        dotgit = (slotfs.read_text(path, ".git") or "").strip()
         if dotgit != f"gitdir: {stale_admin}":
             raise OSError(f"git put the worktree's admin directory at {dotgit!r}, expected {stale_admin}")
 
@@ -190,8 +187,8 @@ class WorktreeSlots:
         admin = self.mirror.path / "worktrees" / directory.name
         return (
             directory.name.isdigit()
-            and (_read(directory / ".git") or "").strip() == f"gitdir: {admin}"
-            and admin.is_dir()
+            and (slotfs.read_text_or_none(directory, ".git") or "").strip() == f"gitdir: {admin}"
+            and slotfs.kind(self.mirror.path, f"worktrees/{directory.name}") == "dir"
         )
 
     async def remove(self, path: Path, admin: str, *, timeout: float) -> None:
@@ -210,10 +207,9 @@ class WorktreeSlots:
     def pin(self, admin: str, commit: str) -> None:
         """Nothing to do: git counts every worktree's HEAD as reachable."""
 
-    async def keep(self, admin: str, path: str, ref: str, commit: str, *, timeout: float) -> None:
-        """The salvage commit is already in the mirror's object store: name it there."""
-        await self.git.run(["update-ref", "--end-of-options", ref, commit], git_dir=self.mirror.path,
-                           timeout=timeout)  # fmt: skip
+    def object_dirs(self, admin: str, path: str) -> list[Path]:
+        """Where the slot's commits are: the mirror's objects (worktrees write there)."""
+        return [self.mirror.path / "objects"]
 
     async def delete_branch(self, admin: str, path: str, branch: str, *, timeout: float) -> None:
         await self.git.run(["update-ref", "-d", "--end-of-options", f"refs/heads/{branch}"],
@@ -247,44 +243,47 @@ class CloneSlots:
     def git_dir(self, admin: str, path: str) -> Path:
         return Path(path) / ".git"
 
+    def git_dir_at(self, admin: str, path: str) -> tuple[Path, str]:
+        return Path(path), ".git"
+
     def problem(self, admin: str, path: str) -> str | None:
-        if not os.path.isdir(path):
+        if not _slot_dir(path):
             return "its directory is gone"
-        dotgit = os.path.join(path, ".git")
-        if not _real_dir(dotgit):
+        if slotfs.kind(path, ".git") != "dir":
             return "its .git directory is gone or replaced"
-        if not _real_dir(os.path.join(dotgit, "objects")):
+        if slotfs.kind(path, ".git/objects") != "dir":
             return "its object directory is gone or replaced"
-        if not os.path.isfile(os.path.join(dotgit, "HEAD")):
+        if slotfs.kind(path, ".git/HEAD") != "file":
             return "its HEAD is gone"
         return None
 
     def looks_whole(self, admin: str, path: str) -> bool:
-        dotgit = os.path.join(path, ".git")
-        return _real_dir(dotgit) and os.path.isfile(os.path.join(dotgit, "HEAD"))
+        return slotfs.kind(path, ".git/HEAD") == "file"
 
     def pointer_problem(self, admin: str, path: str) -> str | None:
-        current = _read(Path(path) / ".git" / "objects" / "info" / "alternates")
+        current = slotfs.read_text_or_none(path, ".git/objects/info/alternates")
         if current != self.alternates:
-            return f"its alternates point elsewhere ({(current or 'missing').strip()[:80]})"
+            return f"its alternates point elsewhere ({(current or 'missing').strip()[:80]!r})"
         return None
 
     def restore(self, admin: str, path: str) -> list[str]:
-        """The slot's config, hooks, info and alternates as necrod wrote them. A ``.git`` or
-        ``objects`` that is not a real directory is left to ``problem`` (the slot is rebuilt)."""
-        d = self.git_dir(admin, path)
+        """The slot's config, hooks, info and alternates as necrod wrote them, its ``refs``
+        there, and no symlink where git writes. A ``.git`` or ``objects`` that is not a real
+        directory is left to ``problem`` (the slot is rebuilt)."""
+        root = Path(path)
+        removed = unsafe_files(root, ".git") if slotfs.kind(root, ".git") == "dir" else []
         if self.problem(admin, path) is not None:
-            return []
-        changed = [f"{path}/.git/{name}" for name in
-                   restore_files(d, clone_config(self.mirror.repo_url), _CLONE_EMPTY, _CLONE_FORBIDDEN)]  # fmt: skip
-        info = d / "objects" / "info"
-        if info.is_symlink() or (info.exists() and not info.is_dir()):
-            remove_path(info)
-        info.mkdir(exist_ok=True)
+            return [f"{path}/.git/{name}" for name in removed]
+        removed += restore_files(
+            root, ".git", clone_config(self.mirror.repo_url), _CLONE_EMPTY, _CLONE_FORBIDDEN
+        )
+        removed += unsafe_structure(root, ".git")
+        changed = [f"{path}/.git/{name}" for name in removed]
+        dirs = (".git/objects/info", ".git/objects/pack", ".git/refs/heads", ".git/refs/tags")
+        changed += [f"{path}/{rel}" for rel in dirs if slotfs.ensure_dir(root, rel)]
         if self.pointer_problem(admin, path) is not None:
             changed.append(f"{path}/.git/objects/info/alternates")
-            remove_path(info / "alternates")
-            write_atomic(info / "alternates", self.alternates)
+            slotfs.write_atomic(root, ".git/objects/info/alternates", self.alternates)
         return changed
 
     async def add(self, path: Path, admin: str, commit: str, *, timeout: float) -> None:
@@ -325,39 +324,40 @@ class CloneSlots:
     def pin(self, admin: str, commit: str) -> None:
         """``refs/necrod/slots/<admin>`` → ``commit``, as a loose ref written directly: on the
         allocation path a git process would cost more than the checkout it protects."""
-        ref = self.mirror.path / PIN_PREFIX / admin
-        ref.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(ref, commit + "\n")
+        slotfs.ensure_dir(self.mirror.path, PIN_PREFIX)
+        slotfs.write_atomic(self.mirror.path, PIN_PREFIX + admin, commit + "\n")
 
-    async def keep(self, admin: str, path: str, ref: str, commit: str, *, timeout: float) -> None:
-        """Name the salvage commit in the slot, fetch it into the mirror, drop the slot's name."""
-        git_dir = self.git_dir(admin, path)
-        await self.git.run(["update-ref", "--end-of-options", ref, commit], git_dir=git_dir, timeout=timeout)
-        # The slot is a local repository: the file transport, whatever the pool's origin allows.
-        await self.git.run(["fetch", "--quiet", "--no-write-fetch-head", "--no-tags", str(git_dir),
-                            f"+{ref}:{ref}"], git_dir=self.mirror.path, timeout=timeout,
-                           env={"GIT_ALLOW_PROTOCOL": "file"})  # fmt: skip
-        await self.git.run(["update-ref", "-d", "--end-of-options", ref], git_dir=git_dir, timeout=timeout)
+    def object_dirs(self, admin: str, path: str) -> list[Path]:
+        """Where the slot's commits are: its own objects, then the mirror's it borrows."""
+        return [Path(path) / ".git" / "objects", self.mirror.path / "objects"]
 
     async def delete_branch(self, admin: str, path: str, branch: str, *, timeout: float) -> None:
         await self.git.run(["update-ref", "-d", "--end-of-options", f"refs/heads/{branch}"],
                            git_dir=self.git_dir(admin, path), timeout=timeout, check=False)  # fmt: skip
 
     def forget(self, admin: str, path: str) -> None:
-        """Drop what leases left in the slot's own repository: refs (branches, tags), reflogs
-        and objects, so the next lease inherits nothing of the last one. Run after the reset
-        to a commit of the mirror, and after salvage fetched the work into the mirror: every
-        object the slot needs is borrowed, so its own objects are only agents' leftovers."""
-        d = Path(path) / ".git"
-        for name in ("refs", "logs", "packed-refs", "ORIG_HEAD", "FETCH_HEAD", "shallow"):
-            remove_path(d / name)
-        for name in ("refs/heads", "refs/tags"):
-            (d / name).mkdir(parents=True, exist_ok=True)
-        objects = d / "objects"
-        for entry in os.scandir(objects):
-            if entry.name != "info":
-                remove_path(objects / entry.name)
-        (objects / "pack").mkdir(exist_ok=True)
-        for entry in os.scandir(objects / "info"):
-            if entry.name != "alternates":
-                remove_path(objects / "info" / entry.name)
+        """Drop what leases left in the slot's own repository: refs (branches, tags, stash),
+        reflogs and objects, so the next lease inherits nothing of the last one. Run after the
+        reset to a commit of the mirror, and after salvage fetched the work into the mirror:
+        every object the slot needs is borrowed, so its own objects are only agents' leftovers.
+        ``refs`` and ``objects`` themselves stay, so a crash half-way leaves a repository git
+        still recognises (and ``restore`` makes whole again)."""
+        root = Path(path)
+        for name in ("logs", "packed-refs", "ORIG_HEAD", "FETCH_HEAD", "shallow"):
+            slotfs.remove(root, f".git/{name}")
+        for name in slotfs.list_dir(root, ".git/refs"):
+            if name not in ("heads", "tags"):
+                slotfs.remove(root, f".git/refs/{name}")
+        for sub in ("heads", "tags"):
+            for name in slotfs.list_dir(root, f".git/refs/{sub}"):
+                slotfs.remove(root, f".git/refs/{sub}/{name}")
+            slotfs.ensure_dir(root, f".git/refs/{sub}")
+        for name in slotfs.list_dir(root, ".git/objects"):
+            if name not in ("info", "pack"):
+                slotfs.remove(root, f".git/objects/{name}")
+        for name in slotfs.list_dir(root, ".git/objects/pack"):
+            slotfs.remove(root, f".git/objects/pack/{name}")
+        for name in slotfs.list_dir(root, ".git/objects/info"):
+            if name != "alternates":
+                slotfs.remove(root, f".git/objects/info/{name}")
+        slotfs.ensure_dir(root, ".git/objects/pack")
