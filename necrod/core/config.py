@@ -83,6 +83,24 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SalvageLimits:
+    """What one salvage may take; past it, files are left out and listed (``salvage_max_*``)."""
+
+    max_bytes: int
+    max_files: int
+    max_file_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class SalvageRetention:
+    """How long salvage refs are kept, per pool (``salvage_keep_*``); the oldest go first."""
+
+    days: float
+    count: int
+    bytes: int
+
+
+@dataclass(frozen=True, slots=True)
 class PoolConfig:
     name: str
     repo_url: str
@@ -95,6 +113,12 @@ class PoolConfig:
     fetch_interval_s: float = 300.0
     cleanup: str = "full"
     salvage: bool = True
+    salvage_max_bytes: int = 128 << 20
+    salvage_max_files: int = 20_000
+    salvage_max_file_bytes: int = 16 << 20
+    salvage_keep_days: float = 30.0
+    salvage_keep_count: int = 1_000
+    salvage_keep_bytes: int = 4 * GIB
     cleanup_timeout_s: float = 300.0
     clone_timeout_s: float = 3600.0
     git_concurrency: int = 2
@@ -108,6 +132,14 @@ class PoolConfig:
     @property
     def clean_flags(self) -> str:
         return "-ffdx" if self.cleanup == "full" else "-ffd"
+
+    @property
+    def salvage_limits(self) -> SalvageLimits:
+        return SalvageLimits(self.salvage_max_bytes, self.salvage_max_files, self.salvage_max_file_bytes)
+
+    @property
+    def salvage_retention(self) -> SalvageRetention:
+        return SalvageRetention(self.salvage_keep_days, self.salvage_keep_count, self.salvage_keep_bytes)
 
 
 LAUNCHERS = ("process", "tmux", "container", "kubernetes")
@@ -368,6 +400,14 @@ def _num_in(lo: float, hi: float, *, above: bool = False) -> Callable[[Any], str
     return check
 
 
+def _is_size(v: Any) -> str | None:
+    try:
+        parse_size(v)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _is_bool(v: Any) -> str | None:
     return None if isinstance(v, bool) else "must be true or false"
 
@@ -460,6 +500,12 @@ _POOL_KEYS = [
     "fetch_interval_s",
     "cleanup",
     "salvage",
+    "salvage_max_bytes",
+    "salvage_max_files",
+    "salvage_max_file_bytes",
+    "salvage_keep_days",
+    "salvage_keep_count",
+    "salvage_keep_bytes",
     "cleanup_timeout_s",
     "clone_timeout_s",
     "git_concurrency",
@@ -488,6 +534,12 @@ _POOL_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "fetch_interval_s": lambda v: None if v == 0 else _num_in(1, WEEK_S)(v),
     "cleanup": _one_of("full", "keep-ignored"),
     "salvage": _is_bool,
+    "salvage_max_bytes": _is_size,
+    "salvage_max_files": _int_in(1, 10_000_000),
+    "salvage_max_file_bytes": _is_size,
+    "salvage_keep_days": _num_in(0, 3650),
+    "salvage_keep_count": _int_in(0, 10_000_000),
+    "salvage_keep_bytes": _is_size,
     "cleanup_timeout_s": _num_in(1, 24 * 3600),
     "clone_timeout_s": _num_in(1, 7 * 24 * 3600),
     "git_concurrency": _int_in(1, 256),
@@ -512,7 +564,7 @@ def _read_pool_options(
         if native in options:
             raise r.error(sec.items[key][0], f"{sec.path}: both {key!r} and {native!r} given; keep one")
         value = sec.value(key, _POOL_CHECKS[native])
-        options[native] = value
+        options[native] = parse_size(value) if _POOL_CHECKS[native] is _is_size else value
         nodes[native] = sec.items[key][1]
     if sec.has("cleanup_options"):
         opts = _Section(r, sec.raw("cleanup_options")[1], f"{sec.path}.cleanup_options")  # type: ignore[index]

@@ -104,3 +104,16 @@ def parse_slot_id(value: str) -> tuple[str, int]:
     if not sep or not number.isdigit() or pool_name_problem(pool):
         raise InvalidParams(f"invalid slot id {value!r}: expected POOL/NUMBER", param="slot_id")
     return pool, int(number)
+
+
+def index_path_problem(path: str) -> str | None:
+    """Why an index entry's path is not a path inside the work tree (git's own ``verify_path``
+    is not applied to an index it reads: a crafted one can name ``../../etc/x``), or None."""
+    if not path or path.startswith("/"):
+        return "is empty or absolute"
+    for part in path.split("/"):
+        if part in ("", ".", ".."):
+            return f"has a {part or 'empty'!r} component"
+        if part.lower().rstrip(". ") == ".git":
+            return "names a .git directory"
+    return None

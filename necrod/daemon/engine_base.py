@@ -32,6 +32,7 @@ from necrod.core.slots import Lease, Slot
 from necrod.daemon.cleaner import SlotGit
 from necrod.daemon.metrics import Metrics
 from necrod.daemon.pool import Pool
+from necrod.daemon.salvage import Salvager
 from necrod.io.gitrun import GitRunner
 from necrod.io.store import Delete, Event, Put, StateStore
 from necrod.proto.errors import FailedPrecondition, NotFound, Unavailable
@@ -293,11 +294,21 @@ class EngineBase:
     def _slot_git(self, p: Pool, slot: Slot) -> SlotGit:
         return SlotGit(self.git, p.kind_of(slot), slot.admin, slot.path, p.config.cleanup_timeout_s)
 
-    def _check_mirror(self, p: Pool, slot: Slot | None = None) -> None:
-        """Restore the mirror's shared files (and the slot's admin files) before git runs."""
-        changed = p.mirror.restore_canonical()
-        if slot is not None:
-            changed += p.kind_of(slot).restore(slot.admin, slot.path)
+    def _salvager(self, p: Pool, slot: Slot) -> Salvager:
+        return Salvager(self.git, p.kind_of(slot), slot.admin, slot.path, timeout=p.config.cleanup_timeout_s,
+                        limits=p.config.salvage_limits, scratch_root=p.root / "salvage-tmp")  # fmt: skip
+
+    async def _check_mirror(self, p: Pool, slot: Slot | None = None) -> None:
+        """Restore the mirror's shared files (and the slot's admin files) before git runs; in a
+        worker thread, since an agent decides how much there is to look at and remove."""
+
+        def restore() -> list[str]:
+            changed = p.mirror.restore_canonical()
+            if slot is not None:
+                changed += p.kind_of(slot).restore(slot.admin, slot.path)
+            return changed
+
+        changed = await anyio.to_thread.run_sync(restore)
         if changed:
             self._report_tamper(p, changed)
 

@@ -26,6 +26,8 @@ from necrod.core.sizing import idle_to_remove, may_retire_idle, slots_to_create
 from necrod.core.slots import Slot, SlotState
 from necrod.daemon.engine_base import EngineBase, log
 from necrod.daemon.pool import Pool
+from necrod.daemon.slotkinds import SlotKind
+from necrod.io import slotfs
 from necrod.io.diskusage import disk_usage
 from necrod.io.gitrun import GitError
 from necrod.io.store import Delete, Event, Put
@@ -83,7 +85,7 @@ class Lifecycle(EngineBase):
             async with self._limits(p):
                 slot.busy = True
                 try:
-                    self._check_mirror(p)
+                    await self._check_mirror(p)
                     slot.kind = p.config.isolation
                     await p.kind.add(Path(slot.path), slot.admin, base, timeout=p.config.cleanup_timeout_s)
                 finally:
@@ -130,21 +132,22 @@ class Lifecycle(EngineBase):
             async with self._limits(p):
                 slot.busy = True
                 try:
-                    self._check_mirror(p, slot)
+                    await self._check_mirror(p, slot)
                     problem = sg.healthy()
-                    if problem is not None and slot.salvage_as:
-                        log.warning("salvage_impossible", slot=slot.slot_id, reason=problem)
                     if problem is None:
                         locks = sg.clear_stale_locks()
                         if locks:
                             log.warning("stale_locks_removed", slot=slot.slot_id, locks=locks)
-                        if slot.salvage_as:
-                            note = f" ({slot.salvage_note})" if slot.salvage_note else ""
-                            salvaged = await sg.salvage(
-                                slot.salvage_as, slot.salvage_commit,
-                                f"necrod salvage of lease {slot.salvage_as} in slot {slot.slot_id}{note}",
-                            )  # fmt: skip
-                        branch = slot.branch or _head_branch(sg.admin_dir)
+                    if slot.salvage_as:
+                        # Even a slot whose repository is broken has its work tree salvaged.
+                        note = f" ({slot.salvage_note})" if slot.salvage_note else ""
+                        salvaged = await self._salvager(p, slot).salvage(
+                            slot.salvage_as, slot.salvage_commit,
+                            f"necrod salvage of lease {slot.salvage_as} in slot {slot.slot_id}{note}",
+                            origin_tags=p.refs,
+                        )  # fmt: skip
+                    if problem is None:
+                        branch = slot.branch or self._own_head_branch(p, slot)
                         remake = slot.rebuild or slot.kind != p.config.isolation
                         if not retiring and not remake:
                             await sg.reset(base, p.config.clean_flags)
@@ -172,6 +175,7 @@ class Lifecycle(EngineBase):
             events.append(Event("slots", "salvage.saved", {
                 "slot_id": slot.slot_id, "pool": p.name, "lease_id": slot.salvage_as, "ref": salvaged.ref,
                 "commit": salvaged.commit, "dirty": salvaged.dirty, "partial": salvaged.partial,
+                "bytes": salvaged.bytes, "skipped": salvaged.skipped_count, "kept": list(salvaged.extras),
             }))  # fmt: skip
         snap = slot.snapshot()
         slot.salvage_as = slot.salvage_commit = slot.salvage_note = None
@@ -194,6 +198,22 @@ class Lifecycle(EngineBase):
             if slot.state is SlotState.AVAILABLE:
                 self._offer(p, slot)
             self._maintain(p)
+
+    def _own_head_branch(self, p: Pool, slot: Slot) -> str | None:
+        """The branch the slot's HEAD is on, if it is the lease's to delete: in a worktree pool
+        branches are shared, and an agent can point HEAD at another slot's."""
+        branch = _head_branch(p.kind_of(slot), slot)
+        if branch is None or slot.kind != "worktree":
+            return branch
+        for other in p.slots.values():
+            if (
+                other is not slot
+                and other.kind == "worktree"
+                and branch in (other.branch, _head_branch(p.kind_of(other), other))
+            ):
+                log.warning("branch_kept", slot=slot.slot_id, branch=branch, used_by=other.slot_id)
+                return None
+        return branch
 
     async def _cleanup_failed(self, p: Pool, slot: Slot, exc: Exception) -> None:
         if p.config.metrics:
@@ -241,7 +261,7 @@ class Lifecycle(EngineBase):
                 dirty = slot.to_row()
                 dirty["state"] = str(SlotState.CLEANING)
                 await self.store.write([Put("slot", slot.slot_id, dirty)])
-                self._check_mirror(p, slot)
+                await self._check_mirror(p, slot)
                 await self._slot_git(p, slot).move(base)
             except (GitError, OSError, Unavailable) as exc:
                 log.warning("slot_move_failed", slot=slot.slot_id, error=str(exc))
@@ -545,11 +565,9 @@ class Lifecycle(EngineBase):
         return slot.view()
 
 
-def _head_branch(admin_dir: Path) -> str | None:
-    """The branch a worktree's HEAD is on, read from its HEAD file (None when detached)."""
-    try:
-        head = (admin_dir / "HEAD").read_text().strip()
-    except OSError:
-        return None
+def _head_branch(kind: SlotKind, slot: Slot) -> str | None:
+    """The branch a slot's HEAD is on, read from its HEAD file (None when detached or unreadable)."""
+    root, rel = kind.git_dir_at(slot.admin, slot.path)
+    head = (slotfs.read_text_or_none(root, f"{rel}/HEAD") or "").strip()
     prefix = "ref: refs/heads/"
     return head[len(prefix) :] if head.startswith(prefix) else None
