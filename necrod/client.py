@@ -132,6 +132,9 @@ class _Api(Generic[R]):
     def salvage_show(self, lease_id: str) -> R:
         return self.call("salvage.show", {"lease_id": lease_id})
 
+    def salvage_prune(self, pool: str | None = None, *, dry_run: bool = False) -> R:
+        return self.call("salvage.prune", _clean({"pool": pool, "dry_run": dry_run or None}))
+
     def anomalies(self, pool: str | None = None, *, heal: bool = False, deep: bool = False) -> R:
         return self.call("anomalies.list", _clean({"pool": pool, "heal": heal, "deep": deep}))
 

@@ -155,11 +155,16 @@ def _parser() -> argparse.ArgumentParser:
     lg.add_argument("--attempt", type=int, help="default: the latest")
     lg.add_argument("-f", "--follow", action="store_true", help="keep printing until the attempt ends")
     sv = cmd("salvage", "work salvaged from slots before they were cleaned")
-    svsub = sv.add_subparsers(dest="salvage_command", metavar="list|show", required=True)
+    svsub = sv.add_subparsers(dest="salvage_command", metavar="list|show|prune", required=True)
     sl = svsub.add_parser("list", help="salvage refs, newest first", parents=[common])
     sl.add_argument("--pool")
     ss = svsub.add_parser("show", help="what one salvage holds and how to fetch it", parents=[common])
     ss.add_argument("lease_id")
+    sp = svsub.add_parser(
+        "prune", help="delete salvage past each pool's salvage_keep_* limits", parents=[common]
+    )
+    sp.add_argument("--pool")
+    sp.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
     run.configure(cmd("run", "run a command in a leased slot, heartbeating it; exits with its status"))
     return p
 
@@ -469,6 +474,15 @@ def _run(args: argparse.Namespace, c: Client) -> tuple[Any, Callable[[Any], None
                     print(f"  {f['status']}\t{f['path']}")
                 print(f"get it with: {r['fetch']}")
 
+            if args.salvage_command == "prune":
+
+                def show_pruned(r: dict[str, Any]) -> None:
+                    verb = "would delete" if r["dry_run"] else "deleted"
+                    print(f"{verb} {len(r['pruned'])} salvage ref(s)")
+                    for i in r["pruned"]:
+                        print(f"  {i['pool']}\t{i['lease_id']}\t{render.iso(i['date'])}\t{i['bytes']} bytes")
+
+                return c.salvage_prune(args.pool, dry_run=args.dry_run), show_pruned
             return c.salvage_show(args.lease_id), show_salvage
     raise AssertionError(args.command)
 

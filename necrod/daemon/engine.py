@@ -20,6 +20,7 @@ from anyio.abc import TaskStatus
 
 from necrod.core.config import Config, PoolConfig
 from necrod.core.refs import resolve
+from necrod.core.retention import Kept, to_prune
 from necrod.core.slots import Slot, SlotState
 from necrod.daemon.engine_base import log
 from necrod.daemon.leases import LeaseOps
@@ -177,7 +178,7 @@ class PoolEngine(LeaseOps, Lifecycle):
             p.fetch.last_attempt_at = self.clock.wall()
             try:
                 async with self._limits(p):
-                    self._check_mirror(p)
+                    await self._check_mirror(p)
                     await p.mirror.fetch(timeout=p.config.clone_timeout_s)
                     if extra:
                         await p.mirror.fetch(timeout=p.config.clone_timeout_s, refspecs=extra)
@@ -290,6 +291,32 @@ class PoolEngine(LeaseOps, Lifecycle):
             await self.fetch_pool(p)
         except (GitError, OSError) as exc:
             log.error("refetch_failed", pool=p.name, error=str(exc))
+
+    # --- salvage retention ------------------------------------------------------------------------
+
+    async def prune_salvage(self, pool: str | None = None, *, dry_run: bool = False) -> list[dict[str, Any]]:
+        """Delete the salvage refs past each pool's retention (``salvage_keep_*``); what went
+        (or, with ``dry_run``, would go)."""
+        pools = [self.pool(pool)] if pool is not None else list(self.pools.values())
+        pruned: list[dict[str, Any]] = []
+        for p in pools:
+            if p.state != "ready" or not p.mirror.exists:
+                continue
+            items = await p.mirror.salvage_refs()
+            kept = [Kept(str(i["ref"]), float(i["date"]), int(i["bytes"])) for i in items]
+            refs = to_prune(kept, p.config.salvage_retention, self.clock.wall())
+            gone = [{"pool": p.name, **i} for i in items if i["ref"] in refs]
+            if not refs or dry_run:
+                pruned += gone
+                continue
+            async with self._limits(p):
+                await self._check_mirror(p)
+                await p.mirror.prune_salvage(refs, timeout=p.config.clone_timeout_s)
+            pruned += gone
+            log.info("salvage_pruned", pool=p.name, refs=len(refs))
+            await self._persist_quietly([Event("pools", "salvage.pruned", {
+                "pool": p.name, "lease_ids": [g["lease_id"] for g in gone][:100], "count": len(refs)})])  # fmt: skip
+        return pruned
 
     # --- views and shutdown -----------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ class Api:
             "events.subscribe": self.subscribe,
             "salvage.list": self.salvage_list,
             "salvage.show": self.salvage_show,
+            "salvage.prune": self.salvage_prune,
             "anomalies.list": self.anomalies,
             "slots.recover": self.recover,
             "slots.isolate": self.isolate,
@@ -199,6 +200,11 @@ class Api:
             if shown is not None:
                 return {"pool": pool.name, **shown}
         raise NotFound(f"no salvage for lease {lease_id}", lease_id=lease_id)
+
+    async def salvage_prune(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        pool = check_pool_name(params["pool"]) if params["pool"] else None
+        pruned = await self.d.engine.prune_salvage(pool, dry_run=bool(params["dry_run"]))
+        return {"pruned": pruned, "dry_run": bool(params["dry_run"])}
 
     async def anomalies(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         found = await self.d.supervisor.scan(

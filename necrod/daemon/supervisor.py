@@ -11,6 +11,7 @@
   is compared with ``min_free_disk``; below it no new slots are cut and idle slots above each
   pool's baseline go. Held slots' disk use is measured every 20 checks.
 - Idle slots above the baseline that stay idle past ``idle_timeout_s`` are removed.
+- Salvage past each pool's ``salvage_keep_*`` retention is deleted every hour.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ log = structlog.get_logger("necrod.supervisor")
 
 #: How often the fetch schedule is looked at.
 TICK_S = 0.5
+#: How often salvage past the pools' retention is deleted (``necroctl salvage prune`` does it now).
+SALVAGE_PRUNE_EVERY_S = 3600.0
 #: First retry after a failed fetch; doubles up to the pool's interval.
 FETCH_RETRY_S = 10.0
 
@@ -54,6 +57,7 @@ class Supervisor:
             tg.start_soon(self._heal_loop)
             tg.start_soon(self._disk_loop)
             tg.start_soon(self._idle_loop)
+            tg.start_soon(self._salvage_loop)
             task_status.started()
 
     # --- fetching -------------------------------------------------------------------------------
@@ -186,6 +190,16 @@ class Supervisor:
                 for slot in idle:
                     if slot.commit == p.clean_bytes[0]:
                         slot.disk_bytes = p.clean_bytes[1]
+
+    # --- salvage retention -------------------------------------------------------------------------
+
+    async def _salvage_loop(self) -> None:
+        while True:
+            await anyio.sleep(SALVAGE_PRUNE_EVERY_S)
+            try:
+                await self.engine.prune_salvage()
+            except (GitError, OSError) as exc:
+                log.warning("salvage_prune_failed", error=str(exc))
 
     # --- idle slots above the baseline ------------------------------------------------------------------
 

@@ -72,6 +72,7 @@ METHODS: dict[str, dict[str, Param]] = {
     },
     "salvage.list": {"pool": _s()},
     "salvage.show": {"lease_id": _s(required=True)},
+    "salvage.prune": {"pool": _s(), "dry_run": Param("boolean")},
     "anomalies.list": {"pool": _s(), "heal": Param("boolean"), "deep": Param("boolean")},
     "slots.recover": {"slot_id": _s(required=True)},
     "slots.isolate": {"slot_id": _s(required=True), "reason": _s()},
