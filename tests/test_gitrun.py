@@ -35,9 +35,7 @@ def runner(tmp_path: Path, git: str = "git") -> GitRunner:
         "HOME": str(tmp_path),
     }
     (tmp_path / ".gitconfig").write_text("[alias]\n\tstatus = !touch /tmp/pwned-alias\n")
-    config = tmp_path / "necrod-gitconfig"
-    config.write_text("")
-    return GitRunner(git, git_environment(config, ("file",), hostile))
+    return GitRunner(git, git_environment(("file",), hostile))
 
 
 def alive(pid: int) -> bool:
@@ -95,7 +93,7 @@ async def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
     pidfile = tmp_path / "child.pid"
     fake.write_text(f"#!/bin/sh\nsleep 60 &\necho $! > {pidfile}\nwait\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    git = GitRunner(str(fake), git_environment(tmp_path / "cfg", ("file",)))
+    git = GitRunner(str(fake), git_environment(("file",)))
     started = time.monotonic()
     with pytest.raises(GitTimeout):
         await git.run(["fetch"], timeout=0.5)
@@ -110,7 +108,7 @@ async def test_cancellation_kills_the_whole_process_group(tmp_path: Path) -> Non
     pidfile = tmp_path / "child.pid"
     fake.write_text(f"#!/bin/sh\nsleep 60 &\necho $! > {pidfile}\nwait\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    git = GitRunner(str(fake), git_environment(tmp_path / "cfg", ("file",)))
+    git = GitRunner(str(fake), git_environment(("file",)))
     with anyio.move_on_after(0.5):
         await git.run(["clean"], timeout=60)
     await anyio.sleep(0.2)

@@ -34,7 +34,6 @@ from necrod.daemon.rpc import Api
 from necrod.daemon.supervisor import Supervisor
 from necrod.io.config_files import load_config
 from necrod.io.gitrun import (
-    GLOBAL_CONFIG,
     GitRunner,
     GitVersionError,
     git_environment,
@@ -50,6 +49,21 @@ from necrod.paths import ensure_private_dir
 from necrod.proto.errors import FailedPrecondition
 
 log = structlog.get_logger("necrod")
+
+
+def keep_private(directory: Path, gid: int | None) -> None:
+    """Mirrors hold every lease's salvage: nobody but the daemon's user (and the socket group,
+    who are handed slots there) may look in. A directory someone else owns is left as it is
+    and said so."""
+    st = directory.stat()
+    if st.st_uid != os.getuid():
+        log.warning("workspaces_not_ours", path=str(directory), owner=st.st_uid)
+        return
+    if gid is not None and st.st_gid != gid:
+        os.chown(directory, -1, gid)
+    mode = 0o750 if gid is not None else 0o700
+    if st.st_mode & 0o777 != mode:
+        os.chmod(directory, mode)
 
 
 class StartupError(Exception):
@@ -113,9 +127,8 @@ class Daemon:
                 )
         except OSError as exc:
             raise StartupError(f"cannot use the socket directory {socket_dir}: {exc}") from None
-        gitconfig = state / "gitconfig"
-        gitconfig.write_text(GLOBAL_CONFIG)
-        env = git_environment(gitconfig, self.config.daemon.allowed_protocols)
+        (state / "gitconfig").unlink(missing_ok=True)  # written by earlier versions; unused
+        env = git_environment(self.config.daemon.allowed_protocols)
         return GitRunner(self.config.daemon.git, env)
 
     def _lock(self) -> None:
@@ -147,8 +160,12 @@ class Daemon:
         self.store.set_history(self.config.daemon.event_history)
         self.store.on_commit = self.bus.publish
         workspaces = Path(self.config.daemon.workspaces or self.settings.state_dir / "workspaces")
-        workspaces.mkdir(parents=True, exist_ok=True)
-        workspaces = workspaces.resolve()
+        try:
+            workspaces.mkdir(parents=True, exist_ok=True)
+            workspaces = workspaces.resolve()
+            keep_private(workspaces, policy.gid)
+        except OSError as exc:
+            raise StartupError(f"cannot use the workspaces directory {workspaces}: {exc}") from None
         self.workspaces = workspaces
         self.engine = PoolEngine(
             store=self.store,

@@ -24,7 +24,6 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import anyio
 import structlog
@@ -59,6 +58,13 @@ SAFE_FLAGS = (
     "fetch.recurseSubmodules=false",
     "-c",
     "protocol.version=2",
+    "-c",
+    "init.defaultBranch=main",
+    # Who necrod's own commits (salvage) are by: flags, so that no file says otherwise.
+    "-c",
+    "user.name=necrod",
+    "-c",
+    "user.email=necrod@localhost",
 )
 
 #: Variables passed through from the daemon's environment: none of them can make git run code.
@@ -76,25 +82,6 @@ PASSTHROUGH = (
     "SSL_CERT_FILE",
     "SSL_CERT_DIR",
 )
-
-GLOBAL_CONFIG = """\
-# Written by necrod: the only git configuration its own git processes read besides the
-# repository's (GIT_CONFIG_GLOBAL points here, GIT_CONFIG_NOSYSTEM=1).
-[user]
-\tname = necrod
-\temail = necrod@localhost
-[core]
-\thooksPath = /dev/null
-\tfsmonitor = false
-[advice]
-\tdetachedHead = false
-[gc]
-\tauto = 0
-[maintenance]
-\tauto = false
-[init]
-\tdefaultBranch = main
-"""
 
 #: Minimum safe release per maintenance line (the 2024 clone CVEs, CVE-2024-32002 and friends).
 SAFE_GIT = {
@@ -173,16 +160,16 @@ def version_problem(version: tuple[int, int, int]) -> str | None:
     return None
 
 
-def git_environment(
-    global_config: Path, allowed_protocols: Sequence[str], base: Mapping[str, str] = os.environ
-) -> dict[str, str]:
-    """The whole environment of every git necrod runs: nothing else from ``base`` gets through."""
+def git_environment(allowed_protocols: Sequence[str], base: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The whole environment of every git necrod runs: nothing else from ``base`` gets through.
+    No global config file at all (``/dev/null``): a file of ours would be one more thing an
+    agent running as the daemon's user could rewrite; the flags in ``SAFE_FLAGS`` say it all."""
     env = {k: base[k] for k in PASSTHROUGH if k in base}
     env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
     env.update(
         {
             "GIT_CONFIG_NOSYSTEM": "1",
-            "GIT_CONFIG_GLOBAL": str(global_config),
+            "GIT_CONFIG_GLOBAL": os.devnull,
             "GIT_TERMINAL_PROMPT": "0",
             "GIT_OPTIONAL_LOCKS": "0",
             "GIT_ALLOW_PROTOCOL": ":".join(allowed_protocols),
