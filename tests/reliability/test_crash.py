@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from necrod.client import Client
+from necrod.daemon.slotkinds import KINDS
 from necrod.proto.errors import DaemonUnreachable, NecrodError, ResourceExhausted
 from tests.helpers import Necrod, git
 from tests.reliability.conftest import (
@@ -201,6 +202,8 @@ def check_after_restart(d: Necrod, ledger: Ledger, round_no: int) -> None:
 def check_settled(d: Necrod, ledger: Ledger, round_no: int, workspaces: Path) -> None:
     """Within one cleanup cycle: every slot available or held by a lease the ledger knows."""
     slots = wait_settled(d, timeout=60)
+    quarantined = [s["slot_id"] for s in slots.values() if s["state"] == "error"]
+    assert not quarantined, f"round {round_no}: slots in error after recovery: {quarantined}"
     wrong = [
         s
         for s in slots.values()
@@ -215,12 +218,15 @@ def check_settled(d: Necrod, ledger: Ledger, round_no: int, workspaces: Path) ->
 
 
 @pytest.mark.timeout(scaled(600, 6 * 3600))
+@pytest.mark.parametrize("isolation", KINDS)
 def test_kill9_under_load_loses_nothing_acknowledged(
-    necrod_factory: Callable[..., Necrod], origin: Path
+    necrod_factory: Callable[..., Necrod], origin: Path, isolation: str
 ) -> None:
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
-    d = necrod_factory(daemon_config({"repo": origin}, slots=SLOTS, max_slots=SLOTS, min_idle=0))
+    d = necrod_factory(
+        daemon_config({"repo": origin}, slots=SLOTS, max_slots=SLOTS, min_idle=0, isolation=isolation)
+    )
     workspaces = workspaces_of(d)
     ledger = Ledger()
     started = time.monotonic()
