@@ -458,9 +458,13 @@ class Lifecycle(EngineBase):
             raise ResourceExhausted(
                 "free disk is below daemon.min_free_disk: no new slots are cut", pool=p.name
             )
-        if p.counts().total >= p.config.max_slots:
+        counts = p.counts()
+        if counts.total + counts.quarantined >= p.config.max_slots:
+            held = f", {counts.quarantined} of them in error" if counts.quarantined else ""
             raise ResourceExhausted(
-                f"pool {p.name} is at max_slots ({p.config.max_slots}); raise it in pools.yaml", pool=p.name
+                f"pool {p.name} is at max_slots ({p.config.max_slots}{held}); raise it in pools.yaml"
+                + (", or recover or remove the slots in error" if held else ""),
+                pool=p.name,
             )
         p.delta += 1
         slot = self._new_slot(p)
