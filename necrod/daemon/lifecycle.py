@@ -131,6 +131,9 @@ class Lifecycle(EngineBase):
         base = p.base_commit
         assert base is not None
         retiring = self._retiring(p, slot)
+        if slot.isolate is not None:
+            await self._isolate_now(p, slot, slot.isolate)
+            return
         if not await self._stop_leftovers(p, slot):
             return
         sg = self._slot_git(p, slot)
@@ -183,7 +186,7 @@ class Lifecycle(EngineBase):
                 "slot_id": slot.slot_id, "pool": p.name, "lease_id": slot.salvage_as, "ref": salvaged.ref,
                 "commit": salvaged.commit, "dirty": salvaged.dirty, "partial": salvaged.partial,
             }))  # fmt: skip
-        came_back = None if retiring else await self._came_back(p, slot)
+        came_back = None if retiring else slot.isolate or await self._came_back(p, slot)
         snap = slot.snapshot()
         slot.salvage_as = slot.salvage_commit = slot.salvage_note = None
         slot.branch = None
@@ -596,7 +599,8 @@ class Lifecycle(EngineBase):
 
     async def isolate(self, sid: str, reason: str | None) -> dict[str, Any]:
         """Take a slot out of rotation, untouched, for inspection: at once when it is idle,
-        when its lease ends when it is held."""
+        when its lease ends when it is held, before (or, when it has begun, instead of being
+        offered after) its cleanup when it is being cleaned."""
         slot = self.slot(sid)
         why = reason or "no reason given"
         snap = slot.snapshot()
@@ -604,9 +608,11 @@ class Lifecycle(EngineBase):
         if slot.state is SlotState.AVAILABLE and not slot.reserved and not slot.busy:
             slot.state = SlotState.ERROR
             slot.error = f"isolated: {why}"
-        elif slot.state not in (SlotState.ALLOCATED, SlotState.ERROR):
+        elif slot.state not in (SlotState.ALLOCATED, SlotState.ERROR, SlotState.CLEANING):
             slot.isolate = None
-            raise FailedPrecondition(f"slot {sid} is {slot.state}; isolate an available or allocated slot")
+            raise FailedPrecondition(
+                f"slot {sid} is {slot.state}; isolate an available, allocated or cleaning slot"
+            )
         await self._commit([(slot, snap)], [self._slot_event(slot, "isolated", detail=why)])
         if slot.state is SlotState.ERROR:
             self._maintain(self.pools[slot.pool])

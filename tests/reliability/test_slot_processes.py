@@ -1,13 +1,15 @@
-"""Issue 16 #4: nothing a lease left running in a slot writes into the next holder's checkout.
+"""Issue 16 #4: nothing a lease or a task left running in a slot writes into the next holder's
+checkout.
 
 Each test leaves a process writing into its slot, every 50 ms, the way a careless or hostile
 agent would: a background loop, a ``setsid nohup`` job holding a file open from elsewhere, one
 working in a subdirectory, one holding only a memory mapping, a thread with a working directory
-of its own, one ignoring SIGTERM. The lease then ends (release, expiry) and the next lease, on
-the same slot (the pool has one), finds a clean checkout that stays clean, and none of those
-processes is left. What cannot be stopped (a process frozen in the kernel, processes that
-something outside the slot keeps starting, also while the slot is being reset) leaves the slot
-isolated in ``error``, never handed out, until ``necroctl recover``.
+of its own, one ignoring SIGTERM, a dispatched task's ``setsid`` child. The lease then ends
+(release, expiry, the task's end) and the next lease, on the same slot (the pool has one),
+finds a clean checkout that stays clean, and none of those processes is left. What cannot be
+stopped (a process frozen in the kernel, processes that something outside the slot keeps
+starting, also while the slot is being reset, a task's child frozen in its cgroup) leaves the
+slot isolated in ``error``, never handed out, until ``necroctl recover``.
 
 Every process a test starts records its pid outside the slot and is killed at the end,
 whatever happened.
@@ -15,7 +17,9 @@ whatever happened.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +31,8 @@ from typing import Any
 import pytest
 
 from necrod.client import Client
+from necrod.daemon.fleet import origin_id
+from necrod.io.cgroups import RUNNERS, V2_HYBRID, V2_ROOT
 from necrod.proto.errors import ResourceExhausted
 from tests.helpers import Necrod, git, wait_for
 from tests.reliability.conftest import FIGURES, alive, daemon_config, slots_by_id, workspaces_of
@@ -350,3 +356,107 @@ def test_a_process_started_while_the_slot_is_cleaned_keeps_it_from_being_offered
         assert f"parent {leftovers.popens[0].pid})" in slot["error"], slot["error"]
         recover_clean(one_slot, c, lease["slot_id"], leftovers)
         assert c.salvage_show(lease["lease_id"])["files"], "the lease's work was salvaged first"
+
+
+# --- dispatched tasks: a runner's setsid child ----------------------------------------------------
+
+
+def dispatch_config(origin: Path, launcher: str, command: str, **keys: Any) -> str:
+    extra = "".join(f"    {k}: {v}\n" for k, v in keys.items())
+    return (
+        daemon_config({"repo": origin}, slots=1, max_slots=1, min_idle=0)
+        + f"runners:\n  r:\n    launcher: {launcher}\n    command: {json.dumps(command)}\n    grace_s: 1\n{extra}"
+    )
+
+
+def escaping_child(pids: Path, where: str) -> str:
+    """A runner that starts a child in a session of its own (out of its process group) that
+    keeps writing into the slot, then ends; the child works from ``where``."""
+    loop = f'echo $$ >> {pids}; cd {where}; while :; do echo x >> "$NECROD_SLOT_PATH/from-task.txt"; sleep 0.05; done'
+    return f"setsid sh -c '{loop}' </dev/null >/dev/null 2>&1 &"
+
+
+def run_task(
+    d: Necrod, c: Client, left: Leftovers, outcome: str, task_id: str | None = None, **submit: Any
+) -> dict[str, Any]:
+    """Submit a task (unless ``task_id`` names one already submitted) and wait for its end."""
+    if task_id is None:
+        task_id = c.call("tasks.submit", {"pool": "repo", "runner": "r", "max_retries": 0, **submit})[
+            "task_id"
+        ]
+    done = wait_for(lambda: (t := c.call("tasks.get", {"task_id": task_id}))["state"] not in
+                    ("queued", "running") and t, 60, what="the task to end")  # fmt: skip
+    assert done["attempts"][-1]["outcome"] == outcome, done["attempts"][-1]
+    assert left.pids(), "the runner's child never started"
+    return done  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("launcher", ["process", "tmux"])
+def test_a_finished_tasks_setsid_child_is_killed_with_its_cgroup(
+    necrod_factory: Callable[..., Necrod], origin: Path, leftovers: Leftovers, launcher: str
+) -> None:
+    if launcher == "tmux" and shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed")
+    # From /, with no file open: only the runner's cgroup still ties the child to the task.
+    command = escaping_child(leftovers.pidfile, "/") + " sleep 0.5; exit 0"
+    d = necrod_factory(dispatch_config(origin, launcher, command))
+    if not d.call("daemon.status")["dispatcher"]["runner_cgroups"]:
+        pytest.skip("this machine gives necrod no cgroup v2 for its runners")
+    with d.client() as c:
+        done = run_task(d, c, leftovers, "succeeded")
+        lease = c.allocate("repo", wait_s=30)
+        assert lease["slot_id"] == done["attempts"][-1]["slot_id"]
+        assert_clean_for(c, lease["path"])
+        assert leftovers.running() == [], "the task's detached child is still running"
+    FIGURES["dispatched tasks' detached children killed"] += 1
+
+
+def test_a_timed_out_tasks_setsid_child_in_the_slot_is_stopped(
+    necrod_factory: Callable[..., Necrod], origin: Path, leftovers: Leftovers
+) -> None:
+    command = escaping_child(leftovers.pidfile, '"$NECROD_SLOT_PATH"') + " exec sleep 60"
+    d = necrod_factory(dispatch_config(origin, "process", command, timeout_s=1))
+    with d.client() as c:
+        done = run_task(d, c, leftovers, "timeout")
+        lease = c.allocate("repo", wait_s=30)
+        assert lease["slot_id"] == done["attempts"][-1]["slot_id"]
+        assert_clean_for(c, lease["path"])
+        assert leftovers.running() == []
+    FIGURES["dispatched tasks' detached children killed"] += 1
+
+
+@pytest.mark.parametrize(("end", "outcome"), [("exit", "succeeded"), ("lease-expiry", "lease_lost")])
+def test_a_tasks_child_that_cannot_be_killed_leaves_the_slot_isolated(
+    necrod_factory: Callable[..., Necrod],
+    origin: Path,
+    leftovers: Leftovers,
+    workdir: Path,
+    end: str,
+    outcome: str,
+) -> None:
+    if not FREEZER.is_dir():
+        pytest.skip("needs the cgroup v1 freezer (a frozen process waits out SIGKILL)")
+    go = workdir / "go"
+    # It exits once told to; or, never heartbeating, it loses its lease (2 s) and is stopped.
+    command = escaping_child(leftovers.pidfile, "/") + f" while [ ! -e {go} ]; do sleep 0.05; done; exit 0"
+    d = necrod_factory(dispatch_config(origin, "process", command, lease_ttl_s=2))
+    if not d.call("daemon.status")["dispatcher"]["runner_cgroups"]:
+        pytest.skip("this machine gives necrod no cgroup v2 for its runners")
+    try:
+        with d.client() as c:
+            task_id = c.call("tasks.submit", {"pool": "repo", "runner": "r", "max_retries": 0})["task_id"]
+            leftovers.wait_started()
+            leftovers.freeze(min(leftovers.pids()))
+            if end == "exit":
+                go.touch()
+            done = run_task(d, c, leftovers, outcome, task_id=task_id)
+            slot_id = done["attempts"][-1]["slot_id"]
+            assert_isolated(d, c, slot_id, "would not die")
+            recover_clean(d, c, slot_id, leftovers)
+    finally:
+        leftovers.kill_all()
+        instance = origin_id(d.state_dir)
+        for root in (V2_ROOT, V2_HYBRID):
+            for kept in (root / RUNNERS / instance).glob("*"):
+                if kept.is_dir():
+                    kept.rmdir()  # kept for inspection while something was left in it; empty now
