@@ -6,7 +6,11 @@
   their way (being created or cleaned) — a burst never waits for a clone;
 - a slot above the baseline is removed when it has been idle past ``idle_timeout_s`` and the
   other idle slots still cover ``min_idle``; when the baseline shrinks (reload), idle slots
-  above it go at once; allocated slots are never removed, only retired when they come back.
+  above it go at once; allocated slots are never removed, only retired when they come back;
+- slots in ``error`` (quarantined or isolated) stay on disk for inspection until an operator
+  recovers or removes them, so they take room under ``max_slots``: a slot that keeps failing
+  its cleanup is replaced only while there is room, and a pool full of them serves fewer slots
+  rather than filling the disk. They never make the pool remove a healthy slot.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ class PoolCounts:
     idle: int
     #: Being created or cleaned: ready soon.
     coming: int
+    #: In error: not serving, but still on disk.
+    quarantined: int = 0
 
 
 def slots_to_create(
@@ -31,7 +37,14 @@ def slots_to_create(
     upper = max(baseline, max_slots)
     want_idle = min_idle + waiting
     grow = max(baseline - counts.total, want_idle - counts.idle - counts.coming)
-    return max(0, min(grow, upper - counts.total))
+    return max(0, min(grow, upper - counts.total - counts.quarantined))
+
+
+def quarantine_shortfall(counts: PoolCounts, *, baseline: int, max_slots: int) -> int:
+    """How many slots of its baseline the pool goes without because slots in error take their
+    room under ``max_slots``."""
+    upper = max(baseline, max_slots)
+    return max(0, min(baseline, counts.quarantined - (upper - baseline)))
 
 
 def idle_to_remove(

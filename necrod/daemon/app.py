@@ -387,9 +387,9 @@ class Daemon:
             if pool.fetch.failing_since is not None:
                 since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(pool.fetch.failing_since))
                 reasons.append(f"pool {pool.name} fetch: failing since {since}: {pool.fetch.last_error}")
-            errors = sum(1 for s in pool.slots.values() if s.state == "error")
-            if errors:
-                reasons.append(f"pool {pool.name}: {errors} slot(s) in error")
+            quarantine = pool.quarantine_note()
+            if quarantine:
+                reasons.append(quarantine)
         return reasons
 
     def status(self) -> dict[str, Any]:

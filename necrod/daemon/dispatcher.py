@@ -54,8 +54,17 @@ from necrod.daemon.engine import PoolEngine
 from necrod.daemon.fleet import Fleet, HostDown, HostLink, RemoteRun, launch, origin_id
 from necrod.daemon.metrics import Metrics
 from necrod.io import sysload
-from necrod.io.cgroups import memory_parent
-from necrod.io.launchers import Exit, LaunchSpec, ProcessLauncher, Run, TmuxLauncher, group_alive, stop_group
+from necrod.io.cgroups import RunnerCgroup, runner_cgroups
+from necrod.io.launchers import (
+    Exit,
+    LaunchSpec,
+    ProcessLauncher,
+    Run,
+    TmuxLauncher,
+    end_cgroup,
+    group_alive,
+    stop_group,
+)
 from necrod.io.procs import processes_in
 from necrod.io.store import Delete, Event, Put, StateStore
 from necrod.proto.errors import (
@@ -134,14 +143,15 @@ class Dispatcher:
         self._wake = anyio.Event()
         self._tg: TaskGroup | None = None
         self._resources: tuple[float, bool, str | None] = (0.0, True, None)
-        cgroups = memory_parent()
-        self.cgroups = cgroups[1] if cgroups else None
-        self.tmux = TmuxLauncher(state_dir / "tmux.sock", cgroups)
+        origin = origin_id(state_dir)
+        self.cgroup_parents = runner_cgroups(origin)
+        self.cgroups = self.cgroup_parents.memory[1] if self.cgroup_parents.memory else None
+        self.tmux = TmuxLauncher(state_dir / "tmux.sock", self.cgroup_parents)
         self.launchers: dict[str, ProcessLauncher | TmuxLauncher] = {
-            "process": ProcessLauncher(cgroups),
+            "process": ProcessLauncher(self.cgroup_parents),
             "tmux": self.tmux,
         }
-        self.fleet = Fleet(origin_id(state_dir))
+        self.fleet = Fleet(origin)
         self.fleet.on_up.append(self._host_returned)
         #: (host, pool) → monotonic time until which that host had no free slot in that pool.
         self._no_remote_slot: dict[tuple[str, str], float] = {}
@@ -221,8 +231,9 @@ class Dispatcher:
                     self._finish, a, None, "interrupted", "the daemon stopped before the runner started"
                 )
             elif attempt.launcher == "tmux" and attempt.session in sessions:
+                cgroup = RunnerCgroup.find(self.cgroup_parents, attempt.session or "")
                 a.run = await self.tmux.adopt(
-                    attempt.session or "", Path(attempt.log or ""), attempt.pid, None
+                    attempt.session or "", Path(attempt.log or ""), attempt.pid, cgroup
                 )
                 log.info("runner_adopted", task=task.task_id, session=attempt.session)
                 self._spawn(self._watch, a)
@@ -244,7 +255,7 @@ class Dispatcher:
                                       Path(attempt.log or ""), lambda: self.cfg.host_grace_s)  # fmt: skip
                     self._spawn(self._watch, a)
             else:
-                await self._stop_orphans(attempt, profile)
+                await self._stop_orphans(attempt, profile, f"necro-{task.task_id}-{attempt.number}")
                 self._spawn(
                     self._finish, a, None, "interrupted", "the runner did not survive a daemon restart"
                 )
@@ -290,10 +301,10 @@ class Dispatcher:
         if specs:
             await self.kube.sweep(specs, keep)
 
-    async def _stop_orphans(self, attempt: Attempt, profile: RunnerProfile) -> None:
+    async def _stop_orphans(self, attempt: Attempt, profile: RunnerProfile, name: str) -> None:
         """Stop what is left of a process runner after a crash: its process group if we recorded
         it, and every process working inside its slot (the daemon may have died before it could
-        record the pid)."""
+        record the pid), then whatever is left in its cgroup."""
         groups = set()
         if attempt.pid and group_alive(attempt.pid):
             groups.add(attempt.pid)
@@ -306,6 +317,9 @@ class Dispatcher:
         for pgid in groups:
             log.warning("orphan_runner_stopped", task=attempt.runner, pgid=pgid)
             await stop_group(pgid, profile.grace_s)
+        cgroup = RunnerCgroup.find(self.cgroup_parents, name)
+        if cgroup is not None and not await end_cgroup(cgroup):
+            log.error("orphan_runner_not_stopped", task=attempt.runner, cgroup=str(cgroup.unified))
 
     # --- submitting -----------------------------------------------------------------------------
 
@@ -1031,17 +1045,20 @@ class Dispatcher:
     async def _quarantine(self, a: Active, run: Run) -> None:
         """A runner that could not be confirmed stopped may still write in its slot: the slot is
         kept out of rotation, untouched, rather than cleaned and handed to someone else."""
+        await self._keep_slot_out(a, f"its runner ({run.session or run.pid}) could not be confirmed stopped")
+        self._spawn(self._stop_eventually, run, a.profile.grace_s)
+
+    async def _keep_slot_out(self, a: Active, what: str) -> None:
         attempt = a.attempt
         if attempt is None or not attempt.slot_id or a.host is not None:
             return
-        why = (f"task {a.task.task_id} attempt {attempt.number}: its runner ({run.session or run.pid}) "
-               "could not be confirmed stopped; check it is gone, then necroctl recover it")  # fmt: skip
+        why = (f"task {a.task.task_id} attempt {attempt.number}: {what}; check it is gone, "
+               "then necroctl recover it")  # fmt: skip
         try:
             await self.engine.isolate(attempt.slot_id, why)
             log.error("runner_not_stopped_slot_isolated", task=a.task.task_id, slot=attempt.slot_id)
         except NecrodError as exc:
             log.error("runner_not_stopped", task=a.task.task_id, slot=attempt.slot_id, error=exc.message)
-        self._spawn(self._stop_eventually, run, a.profile.grace_s)
 
     async def _stop_eventually(self, run: Run, grace: float) -> None:
         """Keep stopping a runner whose end was not seen, until it is seen: its launcher then
@@ -1145,8 +1162,9 @@ class Dispatcher:
                 attempt.exit_code, attempt.signal = result.code, result.signal
             if attempt.duration_s is not None:
                 self.metrics.attempt_seconds.labels(a.profile.name).observe(attempt.duration_s)
-        if a.run is not None:
-            a.run.close()
+        if a.run is not None and not await a.run.close():
+            cgroup = a.run.cgroup.unified if a.run.cgroup else None
+            await self._keep_slot_out(a, f"processes left in its cgroup ({cgroup}) would not die")
         if isinstance(a.run, RemoteRun) and a.run.written_off and attempt is not None:
             attempt.cleanup_pending = True
             detail = f"host {a.host} was unreachable for {self.cfg.host_grace_s:g}s (dispatcher.host_grace_s)"
@@ -1229,6 +1247,7 @@ class Dispatcher:
         for a in waits:
             with anyio.move_on_after(a.profile.grace_s + 15):
                 await a.stopped.wait()
+        self.cgroup_parents.tidy()
 
     # --- hosts -----------------------------------------------------------------------------------
 
@@ -1290,4 +1309,5 @@ class Dispatcher:
         running = Counter(a.profile.name for a in self.active.values())
         return {"tasks": self.counts(), "running_by_profile": dict(running), "stalled": self.stalled,
                 "policy": self.cfg.policy, "memory_cgroups": self.cgroups,
+                "runner_cgroups": self.cgroup_parents.unified is not None,
                 "fair_share_usage": self.fair.snapshot(self.clock.monotonic())}  # fmt: skip

@@ -5,8 +5,10 @@ pool's size. All of it runs in the background, driven by slot state (``_drive``)
 state          what the driver does
 =============  ===========================================================================
 creating       ``git worktree add --detach`` at the base commit → available
-cleaning       salvage what the lease left, ``checkout --force --detach <base>``, ``clean``
-               → available (or removing, when retiring); failing twice → error
+cleaning       stop what still runs in the slot, salvage what the lease left,
+               ``checkout --force --detach <base>``, ``clean``, look for processes again
+               → available (or removing, when retiring); failing twice, or processes that
+               would not stop or came back → error
 removing       ``git worktree remove`` → the slot is forgotten
 available      behind the base commit → moved there; broken on disk → cleaning
 =============  ===========================================================================
@@ -30,11 +32,17 @@ from necrod.daemon.slotkinds import SlotKind
 from necrod.io import slotfs
 from necrod.io.diskusage import disk_usage
 from necrod.io.gitrun import GitError
+from necrod.io.procs import Holder, ScanStuck, find_holders, kernel_path, stop_holders
 from necrod.io.store import Delete, Event, Put
 from necrod.proto.errors import FailedPrecondition, ResourceExhausted, Unavailable
 
 #: Wait before the second attempt at a failed cleanup.
 CLEANUP_RETRY_S = 5.0
+#: Between SIGTERM and SIGKILL for what a lease left running in its slot: its holder is gone,
+#: so this only lets a well-behaved process flush what it was writing.
+LEFTOVER_GRACE_S = 2.0
+#: Processes named in a slot's error and events (a respawning parent may have started hundreds).
+PROCESSES_NAMED = 5
 Action = Callable[[Pool, Slot], Awaitable[None]]
 
 
@@ -125,6 +133,11 @@ class Lifecycle(EngineBase):
         base = p.base_commit
         assert base is not None
         retiring = self._retiring(p, slot)
+        if slot.isolate is not None:
+            await self._isolate_now(p, slot, slot.isolate)
+            return
+        if not await self._stop_leftovers(p, slot):
+            return
         sg = self._slot_git(p, slot)
         salvaged = None
         started = time.perf_counter()
@@ -177,6 +190,7 @@ class Lifecycle(EngineBase):
                 "commit": salvaged.commit, "dirty": salvaged.dirty, "partial": salvaged.partial,
                 "bytes": salvaged.bytes, "skipped": salvaged.skipped_count, "kept": list(salvaged.extras),
             }))  # fmt: skip
+        came_back = None if retiring else slot.isolate or await self._came_back(p, slot)
         snap = slot.snapshot()
         slot.salvage_as = slot.salvage_commit = slot.salvage_note = None
         slot.branch = None
@@ -185,13 +199,20 @@ class Lifecycle(EngineBase):
         slot.error = None
         if retiring:
             slot.state = SlotState.REMOVING
+        elif came_back is not None:
+            slot.state = SlotState.ERROR
+            slot.error = f"isolated: {came_back}"
         else:
             slot.state = SlotState.AVAILABLE
             slot.commit = base
             slot.verified_at = self.clock.monotonic()
             if p.clean_bytes is not None and p.clean_bytes[0] == base:
                 slot.disk_bytes = p.clean_bytes[1]
-        events.append(self._slot_event(slot, "cleaned"))
+        if came_back is not None:
+            log.error("slot_isolated", slot=slot.slot_id, reason=came_back)
+            events.append(self._slot_event(slot, "isolated", detail=came_back))
+        else:
+            events.append(self._slot_event(slot, "cleaned"))
         if await self._commit_or_log(slot, snap, events):
             if p.config.metrics:
                 self.metrics.cleanup_seconds.labels(p.name).observe(time.perf_counter() - started)
@@ -214,6 +235,52 @@ class Lifecycle(EngineBase):
                 log.warning("branch_kept", slot=slot.slot_id, branch=branch, used_by=other.slot_id)
                 return None
         return branch
+
+    def _slot_dirs(self, p: Pool, slot: Slot) -> list[str]:
+        """Where a process of the slot's may work: its checkout and its git directory."""
+        return [kernel_path(slot.path), kernel_path(str(self._slot_git(p, slot).admin_dir))]
+
+    async def _stop_leftovers(self, p: Pool, slot: Slot) -> bool:
+        """Stop whatever still runs in the slot (a lease's background job, a runner's detached
+        child) before its work is salvaged and it is reset; when something will not stop, the
+        slot is isolated instead. True when nothing runs there any more."""
+        try:
+            stop = await stop_holders(self._slot_dirs(p, slot), LEFTOVER_GRACE_S)
+        except ScanStuck as exc:
+            await self._isolate_now(p, slot, f"could not tell what runs in it: {exc}")
+            return False
+        if stop.stopped:
+            found = [h.describe() for h in stop.stopped[:PROCESSES_NAMED]]
+            count = len(stop.stopped)
+            log.warning("slot_processes_stopped", slot=slot.slot_id, count=count, processes=found)
+            event = self._slot_event(slot, "processes_stopped", count=count, processes=found)
+            await self._persist_quietly([event])
+        if stop.left:
+            left = _named(stop.left)
+            await self._isolate_now(p, slot, f"processes in it would not stop: {left}")
+            return False
+        return True
+
+    async def _came_back(self, p: Pool, slot: Slot) -> str | None:
+        """Look again once the slot is reset, just before it is offered: a process found now
+        was started while it was being cleaned, by something outside it (a respawning parent),
+        and may have written into the fresh checkout. Why the slot must not be offered, or None."""
+        try:
+            found = await find_holders(self._slot_dirs(p, slot))
+            if not found:
+                return None
+            await stop_holders(self._slot_dirs(p, slot), 0.0)
+        except ScanStuck as exc:
+            return f"could not tell what runs in it: {exc}"
+        who = _named(found)
+        return f"processes started in it while it was cleaned (something outside it starts them): {who}"
+
+    async def _isolate_now(self, p: Pool, slot: Slot, why: str) -> None:
+        log.error("slot_isolated", slot=slot.slot_id, reason=why)
+        slot.state = SlotState.ERROR
+        slot.error = f"isolated: {why}"
+        await self._persist_or_keep(slot, [self._slot_event(slot, "isolated", detail=why)])
+        self._maintain(p)
 
     async def _cleanup_failed(self, p: Pool, slot: Slot, exc: Exception) -> None:
         if p.config.metrics:
@@ -478,9 +545,13 @@ class Lifecycle(EngineBase):
             raise ResourceExhausted(
                 "free disk is below daemon.min_free_disk: no new slots are cut", pool=p.name
             )
-        if p.counts().total >= p.config.max_slots:
+        counts = p.counts()
+        if counts.total + counts.quarantined >= p.config.max_slots:
+            held = f", {counts.quarantined} of them in error" if counts.quarantined else ""
             raise ResourceExhausted(
-                f"pool {p.name} is at max_slots ({p.config.max_slots}); raise it in pools.yaml", pool=p.name
+                f"pool {p.name} is at max_slots ({p.config.max_slots}{held}); raise it in pools.yaml"
+                + (", or recover or remove the slots in error" if held else ""),
+                pool=p.name,
             )
         p.delta += 1
         slot = self._new_slot(p)
@@ -548,7 +619,8 @@ class Lifecycle(EngineBase):
 
     async def isolate(self, sid: str, reason: str | None) -> dict[str, Any]:
         """Take a slot out of rotation, untouched, for inspection: at once when it is idle,
-        when its lease ends when it is held."""
+        when its lease ends when it is held, before (or, when it has begun, instead of being
+        offered after) its cleanup when it is being cleaned."""
         slot = self.slot(sid)
         why = reason or "no reason given"
         snap = slot.snapshot()
@@ -556,13 +628,20 @@ class Lifecycle(EngineBase):
         if slot.state is SlotState.AVAILABLE and not slot.reserved and not slot.busy:
             slot.state = SlotState.ERROR
             slot.error = f"isolated: {why}"
-        elif slot.state not in (SlotState.ALLOCATED, SlotState.ERROR):
+        elif slot.state not in (SlotState.ALLOCATED, SlotState.ERROR, SlotState.CLEANING):
             slot.isolate = None
-            raise FailedPrecondition(f"slot {sid} is {slot.state}; isolate an available or allocated slot")
+            raise FailedPrecondition(
+                f"slot {sid} is {slot.state}; isolate an available, allocated or cleaning slot"
+            )
         await self._commit([(slot, snap)], [self._slot_event(slot, "isolated", detail=why)])
         if slot.state is SlotState.ERROR:
             self._maintain(self.pools[slot.pool])
         return slot.view()
+
+
+def _named(found: list[Holder]) -> str:
+    named = "; ".join(h.describe() for h in found[:PROCESSES_NAMED])
+    return named + (f"; and {len(found) - PROCESSES_NAMED} more" if len(found) > PROCESSES_NAMED else "")
 
 
 def _head_branch(kind: SlotKind, slot: Slot) -> str | None:

@@ -10,7 +10,7 @@ from typing import Any
 import anyio
 
 from necrod.core.config import PoolConfig
-from necrod.core.sizing import PoolCounts
+from necrod.core.sizing import PoolCounts, quarantine_shortfall
 from necrod.core.slots import Slot, SlotState
 from necrod.daemon.mirror import Mirror
 from necrod.daemon.slotkinds import KINDS, SlotKind, slot_kind
@@ -19,6 +19,8 @@ from necrod.proto.errors import NecrodError
 
 #: Pool states: starting (reading its mirror), cloning (first clone), ready, failed (retrying).
 POOL_STATES = ("starting", "cloning", "ready", "failed")
+#: Slots in error named in the degraded reason (the rest are in ``necroctl slots``).
+QUARANTINE_NAMED = 5
 
 
 @dataclass(slots=True)
@@ -117,8 +119,10 @@ class Pool:
         return max(0, self.config.slots + self.delta)
 
     def counts(self) -> PoolCounts:
-        total = idle = coming = 0
+        total = idle = coming = quarantined = 0
         for slot in self.slots.values():
+            if slot.state is SlotState.ERROR and not slot.retire:
+                quarantined += 1
             if slot.state in (SlotState.ERROR, SlotState.REMOVING) or slot.retire:
                 continue
             total += 1
@@ -126,7 +130,24 @@ class Pool:
                 idle += 1
             elif slot.state in (SlotState.CREATING, SlotState.CLEANING):
                 coming += 1
-        return PoolCounts(total=total, idle=idle, coming=coming)
+        return PoolCounts(total=total, idle=idle, coming=coming, quarantined=quarantined)
+
+    def quarantine_note(self) -> str | None:
+        """What an operator needs to know about the pool's slots in error (None: it has none)."""
+        errors = sorted((s.number, s.slot_id) for s in self.slots.values() if s.state is SlotState.ERROR)
+        if not errors:
+            return None
+        named = ", ".join(sid for _, sid in errors[:QUARANTINE_NAMED])
+        if len(errors) > QUARANTINE_NAMED:
+            named += ", ..."
+        limit = self.config.max_slots
+        note = (
+            f"pool {self.name}: {len(errors)} slot(s) in error ({named}), counted against max_slots {limit}"
+        )
+        short = quarantine_shortfall(self.counts(), baseline=self.baseline, max_slots=limit)
+        if short:
+            note += f": {short} of its {self.baseline} slot(s) cannot be replaced"
+        return note + "; necroctl slots -l says why, then recover or remove-slot them"
 
     def by_state(self) -> dict[str, int]:
         counts = Counter(str(s.state) for s in self.slots.values())

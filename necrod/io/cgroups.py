@@ -5,18 +5,27 @@ use), so a runner's memory is capped with a cgroup: cgroup v2 (``memory.max``) w
 daemon's cgroup lets it create children with the memory controller, else cgroup v1's memory
 controller (``memory.limit_in_bytes``). Where neither is writable, the launcher falls back to
 ``RLIMIT_DATA`` (what ``runshim`` sets), which counts what a program writes rather than what it
-reserves. A runner cgroup also lets us find every process of a runner, even one that left its
-process group, to stop it.
+reserves.
+
+Every local runner also gets a cgroup v2 of its own, memory limit or not (on a hybrid machine,
+in the v2 hierarchy at ``/sys/fs/cgroup/unified``): a child that leaves the runner's process
+group (``setsid``, a daemonizing helper) stays in it, and ``cgroup.kill`` kills them all at once,
+forks in flight included, before the runner's slot is cleaned. Runner cgroups live under a
+directory per daemon instance, so two daemons on one machine never touch each other's runners.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 V2_ROOT = Path("/sys/fs/cgroup")
+#: Where a hybrid machine (cgroup v1 controllers) mounts the v2 hierarchy.
+V2_HYBRID = Path("/sys/fs/cgroup/unified")
 V1_MEMORY = Path("/sys/fs/cgroup/memory")
+RUNNERS = "necrod-runners"
 
 
 def _own_cgroup(controller: str | None) -> str | None:
@@ -33,7 +42,53 @@ def _own_cgroup(controller: str | None) -> str | None:
     return None
 
 
-def memory_parent(name: str = "necrod-runners") -> tuple[Path, str] | None:
+@dataclass(frozen=True, slots=True)
+class RunnerCgroups:
+    """Where this daemon makes runner cgroups: ``unified`` (cgroup v2, holding all of a runner's
+    processes) and ``memory`` (with its kind, for memory limits); one directory on a pure v2
+    machine. Either is None where the machine gives us none. They are made with the first
+    runner (``RunnerCgroup.create``), so a daemon that runs none leaves nothing behind."""
+
+    unified: Path | None
+    memory: tuple[Path, str] | None
+
+    def tidy(self) -> None:
+        """Remove the daemon's own directories when no runner cgroup is left in them."""
+        for path in {p for p in (self.unified, self.memory[0] if self.memory else None) if p}:
+            try:
+                path.rmdir()
+            except OSError:
+                pass
+
+
+def runner_cgroups(instance: str) -> RunnerCgroups:
+    """This daemon's runner cgroup parents (``instance`` names the daemon)."""
+    memory = memory_parent()
+    if memory is not None and memory[1] == "v2":
+        return RunnerCgroups(memory[0] / instance, (memory[0] / instance, "v2"))
+    own = _own_cgroup(None)
+    root = next((r for r in (V2_ROOT, V2_HYBRID) if (r / "cgroup.controllers").exists()), None)
+    unified = root / own.lstrip("/") / RUNNERS / instance if own is not None and root is not None else None
+    if unified is not None and not _may_make(unified):
+        unified = None
+    return RunnerCgroups(unified, (memory[0] / instance, memory[1]) if memory else None)
+
+
+def _may_make(path: Path) -> bool:
+    """Whether we may create ``path``: its nearest existing ancestor is writable to us."""
+    while not path.exists():
+        path = path.parent
+    return os.access(path, os.W_OK)
+
+
+def _make_parent(path: Path, memory_v2: bool) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    control = path / "cgroup.subtree_control"
+    if memory_v2 and "memory" not in control.read_text().split():
+        control.write_text("+memory")
+
+
+def memory_parent(name: str = RUNNERS) -> tuple[Path, str] | None:
     """A directory under which runner cgroups with a memory limit can be made, and its kind
     ("v2" or "v1"); None when this machine gives us none."""
     v2 = _own_cgroup(None)
@@ -92,53 +147,110 @@ def _descends_from_us(pid: int) -> bool:
 
 
 class RunnerCgroup:
-    """One runner's cgroup, with its memory limit."""
+    """One runner's cgroups: the v2 one that holds all its processes, and the one enforcing its
+    memory limit (the same directory on a pure v2 machine). Either may be missing."""
 
-    def __init__(self, path: Path, kind: str) -> None:
-        self.path = path
+    def __init__(self, unified: Path | None, memory: Path | None = None, kind: str | None = None) -> None:
+        self.unified = unified
+        self.memory = memory
         self.kind = kind
 
+    @property
+    def paths(self) -> list[Path]:
+        """The directories a runner joins (``runshim --cgroup``)."""
+        return list(dict.fromkeys(p for p in (self.unified, self.memory) if p is not None))
+
     @classmethod
-    def create(cls, parent: Path, kind: str, name: str, limit: int) -> RunnerCgroup:
-        path = parent / name
-        path.mkdir(exist_ok=True)
-        limit_file = "memory.max" if kind == "v2" else "memory.limit_in_bytes"
-        (path / limit_file).write_text(str(limit))
-        if kind == "v2":
-            try:
-                (path / "memory.swap.max").write_text("0")
-            except OSError:
-                pass
-        return cls(path, kind)
+    def create(cls, parents: RunnerCgroups, name: str, limit: int | None) -> RunnerCgroup | None:
+        """The cgroups of a new runner: always the v2 one where there is a parent for it, the
+        memory one only with a limit. None when there is neither."""
+        unified = memory = kind = None
+        if limit is not None and parents.memory is not None:
+            _make_parent(parents.memory[0], parents.memory[1] == "v2")
+            memory, kind = parents.memory[0] / name, parents.memory[1]
+            memory.mkdir(exist_ok=True)
+            (memory / ("memory.max" if kind == "v2" else "memory.limit_in_bytes")).write_text(str(limit))
+            if kind == "v2":
+                try:
+                    (memory / "memory.swap.max").write_text("0")
+                except OSError:
+                    pass
+        if parents.unified is not None:
+            _make_parent(parents.unified, parents.memory is not None and parents.memory[1] == "v2")
+            unified = parents.unified / name
+            unified.mkdir(exist_ok=True)
+        if unified is None and memory is None:
+            return None
+        return cls(unified, memory, kind)
+
+    @classmethod
+    def find(cls, parents: RunnerCgroups, name: str) -> RunnerCgroup | None:
+        """The cgroups of a runner started before a restart, if they are still there."""
+        unified = parents.unified / name if parents.unified is not None else None
+        memory = parents.memory[0] / name if parents.memory is not None else None
+        unified = unified if unified is not None and unified.is_dir() else None
+        memory = memory if memory is not None and memory.is_dir() else None
+        if unified is None and memory is None:
+            return None
+        return cls(unified, memory, parents.memory[1] if memory is not None and parents.memory else None)
 
     def pids(self) -> list[int]:
-        try:
-            return [int(p) for p in (self.path / "cgroup.procs").read_text().split()]
-        except OSError:
-            return []
+        """Its processes (0 stands for one in a pid namespace we cannot see)."""
+        found: set[int] = set()
+        for path in self.paths:
+            try:
+                found.update(int(p) for p in (path / "cgroup.procs").read_text().split())
+            except OSError:
+                continue
+        return sorted(found)
 
     def signal_all(self, sig: int) -> None:
         for pid in self.pids():
+            if pid <= 0:
+                continue
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
 
-    def remove(self) -> None:
+    def kill(self) -> None:
+        """SIGKILL everything in it: with ``cgroup.kill`` at once, forks in flight included;
+        else (cgroup v1 only, or a kernel before 5.14) one by one."""
+        if self.unified is not None:
+            try:
+                (self.unified / "cgroup.kill").write_text("1")
+                return
+            except OSError:
+                pass
         self.signal_all(signal.SIGKILL)
-        try:
-            self.path.rmdir()
-        except OSError:
-            pass
+
+    def empty(self) -> bool:
+        """No process is left in it (a zombie does not count: it can no longer write)."""
+        if self.unified is not None:
+            try:
+                return "populated 0" in (self.unified / "cgroup.events").read_text().splitlines()
+            except OSError:
+                pass
+        return not self.pids()
+
+    def remove(self) -> None:
+        """Remove the (empty) cgroups; one still holding a process stays."""
+        for path in self.paths:
+            try:
+                path.rmdir()
+            except OSError:
+                pass
 
     def oom_killed(self) -> bool:
         """Whether the kernel killed something in it for exceeding the limit."""
+        if self.memory is None:
+            return False
         try:
             if self.kind == "v2":
-                events = (self.path / "memory.events").read_text()
+                events = (self.memory / "memory.events").read_text()
                 return any(
                     line.startswith("oom_kill ") and line.split()[1] != "0" for line in events.splitlines()
                 )
-            return (self.path / "memory.failcnt").read_text().strip() not in ("", "0")
+            return (self.memory / "memory.failcnt").read_text().strip() not in ("", "0")
         except OSError:
             return False

@@ -12,7 +12,9 @@ stderr appended to the attempt's log file.
   in a file, and tmux's ``pipe-pane`` copies the output to the log.
 
 Stopping is always the same: SIGTERM to the process group (and to everything in the runner's
-cgroup), a grace, then SIGKILL.
+cgroup), a grace, then SIGKILL. When the runner has ended, by itself or stopped, whatever is
+left in its cgroup (a child that left the process group with ``setsid``) is killed whole
+(``close``) before the slot goes back to be cleaned.
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ from pathlib import Path
 import anyio
 import structlog
 
-from necrod.io.cgroups import RunnerCgroup
+from necrod.io.cgroups import RunnerCgroup, RunnerCgroups
 
 log = structlog.get_logger("necrod.launch")
 
 TMUX_POLL_S = 0.25
 TMUX_SESSION_CHECK_EVERY = 8
+#: After cgroup.kill, its processes are gone within milliseconds unless the kernel holds one.
+CGROUP_DRAIN_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,22 +63,36 @@ class Exit:
 
 def _shim(spec: LaunchSpec, cgroup: RunnerCgroup | None) -> list[str]:
     argv = [sys.executable, "-m", "necrod.io.runshim"]
-    if cgroup is not None:
-        argv += ["--cgroup", str(cgroup.path)]
-    elif spec.memory_limit is not None:
+    for path in cgroup.paths if cgroup is not None else []:
+        argv += ["--cgroup", str(path)]
+    if spec.memory_limit is not None and (cgroup is None or cgroup.memory is None):
         argv += ["--rlimit-data", str(spec.memory_limit)]
     return [*argv, "--", *spec.argv]
 
 
-def _cgroup(parent: tuple[Path, str] | None, spec: LaunchSpec) -> RunnerCgroup | None:
-    """A cgroup enforcing the runner's memory limit, when one is asked for and cgroups are ours."""
-    if spec.memory_limit is None or parent is None:
-        return None
+def _cgroup(parents: RunnerCgroups, spec: LaunchSpec) -> RunnerCgroup | None:
+    """The runner's cgroups (to hold all its processes, and for its memory limit), where the
+    machine lets us make them."""
     try:
-        return RunnerCgroup.create(parent[0], parent[1], spec.name, spec.memory_limit)
+        return RunnerCgroup.create(parents, spec.name, spec.memory_limit)
     except OSError as exc:
         log.warning("cgroup_unavailable", error=str(exc))
         return None
+
+
+async def end_cgroup(cgroup: RunnerCgroup, wait: float = CGROUP_DRAIN_S) -> bool:
+    """Kill everything left in a runner's cgroup and remove it. False when something in it
+    would not die within ``wait`` (the cgroup is kept, to be looked at)."""
+    with anyio.move_on_after(wait):
+        while True:
+            cgroup.kill()  # again each time: without cgroup.kill, a fork may slip between kills
+            if cgroup.empty():
+                break
+            await anyio.sleep(0.05)
+    if not cgroup.empty():
+        return False
+    cgroup.remove()
+    return True
 
 
 def _killpg(pgid: int | None, sig: int) -> bool:
@@ -113,11 +131,11 @@ async def stop_group(pgid: int | None, grace: float, cgroup: RunnerCgroup | None
         if cgroup is not None:
             cgroup.signal_all(signal.SIGTERM)
         with anyio.move_on_after(grace):
-            while (pgid and group_alive(pgid)) or (cgroup is not None and cgroup.pids()):
+            while (pgid and group_alive(pgid)) or (cgroup is not None and not cgroup.empty()):
                 await anyio.sleep(0.05)
         _killpg(pgid, signal.SIGKILL)
         if cgroup is not None:
-            cgroup.signal_all(signal.SIGKILL)
+            cgroup.kill()
 
 
 class Run:
@@ -133,9 +151,12 @@ class Run:
     async def stop(self, grace: float) -> None:
         raise NotImplementedError
 
-    def close(self) -> None:
-        if self.cgroup is not None:
-            self.cgroup.remove()
+    async def close(self) -> bool:
+        """The runner has ended: kill whatever it left in its cgroup (children that left its
+        process group) and remove the cgroup. False when something there would not die."""
+        if self.cgroup is None:
+            return True
+        return await end_cgroup(self.cgroup)
 
 
 class ProcessRun(Run):
@@ -154,11 +175,11 @@ class ProcessRun(Run):
 
 
 class ProcessLauncher:
-    def __init__(self, cgroup_parent: tuple[Path, str] | None) -> None:
-        self.cgroup_parent = cgroup_parent
+    def __init__(self, cgroup_parents: RunnerCgroups) -> None:
+        self.cgroup_parents = cgroup_parents
 
     async def start(self, spec: LaunchSpec) -> Run:
-        cgroup = _cgroup(self.cgroup_parent, spec)
+        cgroup = _cgroup(self.cgroup_parents, spec)
         spec.log.parent.mkdir(parents=True, exist_ok=True)
         with open(spec.log, "ab") as out:  # noqa: ASYNC230 (opened for the child, not read here)
             process = await anyio.open_process(
@@ -207,9 +228,9 @@ class TmuxRun(Run):
 
 
 class TmuxLauncher:
-    def __init__(self, socket: Path, cgroup_parent: tuple[Path, str] | None) -> None:
+    def __init__(self, socket: Path, cgroup_parents: RunnerCgroups) -> None:
         self.socket = socket
-        self.cgroup_parent = cgroup_parent
+        self.cgroup_parents = cgroup_parents
 
     async def _tmux(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
         result = await anyio.run_process(["tmux", "-S", str(self.socket), *args], check=False,
@@ -240,7 +261,7 @@ class TmuxLauncher:
         return stem.with_suffix(".sh"), stem.with_suffix(".go"), stem.with_suffix(".exit")
 
     async def start(self, spec: LaunchSpec) -> Run:
-        cgroup = _cgroup(self.cgroup_parent, spec)
+        cgroup = _cgroup(self.cgroup_parents, spec)
         spec.log.parent.mkdir(parents=True, exist_ok=True)
         script, go, exit_file = self.files(spec.log)
         for stale in (go, exit_file):

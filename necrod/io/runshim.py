@@ -1,6 +1,6 @@
 """The first thing a runner runs: join its cgroup and set its limits, then exec the command.
 
-``python -m necrod.io.runshim [--cgroup DIR] [--rlimit-data BYTES] -- COMMAND...``
+``python -m necrod.io.runshim [--cgroup DIR]... [--rlimit-data BYTES] -- COMMAND...``
 
 anyio's ``open_process`` has no ``preexec_fn``, and limits must be in place before the runner's
 own code runs, so this tiny program does it in between. It replaces itself with the command:
@@ -15,11 +15,13 @@ import sys
 
 
 def main(argv: list[str]) -> int:
-    cgroup = rlimit = None
+    cgroups: list[str] = []
+    rlimit = None
     i = 0
     while i < len(argv) and argv[i] != "--":
         if argv[i] == "--cgroup":
-            cgroup, i = argv[i + 1], i + 2
+            cgroups.append(argv[i + 1])
+            i += 2
         elif argv[i] == "--rlimit-data":
             rlimit, i = int(argv[i + 1]), i + 2
         else:
@@ -29,7 +31,7 @@ def main(argv: list[str]) -> int:
     if not command:
         print("runshim: no command", file=sys.stderr)
         return 127
-    if cgroup is not None:
+    for cgroup in cgroups:
         with open(os.path.join(cgroup, "cgroup.procs"), "w") as procs:
             procs.write(str(os.getpid()))
     if rlimit is not None:
