@@ -67,6 +67,8 @@ class DaemonConfig:
     git_concurrency: int = 4
     min_free_disk: int = 1 * GIB
     socket_group: str | None = None
+    #: Members are admins (admin methods, every lease and task), besides root and the daemon's uid.
+    admin_group: str | None = None
     metrics_listen: tuple[str, int] | None = None
     max_connections: int = 1024
     shutdown_grace_s: float = 10.0
@@ -539,6 +541,7 @@ _DAEMON_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "workspaces": _is_str,
     "git_concurrency": _int_in(1, 256),
     "socket_group": _is_str,
+    "admin_group": _is_str,
     "max_connections": _int_in(1, 65_536),
     "shutdown_grace_s": _num_in(0, 3600),
     "write_timeout_s": _num_in(0.1, 3600),

@@ -137,7 +137,7 @@ class Daemon:
         self.git_version = ".".join(map(str, version))
         self._lock()
         try:
-            policy = AccessPolicy.for_group(self.config.daemon.socket_group)
+            policy = AccessPolicy.for_group(self.config.daemon.socket_group, self.config.daemon.admin_group)
         except ValueError as exc:
             raise StartupError(str(exc)) from None
         try:
@@ -309,6 +309,10 @@ class Daemon:
                     )
                     raise FailedPrecondition(f"config not applied: {exc}", **exc.to_dict()) from None
                 changes = self._restart_only_changes(new)
+                if new.daemon.admin_group != self.config.daemon.admin_group:
+                    changes.append(
+                        f"daemon.admin_group {self.config.daemon.admin_group!r} -> {new.daemon.admin_group!r}"
+                    )
                 changes += await self.engine.apply_config(new)
                 changes += self.dispatcher.apply_config(new)
                 d = new.daemon
@@ -317,6 +321,8 @@ class Daemon:
                     read_timeout=d.read_timeout_s,
                     write_timeout=d.write_timeout_s,
                 )
+                # load_config checked that the group exists.
+                self.server.policy = self.server.policy.with_admin_group(d.admin_group)
                 self.store.set_history(d.event_history)
                 self.config = new
                 self.generation += 1

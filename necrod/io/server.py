@@ -15,6 +15,7 @@ read deadline, or stops reading our replies past the write deadline, is disconne
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import grp
 import os
@@ -66,37 +67,60 @@ def peer_credentials(sock: socket.socket) -> Peer:
     return Peer(pid=pid, uid=uid, gid=gid)
 
 
+def _group_id(key: str, group: str | None) -> int | None:
+    if group is None:
+        return None
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ValueError(f"{key} {group!r} does not exist") from None
+
+
+def in_group(peer: Peer, gid: int) -> bool:
+    """Whether the peer's uid belongs to ``gid`` (its primary group or a listed member)."""
+    if peer.gid == gid:
+        return True
+    try:
+        user = pwd.getpwuid(peer.uid)
+        entry = grp.getgrgid(gid)
+    except KeyError:
+        return False
+    return user.pw_gid == gid or user.pw_name in entry.gr_mem
+
+
 @dataclass(frozen=True, slots=True)
 class AccessPolicy:
-    """Who may connect: the daemon's uid, root, and members of ``group`` (if set)."""
+    """Who may connect: the daemon's uid, root, members of ``group`` and of ``admin_gid``.
+    Who is an admin (admin methods, every lease and task): the daemon's uid, root, and members
+    of ``admin_gid`` (``daemon.admin_group``)."""
 
     uid: int
     gid: int | None = None
     group_name: str | None = None
+    admin_gid: int | None = None
 
     @classmethod
-    def for_group(cls, group: str | None) -> AccessPolicy:
-        if group is None:
-            return cls(os.getuid())
-        try:
-            entry = grp.getgrnam(group)
-        except KeyError:
-            raise ValueError(f"socket_group {group!r} does not exist") from None
-        return cls(os.getuid(), entry.gr_gid, group)
+    def for_group(cls, group: str | None, admin_group: str | None = None) -> AccessPolicy:
+        return cls(
+            os.getuid(),
+            _group_id("socket_group", group),
+            group,
+            _group_id("admin_group", admin_group),
+        )
 
-    def allows(self, peer: Peer) -> bool:
+    def with_admin_group(self, admin_group: str | None) -> AccessPolicy:
+        """This policy with another admin group (it changes on reload); ``ValueError`` if none such."""
+        return dataclasses.replace(self, admin_gid=_group_id("admin_group", admin_group))
+
+    def is_admin(self, peer: Peer) -> bool:
         if peer.uid in (0, self.uid):
             return True
-        if self.gid is None:
-            return False
-        if peer.gid == self.gid:
+        return self.admin_gid is not None and in_group(peer, self.admin_gid)
+
+    def allows(self, peer: Peer) -> bool:
+        if self.is_admin(peer):
             return True
-        try:
-            name = pwd.getpwuid(peer.uid).pw_name
-            entry = grp.getgrgid(self.gid)
-        except KeyError:
-            return False
-        return name in entry.gr_mem or pwd.getpwuid(peer.uid).pw_gid == self.gid
+        return self.gid is not None and in_group(peer, self.gid)
 
 
 def bind_unix_socket(path: Path, policy: AccessPolicy, backlog: int = 512) -> socket.socket:
@@ -348,6 +372,7 @@ class RpcServer:
         ctx = CallContext(
             peer=peer,
             connection_id=conn_id,
+            admin=self.policy.is_admin(peer),
             notify=conn.notify,
             spawn=conn.spawn,
             close=conn.close,

@@ -116,6 +116,12 @@ METHODS: dict[str, dict[str, Param]] = {
 }
 
 
+#: Operator calls: they change the daemon or another peer's slots, so only an admin may make them.
+ADMIN_METHODS = frozenset(
+    {"daemon.reload", "slots.add", "slots.remove", "slots.recover", "slots.isolate", "anomalies.list"}
+)
+
+
 def _type_ok(spec: Param, value: Any) -> bool:
     match spec.type:
         case "string":

@@ -1,0 +1,252 @@
+"""Hostile socket peers and other local users (issue 16, defects 5, 6, 7, 14 and 17(d)).
+
+Every test runs the real daemon (as root, like the shipped unit) and plays the other side from
+a forked child that drops to another uid: ``OWNER`` (65533) takes leases and submits tasks,
+``INTRUDER`` (65534) tries to act on them. Both may use the socket through ``socket_group``
+(their primary group is ``nogroup``); neither is an admin unless a test makes that group the
+``admin_group``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import sqlite3
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from necrod.client import Client
+from necrod.proto.errors import NecrodError
+from tests.helpers import Necrod, wait_for
+from tests.reliability.conftest import FIGURES, daemon_config
+
+pytestmark = pytest.mark.reliability
+
+OWNER = 65533
+INTRUDER = 65534
+NOGROUP = 65534
+SHARED = {"socket_group": "nogroup"}
+
+
+@pytest.fixture(autouse=True)
+def _root_only() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("playing other uids needs root")
+
+
+def as_uid(uid: int, action: Callable[[], Any], timeout: float = 60.0) -> Any:
+    """Run ``action`` in a forked child as ``uid`` (group ``nogroup``, no supplementary groups);
+    returns what it returned, or ``{"error": kind, "message": ...}`` for a ``NecrodError``."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        status = 0
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(NOGROUP)
+            os.setuid(uid)
+            try:
+                out: Any = {"ok": action()}
+            except NecrodError as exc:
+                out = {"ok": {"error": exc.kind, "message": exc.message}}
+            os.write(w, json.dumps(out).encode())
+        except BaseException:
+            os.write(w, json.dumps({"crash": traceback.format_exc()}).encode())
+            status = 1
+        finally:
+            os._exit(status)
+    os.close(w)
+    data = b""
+    try:
+        while True:
+            ready, _, _ = select.select([r], [], [], timeout)
+            if not ready:
+                os.kill(pid, 9)
+                raise AssertionError(f"the child as uid {uid} did not finish in {timeout}s")
+            chunk = os.read(r, 1 << 16)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+    result = json.loads(data)
+    assert "crash" not in result, result["crash"]
+    return result["ok"]
+
+
+def call_as(uid: int, d: Necrod, method: str, params: dict[str, Any] | None = None) -> Any:
+    def act() -> Any:
+        with Client(d.socket, timeout=20) as c:
+            return c.call(method, params)
+
+    return as_uid(uid, act)
+
+
+def refused(reply: Any, kind: str = "permission_denied") -> bool:
+    return isinstance(reply, dict) and reply.get("error") == kind
+
+
+@pytest.fixture
+def shared_daemon(
+    necrod_factory: Callable[..., Necrod], origin: Path, workdir: Path
+) -> Iterator[Callable[..., Necrod]]:
+    """A daemon whose socket other uids may reach (``socket_group: nogroup``)."""
+    workdir.chmod(0o711)
+
+    def make(daemon: dict[str, Any] | None = None, **defaults: Any) -> Necrod:
+        (workdir / "d").mkdir(exist_ok=True)
+        (workdir / "d").chmod(0o711)
+        pool = {"slots": 2, "min_idle": 0, **defaults}
+        return necrod_factory(daemon_config({"repo": origin}, {**SHARED, **(daemon or {})}, **pool))
+
+    yield make
+
+
+# --- defect 5: a lease belongs to the uid that took it ------------------------------------------
+
+
+def test_another_uids_lease_cannot_be_heartbeaten_released_or_seen(
+    shared_daemon: Callable[..., Necrod],
+) -> None:
+    d = shared_daemon()
+    lease = call_as(OWNER, d, "slots.allocate", {"pool": "repo", "ttl_s": 600})
+    lease_id = lease["lease_id"]
+    # The intruder does not see the id...
+    listed = call_as(INTRUDER, d, "slots.list", {"pool": "repo"})["slots"]
+    held = next(s for s in listed if s["slot_id"] == lease["slot_id"])
+    assert held["state"] == "allocated" and held["lease_id"] is None and held["owner_uid"] == OWNER
+    detail = call_as(INTRUDER, d, "pools.get", {"pool": "repo"})["slots_detail"]
+    assert all(s["lease_id"] is None for s in detail)
+    # ...and knowing it is not enough: no short heartbeat, no release.
+    assert refused(call_as(INTRUDER, d, "slots.heartbeat", {"lease_id": lease_id, "ttl_s": 1}))
+    assert refused(call_as(INTRUDER, d, "slots.release", {"lease_id": lease_id, "salvage": False}))
+    FIGURES["calls on another uid's lease refused"] += 2
+    # The owner sees and keeps its lease; the daemon's lease TTL was never shortened.
+    mine = call_as(OWNER, d, "slots.list", {"pool": "repo"})["slots"]
+    assert lease_id in [s["lease_id"] for s in mine]
+    beat = call_as(OWNER, d, "slots.heartbeat", {"lease_id": lease_id})
+    assert beat["ttl_s"] == 600
+    # An admin (root) sees every lease and may end it.
+    assert lease_id in [s["lease_id"] for s in d.call("slots.list", {"pool": "repo"})["slots"]]
+    assert d.call("slots.release", {"lease_id": lease_id, "salvage": False})["slot_id"] == lease["slot_id"]
+
+
+def test_admin_methods_need_the_admin_role(shared_daemon: Callable[..., Necrod]) -> None:
+    d = shared_daemon()
+    lease = call_as(OWNER, d, "slots.allocate", {"pool": "repo", "ttl_s": 600})
+    sid = lease["slot_id"]
+    for method, params in [
+        ("daemon.reload", {}),
+        ("slots.isolate", {"slot_id": sid, "reason": "mine now"}),
+        ("slots.remove", {"slot_id": sid, "force": True}),
+        ("slots.recover", {"slot_id": sid}),
+        ("slots.add", {"pool": "repo"}),
+        ("anomalies.list", {"heal": True}),
+    ]:
+        assert refused(call_as(INTRUDER, d, method, params)), method
+        assert refused(call_as(OWNER, d, method, params)), method
+        FIGURES["admin calls by a non-admin refused"] += 2
+    # Nothing changed: the lease is still held, by its owner.
+    assert call_as(OWNER, d, "slots.heartbeat", {"lease_id": lease["lease_id"]})["slot_id"] == sid
+    assert d.call("daemon.reload")["generation"] >= 1  # root is an admin
+
+
+def test_the_admin_group_is_admin_for_every_lease(shared_daemon: Callable[..., Necrod]) -> None:
+    d = shared_daemon({"admin_group": "nogroup"})  # both test uids are in it: both are admins
+    lease = call_as(OWNER, d, "slots.allocate", {"pool": "repo", "ttl_s": 600})
+    listed = call_as(INTRUDER, d, "slots.list", {"pool": "repo"})["slots"]
+    assert lease["lease_id"] in [s["lease_id"] for s in listed]
+    isolated = call_as(INTRUDER, d, "slots.isolate", {"slot_id": lease["slot_id"], "reason": "inspect"})
+    assert isolated["slot_id"] == lease["slot_id"] and isolated["state"] == "allocated"
+    released = call_as(INTRUDER, d, "slots.release", {"lease_id": lease["lease_id"], "salvage": False})
+    assert released["slot_id"] == lease["slot_id"]
+
+
+def test_events_show_lease_ids_to_their_owner_only(shared_daemon: Callable[..., Necrod]) -> None:
+    d = shared_daemon()
+
+    def watch_grant(allocate: bool) -> Any:
+        with Client(d.socket, timeout=20) as c:
+            sub = c.call("events.subscribe", {"topics": ["leases"], "since": 0})
+            if allocate:
+                with Client(d.socket, timeout=20) as c2:
+                    c2.allocate("repo", ttl_s=600)
+            for event in c.events(timeout=20):
+                if event.get("type") == "lease.granted":
+                    return {"event": event, "snapshot": sub.get("snapshot")}
+        return None
+
+    owner_view = as_uid(OWNER, lambda: watch_grant(True))
+    assert owner_view["event"]["lease_id"] is not None and owner_view["event"]["owner_uid"] == OWNER
+    # The intruder replays the same history: the grant is there, its lease id is not.
+    intruder_view = as_uid(INTRUDER, lambda: watch_grant(False))
+    assert intruder_view["event"]["seq"] == owner_view["event"]["seq"]
+    assert intruder_view["event"]["lease_id"] is None
+    snapshot = call_as(INTRUDER, d, "events.subscribe", {"snapshot": True})["snapshot"]
+    assert all(s["lease_id"] is None for s in snapshot["slots"])
+
+
+def test_another_uids_task_cannot_be_cancelled_retried_or_read(shared_daemon: Callable[..., Necrod]) -> None:
+    d = shared_daemon()
+    submitted = call_as(OWNER, d, "tasks.submit", {"pool": "repo", "command": ["sleep", "60"]})
+    task_id = submitted["task_id"]
+    wait_for(
+        lambda: d.call("tasks.get", {"task_id": task_id})["state"] == "running", 30, what="the task to run"
+    )
+    assert refused(call_as(INTRUDER, d, "tasks.cancel", {"task_id": task_id}))
+    assert refused(call_as(INTRUDER, d, "tasks.retry", {"task_id": task_id}))
+    assert refused(call_as(INTRUDER, d, "tasks.logs", {"task_id": task_id}))
+    seen = call_as(INTRUDER, d, "tasks.get", {"task_id": task_id})
+    assert seen["state"] == "running" and all(a["lease_id"] is None for a in seen["attempts"])
+    # The task's lease is its submitter's.
+    lease_id = d.call("tasks.get", {"task_id": task_id})["attempts"][0]["lease_id"]
+    assert refused(call_as(INTRUDER, d, "slots.release", {"lease_id": lease_id}))
+    assert call_as(OWNER, d, "slots.heartbeat", {"lease_id": lease_id})["lease_id"] == lease_id
+    assert call_as(OWNER, d, "tasks.cancel", {"task_id": task_id})["state"] == "cancelled"
+
+
+def test_owners_survive_a_restart_and_rows_without_one_are_admin_only(
+    shared_daemon: Callable[..., Necrod],
+) -> None:
+    d = shared_daemon()
+    kept = call_as(OWNER, d, "slots.allocate", {"pool": "repo", "ttl_s": 600})
+    legacy = call_as(OWNER, d, "slots.allocate", {"pool": "repo", "ttl_s": 600})
+    d.kill9()
+    # Make the second lease look like one recorded before leases had owners.
+    db = sqlite3.connect(d.state_dir / "necrod.db")
+    with db:
+        (data,) = db.execute(
+            "SELECT data FROM records WHERE kind='slot' AND key=?", (legacy["slot_id"],)
+        ).fetchone()
+        row = json.loads(data)
+        del row["lease"]["uid"], row["lease"]["runner_uid"]
+        db.execute(
+            "UPDATE records SET data=? WHERE kind='slot' AND key=?", (json.dumps(row), legacy["slot_id"])
+        )
+    db.close()
+    d.start()
+    assert refused(call_as(INTRUDER, d, "slots.heartbeat", {"lease_id": kept["lease_id"], "ttl_s": 1}))
+    assert (
+        call_as(OWNER, d, "slots.heartbeat", {"lease_id": kept["lease_id"]})["lease_id"] == kept["lease_id"]
+    )
+    assert refused(call_as(OWNER, d, "slots.heartbeat", {"lease_id": legacy["lease_id"]}))
+    assert d.call("slots.heartbeat", {"lease_id": legacy["lease_id"]})["lease_id"] == legacy["lease_id"]
+
+
+def test_an_admin_group_that_does_not_exist_is_refused_at_reload(
+    shared_daemon: Callable[..., Necrod], origin: Path
+) -> None:
+    d = shared_daemon()
+    assert d.config_path is not None
+    d.config_path.write_text(daemon_config({"repo": origin}, {**SHARED, "admin_group": "no-such-group-16"}))
+    with pytest.raises(NecrodError) as caught:
+        d.call("daemon.reload")
+    assert caught.value.kind == "failed_precondition" and "admin_group" in caught.value.message
+    assert d.call("daemon.status")["config"]["last_reload_error"] is not None
