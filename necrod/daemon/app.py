@@ -43,7 +43,7 @@ from necrod.io.gitrun import (
 from necrod.io.instance import InstanceLock
 from necrod.io.metrics_http import serve_metrics
 from necrod.io.sdnotify import Notifier
-from necrod.io.server import AccessPolicy, RpcServer, raise_fd_limit
+from necrod.io.server import AccessPolicy, Limits, RpcServer, raise_fd_limit
 from necrod.io.store import Event, StateStore, StoreError
 from necrod.io.watcher import ConfigWatcher, content_digest
 from necrod.paths import ensure_private_dir
@@ -166,9 +166,7 @@ class Daemon:
             self.settings.socket,
             self.rpc,
             policy=policy,
-            max_connections=d.max_connections,
-            read_timeout=d.read_timeout_s,
-            write_timeout=d.write_timeout_s,
+            limits=Limits.of(d),
         )
         fds = raise_fd_limit()
         try:
@@ -316,11 +314,7 @@ class Daemon:
                 changes += await self.engine.apply_config(new)
                 changes += self.dispatcher.apply_config(new)
                 d = new.daemon
-                self.server.configure(
-                    max_connections=d.max_connections,
-                    read_timeout=d.read_timeout_s,
-                    write_timeout=d.write_timeout_s,
-                )
+                self.server.configure(Limits.of(d))
                 # load_config checked that the group exists.
                 self.server.policy = self.server.policy.with_admin_group(d.admin_group)
                 self.store.set_history(d.event_history)

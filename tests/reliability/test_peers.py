@@ -9,10 +9,14 @@ a forked child that drops to another uid: ``OWNER`` (65533) takes leases and sub
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
+import signal
 import sqlite3
+import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +27,7 @@ import pytest
 from necrod.client import Client
 from necrod.proto.errors import NecrodError
 from tests.helpers import Necrod, wait_for
-from tests.reliability.conftest import FIGURES, daemon_config
+from tests.reliability.conftest import FIGURES, Raw, daemon_config, request, rss_kb
 
 pytestmark = pytest.mark.reliability
 
@@ -39,15 +43,19 @@ def _root_only() -> None:
         pytest.skip("playing other uids needs root")
 
 
-def as_uid(uid: int, action: Callable[[], Any], timeout: float = 60.0) -> Any:
-    """Run ``action`` in a forked child as ``uid`` (group ``nogroup``, no supplementary groups);
-    returns what it returned, or ``{"error": kind, "message": ...}`` for a ``NecrodError``."""
-    r, w = os.pipe()
+@contextlib.contextmanager
+def holding_as_uid(uid: int, action: Callable[[], Any], timeout: float = 60.0) -> Iterator[Any]:
+    """Run ``action`` in a forked child as ``uid`` (group ``nogroup``, no supplementary groups)
+    and yield what it returned (``{"error": kind, "message": ...}`` for a ``NecrodError``); the
+    child keeps whatever it opened until the block ends."""
+    results_r, results_w = os.pipe()
+    hold_r, hold_w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
         status = 0
         try:
-            os.close(r)
+            os.close(results_r)
+            os.close(hold_w)
             os.setgroups([])
             os.setgid(NOGROUP)
             os.setuid(uid)
@@ -55,30 +63,44 @@ def as_uid(uid: int, action: Callable[[], Any], timeout: float = 60.0) -> Any:
                 out: Any = {"ok": action()}
             except NecrodError as exc:
                 out = {"ok": {"error": exc.kind, "message": exc.message}}
-            os.write(w, json.dumps(out).encode())
+            os.write(results_w, json.dumps(out).encode())
+            os.close(results_w)
+            os.read(hold_r, 1)  # until the parent closes its end
         except BaseException:
-            os.write(w, json.dumps({"crash": traceback.format_exc()}).encode())
+            os.write(results_w, json.dumps({"crash": traceback.format_exc()}).encode())
             status = 1
         finally:
             os._exit(status)
-    os.close(w)
-    data = b""
+    os.close(results_w)
+    os.close(hold_r)
     try:
+        data = b""
+        deadline = time.monotonic() + timeout
         while True:
-            ready, _, _ = select.select([r], [], [], timeout)
+            ready, _, _ = select.select([results_r], [], [], max(0.0, deadline - time.monotonic()))
             if not ready:
-                os.kill(pid, 9)
                 raise AssertionError(f"the child as uid {uid} did not finish in {timeout}s")
-            chunk = os.read(r, 1 << 16)
+            chunk = os.read(results_r, 1 << 16)
             if not chunk:
                 break
             data += chunk
+        result = json.loads(data)
+        assert "crash" not in result, result["crash"]
+        yield result["ok"]
     finally:
-        os.close(r)
+        os.close(results_r)
+        os.close(hold_w)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         os.waitpid(pid, 0)
-    result = json.loads(data)
-    assert "crash" not in result, result["crash"]
-    return result["ok"]
+
+
+def as_uid(uid: int, action: Callable[[], Any], timeout: float = 60.0) -> Any:
+    """``holding_as_uid`` for an action that keeps nothing open."""
+    with holding_as_uid(uid, action, timeout) as result:
+        return result
 
 
 def call_as(uid: int, d: Necrod, method: str, params: dict[str, Any] | None = None) -> Any:
@@ -250,3 +272,152 @@ def test_an_admin_group_that_does_not_exist_is_refused_at_reload(
         d.call("daemon.reload")
     assert caught.value.kind == "failed_precondition" and "admin_group" in caught.value.message
     assert d.call("daemon.status")["config"]["last_reload_error"] is not None
+
+
+# --- defect 6: no peer exhausts connections or memory for the others ------------------------------
+
+
+def open_connections(d: Necrod, count: int) -> Callable[[], Any]:
+    """An action: open ``count`` connections that each get an answer to ``hello``, then one more;
+    returns how many were served and what the extra one was told."""
+
+    def act() -> Any:
+        held = []
+        for i in range(count):
+            conn = Raw(d.socket)
+            held.append(conn)
+            reply = conn.ask(request("hello", {"client": f"hog-{i}"}, id=i))
+            assert reply is not None and "result" in reply, reply
+        extra = Raw(d.socket)
+        held.append(extra)
+        told = extra.ask(request("hello", {"client": "one more"}))
+        # Kept open by the child until the test lets it go (the objects stay referenced here).
+        act.held = held  # type: ignore[attr-defined]
+        return {"served": count, "extra": told}
+
+    return act
+
+
+def test_one_uid_cannot_take_every_connection(shared_daemon: Callable[..., Necrod]) -> None:
+    d = shared_daemon({"max_connections": 40, "max_connections_per_uid": 12})
+    lease = call_as(OWNER, d, "slots.allocate", {"pool": "repo", "ttl_s": 600})
+    with holding_as_uid(INTRUDER, open_connections(d, 12)) as hog:
+        assert hog["extra"]["error"]["data"]["kind"] == "resource_exhausted", hog
+        assert "12 connections" in hog["extra"]["error"]["message"]
+        FIGURES["connections refused to a uid over its cap"] += 1
+        # Another uid's holder still heartbeats, and the operator still sees everything.
+        assert (
+            call_as(OWNER, d, "slots.heartbeat", {"lease_id": lease["lease_id"]})["lease_id"]
+            == lease["lease_id"]
+        )
+        assert d.call("daemon.status")["connections"] >= 12
+        # The same uid again, from another process: the cap is per uid, not per process.
+        again = call_as(INTRUDER, d, "daemon.status")
+        assert again["error"] == "resource_exhausted"
+    wait_for(lambda: call_as(INTRUDER, d, "daemon.status").get("pid"), 20, what="the uid to be served again")
+
+
+def test_admins_are_not_held_to_the_per_uid_cap(shared_daemon: Callable[..., Necrod]) -> None:
+    d = shared_daemon({"max_connections": 40, "max_connections_per_uid": 4})
+    conns = [Raw(d.socket) for _ in range(10)]  # root: the daemon's own operator
+    try:
+        for i, conn in enumerate(conns):
+            reply = conn.ask(request("hello", {"client": "root"}, id=i))
+            assert reply is not None and "result" in reply
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def trickle(conn: Raw, data: bytes, every: float, stop: threading.Event) -> None:
+    for i in range(len(data)):
+        if stop.is_set():
+            return
+        try:
+            conn.send(data[i : i + 1])
+        except OSError:
+            return
+        time.sleep(every)
+
+
+def test_a_line_must_arrive_whole_within_the_read_deadline(shared_daemon: Callable[..., Necrod]) -> None:
+    d = shared_daemon({"read_timeout_s": 2})
+    stop = threading.Event()
+    slow = [Raw(d.socket) for _ in range(5)]
+    threads = [
+        threading.Thread(target=trickle, args=(conn, request("daemon.status") * 50, 0.3, stop), daemon=True)
+        for conn in slow
+    ]
+    started = time.monotonic()
+    try:
+        for t in threads:
+            t.start()
+        # A byte every 0.3 s never lets a receive time out; the line's deadline cuts it.
+        for conn in slow:
+            assert conn.closed_by_peer(timeout=15), "a client trickling one byte at a time was never cut off"
+        assert time.monotonic() - started < 10
+        FIGURES["slow-trickle (slowloris) clients cut off"] += len(slow)
+    finally:
+        stop.set()
+        for conn in slow:
+            conn.close()
+    # A bulk trickle (64 KiB a second towards a 1 MiB line) is cut off the same way.
+    with Raw(d.socket) as bulk:
+        bulk.send(b'{"jsonrpc":"2.0","id":1,"method":"hello","params":{"client":"')
+        cut = time.monotonic()
+        with contextlib.suppress(OSError):
+            for _ in range(10):
+                bulk.send(b"x" * 65536)
+                time.sleep(1)
+        assert bulk.closed_by_peer(timeout=10) and time.monotonic() - cut < 12
+    # Pipelined requests that each arrive in time are all answered.
+    with Raw(d.socket) as fine:
+        fine.send(request("hello", {"client": "a"}, id=1) + request("daemon.status", {}, id=2))
+        assert [fine.line()["id"], fine.line()["id"]] == [1, 2]  # type: ignore[index]
+
+
+def half_lines(d: Necrod, count: int, size: int) -> Callable[[], Any]:
+    """An action: ``count`` connections that each send ``size`` bytes of a line and no newline;
+    returns the kinds of the errors they got (None: held without a word)."""
+
+    def act() -> Any:
+        held = [Raw(d.socket, timeout=5) for _ in range(count)]
+        act.held = held  # type: ignore[attr-defined]
+        head = b'{"jsonrpc":"2.0","id":1,"method":"hello","params":{"client":"'
+        told: list[Any] = []
+        for conn in held:
+            with contextlib.suppress(OSError):
+                conn.send(head + b"x" * (size - len(head)))
+            time.sleep(0.05)
+        for conn in held:
+            conn.sock.settimeout(0.5)
+            try:
+                reply = conn.line()
+            except TimeoutError:
+                reply = None
+            told.append(reply["error"]["data"]["kind"] if reply else None)
+        return told
+
+    return act
+
+
+def test_half_sent_lines_cannot_exhaust_memory(shared_daemon: Callable[..., Necrod]) -> None:
+    d = shared_daemon({"max_buffered_bytes": "8MiB", "read_timeout_s": 60})
+    assert d.proc is not None
+    before = rss_kb(d.proc.pid)
+    lease = call_as(OWNER, d, "slots.allocate", {"pool": "repo", "ttl_s": 600})
+    # One non-admin uid: a quarter of the budget (2 MiB), so the third 900 KiB line is refused.
+    with holding_as_uid(INTRUDER, half_lines(d, 6, 900 << 10)) as told:
+        assert told[:2] == [None, None] and set(told[2:]) == {"resource_exhausted"}, told
+        # Everybody together: the whole budget. root (an admin) fills the rest of it...
+        with holding_as_uid(0, half_lines(d, 12, 900 << 10)) as told_root:
+            assert None in told_root and told_root.count("resource_exhausted") >= 4, told_root
+            FIGURES["half-sent 900 KiB lines refused over the buffer budget"] += told.count(
+                "resource_exhausted"
+            ) + told_root.count("resource_exhausted")
+            # ...and small requests are still served: a heartbeat needs less than one receive.
+            beat = call_as(OWNER, d, "slots.heartbeat", {"lease_id": lease["lease_id"]})
+            assert beat["lease_id"] == lease["lease_id"]
+            grown_mb = (rss_kb(d.proc.pid) - before) / 1024
+            FIGURES["daemon RSS growth holding the buffer budget (MB)"] = round(grown_mb)
+            assert grown_mb < 120, f"the daemon grew by {grown_mb:.0f} MB"
