@@ -46,7 +46,7 @@ from necrod.io.sdnotify import Notifier
 from necrod.io.server import AccessPolicy, Limits, RpcServer, raise_fd_limit
 from necrod.io.store import Event, StateStore, StoreError
 from necrod.io.watcher import ConfigWatcher, content_digest
-from necrod.paths import ensure_private_dir
+from necrod.paths import ensure_private_dir, shared_tmp_dir
 from necrod.proto.errors import FailedPrecondition
 
 log = structlog.get_logger("necrod")
@@ -105,7 +105,7 @@ class Daemon:
             raise StartupError(f"cannot use the state directory {state}: {exc.strerror}") from None
         socket_dir = self.settings.socket.parent
         try:
-            if socket_dir == Path("/tmp") / f"necrod-{os.getuid()}":
+            if socket_dir == shared_tmp_dir():
                 ensure_private_dir(socket_dir)  # a shared /tmp: someone may have planted it
             elif not socket_dir.exists():
                 socket_dir.mkdir(

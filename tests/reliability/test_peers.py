@@ -10,11 +10,15 @@ a forked child that drops to another uid: ``OWNER`` (65533) takes leases and sub
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import select
+import shutil
 import signal
+import socket as socketlib
 import sqlite3
+import tempfile
 import threading
 import time
 import traceback
@@ -25,6 +29,8 @@ from typing import Any
 import pytest
 
 from necrod.client import Client
+from necrod.ctl.main import main as necroctl_main
+from necrod.daemon.main import main as necrod_main
 from necrod.proto.errors import NecrodError
 from tests.helpers import Necrod, wait_for
 from tests.reliability.conftest import FIGURES, Raw, daemon_config, request, rss_kb
@@ -421,3 +427,141 @@ def test_half_sent_lines_cannot_exhaust_memory(shared_daemon: Callable[..., Necr
             grown_mb = (rss_kb(d.proc.pid) - before) / 1024
             FIGURES["daemon RSS growth holding the buffer budget (MB)"] = round(grown_mb)
             assert grown_mb < 120, f"the daemon grew by {grown_mb:.0f} MB"
+
+
+# --- defect 14: the default socket directory in a shared /tmp ------------------------------------
+
+#: Whose default socket directory the tests plant (a uid nobody on the machine uses).
+VICTIM = OWNER
+
+
+@pytest.fixture
+def victim_tmp_dir() -> Iterator[Path]:
+    """``/tmp/necrod-<VICTIM>``, the default socket directory of ``VICTIM``, removed afterwards."""
+    path = Path("/tmp") / f"necrod-{VICTIM}"
+    shutil.rmtree(path, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    yield path
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        path.unlink() if path.is_symlink() else shutil.rmtree(path)
+
+
+def in_process(main: Callable[[list[str]], int], argv: list[str], env: dict[str, str] | None = None) -> Any:
+    """An action: run a command's ``main`` here (the child is another uid, which may not be able
+    to exec this Python); returns its exit status and what it printed."""
+
+    def act() -> Any:
+        for key in ("NECROD_SOCKET", "NECROD_HOST", "XDG_RUNTIME_DIR", "RUNTIME_DIRECTORY"):
+            os.environ.pop(key, None)
+        os.environ.update(env or {})
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                status = main(argv)
+            except SystemExit as exc:
+                status = exc.code if isinstance(exc.code, int) else 1
+        return {"status": status, "stdout": out.getvalue(), "stderr": err.getvalue()}
+
+    return act
+
+
+def start_as_victim(workdir: Path, origin: Path) -> Any:
+    """necrod as ``VICTIM`` with no socket named: it uses ``/tmp/necrod-<VICTIM>``. It must
+    refuse before it does anything else (a daemon that starts after all is killed in 20 s)."""
+    home = workdir / "victim"
+    home.mkdir(exist_ok=True)
+    os.chown(home, VICTIM, NOGROUP)
+    (home / "pools.yaml").write_text(daemon_config({"repo": origin}))
+    argv = ["--state-dir", str(home / "state"), "--config", str(home / "pools.yaml")]
+    return as_uid(VICTIM, in_process(necrod_main, argv, {"HOME": str(home)}), timeout=20)
+
+
+@pytest.mark.parametrize("planted", ["symlink", "directory of another user", "directory open to all"])
+def test_the_daemon_refuses_a_planted_default_socket_directory(
+    planted: str, victim_tmp_dir: Path, workdir: Path, origin: Path
+) -> None:
+    workdir.chmod(0o711)
+    origin.chmod(0o755)
+    elsewhere = workdir / "attacker"
+    elsewhere.mkdir()
+    os.chown(elsewhere, INTRUDER, NOGROUP)
+    elsewhere.chmod(0o777)
+    if planted == "symlink":
+        # Even to a private directory of the victim's own: whoever planted the link chose it.
+        os.chown(elsewhere, VICTIM, NOGROUP)
+        elsewhere.chmod(0o700)
+        victim_tmp_dir.symlink_to(elsewhere)
+    elif planted == "directory of another user":
+        victim_tmp_dir.mkdir(mode=0o777)
+        os.chown(victim_tmp_dir, INTRUDER, NOGROUP)
+    else:
+        victim_tmp_dir.mkdir()
+        os.chown(victim_tmp_dir, VICTIM, NOGROUP)
+        victim_tmp_dir.chmod(0o777)
+    result = start_as_victim(workdir, origin)
+    assert result["status"] != 0, result
+    assert str(victim_tmp_dir) in result["stderr"] and "refusing" in result["stderr"], result
+    assert not list(elsewhere.iterdir()), "the daemon created something where the planted path leads"
+    FIGURES["planted socket directories refused (daemon)"] += 1
+
+
+def impostor(socket_path: Path) -> Callable[[], Any]:
+    """An action: listen on ``socket_path`` and answer any line with a forged allocation."""
+
+    def act() -> Any:
+        server = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+        server.bind(str(socket_path))
+        os.chmod(socket_path, 0o777)
+        server.listen(8)
+
+        def answer() -> None:
+            while True:
+                conn, _ = server.accept()
+                conn.recv(65536)
+                conn.sendall(b'{"jsonrpc":"2.0","id":1,"result":{"slot_id":"evil/1","path":"/tmp/evil"}}\n')
+                conn.close()
+
+        threading.Thread(target=answer, daemon=True).start()
+        act.server = server  # type: ignore[attr-defined]
+        return str(socket_path)
+
+    return act
+
+
+def client_as_victim(socket_path: Path) -> Any:
+    def act() -> Any:
+        with Client(socket_path, timeout=5) as c:
+            return c.call("slots.allocate", {"pool": "repo"})
+
+    return as_uid(VICTIM, act)
+
+
+def test_clients_refuse_a_planted_directory_and_a_daemon_of_another_uid(victim_tmp_dir: Path) -> None:
+    sock = victim_tmp_dir / "necrod.sock"
+    # Planted by another user, with an impostor listening in it.
+    victim_tmp_dir.mkdir(mode=0o777)
+    os.chown(victim_tmp_dir, INTRUDER, NOGROUP)
+    victim_tmp_dir.chmod(0o777)
+    with holding_as_uid(INTRUDER, impostor(sock)):
+        told = client_as_victim(sock)
+        assert told["error"] == "permission_denied" and f"uid {INTRUDER}" in told["message"], told
+        ctl = as_uid(VICTIM, in_process(necroctl_main, ["--socket", str(sock), "allocate", "repo"]))
+        assert ctl["status"] != 0 and "permission_denied" in ctl["stderr"] and "evil" not in ctl["stdout"], (
+            ctl
+        )
+    FIGURES["planted socket directories refused (client)"] += 2
+    # The directory is the victim's and private, but the socket in it is another uid's daemon
+    # (moved there by root): the client checks who answers, not only where.
+    shutil.rmtree(victim_tmp_dir)
+    victim_tmp_dir.mkdir(mode=0o700)
+    os.chown(victim_tmp_dir, VICTIM, NOGROUP)
+    staging = Path(tempfile.mkdtemp(prefix="nd-imp-", dir="/tmp"))
+    staging.chmod(0o777)
+    try:
+        with holding_as_uid(INTRUDER, impostor(staging / "s.sock")):
+            os.rename(staging / "s.sock", sock)
+            told = client_as_victim(sock)
+            assert told["error"] == "permission_denied" and "runs as uid" in told["message"], told
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
