@@ -21,6 +21,11 @@ MAX_STRING = 1024
 
 WEEK_S = 7 * 24 * 3600.0
 
+#: The bound of a number parameter that declares none (2**53 - 1, the largest integer every JSON
+#: client represents exactly): past it a value overflows SQLite's INTEGER, or seek(), and a call
+#: would fail with ``internal`` instead of being refused here.
+MAX_SAFE_INTEGER = (1 << 53) - 1
+
 
 @dataclass(frozen=True, slots=True)
 class Param:
@@ -68,7 +73,7 @@ METHODS: dict[str, dict[str, Param]] = {
     "events.subscribe": {
         "topics": Param("strings"),
         "snapshot": Param("boolean"),
-        "since": _n(min=0, integer=True),
+        "since": _n(min=0, max=MAX_SAFE_INTEGER, integer=True),
     },
     "salvage.list": {"pool": _s()},
     "salvage.show": {"lease_id": _s(required=True)},
@@ -110,7 +115,7 @@ METHODS: dict[str, dict[str, Param]] = {
     "tasks.logs": {
         "task_id": _s(required=True, max_len=64),
         "attempt": _n(min=1, max=1_000_000, integer=True),
-        "offset": _n(min=0, integer=True),
+        "offset": _n(min=0, max=MAX_SAFE_INTEGER, integer=True),
         "limit": _n(min=1, max=4 << 20, integer=True),
     },
 }
@@ -170,10 +175,12 @@ def check_param(method: str, name: str, spec: Param, value: Any) -> None:
         if spec.choices and value not in spec.choices:
             raise InvalidParams(f"{where} must be one of {', '.join(spec.choices)}", param=name)
     if spec.type in ("integer", "number"):
-        if spec.min is not None and value < spec.min:
-            raise InvalidParams(f"{where} must be at least {spec.min:g}", param=name)
-        if spec.max is not None and value > spec.max:
-            raise InvalidParams(f"{where} must be at most {spec.max:g}", param=name)
+        low = spec.min if spec.min is not None else -MAX_SAFE_INTEGER
+        high = spec.max if spec.max is not None else MAX_SAFE_INTEGER
+        if value < low:
+            raise InvalidParams(f"{where} must be at least {low:g}", param=name)
+        if value > high:
+            raise InvalidParams(f"{where} must be at most {high:g}", param=name)
     if spec.type in ("object", "strings", "list", "any"):
         size = len(json.dumps(value))
         if size > MAX_OBJECT_BYTES:

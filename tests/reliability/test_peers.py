@@ -565,3 +565,42 @@ def test_clients_refuse_a_planted_directory_and_a_daemon_of_another_uid(victim_t
             assert told["error"] == "permission_denied" and "runs as uid" in told["message"], told
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+# --- defect 17(d): integers past what SQLite and the OS take ------------------------------------
+
+
+@pytest.mark.parametrize("huge", [2**53, 2**63, 2**64, 10**29])
+def test_huge_integer_params_are_invalid_params_not_internal(
+    shared_daemon: Callable[..., Necrod], huge: int
+) -> None:
+    d = shared_daemon()
+    submitted = d.call("tasks.submit", {"pool": "repo", "command": ["true"]})
+    with Raw(d.socket) as conn:
+        for method, params in [
+            ("events.subscribe", {"since": huge}),
+            ("tasks.logs", {"task_id": submitted["task_id"], "offset": huge}),
+            ("slots.allocate", {"pool": "repo", "ttl_s": huge}),
+            ("tasks.submit", {"pool": "repo", "command": ["true"], "priority": -huge}),
+        ]:
+            reply = conn.ask(request(method, params, id=method))
+            assert reply is not None and reply["error"]["data"]["kind"] == "invalid_params", (method, reply)
+            FIGURES["huge integer params refused"] += 1
+        # The largest accepted value works: nothing to replay, no error.
+        fine = conn.ask(request("events.subscribe", {"since": 2**53 - 1, "snapshot": False}, id="edge"))
+        assert fine is not None and fine["result"]["seq"] >= 1
+
+
+def test_every_number_param_has_a_bound() -> None:
+    from necrod.proto.methods import METHODS, check_param
+
+    checked = 0
+    for method, specs in METHODS.items():
+        for name, spec in specs.items():
+            if spec.type in ("integer", "number"):
+                for value in (2**63, -(2**63)):
+                    with pytest.raises(NecrodError) as caught:
+                        check_param(method, name, spec, value)
+                    assert caught.value.kind == "invalid_params"
+                checked += 1
+    assert checked >= 12
