@@ -42,7 +42,8 @@ from anyio.abc import SocketListener, SocketStream, TaskGroup, TaskStatus
 from necrod.core.config import DaemonConfig
 from necrod.proto.dispatch import CallContext, Dispatcher, Peer
 from necrod.proto.errors import InvalidRequest, NecrodError, PermissionDenied, ResourceExhausted
-from necrod.proto.jsonrpc import MAX_LINE_BYTES, encode_error, encode_notification
+from necrod.proto.jsonrpc import MAX_LINE_BYTES, decode_request, encode_error, encode_notification
+from necrod.proto.methods import DEFAULT_MAX_REQUEST_BYTES
 
 log = structlog.get_logger("necrod.server")
 
@@ -56,6 +57,10 @@ RESTRICTED_IDLE_S = 5.0
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_BACKOFF_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
 RECEIVE_BYTES = 65536
+#: Lines longer than this (only a few methods take them) are decoded one at a time, each in a
+#: turn of the loop of its own: decoding costs time in proportion to the line, and a small call
+#: must never queue behind more than one of them.
+LARGE_LINE_BYTES = DEFAULT_MAX_REQUEST_BYTES
 #: After refusing an over-long line, keep reading (and discarding) this long / this much, so
 #: a client still writing it is not cut off with EPIPE before it can read why.
 LINGER_S = 2.0
@@ -361,6 +366,7 @@ class RpcServer:
         self._next_id = 0
         self.draining = False
         self._accept_scope: anyio.CancelScope | None = None
+        self._large_lines = anyio.Lock()
         self._listener: SocketListener | None = None
 
     def configure(self, limits: Limits) -> None:
@@ -552,7 +558,7 @@ class RpcServer:
                 continue
             conn.busy = True
             try:
-                reply = await self.dispatcher.handle_line(line, ctx)
+                reply = await self._handle(line, ctx)
                 undo, ctx.undelivered = ctx.undelivered, []
                 delivered = False
                 try:
@@ -572,6 +578,16 @@ class RpcServer:
                 conn.busy = False
             if self.draining:
                 return
+
+    async def _handle(self, line: bytes, ctx: CallContext) -> bytes | None:
+        if len(line) <= LARGE_LINE_BYTES:
+            return await self.dispatcher.handle_line(line, ctx)
+        async with self._large_lines:
+            # Yield first, holding the lock: calls that came meanwhile are answered before this
+            # line is decoded, and the next large line waits for a turn after this one.
+            await anyio.lowlevel.checkpoint()
+            decoded = decode_request(line)
+        return await self.dispatcher.handle_decoded(decoded, ctx)
 
     async def _linger(
         self, stream: SocketStream, seconds: float = LINGER_S, limit: int = LINGER_BYTES

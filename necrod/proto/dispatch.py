@@ -94,7 +94,10 @@ class Dispatcher:
         return frozenset(self._handlers)
 
     async def handle_line(self, line: bytes, ctx: CallContext) -> bytes | None:
-        decoded = decode_request(line)
+        return await self.handle_decoded(decode_request(line), ctx)
+
+    async def handle_decoded(self, decoded: Request | BadRequest, ctx: CallContext) -> bytes | None:
+        """``handle_line`` for a line decoded by the caller (the server decodes large ones itself)."""
         if isinstance(decoded, BadRequest):
             log.info("bad_request", kind=decoded.error.kind, error=decoded.error.message)
             return encode_error(decoded.id, decoded.error)
