@@ -695,3 +695,17 @@ def test_large_requests_from_many_clients_leave_status_fast(shared_daemon: Calla
     assert during >= 16, "the floods were not answered: the test measured nothing"
     # Before issue 16 #7 it was 3 s; one large decode at a time bounds it near one decode's time.
     assert p99 < 0.4, f"daemon.status p99 {p99 * 1000:.0f} ms with 8 clients sending 1 MB lines"
+
+
+def test_the_new_limits_are_validated() -> None:
+    from necrod.core.config import ConfigError, parse_config
+
+    pools = "pools:\n  p:\n    repo_url: https://example.invalid/p.git\n"
+    daemon = "daemon:\n  max_connections_per_uid: 8\n  max_buffered_bytes: 16MiB\n  admin_group: ops\n"
+    ok = parse_config(daemon + pools)
+    assert (ok.daemon.max_connections_per_uid, ok.daemon.max_buffered_bytes) == (8, 16 << 20)
+    assert ok.daemon.admin_group == "ops"
+    for bad in ("max_connections_per_uid: 0", "max_buffered_bytes: 1MiB", "max_buffered_bytes: lots",
+                "admin_group: 7"):  # fmt: skip
+        with pytest.raises(ConfigError):
+            parse_config(f"daemon:\n  {bad}\n" + pools)
