@@ -19,6 +19,7 @@ import itertools
 import json
 import os
 import socket
+import struct
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
@@ -29,7 +30,7 @@ from anyio.abc import SocketStream
 
 from necrod import PROTOCOL_VERSION, paths
 from necrod.io.ssh import SSHBridge, SSHError, SSHStream, SSHTarget
-from necrod.proto.errors import DaemonUnreachable, Internal, NecrodError, error_from_object
+from necrod.proto.errors import DaemonUnreachable, Internal, NecrodError, PermissionDenied, error_from_object
 from necrod.proto.jsonrpc import encode_request
 
 __all__ = ["AsyncClient", "Client", "DaemonUnreachable", "NecrodError"]
@@ -54,6 +55,29 @@ def _address(where: str | os.PathLike[str] | None, ssh_options: dict[str, Any] |
         except ValueError as exc:
             raise DaemonUnreachable(str(exc)) from None
     return Path(where)
+
+
+def check_shared_tmp_dir(path: Path) -> None:
+    """A socket in ``/tmp/necrod-<uid>`` is used only if that directory is ours and private:
+    in a shared ``/tmp`` another user may have planted it to answer in the daemon's place."""
+    if path.parent == paths.shared_tmp_dir():
+        problem = paths.private_dir_problem(path.parent)
+        if problem is not None:
+            raise PermissionDenied(f"refusing to use {path}: {problem}", socket=str(path))
+
+
+def check_daemon_uid(sock: socket.socket, path: Path) -> None:
+    """The daemon answering in ``/tmp/necrod-<uid>`` must run as our uid or root. (Elsewhere the
+    socket's directory is not everybody's, and the system service runs as its own user.)"""
+    if path.parent != paths.shared_tmp_dir():
+        return
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", raw)
+    if uid not in (0, os.getuid()):
+        raise PermissionDenied(
+            f"the daemon at {path} runs as uid {uid}, neither you (uid {os.getuid()}) nor root: refusing it",
+            socket=str(path),
+        )
 
 
 def _describe(address: Address) -> str:
@@ -215,6 +239,7 @@ class Client(_Api[Any]):
             except SSHError as exc:
                 raise DaemonUnreachable(str(exc), host=self.path) from None
             return
+        check_shared_tmp_dir(self.address)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
@@ -229,6 +254,11 @@ class Client(_Api[Any]):
             raise DaemonUnreachable(
                 f"cannot connect to {self.path}: {exc.strerror or exc}", socket=str(self.path)
             ) from None
+        try:
+            check_daemon_uid(sock, self.address)
+        except PermissionDenied:
+            sock.close()
+            raise
         self._sock = sock
 
     def close(self) -> None:
@@ -338,8 +368,9 @@ class AsyncClient(_Api[Awaitable[Any]]):
             except SSHError as exc:
                 raise DaemonUnreachable(str(exc), host=self.path) from None
             return
+        check_shared_tmp_dir(self.address)
         try:
-            self._stream = await anyio.connect_unix(self.address)
+            stream = await anyio.connect_unix(self.address)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise DaemonUnreachable(
                 f"no necrod answers at {self.path} ({exc.strerror})", socket=str(self.path)
@@ -348,6 +379,12 @@ class AsyncClient(_Api[Awaitable[Any]]):
             raise DaemonUnreachable(
                 f"cannot connect to {self.path}: {exc.strerror or exc}", socket=str(self.path)
             ) from None
+        try:
+            check_daemon_uid(stream.extra(anyio.abc.SocketAttribute.raw_socket), self.address)
+        except PermissionDenied:
+            await stream.aclose()
+            raise
+        self._stream = stream
 
     async def aclose(self) -> None:
         if self._stream is not None:

@@ -4,12 +4,15 @@ Order for each: the command-line flag, then ``NECROD_CONFIG`` / ``NECROD_STATE_D
 ``NECROD_SOCKET``, then systemd's ``$CONFIGURATION_DIRECTORY`` / ``$STATE_DIRECTORY`` /
 ``$RUNTIME_DIRECTORY``, then the XDG per-user directories. When ``$XDG_RUNTIME_DIR`` is not set
 the socket goes to ``/tmp/necrod-<uid>/``, a directory necrod creates with mode 0700 and refuses
-to use when someone else owns it.
+to use unless it is a real directory (not a symlink), owned by the user, mode 0700: in a shared
+``/tmp`` another user may have made it first. Clients check it the same way before they use the
+default socket, and check that the daemon answering there is their own uid or root.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -46,7 +49,7 @@ def runtime_dir(env: Mapping[str, str] = os.environ) -> Path:
         return systemd
     if env.get("XDG_RUNTIME_DIR"):
         return Path(env["XDG_RUNTIME_DIR"]) / "necrod"
-    return Path("/tmp") / f"necrod-{os.getuid()}"
+    return shared_tmp_dir()
 
 
 def socket_path(env: Mapping[str, str] = os.environ) -> Path:
@@ -78,11 +81,37 @@ def config_path(env: Mapping[str, str] = os.environ) -> Path | None:
     return candidate if candidate.exists() else None
 
 
-def ensure_private_dir(path: Path) -> None:
-    """Create ``path`` (mode 0700) or check that an existing one is ours and not writable by others."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = path.stat()
+def shared_tmp_dir() -> Path:
+    """The per-user runtime directory of last resort, in a ``/tmp`` that every user can write:
+    another user may have made it (or a symlink by its name) first."""
+    return Path("/tmp") / f"necrod-{os.getuid()}"
+
+
+def private_dir_problem(path: Path) -> str | None:
+    """Why ``path`` is not a private directory of ours: it must be a directory itself (``lstat``:
+    a symlink is refused wherever it points), owned by our uid, with no group or other bits."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return f"{path} does not exist"
+    if stat.S_ISLNK(st.st_mode):
+        return f"{path} is a symlink (someone else may have planted it)"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{path} is not a directory"
     if st.st_uid != os.getuid():
-        raise PermissionError(f"{path} belongs to uid {st.st_uid}, not to us (uid {os.getuid()})")
-    if st.st_mode & 0o022:
-        raise PermissionError(f"{path} is writable by group or others (mode {st.st_mode & 0o777:o})")
+        return f"{path} belongs to uid {st.st_uid}, not to us (uid {os.getuid()})"
+    if st.st_mode & 0o077:
+        return f"{path} has mode {st.st_mode & 0o777:o}, not 0700"
+    return None
+
+
+def ensure_private_dir(path: Path) -> None:
+    """Create ``path`` (mode 0700), or check that an existing one is ours and private
+    (``private_dir_problem``); ``PermissionError`` says why not."""
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    problem = private_dir_problem(path)
+    if problem is not None:
+        raise PermissionError(f"refusing to use {problem}; remove it, or choose a socket with --socket")

@@ -25,6 +25,9 @@ from necrod.core.names import pool_name_problem, ref_name_problem
 
 WEEK_S = 7 * 24 * 3600.0
 GIB = 1 << 30
+MIB = 1 << 20
+#: Room for a few whole 1 MiB request lines per uid (a quarter of the budget each).
+MIN_BUFFERED_BYTES = 8 * MIB
 
 #: Transports git may use unless the config says otherwise (GIT_ALLOW_PROTOCOL).
 DEFAULT_PROTOCOLS = ("file", "https", "ssh")
@@ -67,8 +70,15 @@ class DaemonConfig:
     git_concurrency: int = 4
     min_free_disk: int = 1 * GIB
     socket_group: str | None = None
+    #: Members are admins (admin methods, every lease and task), besides root and the daemon's uid.
+    admin_group: str | None = None
     metrics_listen: tuple[str, int] | None = None
     max_connections: int = 1024
+    #: Connections one uid that is not an admin may hold (so one peer cannot lock others out).
+    max_connections_per_uid: int = 256
+    #: Bytes of unfinished request lines held for all connections together (a quarter per
+    #: non-admin uid), so half-sent lines cannot exhaust memory.
+    max_buffered_bytes: int = 64 * MIB
     shutdown_grace_s: float = 10.0
     write_timeout_s: float = 10.0
     read_timeout_s: float = 30.0
@@ -591,7 +601,9 @@ _DAEMON_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "workspaces": _is_str,
     "git_concurrency": _int_in(1, 256),
     "socket_group": _is_str,
+    "admin_group": _is_str,
     "max_connections": _int_in(1, 65_536),
+    "max_connections_per_uid": _int_in(1, 65_536),
     "shutdown_grace_s": _num_in(0, 3600),
     "write_timeout_s": _num_in(0.1, 3600),
     "read_timeout_s": _num_in(0.1, 3600),
@@ -613,6 +625,14 @@ def _read_daemon(r: _Reader, node: Node) -> DaemonConfig:
             values["min_free_disk"] = parse_size(sec.value("min_free_disk"))
         except ValueError as exc:
             raise r.error(node_, f"daemon.min_free_disk: {exc}") from None
+    if sec.has("max_buffered_bytes"):
+        node_ = sec.node_of("max_buffered_bytes")
+        try:
+            values["max_buffered_bytes"] = parse_size(sec.value("max_buffered_bytes"))
+        except ValueError as exc:
+            raise r.error(node_, f"daemon.max_buffered_bytes: {exc}") from None
+        if values["max_buffered_bytes"] < MIN_BUFFERED_BYTES:
+            raise r.error(node_, f"daemon.max_buffered_bytes must be at least {MIN_BUFFERED_BYTES} (8 MiB)")
     if sec.has("metrics_listen"):
         node_ = sec.node_of("metrics_listen")
         v = sec.value("metrics_listen")
@@ -631,7 +651,9 @@ def _read_daemon(r: _Reader, node: Node) -> DaemonConfig:
                 f"known: {', '.join(KNOWN_PROTOCOLS)}",
             )
         values["allowed_protocols"] = tuple(dict.fromkeys(protocols))
-    sec.finish([*_DAEMON_CHECKS, "min_free_disk", "metrics_listen", "allowed_protocols"])
+    sec.finish(
+        [*_DAEMON_CHECKS, "min_free_disk", "max_buffered_bytes", "metrics_listen", "allowed_protocols"]
+    )
     return DaemonConfig(**values)
 
 

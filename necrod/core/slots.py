@@ -47,8 +47,18 @@ class Lease:
     start_commit: str | None
     branch: str | None = None
     task_id: str | None = None
+    #: The uid that took the lease (SO_PEERCRED; a task's submitter for a dispatched task).
+    #: None on leases recorded before owners were: only an admin may act on those.
+    uid: int | None = None
+    #: A dispatched task's runner uid (a container's or pod's ``user``), which heartbeats from
+    #: inside the slot as someone else than the submitter.
+    runner_uid: int | None = None
     #: Monotonic deadline; not persisted (after a restart every lease gets a fresh ttl_s).
     deadline: float = 0.0
+
+    def held_by(self, uid: int) -> bool:
+        """Whether ``uid`` may act on the lease without being an admin."""
+        return uid in (self.uid, self.runner_uid)
 
     def to_row(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "deadline"}
@@ -166,9 +176,11 @@ class Slot:
         self.version += 1
         return True
 
-    def view(self) -> dict[str, Any]:
-        """What clients see of a slot."""
+    def view(self, viewer: int | None = None) -> dict[str, Any]:
+        """What clients see of a slot. ``viewer`` is the uid of a non-admin peer: the lease id
+        is shown only to whoever may act on it (None: an admin, who sees them all)."""
         lease = self.lease
+        shown = lease is not None and (viewer is None or lease.held_by(viewer))
         return {
             "slot_id": self.slot_id,
             "pool": self.pool,
@@ -177,8 +189,9 @@ class Slot:
             "commit": self.commit,
             "branch": self.branch,
             "fencing_token": self.fencing_token,
-            "lease_id": lease.lease_id if lease else None,
+            "lease_id": lease.lease_id if lease and shown else None,
             "holder": lease.holder if lease else None,
+            "owner_uid": lease.uid if lease else None,
             "expires_at": lease.expires_at if lease else None,
             "task_id": lease.task_id if lease else None,
             "error": self.error,

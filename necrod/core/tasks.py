@@ -106,6 +106,9 @@ class Task:
     next_attempt_at: float = 0.0
     finished_at: float | None = None
     attempts: list[Attempt] = field(default_factory=list)
+    #: The uid that submitted the task: its leases are that uid's, and only it (or an admin)
+    #: may cancel or retry it. None on tasks recorded before owners were: admins only.
+    uid: int | None = None
 
     def to_row(self) -> dict[str, Any]:
         row = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "attempts"}
@@ -130,13 +133,16 @@ class Task:
     def fair_key(self) -> str:
         return self.project or self.pool
 
-    def view(self, *, brief: bool = False) -> dict[str, Any]:
+    def view(self, *, brief: bool = False, lease_ids: bool = True) -> dict[str, Any]:
+        """What clients see; without ``lease_ids`` (a peer that does not own the task) the
+        attempts' lease ids are left out."""
         out: dict[str, Any] = {
             "task_id": self.task_id, "state": str(self.state), "pool": self.pool, "runner": self.runner,
             "priority": self.priority, "labels": self.labels, "depends_on": self.depends_on, "batch": self.batch,
             "key": self.key, "waiting_on": self.waiting_on if self.state is TaskState.QUEUED else None,
             "reason": self.reason, "submitted_at": self.submitted_at, "finished_at": self.finished_at,
             "retries_used": self.retries_used, "max_retries": self.max_retries, "attempts": len(self.attempts),
+            "owner_uid": self.uid,
         }  # fmt: skip
         if self.next_attempt_at and self.state is TaskState.QUEUED:
             out["next_attempt_at"] = self.next_attempt_at
@@ -144,7 +150,8 @@ class Task:
             out.update({
                 "command": self.command, "payload": self.payload, "skills": self.skills, "project": self.project,
                 "timeout_s": self.timeout_s, "env": self.env, "ref": self.ref, "branch": self.branch,
-                "failure_strategy": self.failure_strategy, "attempts": [a.to_row() for a in self.attempts],
+                "failure_strategy": self.failure_strategy,
+                "attempts": [a.to_row() if lease_ids else {**a.to_row(), "lease_id": None} for a in self.attempts],
             })  # fmt: skip
         return out
 

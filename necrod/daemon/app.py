@@ -42,10 +42,10 @@ from necrod.io.gitrun import (
 from necrod.io.instance import InstanceLock
 from necrod.io.metrics_http import serve_metrics
 from necrod.io.sdnotify import Notifier
-from necrod.io.server import AccessPolicy, RpcServer, raise_fd_limit
+from necrod.io.server import AccessPolicy, Limits, RpcServer, raise_fd_limit
 from necrod.io.store import Event, StateStore, StoreError
 from necrod.io.watcher import ConfigWatcher, content_digest
-from necrod.paths import ensure_private_dir
+from necrod.paths import ensure_private_dir, shared_tmp_dir
 from necrod.proto.errors import FailedPrecondition
 
 log = structlog.get_logger("necrod")
@@ -119,7 +119,7 @@ class Daemon:
             raise StartupError(f"cannot use the state directory {state}: {exc.strerror}") from None
         socket_dir = self.settings.socket.parent
         try:
-            if socket_dir == Path("/tmp") / f"necrod-{os.getuid()}":
+            if socket_dir == shared_tmp_dir():
                 ensure_private_dir(socket_dir)  # a shared /tmp: someone may have planted it
             elif not socket_dir.exists():
                 socket_dir.mkdir(
@@ -150,7 +150,7 @@ class Daemon:
         self.git_version = ".".join(map(str, version))
         self._lock()
         try:
-            policy = AccessPolicy.for_group(self.config.daemon.socket_group)
+            policy = AccessPolicy.for_group(self.config.daemon.socket_group, self.config.daemon.admin_group)
         except ValueError as exc:
             raise StartupError(str(exc)) from None
         try:
@@ -183,9 +183,7 @@ class Daemon:
             self.settings.socket,
             self.rpc,
             policy=policy,
-            max_connections=d.max_connections,
-            read_timeout=d.read_timeout_s,
-            write_timeout=d.write_timeout_s,
+            limits=Limits.of(d),
         )
         fds = raise_fd_limit()
         try:
@@ -326,14 +324,16 @@ class Daemon:
                     )
                     raise FailedPrecondition(f"config not applied: {exc}", **exc.to_dict()) from None
                 changes = self._restart_only_changes(new)
+                if new.daemon.admin_group != self.config.daemon.admin_group:
+                    changes.append(
+                        f"daemon.admin_group {self.config.daemon.admin_group!r} -> {new.daemon.admin_group!r}"
+                    )
                 changes += await self.engine.apply_config(new)
                 changes += self.dispatcher.apply_config(new)
                 d = new.daemon
-                self.server.configure(
-                    max_connections=d.max_connections,
-                    read_timeout=d.read_timeout_s,
-                    write_timeout=d.write_timeout_s,
-                )
+                self.server.configure(Limits.of(d))
+                # load_config checked that the group exists.
+                self.server.policy = self.server.policy.with_admin_group(d.admin_group)
                 self.store.set_history(d.event_history)
                 self.config = new
                 self.generation += 1

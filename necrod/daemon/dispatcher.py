@@ -119,6 +119,13 @@ class Active:
         self.stop.set()
 
 
+def runner_uid(profile: RunnerProfile) -> int | None:
+    """The uid a contained runner heartbeats as (its ``user``); None for runners started as the
+    daemon's own uid, which is an admin anyway."""
+    boundary = profile.container or profile.kubernetes
+    return int(boundary.user.split(":")[0]) if boundary is not None else None
+
+
 class Dispatcher:
     def __init__(self, *, engine: PoolEngine, store: StateStore, config: Callable[[], Config], socket: Path,
                  state_dir: Path, metrics: Metrics, clock: Clock | None = None) -> None:  # fmt: skip
@@ -430,8 +437,9 @@ class Dispatcher:
                 raise InvalidParams(f"command template: {exc}", param="command") from None
         return task
 
-    async def submit(self, params: dict[str, Any]) -> dict[str, Any]:
-        """One task, or a batch (``tasks: [...]``) with dependencies between its members."""
+    async def submit(self, params: dict[str, Any], uid: int | None = None) -> dict[str, Any]:
+        """One task, or a batch (``tasks: [...]``) with dependencies between its members, owned
+        by ``uid``."""
         if self.stopping:
             raise Unavailable("the daemon is shutting down")
         specs = params.get("tasks")
@@ -453,6 +461,7 @@ class Dispatcher:
                 if single:
                     raise
                 raise type(exc)(f"{where}: {exc.message}", **exc.data) from None
+            task.uid = uid
             for key in filter(None, (spec.get("key"), f"#{spec['issue']}" if "issue" in spec else None)):
                 key = str(key)
                 if not _KEY.fullmatch(key) or key in keys:
@@ -889,7 +898,8 @@ class Dispatcher:
         request: dict[str, Any] = {"pool": t.pool, "ttl_s": profile.lease_ttl_s, "ref": t.ref, "branch": t.branch,
                                    "metadata": {"task_id": t.task_id, "attempt": n}}  # fmt: skip
         if a.host is None:
-            return await self.engine.allocate(holder=f"task {t.task_id}", task_id=t.task_id, **request)
+            return await self.engine.allocate(holder=f"task {t.task_id}", task_id=t.task_id, uid=t.uid,
+                                              runner_uid=runner_uid(profile), **request)  # fmt: skip
         link = self.fleet.link(a.host)
         request["holder"] = f"task {t.task_id} of {self.fleet.origin}"
         try:

@@ -320,10 +320,13 @@ class PoolEngine(LeaseOps, Lifecycle):
 
     # --- views and shutdown -----------------------------------------------------------------------
 
-    def list_slots(self, pool: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
+    def list_slots(
+        self, pool: str | None = None, state: str | None = None, viewer: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Slot views; ``viewer`` (a non-admin's uid) sees only its own lease ids."""
         pools = [self.pool(pool)] if pool is not None else list(self.pools.values())
         return [
-            slot.view()
+            slot.view(viewer)
             for p in pools
             for slot in sorted(p.slots.values(), key=lambda s: s.number)
             if state is None or slot.state == state

@@ -224,7 +224,8 @@ class EngineBase:
     def _lease_event(self, kind: str, slot: Slot, lease: Lease, **extra: Any) -> Event:
         return Event("leases", f"lease.{kind}", {
             "lease_id": lease.lease_id, "slot_id": slot.slot_id, "pool": slot.pool, "holder": lease.holder,
-            "fencing_token": slot.fencing_token, "task_id": lease.task_id, **extra,
+            "fencing_token": slot.fencing_token, "task_id": lease.task_id, "owner_uid": lease.uid,
+            "runner_uid": lease.runner_uid, **extra,
         })  # fmt: skip
 
     # --- background tasks -------------------------------------------------------------------------------
@@ -314,7 +315,13 @@ class EngineBase:
 
     def _report_tamper(self, p: Pool, changed: list[str]) -> None:
         holders = [
-            {"lease_id": s.lease.lease_id, "slot_id": s.slot_id, "holder": s.lease.holder}
+            {
+                "lease_id": s.lease.lease_id,
+                "slot_id": s.slot_id,
+                "holder": s.lease.holder,
+                "owner_uid": s.lease.uid,
+                "runner_uid": s.lease.runner_uid,
+            }
             for s in p.slots.values()
             if s.lease is not None
         ]

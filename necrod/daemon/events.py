@@ -8,13 +8,35 @@ closed: never a silent drop.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import anyio
 
 from necrod.io.store import Event
 
 DEFAULT_LIMIT = 10_000
+
+
+def _lease_shown(entry: Mapping[str, Any], viewer: int) -> bool:
+    return viewer in (entry.get("owner_uid"), entry.get("runner_uid"))
+
+
+def as_seen_by(event: Event, viewer: int | None) -> dict[str, Any]:
+    """The event as a subscriber sees it: a non-admin ``viewer`` (uid) does not see the ids of
+    live leases it may not act on (in ``lease.*`` events and in a tamper report). Events
+    recorded before leases had owners carry none, and are shown without their lease ids."""
+    out = event.to_dict()
+    if viewer is None:
+        return out
+    if event.topic == "leases" and "lease_id" in out and not _lease_shown(out, viewer):
+        out["lease_id"] = None
+    if event.type == "tamper" and isinstance(out.get("leases"), list):
+        out["leases"] = [
+            {**held, "lease_id": None} if isinstance(held, dict) and not _lease_shown(held, viewer) else held
+            for held in out["leases"]
+        ]
+    return out
 
 
 class Subscription:

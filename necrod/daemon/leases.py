@@ -53,7 +53,11 @@ class LeaseOps(EngineBase):
         wait_s: float | None = None,
         metadata: dict[str, Any] | None = None,
         task_id: str | None = None,
+        uid: int | None = None,
+        runner_uid: int | None = None,
     ) -> dict[str, Any]:
+        """A lease on a slot of ``pool``, owned by ``uid`` (and, for a task's contained runner,
+        also usable by ``runner_uid``)."""
         started = time.perf_counter()
         p = self.pool(pool)
         if ref is not None:
@@ -93,7 +97,7 @@ class LeaseOps(EngineBase):
                                   pool=p.name, state="repairing")  # fmt: skip
         result = await self._grant(
             p, slot, holder=holder, ttl_s=ttl_s or p.config.lease_ttl_s, target=target, branch=branch,
-            metadata=metadata or {}, task_id=task_id,
+            metadata=metadata or {}, task_id=task_id, uid=uid, runner_uid=runner_uid,
         )  # fmt: skip
         if p.config.metrics:
             self.metrics.allocations.labels(p.name).inc()
@@ -222,7 +226,7 @@ class LeaseOps(EngineBase):
 
     async def _grant(
         self, p: Pool, slot: Slot, *, holder: str | None, ttl_s: float, target: str | None, branch: str | None,
-        metadata: dict[str, Any], task_id: str | None,
+        metadata: dict[str, Any], task_id: str | None, uid: int | None, runner_uid: int | None,
     ) -> dict[str, Any]:  # fmt: skip
         # Everything up to the first await is atomic: the slot is ours from here on.
         now_m, now_w = self.clock.monotonic(), self.clock.wall()
@@ -232,7 +236,7 @@ class LeaseOps(EngineBase):
         lease = Lease(
             lease_id=new_lease_id(), holder=holder, metadata=metadata, ttl_s=ttl_s, granted_at=now_w,
             expires_at=now_w + ttl_s, fencing_token=slot.fencing_token, start_commit=slot.commit,
-            task_id=task_id, deadline=now_m + ttl_s,
+            task_id=task_id, uid=uid, runner_uid=runner_uid, deadline=now_m + ttl_s,
         )  # fmt: skip
         slot.state = SlotState.ALLOCATED
         slot.lease = lease

@@ -10,9 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 from necrod import PROTOCOL_VERSION, __version__
 from necrod.core.names import check_lease_id, check_pool_name
+from necrod.core.tasks import Task
+from necrod.daemon.events import as_seen_by
 from necrod.io.store import Event
 from necrod.proto.dispatch import CallContext, Dispatcher
-from necrod.proto.errors import InvalidParams, NotFound, UnsupportedProtocol
+from necrod.proto.errors import InvalidParams, NotFound, PermissionDenied, UnsupportedProtocol
 from necrod.proto.methods import EVENT_TOPICS
 
 if TYPE_CHECKING:
@@ -85,11 +87,11 @@ class Api:
     async def pools_get(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         pool = self.d.engine.pool(params["pool"])
         view = pool.view()
-        view["slots_detail"] = self.d.engine.list_slots(pool.name)
+        view["slots_detail"] = self.d.engine.list_slots(pool.name, viewer=ctx.viewer)
         return view
 
     async def slots_list(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        return {"slots": self.d.engine.list_slots(params["pool"], params["state"])}
+        return {"slots": self.d.engine.list_slots(params["pool"], params["state"], ctx.viewer)}
 
     async def allocate(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         lease = await self.d.engine.allocate(
@@ -100,15 +102,28 @@ class Api:
             branch=params["branch"],
             wait_s=params["wait_s"],
             metadata=params["metadata"],
+            uid=ctx.peer.uid,
         )
         # A lease nobody heard about (the caller vanished while queued) goes back at once.
         ctx.undelivered.append(lambda: self.d.engine.abandon(lease["lease_id"]))
         return lease
 
+    def _check_lease(self, lease_id: str, ctx: CallContext) -> None:
+        """A lease is acted on by the uid that took it (or its task's runner), or an admin."""
+        lease = self.d.engine.slot_for_lease(lease_id).lease
+        assert lease is not None
+        if not ctx.admin and not lease.held_by(ctx.peer.uid):
+            raise PermissionDenied(
+                f"lease {lease_id} is not yours (uid {ctx.peer.uid}); only its owner or an admin may act on it",
+                lease_id=lease_id,
+            )
+
     async def heartbeat(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        self._check_lease(params["lease_id"], ctx)
         return await self.d.engine.heartbeat(params["lease_id"], params["ttl_s"])
 
     async def release(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        self._check_lease(params["lease_id"], ctx)
         return await self.d.engine.release(params["lease_id"], params["salvage"])
 
     async def slots_add(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
@@ -146,20 +161,20 @@ class Api:
         if snapshot:
             result["snapshot"] = {
                 "pools": [p.view() for p in self.d.engine.pools.values()],
-                "slots": self.d.engine.list_slots(),
+                "slots": self.d.engine.list_slots(viewer=ctx.viewer),
             }
         ctx.on_close.append(lambda: bus.unsubscribe(sub))
-        notify, spawn, close = ctx.notify, ctx.spawn, ctx.close
+        notify, spawn, close, viewer = ctx.notify, ctx.spawn, ctx.close, ctx.viewer
 
         async def pump() -> None:
             sid = result["subscription"]
             for event in replay:
-                await notify("event", {"subscription": sid, **event.to_dict()})
+                await notify("event", {"subscription": sid, **as_seen_by(event, viewer)})
             while True:
                 batch = await sub.next_batch()
                 for event in batch:
                     if event.seq > last:
-                        await notify("event", {"subscription": sid, **event.to_dict()})
+                        await notify("event", {"subscription": sid, **as_seen_by(event, viewer)})
                 if sub.overflowed:
                     await notify(
                         "event",
@@ -222,11 +237,25 @@ class Api:
         return {"text": self.d.metrics.render()}
 
     async def tasks_submit(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        return await self.d.dispatcher.submit({k: v for k, v in params.items() if v is not None})
+        return await self.d.dispatcher.submit(
+            {k: v for k, v in params.items() if v is not None}, ctx.peer.uid
+        )
+
+    def _own_tasks(self, ctx: CallContext, task_id: str | None, batch: str | None) -> None:
+        """Only a task's submitter (or an admin) may cancel, retry or read it."""
+        d = self.d.dispatcher
+        targets: list[Task] = [d.task(task_id)] if task_id else d.matching(batch=batch) if batch else []
+        for task in targets:
+            if not ctx.may_act_for(task.uid):
+                raise PermissionDenied(
+                    f"task {task.task_id} is not yours (uid {ctx.peer.uid}); only its submitter or an admin "
+                    "may do that",
+                    task_id=task.task_id,
+                )
 
     async def tasks_get(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         task = self.d.dispatcher.task(params["task_id"])
-        view = task.view()
+        view = task.view(lease_ids=ctx.may_act_for(task.uid))
         view["dependents"] = sorted(self.d.dispatcher.dependents.get(task.task_id, ()))
         return view
 
@@ -240,12 +269,15 @@ class Api:
         return result
 
     async def tasks_cancel(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        self._own_tasks(ctx, params["task_id"], params["batch"])
         return await self.d.dispatcher.cancel(params["task_id"], params["batch"])
 
     async def tasks_retry(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        self._own_tasks(ctx, params["task_id"], params["batch"])
         return await self.d.dispatcher.retry(params["task_id"], params["batch"])
 
     async def tasks_logs(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        self._own_tasks(ctx, params["task_id"], None)
         return self.d.dispatcher.logs(params["task_id"], params["attempt"], params["offset"] or 0,
                                       params["limit"] or 256 * 1024)  # fmt: skip
 

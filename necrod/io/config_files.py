@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import os
 from pathlib import Path
 
@@ -29,7 +30,19 @@ def load_config(path: Path) -> Config:
     # pools.yaml links into a timestamped directory the kubelet deletes at the next update.
     config = resolve_relative(parse_config(text, name), str(path.absolute().parent))
     check_local_repos(config)
+    check_admin_group(config)
     return config
+
+
+def check_admin_group(config: Config) -> None:
+    """``daemon.admin_group`` must name a group that exists: a typo would leave no admin but root."""
+    group = config.daemon.admin_group
+    if group is None:
+        return
+    try:
+        grp.getgrnam(group)
+    except KeyError:
+        raise config.error_at("daemon.admin_group", f"daemon.admin_group: no group named {group!r}") from None
 
 
 def check_local_repos(config: Config) -> None:

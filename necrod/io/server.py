@@ -7,20 +7,29 @@ few more (``HEADROOM``) are accepted in a restricted mode where only ``hello`` a
 ``daemon.status`` answer, so an operator can still look at a saturated daemon (trap 9). Past
 that, a connection gets one ``resource_exhausted`` error and is closed at once.
 
+No peer may take the server from the others (issue 16, defect 6): a uid that is not an admin
+holds at most ``max_connections_per_uid`` connections; a request line must arrive whole within
+``read_timeout`` of its first byte (however slowly it trickles in); and the bytes of unfinished
+lines held for all connections are bounded (``BufferBudget``), a quarter of it per non-admin uid.
+
 Error handling: one connection's failure is logged and closes that connection only. A request
 line over ``MAX_LINE_BYTES`` is answered once with ``invalid_request`` and the connection is
-closed (the rest of the line cannot be framed). A client that starts a line and stalls past the
-read deadline, or stops reading our replies past the write deadline, is disconnected.
+closed (the rest of the line cannot be framed); one that would go over the buffer budget gets
+``resource_exhausted`` and is closed the same way. A client that starts a line and does not
+finish it by the read deadline, or stops reading our replies past the write deadline, is
+disconnected.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import grp
 import os
 import pwd
 import socket
 import struct
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +39,11 @@ import anyio
 import structlog
 from anyio.abc import SocketListener, SocketStream, TaskGroup, TaskStatus
 
+from necrod.core.config import DaemonConfig
 from necrod.proto.dispatch import CallContext, Dispatcher, Peer
 from necrod.proto.errors import InvalidRequest, NecrodError, PermissionDenied, ResourceExhausted
-from necrod.proto.jsonrpc import MAX_LINE_BYTES, encode_error, encode_notification
+from necrod.proto.jsonrpc import MAX_LINE_BYTES, decode_request, encode_error, encode_notification
+from necrod.proto.methods import DEFAULT_MAX_REQUEST_BYTES
 
 log = structlog.get_logger("necrod.server")
 
@@ -46,6 +57,10 @@ RESTRICTED_IDLE_S = 5.0
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_BACKOFF_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
 RECEIVE_BYTES = 65536
+#: Lines longer than this (only a few methods take them) are decoded one at a time, each in a
+#: turn of the loop of its own: decoding costs time in proportion to the line, and a small call
+#: must never queue behind more than one of them.
+LARGE_LINE_BYTES = DEFAULT_MAX_REQUEST_BYTES
 #: After refusing an over-long line, keep reading (and discarding) this long / this much, so
 #: a client still writing it is not cut off with EPIPE before it can read why.
 LINGER_S = 2.0
@@ -56,8 +71,54 @@ class LineTooLong(Exception):
     """A request line exceeded MAX_LINE_BYTES."""
 
 
+class BufferFull(Exception):
+    """Holding more of a request line would go over the server's buffer budget."""
+
+
 class ReadDeadline(Exception):
     """A client started a line and did not finish it in time."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What the server lets clients take; see the module docstring (``daemon.*`` keys)."""
+
+    max_connections: int = 1024
+    max_connections_per_uid: int = 256
+    max_buffered_bytes: int = 64 << 20
+    read_timeout: float = 30.0
+    write_timeout: float = 10.0
+
+    @classmethod
+    def of(cls, d: DaemonConfig) -> Limits:
+        return cls(d.max_connections, d.max_connections_per_uid, d.max_buffered_bytes, d.read_timeout_s,
+                   d.write_timeout_s)  # fmt: skip
+
+
+class BufferBudget:
+    """Bytes of unfinished request lines held, across connections: at most ``total`` in all,
+    and a quarter of that for one uid that is not an admin (so a few peers cannot starve the
+    rest: 600 half-sent 1 MiB lines once cost 693 MB)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.held = 0
+        self.by_uid: Counter[int] = Counter()
+
+    def take(self, uid: int, n: int, *, admin: bool) -> bool:
+        if self.held + n > self.total:
+            return False
+        if not admin and self.by_uid[uid] + n > self.total // 4:
+            return False
+        self.held += n
+        self.by_uid[uid] += n
+        return True
+
+    def give(self, uid: int, n: int) -> None:
+        self.held -= n
+        self.by_uid[uid] -= n
+        if self.by_uid[uid] <= 0:
+            del self.by_uid[uid]
 
 
 def peer_credentials(sock: socket.socket) -> Peer:
@@ -66,37 +127,60 @@ def peer_credentials(sock: socket.socket) -> Peer:
     return Peer(pid=pid, uid=uid, gid=gid)
 
 
+def _group_id(key: str, group: str | None) -> int | None:
+    if group is None:
+        return None
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ValueError(f"{key} {group!r} does not exist") from None
+
+
+def in_group(peer: Peer, gid: int) -> bool:
+    """Whether the peer's uid belongs to ``gid`` (its primary group or a listed member)."""
+    if peer.gid == gid:
+        return True
+    try:
+        user = pwd.getpwuid(peer.uid)
+        entry = grp.getgrgid(gid)
+    except KeyError:
+        return False
+    return user.pw_gid == gid or user.pw_name in entry.gr_mem
+
+
 @dataclass(frozen=True, slots=True)
 class AccessPolicy:
-    """Who may connect: the daemon's uid, root, and members of ``group`` (if set)."""
+    """Who may connect: the daemon's uid, root, members of ``group`` and of ``admin_gid``.
+    Who is an admin (admin methods, every lease and task): the daemon's uid, root, and members
+    of ``admin_gid`` (``daemon.admin_group``)."""
 
     uid: int
     gid: int | None = None
     group_name: str | None = None
+    admin_gid: int | None = None
 
     @classmethod
-    def for_group(cls, group: str | None) -> AccessPolicy:
-        if group is None:
-            return cls(os.getuid())
-        try:
-            entry = grp.getgrnam(group)
-        except KeyError:
-            raise ValueError(f"socket_group {group!r} does not exist") from None
-        return cls(os.getuid(), entry.gr_gid, group)
+    def for_group(cls, group: str | None, admin_group: str | None = None) -> AccessPolicy:
+        return cls(
+            os.getuid(),
+            _group_id("socket_group", group),
+            group,
+            _group_id("admin_group", admin_group),
+        )
 
-    def allows(self, peer: Peer) -> bool:
+    def with_admin_group(self, admin_group: str | None) -> AccessPolicy:
+        """This policy with another admin group (it changes on reload); ``ValueError`` if none such."""
+        return dataclasses.replace(self, admin_gid=_group_id("admin_group", admin_group))
+
+    def is_admin(self, peer: Peer) -> bool:
         if peer.uid in (0, self.uid):
             return True
-        if self.gid is None:
-            return False
-        if peer.gid == self.gid:
+        return self.admin_gid is not None and in_group(peer, self.admin_gid)
+
+    def allows(self, peer: Peer) -> bool:
+        if self.is_admin(peer):
             return True
-        try:
-            name = pwd.getpwuid(peer.uid).pw_name
-            entry = grp.getgrgid(self.gid)
-        except KeyError:
-            return False
-        return name in entry.gr_mem or pwd.getpwuid(peer.uid).pw_gid == self.gid
+        return self.gid is not None and in_group(peer, self.gid)
 
 
 def bind_unix_socket(path: Path, policy: AccessPolicy, backlog: int = 512) -> socket.socket:
@@ -148,17 +232,30 @@ async def accept_forever(
 
 
 class LineReader:
-    """Reads newline-terminated lines, enforcing the length limit by counting (trap 1)."""
+    """Reads newline-terminated lines, enforcing the length limit by counting (trap 1), a
+    deadline for each whole line, and the server's buffer budget for what it holds."""
 
-    def __init__(self, stream: SocketStream, read_timeout: float) -> None:
+    def __init__(
+        self, stream: SocketStream, read_timeout: float, budget: BufferBudget, peer: Peer, *, admin: bool
+    ) -> None:
         self._stream = stream
         self._buf = bytearray()
         self._scanned = 0
         self._read_timeout = read_timeout
+        self._budget = budget
+        self._uid = peer.uid
+        self._admin = admin
+        #: Bytes of ``_buf`` taken from the budget.
+        self._held = 0
+        #: When the first byte of the line being read arrived (loop clock).
+        self._line_started = 0.0
         self.idle_timeout: float | None = None
 
     async def read_line(self) -> bytes | None:
         """The next line without its newline; None at a clean end of stream."""
+        # The start of a pipelined line that came with the last one counts from now: the
+        # client could not send more while we handled the call before it.
+        self._line_started = anyio.current_time()
         while True:
             nl = self._buf.find(b"\n", self._scanned)
             if nl >= 0:
@@ -167,17 +264,13 @@ class LineReader:
                 line = bytes(self._buf[:nl])
                 del self._buf[: nl + 1]
                 self._scanned = 0
+                self._give_back()
                 return line
             self._scanned = len(self._buf)
             if len(self._buf) > MAX_LINE_BYTES:
                 raise LineTooLong
-            timeout = self._read_timeout if self._buf else self.idle_timeout
             try:
-                if timeout is None:
-                    chunk = await self._stream.receive(RECEIVE_BYTES)
-                else:
-                    with anyio.fail_after(timeout):
-                        chunk = await self._stream.receive(RECEIVE_BYTES)
+                chunk = await self._receive()
             except TimeoutError:
                 raise ReadDeadline from None
             except anyio.EndOfStream:
@@ -185,9 +278,38 @@ class LineReader:
                     # A last request without its newline: answer it, then end.
                     line = bytes(self._buf)
                     self._buf.clear()
+                    self._give_back()
                     return line
                 return None
+            if not self._budget.take(self._uid, len(chunk), admin=self._admin):
+                raise BufferFull
+            self._held += len(chunk)
+            if not self._buf:
+                self._line_started = anyio.current_time()
             self._buf += chunk
+
+    async def _receive(self) -> bytes:
+        if not self._buf:
+            if self.idle_timeout is None:
+                return await self._stream.receive(RECEIVE_BYTES)
+            with anyio.fail_after(self.idle_timeout):
+                return await self._stream.receive(RECEIVE_BYTES)
+        # The deadline is for the whole line, not each receive: a byte every few seconds
+        # (slowloris) must not hold a connection and its buffer forever.
+        left = self._line_started + self._read_timeout - anyio.current_time()
+        if left <= 0:
+            raise TimeoutError
+        with anyio.fail_after(left):
+            return await self._stream.receive(RECEIVE_BYTES)
+
+    def _give_back(self) -> None:
+        self._budget.give(self._uid, self._held - len(self._buf))
+        self._held = len(self._buf)
+
+    def close(self) -> None:
+        """Return everything held to the budget (the connection is over)."""
+        self._buf.clear()
+        self._give_back()
 
 
 class Connection:
@@ -228,29 +350,28 @@ class RpcServer:
         dispatcher: Dispatcher,
         *,
         policy: AccessPolicy,
-        max_connections: int = 1024,
-        read_timeout: float = 30.0,
-        write_timeout: float = 10.0,
+        limits: Limits | None = None,
     ) -> None:
         self.path = path
         self.dispatcher = dispatcher
         self.policy = policy
-        self.max_connections = max_connections
-        self.read_timeout = read_timeout
-        self.write_timeout = write_timeout
+        self.limits = limits or Limits()
+        self.budget = BufferBudget(self.limits.max_buffered_bytes)
         self.connections: dict[int, Connection] = {}
+        #: Open connections (served or restricted) by peer uid.
+        self.by_uid: Counter[int] = Counter()
         self.restricted = 0
         self.accepted = 0
         self.refused = 0
         self._next_id = 0
         self.draining = False
         self._accept_scope: anyio.CancelScope | None = None
+        self._large_lines = anyio.Lock()
         self._listener: SocketListener | None = None
 
-    def configure(self, *, max_connections: int, read_timeout: float, write_timeout: float) -> None:
-        self.max_connections = max_connections
-        self.read_timeout = read_timeout
-        self.write_timeout = write_timeout
+    def configure(self, limits: Limits) -> None:
+        self.limits = limits
+        self.budget.total = limits.max_buffered_bytes
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         sock = bind_unix_socket(self.path, self.policy)
@@ -313,21 +434,39 @@ class RpcServer:
                         ),
                     )
                     return
-                if len(self.connections) >= self.max_connections:
+                admin = self.policy.is_admin(peer)
+                limit = self.limits.max_connections_per_uid
+                if not admin and self.by_uid[peer.uid] >= limit:
+                    self.refused += 1
+                    log.warning("peer_connection_limit", uid=peer.uid, limit=limit)
+                    await self._refuse(
+                        stream,
+                        ResourceExhausted(
+                            f"uid {peer.uid} has {limit} connections open, its limit; close some first",
+                            limit=limit,
+                        ),
+                    )
+                    return
+                if len(self.connections) >= self.limits.max_connections:
                     if self.restricted >= HEADROOM:
                         self.refused += 1
                         await self._refuse(
                             stream,
                             ResourceExhausted(
-                                f"the daemon is at its connection limit ({self.max_connections}); try again later"
+                                f"the daemon is at its connection limit ({self.limits.max_connections}); "
+                                "try again later"
                             ),
                         )
                         return
                     restricted = True
                     self.restricted += 1
+                self.by_uid[peer.uid] += 1
                 try:
-                    await self._serve_connection(stream, conn_id, peer, restricted)
+                    await self._serve_connection(stream, conn_id, peer, restricted, admin)
                 finally:
+                    self.by_uid[peer.uid] -= 1
+                    if not self.by_uid[peer.uid]:
+                        del self.by_uid[peer.uid]
                     if restricted:
                         self.restricted -= 1
 
@@ -342,18 +481,19 @@ class RpcServer:
         await self._linger(stream, seconds=0.5, limit=64 << 10)
 
     async def _serve_connection(
-        self, stream: SocketStream, conn_id: int, peer: Peer, restricted: bool
+        self, stream: SocketStream, conn_id: int, peer: Peer, restricted: bool, admin: bool
     ) -> None:
-        conn = Connection(stream, conn_id, self.write_timeout)
+        conn = Connection(stream, conn_id, self.limits.write_timeout)
         ctx = CallContext(
             peer=peer,
             connection_id=conn_id,
+            admin=admin,
             notify=conn.notify,
             spawn=conn.spawn,
             close=conn.close,
             only_methods=OPERATOR_METHODS if restricted else None,
         )
-        reader = LineReader(stream, self.read_timeout)
+        reader = LineReader(stream, self.limits.read_timeout, self.budget, peer, admin=admin)
         if restricted:
             reader.idle_timeout = RESTRICTED_IDLE_S
         if not restricted:
@@ -366,10 +506,11 @@ class RpcServer:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError):
             log.debug("connection_lost")
         except TimeoutError:
-            log.info("client_not_reading", write_timeout_s=self.write_timeout)
+            log.info("client_not_reading", write_timeout_s=self.limits.write_timeout)
         except Exception:
             log.exception("connection_failed")
         finally:
+            reader.close()
             self.connections.pop(conn_id, None)
             for callback in ctx.on_close:
                 try:
@@ -393,8 +534,23 @@ class RpcServer:
                 )
                 await self._linger(conn.stream)
                 return
+            except BufferFull:
+                log.warning("buffer_budget_exhausted", held=self.budget.held, total=self.budget.total)
+                await conn.send(
+                    encode_error(
+                        None,
+                        ResourceExhausted(
+                            "the daemon holds too many unfinished requests (from you, or from everyone); "
+                            "closing the connection: try again",
+                            limit=self.budget.total,
+                        ),
+                    )
+                )
+                reader.close()
+                await self._linger(conn.stream, seconds=0.5)
+                return
             except ReadDeadline:
-                log.info("read_deadline", read_timeout_s=self.read_timeout)
+                log.info("read_deadline", read_timeout_s=self.limits.read_timeout)
                 return
             if line is None:
                 return
@@ -402,7 +558,7 @@ class RpcServer:
                 continue
             conn.busy = True
             try:
-                reply = await self.dispatcher.handle_line(line, ctx)
+                reply = await self._handle(line, ctx)
                 undo, ctx.undelivered = ctx.undelivered, []
                 delivered = False
                 try:
@@ -422,6 +578,16 @@ class RpcServer:
                 conn.busy = False
             if self.draining:
                 return
+
+    async def _handle(self, line: bytes, ctx: CallContext) -> bytes | None:
+        if len(line) <= LARGE_LINE_BYTES:
+            return await self.dispatcher.handle_line(line, ctx)
+        async with self._large_lines:
+            # Yield first, holding the lock: calls that came meanwhile are answered before this
+            # line is decoded, and the next large line waits for a turn after this one.
+            await anyio.lowlevel.checkpoint()
+            decoded = decode_request(line)
+        return await self.dispatcher.handle_decoded(decoded, ctx)
 
     async def _linger(
         self, stream: SocketStream, seconds: float = LINGER_S, limit: int = LINGER_BYTES

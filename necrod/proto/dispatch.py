@@ -13,9 +13,9 @@ from typing import Any
 
 import structlog
 
-from necrod.proto.errors import Internal, MethodNotFound, NecrodError, ResourceExhausted
+from necrod.proto.errors import Internal, MethodNotFound, NecrodError, PermissionDenied, ResourceExhausted
 from necrod.proto.jsonrpc import BadRequest, Request, decode_request, encode_error, encode_result
-from necrod.proto.methods import METHODS, Param, check_params
+from necrod.proto.methods import ADMIN_METHODS, METHODS, Param, check_params
 
 log = structlog.get_logger("necrod.rpc")
 
@@ -38,6 +38,9 @@ class CallContext:
 
     peer: Peer
     connection_id: int
+    #: Root, the daemon's own uid or a member of ``daemon.admin_group`` (docs/operations.md):
+    #: may call admin methods and act on every lease and task.
+    admin: bool = False
     #: Sends a notification on this connection (``events.subscribe`` uses it).
     notify: Callable[[str, dict[str, Any]], Awaitable[None]] | None = None
     #: Starts a task that lives as long as the connection.
@@ -54,6 +57,15 @@ class CallContext:
     #: Called when the connection ends, for whatever a handler tied to its life.
     on_close: list[Callable[[], None]] = field(default_factory=list)
     client: str | None = None
+
+    @property
+    def viewer(self) -> int | None:
+        """Whose leases and tasks this peer sees in full: None for an admin (everyone's)."""
+        return None if self.admin else self.peer.uid
+
+    def may_act_for(self, uid: int | None) -> bool:
+        """Whether this peer may act on something owned by ``uid`` (None: no recorded owner)."""
+        return self.admin or (uid is not None and uid == self.peer.uid)
 
 
 Handler = Callable[[dict[str, Any], CallContext], Awaitable[Any]]
@@ -82,7 +94,10 @@ class Dispatcher:
         return frozenset(self._handlers)
 
     async def handle_line(self, line: bytes, ctx: CallContext) -> bytes | None:
-        decoded = decode_request(line)
+        return await self.handle_decoded(decode_request(line), ctx)
+
+    async def handle_decoded(self, decoded: Request | BadRequest, ctx: CallContext) -> bytes | None:
+        """``handle_line`` for a line decoded by the caller (the server decodes large ones itself)."""
         if isinstance(decoded, BadRequest):
             log.info("bad_request", kind=decoded.error.kind, error=decoded.error.message)
             return encode_error(decoded.id, decoded.error)
@@ -121,6 +136,12 @@ class Dispatcher:
             raise ResourceExhausted(
                 "the daemon is at its connection limit; this connection may only call "
                 + ", ".join(sorted(ctx.only_methods))
+            )
+        if request.method in ADMIN_METHODS and not ctx.admin:
+            raise PermissionDenied(
+                f"{request.method} is for admins (root, the daemon's uid or daemon.admin_group); "
+                f"uid {ctx.peer.uid} is not one",
+                method=request.method,
             )
         params = check_params(request.method, request.params, self._table)
         return await handler(params, ctx)

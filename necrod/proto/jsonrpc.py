@@ -3,18 +3,25 @@
 Pure functions on bytes and values; the socket server is a thin shell around them.
 
 The decoder is strict where Python's ``json`` is lenient (DESIGN.md, trap 8): it refuses
-``NaN``/``Infinity``, duplicate keys, lone surrogates, absurdly long numbers and deep nesting,
-so that nothing it lets through can fail later when it is logged, stored or passed to git.
+``NaN``/``Infinity``, duplicate keys, lone surrogates, numbers of more than 30 digits and deep
+nesting, so that nothing it lets through can fail later when it is logged, stored or passed to
+git. And it is cheap (issue 16, defect 7): orjson parses the line in C, with no Python called
+per value; the method's size bound (``proto.methods.max_request_bytes``) is checked as soon as
+the method is known, before anything else looks at the line; and the strict checks run on the
+raw bytes with C-speed ``bytes`` operations (``_strict_problem``), not by walking the decoded
+tree. BENCHMARKS.md has the measurement (``bench/decode.py``).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from necrod.proto.errors import InvalidRequest, NecrodError, ParseError
+from necrod.proto.methods import DEFAULT_MAX_REQUEST_BYTES, MAX_REQUEST_BYTES, max_request_bytes
 
 #: Longest request line accepted, newline excluded (DESIGN.md: 1 MiB).
 MAX_LINE_BYTES = 1 << 20
@@ -22,7 +29,8 @@ MAX_LINE_BYTES = 1 << 20
 #: Nesting deeper than this is refused: no method takes more than a few levels.
 MAX_DEPTH = 32
 
-#: Integers longer than this are refused (Python would build them happily, slowly).
+#: Numbers with more digits in a row than this are refused (integers beyond 64 bits would
+#: silently become floats; nobody needs more digits than a double holds).
 MAX_INT_DIGITS = 30
 
 RequestId = str | int | None
@@ -46,89 +54,107 @@ class BadRequest:
     error: NecrodError
 
 
-def _reject_constant(name: str) -> Any:
-    raise InvalidRequest(f"{name} is not allowed in requests")
+def _outside_strings(line: bytes) -> bytes:
+    """The JSON text ``line`` (already parsed: it is valid) without its string literals.
+
+    Escaped backslashes go first, then escaped quotes; every quote left opens or closes a
+    string, so the even pieces between quotes are what lies outside them."""
+    unescaped = line.replace(b"\\\\", b"").replace(b'\\"', b"")
+    return b"".join(unescaped.split(b'"')[::2])
 
 
-def _parse_int(text: str) -> int:
-    if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise InvalidRequest(f"number with {len(text)} digits is too long (at most {MAX_INT_DIGITS})")
-    return int(text)
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+_ONE_BRACKET = bytes.maketrans(b"{}", b"[]")
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_TOO_MANY_DIGITS = b"0" * (MAX_INT_DIGITS + 1)
 
 
-def _parse_float(text: str) -> float:
-    if len(text) > 64:
-        raise InvalidRequest(f"number of {len(text)} characters is too long")
-    value = float(text)
-    if math.isinf(value):
-        raise InvalidRequest(f"number {text} is out of range (JSON has no infinity)")
-    return value
+def _too_deep(skeleton: bytes) -> bool:
+    """Whether containers nest deeper than MAX_DEPTH: each pass removes the innermost ones."""
+    brackets = skeleton.translate(_ONE_BRACKET, _NOT_BRACKETS)
+    for _ in range(MAX_DEPTH):
+        if not brackets:
+            return False
+        brackets = brackets.replace(b"[]", b"")
+    return bool(brackets)
 
 
-def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise InvalidRequest(f"duplicate key {key!r}")
-        obj[key] = value
-    return obj
+def _strict_problem(line: bytes, value: Any) -> str | None:
+    """What trap 8 refuses that orjson lets through, found on the raw bytes: nesting deeper
+    than MAX_DEPTH, overlong numbers, and duplicate keys (orjson keeps the last one silently:
+    the source then has more ``key:`` pairs than the decoded value has members)."""
+    skeleton = _outside_strings(line)
+    if _too_deep(skeleton):
+        return f"nesting deeper than {MAX_DEPTH} levels"
+    if _TOO_MANY_DIGITS in skeleton.translate(_DIGITS_AS_ZERO):
+        return f"a number has more than {MAX_INT_DIGITS} digits"
+    if skeleton.count(b":") != _outside_strings(orjson.dumps(value)).count(b":"):
+        return "duplicate key in an object"
+    return None
 
 
-_decoder = json.JSONDecoder(
-    object_pairs_hook=_pairs,
-    parse_constant=_reject_constant,
-    parse_int=_parse_int,
-    parse_float=_parse_float,
-    strict=True,
-)
-
-
-def _check_value(value: Any, depth: int = 0) -> None:
-    """Refuse lone surrogates anywhere and nesting deeper than MAX_DEPTH."""
-    if depth > MAX_DEPTH:
-        raise InvalidRequest(f"nesting deeper than {MAX_DEPTH} levels")
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise InvalidRequest("string contains a lone surrogate") from None
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_value(key, depth + 1)
-            _check_value(item, depth + 1)
-    elif isinstance(value, list):
-        for item in value:
-            _check_value(item, depth + 1)
+def _decode_error(line: bytes, exc: orjson.JSONDecodeError) -> NecrodError:
+    """orjson's refusal as our error kind: what is JSON but not allowed is ``invalid_request``,
+    what is not JSON at all is ``parse_error``."""
+    message = str(exc.msg)
+    at = line[exc.pos : exc.pos + 8]
+    if "surrogate" in message and "UTF-8" not in message:
+        return InvalidRequest("string contains a lone surrogate")
+    if "infinity" in message:
+        return InvalidRequest("number out of range (JSON has no infinity)")
+    if "depth" in message:
+        return InvalidRequest(f"nesting deeper than {MAX_DEPTH} levels")
+    if at.startswith((b"NaN", b"Infinity")):
+        return InvalidRequest("NaN and Infinity are not allowed in requests")
+    return ParseError(f"invalid JSON: {message} at column {exc.colno}")
 
 
 def decode_json(line: bytes) -> Any:
     """Decode one line as strict JSON, raising ``ParseError`` or ``InvalidRequest``."""
     try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ParseError(f"request is not valid UTF-8 (byte {exc.start})") from None
-    try:
-        value = _decoder.decode(text)
-    except RecursionError:
-        raise InvalidRequest(f"nesting deeper than {MAX_DEPTH} levels") from None
-    except json.JSONDecodeError as exc:
-        raise ParseError(f"invalid JSON: {exc.msg} at column {exc.colno}") from None
-    except ValueError as exc:  # int() refusing a huge literal
-        raise InvalidRequest(str(exc)) from None
-    _check_value(value)
+        value = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise _decode_error(line, exc) from None
+    problem = _strict_problem(line, value)
+    if problem is not None:
+        raise InvalidRequest(problem)
     return value
 
 
 def decode_request(line: bytes) -> Request | BadRequest:
     """Turn one request line (without its newline) into a ``Request`` or a ``BadRequest``."""
+    if len(line) > DEFAULT_MAX_REQUEST_BYTES and not any(
+        f'"{m}"'.encode() in line for m in MAX_REQUEST_BYTES
+    ):
+        # No method that takes this much is even named: not worth decoding.
+        return BadRequest(
+            None,
+            InvalidRequest(
+                f"request of {len(line)} bytes is over the {DEFAULT_MAX_REQUEST_BYTES}-byte limit "
+                f"(only {', '.join(MAX_REQUEST_BYTES)} may be longer)",
+                limit=DEFAULT_MAX_REQUEST_BYTES,
+            ),
+        )
     try:
-        value = decode_json(line)
-    except NecrodError as exc:
-        return BadRequest(None, exc)
+        value = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        return BadRequest(None, _decode_error(line, exc))
     if isinstance(value, list):
         return BadRequest(None, InvalidRequest("batch requests are not supported"))
     if not isinstance(value, dict):
         return BadRequest(None, InvalidRequest("a request must be a JSON object"))
+    method = value.get("method")
+    if isinstance(method, str) and len(line) > (limit := max_request_bytes(method)):
+        # Refused before the strict checks look at the rest: their cost grows with the line.
+        return BadRequest(
+            None,
+            InvalidRequest(
+                f"request of {len(line)} bytes is over the {limit}-byte limit of {method}", limit=limit
+            ),
+        )
+    problem = _strict_problem(line, value)
+    if problem is not None:
+        return BadRequest(None, InvalidRequest(problem))
 
     has_id = "id" in value
     raw_id = value.get("id")
@@ -139,7 +165,6 @@ def decode_request(line: bytes) -> Request | BadRequest:
 
     if value.get("jsonrpc") != "2.0":
         return BadRequest(request_id, InvalidRequest('"jsonrpc" must be "2.0"'))
-    method = value.get("method")
     if not isinstance(method, str) or not method:
         return BadRequest(request_id, InvalidRequest('"method" must be a non-empty string'))
     unknown = set(value) - {"jsonrpc", "method", "params", "id"}

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from necrod.proto.errors import InvalidParams, MethodNotFound
 
 #: Upper bound on any free-form object a client may store with a lease or task, serialized.
@@ -20,6 +22,11 @@ MAX_OBJECT_BYTES = 16 * 1024
 MAX_STRING = 1024
 
 WEEK_S = 7 * 24 * 3600.0
+
+#: The bound of a number parameter that declares none (2**53 - 1, the largest integer every JSON
+#: client represents exactly): past it a value overflows SQLite's INTEGER, or seek(), and a call
+#: would fail with ``internal`` instead of being refused here.
+MAX_SAFE_INTEGER = (1 << 53) - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +75,7 @@ METHODS: dict[str, dict[str, Param]] = {
     "events.subscribe": {
         "topics": Param("strings"),
         "snapshot": Param("boolean"),
-        "since": _n(min=0, integer=True),
+        "since": _n(min=0, max=MAX_SAFE_INTEGER, integer=True),
     },
     "salvage.list": {"pool": _s()},
     "salvage.show": {"lease_id": _s(required=True)},
@@ -111,10 +118,29 @@ METHODS: dict[str, dict[str, Param]] = {
     "tasks.logs": {
         "task_id": _s(required=True, max_len=64),
         "attempt": _n(min=1, max=1_000_000, integer=True),
-        "offset": _n(min=0, integer=True),
+        "offset": _n(min=0, max=MAX_SAFE_INTEGER, integer=True),
         "limit": _n(min=1, max=4 << 20, integer=True),
     },
 }
+
+
+#: Longest request line of a method not named below: room for every parameter at its largest
+#: (a 16 KiB object, a few 4 KiB refs), with space to spare. Decoding a request, and checking it,
+#: costs time in proportion to its size, so a bigger line than a method can use is refused
+#: before anything else looks at it (issue 16, defect 7).
+DEFAULT_MAX_REQUEST_BYTES = 64 << 10
+#: ``tasks.submit`` takes a 64 Ki-character ``body`` and batches: the whole line (1 MiB).
+MAX_REQUEST_BYTES = {"tasks.submit": 1 << 20}
+
+
+def max_request_bytes(method: str) -> int:
+    return MAX_REQUEST_BYTES.get(method, DEFAULT_MAX_REQUEST_BYTES)
+
+
+#: Operator calls: they change the daemon or another peer's slots, so only an admin may make them.
+ADMIN_METHODS = frozenset(
+    {"daemon.reload", "slots.add", "slots.remove", "slots.recover", "slots.isolate", "anomalies.list"}
+)
 
 
 def _type_ok(spec: Param, value: Any) -> bool:
@@ -165,14 +191,28 @@ def check_param(method: str, name: str, spec: Param, value: Any) -> None:
         if spec.choices and value not in spec.choices:
             raise InvalidParams(f"{where} must be one of {', '.join(spec.choices)}", param=name)
     if spec.type in ("integer", "number"):
-        if spec.min is not None and value < spec.min:
-            raise InvalidParams(f"{where} must be at least {spec.min:g}", param=name)
-        if spec.max is not None and value > spec.max:
-            raise InvalidParams(f"{where} must be at most {spec.max:g}", param=name)
+        low = spec.min if spec.min is not None else -MAX_SAFE_INTEGER
+        high = spec.max if spec.max is not None else MAX_SAFE_INTEGER
+        if value < low:
+            raise InvalidParams(f"{where} must be at least {low:g}", param=name)
+        if value > high:
+            raise InvalidParams(f"{where} must be at most {high:g}", param=name)
     if spec.type in ("object", "strings", "list", "any"):
-        size = len(json.dumps(value))
+        size = _serialized_size(value)
         if size > MAX_OBJECT_BYTES:
             raise InvalidParams(f"{where} is {size} bytes serialized, over {MAX_OBJECT_BYTES}", param=name)
+
+
+def _serialized_size(value: Any) -> int:
+    """``len(json.dumps(value))``, the size the limit is stated in, without building a large
+    one: orjson's compact UTF-8 form is never longer, and never less than a third of it."""
+    try:
+        compact = len(orjson.dumps(value))
+    except orjson.JSONEncodeError:  # an integer past 64 bits: not from a decoded request
+        return len(json.dumps(value))
+    if compact > MAX_OBJECT_BYTES or compact * 3 <= MAX_OBJECT_BYTES:
+        return compact
+    return len(json.dumps(value))
 
 
 def check_params(
