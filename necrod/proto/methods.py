@@ -139,7 +139,15 @@ def max_request_bytes(method: str) -> int:
 
 #: Operator calls: they change the daemon or another peer's slots, so only an admin may make them.
 ADMIN_METHODS = frozenset(
-    {"daemon.reload", "slots.add", "slots.remove", "slots.recover", "slots.isolate", "anomalies.list"}
+    {
+        "daemon.reload",
+        "slots.add",
+        "slots.remove",
+        "slots.recover",
+        "slots.isolate",
+        "anomalies.list",
+        "salvage.prune",
+    }
 )
 
 
