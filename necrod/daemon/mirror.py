@@ -16,6 +16,7 @@ only borrow the mirror's objects: mounted read-only into a container, it is out 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import time
@@ -27,7 +28,7 @@ import structlog
 
 from necrod.core.refs import parse_for_each_ref, parse_symref
 from necrod.io import slotfs
-from necrod.io.gitrun import GitRunner
+from necrod.io.gitrun import GitError, GitRunner
 
 log = structlog.get_logger("necrod.mirror")
 
@@ -135,6 +136,10 @@ def unsafe_structure(root: Path, git_dir: str) -> list[str]:
     return removed
 
 
+#: How git says a lock file is in its way.
+_LOCK_EXISTS = re.compile(r"Unable to create '([^']+\.lock)': File exists")
+
+
 class Mirror:
     """See the module docstring."""
 
@@ -190,10 +195,33 @@ class Mirror:
         os.replace(tmp, self.path)
 
     async def fetch(self, *, timeout: float, refspecs: list[str] | None = None) -> None:
+        """Fetch the origin (callers hold the pool's fetch lock: one fetch at a time). A fetch
+        killed part-way leaves lock files on the refs it was updating; the next one would fail
+        on them for ever, so a lock where only our fetch writes is removed and the fetch tried
+        again, once."""
         args = ["fetch", "--quiet", "--prune", "origin"]
         if refspecs:
             args = ["fetch", "--quiet", "origin", "--end-of-options", *refspecs]
-        await self.git.run(args, git_dir=self.path, timeout=timeout, network=True)
+        try:
+            await self.git.run(args, git_dir=self.path, timeout=timeout, network=True)
+        except GitError as exc:
+            lock = self._stale_fetch_lock(exc.stderr)
+            if lock is None:
+                raise
+            log.warning("stale_fetch_lock_removed", mirror=str(self.path), lock=lock)
+            slotfs.remove(self.path, lock)
+            await self.git.run(args, git_dir=self.path, timeout=timeout, network=True)
+
+    def _stale_fetch_lock(self, stderr: str) -> str | None:
+        """The lock (relative to the mirror) a failed fetch names, if only a fetch writes there."""
+        m = _LOCK_EXISTS.search(stderr)
+        if m is None:
+            return None
+        rel = os.path.relpath(m.group(1), self.path)
+        fetch_only = rel in ("FETCH_HEAD.lock", "packed-refs.lock") or rel.startswith(
+            ("refs/remotes/", "refs/tags/")
+        )
+        return rel if fetch_only and not rel.startswith("..") else None
 
     async def connectivity_problem(self, *, timeout: float) -> str | None:
         """What ``git fsck --connectivity-only`` says is missing, or None when nothing is."""

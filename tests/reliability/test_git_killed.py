@@ -164,6 +164,21 @@ def test_a_fetch_killed_part_way_is_retried(
     assert lease["commit"] == pushed and git(lease["path"], "rev-parse", "HEAD") == pushed
 
 
+@pytest.mark.parametrize("lock", ["refs/remotes/origin/pushed-later.lock", "refs/tags/v-later.lock"])
+def test_a_lock_a_killed_fetch_left_does_not_stop_the_next(
+    necrod_factory: Callable[..., Necrod], origin: Path, lock: str
+) -> None:
+    d = necrod_factory(daemon_config({"repo": origin}, slots=1, min_idle=0))
+    pushed = commit_file(origin, "new.txt", "new\n", branch="pushed-later")
+    git(origin, "tag", "v-later")
+    mirror = workspaces_of(d) / "repo" / "mirror.git"
+    (mirror / lock).write_text("")  # what a fetch killed while updating that ref leaves
+    with d.client() as c:
+        lease = c.allocate("repo", ref="pushed-later", wait_s=60)
+    assert lease["commit"] == pushed
+    assert not (mirror / lock).exists()
+
+
 def test_a_fetch_that_keeps_dying_fails_the_call_cleanly_and_the_mirror_recovers(
     necrod_factory: Callable[..., Necrod], origin: Path, seam: GitSeam
 ) -> None:
