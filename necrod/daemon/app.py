@@ -277,13 +277,18 @@ class Daemon:
         try:
             await self.reload(reason)
         except FailedPrecondition:
-            pass
+            pass  # rejected: already logged, kept for daemon.status and sent as an event
+        except Exception:
+            # A reload runs in the daemon's own task group: whatever it raises must not stop it.
+            log.exception("reload_crashed", reason=reason)
 
     async def reload(self, reason: str) -> dict[str, Any]:
         """Re-read pools.yaml and apply it as a difference; one reload at a time.
 
-        An invalid file changes nothing: the error is logged, kept for ``daemon.status`` until a
-        good file arrives, and raised as ``failed_precondition``.
+        Error handling: a file that cannot be read or validated, or a config that fails while
+        being applied, changes nothing (the running config and its generation stay): the error
+        is logged, kept for ``daemon.status`` until a good file arrives, sent as a
+        ``config.rejected`` event, and raised as ``failed_precondition``.
         """
         async with self._reload_lock:
             path = self.settings.config_path
@@ -297,44 +302,64 @@ class Daemon:
             if self.watcher is not None:
                 self.watcher.last_digest = content_digest(path)
             try:
-                try:
-                    new = await anyio.to_thread.run_sync(load_config, path)
-                except ConfigError as exc:
-                    self.last_reload_error = exc
-                    self.reloads["rejected"] += 1
-                    self.metrics.reloads.labels("rejected").inc()
-                    log.error("config_rejected", reason=reason, error=str(exc))
-                    await self._persist_event(
-                        Event("config", "config.rejected", {"reason": reason, **exc.to_dict()})
-                    )
-                    raise FailedPrecondition(f"config not applied: {exc}", **exc.to_dict()) from None
-                changes = self._restart_only_changes(new)
-                changes += await self.engine.apply_config(new)
-                changes += self.dispatcher.apply_config(new)
-                d = new.daemon
-                self.server.configure(
-                    max_connections=d.max_connections,
-                    read_timeout=d.read_timeout_s,
-                    write_timeout=d.write_timeout_s,
-                )
-                self.store.set_history(d.event_history)
-                self.config = new
-                self.generation += 1
-                self.loaded_at = time.time()
-                self.last_reload_error = None
-                self.reloads["applied"] += 1
-                self.metrics.reloads.labels("applied").inc()
-                log.info("config_applied", reason=reason, generation=self.generation, changes=changes)
-                await self._persist_event(
-                    Event(
-                        "config",
-                        "config.reloaded",
-                        {"reason": reason, "generation": self.generation, "changes": changes},
-                    )
-                )
-                return {"generation": self.generation, "changes": changes}
+                new = await self._read_config(path)
+                changes = await self._apply(new, path)
+            except ConfigError as exc:
+                await self._reject(reason, exc)
+                raise FailedPrecondition(f"config not applied: {exc}", **exc.to_dict()) from None
             finally:
                 self.notifier.ready(self._status_line())
+            self.config = new
+            self.generation += 1
+            self.loaded_at = time.time()
+            self.last_reload_error = None
+            self.reloads["applied"] += 1
+            self.metrics.reloads.labels("applied").inc()
+            log.info("config_applied", reason=reason, generation=self.generation, changes=changes)
+            await self._persist_event(
+                Event(
+                    "config",
+                    "config.reloaded",
+                    {"reason": reason, "generation": self.generation, "changes": changes},
+                )
+            )
+            return {"generation": self.generation, "changes": changes}
+
+    async def _read_config(self, path: Path) -> Config:
+        try:
+            return await anyio.to_thread.run_sync(load_config, path)
+        except ConfigError:
+            raise
+        except Exception as exc:
+            log.exception("config_read_crashed", path=str(path))
+            raise ConfigError(f"cannot read it: {type(exc).__name__}: {exc}", file=str(path)) from None
+
+    async def _apply(self, new: Config, path: Path) -> list[str]:
+        try:
+            changes = self._restart_only_changes(new)
+            changes += await self.engine.apply_config(new)
+            changes += self.dispatcher.apply_config(new)
+            d = new.daemon
+            self.server.configure(
+                max_connections=d.max_connections,
+                read_timeout=d.read_timeout_s,
+                write_timeout=d.write_timeout_s,
+            )
+            self.store.set_history(d.event_history)
+        except Exception as exc:
+            log.exception("config_apply_crashed", path=str(path))
+            raise ConfigError(
+                f"applying it failed ({type(exc).__name__}: {exc}); generation {self.generation} stays",
+                file=str(path),
+            ) from None
+        return changes
+
+    async def _reject(self, reason: str, exc: ConfigError) -> None:
+        self.last_reload_error = exc
+        self.reloads["rejected"] += 1
+        self.metrics.reloads.labels("rejected").inc()
+        log.error("config_rejected", reason=reason, error=str(exc))
+        await self._persist_event(Event("config", "config.rejected", {"reason": reason, **exc.to_dict()}))
 
     def _restart_only_changes(self, new: Config) -> list[str]:
         old = self.config.daemon
