@@ -299,8 +299,6 @@ class Daemon:
                     "note": "running on the embedded default: there is no file to reload",
                 }
             self.notifier.reloading()
-            if self.watcher is not None:
-                self.watcher.last_digest = content_digest(path)
             try:
                 new = await self._read_config(path)
                 changes = await self._apply(new, path)
@@ -326,6 +324,9 @@ class Daemon:
             return {"generation": self.generation, "changes": changes}
 
     async def _read_config(self, path: Path) -> Config:
+        """pools.yaml, read and validated in a worker thread: a big file takes seconds to parse."""
+        if self.watcher is not None:  # what this reload reads, the watcher need not reload again
+            self.watcher.last_digest = await anyio.to_thread.run_sync(content_digest, path)
         try:
             return await anyio.to_thread.run_sync(load_config, path)
         except ConfigError:

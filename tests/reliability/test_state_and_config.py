@@ -16,7 +16,7 @@ import pytest
 from necrod.client import Client
 from necrod.proto.errors import NecrodError
 from tests.helpers import Necrod, wait_for
-from tests.reliability.conftest import FIGURES, daemon_config
+from tests.reliability.conftest import FIGURES, daemon_config, rss_kb
 
 pytestmark = pytest.mark.reliability
 
@@ -52,20 +52,30 @@ def guarded(config_daemon: Necrod) -> Iterator[tuple[Necrod, Client, Client]]:
 
 def replace_config(d: Necrod, text: str) -> None:
     """Write pools.yaml as an editor would: a new file renamed over the old one."""
-    assert d.config_path is not None
-    tmp = d.config_path.with_name(".pools.yaml.tmp")
-    tmp.unlink(missing_ok=True)
-    tmp.write_text(text)
-    os.replace(tmp, d.config_path)
+    replace_config_with(d, lambda tmp: tmp.write_text(text))
 
 
 def replace_config_with(d: Necrod, make: Callable[[Path], None]) -> None:
-    """Put whatever ``make`` creates (a FIFO, a symlink, a sparse file) in pools.yaml's place."""
+    """Put whatever ``make`` creates (a FIFO, a symlink, a sparse file, a directory) in
+    pools.yaml's place, by a rename."""
     assert d.config_path is not None
     tmp = d.config_path.with_name(".pools.yaml.tmp")
-    tmp.unlink(missing_ok=True)
+    _remove(tmp)
     make(tmp)
+    if _is_real_dir(tmp) != _is_real_dir(d.config_path):
+        _remove(d.config_path)  # a rename cannot put a file over a directory, nor the reverse
     os.replace(tmp, d.config_path)
+
+
+def _is_real_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+def _remove(path: Path) -> None:
+    if _is_real_dir(path):
+        path.rmdir()
+    else:
+        path.unlink(missing_ok=True)
 
 
 def trigger_reload(d: Necrod, c: Client, how: str) -> None:
@@ -169,3 +179,84 @@ def test_a_config_the_parser_cannot_read_stops_a_start_with_one_clear_line(
     log = d.log()
     assert "necrod: " in log and str(d.config_path) in log, log
     assert "Traceback" not in log, log
+
+
+# --- issue 16 #19: pools.yaml must be a regular file, read with a cap ----------------------------
+
+
+def _fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+def _dev_zero(path: Path) -> None:
+    path.symlink_to("/dev/zero")
+
+
+def _sparse_16g(path: Path) -> None:
+    with open(path, "wb") as f:
+        f.truncate(16 << 30)
+
+
+def _directory(path: Path) -> None:
+    path.mkdir()
+
+
+NOT_A_CONFIG = [
+    pytest.param(_fifo, "a FIFO, not a regular file", id="fifo"),
+    pytest.param(_dev_zero, "a character device, not a regular file", id="dev-zero-symlink"),
+    pytest.param(_sparse_16g, "a config is at most", id="sparse-16GiB"),
+    pytest.param(_directory, "a directory, not a regular file", id="directory"),
+]
+
+
+@pytest.mark.parametrize("how", TRIGGERS)
+@pytest.mark.parametrize(("make", "expected"), NOT_A_CONFIG)
+def test_a_config_that_is_not_a_small_regular_file_is_refused_without_blocking(
+    guarded: tuple[Necrod, Client, Client], how: str, make: Callable[[Path], None], expected: str
+) -> None:
+    d, c, watcher = guarded
+    assert d.proc is not None
+    rss_before = rss_kb(d.proc.pid)
+    generation = c.status()["config"]["generation"]
+    replace_config_with(d, make)
+    trigger_reload(d, c, how)
+    error = wait_refused(d, c, watcher, generation, how)
+    assert expected in error["message"], error
+    # The loop was never blocked: status answers at once; and nothing was read into memory.
+    with d.client(timeout=2) as quick:
+        assert quick.status()["config"]["generation"] == generation
+    assert rss_kb(d.proc.pid) - rss_before < 32 << 10
+
+
+def test_a_symlinked_config_is_still_read_and_applied(guarded: tuple[Necrod, Client, Client]) -> None:
+    """What the checks must not refuse: pools.yaml as a symlink to a regular file (a ConfigMap)."""
+    d, c, _ = guarded
+    assert d.config_path is not None
+    generation = c.status()["config"]["generation"]
+    target = d.config_path.with_name("..data-pools.yaml")
+    target.write_text(d.config_path.read_text().replace("slots: 1", "slots: 2"))
+    try:
+        replace_config_with(d, lambda tmp: tmp.symlink_to(target.name))
+        wait_for(lambda: c.status()["config"]["generation"] > generation, 30, what="the symlinked config")
+        assert c.status()["config"]["last_reload_error"] is None
+        assert c.pool("repo")["size"]["baseline"] == 2
+    finally:
+        replace_config(d, target.read_text().replace("slots: 2", "slots: 1"))
+        target.unlink()
+
+
+@pytest.mark.parametrize(("make", "expected"), NOT_A_CONFIG)
+def test_a_config_that_is_not_a_small_regular_file_stops_a_start_at_once(
+    necrod_factory: Callable[..., Necrod], origin: Path, make: Callable[[Path], None], expected: str
+) -> None:
+    d = necrod_factory(daemon_config({"repo": origin}), start=False)
+    assert d.config_path is not None
+    d.config_path.unlink()
+    make(d.config_path)
+    d.start(wait=False)
+    assert d.proc is not None
+    assert d.proc.wait(30) == 1
+    log = d.log()
+    assert expected in log and str(d.config_path) in log, log
+    assert "Traceback" not in log, log
+    FIGURES["hostile pools.yaml refused at start"] += 1
