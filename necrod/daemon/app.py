@@ -42,6 +42,7 @@ from necrod.io.gitrun import (
 )
 from necrod.io.instance import InstanceLock
 from necrod.io.metrics_http import serve_metrics
+from necrod.io.preflight import restart_only_changed, start_problems
 from necrod.io.sdnotify import Notifier
 from necrod.io.server import AccessPolicy, RpcServer, raise_fd_limit
 from necrod.io.store import Event, StateStore, StoreError
@@ -147,7 +148,10 @@ class Daemon:
         self.store.set_history(self.config.daemon.event_history)
         self.store.on_commit = self.bus.publish
         workspaces = Path(self.config.daemon.workspaces or self.settings.state_dir / "workspaces")
-        workspaces.mkdir(parents=True, exist_ok=True)
+        try:
+            workspaces.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(f"cannot use the workspaces directory {workspaces}: {exc.strerror}") from None
         workspaces = workspaces.resolve()
         self.workspaces = workspaces
         self.engine = PoolEngine(
@@ -301,6 +305,7 @@ class Daemon:
             self.notifier.reloading()
             try:
                 new = await self._read_config(path)
+                await self._check_startable(new, path)
                 changes = await self._apply(new, path)
             except ConfigError as exc:
                 await self._reject(reason, exc)
@@ -363,12 +368,21 @@ class Daemon:
         await self._persist_event(Event("config", "config.rejected", {"reason": reason, **exc.to_dict()}))
 
     def _restart_only_changes(self, new: Config) -> list[str]:
-        old = self.config.daemon
         return [
             f"daemon.{key} changed: takes effect at the next restart"
-            for key in ("workspaces", "socket_group", "git", "allowed_protocols", "metrics_listen")
-            if getattr(old, key) != getattr(new.daemon, key)
+            for key in restart_only_changed(self.config.daemon, new.daemon)
         ]
+
+    async def _check_startable(self, new: Config, path: Path) -> None:
+        """Refuse a config the next start would refuse (``preflight``)."""
+        problems = await start_problems(
+            self.config.daemon, new.daemon, state_dir=self.settings.state_dir, git=self.engine.git
+        )
+        if problems:
+            raise ConfigError(
+                "; ".join(problems) + " (a restart-only key: necrod would not start again with it)",
+                file=str(path),
+            )
 
     async def _persist_event(self, event: Event) -> None:
         try:

@@ -5,8 +5,11 @@ says why; the daemon keeps serving throughout."""
 
 from __future__ import annotations
 
+import grp
+import json
 import os
 import signal
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -260,3 +263,101 @@ def test_a_config_that_is_not_a_small_regular_file_stops_a_start_at_once(
     assert expected in log and str(d.config_path) in log, log
     assert "Traceback" not in log, log
     FIGURES["hostile pools.yaml refused at start"] += 1
+
+
+# --- issue 16 #16: a reload refuses a restart-only key the next start would refuse -------------
+
+
+@pytest.fixture
+def port_in_use() -> Iterator[int]:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        yield held.getsockname()[1]
+
+
+def _old_git(directory: Path) -> str:
+    fake = directory / "old-git"
+    fake.write_text("#!/bin/sh\necho 'git version 2.30.0'\n")
+    fake.chmod(0o755)
+    return str(fake)
+
+
+def daemon_section(keys: dict[str, Any]) -> str:
+    return "daemon:\n" + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in keys.items())
+
+
+UNSTARTABLE: list[Any] = [
+    pytest.param(lambda d, port: {"socket_group": "no-such-group-16"}, "socket_group", id="socket-group"),
+    pytest.param(lambda d, port: {"workspaces": str(d.config_path) + "/ws"}, "is not a directory",
+                 id="workspaces-under-a-file"),
+    pytest.param(lambda d, port: {"workspaces": str(d.root / "dangling" / "ws")}, "dangling symlink",
+                 id="workspaces-dangling-symlink"),
+    pytest.param(lambda d, port: {"git": "/nonexistent/git"}, "cannot run", id="git-missing"),
+    pytest.param(lambda d, port: {"git": _old_git(d.root)}, "2024 clone vulnerabilities", id="git-too-old"),
+    pytest.param(lambda d, port: {"metrics_listen": f"127.0.0.1:{port}"}, "cannot listen", id="metrics-port-taken"),
+    pytest.param(lambda d, port: {"metrics_listen": "192.0.2.1:9464"}, "cannot listen",
+                 id="metrics-address-not-ours"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("how", TRIGGERS)
+@pytest.mark.parametrize(("keys", "expected"), UNSTARTABLE)
+def test_a_restart_only_key_the_next_start_would_refuse_is_refused_at_reload(
+    guarded: tuple[Necrod, Client, Client],
+    port_in_use: int,
+    how: str,
+    keys: Callable[[Necrod, int], dict[str, Any]],
+    expected: str,
+) -> None:
+    d, c, watcher = guarded
+    assert d.config_path is not None
+    dangling = d.root / "dangling"
+    dangling.unlink(missing_ok=True)
+    dangling.symlink_to(d.root / "nowhere")
+    generation = c.status()["config"]["generation"]
+    replace_config(d, daemon_section(keys(d, port_in_use)) + d.config_path.read_text())
+    trigger_reload(d, c, how)
+    error = wait_refused(d, c, watcher, generation, how)
+    assert expected in error["message"] and "would not start again" in error["message"], error
+    dangling.unlink()
+
+
+def test_a_startable_restart_only_change_is_accepted_and_the_next_start_uses_it(
+    necrod_factory: Callable[..., Necrod], origin: Path, workdir: Path
+) -> None:
+    """What the checks must not refuse: restart-only changes that can start."""
+    d = necrod_factory(daemon_config({"repo": origin}, slots=1, min_idle=0))
+    assert d.config_path is not None
+    group = grp.getgrgid(os.getgid()).gr_name
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    keys = {"socket_group": group, "metrics_listen": f"127.0.0.1:{port}", "workspaces": str(workdir / "ws2")}
+    with d.client(timeout=PROMPT_S) as c:
+        generation = c.status()["config"]["generation"]
+        replace_config(d, daemon_section(keys) + d.config_path.read_text())
+        wait_for(lambda: c.status()["config"]["generation"] > generation, 30, what="the change applied")
+        status = c.status()
+        assert status["config"]["last_reload_error"] is None
+        assert status["workspaces"] != str(workdir / "ws2"), "a restart-only key took effect live"
+    assert d.terminate() == 0
+    d.start()
+    assert d.call("daemon.status")["workspaces"] == str((workdir / "ws2").resolve())
+    assert (os.stat(d.socket).st_mode & 0o777) == 0o660
+    with socket.create_connection(("127.0.0.1", port), timeout=PROMPT_S) as scrape:
+        scrape.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        assert scrape.recv(64).startswith(b"HTTP/1.1 200")
+
+
+def test_a_workspaces_directory_that_cannot_be_made_stops_a_start_with_one_clear_line(
+    necrod_factory: Callable[..., Necrod], origin: Path, workdir: Path
+) -> None:
+    blocker = workdir / "a-file"
+    blocker.write_text("not a directory\n")
+    d = necrod_factory(daemon_config({"repo": origin}, {"workspaces": str(blocker / "ws")}), start=False)
+    d.start(wait=False)
+    assert d.proc is not None
+    assert d.proc.wait(30) == 1
+    log = d.log()
+    assert f"cannot use the workspaces directory {blocker / 'ws'}" in log and "Traceback" not in log, log
