@@ -361,3 +361,54 @@ def test_a_workspaces_directory_that_cannot_be_made_stops_a_start_with_one_clear
     assert d.proc.wait(30) == 1
     log = d.log()
     assert f"cannot use the workspaces directory {blocker / 'ws'}" in log and "Traceback" not in log, log
+
+
+# --- issue 16 #13: fencing tokens grow per slot id for the life of the state ----------------------
+
+
+def lease_tokens(d: Necrod, rounds: int, seen: dict[str, int]) -> None:
+    """Allocate and release ``rounds`` times, checking that every slot id's token only grows and
+    recording the highest one seen per slot id."""
+    with d.client(timeout=PROMPT_S) as c:
+        for _ in range(rounds):
+            lease = c.allocate("repo", holder="fenced", wait_s=30)
+            sid, token = lease["slot_id"], lease["fencing_token"]
+            assert token > seen.get(sid, 0), f"{sid}: token {token} after {seen[sid]}"
+            seen[sid] = token
+            c.release(lease["lease_id"], salvage=False)
+        for s in c.slots("repo")["slots"]:
+            assert s["fencing_token"] >= seen.get(s["slot_id"], 0)
+            seen[s["slot_id"]] = max(seen.get(s["slot_id"], 0), s["fencing_token"])
+
+
+def wait_forgotten(d: Necrod, pool: str) -> None:
+    wait_for(lambda: pool not in d.call("daemon.status")["pools"], 60, what=f"pool {pool} to be forgotten")
+
+
+@pytest.mark.parametrize("restart", ["none", "terminate", "kill9"])
+def test_fencing_tokens_and_slot_ids_never_go_back_when_a_pool_is_removed_and_added_again(
+    necrod_factory: Callable[..., Necrod], origin: Path, restart: str
+) -> None:
+    with_pool = daemon_config({"repo": origin, "other": origin}, slots=2, min_idle=0)
+    without = daemon_config({"other": origin}, slots=2, min_idle=0)
+    d = necrod_factory(with_pool)
+    seen: dict[str, int] = {}
+    for _ in range(2):  # removed and added twice: the second time over a fence record
+        lease_tokens(d, 6, seen)
+        before = set(seen)
+        replace_config(d, without)
+        wait_forgotten(d, "repo")
+        if restart == "terminate":
+            assert d.terminate() == 0
+            d.start()
+        elif restart == "kill9":
+            d.kill9()
+            d.start()
+        replace_config(d, with_pool)
+        d.call("daemon.reload")
+        d.wait_ready()
+        lease_tokens(d, 6, seen)
+        assert not before & {s["slot_id"] for s in d.call("slots.list", {"pool": "repo"})["slots"]}, (
+            "a slot id came back"
+        )
+    FIGURES["fencing tokens checked across pool removal"] += len(seen)
