@@ -31,7 +31,7 @@ from necrod.daemon.engine import PoolEngine
 from necrod.daemon.events import EventBus
 from necrod.daemon.metrics import Metrics
 from necrod.daemon.rpc import Api
-from necrod.daemon.supervisor import Supervisor
+from necrod.daemon.supervisor import DISK_FULL_BELOW, Supervisor
 from necrod.io.config_files import load_config
 from necrod.io.gitrun import (
     GLOBAL_CONFIG,
@@ -178,8 +178,9 @@ class Daemon:
         try:
             async with anyio.create_task_group() as tg:
                 await tg.start(self.store.run)
-                await self.store.write(
-                    [Event("daemon", "daemon.started", {"pid": self.pid, "version": __version__})]
+                # Quietly: on a full state disk the daemon starts read-only rather than not at all.
+                await self._persist_event(
+                    Event("daemon", "daemon.started", {"pid": self.pid, "version": __version__})
                 )
                 await tg.start(self.engine.run, self.config)
                 try:
@@ -396,12 +397,7 @@ class Daemon:
         reasons = []
         if self.last_reload_error is not None:
             reasons.append(f"config rejected: {self.last_reload_error}")
-        if self.engine.disk_low:
-            free = self.supervisor.free_bytes
-            reasons.append(
-                f"disk: {free if free is not None else '?'} bytes free on {self.workspaces}, below "
-                f"min_free_disk {self.config.daemon.min_free_disk}: no new slots are cut"
-            )
+        reasons += self._disk_reasons()
         if self.dispatcher.stalled:
             reasons.append("dispatcher stalled: " + "; ".join(self.dispatcher.stalled[:3]))
         for pool in self.engine.pools.values():
@@ -413,6 +409,32 @@ class Daemon:
             errors = sum(1 for s in pool.slots.values() if s.state == "error")
             if errors:
                 reasons.append(f"pool {pool.name}: {errors} slot(s) in error")
+        return reasons
+
+    def _disk_reasons(self) -> list[str]:
+        reasons = []
+        state_free = self.supervisor.state_free_bytes
+        if self.store.read_only is not None:
+            reasons.append(
+                f"state read-only: {self.store.read_only}: changes are refused (unavailable) until "
+                "there is room; reads and status are served"
+            )
+        elif state_free is not None and state_free < DISK_FULL_BELOW:
+            reasons.append(
+                f"state disk full: {state_free} bytes free on the file system of "
+                f"{self.settings.state_dir}: changes will be refused when it runs out"
+            )
+        free = self.supervisor.free_bytes
+        if free is not None and free < DISK_FULL_BELOW:
+            reasons.append(
+                f"workspaces disk full: {free} bytes free on {self.workspaces}: slots cannot be "
+                "created, cleaned or salvaged"
+            )
+        elif self.engine.disk_low:
+            reasons.append(
+                f"disk: {free if free is not None else '?'} bytes free on {self.workspaces}, below "
+                f"min_free_disk {self.config.daemon.min_free_disk}: no new slots are cut"
+            )
         return reasons
 
     def status(self) -> dict[str, Any]:
@@ -456,7 +478,9 @@ class Daemon:
                 "free_bytes": self.supervisor.free_bytes,
                 "min_free_disk": self.config.daemon.min_free_disk,
                 "low": self.engine.disk_low,
+                "state_free_bytes": self.supervisor.state_free_bytes,
             },
+            "store": self.store.statistics(),
             "anomalies": {
                 "last_scan_at": self.supervisor.last_scan_at,
                 "found": len(self.supervisor.last_scan),

@@ -45,6 +45,11 @@ class Lifecycle(EngineBase):
     async def _drive(self, slot: Slot) -> None:
         try:
             while not self.stopping:
+                if self.store.read_only is not None:
+                    # Nothing this slot's git work leads to could be recorded: wait for room
+                    # rather than redo it (and its salvage) every few seconds meanwhile.
+                    await self.store.wait_writable()
+                    continue
                 p = self.pools.get(slot.pool)
                 if p is None or p.slots.get(slot.slot_id) is not slot or p.state != "ready":
                     return

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,10 @@ from typing import Any
 import pytest
 
 from necrod.client import Client
-from necrod.proto.errors import NecrodError
+from necrod.io.store import CHECKPOINT_IDLE_S
+from necrod.proto.errors import NecrodError, Unavailable
 from tests.helpers import Necrod, wait_for
-from tests.reliability.conftest import FIGURES, daemon_config, rss_kb
+from tests.reliability.conftest import FIGURES, daemon_config, fill, rss_kb, tmpfs
 
 pytestmark = pytest.mark.reliability
 
@@ -182,6 +184,7 @@ def test_a_config_the_parser_cannot_read_stops_a_start_with_one_clear_line(
     log = d.log()
     assert "necrod: " in log and str(d.config_path) in log, log
     assert "Traceback" not in log, log
+    FIGURES["hostile pools.yaml refused at start"] += 1
 
 
 # --- issue 16 #19: pools.yaml must be a regular file, read with a cap ----------------------------
@@ -412,3 +415,216 @@ def test_fencing_tokens_and_slot_ids_never_go_back_when_a_pool_is_removed_and_ad
             "a slot id came back"
         )
     FIGURES["fencing tokens checked across pool removal"] += len(seen)
+
+
+# --- issue 16 #10: a small or full state file system ----------------------------------------------
+
+#: The WAL's bound under load: SQLite checkpoints it at 256 pages (necrod.io.store), plus the
+#: frames of the transaction that crossed the line.
+WAL_BOUND = (256 + 64) * 4096
+
+
+def heartbeats(c: Client, lease_id: str, count: int, wal: Path) -> int:
+    """``count`` durable heartbeats (one transaction each); returns the largest WAL seen."""
+    largest = 0
+    for _ in range(count):
+        c.heartbeat(lease_id)
+        largest = max(largest, wal.stat().st_size if wal.exists() else 0)
+    return largest
+
+
+def wait_wal_truncated(d: Necrod, wal: Path) -> None:
+    wait_for(lambda: not wal.exists() or wal.stat().st_size == 0, 15, what="the WAL to be truncated")
+    store = d.call("daemon.status")["store"]
+    assert store["checkpoints"] >= 1 and store["wal_bytes"] in (0, None), store
+
+
+def test_the_wal_stays_near_1_mib_under_load_and_is_truncated_when_idle(
+    necrod_factory: Callable[..., Necrod], origin: Path
+) -> None:
+    d = necrod_factory(daemon_config({"repo": origin}, slots=2, min_idle=0))
+    wal = d.state_dir / "necrod.db-wal"
+    with d.client(timeout=PROMPT_S) as c:
+        lease = c.allocate("repo", holder="beating")
+        largest = heartbeats(c, lease["lease_id"], 3000, wal)
+        assert largest <= WAL_BOUND, f"the WAL reached {largest} bytes"
+        wait_wal_truncated(d, wal)
+        # Truncated again after every burst, and nothing is lost by it.
+        heartbeats(c, lease["lease_id"], 200, wal)
+        wait_wal_truncated(d, wal)
+    FIGURES["durable transactions while measuring the WAL"] += 3200
+    d.kill9()
+    d.start()
+    assert [s["lease_id"] for s in d.call("slots.list")["slots"] if s["lease_id"]] == [lease["lease_id"]]
+
+
+def test_a_small_state_file_system_is_never_filled_by_the_wal(
+    necrod_factory: Callable[..., Necrod], origin: Path, workdir: Path
+) -> None:
+    """3 MiB for the state: the WAL used to grow to ~4 MB and fill it in a few hundred changes."""
+    with tmpfs(workdir / "statedisk", "3m") as disk:
+        d = necrod_factory(
+            daemon_config({"repo": origin}, {"workspaces": str(workdir / "ws")}, slots=2, min_idle=0),
+            start=False,
+        )
+        d.state_dir = disk / "state"
+        try:
+            d.start()
+            with d.client(timeout=PROMPT_S) as c:
+                lease = c.allocate("repo", holder="beating")
+                for _ in range(3):
+                    heartbeats(c, lease["lease_id"], 1500, d.state_dir / "necrod.db-wal")
+                    status = c.status()
+                    assert status["store"]["commits_failed"] == 0 and status["state"] == "running", status
+            FIGURES["durable transactions while measuring the WAL"] += 4500
+        finally:
+            d.stop()
+
+
+def degraded_with(c: Client, words: str) -> list[str]:
+    def found() -> list[str] | None:
+        status = c.status()
+        reasons = [r for r in status["degraded"] if words in r]
+        return reasons if status["state"] == "degraded" and reasons else None
+
+    return wait_for(found, 30, what=f"status degraded with {words!r}")  # type: ignore[no-any-return]
+
+
+def make_read_only(c: Client, disk: Path, lease_id: str) -> Path:
+    """Fill ``disk`` and make changes until one is refused at once; returns the filler.
+
+    A second after its last commit the daemon truncates its WAL, which can give space back; so
+    each round waits for that first, fills, and beats until refused: a round refused at its
+    first beat had no commit, so no truncation is pending and the daemon stays read-only."""
+    for _ in range(10):
+        time.sleep(CHECKPOINT_IDLE_S + 0.5)
+        filler = fill(disk)
+        accepted = 0
+        while True:
+            try:
+                c.heartbeat(lease_id)
+            except Unavailable:
+                break
+            accepted += 1
+            assert accepted < 2000, "a full state disk refused no change"
+        if accepted == 0:
+            return filler
+    raise AssertionError("the state disk never stayed full")
+
+
+def assert_read_only(c: Client, held: dict[str, Any]) -> None:
+    """Reads are served; every change is refused with ``unavailable``, saying why, and undone."""
+    status = c.status()
+    assert any(r.startswith("state read-only: ") for r in status["degraded"]), status["degraded"]
+    slots = {s["slot_id"]: s for s in c.slots("repo")["slots"]}
+    assert slots[held["slot_id"]]["lease_id"] == held["lease_id"]
+    with pytest.raises(Unavailable) as info:
+        c.allocate("repo", holder="refused")
+    assert "is full" in info.value.message and "read-only until there is room" in info.value.message
+    assert "refused" not in [s["holder"] for s in c.slots("repo")["slots"]]
+    with pytest.raises(Unavailable):
+        c.heartbeat(held["lease_id"])
+    FIGURES["changes refused on a full state disk"] += 2
+
+
+def test_a_full_state_disk_is_degraded_read_only_and_recovers_by_itself(
+    necrod_factory: Callable[..., Necrod], origin: Path, workdir: Path
+) -> None:
+    with tmpfs(workdir / "statedisk", "4m") as disk:
+        d = necrod_factory(
+            daemon_config(
+                {"repo": origin}, {"workspaces": str(workdir / "ws"), "disk_check_interval_s": 1},
+                slots=2, min_idle=0,
+            ),
+            start=False,
+        )  # fmt: skip
+        d.state_dir = disk / "state"
+        try:
+            d.start()
+            with d.client(timeout=PROMPT_S) as c:
+                held = c.allocate("repo", holder="held")
+                # Nearly full: said before anything fails.
+                filler = fill(disk, leave=512 << 10)
+                (reason,) = degraded_with(c, "state disk full: ")
+                assert str(d.state_dir) in reason
+                filler.unlink()
+                wait_for(lambda: c.status()["state"] == "running", 30, what="room again")
+                # Full: the first change that fails makes the daemon read-only.
+                filler = make_read_only(c, disk, held["lease_id"])
+                (reason,) = degraded_with(c, "state read-only: ")
+                assert str(d.state_dir) in reason and "is full" in reason
+                assert_read_only(c, held)
+                # Room again: back by itself, with no change asked for.
+                filler.unlink()
+                wait_for(lambda: c.status()["state"] == "running", 30, what="the store to be writable again")
+                assert c.status()["store"]["read_only"] is None
+                c.heartbeat(held["lease_id"])
+                other = c.allocate("repo", holder="after")
+                c.release(other["lease_id"], salvage=False)
+        finally:
+            d.stop()
+
+
+def test_a_full_workspaces_disk_is_degraded_and_recovers(
+    necrod_factory: Callable[..., Necrod], origin: Path, workdir: Path
+) -> None:
+    with tmpfs(workdir / "wsdisk", "16m") as disk:
+        d = necrod_factory(
+            daemon_config(
+                {"repo": origin}, {"workspaces": str(disk / "ws"), "min_free_disk": 0, "disk_check_interval_s": 1},
+                slots=1, min_idle=0,
+            )
+        )  # fmt: skip
+        try:
+            with d.client(timeout=PROMPT_S) as c:
+                filler = fill(disk)
+                (reason,) = degraded_with(c, "workspaces disk full: ")
+                assert str(disk / "ws") in reason
+                lease = c.allocate("repo", holder="still-served")  # the clean slot is still handed out
+                c.release(lease["lease_id"], salvage=False)
+                filler.unlink()
+                wait_for(lambda: c.status()["state"] == "running", 60, what="room again")
+        finally:
+            d.stop()
+
+
+@pytest.mark.parametrize("layout", ["state-disk", "state-and-workspaces-disk"])
+def test_after_kill9_on_a_full_disk_the_daemon_starts_read_only_and_recovers(
+    necrod_factory: Callable[..., Necrod], origin: Path, workdir: Path, layout: str
+) -> None:
+    with tmpfs(workdir / "disk", "16m") as disk:
+        keys: dict[str, Any] = {"disk_check_interval_s": 1, "min_free_disk": 0}
+        if layout == "state-disk":
+            keys["workspaces"] = str(workdir / "ws")
+        d = necrod_factory(daemon_config({"repo": origin}, keys, slots=3, min_idle=0), start=False)
+        d.state_dir = disk / "state"
+        try:
+            d.start()
+            with d.client(timeout=PROMPT_S) as c:
+                held = c.allocate("repo", holder="held")
+                returned = c.allocate("repo", holder="returned")
+                c.release(returned["lease_id"])  # cleaned in the background: caught mid-way, perhaps
+            fill(disk)
+            d.kill9()
+            FIGURES["faults injected"] += 1
+            d.start()  # it used to exit at once, and again at every restart
+            assert any(e.get("event") == "state_read_only" for e in d.log_events())
+            with d.client(timeout=PROMPT_S) as c:
+                filler = make_read_only(c, disk, held["lease_id"])
+                assert_read_only(c, held)
+                filler.unlink()
+                wait_for(lambda: c.status()["state"] == "running", 60, what="the daemon to recover by itself")
+                c.heartbeat(held["lease_id"])
+                wait_for(
+                    lambda: sorted(s["state"] for s in c.slots("repo")["slots"])
+                    == ["allocated", "available", "available"],
+                    60, what="the returned slot cleaned",
+                )  # fmt: skip
+            # Nothing acknowledged was lost, and nothing half-done was kept.
+            d.kill9()
+            d.start()
+            slots = {s["slot_id"]: s for s in d.call("slots.list", {"pool": "repo"})["slots"]}
+            assert slots[held["slot_id"]]["lease_id"] == held["lease_id"]
+            assert "error" not in {s["state"] for s in slots.values()}
+        finally:
+            d.stop()
