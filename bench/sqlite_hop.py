@@ -4,7 +4,9 @@ One durable commit of the shape the daemon makes (WAL, ``synchronous=FULL``; one
 of ~500 bytes of JSON and one event row) is timed three ways on the same database file system
 as the daemon's state: inline on the event loop (the loop is blocked for all of it), through
 ``anyio.to_thread.run_sync`` (the loop is free but the caller waits for the hop too), and the
-hop alone with a no-op. A cross-check times ``necrod.io.store.StateStore.write``, the real path.
+hop alone with a no-op. A cross-check times ``necrod.io.store.StateStore.write``, the real path,
+and what keeping the WAL small costs it: the idle checkpoint that truncates the WAL (on the
+loop, after every 50 writes here) and the first write after it, which starts a new WAL file.
 """
 
 from __future__ import annotations
@@ -72,7 +74,32 @@ async def _run(root: Path, count: int) -> dict[str, list[float]]:
     }
     conn.close()
     out["store"] = await _store(root / "store.sqlite", count)
+    out["checkpoint"], out["after_checkpoint"] = await _checkpoints(root / "checkpoint.sqlite", count)
     return out
+
+
+async def _checkpoints(path: Path, count: int) -> tuple[list[float], list[float]]:
+    from necrod.io.store import Put, StateStore
+
+    store = StateStore.open(path)
+    data = json.loads(_ROW)
+    checkpoint, after = [], []
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(store.run)
+            for n in range(max(1, count // 50)):
+                for i in range(50):
+                    await store.write([Put("slot", f"bench/{i}", data)])
+                started = time.perf_counter()
+                store._checkpoint()  # what the writer does after CHECKPOINT_IDLE_S of quiet
+                checkpoint.append((time.perf_counter() - started) * 1000)
+                started = time.perf_counter()
+                await store.write([Put("slot", f"bench/{n}", data)])
+                after.append((time.perf_counter() - started) * 1000)
+            tg.cancel_scope.cancel()
+    finally:
+        store.close()
+    return checkpoint, after
 
 
 async def _store(path: Path, count: int) -> list[float]:
@@ -110,4 +137,6 @@ def measure(root: Path, count: int) -> list[Row]:
         row("thread", "sqlite commit via anyio.to_thread.run_sync"),
         row("hop", "to_thread.run_sync hop alone (no-op)"),
         row("store", "StateStore.write as the daemon does it (inline)"),
+        row("checkpoint", "StateStore idle WAL checkpoint + truncate, after 50 writes (inline)"),
+        row("after_checkpoint", "first StateStore.write after the WAL was truncated"),
     ]

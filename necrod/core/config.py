@@ -305,7 +305,7 @@ class _Reader:
         for key_node, value_node in node.value:
             if not isinstance(key_node, ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
                 raise self.error(key_node, f"{path}: keys must be plain names (no merge keys)")
-            key = str(_constructor.construct_object(key_node))
+            key = str(self._construct(key_node, path))
             if key in items:
                 first = items[key][0].start_mark.line + 1
                 raise self.error(key_node, f"{path}: duplicate key {key!r} (first on line {first})")
@@ -318,7 +318,16 @@ class _Reader:
                 node,
                 f"{path} must be a single value, not a {'list' if isinstance(node, SequenceNode) else 'mapping'}",
             )
-        return _constructor.construct_object(node)
+        return self._construct(node, path)
+
+    def _construct(self, node: Node, path: str) -> Any:
+        # A tag the safe constructor refuses (!!python/...) or a value its tag cannot read
+        # (!!int abc, a 13th month) raises ConstructorError or ValueError, not a ConfigError.
+        try:
+            return _constructor.construct_object(node)
+        except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:
+            problem = getattr(exc, "problem", None) or str(exc)
+            raise self.error(node, f"{path}: cannot read this value: {problem}") from None
 
     def strings(self, node: Node, path: str) -> list[str]:
         if not isinstance(node, SequenceNode):
@@ -912,6 +921,11 @@ def parse_config(text: str, file: str | None = None) -> Config:
     r = _Reader(file)
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:
+        # PyYAML composes nested collections by recursion: a few hundred levels exhaust it.
+        raise ConfigError(
+            "nested too deeply to read (a few hundred levels of lists or mappings)", file=file
+        ) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         raise ConfigError(

@@ -31,7 +31,7 @@ from necrod.daemon.engine import PoolEngine
 from necrod.daemon.events import EventBus
 from necrod.daemon.metrics import Metrics
 from necrod.daemon.rpc import Api
-from necrod.daemon.supervisor import Supervisor
+from necrod.daemon.supervisor import DISK_FULL_BELOW, Supervisor
 from necrod.io.config_files import load_config
 from necrod.io.gitrun import (
     GitRunner,
@@ -41,6 +41,7 @@ from necrod.io.gitrun import (
 )
 from necrod.io.instance import InstanceLock
 from necrod.io.metrics_http import serve_metrics
+from necrod.io.preflight import restart_only_changed, start_problems
 from necrod.io.sdnotify import Notifier
 from necrod.io.server import AccessPolicy, Limits, RpcServer, raise_fd_limit
 from necrod.io.store import Event, StateStore, StoreError
@@ -165,7 +166,7 @@ class Daemon:
             workspaces = workspaces.resolve()
             keep_private(workspaces, policy.gid)
         except OSError as exc:
-            raise StartupError(f"cannot use the workspaces directory {workspaces}: {exc}") from None
+            raise StartupError(f"cannot use the workspaces directory {workspaces}: {exc.strerror}") from None
         self.workspaces = workspaces
         self.engine = PoolEngine(
             store=self.store,
@@ -189,8 +190,9 @@ class Daemon:
         try:
             async with anyio.create_task_group() as tg:
                 await tg.start(self.store.run)
-                await self.store.write(
-                    [Event("daemon", "daemon.started", {"pid": self.pid, "version": __version__})]
+                # Quietly: on a full state disk the daemon starts read-only rather than not at all.
+                await self._persist_event(
+                    Event("daemon", "daemon.started", {"pid": self.pid, "version": __version__})
                 )
                 await tg.start(self.engine.run, self.config)
                 try:
@@ -292,13 +294,18 @@ class Daemon:
         try:
             await self.reload(reason)
         except FailedPrecondition:
-            pass
+            pass  # rejected: already logged, kept for daemon.status and sent as an event
+        except Exception:
+            # A reload runs in the daemon's own task group: whatever it raises must not stop it.
+            log.exception("reload_crashed", reason=reason)
 
     async def reload(self, reason: str) -> dict[str, Any]:
         """Re-read pools.yaml and apply it as a difference; one reload at a time.
 
-        An invalid file changes nothing: the error is logged, kept for ``daemon.status`` until a
-        good file arrives, and raised as ``failed_precondition``.
+        Error handling: a file that cannot be read or validated, or a config that fails while
+        being applied, changes nothing (the running config and its generation stay): the error
+        is logged, kept for ``daemon.status`` until a good file arrives, sent as a
+        ``config.rejected`` event, and raised as ``failed_precondition``.
         """
         async with self._reload_lock:
             path = self.settings.config_path
@@ -309,57 +316,88 @@ class Daemon:
                     "note": "running on the embedded default: there is no file to reload",
                 }
             self.notifier.reloading()
-            if self.watcher is not None:
-                self.watcher.last_digest = content_digest(path)
             try:
-                try:
-                    new = await anyio.to_thread.run_sync(load_config, path)
-                except ConfigError as exc:
-                    self.last_reload_error = exc
-                    self.reloads["rejected"] += 1
-                    self.metrics.reloads.labels("rejected").inc()
-                    log.error("config_rejected", reason=reason, error=str(exc))
-                    await self._persist_event(
-                        Event("config", "config.rejected", {"reason": reason, **exc.to_dict()})
-                    )
-                    raise FailedPrecondition(f"config not applied: {exc}", **exc.to_dict()) from None
-                changes = self._restart_only_changes(new)
-                if new.daemon.admin_group != self.config.daemon.admin_group:
-                    changes.append(
-                        f"daemon.admin_group {self.config.daemon.admin_group!r} -> {new.daemon.admin_group!r}"
-                    )
-                changes += await self.engine.apply_config(new)
-                changes += self.dispatcher.apply_config(new)
-                d = new.daemon
-                self.server.configure(Limits.of(d))
-                # load_config checked that the group exists.
-                self.server.policy = self.server.policy.with_admin_group(d.admin_group)
-                self.store.set_history(d.event_history)
-                self.config = new
-                self.generation += 1
-                self.loaded_at = time.time()
-                self.last_reload_error = None
-                self.reloads["applied"] += 1
-                self.metrics.reloads.labels("applied").inc()
-                log.info("config_applied", reason=reason, generation=self.generation, changes=changes)
-                await self._persist_event(
-                    Event(
-                        "config",
-                        "config.reloaded",
-                        {"reason": reason, "generation": self.generation, "changes": changes},
-                    )
-                )
-                return {"generation": self.generation, "changes": changes}
+                new = await self._read_config(path)
+                await self._check_startable(new, path)
+                changes = await self._apply(new, path)
+            except ConfigError as exc:
+                await self._reject(reason, exc)
+                raise FailedPrecondition(f"config not applied: {exc}", **exc.to_dict()) from None
             finally:
                 self.notifier.ready(self._status_line())
+            self.config = new
+            self.generation += 1
+            self.loaded_at = time.time()
+            self.last_reload_error = None
+            self.reloads["applied"] += 1
+            self.metrics.reloads.labels("applied").inc()
+            log.info("config_applied", reason=reason, generation=self.generation, changes=changes)
+            await self._persist_event(
+                Event(
+                    "config",
+                    "config.reloaded",
+                    {"reason": reason, "generation": self.generation, "changes": changes},
+                )
+            )
+            return {"generation": self.generation, "changes": changes}
+
+    async def _read_config(self, path: Path) -> Config:
+        """pools.yaml, read and validated in a worker thread: a big file takes seconds to parse."""
+        if self.watcher is not None:  # what this reload reads, the watcher need not reload again
+            self.watcher.last_digest = await anyio.to_thread.run_sync(content_digest, path)
+        try:
+            return await anyio.to_thread.run_sync(load_config, path)
+        except ConfigError:
+            raise
+        except Exception as exc:
+            log.exception("config_read_crashed", path=str(path))
+            raise ConfigError(f"cannot read it: {type(exc).__name__}: {exc}", file=str(path)) from None
+
+    async def _apply(self, new: Config, path: Path) -> list[str]:
+        try:
+            changes = self._restart_only_changes(new)
+            if new.daemon.admin_group != self.config.daemon.admin_group:
+                changes.append(
+                    f"daemon.admin_group {self.config.daemon.admin_group!r} -> {new.daemon.admin_group!r}"
+                )
+            changes += await self.engine.apply_config(new)
+            changes += self.dispatcher.apply_config(new)
+            d = new.daemon
+            self.server.configure(Limits.of(d))
+            # load_config checked that the group exists.
+            self.server.policy = self.server.policy.with_admin_group(d.admin_group)
+            self.store.set_history(d.event_history)
+        except Exception as exc:
+            log.exception("config_apply_crashed", path=str(path))
+            raise ConfigError(
+                f"applying it failed ({type(exc).__name__}: {exc}); generation {self.generation} stays",
+                file=str(path),
+            ) from None
+        return changes
+
+    async def _reject(self, reason: str, exc: ConfigError) -> None:
+        self.last_reload_error = exc
+        self.reloads["rejected"] += 1
+        self.metrics.reloads.labels("rejected").inc()
+        log.error("config_rejected", reason=reason, error=str(exc))
+        await self._persist_event(Event("config", "config.rejected", {"reason": reason, **exc.to_dict()}))
 
     def _restart_only_changes(self, new: Config) -> list[str]:
-        old = self.config.daemon
         return [
             f"daemon.{key} changed: takes effect at the next restart"
-            for key in ("workspaces", "socket_group", "git", "allowed_protocols", "metrics_listen")
-            if getattr(old, key) != getattr(new.daemon, key)
+            for key in restart_only_changed(self.config.daemon, new.daemon)
         ]
+
+    async def _check_startable(self, new: Config, path: Path) -> None:
+        """Refuse a config the next start would refuse (``preflight``)."""
+        problems = await start_problems(
+            self.config.daemon, new.daemon, state_dir=self.settings.state_dir, git=self.engine.git
+        )
+        if problems:
+            raise ConfigError(
+                "; ".join(problems) + " (a restart-only key: necrod would not start again with it)",
+                file=str(path),
+            )
 
     async def _persist_event(self, event: Event) -> None:
         try:
@@ -373,12 +411,7 @@ class Daemon:
         reasons = []
         if self.last_reload_error is not None:
             reasons.append(f"config rejected: {self.last_reload_error}")
-        if self.engine.disk_low:
-            free = self.supervisor.free_bytes
-            reasons.append(
-                f"disk: {free if free is not None else '?'} bytes free on {self.workspaces}, below "
-                f"min_free_disk {self.config.daemon.min_free_disk}: no new slots are cut"
-            )
+        reasons += self._disk_reasons()
         if self.dispatcher.stalled:
             reasons.append("dispatcher stalled: " + "; ".join(self.dispatcher.stalled[:3]))
         for pool in self.engine.pools.values():
@@ -390,6 +423,32 @@ class Daemon:
             quarantine = pool.quarantine_note()
             if quarantine:
                 reasons.append(quarantine)
+        return reasons
+
+    def _disk_reasons(self) -> list[str]:
+        reasons = []
+        state_free = self.supervisor.state_free_bytes
+        if self.store.read_only is not None:
+            reasons.append(
+                f"state read-only: {self.store.read_only}: changes are refused (unavailable) until "
+                "there is room; reads and status are served"
+            )
+        elif state_free is not None and state_free < DISK_FULL_BELOW:
+            reasons.append(
+                f"state disk full: {state_free} bytes free on the file system of "
+                f"{self.settings.state_dir}: changes will be refused when it runs out"
+            )
+        free = self.supervisor.free_bytes
+        if free is not None and free < DISK_FULL_BELOW:
+            reasons.append(
+                f"workspaces disk full: {free} bytes free on {self.workspaces}: slots cannot be "
+                "created, cleaned or salvaged"
+            )
+        elif self.engine.disk_low:
+            reasons.append(
+                f"disk: {free if free is not None else '?'} bytes free on {self.workspaces}, below "
+                f"min_free_disk {self.config.daemon.min_free_disk}: no new slots are cut"
+            )
         return reasons
 
     def status(self) -> dict[str, Any]:
@@ -433,7 +492,9 @@ class Daemon:
                 "free_bytes": self.supervisor.free_bytes,
                 "min_free_disk": self.config.daemon.min_free_disk,
                 "low": self.engine.disk_low,
+                "state_free_bytes": self.supervisor.state_free_bytes,
             },
+            "store": self.store.statistics(),
             "anomalies": {
                 "last_scan_at": self.supervisor.last_scan_at,
                 "found": len(self.supervisor.last_scan),

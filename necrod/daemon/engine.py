@@ -46,10 +46,14 @@ class PoolEngine(LeaseOps, Lifecycle):
 
     def _new_pool(self, config: PoolConfig) -> Pool:
         pool = Pool(config, self.workspaces / config.name, self.git)
+        fence = self.fences.get(config.name)
+        if fence is not None:  # a pool of this name was here before: go on from its numbers
+            pool.next_number = int(fence["next_number"])
         self.pools[config.name] = pool
         return pool
 
     def _load(self, config: Config) -> None:
+        self.fences = self.store.load("fence")
         pool_rows = self.store.load("pool")
         for name, pc in config.pools.items():
             pool = self._new_pool(pc)

@@ -66,6 +66,8 @@ class EngineBase:
         self.clock = clock or Clock()
         self.metrics = metrics or Metrics()
         self.pools: dict[str, Pool] = {}
+        #: The next slot number of each pool removed since the state began (``Pool.next_number``).
+        self.fences: dict[str, dict[str, Any]] = {}
         #: lease id → the slot it holds.
         self.leases: dict[str, Slot] = {}
         #: Recently ended leases: id → (how, when), to answer "expired" rather than "unknown".

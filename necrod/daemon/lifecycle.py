@@ -55,6 +55,11 @@ class Lifecycle(EngineBase):
     async def _drive(self, slot: Slot) -> None:
         try:
             while not self.stopping:
+                if self.store.read_only is not None:
+                    # Nothing this slot's git work leads to could be recorded: wait for room
+                    # rather than redo it (and its salvage) every few seconds meanwhile.
+                    await self.store.wait_writable()
+                    continue
                 p = self.pools.get(slot.pool)
                 if p is None or p.slots.get(slot.slot_id) is not slot or p.state != "ready":
                     return
@@ -504,9 +509,17 @@ class Lifecycle(EngineBase):
     async def _maybe_forget(self, p: Pool) -> None:
         if not p.draining or p.slots or self.pools.get(p.name) is not p:
             return
+        # The pool goes, its slot numbers stay taken: a pool of this name added later starts
+        # after them, so no slot id (and no fencing token of one) ever comes back.
+        fence = {"next_number": p.next_number}
         if await self._persist_quietly(
-            [Delete("pool", p.name), Event("pools", "pool.removed", {"pool": p.name})]
+            [
+                Delete("pool", p.name),
+                Put("fence", p.name, fence),
+                Event("pools", "pool.removed", {"pool": p.name}),
+            ]
         ):
+            self.fences[p.name] = fence
             self.pools.pop(p.name, None)
             log.info("pool_removed", pool=p.name, mirror_kept=str(p.mirror.path))
 

@@ -78,6 +78,8 @@ class Pool:
         self.default_branch: str | None = None
         self.base_commit: str | None = None
         self.refs: dict[str, str] = {}
+        #: Slot numbers are never reused, even by a pool removed and added again (the engine's
+        #: ``fences``): a slot id's fencing token starts at 1 once and only grows after that.
         self.next_number = 1
         #: Operator adjustments (slots.add / slots.remove) on top of config.slots.
         self.delta = 0
@@ -165,7 +167,7 @@ class Pool:
         }
 
     def restore_row(self, row: dict[str, Any]) -> None:
-        self.next_number = int(row.get("next_number", 1))
+        self.next_number = max(self.next_number, int(row.get("next_number", 1)))
         self.delta = int(row.get("delta", 0))
         self.default_branch = row.get("default_branch")
         self.base_commit = row.get("base_commit")

@@ -9,7 +9,9 @@
   ``mirror_check_interval_s``.
 - The disk guard: every ``disk_check_interval_s`` the free space of the workspaces file system
   is compared with ``min_free_disk``; below it no new slots are cut and idle slots above each
-  pool's baseline go. Held slots' disk use is measured every 20 checks.
+  pool's baseline go. Held slots' disk use is measured every 20 checks. The state directory's
+  file system is looked at too: when the store went read-only (full) and there is room again,
+  one event is written to bring it back, and the pools are driven again.
 - Idle slots above the baseline that stay idle past ``idle_timeout_s`` are removed.
 - Salvage past each pool's ``salvage_keep_*`` retention is deleted every hour.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Callable
+from pathlib import Path
 
 import anyio
 import structlog
@@ -40,6 +43,9 @@ TICK_S = 0.5
 SALVAGE_PRUNE_EVERY_S = 3600.0
 #: First retry after a failed fetch; doubles up to the pool's interval.
 FETCH_RETRY_S = 10.0
+#: Less free than this and a file system is full for necrod: the state's WAL grows by up to
+#: ~1 MiB between checkpoints, and no checkout fits.
+DISK_FULL_BELOW = 1 << 20
 
 
 class Supervisor:
@@ -48,6 +54,8 @@ class Supervisor:
         self._config = config
         self.healer = Healer(engine)
         self.free_bytes: int | None = None
+        self.state_free_bytes: int | None = None
+        self._state_was_read_only = False
         self.last_scan: list[dict[str, object]] = []
         self.last_scan_at: float | None = None
 
@@ -141,13 +149,12 @@ class Supervisor:
     # --- the disk guard -----------------------------------------------------------------------------
 
     async def check_disk(self) -> bool:
+        await self.check_state_disk()
         cfg = self._config()
-        try:
-            st = os.statvfs(self.engine.workspaces)
-        except OSError as exc:
-            log.error("statvfs_failed", path=str(self.engine.workspaces), error=str(exc))
+        free = _free_bytes(self.engine.workspaces)
+        if free is None:
             return self.engine.disk_low
-        self.free_bytes = st.f_bavail * st.f_frsize
+        self.free_bytes = free
         low = self.free_bytes < cfg.min_free_disk
         if low != self.engine.disk_low:
             self.engine.disk_low = low
@@ -162,6 +169,19 @@ class Supervisor:
             for p in list(self.engine.pools.values()):
                 self.engine._maintain(p)
         return low
+
+    async def check_state_disk(self) -> None:
+        store = self.engine.store
+        self.state_free_bytes = _free_bytes(store.path.parent)
+        if store.read_only is not None and (self.state_free_bytes or 0) >= DISK_FULL_BELOW:
+            # Room again: one write brings the store back (as any change that succeeds does).
+            event = Event("daemon", "state.writable", {"free_bytes": self.state_free_bytes})
+            await self.engine._persist_quietly([event])
+        if self._state_was_read_only and store.read_only is None:
+            # Slots whose creation could not be recorded were dropped: fill the pools again.
+            for p in list(self.engine.pools.values()):
+                self.engine._maintain(p)
+        self._state_was_read_only = store.read_only is not None
 
     async def _disk_loop(self) -> None:
         rounds = 0
@@ -209,3 +229,12 @@ class Supervisor:
             for p in list(self.engine.pools.values()):
                 if p.state == "ready" and not p.draining:
                     self.engine.retire_idle(p, p.config.idle_timeout_s)
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        st = os.statvfs(path)
+    except OSError as exc:
+        log.error("statvfs_failed", path=str(path), error=str(exc))
+        return None
+    return st.f_bavail * st.f_frsize

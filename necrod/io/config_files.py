@@ -4,28 +4,77 @@ from __future__ import annotations
 
 import grp
 import os
+import stat
 from pathlib import Path
 
 from necrod.core.config import Config, ConfigError, local_repo_path, parse_config, resolve_relative
 
-#: A config file larger than this is refused before parsing (it would be a mistake, or hostile).
-MAX_CONFIG_BYTES = 4 << 20
+#: A config file larger than this is refused before parsing (it would be a mistake, or hostile):
+#: PyYAML is pure Python here, and 1 MiB of pool or runner entries takes ~9 s of CPU to parse
+#: (4 MiB ~40 s). A thousand pools fit in ~100 KiB.
+MAX_CONFIG_BYTES = 1 << 20
+
+_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def read_config_file(path: Path) -> bytes:
+    """The bytes of ``path``, which must be a regular file of at most ``MAX_CONFIG_BYTES``;
+    raise ``ConfigError`` otherwise.
+
+    Symlinks are followed: a Kubernetes ConfigMap's pools.yaml is one. What they lead to is
+    checked twice: with ``stat`` before opening (opening some devices does something: a tape
+    rewinds, a watchdog arms), and with ``fstat`` on what was opened, without blocking
+    (``O_NONBLOCK``: a FIFO with no writer would wait for ever), in case it was swapped between.
+    The read stops one byte past the cap, so a file growing under us costs no more.
+    """
+    name = str(path)
+    try:
+        _check_regular(os.stat(path), name)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        try:
+            _check_regular(os.fstat(fd), name)
+            chunks = []
+            left = MAX_CONFIG_BYTES + 1
+            while left > 0 and (chunk := os.read(fd, min(left, 1 << 16))):
+                chunks.append(chunk)
+                left -= len(chunk)
+        finally:
+            os.close(fd)
+    except FileNotFoundError:
+        raise ConfigError("no such file", file=name) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read it: {exc.strerror}", file=name) from None
+    if left <= 0:
+        raise ConfigError(
+            f"the file is larger than {MAX_CONFIG_BYTES} bytes, the most a config may be", file=name
+        )
+    return b"".join(chunks)
+
+
+def _check_regular(st: os.stat_result, name: str) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = _KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+        raise ConfigError(f"it is {kind}, not a regular file: refused", file=name)
+    if st.st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"the file is {st.st_size} bytes; a config is at most {MAX_CONFIG_BYTES}", file=name
+        )
 
 
 def load_config(path: Path) -> Config:
     """Read, validate and resolve ``path``; raise ``ConfigError`` naming the file (and line)."""
     name = str(path)
+    data = read_config_file(path)
     try:
-        size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"the file is {size} bytes; a config is at most {MAX_CONFIG_BYTES}", file=name)
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError("no such file", file=name) from None
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"not UTF-8 text (byte {exc.start})", file=name) from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read it: {exc.strerror}", file=name) from None
     # Against the directory the file is named in, not where a symlink leads: a ConfigMap's
     # pools.yaml links into a timestamped directory the kubelet deletes at the next update.
     config = resolve_relative(parse_config(text, name), str(path.absolute().parent))

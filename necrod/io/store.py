@@ -12,11 +12,23 @@ callers gave, and each caller gets ``Unavailable``: never an acknowledgement wit
 
 The transaction runs on the event loop: it costs a fraction of a millisecond, less than a hop to
 a worker thread (BENCHMARKS.md has the measurement).
+
+The WAL is kept small for a small state file system: SQLite checkpoints it inside a commit
+once it holds ``WAL_AUTOCHECKPOINT_PAGES`` (~1 MiB, not its default ~4 MB), and the writer,
+once idle for ``CHECKPOINT_IDLE_S``, checkpoints it and truncates it to nothing, off the hot
+path (BENCHMARKS.md, "WAL checkpoints").
+
+A full file system: a transaction that fails with ``SQLITE_FULL`` makes the store read-only
+(``read_only`` says why) until a transaction succeeds again. Nothing is refused in advance —
+every change is still tried, so the first one after space returns goes through — but background
+work can ``wait_writable`` rather than redo, over and over, work it could not record.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -33,6 +45,13 @@ from necrod.proto.errors import Unavailable
 log = structlog.get_logger("necrod.store")
 
 SCHEMA_VERSION = 1
+
+#: Pages the WAL may hold before a commit checkpoints it (SQLite's default, 1000, is ~4 MB).
+WAL_AUTOCHECKPOINT_PAGES = 256
+#: What the WAL file is cut back to when a checkpoint inside a commit restarts it.
+WAL_SIZE_LIMIT = 1 << 20
+#: Quiet time after the last transaction before the writer truncates the WAL.
+CHECKPOINT_IDLE_S = 1.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -110,6 +129,14 @@ class StateStore:
         self.on_commit: Callable[[list[Event]], None] = lambda events: None
         self.transactions = 0
         self.commits_failed = 0
+        self.checkpoints = 0
+        self.checkpoints_failed = 0
+        #: Frames may be in the WAL that no idle checkpoint has truncated yet (a crash leaves some).
+        self._wal_dirty = True
+        #: Why changes cannot be saved now (the file system is full), or None.
+        self.read_only: str | None = None
+        self._writable = anyio.Event()
+        self._writable.set()
 
     # --- opening ---------------------------------------------------------------------------------
 
@@ -130,6 +157,8 @@ class StateStore:
                 )
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
+            conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
+            conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
             conn.executescript(_SCHEMA)
             # Take the write lock once now, so a database held by another process fails here,
             # clearly, and not at the first allocation.
@@ -163,6 +192,25 @@ class StateStore:
 
     def close(self) -> None:
         self._conn.close()
+
+    @property
+    def wal_path(self) -> Path:
+        return self.path.with_name(self.path.name + "-wal")
+
+    def statistics(self) -> dict[str, Any]:
+        try:
+            wal_bytes: int | None = self.wal_path.stat().st_size
+        except OSError:
+            wal_bytes = None
+        return {
+            "path": str(self.path),
+            "wal_bytes": wal_bytes,
+            "transactions": self.transactions,
+            "commits_failed": self.commits_failed,
+            "checkpoints": self.checkpoints,
+            "checkpoints_failed": self.checkpoints_failed,
+            "read_only": self.read_only,
+        }
 
     # --- reading (startup, history) ---------------------------------------------------------------
 
@@ -223,8 +271,18 @@ class StateStore:
         # Shielded: once queued, the change is committed or undone whatever happens to the caller.
         with anyio.CancelScope(shield=True):
             await pending.done.wait()
-        if pending.error is not None:
-            raise Unavailable(f"the state could not be saved ({pending.error}); nothing was changed")
+        if pending.error is None:
+            return
+        if self.read_only is not None:
+            raise Unavailable(
+                f"the state could not be saved: {self.read_only}; nothing was changed. necrod is "
+                "read-only until there is room: it serves reads and refuses changes"
+            )
+        raise Unavailable(f"the state could not be saved ({pending.error}); nothing was changed")
+
+    async def wait_writable(self) -> None:
+        """Return once the store is not read-only (at once when it is not)."""
+        await self._writable.wait()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """The writer task. On cancellation it commits what is already queued, then stops."""
@@ -232,12 +290,32 @@ class StateStore:
         task_status.started()
         try:
             while True:
-                await self._wake.wait()
+                with anyio.move_on_after(CHECKPOINT_IDLE_S if self._wal_dirty else math.inf):
+                    await self._wake.wait()
+                if not self._wake.is_set():
+                    self._checkpoint()
+                    continue
                 self._wake = anyio.Event()
                 self._flush()
         finally:
             self._running = False
             self._flush()
+
+    def _checkpoint(self) -> None:
+        """Copy the WAL into the database and truncate it to nothing. Run when the writer is
+        idle, so no commit waits behind it (~0.5 ms after 50 transactions, BENCHMARKS.md); a
+        failure (a full disk: the database cannot grow) is retried after the next commit."""
+        self._wal_dirty = False
+        try:
+            row = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error as exc:
+            self.checkpoints_failed += 1
+            log.warning("wal_checkpoint_failed", error=str(exc))
+            return
+        if row is not None and row[0]:
+            self._wal_dirty = True  # busy: another connection reads the database; try again later
+            return
+        self.checkpoints += 1
 
     def _flush(self) -> None:
         while self._queue:
@@ -249,6 +327,8 @@ class StateStore:
             except sqlite3.Error as exc:
                 self.commits_failed += 1
                 log.error("state_commit_failed", error=str(exc), changes=len(batch))
+                if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                    self._became_read_only(exc)
                 for event in events:
                     event.seq = 0
                 for pending in reversed(batch):
@@ -260,6 +340,9 @@ class StateStore:
                             log.exception("undo_failed")
             else:
                 self.transactions += 1
+                self._wal_dirty = True
+                if self.read_only is not None:
+                    self._became_writable()
                 self._last_seq = first_seq + len(events) - 1
                 if events:
                     try:
@@ -268,6 +351,23 @@ class StateStore:
                         log.exception("event_publish_failed")
             for pending in batch:
                 pending.done.set()
+
+    def _became_read_only(self, exc: sqlite3.Error) -> None:
+        directory = self.path.parent
+        try:
+            st = os.statvfs(directory)
+            free = f"{st.f_bavail * st.f_frsize} bytes free"
+        except OSError:
+            free = "free space unknown"
+        self.read_only = f"the file system of {directory} is full ({exc}; {free})"
+        if self._writable.is_set():
+            self._writable = anyio.Event()
+            log.error("state_read_only", reason=self.read_only)
+
+    def _became_writable(self) -> None:
+        log.info("state_writable", was=self.read_only)
+        self.read_only = None
+        self._writable.set()
 
     def _transaction(self, batch: list[_Pending], events: list[Event], first_seq: int) -> None:
         conn = self._conn
