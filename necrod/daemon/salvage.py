@@ -155,6 +155,11 @@ class Salvager:
         it against: no start commit and a repository that cannot say its HEAD)."""
         if not os.path.isdir(self.path) or os.path.islink(self.path):
             return None
+        if await self._kept_already(lease_id):
+            # A cleanup retried after its salvage succeeded: the slot may be reset by now, and
+            # salvaging it again would replace the lease's work with a clean tree.
+            log.info("salvage_kept_already", slot=self.path, lease_id=lease_id)
+            return None
         sound = self.kind.problem(self.admin, self.path) is None
         head = await self._head() if sound else None
         if not sound:
@@ -170,6 +175,11 @@ class Salvager:
             return await self._salvage(scratch, lease_id, start_commit, head, message, sound, origin_tags)
         finally:
             await anyio.to_thread.run_sync(lambda: shutil.rmtree(scratch, ignore_errors=True))
+
+    async def _kept_already(self, lease_id: str) -> bool:
+        found = await self.git.run(["rev-parse", "--verify", "--quiet", "--end-of-options", REF_PREFIX + lease_id],
+                                   git_dir=self.kind.mirror.path, timeout=self.timeout, check=False)  # fmt: skip
+        return found.returncode == 0
 
     # --- the scratch repository -------------------------------------------------------------------
 

@@ -71,6 +71,25 @@ def test_a_git_killed_mid_cleanup_is_retried_and_the_slot_comes_back_clean(
     assert not index_locks(workspaces_of(d))
 
 
+@pytest.mark.parametrize("verb", ["checkout", "clean"])
+def test_a_cleanup_retried_after_its_salvage_keeps_the_first_salvage(
+    necrod_factory: Callable[..., Necrod], origin: Path, seam: GitSeam, verb: str
+) -> None:
+    d = necrod_factory(
+        daemon_config({"repo": origin}, {"git": str(seam.path)}, slots=1, max_slots=1, min_idle=0)
+    )
+    with d.client() as c:
+        lease = c.allocate("repo")
+        leave_mess(lease["path"])
+        # Salvaged, then the reset fails part-way: the retry finds a half-reset slot.
+        seam.fail(verb, "fatal: injected failure", once=True)
+        c.release(lease["lease_id"])
+        wait_for(lambda: seam.fired("fail", verb), 20, what=f"git {verb} to fail")
+        c.allocate("repo", wait_s=60)
+        files = {f["path"] for f in c.salvage_show(lease["lease_id"])["files"]}
+    assert "README" in files and "generated/d0/f0.txt" in files, sorted(files)[:5]
+
+
 def test_a_slot_whose_cleanup_is_killed_every_time_is_quarantined_and_replaced(
     necrod_factory: Callable[..., Necrod], origin: Path, seam: GitSeam
 ) -> None:
