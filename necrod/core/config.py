@@ -423,8 +423,23 @@ def _is_size(v: Any) -> str | None:
     try:
         parse_size(v)
     except ValueError as exc:
-        return str(exc)
+        return f"must be a size: {exc}"
     return None
+
+
+def _size_at_least(low: int, shown: str) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        problem = _is_size(v)
+        if problem is None and parse_size(v) < low:
+            return f"must be at least {low} ({shown})"
+        return problem
+
+    _SIZE_CHECKS.add(check)
+    return check
+
+
+#: Checks whose value is a size: the value is converted to bytes once checked.
+_SIZE_CHECKS: set[Callable[[Any], str | None]] = {_is_size}
 
 
 def _is_bool(v: Any) -> str | None:
@@ -583,7 +598,7 @@ def _read_pool_options(
         if native in options:
             raise r.error(sec.items[key][0], f"{sec.path}: both {key!r} and {native!r} given; keep one")
         value = sec.value(key, _POOL_CHECKS[native])
-        options[native] = parse_size(value) if _POOL_CHECKS[native] is _is_size else value
+        options[native] = parse_size(value) if _POOL_CHECKS[native] in _SIZE_CHECKS else value
         nodes[native] = sec.items[key][1]
     if sec.has("cleanup_options"):
         opts = _Section(r, sec.raw("cleanup_options")[1], f"{sec.path}.cleanup_options")  # type: ignore[index]
@@ -622,26 +637,15 @@ _DAEMON_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "release_overdue_leases": _is_bool,
     "disk_check_interval_s": _num_in(1, 3600),
     "mirror_check_interval_s": _num_in(0, 30 * 24 * 3600),
+    "min_free_disk": _is_size,
+    "max_buffered_bytes": _size_at_least(MIN_BUFFERED_BYTES, "8 MiB"),
 }
 
 
 def _read_daemon(r: _Reader, node: Node) -> DaemonConfig:
     sec = _Section(r, node, "daemon")
     values: dict[str, Any] = sec.values(_DAEMON_CHECKS)
-    if sec.has("min_free_disk"):
-        node_ = sec.node_of("min_free_disk")
-        try:
-            values["min_free_disk"] = parse_size(sec.value("min_free_disk"))
-        except ValueError as exc:
-            raise r.error(node_, f"daemon.min_free_disk: {exc}") from None
-    if sec.has("max_buffered_bytes"):
-        node_ = sec.node_of("max_buffered_bytes")
-        try:
-            values["max_buffered_bytes"] = parse_size(sec.value("max_buffered_bytes"))
-        except ValueError as exc:
-            raise r.error(node_, f"daemon.max_buffered_bytes: {exc}") from None
-        if values["max_buffered_bytes"] < MIN_BUFFERED_BYTES:
-            raise r.error(node_, f"daemon.max_buffered_bytes must be at least {MIN_BUFFERED_BYTES} (8 MiB)")
+    values.update({k: parse_size(v) for k, v in values.items() if _DAEMON_CHECKS[k] in _SIZE_CHECKS})
     if sec.has("metrics_listen"):
         node_ = sec.node_of("metrics_listen")
         v = sec.value("metrics_listen")
@@ -661,7 +665,7 @@ def _read_daemon(r: _Reader, node: Node) -> DaemonConfig:
             )
         values["allowed_protocols"] = tuple(dict.fromkeys(protocols))
     sec.finish(
-        [*_DAEMON_CHECKS, "min_free_disk", "max_buffered_bytes", "metrics_listen", "allowed_protocols"]
+        [*_DAEMON_CHECKS, "metrics_listen", "allowed_protocols"]
     )
     return DaemonConfig(**values)
 
