@@ -37,14 +37,13 @@ import structlog
 
 from necrod.core.config import SalvageLimits
 from necrod.core.names import index_path_problem
+from necrod.daemon.mirror import MAX_INDEX_BYTES
 from necrod.daemon.slotkinds import SlotKind
 from necrod.io import slotfs
 from necrod.io.gitrun import GitError, GitResult, GitRunner
 
 log = structlog.get_logger("necrod.salvage")
 
-#: The slot's index is copied only up to this size (200,000 entries take about 20 MB).
-MAX_INDEX_BYTES = 256 << 20
 #: Tags and stash entries kept per salvage (each is a parent of the salvage commit).
 MAX_EXTRAS = 64
 #: Skipped paths named in the commit message (the count is always there).
