@@ -664,9 +664,7 @@ def _read_daemon(r: _Reader, node: Node) -> DaemonConfig:
                 f"known: {', '.join(KNOWN_PROTOCOLS)}",
             )
         values["allowed_protocols"] = tuple(dict.fromkeys(protocols))
-    sec.finish(
-        [*_DAEMON_CHECKS, "metrics_listen", "allowed_protocols"]
-    )
+    sec.finish([*_DAEMON_CHECKS, "metrics_listen", "allowed_protocols"])
     return DaemonConfig(**values)
 
 

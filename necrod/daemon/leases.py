@@ -410,9 +410,20 @@ class LeaseOps(EngineBase):
         self._kick(slot)
 
     async def _reap_leases(self) -> None:
+        paused = False
         while True:
             now = self.clock.monotonic()
-            for slot in list(self.leases.values()):
+            if self.store.read_only is not None:
+                # Heartbeats are refused while the state cannot be saved: no lease expires for
+                # want of them. Once it can, every lease gets a fresh TTL, as after a restart.
+                paused = True
+            elif paused:
+                paused = False
+                for slot in self.leases.values():
+                    if slot.lease is not None:
+                        slot.lease.renew(now, self.clock.wall())
+                log.info("lease_expiry_resumed", leases=len(self.leases))
+            for slot in list(self.leases.values()) if not paused else []:
                 lease = slot.lease
                 if lease is not None and lease.deadline <= now:
                     self._start_expiry(slot, "expired")

@@ -565,6 +565,33 @@ def test_a_full_state_disk_is_degraded_read_only_and_recovers_by_itself(
             d.stop()
 
 
+def test_no_lease_expires_while_the_state_is_read_only(
+    necrod_factory: Callable[..., Necrod], origin: Path, workdir: Path
+) -> None:
+    with tmpfs(workdir / "statedisk", "4m") as disk:
+        d = necrod_factory(
+            daemon_config({"repo": origin}, {"workspaces": str(workdir / "ws"), "disk_check_interval_s": 1},
+                          slots=1, min_idle=0),
+            start=False,
+        )  # fmt: skip
+        d.state_dir = disk / "state"
+        try:
+            d.start()
+            with d.client(timeout=PROMPT_S) as c:
+                held = c.allocate("repo", holder="held", ttl_s=3)
+                filler = make_read_only(c, disk, held["lease_id"])
+                time.sleep(5)  # past the TTL, with every heartbeat refused
+                slots = {s["slot_id"]: s for s in c.slots("repo")["slots"]}
+                assert slots[held["slot_id"]]["lease_id"] == held["lease_id"], "the lease expired"
+                filler.unlink()
+                wait_for(lambda: c.status()["store"]["read_only"] is None, 30, what="writable again")
+                time.sleep(1.5)  # a fresh TTL (3 s) from when the state became writable
+                c.heartbeat(held["lease_id"])
+                c.release(held["lease_id"], salvage=False)
+        finally:
+            d.stop()
+
+
 def test_a_full_workspaces_disk_is_degraded_and_recovers(
     necrod_factory: Callable[..., Necrod], origin: Path, workdir: Path
 ) -> None:
