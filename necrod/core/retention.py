@@ -8,21 +8,32 @@ pruned, oldest work first. A limit of 0 turns that limit off.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from necrod.core.config import SalvageRetention
 
 
 @dataclass(frozen=True, slots=True)
-class Kept:
+class SalvageRef:
+    """One salvage as the mirror lists it (``refs/necrod/salvage/<lease_id>`` and its trailers)."""
+
     ref: str
+    lease_id: str
+    commit: str
     #: Commit time, seconds since the epoch.
-    date: float
+    date: int
+    subject: str
     #: Bytes of work-tree files the salvage took (its ``Necrod-Bytes`` trailer; 0 when absent).
-    bytes: int
+    bytes: int = 0
+    #: The uid whose lease it was (``Necrod-Uid``); None: only admins may see it.
+    uid: int | None = None
+
+    def view(self) -> dict[str, Any]:
+        return asdict(self)
 
 
-def to_prune(items: Sequence[Kept], retention: SalvageRetention, now: float) -> list[str]:
+def to_prune(items: Sequence[SalvageRef], retention: SalvageRetention, now: float) -> list[str]:
     """The refs past ``retention``, oldest last as given (``items`` newest first)."""
     out: list[str] = []
     total = 0

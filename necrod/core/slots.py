@@ -93,6 +93,7 @@ _PERSISTED = (
     "salvage_as",
     "salvage_commit",
     "salvage_note",
+    "salvage_uid",
     "retire",
     "disk_bytes",
     "kind",
@@ -126,6 +127,8 @@ class Slot:
     salvage_commit: str | None = None
     #: Who held the lease being salvaged, for the salvage commit's message.
     salvage_note: str | None = None
+    #: The uid that owned it: the salvage is theirs to list and read (``Necrod-Uid`` trailer).
+    salvage_uid: int | None = None
     #: Remove the slot instead of making it available when it comes back.
     retire: bool = False
     #: Rebuild the worktree (remove and add) instead of resetting it in place.

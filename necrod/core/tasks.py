@@ -133,9 +133,9 @@ class Task:
     def fair_key(self) -> str:
         return self.project or self.pool
 
-    def view(self, *, brief: bool = False, lease_ids: bool = True) -> dict[str, Any]:
-        """What clients see; without ``lease_ids`` (a peer that does not own the task) the
-        attempts' lease ids are left out."""
+    def view(self, *, brief: bool = False, owner: bool = True) -> dict[str, Any]:
+        """What clients see; to a peer that does not own the task (``owner`` False) its env,
+        payload and attempts' lease ids are left out: they may hold its secrets."""
         out: dict[str, Any] = {
             "task_id": self.task_id, "state": str(self.state), "pool": self.pool, "runner": self.runner,
             "priority": self.priority, "labels": self.labels, "depends_on": self.depends_on, "batch": self.batch,
@@ -148,10 +148,10 @@ class Task:
             out["next_attempt_at"] = self.next_attempt_at
         if not brief:
             out.update({
-                "command": self.command, "payload": self.payload, "skills": self.skills, "project": self.project,
-                "timeout_s": self.timeout_s, "env": self.env, "ref": self.ref, "branch": self.branch,
-                "failure_strategy": self.failure_strategy,
-                "attempts": [a.to_row() if lease_ids else {**a.to_row(), "lease_id": None} for a in self.attempts],
+                "command": self.command, "payload": self.payload if owner else None, "skills": self.skills,
+                "project": self.project, "timeout_s": self.timeout_s, "env": self.env if owner else None,
+                "ref": self.ref, "branch": self.branch, "failure_strategy": self.failure_strategy,
+                "attempts": [a.to_row() if owner else {**a.to_row(), "lease_id": None} for a in self.attempts],
             })  # fmt: skip
         return out
 

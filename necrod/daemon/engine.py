@@ -20,7 +20,7 @@ from anyio.abc import TaskStatus
 
 from necrod.core.config import Config, PoolConfig
 from necrod.core.refs import resolve
-from necrod.core.retention import Kept, to_prune
+from necrod.core.retention import to_prune
 from necrod.core.slots import Slot, SlotState
 from necrod.daemon.engine_base import log
 from necrod.daemon.leases import LeaseOps
@@ -307,9 +307,8 @@ class PoolEngine(LeaseOps, Lifecycle):
             if p.state != "ready" or not p.mirror.exists:
                 continue
             items = await p.mirror.salvage_refs()
-            kept = [Kept(str(i["ref"]), float(i["date"]), int(i["bytes"])) for i in items]
-            refs = to_prune(kept, p.config.salvage_retention, self.clock.wall())
-            gone = [{"pool": p.name, **i} for i in items if i["ref"] in refs]
+            refs = to_prune(items, p.config.salvage_retention, self.clock.wall())
+            gone = [{"pool": p.name, **i.view()} for i in items if i.ref in refs]
             if not refs or dry_run:
                 pruned += gone
                 continue

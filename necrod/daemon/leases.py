@@ -377,6 +377,7 @@ class LeaseOps(EngineBase):
         slot.salvage_as = lease.lease_id if salvage else None
         slot.salvage_commit = lease.start_commit
         slot.salvage_note = f"holder {lease.holder}" if lease.holder else None
+        slot.salvage_uid = lease.uid
         slot.last_released_at = self.clock.wall()
         self.leases.pop(lease.lease_id, None)
         if slot.isolate is not None:

@@ -162,7 +162,7 @@ class Lifecycle(EngineBase):
                         salvaged = await self._salvager(p, slot).salvage(
                             slot.salvage_as, slot.salvage_commit,
                             f"necrod salvage of lease {slot.salvage_as} in slot {slot.slot_id}{note}",
-                            origin_tags=p.refs,
+                            origin_tags=p.refs, owner_uid=slot.salvage_uid,
                         )  # fmt: skip
                     if problem is None:
                         branch = slot.branch or self._own_head_branch(p, slot)
@@ -197,7 +197,7 @@ class Lifecycle(EngineBase):
             }))  # fmt: skip
         came_back = None if retiring else slot.isolate or await self._came_back(p, slot)
         snap = slot.snapshot()
-        slot.salvage_as = slot.salvage_commit = slot.salvage_note = None
+        slot.salvage_as = slot.salvage_commit = slot.salvage_note = slot.salvage_uid = None
         slot.branch = None
         slot.cleanup_failures = 0
         slot.rebuild = False

@@ -27,6 +27,7 @@ import anyio
 import structlog
 
 from necrod.core.refs import parse_for_each_ref, parse_symref
+from necrod.core.retention import SalvageRef
 from necrod.io import slotfs
 from necrod.io.gitrun import GitError, GitRunner
 
@@ -269,27 +270,23 @@ class Mirror:
         out = result.out.strip()
         return out if result.returncode == 0 and out else None
 
-    async def salvage_refs(self) -> list[dict[str, str | int]]:
-        fmt = "%(refname)%00%(objectname)%00%(committerdate:unix)%00%(contents:subject)%00" + (
-            "%(trailers:key=Necrod-Bytes,valueonly,separator=)"
+    async def salvage_refs(self) -> list[SalvageRef]:
+        # One trailers atom for both keys: git 2.39 mixes the options of two in one format.
+        fmt = (
+            "%(refname)%00%(objectname)%00%(committerdate:unix)%00%(contents:subject)%00"
+            "%(trailers:key=Necrod-Bytes,key=Necrod-Uid,separator=%x01)"
         )
         result = await self.git.run(["for-each-ref", "--sort=-committerdate", f"--format={fmt}",
                                      "refs/necrod/salvage/"], git_dir=self.path, timeout=60)  # fmt: skip
-        out: list[dict[str, str | int]] = []
+        out = []
         for line in result.out.splitlines():
             parts = line.split("\0")
             if len(parts) == 5:
-                ref, commit, date, subject, size = parts
-                out.append(
-                    {
-                        "ref": ref,
-                        "lease_id": ref.rsplit("/", 1)[-1],
-                        "commit": commit,
-                        "date": int(date or 0),
-                        "subject": subject,
-                        "bytes": int(size) if size.strip().isdigit() else 0,
-                    }
-                )
+                ref, commit, date, subject, trailers = parts
+                found = dict(t.partition(": ")[::2] for t in trailers.split("\x01"))
+                out.append(SalvageRef(ref, ref.rsplit("/", 1)[-1], commit, int(date or 0), subject,
+                                      _number(found.get("Necrod-Bytes", "")) or 0,
+                                      _number(found.get("Necrod-Uid", ""))))  # fmt: skip
         return out
 
     async def prune_salvage(self, refs: list[str], *, timeout: float) -> None:
@@ -316,11 +313,18 @@ class Mirror:
             return None
         commit = found.out.strip()
         info = await self.git.run(
-            ["log", "-1", "--format=%s%x00%ct%x00%P%x00%(trailers:key=Necrod-Start,valueonly)", commit, "--"],
+            [
+                "log",
+                "-1",
+                "--format=%s%x00%ct%x00%P%x00%(trailers:key=Necrod-Start,valueonly)%x00"
+                "%(trailers:key=Necrod-Uid,valueonly,separator=)",
+                commit,
+                "--",
+            ],
             git_dir=self.path,
             timeout=30,
         )
-        subject, date, parents, start = ([*info.out.split("\x00"), "", "", "", ""])[:4]
+        subject, date, parents, start, uid = ([*info.out.split("\x00"), "", "", "", "", ""])[:5]
         start = start.strip() or (parents.split()[0] if parents.split() else "")
         files: list[dict[str, str]] = []
         if start:
@@ -349,7 +353,12 @@ class Mirror:
             "date": int(date or 0),
             "files": files,
             "fetch": f"git fetch {self.path} {ref}",
+            "uid": _number(uid),
         }
+
+
+def _number(text: str) -> int | None:
+    return int(text) if text.strip().isdigit() else None
 
 
 class ProgressLog:

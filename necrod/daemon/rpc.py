@@ -202,7 +202,8 @@ class Api:
             pool = self.d.engine.pool(name)
             if not pool.mirror.exists:
                 continue
-            out.extend({"pool": name, **item} for item in await pool.mirror.salvage_refs())
+            items = await pool.mirror.salvage_refs()
+            out.extend({"pool": name, **item.view()} for item in items if ctx.may_act_for(item.uid))
         out.sort(key=lambda i: -int(i["date"]))
         return {"salvage": out}
 
@@ -213,6 +214,13 @@ class Api:
                 continue
             shown = await pool.mirror.show_salvage(lease_id)
             if shown is not None:
+                owner = shown["uid"]
+                if not ctx.may_act_for(owner if isinstance(owner, int) else None):
+                    raise PermissionDenied(
+                        f"the salvage of lease {lease_id} is not yours (uid {ctx.peer.uid}); "
+                        "only its owner or an admin may read it",
+                        lease_id=lease_id,
+                    )
                 return {"pool": pool.name, **shown}
         raise NotFound(f"no salvage for lease {lease_id}", lease_id=lease_id)
 
@@ -255,7 +263,7 @@ class Api:
 
     async def tasks_get(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         task = self.d.dispatcher.task(params["task_id"])
-        view = task.view(lease_ids=ctx.may_act_for(task.uid))
+        view = task.view(owner=ctx.may_act_for(task.uid))
         view["dependents"] = sorted(self.d.dispatcher.dependents.get(task.task_id, ()))
         return view
 

@@ -148,7 +148,12 @@ class Salvager:
         self.scratch_root = scratch_root
 
     async def salvage(
-        self, lease_id: str, start_commit: str | None, message: str, origin_tags: Mapping[str, str]
+        self,
+        lease_id: str,
+        start_commit: str | None,
+        message: str,
+        origin_tags: Mapping[str, str],
+        owner_uid: int | None = None,
     ) -> Salvage | None:
         """Commit what the lease left; None when there was nothing to keep (or nothing to keep
         it against: no start commit and a repository that cannot say its HEAD)."""
@@ -171,7 +176,9 @@ class Salvager:
             return None
         scratch = Path(await anyio.to_thread.run_sync(self._make_scratch, head, sound))
         try:
-            return await self._salvage(scratch, lease_id, start_commit, head, message, sound, origin_tags)
+            return await self._salvage(
+                scratch, lease_id, start_commit, head, message, sound, origin_tags, owner_uid
+            )
         finally:
             await anyio.to_thread.run_sync(lambda: shutil.rmtree(scratch, ignore_errors=True))
 
@@ -247,7 +254,7 @@ class Salvager:
 
     async def _salvage(
         self, scratch: Path, lease_id: str, start_commit: str | None, head: str, message: str, sound: bool,
-        origin_tags: Mapping[str, str],
+        origin_tags: Mapping[str, str], owner_uid: int | None,
     ) -> Salvage | None:  # fmt: skip
         await self._trusted_index(scratch)
         status = await self._run(scratch, ["status", "--porcelain=v1", "-z", "--untracked-files=all",
@@ -269,7 +276,7 @@ class Salvager:
         dirty = tree != head_tree
         if not dirty and not extras and (start_commit is None or head == start_commit):
             return None
-        text = self._message(message, lease_id, start_commit or head, taken, extras)
+        text = self._message(message, lease_id, start_commit or head, taken, extras, owner_uid)
         parents = [arg for e in extras for arg in ("-p", e.commit)]
         commit = (await self._run(scratch, ["commit-tree", tree, "-p", head, *parents, "-F", "-"],
                                   input=text.encode())).out.strip()  # fmt: skip
@@ -291,7 +298,9 @@ class Salvager:
         (scratch / ref).write_text(commit + "\n")
 
     @staticmethod
-    def _message(message: str, lease_id: str, start: str, taken: _Plan, extras: list[_Extra]) -> str:
+    def _message(
+        message: str, lease_id: str, start: str, taken: _Plan, extras: list[_Extra], owner_uid: int | None
+    ) -> str:
         body = ""
         if taken.skipped:
             shown = taken.skipped[:LISTED_SKIPS]
@@ -302,6 +311,8 @@ class Salvager:
         trailers = [f"Necrod-Lease: {lease_id}", f"Necrod-Start: {start}", f"Necrod-Bytes: {taken.bytes}"]
         if taken.skipped:
             trailers.append(f"Necrod-Skipped: {len(taken.skipped)}")
+        if owner_uid is not None:
+            trailers.append(f"Necrod-Uid: {owner_uid}")
         trailers += [f"Necrod-Kept: {e.commit} {_safe_line(e.label)}" for e in extras]
         return message.rstrip() + body + "\n\n" + "\n".join(trailers) + "\n"
 

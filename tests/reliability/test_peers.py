@@ -167,6 +167,24 @@ def test_another_uids_lease_cannot_be_heartbeaten_released_or_seen(
     assert d.call("slots.release", {"lease_id": lease_id, "salvage": False})["slot_id"] == lease["slot_id"]
 
 
+def test_another_uids_salvage_cannot_be_listed_or_read(shared_daemon: Callable[..., Necrod]) -> None:
+    d = shared_daemon()
+    lease = call_as(OWNER, d, "slots.allocate", {"pool": "repo", "ttl_s": 600})
+    (Path(lease["path"]) / "private-work.txt").write_text("the owner's work\n")
+    call_as(OWNER, d, "slots.release", {"lease_id": lease["lease_id"]})
+    wait_for(lambda: any(i["lease_id"] == lease["lease_id"] for i in d.call("salvage.list")["salvage"]),
+             30, what="the salvage")  # fmt: skip
+    listed = call_as(INTRUDER, d, "salvage.list", {})["salvage"]
+    assert lease["lease_id"] not in [i["lease_id"] for i in listed]
+    assert refused(call_as(INTRUDER, d, "salvage.show", {"lease_id": lease["lease_id"]}))
+    mine = call_as(OWNER, d, "salvage.list", {})["salvage"]
+    assert [i["uid"] for i in mine if i["lease_id"] == lease["lease_id"]] == [OWNER]
+    shown = call_as(OWNER, d, "salvage.show", {"lease_id": lease["lease_id"]})
+    assert "private-work.txt" in [f["path"] for f in shown["files"]]
+    assert d.call("salvage.show", {"lease_id": lease["lease_id"]})["uid"] == OWNER  # admins see all
+    FIGURES["calls on another uid's lease refused"] += 1
+
+
 def test_admin_methods_need_the_admin_role(shared_daemon: Callable[..., Necrod]) -> None:
     d = shared_daemon()
     lease = call_as(OWNER, d, "slots.allocate", {"pool": "repo", "ttl_s": 600})
@@ -178,6 +196,7 @@ def test_admin_methods_need_the_admin_role(shared_daemon: Callable[..., Necrod])
         ("slots.recover", {"slot_id": sid}),
         ("slots.add", {"pool": "repo"}),
         ("anomalies.list", {"heal": True}),
+        ("salvage.prune", {}),
     ]:
         assert refused(call_as(INTRUDER, d, method, params)), method
         assert refused(call_as(OWNER, d, method, params)), method
@@ -224,7 +243,8 @@ def test_events_show_lease_ids_to_their_owner_only(shared_daemon: Callable[..., 
 
 def test_another_uids_task_cannot_be_cancelled_retried_or_read(shared_daemon: Callable[..., Necrod]) -> None:
     d = shared_daemon()
-    submitted = call_as(OWNER, d, "tasks.submit", {"pool": "repo", "command": ["sleep", "60"]})
+    submitted = call_as(OWNER, d, "tasks.submit", {"pool": "repo", "command": ["sleep", "60"],
+                                                   "env": {"API_TOKEN": "s3cret"}, "payload": {"k": "s3cret"}})  # fmt: skip
     task_id = submitted["task_id"]
     wait_for(
         lambda: d.call("tasks.get", {"task_id": task_id})["state"] == "running", 30, what="the task to run"
@@ -234,6 +254,8 @@ def test_another_uids_task_cannot_be_cancelled_retried_or_read(shared_daemon: Ca
     assert refused(call_as(INTRUDER, d, "tasks.logs", {"task_id": task_id}))
     seen = call_as(INTRUDER, d, "tasks.get", {"task_id": task_id})
     assert seen["state"] == "running" and all(a["lease_id"] is None for a in seen["attempts"])
+    assert "s3cret" not in json.dumps(seen), "another uid read the task's env or payload"
+    assert call_as(OWNER, d, "tasks.get", {"task_id": task_id})["env"] == {"API_TOKEN": "s3cret"}
     # The task's lease is its submitter's.
     lease_id = d.call("tasks.get", {"task_id": task_id})["attempts"][0]["lease_id"]
     assert refused(call_as(INTRUDER, d, "slots.release", {"lease_id": lease_id}))
