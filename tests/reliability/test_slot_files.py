@@ -169,6 +169,20 @@ def test_no_write_follows_a_symlink_planted_in_the_slot(scene: Scene, victim: Pa
     assert "work.txt" in salvaged_files(scene, lease["lease_id"])
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_tracked_directory_replaced_by_a_symlink_is_not_written_through(scene: Scene) -> None:
+    trap = scene.outside / f"tracked-dir-trap-{scene.kind}"
+    trap.mkdir()
+    lease, slot = fresh_lease(scene, "tracked-dir")
+    subprocess.run(["rm", "-rf", str(slot / "pkg0")], check=True)
+    (slot / "pkg0").symlink_to(trap)
+    back = release_and_settle(scene, lease)
+    assert list(trap.iterdir()) == [], "the reset wrote tracked files through the symlink"
+    assert back["state"] == "available"
+    assert (slot / "pkg0").is_dir() and not (slot / "pkg0").is_symlink()
+    assert git(slot, "status", "--porcelain", "--untracked-files=all") == ""
+
+
 # --- 2: salvage takes only paths inside the work tree ------------------------------------------------
 
 
