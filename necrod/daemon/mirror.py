@@ -127,8 +127,8 @@ def unsafe_structure(root: Path, git_dir: str) -> list[str]:
     if slotfs.kind(root, objects) not in (None, "dir"):
         slotfs.remove(root, objects)
         removed.append("objects")
-    for name in slotfs.list_dir(root, objects) if slotfs.kind(root, objects) == "dir" else []:
-        if slotfs.kind(root, f"{objects}/{name}") not in ("dir", "file"):
+    for name, kind in slotfs.entries(root, objects):
+        if kind not in ("dir", "file"):
             slotfs.remove(root, f"{objects}/{name}")
             removed.append(f"objects/{name}")
     for tree in _TREES:

@@ -40,6 +40,9 @@ KILL_ROUNDS = 3
 #: Largest /proc/<pid>/maps read (a process with that many mappings is read in part).
 MAPS_CAP = 8 << 20
 
+#: The ``flags`` bit of /proc/<pid>/stat that marks a kernel thread (most of /proc, skipped).
+_PF_KTHREAD = 0x00200000
+
 _scan_threads = anyio.CapacityLimiter(SCAN_THREADS)
 T = TypeVar("T")
 
@@ -221,8 +224,10 @@ def _holder(pid: int, dirs: tuple[str, ...], identities: set[tuple[int, int]]) -
         return None
     name = stat[stat.find("(") + 1 : stat.rfind(")")]
     fields = stat[stat.rfind(")") + 1 :].split()
-    if len(fields) < 2 or fields[0] in ("Z", "X"):
+    if len(fields) < 7 or fields[0] in ("Z", "X"):
         return None  # exited: nothing left to write with
+    if int(fields[6]) & _PF_KTHREAD:
+        return None  # a kernel thread: no files, no working directory of a slot's
     state, ppid = fields[0], int(fields[1])
     found = _how(base, pid, state, dirs, identities)
     if found is None:

@@ -131,6 +131,27 @@ def kind(root: str | os.PathLike[str], rel: str | os.PathLike[str]) -> str | Non
     return "other"
 
 
+def entries(root: str | os.PathLike[str], rel: str | os.PathLike[str]) -> list[tuple[str, str]]:
+    """``(name, kind)`` of each entry of ``root/rel`` (``file``, ``dir``, ``link``, ``other``),
+    from the directory entries themselves, in one pass; empty when it does not exist."""
+    out = []
+    try:
+        with open_dir(root, _parts(rel)) as dfd:
+            for entry in os.scandir(dfd):
+                if entry.is_symlink():
+                    kind = "link"
+                elif entry.is_dir(follow_symlinks=False):
+                    kind = "dir"
+                elif entry.is_file(follow_symlinks=False):
+                    kind = "file"
+                else:
+                    kind = "other"
+                out.append((entry.name, kind))
+    except FileNotFoundError:
+        pass
+    return out
+
+
 def read_bytes(
     root: str | os.PathLike[str], rel: str | os.PathLike[str], cap: int = SMALL_FILE_BYTES
 ) -> bytes | None:
@@ -300,14 +321,14 @@ def symlinks_below(
             try:
                 for entry in os.scandir(fd):
                     seen += 1
-                    mode = entry.stat(follow_symlinks=False).st_mode
                     path = f"{shown}/{entry.name}"
-                    if stat.S_ISDIR(mode):
+                    # The directory entry's type: no stat call per entry.
+                    if entry.is_dir(follow_symlinks=False):
                         try:
                             stack.append((os.open(entry.name, _DIR_FLAGS, dir_fd=fd), path))
                         except OSError:
                             found.append(path)
-                    elif not stat.S_ISREG(mode):
+                    elif not entry.is_file(follow_symlinks=False):
                         found.append(path)
             finally:
                 os.close(fd)
