@@ -183,10 +183,14 @@ class PoolEngine(LeaseOps, Lifecycle):
             try:
                 async with self._limits(p):
                     await self._check_mirror(p)
+                    # The fetch prunes tags origin does not have: agents' own, in a worktree
+                    # pool, which must wait for their lease's salvage (issue 16, defect 18).
+                    agents_tags = await p.mirror.local_tags(p.refs) if p.refs else {}
                     await p.mirror.fetch(timeout=p.config.clone_timeout_s)
                     if extra:
                         await p.mirror.fetch(timeout=p.config.clone_timeout_s, refspecs=extra)
                     p.refs = await p.mirror.read_refs()
+                    await p.mirror.put_back_tags({n: o for n, o in agents_tags.items() if n not in p.refs})
             except (GitError, OSError) as exc:
                 p.fetch.failures += 1
                 p.fetch.consecutive_failures += 1

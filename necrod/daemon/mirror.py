@@ -20,7 +20,7 @@ import re
 import shutil
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import anyio
@@ -245,6 +245,27 @@ class Mirror:
             ["ls-remote", "--symref", "origin", "HEAD"], git_dir=self.path, timeout=timeout, network=True
         )
         return parse_symref(result.out)
+
+    async def local_tags(self, origin: Mapping[str, str]) -> dict[str, str]:
+        """Tags the mirror has that ``origin`` (its refs as last fetched, tags peeled) does not:
+        an agent in a worktree slot made them. Full name → the object the tag names."""
+        result = await self.git.run(["for-each-ref", "--format=%(objectname) %(*objectname) %(refname)",
+                                     "refs/tags/"], git_dir=self.path, timeout=120)  # fmt: skip
+        out = {}
+        for line in result.out.splitlines():
+            obj, peeled, name = ([*line.split(" ", 2), "", ""])[:3]
+            if name and origin.get(name) != (peeled or obj):
+                out[name] = obj
+        return out
+
+    async def put_back_tags(self, tags: Mapping[str, str]) -> None:
+        """Tags a fetch pruned (origin never had them) made again, so an agent's tag lives until
+        its lease is salvaged, not until the next fetch."""
+        if tags:
+            lines = "".join(f"update {name} {obj}\n" for name, obj in tags.items())
+            await self.git.run(
+                ["update-ref", "--stdin"], git_dir=self.path, timeout=120, input=lines.encode()
+            )
 
     async def read_refs(self) -> dict[str, str]:
         result = await self.git.run(

@@ -394,6 +394,24 @@ def test_tags_and_stashes_are_salvaged_with_the_lease_then_removed(scene: Scene)
     assert git(scene.mirror, "show", f"{stashed}:README") == "stashed edit"
 
 
+@pytest.mark.parametrize("kind", ["worktree"])  # a shared clone's tags are in the slot: no fetch prunes them
+def test_an_agents_tag_outlives_a_fetch_until_its_lease_is_salvaged(scene: Scene) -> None:
+    lease, slot = fresh_lease(scene, "tag-keeper")
+    commit_file(slot, "mine.txt", "only this tag names me\n")
+    git(slot, "tag", "made-before-a-fetch")
+    commit_file(scene.origin, "later.txt", "later\n", branch="pushed-during-the-lease")
+    git(scene.origin, "checkout", "-q", "main")
+    with scene.d.client() as c:
+        fetcher = c.allocate("repo", ref="pushed-during-the-lease", wait_s=30)  # a fetch with --prune
+    assert git(scene.mirror, "rev-parse", "--verify", "-q", "refs/tags/made-before-a-fetch", check=False)
+    release_and_settle(scene, lease)
+    release_and_settle(scene, fetcher)
+    with scene.d.client() as c:
+        commit = c.salvage_show(lease["lease_id"])["commit"]
+    assert "refs/tags/made-before-a-fetch" in git(scene.mirror, "log", "-1", "--format=%B", commit)
+    assert git(scene.mirror, "tag", "-l", "made-before-a-fetch") == ""
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_origin_tags_are_not_taken_from_a_worktree_pool(scene: Scene) -> None:
     git(scene.origin, "tag", f"v-origin-{scene.kind}")
