@@ -5,6 +5,7 @@ says why; the daemon keeps serving throughout."""
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import json
 import os
@@ -527,69 +528,71 @@ def assert_read_only(c: Client, held: dict[str, Any]) -> None:
     FIGURES["changes refused on a full state disk"] += 2
 
 
-def test_a_full_state_disk_is_degraded_read_only_and_recovers_by_itself(
-    necrod_factory: Callable[..., Necrod], origin: Path, workdir: Path
-) -> None:
+@contextlib.contextmanager
+def state_on_tmpfs(
+    necrod_factory: Callable[..., Necrod], origin: Path, workdir: Path, *, slots: int
+) -> Iterator[tuple[Necrod, Path]]:
+    """A daemon whose state directory is on a 4 MiB tmpfs (its workspaces elsewhere), stopped
+    and unmounted on the way out."""
     with tmpfs(workdir / "statedisk", "4m") as disk:
         d = necrod_factory(
-            daemon_config(
-                {"repo": origin}, {"workspaces": str(workdir / "ws"), "disk_check_interval_s": 1},
-                slots=2, min_idle=0,
-            ),
+            daemon_config({"repo": origin}, {"workspaces": str(workdir / "ws"), "disk_check_interval_s": 1},
+                          slots=slots, min_idle=0),
             start=False,
         )  # fmt: skip
         d.state_dir = disk / "state"
         try:
             d.start()
-            with d.client(timeout=PROMPT_S) as c:
-                held = c.allocate("repo", holder="held")
-                # Nearly full: said before anything fails.
-                filler = fill(disk, leave=512 << 10)
-                (reason,) = degraded_with(c, "state disk full: ")
-                assert str(d.state_dir) in reason
-                filler.unlink()
-                wait_for(lambda: c.status()["state"] == "running", 30, what="room again")
-                # Full: the first change that fails makes the daemon read-only.
-                filler = make_read_only(c, disk, held["lease_id"])
-                (reason,) = degraded_with(c, "state read-only: ")
-                assert str(d.state_dir) in reason and "is full" in reason
-                assert_read_only(c, held)
-                # Room again: back by itself, with no change asked for.
-                filler.unlink()
-                wait_for(lambda: c.status()["state"] == "running", 30, what="the store to be writable again")
-                assert c.status()["store"]["read_only"] is None
-                c.heartbeat(held["lease_id"])
-                other = c.allocate("repo", holder="after")
-                c.release(other["lease_id"], salvage=False)
+            yield d, disk
         finally:
             d.stop()
+
+
+def test_a_full_state_disk_is_degraded_read_only_and_recovers_by_itself(
+    necrod_factory: Callable[..., Necrod], origin: Path, workdir: Path
+) -> None:
+    with (
+        state_on_tmpfs(necrod_factory, origin, workdir, slots=2) as (d, disk),
+        d.client(timeout=PROMPT_S) as c,
+    ):
+        held = c.allocate("repo", holder="held")
+        # Nearly full: said before anything fails.
+        filler = fill(disk, leave=512 << 10)
+        (reason,) = degraded_with(c, "state disk full: ")
+        assert str(d.state_dir) in reason
+        filler.unlink()
+        wait_for(lambda: c.status()["state"] == "running", 30, what="room again")
+        # Full: the first change that fails makes the daemon read-only.
+        filler = make_read_only(c, disk, held["lease_id"])
+        (reason,) = degraded_with(c, "state read-only: ")
+        assert str(d.state_dir) in reason and "is full" in reason
+        assert_read_only(c, held)
+        # Room again: back by itself, with no change asked for.
+        filler.unlink()
+        wait_for(lambda: c.status()["state"] == "running", 30, what="the store to be writable again")
+        assert c.status()["store"]["read_only"] is None
+        c.heartbeat(held["lease_id"])
+        other = c.allocate("repo", holder="after")
+        c.release(other["lease_id"], salvage=False)
 
 
 def test_no_lease_expires_while_the_state_is_read_only(
     necrod_factory: Callable[..., Necrod], origin: Path, workdir: Path
 ) -> None:
-    with tmpfs(workdir / "statedisk", "4m") as disk:
-        d = necrod_factory(
-            daemon_config({"repo": origin}, {"workspaces": str(workdir / "ws"), "disk_check_interval_s": 1},
-                          slots=1, min_idle=0),
-            start=False,
-        )  # fmt: skip
-        d.state_dir = disk / "state"
-        try:
-            d.start()
-            with d.client(timeout=PROMPT_S) as c:
-                held = c.allocate("repo", holder="held", ttl_s=3)
-                filler = make_read_only(c, disk, held["lease_id"])
-                time.sleep(5)  # past the TTL, with every heartbeat refused
-                slots = {s["slot_id"]: s for s in c.slots("repo")["slots"]}
-                assert slots[held["slot_id"]]["lease_id"] == held["lease_id"], "the lease expired"
-                filler.unlink()
-                wait_for(lambda: c.status()["store"]["read_only"] is None, 30, what="writable again")
-                time.sleep(1.5)  # a fresh TTL (3 s) from when the state became writable
-                c.heartbeat(held["lease_id"])
-                c.release(held["lease_id"], salvage=False)
-        finally:
-            d.stop()
+    with (
+        state_on_tmpfs(necrod_factory, origin, workdir, slots=1) as (d, disk),
+        d.client(timeout=PROMPT_S) as c,
+    ):
+        held = c.allocate("repo", holder="held", ttl_s=3)
+        filler = make_read_only(c, disk, held["lease_id"])
+        time.sleep(5)  # past the TTL, with every heartbeat refused
+        slots = {s["slot_id"]: s for s in c.slots("repo")["slots"]}
+        assert slots[held["slot_id"]]["lease_id"] == held["lease_id"], "the lease expired"
+        filler.unlink()
+        wait_for(lambda: c.status()["store"]["read_only"] is None, 30, what="writable again")
+        time.sleep(1.5)  # a fresh TTL (3 s) from when the state became writable
+        c.heartbeat(held["lease_id"])
+        c.release(held["lease_id"], salvage=False)
 
 
 def test_a_full_workspaces_disk_is_degraded_and_recovers(
