@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from necrod.proto.dispatch import CallContext, Dispatcher, Peer
 from necrod.proto.errors import ERROR_KINDS, NotFound, error_from_object
 from necrod.proto.jsonrpc import MAX_DEPTH, BadRequest, Request, decode_request, encode_error, encode_result
+from necrod.proto.router import CallContext, Peer, Router
 
 pytestmark = pytest.mark.anyio
 
@@ -90,7 +90,7 @@ def test_error_objects_round_trip_to_the_same_class() -> None:
 
 
 async def test_dispatch_answers_every_outcome() -> None:
-    d = Dispatcher()
+    d = Router()
 
     async def allocate(params: dict[str, Any], c: CallContext) -> Any:
         if params["pool"] == "missing":
@@ -133,7 +133,7 @@ async def test_dispatch_answers_every_outcome() -> None:
 
 
 async def test_restricted_connections_only_answer_operator_methods() -> None:
-    d = Dispatcher()
+    d = Router()
 
     async def status(params: dict[str, Any], c: CallContext) -> Any:
         return {"ok": True}

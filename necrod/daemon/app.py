@@ -106,8 +106,6 @@ class Daemon:
         self.server: RpcServer
         self.supervisor: Supervisor
         self.dispatcher: Dispatcher
-        self.api = Api(self)
-        self.rpc = self.api.router()
 
     # --- startup ------------------------------------------------------------------------------------
 
@@ -179,10 +177,12 @@ class Daemon:
         self.dispatcher = Dispatcher(engine=self.engine, store=self.store, config=lambda: self.config,
                                      socket=self.settings.socket, state_dir=self.settings.state_dir,
                                      metrics=self.metrics)  # fmt: skip
+        api = Api(engine=self.engine, dispatcher=self.dispatcher, store=self.store, bus=self.bus,
+                  metrics=self.metrics, supervisor=self.supervisor, status=self.status, reload=self.reload)  # fmt: skip
         d = self.config.daemon
         self.server = RpcServer(
             self.settings.socket,
-            self.rpc,
+            api.router(),
             policy=policy,
             limits=Limits.of(d),
         )

@@ -5,7 +5,9 @@ Parameter types and ranges are checked before these run (``proto.methods``).
 
 from __future__ import annotations
 
+import os
 import secrets
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from necrod import PROTOCOL_VERSION, __version__
@@ -13,21 +15,52 @@ from necrod.core.names import check_lease_id, check_pool_name
 from necrod.core.tasks import Task
 from necrod.daemon.events import as_seen_by
 from necrod.io.store import Event
-from necrod.proto.dispatch import CallContext, Dispatcher
 from necrod.proto.errors import InvalidParams, NotFound, PermissionDenied, UnsupportedProtocol
 from necrod.proto.methods import EVENT_TOPICS
+from necrod.proto.router import CallContext, Router
 
 if TYPE_CHECKING:
-    from necrod.daemon.app import Daemon
+    from necrod.daemon.dispatcher import Dispatcher
+    from necrod.daemon.engine import PoolEngine
+    from necrod.daemon.events import EventBus
+    from necrod.daemon.metrics import Metrics
+    from necrod.daemon.supervisor import Supervisor
+    from necrod.io.store import StateStore
 
 
 class Api:
-    def __init__(self, daemon: Daemon) -> None:
-        self.d = daemon
+    """The RPC methods: each checks who may call it and hands the call to the part that owns it.
 
-    def router(self) -> Dispatcher:
-        """The RPC methods, routed (the task dispatcher is ``Daemon.dispatcher``)."""
-        dispatcher = Dispatcher()
+    Given the parts it calls, not the daemon: ``status`` and ``reload`` are the daemon's own
+    (its view of every part, and the config reload it serialises).
+    """
+
+    def __init__(
+        self,
+        *,
+        engine: PoolEngine,
+        dispatcher: Dispatcher,
+        store: StateStore,
+        bus: EventBus,
+        metrics: Metrics,
+        supervisor: Supervisor,
+        status: Callable[[], dict[str, Any]],
+        reload: Callable[[str], Awaitable[dict[str, Any]]],
+    ) -> None:
+        self.engine = engine
+        self.dispatcher = dispatcher
+        self.store = store
+        self.bus = bus
+        self.metrics = metrics
+        self.supervisor = supervisor
+        self.daemon_status = status
+        self.daemon_reload = reload
+        self.pid = os.getpid()
+        self.methods: list[str] = []
+
+    def router(self) -> Router:
+        """The RPC methods, routed."""
+        router = Router()
         for method, handler in {
             "hello": self.hello,
             "daemon.status": self.status,
@@ -47,7 +80,7 @@ class Api:
             "anomalies.list": self.anomalies,
             "slots.recover": self.recover,
             "slots.isolate": self.isolate,
-            "metrics.get": self.metrics,
+            "metrics.get": self.metrics_get,
             "tasks.submit": self.tasks_submit,
             "tasks.get": self.tasks_get,
             "tasks.list": self.tasks_list,
@@ -56,8 +89,9 @@ class Api:
             "tasks.logs": self.tasks_logs,
             "hosts.list": self.hosts_list,
         }.items():
-            dispatcher.register(method, handler)
-        return dispatcher
+            router.register(method, handler)
+        self.methods = sorted(router.methods)
+        return router
 
     async def hello(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         protocol = params["protocol"]
@@ -71,30 +105,30 @@ class Api:
             "server": "necrod",
             "version": __version__,
             "protocol": PROTOCOL_VERSION,
-            "pid": self.d.pid,
-            "methods": sorted(self.d.rpc.methods),
+            "pid": self.pid,
+            "methods": self.methods,
         }
 
     async def status(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        return self.d.status()
+        return self.daemon_status()
 
     async def reload(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        return await self.d.reload("rpc")
+        return await self.daemon_reload("rpc")
 
     async def pools_list(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        return {"pools": [p.view() for p in self.d.engine.pools.values()]}
+        return {"pools": [p.view() for p in self.engine.pools.values()]}
 
     async def pools_get(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        pool = self.d.engine.pool(params["pool"])
+        pool = self.engine.pool(params["pool"])
         view = pool.view()
-        view["slots_detail"] = self.d.engine.list_slots(pool.name, viewer=ctx.viewer)
+        view["slots_detail"] = self.engine.list_slots(pool.name, viewer=ctx.viewer)
         return view
 
     async def slots_list(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        return {"slots": self.d.engine.list_slots(params["pool"], params["state"], ctx.viewer)}
+        return {"slots": self.engine.list_slots(params["pool"], params["state"], ctx.viewer)}
 
     async def allocate(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        lease = await self.d.engine.allocate(
+        lease = await self.engine.allocate(
             pool=params["pool"],
             holder=params["holder"] or ctx.client or f"pid:{ctx.peer.pid}",
             ttl_s=params["ttl_s"],
@@ -105,12 +139,12 @@ class Api:
             uid=ctx.peer.uid,
         )
         # A lease nobody heard about (the caller vanished while queued) goes back at once.
-        ctx.undelivered.append(lambda: self.d.engine.abandon(lease["lease_id"]))
+        ctx.undelivered.append(lambda: self.engine.abandon(lease["lease_id"]))
         return lease
 
     def _check_lease(self, lease_id: str, ctx: CallContext) -> None:
         """A lease is acted on by the uid that took it (or its task's runner), or an admin."""
-        lease = self.d.engine.slot_for_lease(lease_id).lease
+        lease = self.engine.slot_for_lease(lease_id).lease
         assert lease is not None
         if not ctx.admin and not lease.held_by(ctx.peer.uid):
             raise PermissionDenied(
@@ -120,17 +154,17 @@ class Api:
 
     async def heartbeat(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         self._check_lease(params["lease_id"], ctx)
-        return await self.d.engine.heartbeat(params["lease_id"], params["ttl_s"])
+        return await self.engine.heartbeat(params["lease_id"], params["ttl_s"])
 
     async def release(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         self._check_lease(params["lease_id"], ctx)
-        return await self.d.engine.release(params["lease_id"], params["salvage"])
+        return await self.engine.release(params["lease_id"], params["salvage"])
 
     async def slots_add(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        return await self.d.engine.add_slot(params["pool"], params["wait_s"])
+        return await self.engine.add_slot(params["pool"], params["wait_s"])
 
     async def slots_remove(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        return await self.d.engine.remove_slot(params["slot_id"], force=bool(params["force"]))
+        return await self.engine.remove_slot(params["slot_id"], force=bool(params["force"]))
 
     async def subscribe(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         topics = params["topics"]
@@ -144,7 +178,7 @@ class Api:
         snapshot = params["snapshot"] if params["snapshot"] is not None else since is None
         if ctx.notify is None or ctx.spawn is None:
             raise InvalidParams("this connection cannot receive events")
-        store, bus = self.d.store, self.d.bus
+        store, bus = self.store, self.bus
         # Registered and measured with no await in between: nothing committed can fall in a gap.
         sub = bus.subscribe(topics)
         last = store.last_seq
@@ -160,8 +194,8 @@ class Api:
         }
         if snapshot:
             result["snapshot"] = {
-                "pools": [p.view() for p in self.d.engine.pools.values()],
-                "slots": self.d.engine.list_slots(viewer=ctx.viewer),
+                "pools": [p.view() for p in self.engine.pools.values()],
+                "slots": self.engine.list_slots(viewer=ctx.viewer),
             }
         ctx.on_close.append(lambda: bus.unsubscribe(sub))
         notify, spawn, close, viewer = ctx.notify, ctx.spawn, ctx.close, ctx.viewer
@@ -196,10 +230,10 @@ class Api:
         return result
 
     async def salvage_list(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        names = [check_pool_name(params["pool"])] if params["pool"] else list(self.d.engine.pools)
+        names = [check_pool_name(params["pool"])] if params["pool"] else list(self.engine.pools)
         out: list[dict[str, Any]] = []
         for name in names:
-            pool = self.d.engine.pool(name)
+            pool = self.engine.pool(name)
             if not pool.mirror.exists:
                 continue
             items = await pool.mirror.salvage_refs()
@@ -209,7 +243,7 @@ class Api:
 
     async def salvage_show(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         lease_id = check_lease_id(params["lease_id"])
-        for pool in self.d.engine.pools.values():
+        for pool in self.engine.pools.values():
             if not pool.mirror.exists:
                 continue
             shown = await pool.mirror.show_salvage(lease_id)
@@ -226,32 +260,30 @@ class Api:
 
     async def salvage_prune(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         pool = check_pool_name(params["pool"]) if params["pool"] else None
-        pruned = await self.d.engine.prune_salvage(pool, dry_run=bool(params["dry_run"]))
+        pruned = await self.engine.prune_salvage(pool, dry_run=bool(params["dry_run"]))
         return {"pruned": pruned, "dry_run": bool(params["dry_run"])}
 
     async def anomalies(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        found = await self.d.supervisor.scan(
+        found = await self.supervisor.scan(
             params["pool"], heal=bool(params["heal"]), deep=bool(params["deep"])
         )
         return {"anomalies": found, "healed": bool(params["heal"])}
 
     async def recover(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        return await self.d.engine.recover(params["slot_id"])
+        return await self.engine.recover(params["slot_id"])
 
     async def isolate(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        return await self.d.engine.isolate(params["slot_id"], params["reason"])
+        return await self.engine.isolate(params["slot_id"], params["reason"])
 
-    async def metrics(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        return {"text": self.d.metrics.render()}
+    async def metrics_get(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        return {"text": self.metrics.render()}
 
     async def tasks_submit(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        return await self.d.dispatcher.submit(
-            {k: v for k, v in params.items() if v is not None}, ctx.peer.uid
-        )
+        return await self.dispatcher.submit({k: v for k, v in params.items() if v is not None}, ctx.peer.uid)
 
     def _own_tasks(self, ctx: CallContext, task_id: str | None, batch: str | None) -> None:
         """Only a task's submitter (or an admin) may cancel, retry or read it."""
-        d = self.d.dispatcher
+        d = self.dispatcher
         targets: list[Task] = [d.task(task_id)] if task_id else d.matching(batch=batch) if batch else []
         for task in targets:
             if not ctx.may_act_for(task.uid):
@@ -262,13 +294,13 @@ class Api:
                 )
 
     async def tasks_get(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        task = self.d.dispatcher.task(params["task_id"])
+        task = self.dispatcher.task(params["task_id"])
         view = task.view(owner=ctx.may_act_for(task.uid))
-        view["dependents"] = sorted(self.d.dispatcher.dependents.get(task.task_id, ()))
+        view["dependents"] = sorted(self.dispatcher.dependents.get(task.task_id, ()))
         return view
 
     async def tasks_list(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        dispatcher = self.d.dispatcher
+        dispatcher = self.dispatcher
         tasks = dispatcher.matching(state=params["state"], pool=params["pool"], label=params["label"],
                                 batch=params["batch"])  # fmt: skip
         result: dict[str, Any] = {"tasks": [t.view(brief=True) for t in tasks]}
@@ -278,16 +310,16 @@ class Api:
 
     async def tasks_cancel(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         self._own_tasks(ctx, params["task_id"], params["batch"])
-        return await self.d.dispatcher.cancel(params["task_id"], params["batch"])
+        return await self.dispatcher.cancel(params["task_id"], params["batch"])
 
     async def tasks_retry(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         self._own_tasks(ctx, params["task_id"], params["batch"])
-        return await self.d.dispatcher.retry(params["task_id"], params["batch"])
+        return await self.dispatcher.retry(params["task_id"], params["batch"])
 
     async def tasks_logs(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         self._own_tasks(ctx, params["task_id"], None)
-        return self.d.dispatcher.logs(params["task_id"], params["attempt"], params["offset"] or 0,
+        return self.dispatcher.logs(params["task_id"], params["attempt"], params["offset"] or 0,
                                       params["limit"] or 256 * 1024)  # fmt: skip
 
     async def hosts_list(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        return {"hosts": self.d.dispatcher.hosts()}
+        return {"hosts": self.dispatcher.hosts()}

@@ -40,10 +40,10 @@ import structlog
 from anyio.abc import SocketListener, SocketStream, TaskGroup, TaskStatus
 
 from necrod.core.config import DaemonConfig
-from necrod.proto.dispatch import CallContext, Dispatcher, Peer
 from necrod.proto.errors import InvalidRequest, NecrodError, PermissionDenied, ResourceExhausted
 from necrod.proto.jsonrpc import MAX_LINE_BYTES, decode_request, encode_error, encode_notification
 from necrod.proto.methods import DEFAULT_MAX_REQUEST_BYTES
+from necrod.proto.router import CallContext, Peer, Router
 
 log = structlog.get_logger("necrod.server")
 
@@ -342,18 +342,18 @@ class Connection:
 
 
 class RpcServer:
-    """Serves a ``Dispatcher`` on a Unix socket; see the module docstring."""
+    """Serves a ``Router`` on a Unix socket; see the module docstring."""
 
     def __init__(
         self,
         path: Path,
-        dispatcher: Dispatcher,
+        router: Router,
         *,
         policy: AccessPolicy,
         limits: Limits | None = None,
     ) -> None:
         self.path = path
-        self.dispatcher = dispatcher
+        self.router = router
         self.policy = policy
         self.limits = limits or Limits()
         self.budget = BufferBudget(self.limits.max_buffered_bytes)
@@ -581,13 +581,13 @@ class RpcServer:
 
     async def _handle(self, line: bytes, ctx: CallContext) -> bytes | None:
         if len(line) <= LARGE_LINE_BYTES:
-            return await self.dispatcher.handle_line(line, ctx)
+            return await self.router.handle_line(line, ctx)
         async with self._large_lines:
             # Yield first, holding the lock: calls that came meanwhile are answered before this
             # line is decoded, and the next large line waits for a turn after this one.
             await anyio.lowlevel.checkpoint()
             decoded = decode_request(line)
-        return await self.dispatcher.handle_decoded(decoded, ctx)
+        return await self.router.handle_decoded(decoded, ctx)
 
     async def _linger(
         self, stream: SocketStream, seconds: float = LINGER_S, limit: int = LINGER_BYTES

@@ -1,6 +1,6 @@
 """Routing decoded requests to handlers and turning every outcome into a reply line.
 
-No sockets here: ``Dispatcher.handle_line`` takes the bytes of one request line and returns the
+No sockets here: ``Router.handle_line`` takes the bytes of one request line and returns the
 bytes of the reply (or ``None`` for a notification), so framing and dispatch are tested alone.
 """
 
@@ -71,7 +71,7 @@ class CallContext:
 Handler = Callable[[dict[str, Any], CallContext], Awaitable[Any]]
 
 
-class Dispatcher:
+class Router:
     """Maps method names to handlers; every request line gets a reply line or, for a
     notification, nothing.
 
