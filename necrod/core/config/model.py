@@ -1,0 +1,265 @@
+"""What a loaded pools.yaml is: the frozen config objects, their defaults, and ``ConfigError``.
+
+Pure data: nothing here reads YAML (``schema`` and the section readers do that).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+WEEK_S = 7 * 24 * 3600.0
+GIB = 1 << 30
+MIB = 1 << 20
+#: Room for a few whole 1 MiB request lines per uid (a quarter of the budget each).
+MIN_BUFFERED_BYTES = 8 * MIB
+
+#: Transports git may use unless the config says otherwise (GIT_ALLOW_PROTOCOL).
+DEFAULT_PROTOCOLS = ("file", "https", "ssh")
+KNOWN_PROTOCOLS = ("file", "https", "http", "ssh", "git")
+
+
+class ConfigError(Exception):
+    """A config that cannot be used, with where the problem is."""
+
+    def __init__(
+        self, message: str, *, file: str | None = None, line: int | None = None, column: int | None = None
+    ) -> None:
+        self.message = message
+        self.file = file
+        self.line = line
+        self.column = column
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = self.file or "<config>"
+        if self.line is not None:
+            where += f":{self.line}"
+            if self.column is not None:
+                where += f":{self.column}"
+        return f"{where}: {self.message}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "message": self.message,
+            "file": self.file,
+            "line": self.line,
+            "column": self.column,
+            "text": str(self),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    workspaces: str | None = None
+    git_concurrency: int = 4
+    min_free_disk: int = 1 * GIB
+    socket_group: str | None = None
+    #: Members are admins (admin methods, every lease and task), besides root and the daemon's uid.
+    admin_group: str | None = None
+    metrics_listen: tuple[str, int] | None = None
+    max_connections: int = 1024
+    #: Connections one uid that is not an admin may hold (so one peer cannot lock others out).
+    max_connections_per_uid: int = 256
+    #: Bytes of unfinished request lines held for all connections together (a quarter per
+    #: non-admin uid), so half-sent lines cannot exhaust memory.
+    max_buffered_bytes: int = 64 * MIB
+    shutdown_grace_s: float = 10.0
+    write_timeout_s: float = 10.0
+    read_timeout_s: float = 30.0
+    allowed_protocols: tuple[str, ...] = DEFAULT_PROTOCOLS
+    git: str = "git"
+    event_history: int = 50_000
+    heal_interval_s: float = 300.0
+    release_overdue_leases: bool = False
+    disk_check_interval_s: float = 30.0
+    #: How often each mirror's object connectivity is checked (``git fsck --connectivity-only``).
+    mirror_check_interval_s: float = 6 * 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class SalvageLimits:
+    """What one salvage may take; past it, files are left out and listed (``salvage_max_*``)."""
+
+    max_bytes: int
+    max_files: int
+    max_file_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class SalvageRetention:
+    """How long salvage refs are kept, per pool (``salvage_keep_*``); the oldest go first."""
+
+    days: float
+    count: int
+    bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    name: str
+    repo_url: str
+    base: str | None = None
+    slots: int = 2
+    min_idle: int = 1
+    max_slots: int = 8
+    lease_ttl_s: float = 900.0
+    max_lease_s: float | None = None
+    fetch_interval_s: float = 300.0
+    cleanup: str = "full"
+    salvage: bool = True
+    salvage_max_bytes: int = 128 << 20
+    salvage_max_files: int = 20_000
+    salvage_max_file_bytes: int = 16 << 20
+    salvage_keep_days: float = 30.0
+    salvage_keep_count: int = 1_000
+    salvage_keep_bytes: int = 4 * GIB
+    cleanup_timeout_s: float = 300.0
+    clone_timeout_s: float = 3600.0
+    git_concurrency: int = 2
+    idle_timeout_s: float = 600.0
+    isolation: str = "worktree"
+    metrics: bool = True
+    stale_lock_hours: float = 24.0
+    #: NecroCode's ``lock_timeout``: accepted for compatibility; allocation takes no file lock.
+    lock_timeout_s: float | None = None
+
+    @property
+    def clean_flags(self) -> str:
+        return "-ffdx" if self.cleanup == "full" else "-ffd"
+
+    @property
+    def salvage_limits(self) -> SalvageLimits:
+        return SalvageLimits(self.salvage_max_bytes, self.salvage_max_files, self.salvage_max_file_bytes)
+
+    @property
+    def salvage_retention(self) -> SalvageRetention:
+        return SalvageRetention(self.salvage_keep_days, self.salvage_keep_count, self.salvage_keep_bytes)
+
+
+LAUNCHERS = ("process", "tmux", "container", "kubernetes")
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerSpec:
+    """``runners.<name>.container``: how a ``container`` launcher runs a task (docs/containers.md)."""
+
+    image: str
+    #: ``uid:gid`` inside the container; never root unless said so.
+    user: str = "65534:65534"
+    #: Where the slot is mounted, read-write (also the working directory).
+    workdir: str = "/workspace"
+    network: str = "none"
+    cpus: float | None = None
+    pids_limit: int | None = 512
+    #: Extra host paths mounted read-only at the same path.
+    mounts: tuple[str, ...] = ()
+    #: The Docker Engine API (``unix://PATH``); None: ``$DOCKER_HOST``, else the default socket.
+    docker_host: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KubernetesSpec:
+    """``runners.<name>.kubernetes``: how a ``kubernetes`` launcher runs a task (docs/kubernetes.md)."""
+
+    image: str
+    #: None: ``$POD_NAMESPACE``, else the service account's namespace, else the kubeconfig's, else default.
+    namespace: str | None = None
+    #: The node the Job is pinned to; None: ``$NODE_NAME`` (the daemon's own node: slots are hostPaths).
+    node: str | None = None
+    user: str = "65534:65534"
+    workdir: str = "/workspace"
+    cpus: float | None = None
+    service_account: str | None = None
+    image_pull_policy: str = "IfNotPresent"
+    ttl_after_finished_s: int = 600
+    labels: tuple[tuple[str, str], ...] = ()
+    #: None: the in-cluster service account, else ``$KUBECONFIG``.
+    kubeconfig: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerProfile:
+    """A way to run tasks: ``runners.<name>`` in pools.yaml."""
+
+    name: str
+    launcher: str = "process"
+    #: argv template (list) or a shell command (string, run with ``sh -c``); None: tasks bring theirs.
+    command: tuple[str, ...] | str | None = None
+    skills: tuple[str, ...] = ()
+    max_concurrency: int = 1
+    #: Pools this profile serves (empty: all).
+    pools: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    memory_limit: int | None = None
+    timeout_s: float | None = None
+    #: Stop a runner that writes no output for this long (None: never).
+    output_timeout_s: float | None = None
+    #: TTL of the task's lease: the runner must heartbeat within it.
+    lease_ttl_s: float = 300.0
+    #: Between SIGTERM and SIGKILL when a runner is stopped.
+    grace_s: float = 10.0
+    container: ContainerSpec | None = None
+    kubernetes: KubernetesSpec | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HostConfig:
+    """Another necrod host, reached over SSH: ``hosts.<name>`` in pools.yaml."""
+
+    name: str
+    #: ``ssh://[user@]host[:port][/path/to/necrod.sock]``
+    address: str
+    key: str | None = None
+    known_hosts: str | None = None
+    accept_unknown_host_key: bool = False
+    pools: tuple[str, ...] = ()
+    max_concurrency: int = 4
+    skills: tuple[str, ...] = ()
+    labels: tuple[str, ...] = ()
+    #: Where runner scripts, exit statuses and logs live on that host (relative: to the login's home).
+    workdir: str = ".necrod-fleet"
+
+
+@dataclass(frozen=True, slots=True)
+class DispatcherConfig:
+    policy: str = "fifo"
+    max_running: int = 8
+    max_retries: int = 0
+    retry_backoff_s: float = 10.0
+    retry_backoff_max_s: float = 600.0
+    failure_strategy: str = "continue"
+    label_priority: tuple[tuple[str, int], ...] = ()
+    fair_share_half_life_s: float = 3600.0
+    fair_share_weights: tuple[tuple[str, float], ...] = ()
+    fair_share_key: str = "project"
+    #: No new task starts while the machine's memory use is above this percentage.
+    max_memory_percent: float = 95.0
+    #: No new task starts while the 1-minute load average per CPU is above this (None: ignored).
+    max_load_per_cpu: float | None = None
+    #: Finished tasks kept (the oldest beyond this are forgotten).
+    keep_finished: int = 10_000
+    logs: str | None = None
+    #: Run tasks on this host too (its own pools), beside the ``hosts:``.
+    run_locally: bool = True
+    #: A host unreachable this long has its running attempts written off and retried elsewhere.
+    host_grace_s: float = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    pools: dict[str, PoolConfig] = field(default_factory=dict)
+    runners: dict[str, RunnerProfile] = field(default_factory=dict)
+    dispatcher: DispatcherConfig = field(default_factory=DispatcherConfig)
+    hosts: dict[str, HostConfig] = field(default_factory=dict)
+    #: The file it came from (None for the embedded default).
+    source: str | None = None
+    #: Things accepted but without effect (NecroCode options necrod covers another way).
+    notes: tuple[str, ...] = ()
+    #: (line, column) of values checked later against the file system, by dotted path.
+    marks: dict[str, tuple[int, int]] = field(default_factory=dict, compare=False)
+
+    def error_at(self, path: str, message: str) -> ConfigError:
+        line, column = self.marks.get(path, (None, None))
+        return ConfigError(message, file=self.source, line=line, column=column)

@@ -1,0 +1,198 @@
+"""The ``daemon:``, ``defaults:`` and ``pools:`` sections, in native and NecroCode spelling."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from yaml.nodes import Node
+
+from necrod.core.config.model import KNOWN_PROTOCOLS, MIN_BUFFERED_BYTES, WEEK_S, DaemonConfig, PoolConfig
+from necrod.core.config.schema import (
+    SIZE_CHECKS,
+    Reader,
+    Section,
+    int_in,
+    is_bool,
+    is_size,
+    is_str,
+    num_in,
+    one_of,
+    parse_size,
+    size_at_least,
+)
+from necrod.core.config.urls import repo_url_problem
+from necrod.core.names import ref_name_problem
+
+# --- the schema ---------------------------------------------------------------------------------
+
+_POOL_KEYS = [
+    "base",
+    "slots",
+    "min_idle",
+    "max_slots",
+    "lease_ttl_s",
+    "max_lease_s",
+    "fetch_interval_s",
+    "cleanup",
+    "salvage",
+    "salvage_max_bytes",
+    "salvage_max_files",
+    "salvage_max_file_bytes",
+    "salvage_keep_days",
+    "salvage_keep_count",
+    "salvage_keep_bytes",
+    "cleanup_timeout_s",
+    "clone_timeout_s",
+    "git_concurrency",
+    "idle_timeout_s",
+    "isolation",
+    "metrics",
+    "stale_lock_hours",
+]
+#: NecroCode's names for native keys.
+_ALIASES = {
+    "num_slots": "slots",
+    "cleanup_timeout": "cleanup_timeout_s",
+    "enable_metrics": "metrics",
+    "lock_timeout": "lock_timeout_s",
+}
+_NECRO_ONLY = ["cleanup_options", "lock_timeout_s"]
+_CLEANUP_OPTIONS = ["fetch_on_allocate", "clean_on_release", "warmup_enabled"]
+
+_POOL_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "base": lambda v: is_str(v) or (f"is not a valid ref: {p}" if (p := ref_name_problem(v)) else None),
+    "slots": int_in(1, 10_000),
+    "min_idle": int_in(0, 10_000),
+    "max_slots": int_in(1, 10_000),
+    "lease_ttl_s": num_in(1, WEEK_S),
+    "max_lease_s": lambda v: None if v is None else num_in(1, 4 * WEEK_S)(v),
+    "fetch_interval_s": lambda v: None if v == 0 else num_in(1, WEEK_S)(v),
+    "cleanup": one_of("full", "keep-ignored"),
+    "salvage": is_bool,
+    "salvage_max_bytes": is_size,
+    "salvage_max_files": int_in(1, 10_000_000),
+    "salvage_max_file_bytes": is_size,
+    "salvage_keep_days": num_in(0, 3650),
+    "salvage_keep_count": int_in(0, 10_000_000),
+    "salvage_keep_bytes": is_size,
+    "cleanup_timeout_s": num_in(1, 24 * 3600),
+    "clone_timeout_s": num_in(1, 7 * 24 * 3600),
+    "git_concurrency": int_in(1, 256),
+    "idle_timeout_s": num_in(0, WEEK_S),
+    "isolation": one_of("worktree", "shared-clone"),
+    "metrics": is_bool,
+    "stale_lock_hours": num_in(0, 24 * 365, above=True),
+    "lock_timeout_s": num_in(0, 24 * 3600),
+}
+
+
+def read_pool_options(r: Reader, sec: Section, *, allow_repo: bool) -> tuple[dict[str, Any], dict[str, Node]]:
+    """Pool options present in ``sec`` (native or NecroCode names), and the node of each."""
+    options: dict[str, Any] = {}
+    nodes: dict[str, Node] = {}
+    for key in list(sec.items):
+        native = _ALIASES.get(key, key)
+        if native not in _POOL_CHECKS:
+            continue
+        if native in options:
+            raise r.error(sec.items[key][0], f"{sec.path}: both {key!r} and {native!r} given; keep one")
+        value = sec.value(key, _POOL_CHECKS[native])
+        options[native] = parse_size(value) if _POOL_CHECKS[native] in SIZE_CHECKS else value
+        nodes[native] = sec.items[key][1]
+    if sec.has("cleanup_options"):
+        opts = Section(r, sec.raw("cleanup_options")[1], f"{sec.path}.cleanup_options")  # type: ignore[index]
+        for key in _CLEANUP_OPTIONS:
+            if opts.has(key):
+                opts.value(key, is_bool)
+        opts.finish(_CLEANUP_OPTIONS)
+        r.notes.append(
+            f"{sec.path}.cleanup_options: accepted; necrod always cleans after release and keeps "
+            "slots fetched in the background, so these options change nothing"
+        )
+    if "lock_timeout_s" in options:
+        r.notes.append(f"{sec.path}.lock_timeout: accepted; allocation takes no lock that could wait")
+    allowed = _POOL_KEYS + list(_ALIASES) + ["cleanup_options"] + (["repo_url"] if allow_repo else [])
+    if not allow_repo and sec.has("repo_url"):
+        raise r.error(sec.items["repo_url"][0], f"{sec.path}: repo_url belongs to a pool, not to defaults")
+    if allow_repo:
+        sec.taken.add("repo_url")
+    sec.finish(allowed)
+    return options, nodes
+
+
+_DAEMON_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "workspaces": is_str,
+    "git_concurrency": int_in(1, 256),
+    "socket_group": is_str,
+    "admin_group": is_str,
+    "max_connections": int_in(1, 65_536),
+    "max_connections_per_uid": int_in(1, 65_536),
+    "shutdown_grace_s": num_in(0, 3600),
+    "write_timeout_s": num_in(0.1, 3600),
+    "read_timeout_s": num_in(0.1, 3600),
+    "git": is_str,
+    "event_history": int_in(100, 10_000_000),
+    "heal_interval_s": num_in(0, WEEK_S),
+    "release_overdue_leases": is_bool,
+    "disk_check_interval_s": num_in(1, 3600),
+    "mirror_check_interval_s": num_in(0, 30 * 24 * 3600),
+    "min_free_disk": is_size,
+    "max_buffered_bytes": size_at_least(MIN_BUFFERED_BYTES, "8 MiB"),
+}
+
+
+def read_daemon(r: Reader, node: Node) -> DaemonConfig:
+    sec = Section(r, node, "daemon")
+    values: dict[str, Any] = sec.values(_DAEMON_CHECKS)
+    values.update({k: parse_size(v) for k, v in values.items() if _DAEMON_CHECKS[k] in SIZE_CHECKS})
+    if sec.has("metrics_listen"):
+        node_ = sec.node_of("metrics_listen")
+        v = sec.value("metrics_listen")
+        m = re.fullmatch(r"\[?([^\]]*?)\]?:(\d{1,5})", v) if isinstance(v, str) else None
+        if not m or not 0 < int(m.group(2)) < 65536 or not m.group(1):
+            raise r.error(node_, "daemon.metrics_listen must be HOST:PORT, e.g. 127.0.0.1:9464")
+        values["metrics_listen"] = (m.group(1), int(m.group(2)))
+    if sec.has("allowed_protocols"):
+        _key_node, value_node = sec.raw("allowed_protocols")  # type: ignore[misc]
+        protocols = r.strings(value_node, "daemon.allowed_protocols")
+        bad = [p for p in protocols if p not in KNOWN_PROTOCOLS]
+        if bad:
+            raise r.error(
+                value_node,
+                f"daemon.allowed_protocols: unknown transport(s) {', '.join(bad)}; "
+                f"known: {', '.join(KNOWN_PROTOCOLS)}",
+            )
+        values["allowed_protocols"] = tuple(dict.fromkeys(protocols))
+    sec.finish([*_DAEMON_CHECKS, "metrics_listen", "allowed_protocols"])
+    return DaemonConfig(**values)
+
+
+def resolve_pool(
+    r: Reader,
+    name: str,
+    options: dict[str, Any],
+    nodes: dict[str, Node],
+    defaults: dict[str, Any],
+    repo_url: str,
+    repo_node: Node,
+    daemon: DaemonConfig,
+    name_node: Node,
+) -> PoolConfig:
+    merged = {**defaults, **options}
+    slots = merged.get("slots", 2)
+    if "max_slots" not in merged:
+        merged["max_slots"] = max(8, slots)
+    elif merged["max_slots"] < slots:
+        node = nodes.get("max_slots") or nodes.get("slots") or name_node
+        raise r.error(node, f"pools.{name}: max_slots ({merged['max_slots']}) is below slots ({slots})")
+    if merged.get("min_idle", 1) > merged["max_slots"]:
+        node = nodes.get("min_idle") or name_node
+        raise r.error(
+            node, f"pools.{name}: min_idle ({merged['min_idle']}) is above max_slots ({merged['max_slots']})"
+        )
+    problem = repo_url_problem(repo_url, daemon.allowed_protocols)
+    if problem:
+        raise r.error(repo_node, f"pools.{name}.repo_url {problem}")
+    return PoolConfig(name=name, repo_url=repo_url, **merged)

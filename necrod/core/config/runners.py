@@ -1,0 +1,233 @@
+"""The ``runners:`` (with their container and Kubernetes specs), ``hosts:`` and ``dispatcher:`` sections."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from yaml.nodes import Node, SequenceNode
+
+from necrod.core.config.model import (
+    LAUNCHERS,
+    WEEK_S,
+    ContainerSpec,
+    DispatcherConfig,
+    HostConfig,
+    KubernetesSpec,
+    PoolConfig,
+    RunnerProfile,
+)
+from necrod.core.config.schema import (
+    MISSING,
+    Reader,
+    Section,
+    int_in,
+    is_bool,
+    is_str,
+    mapping_of,
+    num_in,
+    one_of,
+    optional_num,
+    parse_size,
+)
+
+_RUNNER_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "launcher": one_of(*LAUNCHERS),
+    "max_concurrency": int_in(1, 10_000),
+    "timeout_s": optional_num(0, 30 * 24 * 3600),
+    "output_timeout_s": optional_num(0, 30 * 24 * 3600),
+    "lease_ttl_s": num_in(1, WEEK_S),
+    "grace_s": num_in(0, 3600),
+}
+
+
+def read_runner(r: Reader, name: str, node: Node, pools: dict[str, PoolConfig]) -> RunnerProfile:
+    sec = Section(r, node, f"runners.{name}")
+    values: dict[str, Any] = {"name": name}
+    values.update(sec.values(_RUNNER_CHECKS))
+    item = sec.raw("command")
+    if item is not None:
+        cmd_node = item[1]
+        if isinstance(cmd_node, SequenceNode):
+            argv = r.strings(cmd_node, f"runners.{name}.command")
+            if not argv:
+                raise r.error(cmd_node, f"runners.{name}.command may not be empty")
+            values["command"] = tuple(argv)
+        else:
+            text = r.scalar(cmd_node, f"runners.{name}.command")
+            if not isinstance(text, str) or not text.strip():
+                raise r.error(
+                    cmd_node, f"runners.{name}.command must be a list of arguments or a shell command"
+                )
+            values["command"] = text
+    for key in ("skills", "pools"):
+        item = sec.raw(key)
+        if item is not None:
+            values[key] = tuple(r.strings(item[1], f"runners.{name}.{key}"))
+    env = mapping_of(r, sec, "env", lambda v: None if isinstance(v, str | int | float) and not isinstance(v, bool)
+                      else "must be a string")  # fmt: skip
+    values["env"] = tuple((k, str(v)) for k, v in env.items())
+    if sec.has("memory_limit"):
+        node_ = sec.node_of("memory_limit")
+        try:
+            values["memory_limit"] = parse_size(sec.value("memory_limit"))
+        except ValueError as exc:
+            raise r.error(node_, f"runners.{name}.memory_limit: {exc}") from None
+    container = sec.raw("container")
+    if container is not None:
+        values["container"] = _read_container(r, name, container[1])
+    kubernetes = sec.raw("kubernetes")
+    if kubernetes is not None:
+        values["kubernetes"] = _read_kubernetes(r, name, kubernetes[1])
+    for launcher in ("container", "kubernetes"):
+        if values.get("launcher") == launcher and launcher not in values:
+            raise r.error(
+                node, f"runners.{name}: launcher {launcher} needs a {launcher}: section with an image"
+            )
+    sec.finish(
+        [*_RUNNER_CHECKS, "command", "skills", "pools", "env", "memory_limit", "container", "kubernetes"]
+    )
+    return RunnerProfile(**values)
+
+
+def _user_spec(v: Any) -> str | None:
+    if not isinstance(v, str) or not re.fullmatch(r"\d+:\d+", v):
+        return "must be uid:gid, numbers"
+    return None
+
+
+def _abs_path(v: Any) -> str | None:
+    return is_str(v) or (None if str(v).startswith("/") and ":" not in v else "must be an absolute path")
+
+
+_CONTAINER_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "image": is_str, "user": _user_spec, "workdir": _abs_path, "network": is_str,
+    "cpus": optional_num(0, 1024), "pids_limit": lambda v: None if v is None else int_in(16, 4_194_304)(v),
+    "docker_host": is_str,
+}  # fmt: skip
+
+
+def _read_container(r: Reader, name: str, node: Node) -> ContainerSpec:
+    sec = Section(r, node, f"runners.{name}.container")
+    values: dict[str, Any] = sec.values(_CONTAINER_CHECKS)
+    if "image" not in values:
+        raise r.error(node, f"runners.{name}.container.image is required")
+    item = sec.raw("mounts")
+    if item is not None:
+        mounts = r.strings(item[1], f"runners.{name}.container.mounts")
+        for m in mounts:
+            if _abs_path(m):
+                raise r.error(item[1], f"runners.{name}.container.mounts: {m!r} must be an absolute path")
+        values["mounts"] = tuple(mounts)
+    sec.finish([*_CONTAINER_CHECKS, "mounts"])
+    return ContainerSpec(**values)
+
+
+def _dns_label(v: Any) -> str | None:
+    if not isinstance(v, str) or not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", v):
+        return "must be a Kubernetes name: lowercase letters, digits and '-', at most 63"
+    return None
+
+
+def _dns_subdomain(v: Any) -> str | None:
+    if not isinstance(v, str) or len(v) > 253 or not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", v):
+        return "must be a Kubernetes name: lowercase letters, digits, '-' and '.', at most 253"
+    return None
+
+
+def _or_null(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    return lambda v: None if v is None else check(v)
+
+
+_LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
+
+_KUBERNETES_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "image": is_str, "namespace": _or_null(_dns_label), "node": _or_null(_dns_subdomain), "user": _user_spec,
+    "workdir": _abs_path, "cpus": optional_num(0, 1024), "service_account": _or_null(_dns_subdomain),
+    "image_pull_policy": one_of("Always", "IfNotPresent", "Never"),
+    "ttl_after_finished_s": int_in(0, 365 * 24 * 3600), "kubeconfig": _or_null(is_str),
+}  # fmt: skip
+
+
+def _read_kubernetes(r: Reader, name: str, node: Node) -> KubernetesSpec:
+    sec = Section(r, node, f"runners.{name}.kubernetes")
+    values: dict[str, Any] = sec.values(_KUBERNETES_CHECKS)
+    if "image" not in values:
+        raise r.error(node, f"runners.{name}.kubernetes.image is required")
+
+    def label_value(v: Any) -> str | None:
+        ok = isinstance(v, str) and len(v) <= 63 and _LABEL_VALUE.fullmatch(v)
+        return None if ok else "must be a Kubernetes label value: at most 63 letters, digits, '-', '_', '.'"
+
+    labels = mapping_of(r, sec, "labels", label_value)
+    values["labels"] = tuple((k, str(v)) for k, v in labels.items())
+    sec.finish([*_KUBERNETES_CHECKS, "labels"])
+    return KubernetesSpec(**values)
+
+
+_DISPATCHER_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "policy": one_of("fifo", "priority", "skill", "fair-share"),
+    "max_running": int_in(1, 100_000),
+    "max_retries": int_in(0, 1000),
+    "retry_backoff_s": num_in(0, 24 * 3600),
+    "retry_backoff_max_s": num_in(0, 7 * 24 * 3600),
+    "failure_strategy": one_of("continue", "stop-all", "retry"),
+    "max_memory_percent": num_in(1, 100),
+    "max_load_per_cpu": optional_num(0, 10_000),
+    "keep_finished": int_in(0, 10_000_000),
+    "logs": is_str,
+    "run_locally": is_bool,
+    "host_grace_s": num_in(1, 7 * 24 * 3600),
+}
+
+
+def read_host(r: Reader, name: str, node: Node) -> HostConfig:
+    sec = Section(r, node, f"hosts.{name}")
+    values: dict[str, Any] = {"name": name}
+    checks: dict[str, Callable[[Any], str | None]] = {
+        "address": is_str, "key": is_str, "known_hosts": is_str, "accept_unknown_host_key": is_bool,
+        "max_concurrency": int_in(1, 100_000), "workdir": is_str,
+    }  # fmt: skip
+    values.update(sec.values(checks))
+    address = values.get("address")
+    if address is None:
+        raise r.error(
+            node, f"hosts.{name}: address is required (ssh://[user@]host[:port][/path/to/necrod.sock])"
+        )
+    if not re.fullmatch(r"ssh://(?:[^@/\s]+@)?[A-Za-z0-9._\[\]:-]+(?::\d+)?(?:/\S*)?", address) or re.match(
+        r"ssh://(?:[^@/]+@)?-", address
+    ):
+        raise r.error(
+            sec.node_of("address"), f"hosts.{name}.address must be ssh://[user@]host[:port][/socket]"
+        )
+    for key in ("pools", "skills", "labels"):
+        item = sec.raw(key)
+        if item is not None:
+            values[key] = tuple(r.strings(item[1], f"hosts.{name}.{key}"))
+    if not values.get("pools"):
+        raise r.error(
+            node, f"hosts.{name}: pools is required (the pools of that host's necrod to run tasks in)"
+        )
+    sec.finish([*checks, "pools", "skills", "labels"])
+    return HostConfig(**values)
+
+
+def read_dispatcher(r: Reader, node: Node) -> DispatcherConfig:
+    sec = Section(r, node, "dispatcher")
+    values: dict[str, Any] = sec.values(_DISPATCHER_CHECKS)
+    rules = mapping_of(r, sec, "label_priority", int_in(-1_000_000, 1_000_000))
+    values["label_priority"] = tuple(rules.items())
+    if sec.has("fair_share"):
+        fs = Section(r, sec.raw("fair_share")[1], "dispatcher.fair_share")  # type: ignore[index]
+        half = fs.value("half_life_s", num_in(1, 365 * 24 * 3600))
+        if half is not MISSING:
+            values["fair_share_half_life_s"] = half
+        key = fs.value("key", one_of("project", "label"))
+        if key is not MISSING:
+            values["fair_share_key"] = key
+        weights = mapping_of(r, fs, "weights", num_in(0, 1e9, above=True))
+        values["fair_share_weights"] = tuple((k, float(v)) for k, v in weights.items())
+        fs.finish(["half_life_s", "key", "weights"])
+    sec.finish([*_DISPATCHER_CHECKS, "label_priority", "fair_share"])
+    return DispatcherConfig(**values)
