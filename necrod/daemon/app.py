@@ -43,7 +43,8 @@ from necrod.io.instance import InstanceLock
 from necrod.io.metrics_http import serve_metrics
 from necrod.io.preflight import restart_only_changed, start_problems
 from necrod.io.sdnotify import Notifier
-from necrod.io.server import AccessPolicy, Limits, RpcServer, raise_fd_limit
+from necrod.io.server import Limits, RpcServer, raise_fd_limit
+from necrod.io.socketaccess import AccessPolicy
 from necrod.io.store import Event, StateStore, StoreError
 from necrod.io.watcher import ConfigWatcher, content_digest
 from necrod.paths import ensure_private_dir, shared_tmp_dir

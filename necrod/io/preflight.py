@@ -18,7 +18,7 @@ import anyio
 
 from necrod.core.config import DaemonConfig
 from necrod.io.gitrun import GitRunner, GitVersionError, version_problem
-from necrod.io.server import AccessPolicy
+from necrod.io.socketaccess import AccessPolicy
 
 #: The ``daemon:`` keys a reload records but only a restart applies.
 RESTART_ONLY = ("workspaces", "socket_group", "git", "allowed_protocols", "metrics_listen")
