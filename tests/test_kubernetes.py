@@ -23,7 +23,8 @@ import pytest
 
 from necrod.core.config import KubernetesSpec
 from necrod.daemon.fleet import origin_id
-from necrod.io.kubernetes import LABEL_DAEMON, connect, label_value
+from necrod.io.kubeapi import connect
+from necrod.io.kubernetes import LABEL_DAEMON, label_value
 from tests.helpers import Necrod, cleanup_dir, git, short_tmpdir, wait_for
 from tests.k8sfake import Cluster, fake_cluster
 
