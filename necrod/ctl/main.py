@@ -20,7 +20,7 @@ from typing import Any
 
 from necrod import __version__
 from necrod.client import Client
-from necrod.ctl import render, run
+from necrod.ctl import render, run, show
 from necrod.proto.errors import DaemonUnreachable, NecrodError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_UNKNOWN = 0, 1, 2, 3, 4
@@ -169,111 +169,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-# --- renderers: the result as a person reads it -----------------------------------------------------
-
-
-def _print_status(r: dict[str, Any]) -> None:
-    print(f"necrod {r['version']} pid {r['pid']}: {r['state']}, up {render.duration(r['uptime_s'])}")
-    for reason in r.get("degraded", []):
-        print(f"  ! {reason}")
-    cfg = r["config"]
-    print(
-        f"config:  {cfg['path'] or 'embedded default'} (generation {cfg['generation']}, loaded {render.ago(cfg['loaded_at'])})"
-    )
-    if cfg.get("last_reload_error"):
-        print(f"         last reload rejected: {cfg['last_reload_error']['text']}")
-    print(f"socket:  {r['socket']}    state: {r['state_dir']}    git {r['git']['version']}")
-    rows = []
-    for name, p in r["pools"].items():
-        s = p["slots"]
-        rows.append(
-            (
-                name,
-                p["state"],
-                s["available"],
-                s["allocated"],
-                s["cleaning"] + s["creating"],
-                s["error"],
-                p["waiting"],
-                p["fetch"],
-            )
-        )
-    if rows:
-        print()
-        print(
-            render.table(
-                rows, ("POOL", "STATE", "AVAILABLE", "ALLOCATED", "BUSY", "ERROR", "WAITING", "FETCH")
-            )
-        )
-
-
-def _print_pools(r: dict[str, Any]) -> None:
-    rows = []
-    for p in r["pools"]:
-        s = p["slots"]
-        f = p["fetch"]
-        if f["state"] == "failing":
-            fetch = f"failing since {render.iso(f['failing_since'])}: {f['last_error']}"
-        else:
-            fetch = f"{f['state']} {render.ago(f['last_ok_at'])}" if f["last_ok_at"] else f["state"]
-        rows.append(
-            (
-                p["name"],
-                p["state"],
-                p["base"],
-                render.short(p["base_commit"]),
-                f"{s['available']}/{s['allocated']}/{s['cleaning'] + s['creating']}/{s['error']}",
-                p["waiting"],
-                fetch,
-            )
-        )
-    print(render.table(rows, ("POOL", "STATE", "BASE", "COMMIT", "AVAIL/ALLOC/BUSY/ERR", "WAITING", "FETCH")))
-
-
-def _print_slots(r: dict[str, Any], long: bool) -> None:
-    rows = []
-    for s in r["slots"]:
-        row: list[Any] = [
-            s["slot_id"],
-            s["state"],
-            render.short(s["commit"]),
-            s["branch"],
-            s["holder"],
-            render.until(s["expires_at"]) if s["expires_at"] else None,
-        ]
-        if long:
-            row += [
-                s["path"],
-                render.size(s.get("disk_bytes")),
-                s["allocations"],
-                render.ago(s["last_released_at"]),
-                s["error"],
-            ]
-        rows.append(row)
-    headers = ["SLOT", "STATE", "COMMIT", "BRANCH", "HOLDER", "EXPIRES"]
-    if long:
-        headers += ["PATH", "DISK", "USES", "LAST USED", "ERROR"]
-    print(render.table(rows, headers))
-
-
-def _print_lease(r: dict[str, Any]) -> None:
-    print(r["path"])
-    print(
-        f"lease {r['lease_id']} on slot {r['slot_id']} at {render.short(r['commit'])}"
-        + (f" branch {r['branch']}" if r.get("branch") else "")
-        + f", fencing token {r['fencing_token']}, expires {render.until(r['expires_at'])}",
-        file=sys.stderr,
-    )
-
-
-def _print_event(e: dict[str, Any]) -> None:
-    skip = {"seq", "ts", "topic", "type", "subscription"}
-    detail = " ".join(
-        f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in e.items() if k not in skip
-    )
-    print(f"{render.iso(e.get('ts'))} {e.get('seq') or '-':>6} {e.get('type')} {detail}", flush=True)
-
-
 def _submission(args: argparse.Namespace) -> dict[str, Any]:
     if args.file:
         import yaml
@@ -303,45 +198,6 @@ def _submission(args: argparse.Namespace) -> dict[str, Any]:
     return {"pool": args.pool, **task}
 
 
-def _print_submitted(r: dict[str, Any]) -> None:
-    for t in r.get("tasks", [r]):
-        key = f" ({t['key']})" if t.get("key") else ""
-        print(f"{t['task_id']}{key}: {t['state']}")
-    if r.get("batch"):
-        print(f"batch {r['batch']}")
-
-
-def _print_tasks(r: dict[str, Any], graph: bool) -> None:
-    if graph:
-        for n, level in enumerate(r.get("levels", [])):
-            print(f"level {n}: {' '.join(level)}")
-        return
-    rows = []
-    for t in r["tasks"]:
-        why = t["waiting_on"] or ""
-        if t.get("reason") and t["state"] in ("blocked", "failed", "queued"):
-            why = f"{why}: {t['reason']}" if why else t["reason"]
-        rows.append((t["task_id"], t["state"], t["pool"], t["runner"], t["priority"], ",".join(t["labels"]),
-                     t["attempts"], why))  # fmt: skip
-    print(render.table(rows, ("TASK", "STATE", "POOL", "RUNNER", "PRIO", "LABELS", "ATTEMPTS", "WHY")))
-
-
-def _print_task(t: dict[str, Any]) -> None:
-    print(
-        f"{t['task_id']}: {t['state']} in pool {t['pool']}" + (f" ({t['reason']})" if t.get("reason") else "")
-    )
-    if t.get("waiting_on"):
-        print(f"  waiting on {t['waiting_on']}")
-    if t["depends_on"]:
-        print(f"  depends on {' '.join(t['depends_on'])}")
-    if t.get("dependents"):
-        print(f"  blocks {' '.join(t['dependents'])}")
-    rows = [(a["number"], a["runner"], a["slot_id"], render.iso(a["started_at"]), render.iso(a["ended_at"]),
-             a["outcome"] or "running", a["exit_code"], a["detail"]) for a in t["attempts"]]  # fmt: skip
-    if rows:
-        print(render.table(rows, ("#", "RUNNER", "SLOT", "STARTED", "ENDED", "OUTCOME", "EXIT", "DETAIL")))
-
-
 def _logs(args: argparse.Namespace, c: Client) -> int:
     offset, attempt = 0, args.attempt
     while True:
@@ -366,11 +222,11 @@ def _logs(args: argparse.Namespace, c: Client) -> int:
 def _run(args: argparse.Namespace, c: Client) -> tuple[Any, Callable[[Any], None] | None]:
     match args.command:
         case "status":
-            return c.status(), _print_status
+            return c.status(), show.status
         case "pools":
-            return c.pools(), _print_pools
+            return c.pools(), show.pools
         case "slots":
-            return c.slots(args.pool, args.state), lambda r: _print_slots(r, args.long)
+            return c.slots(args.pool, args.state), lambda r: show.slots(r, args.long)
         case "allocate":
             if args.metadata is not None and not isinstance(args.metadata, dict):
                 raise SystemExit("necroctl: --metadata must be a JSON object")
@@ -383,7 +239,7 @@ def _run(args: argparse.Namespace, c: Client) -> tuple[Any, Callable[[Any], None
                 branch=args.branch,
                 wait_s=args.wait,
                 metadata=args.metadata,
-            ), _print_lease
+            ), show.lease
         case "heartbeat":
             return c.heartbeat(args.lease_id, args.ttl), lambda r: print(
                 f"lease {r['lease_id']} expires {render.until(r['expires_at'])}"
@@ -401,7 +257,7 @@ def _run(args: argparse.Namespace, c: Client) -> tuple[Any, Callable[[Any], None
             )
         case "reload":
 
-            def show(r: dict[str, Any]) -> None:
+            def show_reload(r: dict[str, Any]) -> None:
                 print(f"config generation {r['generation']}")
                 for change in r.get("changes", []):
                     print(f"  {change}")
@@ -410,7 +266,7 @@ def _run(args: argparse.Namespace, c: Client) -> tuple[Any, Callable[[Any], None
                 if not r.get("changes") and not r.get("note"):
                     print("  nothing changed")
 
-            return c.reload(), show
+            return c.reload(), show_reload
         case "anomalies":
 
             def show_anomalies(r: dict[str, Any]) -> None:
@@ -438,17 +294,17 @@ def _run(args: argparse.Namespace, c: Client) -> tuple[Any, Callable[[Any], None
                   " ".join(h["running"]), render.ago(h.get("last_contact")), h.get("error")) for h in r["hosts"]],
                 ("HOST", "STATE", "ADDRESS", "POOLS", "RUNNING", "TASKS", "LAST CONTACT", "ERROR")))  # fmt: skip
         case "submit":
-            return c.submit(**_submission(args)), _print_submitted
+            return c.submit(**_submission(args)), show.submitted
         case "tasks":
             return c.tasks(state=args.state, pool=args.pool, label=args.label, batch=args.batch,
-                           graph=args.graph), lambda r: _print_tasks(r, args.graph)  # fmt: skip
+                           graph=args.graph), lambda r: show.tasks(r, args.graph)  # fmt: skip
         case "task":
-            return c.task(args.task_id), _print_task
+            return c.task(args.task_id), show.task
         case "cancel" | "retry":
             if (args.task_id is None) == (args.batch is None):
                 raise SystemExit(f"necroctl {args.command}: give a task id or --batch")
             method = c.cancel if args.command == "cancel" else c.retry
-            return method(args.task_id, batch=args.batch), _print_submitted
+            return method(args.task_id, batch=args.batch), show.submitted
         case "salvage":
             if args.salvage_command == "list":
                 return c.salvage_list(args.pool), lambda r: print(
@@ -493,7 +349,7 @@ def _watch(args: argparse.Namespace, c: Client, as_json: bool) -> int:
         if as_json:
             print(json.dumps({"snapshot": result["snapshot"], "seq": result["seq"]}), flush=True)
         else:
-            _print_slots({"slots": result["snapshot"]["slots"]}, False)
+            show.slots({"slots": result["snapshot"]["slots"]}, False)
             print(f"-- events after seq {result['seq']} --", flush=True)
     if result.get("truncated"):
         print("necroctl: events before the oldest kept were pruned; replaying from there", file=sys.stderr)
@@ -501,7 +357,7 @@ def _watch(args: argparse.Namespace, c: Client, as_json: bool) -> int:
         if as_json:
             print(json.dumps(event), flush=True)
         else:
-            _print_event(event)
+            show.event(event)
         if event.get("type") == "overflow":
             print("necroctl: the daemon closed the subscription (we fell behind)", file=sys.stderr)
             return EXIT_ERROR
@@ -529,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                 return _watch(args, client, as_json)
             if args.command == "logs":
                 return _logs(args, client)
-            result, show = _run(args, client)
+            result, present = _run(args, client)
     except DaemonUnreachable as exc:
         print(f"necroctl: {exc.message}", file=sys.stderr)
         return EXIT_UNREACHABLE
@@ -544,8 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if as_json:
         print(json.dumps(result, indent=2))
-    elif show is not None:
-        show(result)
+    elif present is not None:
+        present(result)
     if args.command == "status" and result.get("state") != "running":
         return EXIT_UNREACHABLE
     return EXIT_OK
