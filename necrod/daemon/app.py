@@ -8,6 +8,7 @@ Stop (SIGTERM/SIGINT): tell systemd STOPPING, refuse new leases, stop accepting 
 let calls in flight finish within ``shutdown_grace_s``, then cancel the background work (git
 process groups are stopped, slots caught mid-cleanup are cleaned again at the next start) and
 flush the store. A second SIGTERM/SIGINT skips the grace.
+
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from necrod.core.config import Config, ConfigError
 from necrod.daemon.dispatcher import Dispatcher
 from necrod.daemon.engine import PoolEngine
 from necrod.daemon.events import EventBus
+from necrod.daemon.health import Healer
 from necrod.daemon.metrics import Metrics
 from necrod.daemon.rpc import Api
 from necrod.daemon.supervisor import DISK_FULL_BELOW, Supervisor
@@ -174,12 +176,17 @@ class Daemon:
             git_concurrency=self.config.daemon.git_concurrency,
             metrics=self.metrics,
         )
-        self.supervisor = Supervisor(self.engine, lambda: self.config.daemon)
+        e = self.engine
+        healer = Healer(table=e.table, jobs=e.jobs, gate=e.gate, allocator=e.allocator, lifecycle=e.lifecycle,
+                        keeper=e.keeper, metrics=self.metrics, clock=e.clock)  # fmt: skip
+        self.supervisor = Supervisor(table=e.table, sizer=e.sizer, keeper=e.keeper, healer=healer, store=self.store,
+                                     workspaces=workspaces, clock=e.clock, config=lambda: self.config.daemon)  # fmt: skip
         self.dispatcher = Dispatcher(engine=self.engine, store=self.store, config=lambda: self.config,
                                      socket=self.settings.socket, state_dir=self.settings.state_dir,
                                      metrics=self.metrics)  # fmt: skip
-        api = Api(engine=self.engine, dispatcher=self.dispatcher, store=self.store, bus=self.bus,
-                  metrics=self.metrics, supervisor=self.supervisor, status=self.status, reload=self.reload)  # fmt: skip
+        api = Api(table=e.table, allocator=e.allocator, sizer=e.sizer, lifecycle=e.lifecycle, keeper=e.keeper,
+                  dispatcher=self.dispatcher, store=self.store, bus=self.bus, metrics=self.metrics,
+                  supervisor=self.supervisor, status=self.status, reload=self.reload)  # fmt: skip
         d = self.config.daemon
         self.server = RpcServer(
             self.settings.socket,
@@ -415,7 +422,7 @@ class Daemon:
         reasons += self._disk_reasons()
         if self.dispatcher.stalled:
             reasons.append("dispatcher stalled: " + "; ".join(self.dispatcher.stalled[:3]))
-        for pool in self.engine.pools.values():
+        for pool in self.engine.table.pools.values():
             if pool.state == "failed":
                 reasons.append(f"pool {pool.name} failed: {pool.error}")
             if pool.fetch.failing_since is not None:
@@ -445,7 +452,7 @@ class Daemon:
                 f"workspaces disk full: {free} bytes free on {self.workspaces}: slots cannot be "
                 "created, cleaned or salvaged"
             )
-        elif self.engine.disk_low:
+        elif self.engine.table.disk_low:
             reasons.append(
                 f"disk: {free if free is not None else '?'} bytes free on {self.workspaces}, below "
                 f"min_free_disk {self.config.daemon.min_free_disk}: no new slots are cut"
@@ -487,12 +494,12 @@ class Daemon:
                     "fetch": p.fetch.view()["state"],
                     "base_commit": p.base_commit,
                 }
-                for name, p in self.engine.pools.items()
+                for name, p in self.engine.table.pools.items()
             },
             "disk": {
                 "free_bytes": self.supervisor.free_bytes,
                 "min_free_disk": self.config.daemon.min_free_disk,
-                "low": self.engine.disk_low,
+                "low": self.engine.table.disk_low,
                 "state_free_bytes": self.supervisor.state_free_bytes,
             },
             "store": self.store.statistics(),
@@ -515,7 +522,7 @@ class Daemon:
             "necrod_fetch_failing", "1 while the pool's fetches fail.", labels=["pool"]
         )
         if hasattr(self, "engine"):
-            for name, p in self.engine.pools.items():
+            for name, p in self.engine.table.pools.items():
                 if not p.config.metrics:
                     continue
                 for state, count in p.by_state().items():
@@ -526,9 +533,9 @@ class Daemon:
             yield GaugeMetricFamily(
                 "necrod_git_processes", "git processes running now.", value=self.engine.git.running
             )
-            yield GaugeMetricFamily("necrod_leases", "Leases held now.", value=len(self.engine.leases))
+            yield GaugeMetricFamily("necrod_leases", "Leases held now.", value=len(self.engine.table.leases))
             yield GaugeMetricFamily("necrod_disk_low", "1 while free disk is below min_free_disk.",
-                                    value=1 if self.engine.disk_low else 0)  # fmt: skip
+                                    value=1 if self.engine.table.disk_low else 0)  # fmt: skip
             if self.supervisor.free_bytes is not None:
                 yield GaugeMetricFamily("necrod_disk_free_bytes", "Free bytes on the workspaces file system.",
                                         value=self.supervisor.free_bytes)  # fmt: skip
@@ -553,6 +560,6 @@ class Daemon:
         yield from (slots, waiting, ready, failing)
 
     def _status_line(self) -> str:
-        slots = sum(len(p.slots) for p in self.engine.pools.values())
-        leases = len(self.engine.leases)
-        return f"{len(self.engine.pools)} pools, {slots} slots, {leases} leases"
+        slots = sum(len(p.slots) for p in self.engine.table.pools.values())
+        leases = len(self.engine.table.leases)
+        return f"{len(self.engine.table.pools)} pools, {slots} slots, {leases} leases"

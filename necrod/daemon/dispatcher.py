@@ -162,8 +162,8 @@ class Dispatcher:
         self.fleet.on_up.append(self._host_returned)
         #: (host, pool) → monotonic time until which that host had no free slot in that pool.
         self._no_remote_slot: dict[tuple[str, str], float] = {}
-        engine.lease_hooks.append(self._lease_ended)
-        engine.on_slot_available.append(lambda pool: self.wake())
+        engine.allocator.lease_hooks.append(self._lease_ended)
+        engine.allocator.on_slot_available.append(lambda pool: self.wake())
 
     # The contained launchers load on first use: their HTTP client stacks (aiohttp, aiodocker,
     # kubernetes_asyncio) cost ~70 MB of memory and 0.5 s of start that a daemon without such
@@ -267,7 +267,7 @@ class Dispatcher:
                     self._finish, a, None, "interrupted", "the runner did not survive a daemon restart"
                 )
         await self._sweep_contained()
-        for slot in list(self.engine.leases.values()):
+        for slot in list(self.engine.table.leases.values()):
             lease = slot.lease
             if lease is not None and lease.task_id and lease.lease_id not in live_leases:
                 log.warning("orphan_task_lease_released", lease_id=lease.lease_id, task=lease.task_id)
@@ -344,7 +344,7 @@ class Dispatcher:
         """Where ``task`` could run, ignoring load: this host (None) and the hosts serving its pool,
         each with the skills it adds."""
         places: list[tuple[str | None, frozenset[str]]] = []
-        if self.cfg.run_locally and task.pool in self.engine.pools:
+        if self.cfg.run_locally and task.pool in self.engine.table.pools:
             places.append((None, frozenset()))
         places += [
             (name, frozenset(h.skills)) for name, h in self._config().hosts.items() if task.pool in h.pools
@@ -376,7 +376,9 @@ class Dispatcher:
         if not isinstance(pool, str):
             raise InvalidParams("a task needs a pool", param="pool")
         check_pool_name(pool)
-        if pool not in self.engine.pools and not any(pool in h.pools for h in self._config().hosts.values()):
+        if pool not in self.engine.table.pools and not any(
+            pool in h.pools for h in self._config().hosts.values()
+        ):
             raise NotFound(f"no pool named {pool!r} here or on any host", pool=pool)
         runner = get("runner")
         command = get("command")
@@ -772,7 +774,7 @@ class Dispatcher:
         now = self.clock.monotonic()
         for index, (host, skills) in enumerate(self._places(t)):
             if host is None:
-                pool = self.engine.pools.get(t.pool)
+                pool = self.engine.table.pools.get(t.pool)
                 if pool is None or pool.state != "ready":
                     slot_why = f"pool {t.pool} is {pool.state if pool else 'missing'}"
                     continue
@@ -898,7 +900,7 @@ class Dispatcher:
         request: dict[str, Any] = {"pool": t.pool, "ttl_s": profile.lease_ttl_s, "ref": t.ref, "branch": t.branch,
                                    "metadata": {"task_id": t.task_id, "attempt": n}}  # fmt: skip
         if a.host is None:
-            return await self.engine.allocate(holder=f"task {t.task_id}", task_id=t.task_id, uid=t.uid,
+            return await self.engine.allocator.allocate(holder=f"task {t.task_id}", task_id=t.task_id, uid=t.uid,
                                               runner_uid=runner_uid(profile), **request)  # fmt: skip
         link = self.fleet.link(a.host)
         request["holder"] = f"task {t.task_id} of {self.fleet.origin}"
@@ -980,7 +982,7 @@ class Dispatcher:
 
     def _isolated_mirror(self, t: Task, profile: RunnerProfile) -> str:
         """The mirror a contained runner may read: only a shared-clone pool's."""
-        pool = self.engine.pool(t.pool)
+        pool = self.engine.table.pool(t.pool)
         if pool.config.isolation != "shared-clone":
             # A worktree's git metadata lives in the mirror, which the runner must not write.
             raise OSError(f"{profile.launcher} runners need a pool with isolation: shared-clone ({t.pool} is "
@@ -1065,7 +1067,7 @@ class Dispatcher:
         why = (f"task {a.task.task_id} attempt {attempt.number}: {what}; check it is gone, "
                "then necroctl recover it")  # fmt: skip
         try:
-            await self.engine.isolate(attempt.slot_id, why)
+            await self.engine.lifecycle.isolate(attempt.slot_id, why)
             log.error("runner_not_stopped_slot_isolated", task=a.task.task_id, slot=attempt.slot_id)
         except NecrodError as exc:
             log.error("runner_not_stopped", task=a.task.task_id, slot=attempt.slot_id, error=exc.message)
@@ -1110,7 +1112,7 @@ class Dispatcher:
     async def _release(self, lease_id: str, *, salvage: bool, host: str | None = None) -> None:
         try:
             if host is None:
-                await self.engine.release(lease_id, salvage=salvage)
+                await self.engine.allocator.release(lease_id, salvage=salvage)
             else:
                 await self.fleet.link(host).call("slots.release", {"lease_id": lease_id, "salvage": salvage})
         except (NotFound, FailedPrecondition):
@@ -1308,7 +1310,7 @@ class Dispatcher:
         for a in self.active.values():
             running.setdefault(a.host, []).append(a.task.task_id)
         local = {"name": "local", "address": str(self.socket), "state": "up" if not self.stopping else "stopping",
-                 "pools": sorted(self.engine.pools), "max_concurrency": self.cfg.max_running,
+                 "pools": sorted(self.engine.table.pools), "max_concurrency": self.cfg.max_running,
                  "runs_tasks": self.cfg.run_locally, "last_contact": self.clock.wall()}  # fmt: skip
         out = [{**local, "running": sorted(running.get(None, []))}]
         for name, link in self.fleet.links.items():

@@ -21,7 +21,7 @@ mirror_objects_missing     ``git fsck --connectivity-only`` fails: ``git fetch -
 =========================  =====================================================================
 
 Repairs of the mirror itself (locks, ``git worktree prune``) run only while no git of ours works
-on that pool (``engine.exclusive``). Idle slots are checked with ``git status`` at most once an
+on that pool (``gitgate.exclusive``). Idle slots are checked with ``git status`` at most once an
 hour each, so a large idle daemon stays idle.
 """
 
@@ -35,13 +35,22 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import structlog
 
+from necrod.core.clock import Clock
 from necrod.core.slots import Slot, SlotState
-from necrod.daemon.engine import PoolEngine
-from necrod.daemon.engine_base import log
+from necrod.daemon.allocator import Allocator
+from necrod.daemon.gitgate import GitGate
+from necrod.daemon.jobs import Jobs
+from necrod.daemon.lifecycle import Lifecycle
+from necrod.daemon.metrics import Metrics
+from necrod.daemon.mirrorkeeper import MirrorKeeper
 from necrod.daemon.pool import Pool
+from necrod.daemon.slottable import SlotTable, slot_event
 from necrod.io.gitrun import GitError
 from necrod.io.procs import processes_in
+
+log = structlog.get_logger("necrod.engine")
 
 #: An idle slot is verified with git status at most this often.
 VERIFY_IDLE_EVERY_S = 3600.0
@@ -62,8 +71,23 @@ class Anomaly:
 
 
 class Healer:
-    def __init__(self, engine: PoolEngine) -> None:
-        self.engine = engine
+    """Scans pools and mends what it finds. It changes slots through the slot table and kicks
+    them (``lifecycle`` rebuilds or cleans them); it may end an overdue lease (allocator), adopt
+    a worktree (lifecycle), remove mirror locks with the pool to itself (gate) and fetch a
+    mirror's objects again (mirror keeper)."""
+
+    def __init__(
+        self, *, table: SlotTable, jobs: Jobs, gate: GitGate, allocator: Allocator, lifecycle: Lifecycle,
+        keeper: MirrorKeeper, metrics: Metrics, clock: Clock,
+    ) -> None:  # fmt: skip
+        self.table = table
+        self.jobs = jobs
+        self.gate = gate
+        self.allocator = allocator
+        self.lifecycle = lifecycle
+        self.keeper = keeper
+        self.metrics = metrics
+        self.clock = clock
         self.release_overdue = False
 
     async def scan(self, p: Pool, *, heal: bool, deep: bool = False) -> list[Anomaly]:
@@ -76,24 +100,23 @@ class Healer:
             found += await self.check_mirror_objects(p, heal=heal)
         for anomaly in found:
             if p.config.metrics:
-                self.engine.metrics.anomalies.labels(p.name, anomaly.kind).inc()
+                self.metrics.anomalies.labels(p.name, anomaly.kind).inc()
             log.warning("anomaly", **anomaly.view())
         return found
 
     # --- slots ------------------------------------------------------------------------------------
 
     async def _check_slot(self, p: Pool, slot: Slot, *, heal: bool, deep: bool) -> list[Anomaly]:
-        engine = self.engine
         if slot.state is SlotState.ERROR:
             return [Anomaly("quarantined", p.name, slot.error or "in error", slot.slot_id)]
         if slot.state is SlotState.ALLOCATED and slot.lease is not None:
             out = []
-            held_s = engine.clock.wall() - slot.lease.granted_at
+            held_s = self.clock.wall() - slot.lease.granted_at
             limit = p.config.max_lease_s
             if limit is not None and held_s > limit:
                 action = None
                 if heal and self.release_overdue:
-                    engine._start_expiry(slot, "overdue")
+                    self.allocator.expire(slot, "overdue")
                     action = "lease ended, slot salvaged and cleaned"
                 out.append(Anomaly("lease_overdue", p.name, f"held {held_s:.0f}s by {slot.lease.holder} "
                                    f"(max_lease_s {limit:g})", slot.slot_id, action))  # fmt: skip
@@ -103,17 +126,17 @@ class Healer:
             return out
         if slot.state is not SlotState.AVAILABLE or slot.reserved or slot.busy:
             return []
-        sg = engine._slot_git(p, slot)
+        sg = self.gate.slot_git(p, slot)
         problem = sg.healthy()
         if problem is not None:
             if heal:
-                engine._kick(slot)
+                self.jobs.kick(slot)
             return [Anomaly("slot_broken", p.name, problem, slot.slot_id, "rebuilding" if heal else None)]
         out = []
         pointer = p.kind_of(slot).pointer_problem(slot.admin, slot.path)
         if pointer is not None:
             if heal:
-                await engine._check_mirror(p, slot)
+                await self.gate.check_mirror(p, slot)
             out.append(Anomaly("slot_broken", p.name, pointer, slot.slot_id, "repaired" if heal else None))
         locks = [name for name in ("index.lock", "HEAD.lock") if (sg.admin_dir / name).exists()]
         if locks and not processes_in(slot.path):
@@ -122,13 +145,13 @@ class Healer:
             out.append(
                 Anomaly("stale_lock", p.name, ", ".join(locks), slot.slot_id, "removed" if heal else None)
             )
-        due = engine.clock.monotonic() - slot.verified_at >= VERIFY_IDLE_EVERY_S
+        due = self.clock.monotonic() - slot.verified_at >= VERIFY_IDLE_EVERY_S
         if not (deep or due):
             return out
         try:
-            async with engine._limits(p):
+            async with self.gate.limits(p):
                 # git status may run filter drivers: the mirror's config is made canonical first.
-                await engine._check_mirror(p, slot)
+                await self.gate.check_mirror(p, slot)
                 status = await sg.run(["status", "--porcelain=v2", "--branch", "-z", "--untracked-files=all"])
         except (GitError, OSError) as exc:
             if self._still_idle(slot) and heal:
@@ -138,7 +161,7 @@ class Healer:
                 Anomaly("status_failed", p.name, str(exc), slot.slot_id, "rebuilding" if heal else None)
             )
             return out
-        slot.verified_at = engine.clock.monotonic()
+        slot.verified_at = self.clock.monotonic()
         fields = [f for f in status.out.split("\0") if f]
         head = next((f.split()[-1] for f in fields if f.startswith("# branch.oid ")), None)
         changes = [f for f in fields if not f.startswith("#")]
@@ -146,7 +169,7 @@ class Healer:
             return out
         if changes:
             if heal:
-                slot.salvage_as = f"stray-{p.name}-{slot.number}-{int(engine.clock.wall())}"
+                slot.salvage_as = f"stray-{p.name}-{slot.number}-{int(self.clock.wall())}"
                 slot.salvage_note = "written to while idle"
                 slot.salvage_commit = slot.commit
                 await self._to_cleaning(p, slot, "dirty_while_idle")
@@ -165,18 +188,18 @@ class Healer:
 
     async def _to_cleaning(self, p: Pool, slot: Slot, reason: str) -> None:
         slot.state = SlotState.CLEANING
-        await self.engine._persist_or_keep(slot, [self.engine._slot_event(slot, reason)])
-        self.engine._kick(slot)
+        await self.table.persist_or_keep(slot, [slot_event(slot, reason)])
+        self.jobs.kick(slot)
 
     # --- the pool's directories -----------------------------------------------------------------
 
     async def _check_directories(self, p: Pool, *, heal: bool) -> list[Anomaly]:
         out = []
-        for entry in self.engine.unknown_entries(p):
+        for entry in p.unknown_entries():
             if p.kind.owns(entry):
                 action = None
                 if heal:
-                    await self.engine.adopt(p, entry, "found on disk by self-healing")
+                    await self.lifecycle.adopt(p, entry, "found on disk by self-healing")
                     action = "adopted: salvaged and cleaned"
                 out.append(
                     Anomaly("unknown_directory", p.name, f"a worktree no slot owns: {entry}", None, action)
@@ -214,7 +237,7 @@ class Healer:
         names = ", ".join(str(lock.relative_to(p.mirror.path)) for lock in locks)
         if not heal:
             return [Anomaly("stale_mirror_lock", p.name, names)]
-        async with self.engine.exclusive(p, EXCLUSIVE_WAIT_S) as alone:
+        async with self.gate.exclusive(p, EXCLUSIVE_WAIT_S) as alone:
             if not alone:
                 return [Anomaly("stale_mirror_lock", p.name, names, None, "not removed: git kept running")]
             for lock in locks:
@@ -226,7 +249,7 @@ class Healer:
         return [Anomaly("stale_mirror_lock", p.name, names, None, "removed")]
 
     async def check_mirror_objects(self, p: Pool, *, heal: bool) -> list[Anomaly]:
-        found = await self.engine.verify_mirror(p, heal)
+        found = await self.keeper.verify_mirror(p, heal)
         if found is None:
             return []
         problem, action = found

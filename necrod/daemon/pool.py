@@ -134,6 +134,15 @@ class Pool:
                 coming += 1
         return PoolCounts(total=total, idle=idle, coming=coming, quarantined=quarantined)
 
+    def unknown_entries(self) -> list[Path]:
+        """Entries of the pool's slots directory that no slot owns."""
+        known = {s.number for s in self.slots.values()}
+        try:
+            entries = sorted(self.slots_dir.iterdir())
+        except FileNotFoundError:
+            return []
+        return [e for e in entries if not (e.name.isdigit() and int(e.name) in known)]
+
     def quarantine_note(self) -> str | None:
         """What an operator needs to know about the pool's slots in error (None: it has none)."""
         errors = sorted((s.number, s.slot_id) for s in self.slots.values() if s.state is SlotState.ERROR)

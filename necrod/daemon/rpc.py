@@ -20,10 +20,14 @@ from necrod.proto.methods import EVENT_TOPICS
 from necrod.proto.router import CallContext, Router
 
 if TYPE_CHECKING:
+    from necrod.daemon.allocator import Allocator
     from necrod.daemon.dispatcher import Dispatcher
-    from necrod.daemon.engine import PoolEngine
     from necrod.daemon.events import EventBus
+    from necrod.daemon.lifecycle import Lifecycle
     from necrod.daemon.metrics import Metrics
+    from necrod.daemon.mirrorkeeper import MirrorKeeper
+    from necrod.daemon.poolsize import PoolSizer
+    from necrod.daemon.slottable import SlotTable
     from necrod.daemon.supervisor import Supervisor
     from necrod.io.store import StateStore
 
@@ -38,7 +42,11 @@ class Api:
     def __init__(
         self,
         *,
-        engine: PoolEngine,
+        table: SlotTable,
+        allocator: Allocator,
+        sizer: PoolSizer,
+        lifecycle: Lifecycle,
+        keeper: MirrorKeeper,
         dispatcher: Dispatcher,
         store: StateStore,
         bus: EventBus,
@@ -47,7 +55,11 @@ class Api:
         status: Callable[[], dict[str, Any]],
         reload: Callable[[str], Awaitable[dict[str, Any]]],
     ) -> None:
-        self.engine = engine
+        self.table = table
+        self.allocator = allocator
+        self.sizer = sizer
+        self.lifecycle = lifecycle
+        self.keeper = keeper
         self.dispatcher = dispatcher
         self.store = store
         self.bus = bus
@@ -116,19 +128,19 @@ class Api:
         return await self.daemon_reload("rpc")
 
     async def pools_list(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        return {"pools": [p.view() for p in self.engine.pools.values()]}
+        return {"pools": [p.view() for p in self.table.pools.values()]}
 
     async def pools_get(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        pool = self.engine.pool(params["pool"])
+        pool = self.table.pool(params["pool"])
         view = pool.view()
-        view["slots_detail"] = self.engine.list_slots(pool.name, viewer=ctx.viewer)
+        view["slots_detail"] = self.table.list_slots(pool.name, viewer=ctx.viewer)
         return view
 
     async def slots_list(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        return {"slots": self.engine.list_slots(params["pool"], params["state"], ctx.viewer)}
+        return {"slots": self.table.list_slots(params["pool"], params["state"], ctx.viewer)}
 
     async def allocate(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        lease = await self.engine.allocate(
+        lease = await self.allocator.allocate(
             pool=params["pool"],
             holder=params["holder"] or ctx.client or f"pid:{ctx.peer.pid}",
             ttl_s=params["ttl_s"],
@@ -139,12 +151,12 @@ class Api:
             uid=ctx.peer.uid,
         )
         # A lease nobody heard about (the caller vanished while queued) goes back at once.
-        ctx.undelivered.append(lambda: self.engine.abandon(lease["lease_id"]))
+        ctx.undelivered.append(lambda: self.allocator.abandon(lease["lease_id"]))
         return lease
 
     def _check_lease(self, lease_id: str, ctx: CallContext) -> None:
         """A lease is acted on by the uid that took it (or its task's runner), or an admin."""
-        lease = self.engine.slot_for_lease(lease_id).lease
+        lease = self.table.slot_for_lease(lease_id).lease
         assert lease is not None
         if not ctx.admin and not lease.held_by(ctx.peer.uid):
             raise PermissionDenied(
@@ -154,17 +166,17 @@ class Api:
 
     async def heartbeat(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         self._check_lease(params["lease_id"], ctx)
-        return await self.engine.heartbeat(params["lease_id"], params["ttl_s"])
+        return await self.allocator.heartbeat(params["lease_id"], params["ttl_s"])
 
     async def release(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         self._check_lease(params["lease_id"], ctx)
-        return await self.engine.release(params["lease_id"], params["salvage"])
+        return await self.allocator.release(params["lease_id"], params["salvage"])
 
     async def slots_add(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        return await self.engine.add_slot(params["pool"], params["wait_s"])
+        return await self.sizer.add_slot(params["pool"], params["wait_s"])
 
     async def slots_remove(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        return await self.engine.remove_slot(params["slot_id"], force=bool(params["force"]))
+        return await self.lifecycle.remove_slot(params["slot_id"], force=bool(params["force"]))
 
     async def subscribe(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         topics = params["topics"]
@@ -194,8 +206,8 @@ class Api:
         }
         if snapshot:
             result["snapshot"] = {
-                "pools": [p.view() for p in self.engine.pools.values()],
-                "slots": self.engine.list_slots(viewer=ctx.viewer),
+                "pools": [p.view() for p in self.table.pools.values()],
+                "slots": self.table.list_slots(viewer=ctx.viewer),
             }
         ctx.on_close.append(lambda: bus.unsubscribe(sub))
         notify, spawn, close, viewer = ctx.notify, ctx.spawn, ctx.close, ctx.viewer
@@ -230,10 +242,10 @@ class Api:
         return result
 
     async def salvage_list(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        names = [check_pool_name(params["pool"])] if params["pool"] else list(self.engine.pools)
+        names = [check_pool_name(params["pool"])] if params["pool"] else list(self.table.pools)
         out: list[dict[str, Any]] = []
         for name in names:
-            pool = self.engine.pool(name)
+            pool = self.table.pool(name)
             if not pool.mirror.exists:
                 continue
             items = await pool.mirror.salvage_refs()
@@ -243,7 +255,7 @@ class Api:
 
     async def salvage_show(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         lease_id = check_lease_id(params["lease_id"])
-        for pool in self.engine.pools.values():
+        for pool in self.table.pools.values():
             if not pool.mirror.exists:
                 continue
             shown = await pool.mirror.show_salvage(lease_id)
@@ -260,7 +272,7 @@ class Api:
 
     async def salvage_prune(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         pool = check_pool_name(params["pool"]) if params["pool"] else None
-        pruned = await self.engine.prune_salvage(pool, dry_run=bool(params["dry_run"]))
+        pruned = await self.keeper.prune_salvage(pool, dry_run=bool(params["dry_run"]))
         return {"pruned": pruned, "dry_run": bool(params["dry_run"])}
 
     async def anomalies(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
@@ -270,10 +282,10 @@ class Api:
         return {"anomalies": found, "healed": bool(params["heal"])}
 
     async def recover(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        return await self.engine.recover(params["slot_id"])
+        return await self.lifecycle.recover(params["slot_id"])
 
     async def isolate(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        return await self.engine.isolate(params["slot_id"], params["reason"])
+        return await self.lifecycle.isolate(params["slot_id"], params["reason"])
 
     async def metrics_get(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         return {"text": self.metrics.render()}

@@ -27,13 +27,17 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
+from necrod.core.clock import Clock
 from necrod.core.config import DaemonConfig
-from necrod.core.slots import SlotState
-from necrod.daemon.engine import PoolEngine
+from necrod.core.slots import Slot, SlotState
 from necrod.daemon.health import Healer
+from necrod.daemon.mirrorkeeper import MirrorKeeper
 from necrod.daemon.pool import Pool
+from necrod.daemon.poolsize import PoolSizer
+from necrod.daemon.slottable import SlotTable
+from necrod.io.diskusage import disk_usage
 from necrod.io.gitrun import GitError
-from necrod.io.store import Event
+from necrod.io.store import Event, StateStore
 
 log = structlog.get_logger("necrod.supervisor")
 
@@ -49,10 +53,22 @@ DISK_FULL_BELOW = 1 << 20
 
 
 class Supervisor:
-    def __init__(self, engine: PoolEngine, config: Callable[[], DaemonConfig]) -> None:
-        self.engine = engine
+    """The loops above. It fetches through the mirror keeper, heals through the healer, sizes
+    pools through the sizer, and changes only the table's ``disk_low`` flag and slots' measured
+    disk use itself; it watches the state store's file system."""
+
+    def __init__(
+        self, *, table: SlotTable, sizer: PoolSizer, keeper: MirrorKeeper, healer: Healer, store: StateStore,
+        workspaces: Path, clock: Clock, config: Callable[[], DaemonConfig],
+    ) -> None:  # fmt: skip
+        self.table = table
+        self.sizer = sizer
+        self.keeper = keeper
+        self.healer = healer
+        self.store = store
+        self.workspaces = workspaces
+        self.clock = clock
         self._config = config
-        self.healer = Healer(engine)
         self.free_bytes: int | None = None
         self.state_free_bytes: int | None = None
         self._state_was_read_only = False
@@ -72,8 +88,8 @@ class Supervisor:
 
     async def _fetch_loop(self, tg: TaskGroup) -> None:
         while True:
-            now = self.engine.clock.monotonic()
-            for p in list(self.engine.pools.values()):
+            now = self.clock.monotonic()
+            for p in list(self.table.pools.values()):
                 interval = p.config.fetch_interval_s
                 if p.state != "ready" or p.draining or p.fetching or not interval:
                     continue
@@ -88,7 +104,7 @@ class Supervisor:
         """A freshly cloned mirror waits a whole interval; one from before a restart is fetched soon."""
         last = p.fetch.last_ok_at
         if last is not None:
-            age = self.engine.clock.wall() - last
+            age = self.clock.wall() - last
             if age < interval:
                 return interval - age
         return random.uniform(0, min(5.0, interval))
@@ -96,14 +112,14 @@ class Supervisor:
     async def _fetch(self, p: Pool) -> None:
         interval = p.config.fetch_interval_s
         try:
-            await self.engine.fetch_pool(p)
+            await self.keeper.fetch_pool(p)
         except (GitError, OSError) as exc:
             delay = min(interval, FETCH_RETRY_S * 2 ** (p.fetch.consecutive_failures - 1))
             log.warning("fetch_failed", pool=p.name, error=str(exc), retry_in_s=round(delay, 1),
                         failures=p.fetch.consecutive_failures)  # fmt: skip
-            p.fetch.next_at = self.engine.clock.monotonic() + delay
+            p.fetch.next_at = self.clock.monotonic() + delay
         else:
-            p.fetch.next_at = self.engine.clock.monotonic() + interval * random.uniform(0.9, 1.1)
+            p.fetch.next_at = self.clock.monotonic() + interval * random.uniform(0.9, 1.1)
         finally:
             p.fetching = False
 
@@ -112,24 +128,24 @@ class Supervisor:
     async def scan(
         self, pool: str | None = None, *, heal: bool, deep: bool = False
     ) -> list[dict[str, object]]:
-        pools = [self.engine.pool(pool)] if pool is not None else list(self.engine.pools.values())
+        pools = [self.table.pool(pool)] if pool is not None else list(self.table.pools.values())
         found = []
         for p in pools:
             if p.state == "ready" and not p.draining:
                 found += [a.view() for a in await self.healer.scan(p, heal=heal, deep=deep)]
         if pool is None:
             self.last_scan = found
-            self.last_scan_at = self.engine.clock.wall()
+            self.last_scan_at = self.clock.wall()
         return found
 
     async def _every(self, interval: Callable[[DaemonConfig], float]) -> None:
         """Sleep until ``interval`` (read from the config now, so a reload applies at once) has
         passed since the last time; an interval of 0 waits for ever (until it changes)."""
-        started = self.engine.clock.monotonic()
+        started = self.clock.monotonic()
         while True:
             await anyio.sleep(min(1.0, interval(self._config()) or 1.0))
             seconds = interval(self._config())
-            if seconds and self.engine.clock.monotonic() - started >= seconds:
+            if seconds and self.clock.monotonic() - started >= seconds:
                 return
 
     async def _heal_loop(self) -> None:
@@ -137,9 +153,9 @@ class Supervisor:
             await self._every(lambda c: c.heal_interval_s)
             cfg = self._config()
             self.healer.release_overdue = cfg.release_overdue_leases
-            now = self.engine.clock.monotonic()
+            now = self.clock.monotonic()
             deep_due = cfg.mirror_check_interval_s and any(
-                now - p.mirror_checked_at >= cfg.mirror_check_interval_s for p in self.engine.pools.values()
+                now - p.mirror_checked_at >= cfg.mirror_check_interval_s for p in self.table.pools.values()
             )
             try:
                 await self.scan(heal=True, deep=bool(deep_due))
@@ -151,36 +167,36 @@ class Supervisor:
     async def check_disk(self) -> bool:
         await self.check_state_disk()
         cfg = self._config()
-        free = _free_bytes(self.engine.workspaces)
+        free = _free_bytes(self.workspaces)
         if free is None:
-            return self.engine.disk_low
+            return self.table.disk_low
         self.free_bytes = free
         low = self.free_bytes < cfg.min_free_disk
-        if low != self.engine.disk_low:
-            self.engine.disk_low = low
+        if low != self.table.disk_low:
+            self.table.disk_low = low
             kind = "disk.low" if low else "disk.ok"
             data = {
                 "free_bytes": self.free_bytes,
                 "min_free_disk": cfg.min_free_disk,
-                "path": str(self.engine.workspaces),
+                "path": str(self.workspaces),
             }
             (log.error if low else log.info)(kind.replace(".", "_"), **data)
-            await self.engine._persist_quietly([Event("daemon", kind, data)])
-            for p in list(self.engine.pools.values()):
-                self.engine._maintain(p)
+            await self.table.persist_quietly([Event("daemon", kind, data)])
+            for p in list(self.table.pools.values()):
+                self.sizer.maintain(p)
         return low
 
     async def check_state_disk(self) -> None:
-        store = self.engine.store
+        store = self.store
         self.state_free_bytes = _free_bytes(store.path.parent)
         if store.read_only is not None and (self.state_free_bytes or 0) >= DISK_FULL_BELOW:
             # Room again: one write brings the store back (as any change that succeeds does).
             event = Event("daemon", "state.writable", {"free_bytes": self.state_free_bytes})
-            await self.engine._persist_quietly([event])
+            await self.table.persist_quietly([event])
         if self._state_was_read_only and store.read_only is None:
             # Slots whose creation could not be recorded were dropped: fill the pools again.
-            for p in list(self.engine.pools.values()):
-                self.engine._maintain(p)
+            for p in list(self.table.pools.values()):
+                self.sizer.maintain(p)
         self._state_was_read_only = store.read_only is not None
 
     async def _disk_loop(self) -> None:
@@ -195,15 +211,15 @@ class Supervisor:
     async def measure_slots(self) -> None:
         """Disk use: every held slot (agents change them), and one clean slot per base commit,
         whose size every idle slot at that commit shares (they are the same checkout)."""
-        for p in list(self.engine.pools.values()):
+        for p in list(self.table.pools.values()):
             for slot in list(p.slots.values()):
                 if slot.state is SlotState.ALLOCATED:
-                    await self.engine.measure(slot)
+                    await self._measure(slot)
             idle = [
                 s for s in p.slots.values() if s.state is SlotState.AVAILABLE and s.commit == p.base_commit
             ]
             if idle and p.base_commit and (p.clean_bytes is None or p.clean_bytes[0] != p.base_commit):
-                size = await self.engine.measure(idle[0])
+                size = await self._measure(idle[0])
                 if size is not None:
                     p.clean_bytes = (p.base_commit, size)
             if p.clean_bytes is not None:
@@ -211,13 +227,20 @@ class Supervisor:
                     if slot.commit == p.clean_bytes[0]:
                         slot.disk_bytes = p.clean_bytes[1]
 
+    @staticmethod
+    async def _measure(slot: Slot) -> int | None:
+        """Disk use of one slot (shown by ``necroctl slots -l``); measured here, never on the
+        cleanup path: a walk of a large checkout costs tens of milliseconds."""
+        slot.disk_bytes = await disk_usage(slot.path)
+        return slot.disk_bytes
+
     # --- salvage retention -------------------------------------------------------------------------
 
     async def _salvage_loop(self) -> None:
         while True:
             await anyio.sleep(SALVAGE_PRUNE_EVERY_S)
             try:
-                await self.engine.prune_salvage()
+                await self.keeper.prune_salvage()
             except (GitError, OSError) as exc:
                 log.warning("salvage_prune_failed", error=str(exc))
 
@@ -226,9 +249,9 @@ class Supervisor:
     async def _idle_loop(self) -> None:
         while True:
             await anyio.sleep(5.0)
-            for p in list(self.engine.pools.values()):
+            for p in list(self.table.pools.values()):
                 if p.state == "ready" and not p.draining:
-                    self.engine.retire_idle(p, p.config.idle_timeout_s)
+                    self.sizer.retire_idle(p, p.config.idle_timeout_s)
 
 
 def _free_bytes(path: Path) -> int | None:

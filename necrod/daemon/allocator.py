@@ -5,23 +5,36 @@ at the requested commit first, else the least recently used) and only waits for 
 write. ``ref`` at another commit or ``branch`` costs one git checkout in the chosen slot, which
 is first recorded as ``cleaning`` on disk so that a crash mid-checkout leaves a slot to clean,
 never one handed out half-done.
+
+A lease that ends (released, expired, revoked) sends its slot to ``cleaning`` and kicks it
+(``lifecycle`` salvages and cleans it); a slot that becomes available again comes back through
+``offer``, first to the allocations waiting for one. It calls the slot table, the background
+jobs, the git gate (a grant's checkout), the pool sizer (an idle slot fewer may want another)
+and the mirror keeper (a ref the mirror does not have yet is fetched once).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
+import structlog
 
+from necrod.core.clock import Clock
 from necrod.core.names import check_branch, check_ref, looks_like_sha
 from necrod.core.refs import resolve
 from necrod.core.slots import Lease, Slot, SlotState, choose_slot, new_lease_id
-from necrod.daemon.engine_base import EngineBase, iso, log
+from necrod.daemon.gitgate import GitGate
+from necrod.daemon.jobs import Jobs
+from necrod.daemon.metrics import Metrics
+from necrod.daemon.mirrorkeeper import MirrorKeeper
 from necrod.daemon.pool import Pool, Waiter
+from necrod.daemon.poolsize import PoolSizer
+from necrod.daemon.slottable import SlotTable, iso, lease_event, slot_event
 from necrod.io.gitrun import GitError
-from necrod.io.store import Put
 from necrod.proto.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -32,15 +45,34 @@ from necrod.proto.errors import (
     Unavailable,
 )
 
+log = structlog.get_logger("necrod.engine")
+
 #: How often the lease reaper looks at deadlines, at most.
 REAP_INTERVAL_S = 0.25
 #: Time to fetch a ref the mirror does not have yet, when the caller gave no wait_s.
 REF_FETCH_DEFAULT_S = 30.0
 
+LeaseHook = Callable[[Slot, Lease, str], Awaitable[None]]
 
-class LeaseOps(EngineBase):
-    async def fetch_pool(self, p: Pool, *, extra: list[str] | None = None) -> bool:
-        raise NotImplementedError
+
+class Allocator:
+    def __init__(
+        self, *, table: SlotTable, jobs: Jobs, gate: GitGate, sizer: PoolSizer, keeper: MirrorKeeper,
+        metrics: Metrics, clock: Clock,
+    ) -> None:  # fmt: skip
+        self.table = table
+        self.jobs = jobs
+        self.gate = gate
+        self.sizer = sizer
+        self.keeper = keeper
+        self.metrics = metrics
+        self.clock = clock
+        #: Awaited when a lease ends other than by release (expiry, revocation), before the
+        #: slot is salvaged: the dispatcher stops the processes it started there.
+        self.lease_hooks: list[LeaseHook] = []
+        #: Called with the pool's name after a slot becomes available.
+        self.on_slot_available: list[Callable[[str], None]] = []
+        self._reap_wake = anyio.Event()
 
     async def allocate(
         self,
@@ -59,7 +91,7 @@ class LeaseOps(EngineBase):
         """A lease on a slot of ``pool``, owned by ``uid`` (and, for a task's contained runner,
         also usable by ``runner_uid``)."""
         started = time.perf_counter()
-        p = self.pool(pool)
+        p = self.table.pool(pool)
         if ref is not None:
             check_ref(ref)
         if branch is not None:
@@ -102,7 +134,7 @@ class LeaseOps(EngineBase):
         if p.config.metrics:
             self.metrics.allocations.labels(p.name).inc()
             self.metrics.allocation_seconds.labels(p.name).observe(time.perf_counter() - started)
-        self._maintain(p)  # one idle slot fewer: min_idle may want another cut
+        self.sizer.maintain(p)  # one idle slot fewer: min_idle may want another cut
         return result
 
     def _not_ready_message(self, p: Pool) -> str:
@@ -113,7 +145,7 @@ class LeaseOps(EngineBase):
         return f"pool {p.name} is starting; pass wait_s to wait"
 
     def _check_serving(self, p: Pool) -> None:
-        if self.stopping:
+        if self.table.stopping:
             raise Unavailable("the daemon is shutting down")
         if p.draining:
             raise Unavailable(f"pool {p.name} is being removed (draining)", pool=p.name)
@@ -137,7 +169,7 @@ class LeaseOps(EngineBase):
         budget = max(deadline - self.clock.monotonic(), 0.0) or REF_FETCH_DEFAULT_S
         with anyio.move_on_after(budget) as scope:
             try:
-                await self.fetch_pool(p, extra=[ref] if looks_like_sha(ref) else None)
+                await self.keeper.fetch_pool(p, extra=[ref] if looks_like_sha(ref) else None)
             except GitError as exc:
                 raise Unavailable(f"could not fetch {ref!r} for pool {p.name}: {exc}") from None
         if scope.cancelled_caught:
@@ -154,7 +186,7 @@ class LeaseOps(EngineBase):
     async def _wait_for_slot(self, p: Pool, timeout: float, wait_s: float) -> Slot:
         waiter = Waiter()
         p.waiters.append(waiter)
-        self._maintain(p)
+        self.sizer.maintain(p)
         try:
             with anyio.move_on_after(timeout):
                 await waiter.event.wait()
@@ -174,7 +206,7 @@ class LeaseOps(EngineBase):
     def _give_back(self, p: Pool, slot: Slot) -> None:
         slot.reserved = False
         if slot.state is SlotState.AVAILABLE:
-            self._offer(p, slot)
+            self.offer(p, slot)
 
     def _choose_whole(self, p: Pool, commit: str | None) -> Slot | None:
         """``choose_slot``, skipping (and sending to be rebuilt) slots damaged on disk since they
@@ -187,18 +219,20 @@ class LeaseOps(EngineBase):
     def _whole(self, p: Pool, slot: Slot) -> bool:
         if p.kind_of(slot).looks_whole(slot.admin, slot.path):
             return True
-        problem = self._slot_git(p, slot).healthy() or p.kind_of(slot).pointer_problem(slot.admin, slot.path)
+        problem = self.gate.slot_git(p, slot).healthy() or p.kind_of(slot).pointer_problem(
+            slot.admin, slot.path
+        )
         if problem is None:
             return True
         # Repaired (restored, or rebuilt) by its cleanup, in a worker thread: what is there to
         # remove is the agent's to choose.
         log.warning("slot_broken", slot=slot.slot_id, reason=problem)
         slot.state = SlotState.CLEANING
-        self._spawn(self._persist_or_keep, slot, [self._slot_event(slot, "broken", error=problem)])
-        self._kick(slot)
+        self.jobs.spawn(self.table.persist_or_keep, slot, [slot_event(slot, "broken", error=problem)])
+        self.jobs.kick(slot)
         return False
 
-    def _offer(self, p: Pool, slot: Slot) -> None:
+    def offer(self, p: Pool, slot: Slot) -> None:
         """A slot became available: hand it to the first waiting allocation, if any."""
         if slot.state is not SlotState.AVAILABLE or slot.reserved or slot.busy:
             return
@@ -215,7 +249,7 @@ class LeaseOps(EngineBase):
         for callback in self.on_slot_available:
             callback(p.name)
 
-    def _fail_waiters(self, p: Pool, error: NecrodError) -> None:
+    def fail_waiters(self, p: Pool, error: NecrodError) -> None:
         while p.waiters:
             waiter = p.waiters.popleft()
             if not waiter.event.is_set():
@@ -241,11 +275,9 @@ class LeaseOps(EngineBase):
         slot.state = SlotState.ALLOCATED
         slot.lease = lease
         slot.allocations += 1
-        self.leases[lease.lease_id] = slot
+        self.table.hold(slot)
         if (target is None or target == slot.commit) and branch is None:
-            await self._commit(
-                [(slot, snap)], [self._lease_event("granted", slot, lease, commit=slot.commit)]
-            )
+            await self.table.commit([(slot, snap)], [lease_event("granted", slot, lease, commit=slot.commit)])
             self._reap_wake.set()
             return self._lease_view(slot)
 
@@ -254,16 +286,12 @@ class LeaseOps(EngineBase):
         lease.deadline = math.inf
         dirty = slot.to_row()
         dirty.update(state=str(SlotState.CLEANING), lease=None)
-        slot.version += 1
-        version = slot.version
-        await self.store.write(
-            [Put("slot", slot.slot_id, dirty)], undo=lambda: self._undo_slot(slot, snap, version)
-        )
+        await self.table.write_row(slot, dirty, snap)
         slot.busy = True
         try:
-            async with self._pool_git(p):
-                await self._check_mirror(p, slot)
-                await self._slot_git(p, slot).checkout(target or slot.commit or "", branch)
+            async with self.gate.pool_git(p):
+                await self.gate.check_mirror(p, slot)
+                await self.gate.slot_git(p, slot).checkout(target or slot.commit or "", branch)
         except BaseException as exc:
             slot.busy = False
             with anyio.CancelScope(shield=True):
@@ -281,8 +309,8 @@ class LeaseOps(EngineBase):
         lease.start_commit = slot.commit
         lease.renew(self.clock.monotonic(), self.clock.wall())
         try:
-            await self._commit(
-                [(slot, snap)], [self._lease_event("granted", slot, lease, commit=slot.commit, branch=branch)]
+            await self.table.commit(
+                [(slot, snap)], [lease_event("granted", slot, lease, commit=slot.commit, branch=branch)]
             )
         except Unavailable:
             await self._abandon_grant(slot, lease)
@@ -297,9 +325,9 @@ class LeaseOps(EngineBase):
         slot.lease = None
         slot.state = SlotState.CLEANING
         slot.salvage_as = None
-        self.leases.pop(lease.lease_id, None)
-        await self._persist_or_keep(slot, [self._slot_event(slot, "grant_abandoned")])
-        self._kick(slot)
+        self.table.let_go(lease.lease_id)
+        await self.table.persist_or_keep(slot, [slot_event(slot, "grant_abandoned")])
+        self.jobs.kick(slot)
 
     def _lease_view(self, slot: Slot) -> dict[str, Any]:
         lease = slot.lease
@@ -320,19 +348,19 @@ class LeaseOps(EngineBase):
     # --- heartbeat, release, expiry -----------------------------------------------------------------
 
     async def heartbeat(self, lease_id: str, ttl_s: float | None = None) -> dict[str, Any]:
-        slot = self.slot_for_lease(lease_id)
+        slot = self.table.slot_for_lease(lease_id)
         lease = slot.lease
         assert lease is not None
         now_m = self.clock.monotonic()
         if lease.deadline <= now_m:
-            self._start_expiry(slot, "expired")
+            self.expire(slot, "expired")
             raise FailedPrecondition(
                 f"lease {lease_id} expired at {iso(lease.expires_at)}; its slot is being reclaimed",
                 lease_id=lease_id, reason="expired",
             )  # fmt: skip
         snap = slot.snapshot()
         lease.renew(now_m, self.clock.wall(), ttl_s)
-        await self._commit([(slot, snap)])
+        await self.table.commit([(slot, snap)])
         self._reap_wake.set()
         return {
             "lease_id": lease_id, "slot_id": slot.slot_id, "expires_at": lease.expires_at, "ttl_s": lease.ttl_s,
@@ -340,22 +368,22 @@ class LeaseOps(EngineBase):
         }  # fmt: skip
 
     async def release(self, lease_id: str, salvage: bool | None = None) -> dict[str, Any]:
-        slot = self.slot_for_lease(lease_id)
-        p = self.pools[slot.pool]
+        slot = self.table.slot_for_lease(lease_id)
+        p = self.table.pools[slot.pool]
         lease = slot.lease
         assert lease is not None
         keep = p.config.salvage if salvage is None else salvage
         snap = slot.snapshot()
         self._end_lease(slot, lease, salvage=keep)
-        self._ended(lease_id, "released")
-        await self._commit(
+        self.table.ended(lease_id, "released")
+        await self.table.commit(
             [(slot, snap)],
-            [self._lease_event("released", slot, lease, salvage=keep), self._slot_event(slot, "released")],
-            on_undo=lambda: self._forget_ended(lease_id),
+            [lease_event("released", slot, lease, salvage=keep), slot_event(slot, "released")],
+            on_undo=lambda: self.table.forget_ended(lease_id),
         )
         if p.config.metrics:
             self.metrics.releases.labels(p.name).inc()
-        self._kick(slot)
+        self.jobs.kick(slot)
         return {"slot_id": slot.slot_id, "state": str(slot.state), "salvage": keep}
 
     def abandon(self, lease_id: str) -> None:
@@ -368,8 +396,8 @@ class LeaseOps(EngineBase):
             except NecrodError:
                 pass
 
-        if self._tg is not None:
-            self._spawn(release)
+        if self.jobs.running:
+            self.jobs.spawn(release)
 
     def _end_lease(self, slot: Slot, lease: Lease, *, salvage: bool) -> None:
         """The lease is over: the slot goes to cleaning (or, isolated, to error untouched)."""
@@ -379,55 +407,55 @@ class LeaseOps(EngineBase):
         slot.salvage_note = f"holder {lease.holder}" if lease.holder else None
         slot.salvage_uid = lease.uid
         slot.last_released_at = self.clock.wall()
-        self.leases.pop(lease.lease_id, None)
+        self.table.let_go(lease.lease_id)
         if slot.isolate is not None:
             slot.state = SlotState.ERROR
             slot.error = f"isolated: {slot.isolate}"
         else:
             slot.state = SlotState.CLEANING
 
-    def _start_expiry(self, slot: Slot, how: str) -> None:
+    def expire(self, slot: Slot, how: str) -> None:
         """Expire (or revoke) the slot's lease now: bump the token, then in the background stop
         the holder's processes, salvage and clean."""
-        if slot.lease is None or slot.state is not SlotState.ALLOCATED or self._tg is None:
+        if slot.lease is None or slot.state is not SlotState.ALLOCATED or not self.jobs.running:
             return
         lease = slot.lease
-        p = self.pools[slot.pool]
+        p = self.table.pools[slot.pool]
         slot.fencing_token += 1
         self._end_lease(slot, lease, salvage=p.config.salvage)
-        self._ended(lease.lease_id, how)
+        self.table.ended(lease.lease_id, how)
         if p.config.metrics:
             self.metrics.lease_ends.labels(p.name, how).inc()
         log.warning("lease_" + how, lease_id=lease.lease_id, slot=slot.slot_id, holder=lease.holder)
-        self._spawn(self._finish_expiry, slot, lease, how)
+        self.jobs.spawn(self._finish_expiry, slot, lease, how)
 
     async def _finish_expiry(self, slot: Slot, lease: Lease, how: str) -> None:
-        await self._persist_or_keep(slot, [self._lease_event(how, slot, lease), self._slot_event(slot, how)])
+        await self.table.persist_or_keep(slot, [lease_event(how, slot, lease), slot_event(slot, how)])
         for hook in self.lease_hooks:
             try:
                 await hook(slot, lease, how)
             except Exception:
                 log.exception("lease_hook_failed", lease_id=lease.lease_id)
-        self._kick(slot)
+        self.jobs.kick(slot)
 
-    async def _reap_leases(self) -> None:
+    async def reap_leases(self) -> None:
         paused = False
         while True:
             now = self.clock.monotonic()
-            if self.store.read_only is not None:
+            if self.table.read_only is not None:
                 # Heartbeats are refused while the state cannot be saved: no lease expires for
                 # want of them. Once it can, every lease gets a fresh TTL, as after a restart.
                 paused = True
             elif paused:
                 paused = False
-                for slot in self.leases.values():
+                for slot in self.table.leases.values():
                     if slot.lease is not None:
                         slot.lease.renew(now, self.clock.wall())
-                log.info("lease_expiry_resumed", leases=len(self.leases))
-            for slot in list(self.leases.values()) if not paused else []:
+                log.info("lease_expiry_resumed", leases=len(self.table.leases))
+            for slot in list(self.table.leases.values()) if not paused else []:
                 lease = slot.lease
                 if lease is not None and lease.deadline <= now:
-                    self._start_expiry(slot, "expired")
+                    self.expire(slot, "expired")
             self._reap_wake = anyio.Event()
             with anyio.move_on_after(REAP_INTERVAL_S):
                 await self._reap_wake.wait()

@@ -1,0 +1,258 @@
+"""Cleanup: what happens to a slot after its lease, until it is offered again.
+
+Whatever still runs in the slot is stopped (a slot whose processes will not stop is isolated),
+the lease's work is salvaged (``salvage.py``), the slot is reset to the pool's base (``checkout
+--force --detach``, ``clean``) or remade when its repository is broken or its kind changed, and
+it is looked at once more for processes started meanwhile before it is offered. A cleanup that
+fails twice leaves the slot in ``error``. Retiring slots are salvaged, not reset.
+
+It calls the slot table, the background jobs, the git gate, the pool sizer, the allocator (to
+offer the clean slot) and the mirror keeper (a failing cleanup may be missing objects).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import anyio
+import structlog
+
+from necrod.core.clock import Clock
+from necrod.core.slots import Slot, SlotState
+from necrod.daemon.allocator import Allocator
+from necrod.daemon.gitgate import GitGate
+from necrod.daemon.jobs import Jobs
+from necrod.daemon.metrics import Metrics
+from necrod.daemon.mirrorkeeper import MirrorKeeper
+from necrod.daemon.pool import Pool
+from necrod.daemon.poolsize import PoolSizer
+from necrod.daemon.slotkinds import SlotKind
+from necrod.daemon.slottable import SlotTable, slot_event
+from necrod.io import slotfs
+from necrod.io.gitrun import GitError
+from necrod.io.procs import Holder, ScanStuck, find_holders, kernel_path, stop_holders
+from necrod.io.store import Event
+
+log = structlog.get_logger("necrod.engine")
+
+#: Wait before the second attempt at a failed cleanup.
+CLEANUP_RETRY_S = 5.0
+#: Between SIGTERM and SIGKILL for what a lease left running in its slot: its holder is gone,
+#: so this only lets a well-behaved process flush what it was writing.
+LEFTOVER_GRACE_S = 2.0
+#: Processes named in a slot's error and events (a respawning parent may have started hundreds).
+PROCESSES_NAMED = 5
+
+
+class Cleanup:
+    def __init__(
+        self, *, table: SlotTable, jobs: Jobs, gate: GitGate, sizer: PoolSizer, allocator: Allocator,
+        keeper: MirrorKeeper, metrics: Metrics, clock: Clock,
+    ) -> None:  # fmt: skip
+        self.table = table
+        self.jobs = jobs
+        self.gate = gate
+        self.sizer = sizer
+        self.allocator = allocator
+        self.keeper = keeper
+        self.metrics = metrics
+        self.clock = clock
+
+    def _retiring(self, p: Pool, slot: Slot) -> bool:
+        if p.draining or slot.retire:
+            return True
+        counts = p.counts()
+        if counts.total > max(p.baseline, p.config.max_slots):
+            return True
+        return (
+            (p.shrinking or self.table.disk_low)
+            and counts.total > p.baseline
+            and counts.idle >= p.config.min_idle
+        )
+
+    async def clean(self, p: Pool, slot: Slot) -> None:
+        """Return a used slot to clean: stop leftovers, salvage, reset, look again, offer it."""
+        if slot.cleanup_failures:
+            await anyio.sleep(CLEANUP_RETRY_S)
+        base = p.base_commit
+        assert base is not None
+        retiring = self._retiring(p, slot)
+        if slot.isolate is not None:
+            await self._isolate_now(p, slot, slot.isolate)
+            return
+        if not await self._stop_leftovers(p, slot):
+            return
+        sg = self.gate.slot_git(p, slot)
+        salvaged = None
+        started = time.perf_counter()
+        try:
+            async with self.gate.limits(p):
+                slot.busy = True
+                try:
+                    await self.gate.check_mirror(p, slot)
+                    problem = sg.healthy()
+                    if problem is None:
+                        locks = sg.clear_stale_locks()
+                        if locks:
+                            log.warning("stale_locks_removed", slot=slot.slot_id, locks=locks)
+                    if slot.salvage_as:
+                        # Even a slot whose repository is broken has its work tree salvaged.
+                        note = f" ({slot.salvage_note})" if slot.salvage_note else ""
+                        salvaged = await self.gate.salvager(p, slot).salvage(
+                            slot.salvage_as, slot.salvage_commit,
+                            f"necrod salvage of lease {slot.salvage_as} in slot {slot.slot_id}{note}",
+                            origin_tags=p.refs, owner_uid=slot.salvage_uid,
+                        )  # fmt: skip
+                    if problem is None:
+                        branch = slot.branch or self._own_head_branch(p, slot)
+                        remake = slot.rebuild or slot.kind != p.config.isolation
+                        if not retiring and not remake:
+                            await sg.reset(base, p.config.clean_flags)
+                        if branch:
+                            await sg.delete_branch(branch)
+                    if not retiring and slot.kind != p.config.isolation:
+                        # The pool changed kind: the slot is remade as the new kind, its work
+                        # salvaged first by the kind it was.
+                        await p.kind_of(slot).remove(Path(slot.path), slot.admin,
+                                                     timeout=p.config.cleanup_timeout_s)  # fmt: skip
+                        slot.kind, problem = p.config.isolation, "its kind changed"
+                    if not retiring and (problem is not None or slot.rebuild):
+                        await p.kind.add(
+                            Path(slot.path), slot.admin, base, timeout=p.config.cleanup_timeout_s
+                        )
+                finally:
+                    slot.busy = False
+        except (GitError, OSError) as exc:
+            await self._cleanup_failed(p, slot, exc)
+            return
+        events = []
+        if salvaged is not None:
+            if p.config.metrics:
+                self.metrics.salvages.labels(p.name).inc()
+            events.append(Event("slots", "salvage.saved", {
+                "slot_id": slot.slot_id, "pool": p.name, "lease_id": slot.salvage_as, "ref": salvaged.ref,
+                "commit": salvaged.commit, "dirty": salvaged.dirty, "partial": salvaged.partial,
+                "bytes": salvaged.bytes, "skipped": salvaged.skipped_count, "kept": list(salvaged.extras),
+            }))  # fmt: skip
+        came_back = None if retiring else slot.isolate or await self._came_back(p, slot)
+        snap = slot.snapshot()
+        slot.salvage_as = slot.salvage_commit = slot.salvage_note = slot.salvage_uid = None
+        slot.branch = None
+        slot.cleanup_failures = 0
+        slot.rebuild = False
+        slot.error = None
+        if retiring:
+            slot.state = SlotState.REMOVING
+        elif came_back is not None:
+            slot.state = SlotState.ERROR
+            slot.error = f"isolated: {came_back}"
+        else:
+            slot.state = SlotState.AVAILABLE
+            slot.commit = base
+            slot.verified_at = self.clock.monotonic()
+            if p.clean_bytes is not None and p.clean_bytes[0] == base:
+                slot.disk_bytes = p.clean_bytes[1]
+        if came_back is not None:
+            log.error("slot_isolated", slot=slot.slot_id, reason=came_back)
+            events.append(slot_event(slot, "isolated", detail=came_back))
+        else:
+            events.append(slot_event(slot, "cleaned"))
+        if await self.table.commit_or_log(slot, snap, events):
+            if p.config.metrics:
+                self.metrics.cleanup_seconds.labels(p.name).observe(time.perf_counter() - started)
+            if slot.state is SlotState.AVAILABLE:
+                self.allocator.offer(p, slot)
+            self.sizer.maintain(p)
+
+    def _own_head_branch(self, p: Pool, slot: Slot) -> str | None:
+        """The branch the slot's HEAD is on, if it is the lease's to delete: in a worktree pool
+        branches are shared, and an agent can point HEAD at another slot's."""
+        branch = _head_branch(p.kind_of(slot), slot)
+        if branch is None or slot.kind != "worktree":
+            return branch
+        for other in p.slots.values():
+            if (
+                other is not slot
+                and other.kind == "worktree"
+                and branch in (other.branch, _head_branch(p.kind_of(other), other))
+            ):
+                log.warning("branch_kept", slot=slot.slot_id, branch=branch, used_by=other.slot_id)
+                return None
+        return branch
+
+    def _slot_dirs(self, p: Pool, slot: Slot) -> list[str]:
+        """Where a process of the slot's may work: its checkout and its git directory."""
+        return [kernel_path(slot.path), kernel_path(str(self.gate.slot_git(p, slot).admin_dir))]
+
+    async def _stop_leftovers(self, p: Pool, slot: Slot) -> bool:
+        """Stop whatever still runs in the slot (a lease's background job, a runner's detached
+        child) before its work is salvaged and it is reset; when something will not stop, the
+        slot is isolated instead. True when nothing runs there any more."""
+        try:
+            stop = await stop_holders(self._slot_dirs(p, slot), LEFTOVER_GRACE_S)
+        except ScanStuck as exc:
+            await self._isolate_now(p, slot, f"could not tell what runs in it: {exc}")
+            return False
+        if stop.stopped:
+            found = [h.describe() for h in stop.stopped[:PROCESSES_NAMED]]
+            count = len(stop.stopped)
+            log.warning("slot_processes_stopped", slot=slot.slot_id, count=count, processes=found)
+            event = slot_event(slot, "processes_stopped", count=count, processes=found)
+            await self.table.persist_quietly([event])
+        if stop.left:
+            left = _named(stop.left)
+            await self._isolate_now(p, slot, f"processes in it would not stop: {left}")
+            return False
+        return True
+
+    async def _came_back(self, p: Pool, slot: Slot) -> str | None:
+        """Look again once the slot is reset, just before it is offered: a process found now
+        was started while it was being cleaned, by something outside it (a respawning parent),
+        and may have written into the fresh checkout. Why the slot must not be offered, or None."""
+        try:
+            found = await find_holders(self._slot_dirs(p, slot))
+            if not found:
+                return None
+            await stop_holders(self._slot_dirs(p, slot), 0.0)
+        except ScanStuck as exc:
+            return f"could not tell what runs in it: {exc}"
+        who = _named(found)
+        return f"processes started in it while it was cleaned (something outside it starts them): {who}"
+
+    async def _isolate_now(self, p: Pool, slot: Slot, why: str) -> None:
+        log.error("slot_isolated", slot=slot.slot_id, reason=why)
+        slot.state = SlotState.ERROR
+        slot.error = f"isolated: {why}"
+        await self.table.persist_or_keep(slot, [slot_event(slot, "isolated", detail=why)])
+        self.sizer.maintain(p)
+
+    async def _cleanup_failed(self, p: Pool, slot: Slot, exc: Exception) -> None:
+        if p.config.metrics:
+            self.metrics.cleanup_failures.labels(p.name).inc()
+        slot.cleanup_failures += 1
+        events = []
+        if slot.cleanup_failures >= 2:
+            slot.state = SlotState.ERROR
+            slot.error = f"cleanup failed twice: {exc}"
+            events.append(slot_event(slot, "quarantined", error=slot.error))
+            log.error("slot_quarantined", slot=slot.slot_id, error=str(exc))
+        else:
+            log.warning("cleanup_failed", slot=slot.slot_id, error=str(exc), retry_in_s=CLEANUP_RETRY_S)
+        await self.table.persist_or_keep(slot, events)
+        self.jobs.spawn(self.keeper.verify_mirror, p, True)  # a cleanup may fail for want of objects
+        if slot.state is SlotState.ERROR:
+            self.sizer.maintain(p)
+
+
+def _named(found: list[Holder]) -> str:
+    named = "; ".join(h.describe() for h in found[:PROCESSES_NAMED])
+    return named + (f"; and {len(found) - PROCESSES_NAMED} more" if len(found) > PROCESSES_NAMED else "")
+
+
+def _head_branch(kind: SlotKind, slot: Slot) -> str | None:
+    """The branch a slot's HEAD is on, read from its HEAD file (None when detached or unreadable)."""
+    root, rel = kind.git_dir_at(slot.admin, slot.path)
+    head = (slotfs.read_text_or_none(root, f"{rel}/HEAD") or "").strip()
+    prefix = "ref: refs/heads/"
+    return head[len(prefix) :] if head.startswith(prefix) else None

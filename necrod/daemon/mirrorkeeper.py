@@ -1,0 +1,210 @@
+"""Each pool's mirror, kept: cloned on first use, fetched once per pool (never per slot), its
+refs read and the base moved, its objects checked and fetched again when some are missing, and
+salvage past the pool's retention pruned.
+
+A moved base kicks the pool's idle slots (``lifecycle`` moves them). Every git here goes through
+the gate (limits, and the mirror made canonical first). It calls the slot table, the background
+jobs and the gate.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import structlog
+
+from necrod.core.clock import Clock
+from necrod.core.refs import resolve
+from necrod.core.retention import to_prune
+from necrod.core.slots import SlotState
+from necrod.daemon.gitgate import GitGate
+from necrod.daemon.jobs import Jobs
+from necrod.daemon.metrics import Metrics
+from necrod.daemon.mirror import ProgressLog
+from necrod.daemon.pool import Pool
+from necrod.daemon.slottable import SlotTable
+from necrod.io.gitrun import GitError
+from necrod.io.store import Event, Put
+from necrod.proto.errors import NotFound, Unavailable
+
+log = structlog.get_logger("necrod.engine")
+
+
+class MirrorKeeper:
+    def __init__(self, table: SlotTable, jobs: Jobs, gate: GitGate, metrics: Metrics, clock: Clock) -> None:
+        self.table = table
+        self.jobs = jobs
+        self.gate = gate
+        self.metrics = metrics
+        self.clock = clock
+
+    async def open(self, pool: Pool) -> None:
+        """Open the pool's mirror (cloning it the first time), learn the default branch when no
+        base is configured, read the refs and resolve the base commit."""
+        pool.root.mkdir(parents=True, exist_ok=True)
+        if not pool.mirror.exists:
+            pool.state = "cloning"
+            log.info("mirror_clone", pool=pool.name, repo_url=pool.config.repo_url)
+            started = time.perf_counter()
+            async with self.gate.limits(pool):
+                await pool.mirror.create(
+                    timeout=pool.config.clone_timeout_s, on_progress=ProgressLog(pool.name)
+                )
+            pool.fetch.last_ok_at = self.clock.wall()
+            pool.fetch.fetches += 1
+            log.info("mirror_cloned", pool=pool.name, s=round(time.perf_counter() - started, 2))
+            pool.default_branch = None
+        else:
+            changed = pool.mirror.restore_canonical()
+            if changed:
+                self.gate.report_tamper(pool, changed)
+        if pool.config.base is None and pool.default_branch is None:
+            pool.default_branch = await pool.mirror.remote_head(timeout=60)
+            if pool.default_branch is None:
+                raise Unavailable(
+                    f"cannot tell the default branch of {pool.config.repo_url}; set base: for pool {pool.name}"
+                )
+        pool.refs = await pool.mirror.read_refs()
+        base = resolve(pool.refs, pool.base_ref or "")
+        if base is None:
+            raise NotFound(f"base {pool.base_ref!r} is not a branch or tag of {pool.config.repo_url}")
+        pool.base_commit = base
+
+    # --- fetching ---------------------------------------------------------------------------------
+
+    async def fetch_pool(self, p: Pool, *, extra: list[str] | None = None) -> bool:
+        """Fetch the pool's mirror once (callers arriving during a fetch share it); then read its
+        refs and move the base. Returns whether the base commit changed."""
+        generation = p.fetch.generation
+        async with p.fetch_lock:
+            if p.fetch.generation != generation and not extra:
+                return False  # somebody fetched while we queued
+            started = time.perf_counter()
+            p.fetch.last_attempt_at = self.clock.wall()
+            try:
+                async with self.gate.limits(p):
+                    await self.gate.check_mirror(p)
+                    # The fetch prunes tags origin does not have: agents' own, in a worktree
+                    # pool, which must wait for their lease's salvage (issue 16, defect 18).
+                    agents_tags = await p.mirror.local_tags(p.refs) if p.refs else {}
+                    await p.mirror.fetch(timeout=p.config.clone_timeout_s)
+                    if extra:
+                        await p.mirror.fetch(timeout=p.config.clone_timeout_s, refspecs=extra)
+                    p.refs = await p.mirror.read_refs()
+                    await p.mirror.put_back_tags({n: o for n, o in agents_tags.items() if n not in p.refs})
+            except (GitError, OSError) as exc:
+                p.fetch.failures += 1
+                p.fetch.consecutive_failures += 1
+                started_failing = p.fetch.failing_since is None
+                if started_failing:
+                    p.fetch.failing_since = self.clock.wall()
+                p.fetch.last_error = str(exc)
+                if p.config.metrics:
+                    self.metrics.fetch_failures.labels(p.name).inc()
+                if started_failing:  # one event per outage, and one when it ends
+                    await self.table.persist_quietly([Event("pools", "pool.fetch", {
+                    "pool": p.name, "ok": False, "error": str(exc), "failing_since": p.fetch.failing_since})])  # fmt: skip
+                raise
+            finally:
+                p.fetch.generation += 1
+            recovered = p.fetch.failing_since is not None
+            p.fetch.fetches += 1
+            p.fetch.consecutive_failures = 0
+            p.fetch.failing_since = None
+            p.fetch.last_error = None
+            p.fetch.last_ok_at = self.clock.wall()
+            p.fetch.last_duration_s = time.perf_counter() - started
+            if p.config.metrics:
+                self.metrics.fetch_seconds.labels(p.name).observe(p.fetch.last_duration_s)
+            if recovered:
+                log.info("fetch_recovered", pool=p.name)
+                await self.table.persist_quietly([Event("pools", "pool.fetch", {"pool": p.name, "ok": True})])
+            return await self._set_base(p, resolve(p.refs, p.base_ref or ""))
+
+    async def _set_base(self, p: Pool, commit: str | None) -> bool:
+        if commit is None:
+            log.error("base_missing", pool=p.name, base=p.base_ref)
+            return False
+        if commit == p.base_commit:
+            return False
+        old, p.base_commit = p.base_commit, commit
+        log.info("base_moved", pool=p.name, base=p.base_ref, commit=commit, previous=old)
+        moved = Event(
+            "pools", "pool.base", {"pool": p.name, "base": p.base_ref, "commit": commit, "previous": old}
+        )
+        await self.table.persist_quietly([Put("pool", p.name, p.to_row()), moved])
+        for slot in list(p.slots.values()):
+            if slot.state is SlotState.AVAILABLE:
+                self.jobs.kick(slot)
+        return True
+
+    async def refetch_base(self, p: Pool) -> None:
+        """After a reload changed the pool's origin or base: learn the default branch again if
+        needed, and fetch."""
+        try:
+            if p.config.base is None and p.default_branch is None:
+                p.default_branch = await p.mirror.remote_head(timeout=60)
+            await self.fetch_pool(p)
+        except (GitError, OSError) as exc:
+            log.error("refetch_failed", pool=p.name, error=str(exc))
+
+    # --- the mirror's objects ---------------------------------------------------------------------
+
+    async def verify_mirror(self, p: Pool, heal: bool) -> tuple[str, str | None] | None:
+        """Check the mirror's objects (``git fsck --connectivity-only``); with ``heal``, fetch
+        them all again when some are missing, handing nothing out of the pool meanwhile. Returns
+        None when nothing is missing, else the problem and what was done about it."""
+        if p.verifying or not p.mirror.exists:
+            return None
+        p.verifying = True
+        try:
+            p.mirror_checked_at = self.clock.monotonic()
+            problem = await p.mirror.connectivity_problem(timeout=p.config.clone_timeout_s)
+            if problem is None:
+                return None
+            if not heal:
+                return problem, None
+            log.error("mirror_objects_missing", pool=p.name, problem=problem)
+            p.repairing = True
+            try:
+                async with self.gate.limits(p):
+                    await p.mirror.refetch(timeout=p.config.clone_timeout_s)
+                after = await p.mirror.connectivity_problem(timeout=p.config.clone_timeout_s)
+            except (GitError, OSError) as exc:
+                return problem, f"refetch failed: {exc}"
+            finally:
+                p.repairing = False
+            for slot in list(p.slots.values()):
+                if slot.state is SlotState.AVAILABLE:
+                    slot.verified_at = 0.0  # look at them again at the next scan
+            repaired = Event("pools", "pool.repaired", {"pool": p.name, "problem": problem, "still": after})
+            self.jobs.spawn(self.table.persist_quietly, [repaired])
+            return problem, "refetched" + (f", still broken: {after}" if after else "")
+        finally:
+            p.verifying = False
+
+    # --- salvage retention ------------------------------------------------------------------------
+
+    async def prune_salvage(self, pool: str | None = None, *, dry_run: bool = False) -> list[dict[str, Any]]:
+        """Delete the salvage refs past each pool's retention (``salvage_keep_*``); what went
+        (or, with ``dry_run``, would go)."""
+        pools = [self.table.pool(pool)] if pool is not None else list(self.table.pools.values())
+        pruned: list[dict[str, Any]] = []
+        for p in pools:
+            if p.state != "ready" or not p.mirror.exists:
+                continue
+            items = await p.mirror.salvage_refs()
+            refs = to_prune(items, p.config.salvage_retention, self.clock.wall())
+            gone = [{"pool": p.name, **i.view()} for i in items if i.ref in refs]
+            if not refs or dry_run:
+                pruned += gone
+                continue
+            async with self.gate.limits(p):
+                await self.gate.check_mirror(p)
+                await p.mirror.prune_salvage(refs, timeout=p.config.clone_timeout_s)
+            pruned += gone
+            log.info("salvage_pruned", pool=p.name, refs=len(refs))
+            await self.table.persist_quietly([Event("pools", "salvage.pruned", {
+                "pool": p.name, "lease_ids": [g["lease_id"] for g in gone][:100], "count": len(refs)})])  # fmt: skip
+        return pruned
