@@ -9,6 +9,10 @@ let calls in flight finish within ``shutdown_grace_s``, then cancel the backgrou
 process groups are stopped, slots caught mid-cleanup are cleaned again at the next start) and
 flush the store. A second SIGTERM/SIGINT skips the grace.
 
+Over 500 lines, on purpose: the daemon's start, stop, reload and status are one object's,
+because each reads the same few fields (the config and its generation, the parts wired at start,
+whether it is stopping); split apart, each piece would need the whole daemon handed back to it.
+The parts themselves are built here and live in their own modules.
 """
 
 from __future__ import annotations
