@@ -246,7 +246,7 @@ class Dispatcher:
                 self._spawn(self._watch, a)
             elif attempt.launcher == "tmux":
                 run = await self.tmux.adopt(attempt.session or "", Path(attempt.log or ""), None, None)
-                exit_ = run._read_exit() or Exit(code=None, lost=True)
+                exit_ = run.read_exit() or Exit(code=None, lost=True)
                 self._spawn(self._finish, a, exit_, None, "the tmux session ended while the daemon was down")
             elif attempt.launcher in ("container", "kubernetes"):
                 await self._adopt_contained(a, attempt, profile)
