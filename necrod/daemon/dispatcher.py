@@ -23,8 +23,6 @@ import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,14 +51,15 @@ from necrod.core.templates import TemplateError, check, render
 from necrod.daemon.engine import PoolEngine
 from necrod.daemon.fleet import Fleet, HostDown, HostLink, RemoteRun, launch, origin_id
 from necrod.daemon.metrics import Metrics
+from necrod.daemon.tasks.profiles import DEFAULT_PROFILE, Profiles
+from necrod.daemon.tasks.runners import Runners
+from necrod.daemon.tasks.runs import Active, Jobs
 from necrod.io import sysload
-from necrod.io.cgroups import RunnerCgroup, runner_cgroups
+from necrod.io.cgroups import RunnerCgroup
 from necrod.io.launchers import (
     Exit,
     LaunchSpec,
-    ProcessLauncher,
     Run,
-    TmuxLauncher,
     end_cgroup,
     group_alive,
     stop_group,
@@ -78,8 +77,8 @@ from necrod.proto.errors import (
 )
 
 if TYPE_CHECKING:
-    from necrod.io.containers import ContainerLaunch, ContainerLauncher
-    from necrod.io.kubernetes import KubeLaunch, KubeLauncher
+    from necrod.io.containers import ContainerLaunch
+    from necrod.io.kubernetes import KubeLaunch
 
 log = structlog.get_logger("necrod.dispatch")
 
@@ -89,34 +88,10 @@ TICK_S = 1.0
 STALLED_SHOWN = 20
 #: Environment passed from the daemon to runners (nothing else of the daemon's leaks through).
 RUNNER_PASSTHROUGH = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "TERM")
-#: The profile that runs a task which brings its own command and names no profile.
 #: Launchers whose runners keep going through a daemon restart, found again by ``attempt.session``.
 OUTLIVE_DAEMON = ("tmux", "container", "kubernetes")
-DEFAULT_PROFILE = RunnerProfile(name="default", launcher="process", max_concurrency=1_000_000)
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _KEY = re.compile(r"[A-Za-z0-9._#-]{1,128}")
-
-
-@dataclass(slots=True)
-class Active:
-    """A task being started or running."""
-
-    task: Task
-    profile: RunnerProfile
-    attempt: Attempt | None = None
-    #: The host it runs on (None: this one).
-    host: str | None = None
-    run: Run | None = None
-    #: Why we want it stopped: cancelled, timeout, stalled, lease_lost, shutdown.
-    stop_reason: str | None = None
-    stop: anyio.Event = field(default_factory=anyio.Event)
-    stopped: anyio.Event = field(default_factory=anyio.Event)
-    accounted_at: float = 0.0
-
-    def request_stop(self, reason: str) -> None:
-        if self.stop_reason is None:
-            self.stop_reason = reason
-        self.stop.set()
 
 
 def runner_uid(profile: RunnerProfile) -> int | None:
@@ -148,37 +123,17 @@ class Dispatcher:
         cfg = config().dispatcher
         self.fair = FairShare(cfg.fair_share_half_life_s, dict(cfg.fair_share_weights))
         self._wake = anyio.Event()
-        self._tg: TaskGroup | None = None
+        self.jobs = Jobs()
         self._resources: tuple[float, bool, str | None] = (0.0, True, None)
         origin = origin_id(state_dir)
-        self.cgroup_parents = runner_cgroups(origin)
-        self.cgroups = self.cgroup_parents.memory[1] if self.cgroup_parents.memory else None
-        self.tmux = TmuxLauncher(state_dir / "tmux.sock", self.cgroup_parents)
-        self.launchers: dict[str, ProcessLauncher | TmuxLauncher] = {
-            "process": ProcessLauncher(self.cgroup_parents),
-            "tmux": self.tmux,
-        }
+        self.runners = Runners(origin, state_dir, self.jobs.spawn)
+        self.profiles = Profiles(config=config, pools=lambda: engine.pools)
         self.fleet = Fleet(origin)
         self.fleet.on_up.append(self._host_returned)
         #: (host, pool) → monotonic time until which that host had no free slot in that pool.
         self._no_remote_slot: dict[tuple[str, str], float] = {}
         engine.lease_hooks.append(self._lease_ended)
         engine.on_slot_available.append(lambda pool: self.wake())
-
-    # The contained launchers load on first use: their HTTP client stacks (aiohttp, aiodocker,
-    # kubernetes_asyncio) cost ~70 MB of memory and 0.5 s of start that a daemon without such
-    # runners need not pay.
-    @cached_property
-    def containers(self) -> ContainerLauncher:
-        from necrod.io.containers import ContainerLauncher
-
-        return ContainerLauncher(self.fleet.origin)
-
-    @cached_property
-    def kube(self) -> KubeLauncher:
-        from necrod.io.kubernetes import KubeLauncher
-
-        return KubeLauncher(self.fleet.origin, self._spawn)
 
     @property
     def cfg(self) -> DispatcherConfig:
@@ -197,7 +152,7 @@ class Dispatcher:
         self._load()
         try:
             async with anyio.create_task_group() as tg:
-                self._tg = tg
+                self.jobs.tg = tg
                 await tg.start(self.fleet.run, self._config().hosts)
                 await self._reconcile()
                 task_status.started()
@@ -205,9 +160,7 @@ class Dispatcher:
                 await self._loop()
         finally:
             with anyio.CancelScope(shield=True):
-                for launcher in ("containers", "kube"):
-                    if launcher in self.__dict__:  # only if ever used
-                        await self.__dict__[launcher].aclose()
+                await self.runners.aclose()
 
     def apply_config(self, config: Config) -> list[str]:
         """What a reload changes here: the hosts (links are opened, restarted or closed)."""
@@ -224,46 +177,50 @@ class Dispatcher:
     async def _reconcile(self) -> None:
         """After a restart: find tmux runners again, stop orphaned process runners, release
         leases held for tasks that no longer run."""
-        sessions = await self.tmux.sessions()
+        sessions = await self.runners.tmux.sessions()
         live_leases = set()
         for task in [t for t in self.tasks.values() if t.state is TaskState.RUNNING]:
             attempt = task.current
-            profile = self._profile(task.runner) if task.runner else DEFAULT_PROFILE
+            profile = self.profiles.profile(task.runner) if task.runner else DEFAULT_PROFILE
             if attempt is not None and attempt.lease_id:
                 live_leases.add(attempt.lease_id)
             a = Active(task, profile, attempt, accounted_at=self.clock.monotonic())
             self.active[task.task_id] = a
             if attempt is None:
-                self._spawn(
+                self.jobs.spawn(
                     self._finish, a, None, "interrupted", "the daemon stopped before the runner started"
                 )
             elif attempt.launcher == "tmux" and attempt.session in sessions:
-                cgroup = RunnerCgroup.find(self.cgroup_parents, attempt.session or "")
-                a.run = await self.tmux.adopt(
+                cgroup = RunnerCgroup.find(self.runners.cgroup_parents, attempt.session or "")
+                a.run = await self.runners.tmux.adopt(
                     attempt.session or "", Path(attempt.log or ""), attempt.pid, cgroup
                 )
                 log.info("runner_adopted", task=task.task_id, session=attempt.session)
-                self._spawn(self._watch, a)
+                self.jobs.spawn(self._watch, a)
             elif attempt.launcher == "tmux":
-                run = await self.tmux.adopt(attempt.session or "", Path(attempt.log or ""), None, None)
+                run = await self.runners.tmux.adopt(
+                    attempt.session or "", Path(attempt.log or ""), None, None
+                )
                 exit_ = run.read_exit() or Exit(code=None, lost=True)
-                self._spawn(self._finish, a, exit_, None, "the tmux session ended while the daemon was down")
+                self.jobs.spawn(
+                    self._finish, a, exit_, None, "the tmux session ended while the daemon was down"
+                )
             elif attempt.launcher in ("container", "kubernetes"):
                 await self._adopt_contained(a, attempt, profile)
             elif attempt.host is not None:
                 a.host = attempt.host
                 link = self.fleet.links.get(attempt.host)
                 if link is None:
-                    self._spawn(
+                    self.jobs.spawn(
                         self._finish, a, None, "lost", f"host {attempt.host} is no longer in the config"
                     )
                 else:
                     a.run = RemoteRun(link, attempt.remote_dir or "", attempt.number, attempt.pid,
                                       Path(attempt.log or ""), lambda: self.cfg.host_grace_s)  # fmt: skip
-                    self._spawn(self._watch, a)
+                    self.jobs.spawn(self._watch, a)
             else:
                 await self._stop_orphans(attempt, profile, f"necro-{task.task_id}-{attempt.number}")
-                self._spawn(
+                self.jobs.spawn(
                     self._finish, a, None, "interrupted", "the runner did not survive a daemon restart"
                 )
         await self._sweep_contained()
@@ -281,20 +238,20 @@ class Dispatcher:
         try:
             if attempt.launcher == "container" and profile.container is not None and attempt.session:
                 why = "its container is gone"
-                run = await self.containers.adopt(attempt.session, profile.container, attempt.path or "",
+                run = await self.runners.containers.adopt(attempt.session, profile.container, attempt.path or "",
                                                   Path(attempt.log or ""))  # fmt: skip
             elif attempt.launcher == "kubernetes" and profile.kubernetes is not None and attempt.session:
-                run = await self.kube.adopt(attempt.session, profile.kubernetes, attempt.path or "",
+                run = await self.runners.kube.adopt(attempt.session, profile.kubernetes, attempt.path or "",
                                             Path(attempt.log or ""))  # fmt: skip
         except OSError as exc:
             log.error("runner_adopt_failed", task=a.task.task_id, launcher=attempt.launcher, error=str(exc))
             why = f"its {attempt.launcher} runner cannot be watched: {exc}"
         if run is None:
-            self._spawn(self._finish, a, None, "lost", why)
+            self.jobs.spawn(self._finish, a, None, "lost", why)
             return
         a.run = run
         log.info("runner_adopted", task=a.task.task_id, launcher=attempt.launcher, session=attempt.session)
-        self._spawn(self._watch, a)
+        self.jobs.spawn(self._watch, a)
 
     async def _sweep_contained(self) -> None:
         """Remove containers, and delete unfinished Jobs, of ours that no running attempt claims
@@ -303,10 +260,10 @@ class Dispatcher:
         keep = {a.attempt.session for a in self.active.values() if a.attempt and a.attempt.session}
         hosts = {p.container.docker_host for p in runners if p.container is not None}
         if hosts:
-            await self.containers.sweep(hosts, keep)
+            await self.runners.containers.sweep(hosts, keep)
         specs = [p.kubernetes for p in runners if p.kubernetes is not None]
         if specs:
-            await self.kube.sweep(specs, keep)
+            await self.runners.kube.sweep(specs, keep)
 
     async def _stop_orphans(self, attempt: Attempt, profile: RunnerProfile, name: str) -> None:
         """Stop what is left of a process runner after a crash: its process group if we recorded
@@ -324,48 +281,11 @@ class Dispatcher:
         for pgid in groups:
             log.warning("orphan_runner_stopped", task=attempt.runner, pgid=pgid)
             await stop_group(pgid, profile.grace_s)
-        cgroup = RunnerCgroup.find(self.cgroup_parents, name)
+        cgroup = RunnerCgroup.find(self.runners.cgroup_parents, name)
         if cgroup is not None and not await end_cgroup(cgroup):
             log.error("orphan_runner_not_stopped", task=attempt.runner, cgroup=str(cgroup.unified))
 
     # --- submitting -----------------------------------------------------------------------------
-
-    def _profile(self, name: str) -> RunnerProfile:
-        profile = self._config().runners.get(name)
-        if profile is None:
-            raise NotFound(f"no runner profile {name!r}", runner=name)
-        return profile
-
-    def _views(self) -> list[ProfileView]:
-        return [ProfileView(p.name, frozenset(p.skills), p.max_concurrency, frozenset(p.pools))
-                for p in self._config().runners.values()]  # fmt: skip
-
-    def _places(self, task: Task) -> list[tuple[str | None, frozenset[str]]]:
-        """Where ``task`` could run, ignoring load: this host (None) and the hosts serving its pool,
-        each with the skills it adds."""
-        places: list[tuple[str | None, frozenset[str]]] = []
-        if self.cfg.run_locally and task.pool in self.engine.pools:
-            places.append((None, frozenset()))
-        places += [
-            (name, frozenset(h.skills)) for name, h in self._config().hosts.items() if task.pool in h.pools
-        ]
-        return places
-
-    def _profiles_for(self, task: Task) -> list[RunnerProfile]:
-        """Profiles that could run ``task`` somewhere (the submit-time check)."""
-        runners = self._config().runners
-        found: dict[str, RunnerProfile] = {}
-        for _, skills in self._places(task):
-            found.update((v.name, runners[v.name]) for v in eligible(task, self._views(), skills))
-        if (
-            not found
-            and task.runner is None
-            and not task.skills
-            and task.command is not None
-            and self._places(task)
-        ):
-            return [DEFAULT_PROFILE]
-        return list(found.values())
 
     def _build(self, spec: dict[str, Any], defaults: dict[str, Any], seq: int, batch: str | None) -> Task:
         def get(name: str, fallback: Any = None) -> Any:
@@ -418,8 +338,8 @@ class Dispatcher:
             failure_strategy=strategy,
         )  # fmt: skip
         if runner is not None:
-            self._profile(runner)
-        profiles = self._profiles_for(task)
+            self.profiles.profile(runner)
+        profiles = self.profiles.profiles_for(task)
         if not profiles:
             wanted = f"skills {', '.join(task.skills)}" if task.skills else "a command"
             raise FailedPrecondition(
@@ -707,7 +627,7 @@ class Dispatcher:
 
     def schedule(self) -> int:
         """Start every task that can start now; returns how many started."""
-        if self.stopping or self._tg is None:
+        if self.stopping or self.jobs.tg is None:
             return 0
         cfg = self.cfg
         now = self.clock.wall()
@@ -721,7 +641,7 @@ class Dispatcher:
             self._report_stall()
             return 0
         runners = self._config().runners
-        views = self._views()
+        views = self.profiles.views()
         running = Counter(a.profile.name for a in self.active.values())
         total = len(self.active)
         ok, why = self._resources_ok()
@@ -755,7 +675,7 @@ class Dispatcher:
             total += 1
             started += 1
             self.scheduled += 1
-            self._spawn(self._start, a)
+            self.jobs.spawn(self._start, a)
         if not started:
             self._report_stall()
         else:
@@ -770,7 +690,7 @@ class Dispatcher:
         best: tuple[float, int, str | None, RunnerProfile] | None = None
         slot_why = capacity_why = None
         now = self.clock.monotonic()
-        for index, (host, skills) in enumerate(self._places(t)):
+        for index, (host, skills) in enumerate(self.profiles.places(t)):
             if host is None:
                 pool = self.engine.pools.get(t.pool)
                 if pool is None or pool.state != "ready":
@@ -855,18 +775,6 @@ class Dispatcher:
         cfg = self.cfg
         self.fair.half_life_s = cfg.fair_share_half_life_s
         self.fair.weights = dict(cfg.fair_share_weights)
-
-    def _spawn(self, func: Callable[..., Any], *args: Any) -> None:
-        assert self._tg is not None
-
-        async def run() -> None:
-            structlog.contextvars.clear_contextvars()
-            try:
-                await func(*args)
-            except Exception:
-                log.exception("dispatcher_job_crashed", job=getattr(func, "__name__", "?"))
-
-        self._tg.start_soon(run)
 
     # --- running ----------------------------------------------------------------------------------
 
@@ -962,11 +870,13 @@ class Dispatcher:
                                      argv=spec.argv, env=spec.env, log_path=log_path,
                                      grace=lambda: self.cfg.host_grace_s)  # fmt: skip
             elif profile.launcher == "container":
-                a.run = await self.containers.start(spec, self._container_launch(t, n, profile, lease))
+                a.run = await self.runners.containers.start(
+                    spec, self._container_launch(t, n, profile, lease)
+                )
             elif profile.launcher == "kubernetes":
-                a.run = await self.kube.start(spec, self._kube_launch(t, n, profile, lease))
+                a.run = await self.runners.kube.start(spec, self._kube_launch(t, n, profile, lease))
             else:
-                a.run = await self.launchers[profile.launcher].start(spec)
+                a.run = await self.runners.launchers[profile.launcher].start(spec)
         except (OSError, HostDown) as exc:
             await self._finish(a, None, "start_failed", f"could not start the runner: {exc}")
             return
@@ -976,7 +886,7 @@ class Dispatcher:
         await self._save(t)
         log.info("task_started", task=t.task_id, attempt=n, slot=lease["slot_id"], runner=profile.name,
                  launcher=attempt.launcher, host=a.host, pid=a.run.pid)  # fmt: skip
-        self._spawn(self._watch, a)
+        self.jobs.spawn(self._watch, a)
 
     def _isolated_mirror(self, t: Task, profile: RunnerProfile) -> str:
         """The mirror a contained runner may read: only a shared-clone pool's."""
@@ -1056,7 +966,7 @@ class Dispatcher:
         """A runner that could not be confirmed stopped may still write in its slot: the slot is
         kept out of rotation, untouched, rather than cleaned and handed to someone else."""
         await self._keep_slot_out(a, f"its runner ({run.session or run.pid}) could not be confirmed stopped")
-        self._spawn(self._stop_eventually, run, a.profile.grace_s)
+        self.jobs.spawn(self._stop_eventually, run, a.profile.grace_s)
 
     async def _keep_slot_out(self, a: Active, what: str) -> None:
         attempt = a.attempt
@@ -1206,7 +1116,7 @@ class Dispatcher:
                 t.reason, t.finished_at = f"{outcome}: {detail}", now
                 ops += self._block_dependents(t)
                 if t.failure_strategy == "stop-all" and t.batch:
-                    self._spawn(self._stop_batch, t)
+                    self.jobs.spawn(self._stop_batch, t)
         self.metrics.tasks_finished.labels(outcome).inc()
         log.info("task_attempt_ended", task=t.task_id, attempt=attempt.number if attempt else None, outcome=outcome,
                  detail=detail, state=str(t.state))  # fmt: skip
@@ -1257,7 +1167,7 @@ class Dispatcher:
         for a in waits:
             with anyio.move_on_after(a.profile.grace_s + 15):
                 await a.stopped.wait()
-        self.cgroup_parents.tidy()
+        self.runners.cgroup_parents.tidy()
 
     # --- hosts -----------------------------------------------------------------------------------
 
@@ -1318,6 +1228,6 @@ class Dispatcher:
     def status(self) -> dict[str, Any]:
         running = Counter(a.profile.name for a in self.active.values())
         return {"tasks": self.counts(), "running_by_profile": dict(running), "stalled": self.stalled,
-                "policy": self.cfg.policy, "memory_cgroups": self.cgroups,
-                "runner_cgroups": self.cgroup_parents.unified is not None,
+                "policy": self.cfg.policy, "memory_cgroups": self.runners.cgroups,
+                "runner_cgroups": self.runners.cgroup_parents.unified is not None,
                 "fair_share_usage": self.fair.snapshot(self.clock.monotonic())}  # fmt: skip
