@@ -1,13 +1,14 @@
 """What the dispatcher's rooms share: ``Active``, a task being started or running (the table of
 them, task id → ``Active``, is one dict the dispatcher hands to each room that reads or fills
 it), and ``Jobs``, the task group in which the rooms' background jobs (starting, watching and
-ending attempts) run once the dispatcher runs. Owns no policy and calls no other room."""
+ending attempts) run once the dispatcher runs; and the shapes of two callables rooms are
+handed (``Spawn``, ``Release``). Owns no policy and calls no other room."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import structlog
@@ -21,6 +22,12 @@ log = structlog.get_logger("necrod.dispatch")
 
 #: ``spawn(func, *args)``: run ``func(*args)`` as a background job (``Jobs.spawn``).
 Spawn = Callable[..., None]
+
+
+class Release(Protocol):
+    """Give a task's lease back, here (``host`` None) or on its host (``Attempts.release``)."""
+
+    async def __call__(self, lease_id: str, *, salvage: bool, host: str | None = None) -> None: ...
 
 
 @dataclass(slots=True)
