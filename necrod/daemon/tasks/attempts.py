@@ -1,13 +1,11 @@
-"""Attempts: one attempt of a task, on any launcher, from start to end. Starting leases a slot
-(here, from the pool engine, or from another host's necrod), builds the runner's environment
-and launch spec (container and Kubernetes specs included) and launches it; watching waits for
-its exit, its output, its time and a stop request; ending records the outcome on the task
-(retry with backoff, or finished, blocking dependents, stopping a stop-all batch), releases the
-slot, or keeps it out of rotation when the runner could not be confirmed stopped. Owns no table
-of its own: it fills and empties the active-run table it is given, and calls the engine's
-``allocate``, ``release``, ``isolate`` and ``pool``, the fleet's links, the launchers, the task
-book (state changes, events, pruning, saving, cancel), and the narrow callables ``account``
-(fair share) and ``wake`` (scheduling)."""
+"""Attempts: one attempt of a task, on any launcher, from start to end. It leases a slot (from
+the pool engine, or from another host's necrod), builds the runner's environment and launch
+spec, launches it, watches its exit, output, time and stop requests, and ends it: the outcome
+recorded on the task, the slot released, or kept out of rotation when the runner could not be
+confirmed stopped. It owns no state of its own and fills and empties the active-run table it is
+given; it may call the engine's ``allocate``, ``release``, ``isolate`` and ``pool`` (``Engine``),
+the fleet's links, the launchers, the task book, and two callables of placement's: ``account``
+and ``wake``."""
 
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
-"""Placement: the scheduling pass. It picks, by the policy of ``core.scheduler``, the ready tasks
-that can start now, and for each the place (this host or another) and the runner profile; it
+"""Placement: the scheduling pass, the daemon side of ``core.scheduler``. It picks the ready tasks
+that can start now and, for each, a place (this host or another) and a runner profile; it
 notes why the others wait and which chain holds a stalled queue, samples memory and load, and
-charges running tasks' runner-seconds to their fair-share key. Owns the wake-up event, the
-stall report, the count of tasks placed and the resource sample; it may move a task to
-``running``, put it in the active-run table and spawn ``start`` for it, and update the
-fair-share usage it is given. It reads the task index, profiles, this host's pools, the
-fleet's links and when remote pools were last full."""
+charges running tasks' runner-seconds to their fair-share key. It owns the wake-up event, the
+stall report, the count of tasks placed and the resource sample. It may change a task's state
+(through the task book's ``to``), enter a placed task in the active-run table and spawn
+``start`` for it, and update the fair-share usage; it reads the task index, profiles, this
+host's pools, the fleet's links and when remote pools were last full."""
 
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
-"""The task book: every task the dispatcher knows, and every change to one that is not an
-attempt's own. It builds and checks tasks from a submitted spec, keeps the dependency graph
-(blocking and unblocking dependents, transitively), cancels and retries, answers queries
-(a task, tasks matching, the graph, logs, counts), prunes finished tasks and saves. Owns the
-task index, the task and batch counters; it may write the state store, ask ``Profiles``, stop
-the runs in the active-run table (cancel), restore and save the fair-share usage it is given,
-and wake the scheduler."""
+"""The task book: every task the dispatcher knows. It builds and checks tasks from a submitted
+spec, keeps the dependency graph (blocking and unblocking dependents, transitively), cancels
+and retries, answers queries (a task, tasks matching, the graph, logs, counts), prunes finished
+tasks and saves. It owns the task index and the task and batch counters, and every change of a
+task's state goes through its ``to``. It may write the state store, ask ``Profiles``, ask the
+runs in the active-run table to stop (cancel), restore and save the fair-share usage it is
+given, and call ``wake``."""
 
 from __future__ import annotations
 
