@@ -185,7 +185,7 @@ class Daemon:
                         keeper=e.keeper, metrics=self.metrics, clock=e.clock)  # fmt: skip
         self.supervisor = Supervisor(table=e.table, sizer=e.sizer, keeper=e.keeper, healer=healer, store=self.store,
                                      workspaces=workspaces, clock=e.clock, config=lambda: self.config.daemon)  # fmt: skip
-        self.dispatcher = Dispatcher(engine=self.engine, store=self.store, config=lambda: self.config,
+        self.dispatcher = Dispatcher(table=e.table, allocator=e.allocator, lifecycle=e.lifecycle, store=self.store, config=lambda: self.config,
                                      socket=self.settings.socket, state_dir=self.settings.state_dir,
                                      metrics=self.metrics)  # fmt: skip
         api = Api(table=e.table, allocator=e.allocator, sizer=e.sizer, lifecycle=e.lifecycle, keeper=e.keeper,

@@ -13,1237 +13,157 @@ Restarts: tasks and attempts are in the state database. tmux runners keep runnin
 daemon restart and are found again by session name; a process runner does not survive its
 daemon, and an orphan left by a crash is stopped. Either way an attempt cut short by the daemon
 is recorded as ``interrupted`` and does not use up a retry.
+
+This module is the front door: ``Dispatcher`` builds the rooms of ``necrod.daemon.tasks`` (the
+task book, placement, attempts, recovery, the host watch, and what they share), hands each what
+it uses, and forwards the daemon's and the API's calls to them. It owns only whether the
+dispatcher is stopping. Of the pool engine it is given the slot table (``pool``, ``pools``,
+``leases``), the allocator (``allocate``, ``release``, ``lease_hooks``, ``on_slot_available``)
+and the lifecycle (``isolate``), nothing else.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import re
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
-import structlog
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskStatus
 
 from necrod.core.clock import Clock
-from necrod.core.config import Config, DispatcherConfig, RunnerProfile
-from necrod.core.names import check_branch, check_pool_name, check_ref
-from necrod.core.scheduler import FairShare, ProfileView, choose_profile, eligible, fair_key, order
-from necrod.core.slots import Lease, Slot
-from necrod.core.taskindex import TaskIndex
-from necrod.core.tasks import (
-    FINISHED,
-    STRATEGY_RETRY_DEFAULT,
-    Attempt,
-    Task,
-    TaskState,
-    body_dependencies,
-    find_cycle,
-    levels,
-    retry_delay,
-)
-from necrod.core.templates import TemplateError, check, render
-from necrod.daemon.engine import PoolEngine
-from necrod.daemon.fleet import Fleet, HostDown, HostLink, RemoteRun, launch, origin_id
+from necrod.core.config import Config, DispatcherConfig
+from necrod.core.scheduler import FairShare
+from necrod.core.tasks import Task
+from necrod.daemon.allocator import Allocator
+from necrod.daemon.fleet import Fleet, origin_id
+from necrod.daemon.lifecycle import Lifecycle
 from necrod.daemon.metrics import Metrics
-from necrod.io import sysload
-from necrod.io.cgroups import RunnerCgroup, runner_cgroups
-from necrod.io.launchers import (
-    Exit,
-    LaunchSpec,
-    ProcessLauncher,
-    Run,
-    TmuxLauncher,
-    end_cgroup,
-    group_alive,
-    stop_group,
-)
-from necrod.io.procs import processes_in
-from necrod.io.store import Delete, Event, Put, StateStore
-from necrod.proto.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    InvalidParams,
-    NecrodError,
-    NotFound,
-    ResourceExhausted,
-    Unavailable,
-)
-
-if TYPE_CHECKING:
-    from necrod.io.containers import ContainerLaunch, ContainerLauncher
-    from necrod.io.kubernetes import KubeLaunch, KubeLauncher
-
-log = structlog.get_logger("necrod.dispatch")
-
-#: The scheduler runs at least this often (backoffs ending, resources freeing).
-TICK_S = 1.0
-#: Stalled chains named in the status.
-STALLED_SHOWN = 20
-#: Environment passed from the daemon to runners (nothing else of the daemon's leaks through).
-RUNNER_PASSTHROUGH = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "TERM")
-#: The profile that runs a task which brings its own command and names no profile.
-#: Launchers whose runners keep going through a daemon restart, found again by ``attempt.session``.
-OUTLIVE_DAEMON = ("tmux", "container", "kubernetes")
-DEFAULT_PROFILE = RunnerProfile(name="default", launcher="process", max_concurrency=1_000_000)
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_KEY = re.compile(r"[A-Za-z0-9._#-]{1,128}")
-
-
-@dataclass(slots=True)
-class Active:
-    """A task being started or running."""
-
-    task: Task
-    profile: RunnerProfile
-    attempt: Attempt | None = None
-    #: The host it runs on (None: this one).
-    host: str | None = None
-    run: Run | None = None
-    #: Why we want it stopped: cancelled, timeout, stalled, lease_lost, shutdown.
-    stop_reason: str | None = None
-    stop: anyio.Event = field(default_factory=anyio.Event)
-    stopped: anyio.Event = field(default_factory=anyio.Event)
-    accounted_at: float = 0.0
-
-    def request_stop(self, reason: str) -> None:
-        if self.stop_reason is None:
-            self.stop_reason = reason
-        self.stop.set()
-
-
-def runner_uid(profile: RunnerProfile) -> int | None:
-    """The uid a contained runner heartbeats as (its ``user``); None for runners started as the
-    daemon's own uid, which is an admin anyway."""
-    boundary = profile.container or profile.kubernetes
-    return int(boundary.user.split(":")[0]) if boundary is not None else None
+from necrod.daemon.slottable import SlotTable
+from necrod.daemon.tasks.attempts import Attempts
+from necrod.daemon.tasks.hostwatch import HostWatch
+from necrod.daemon.tasks.placement import Placement
+from necrod.daemon.tasks.profiles import Profiles
+from necrod.daemon.tasks.recovery import Recovery
+from necrod.daemon.tasks.runners import Runners
+from necrod.daemon.tasks.runs import Active, Jobs
+from necrod.daemon.tasks.taskbook import TaskBook
+from necrod.io.store import StateStore
 
 
 class Dispatcher:
-    def __init__(self, *, engine: PoolEngine, store: StateStore, config: Callable[[], Config], socket: Path,
+    def __init__(self, *, table: SlotTable, allocator: Allocator, lifecycle: Lifecycle, store: StateStore, config: Callable[[], Config], socket: Path,
                  state_dir: Path, metrics: Metrics, clock: Clock | None = None) -> None:  # fmt: skip
-        self.engine = engine
-        self.store = store
         self._config = config
-        self.socket = socket
-        self.state_dir = state_dir
-        self.metrics = metrics
         self.clock = clock or Clock()
-        self.index = TaskIndex()
-        self.tasks = self.index.tasks
-        self.dependents = self.index.dependents
+        #: The active-run table: task id → the attempt being started or running.
         self.active: dict[str, Active] = {}
-        self.next_seq = 1
-        self.next_batch = 1
         self.stopping = False
-        self.stalled: list[str] = []
-        self.scheduled = 0
         cfg = config().dispatcher
         self.fair = FairShare(cfg.fair_share_half_life_s, dict(cfg.fair_share_weights))
-        self._wake = anyio.Event()
-        self._tg: TaskGroup | None = None
-        self._resources: tuple[float, bool, str | None] = (0.0, True, None)
+        self.jobs = Jobs()
         origin = origin_id(state_dir)
-        self.cgroup_parents = runner_cgroups(origin)
-        self.cgroups = self.cgroup_parents.memory[1] if self.cgroup_parents.memory else None
-        self.tmux = TmuxLauncher(state_dir / "tmux.sock", self.cgroup_parents)
-        self.launchers: dict[str, ProcessLauncher | TmuxLauncher] = {
-            "process": ProcessLauncher(self.cgroup_parents),
-            "tmux": self.tmux,
-        }
+        self.runners = Runners(origin, state_dir, self.jobs.spawn)
+        self.profiles = Profiles(config=config, pools=lambda: table.pools)
+        self.book = TaskBook(store=store, config=config, pools=lambda: table.pools, profiles=self.profiles,
+                             active=self.active, fair=self.fair, clock=self.clock, wake=self.wake,
+                             stopping=lambda: self.stopping)  # fmt: skip
+        self.index = self.book.index
+        self.tasks = self.book.tasks
+        self.dependents = self.book.dependents
         self.fleet = Fleet(origin)
-        self.fleet.on_up.append(self._host_returned)
         #: (host, pool) → monotonic time until which that host had no free slot in that pool.
-        self._no_remote_slot: dict[tuple[str, str], float] = {}
-        engine.allocator.lease_hooks.append(self._lease_ended)
-        engine.allocator.on_slot_available.append(lambda pool: self.wake())
-
-    # The contained launchers load on first use: their HTTP client stacks (aiohttp, aiodocker,
-    # kubernetes_asyncio) cost ~70 MB of memory and 0.5 s of start that a daemon without such
-    # runners need not pay.
-    @cached_property
-    def containers(self) -> ContainerLauncher:
-        from necrod.io.containers import ContainerLauncher
-
-        return ContainerLauncher(self.fleet.origin)
-
-    @cached_property
-    def kube(self) -> KubeLauncher:
-        from necrod.io.kubernetes import KubeLauncher
-
-        return KubeLauncher(self.fleet.origin, self._spawn)
+        no_remote_slot: dict[tuple[str, str], float] = {}
+        # Built before placement, which is given its start; it is given placement's accounting
+        # and the wake-up as callables.
+        self.attempts = Attempts(table=table, allocator=allocator, lifecycle=lifecycle, book=self.book, active=self.active, runners=self.runners,
+                                 fleet=self.fleet, no_remote_slot=no_remote_slot, config=config, socket=socket,
+                                 state_dir=state_dir, metrics=metrics, clock=self.clock, spawn=self.jobs.spawn,
+                                 account=lambda: self.placement.account(), wake=self.wake)  # fmt: skip
+        self.placement = Placement(config=config, index=self.index, active=self.active, profiles=self.profiles,
+                                   pools=lambda: table.pools, fleet=self.fleet, no_remote_slot=no_remote_slot,
+                                   fair=self.fair, clock=self.clock, jobs=self.jobs, to=self.book.to,
+                                   start=self.attempts.start, stopping=lambda: self.stopping)  # fmt: skip
+        self.recovery = Recovery(tasks=self.tasks, active=self.active, profiles=self.profiles, runners=self.runners,
+                                 fleet=self.fleet, leases=lambda: table.leases, config=config, clock=self.clock,
+                                 spawn=self.jobs.spawn, watch=self.attempts.watch, finish=self.attempts.finish,
+                                 release=self.attempts.release)  # fmt: skip
+        self.hostwatch = HostWatch(tasks=self.tasks, active=self.active, fleet=self.fleet, pools=lambda: table.pools,
+                                   config=config, socket=socket, clock=self.clock, release=self.attempts.release,
+                                   save=self.book.save, wake=self.wake, stopping=lambda: self.stopping)  # fmt: skip
+        self.fleet.on_up.append(self.hostwatch.host_returned)
+        allocator.lease_hooks.append(self.attempts.lease_ended)
+        allocator.on_slot_available.append(lambda pool: self.wake())
 
     @property
     def cfg(self) -> DispatcherConfig:
         return self._config().dispatcher
 
-    @property
-    def logs_dir(self) -> Path:
-        return Path(self.cfg.logs or self.state_dir / "logs")
-
     def wake(self) -> None:
-        self._wake.set()
+        self.placement.wake()
+
+    def schedule(self) -> int:
+        """Start every task that can start now; returns how many started."""
+        return self.placement.schedule()
+
+    @property
+    def stalled(self) -> list[str]:
+        """The chains that hold a stuck queue (empty when nothing is stuck)."""
+        return self.placement.stalled
+
+    @property
+    def scheduled(self) -> int:
+        return self.placement.scheduled
 
     # --- startup --------------------------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        self._load()
+        self.book.load()
         try:
             async with anyio.create_task_group() as tg:
-                self._tg = tg
+                self.jobs.tg = tg
                 await tg.start(self.fleet.run, self._config().hosts)
-                await self._reconcile()
+                await self.recovery.reconcile()
                 task_status.started()
-                tg.start_soon(self._watch_remote_leases)
-                await self._loop()
+                tg.start_soon(self.hostwatch.watch_remote_leases)
+                await self.placement.loop()
         finally:
             with anyio.CancelScope(shield=True):
-                for launcher in ("containers", "kube"):
-                    if launcher in self.__dict__:  # only if ever used
-                        await self.__dict__[launcher].aclose()
+                await self.runners.aclose()
 
     def apply_config(self, config: Config) -> list[str]:
         """What a reload changes here: the hosts (links are opened, restarted or closed)."""
         return self.fleet.apply(config.hosts)
 
-    def _load(self) -> None:
-        self.index.add(Task.from_row(row) for row in self.store.load("task").values())
-        self.next_seq = max((t.seq + 1 for t in self.tasks.values()), default=1)
-        meta = self.store.load("dispatcher").get("state", {})
-        self.next_batch = int(meta.get("next_batch", 1))
-        now = self.clock.monotonic()
-        self.fair.usage = {k: (float(v), now) for k, v in meta.get("fair_usage", {}).items()}
-
-    async def _reconcile(self) -> None:
-        """After a restart: find tmux runners again, stop orphaned process runners, release
-        leases held for tasks that no longer run."""
-        sessions = await self.tmux.sessions()
-        live_leases = set()
-        for task in [t for t in self.tasks.values() if t.state is TaskState.RUNNING]:
-            attempt = task.current
-            profile = self._profile(task.runner) if task.runner else DEFAULT_PROFILE
-            if attempt is not None and attempt.lease_id:
-                live_leases.add(attempt.lease_id)
-            a = Active(task, profile, attempt, accounted_at=self.clock.monotonic())
-            self.active[task.task_id] = a
-            if attempt is None:
-                self._spawn(
-                    self._finish, a, None, "interrupted", "the daemon stopped before the runner started"
-                )
-            elif attempt.launcher == "tmux" and attempt.session in sessions:
-                cgroup = RunnerCgroup.find(self.cgroup_parents, attempt.session or "")
-                a.run = await self.tmux.adopt(
-                    attempt.session or "", Path(attempt.log or ""), attempt.pid, cgroup
-                )
-                log.info("runner_adopted", task=task.task_id, session=attempt.session)
-                self._spawn(self._watch, a)
-            elif attempt.launcher == "tmux":
-                run = await self.tmux.adopt(attempt.session or "", Path(attempt.log or ""), None, None)
-                exit_ = run._read_exit() or Exit(code=None, lost=True)
-                self._spawn(self._finish, a, exit_, None, "the tmux session ended while the daemon was down")
-            elif attempt.launcher in ("container", "kubernetes"):
-                await self._adopt_contained(a, attempt, profile)
-            elif attempt.host is not None:
-                a.host = attempt.host
-                link = self.fleet.links.get(attempt.host)
-                if link is None:
-                    self._spawn(
-                        self._finish, a, None, "lost", f"host {attempt.host} is no longer in the config"
-                    )
-                else:
-                    a.run = RemoteRun(link, attempt.remote_dir or "", attempt.number, attempt.pid,
-                                      Path(attempt.log or ""), lambda: self.cfg.host_grace_s)  # fmt: skip
-                    self._spawn(self._watch, a)
-            else:
-                await self._stop_orphans(attempt, profile, f"necro-{task.task_id}-{attempt.number}")
-                self._spawn(
-                    self._finish, a, None, "interrupted", "the runner did not survive a daemon restart"
-                )
-        await self._sweep_contained()
-        for slot in list(self.engine.table.leases.values()):
-            lease = slot.lease
-            if lease is not None and lease.task_id and lease.lease_id not in live_leases:
-                log.warning("orphan_task_lease_released", lease_id=lease.lease_id, task=lease.task_id)
-                await self._release(lease.lease_id, salvage=True)
-
-    async def _adopt_contained(self, a: Active, attempt: Attempt, profile: RunnerProfile) -> None:
-        """The container or Job of an attempt that ran on while the daemon was down: watched
-        again, or the attempt ends as lost."""
-        run: Run | None = None
-        why = f"its profile no longer names a {attempt.launcher}: section"
-        try:
-            if attempt.launcher == "container" and profile.container is not None and attempt.session:
-                why = "its container is gone"
-                run = await self.containers.adopt(attempt.session, profile.container, attempt.path or "",
-                                                  Path(attempt.log or ""))  # fmt: skip
-            elif attempt.launcher == "kubernetes" and profile.kubernetes is not None and attempt.session:
-                run = await self.kube.adopt(attempt.session, profile.kubernetes, attempt.path or "",
-                                            Path(attempt.log or ""))  # fmt: skip
-        except OSError as exc:
-            log.error("runner_adopt_failed", task=a.task.task_id, launcher=attempt.launcher, error=str(exc))
-            why = f"its {attempt.launcher} runner cannot be watched: {exc}"
-        if run is None:
-            self._spawn(self._finish, a, None, "lost", why)
-            return
-        a.run = run
-        log.info("runner_adopted", task=a.task.task_id, launcher=attempt.launcher, session=attempt.session)
-        self._spawn(self._watch, a)
-
-    async def _sweep_contained(self) -> None:
-        """Remove containers, and delete unfinished Jobs, of ours that no running attempt claims
-        (left by a crash)."""
-        runners = self._config().runners.values()
-        keep = {a.attempt.session for a in self.active.values() if a.attempt and a.attempt.session}
-        hosts = {p.container.docker_host for p in runners if p.container is not None}
-        if hosts:
-            await self.containers.sweep(hosts, keep)
-        specs = [p.kubernetes for p in runners if p.kubernetes is not None]
-        if specs:
-            await self.kube.sweep(specs, keep)
-
-    async def _stop_orphans(self, attempt: Attempt, profile: RunnerProfile, name: str) -> None:
-        """Stop what is left of a process runner after a crash: its process group if we recorded
-        it, and every process working inside its slot (the daemon may have died before it could
-        record the pid), then whatever is left in its cgroup."""
-        groups = set()
-        if attempt.pid and group_alive(attempt.pid):
-            groups.add(attempt.pid)
-        for pid in processes_in(attempt.path) if attempt.path else []:
-            try:
-                groups.add(os.getpgid(pid))
-            except ProcessLookupError:
-                continue
-        groups.discard(os.getpgid(0))
-        for pgid in groups:
-            log.warning("orphan_runner_stopped", task=attempt.runner, pgid=pgid)
-            await stop_group(pgid, profile.grace_s)
-        cgroup = RunnerCgroup.find(self.cgroup_parents, name)
-        if cgroup is not None and not await end_cgroup(cgroup):
-            log.error("orphan_runner_not_stopped", task=attempt.runner, cgroup=str(cgroup.unified))
-
-    # --- submitting -----------------------------------------------------------------------------
-
-    def _profile(self, name: str) -> RunnerProfile:
-        profile = self._config().runners.get(name)
-        if profile is None:
-            raise NotFound(f"no runner profile {name!r}", runner=name)
-        return profile
-
-    def _views(self) -> list[ProfileView]:
-        return [ProfileView(p.name, frozenset(p.skills), p.max_concurrency, frozenset(p.pools))
-                for p in self._config().runners.values()]  # fmt: skip
-
-    def _places(self, task: Task) -> list[tuple[str | None, frozenset[str]]]:
-        """Where ``task`` could run, ignoring load: this host (None) and the hosts serving its pool,
-        each with the skills it adds."""
-        places: list[tuple[str | None, frozenset[str]]] = []
-        if self.cfg.run_locally and task.pool in self.engine.table.pools:
-            places.append((None, frozenset()))
-        places += [
-            (name, frozenset(h.skills)) for name, h in self._config().hosts.items() if task.pool in h.pools
-        ]
-        return places
-
-    def _profiles_for(self, task: Task) -> list[RunnerProfile]:
-        """Profiles that could run ``task`` somewhere (the submit-time check)."""
-        runners = self._config().runners
-        found: dict[str, RunnerProfile] = {}
-        for _, skills in self._places(task):
-            found.update((v.name, runners[v.name]) for v in eligible(task, self._views(), skills))
-        if (
-            not found
-            and task.runner is None
-            and not task.skills
-            and task.command is not None
-            and self._places(task)
-        ):
-            return [DEFAULT_PROFILE]
-        return list(found.values())
-
-    def _build(self, spec: dict[str, Any], defaults: dict[str, Any], seq: int, batch: str | None) -> Task:
-        def get(name: str, fallback: Any = None) -> Any:
-            value = spec.get(name)
-            return value if value is not None else defaults.get(name, fallback)
-
-        pool = get("pool")
-        if not isinstance(pool, str):
-            raise InvalidParams("a task needs a pool", param="pool")
-        check_pool_name(pool)
-        if pool not in self.engine.table.pools and not any(
-            pool in h.pools for h in self._config().hosts.values()
-        ):
-            raise NotFound(f"no pool named {pool!r} here or on any host", pool=pool)
-        runner = get("runner")
-        command = get("command")
-        if command is not None and not (
-            (isinstance(command, str) and command.strip())
-            or (isinstance(command, list) and command and all(isinstance(a, str) for a in command))
-        ):
-            raise InvalidParams(
-                "command must be a non-empty list of strings or a shell command", param="command"
-            )
-        env = get("env", {}) or {}
-        if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
-            raise InvalidParams("env must be an object of strings", param="env")
-        for name in env:
-            if not _ENV_NAME.fullmatch(name) or name.startswith("NECROD_"):
-                raise InvalidParams(f"env: {name!r} is not a variable a task may set", param="env")
-        for name in ("labels", "skills"):
-            value = get(name, [])
-            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-                raise InvalidParams(f"{name} must be a list of strings", param=name)
-        ref, branch = get("ref"), get("branch")
-        if ref is not None:
-            check_ref(ref)
-        if branch is not None:
-            check_branch(branch)
-        strategy = get("failure_strategy", self.cfg.failure_strategy)
-        if strategy not in ("continue", "stop-all", "retry"):
-            raise InvalidParams(
-                "failure_strategy must be continue, stop-all or retry", param="failure_strategy"
-            )
-        retries = get("max_retries", self.cfg.max_retries)
-        if strategy == "retry" and spec.get("max_retries") is None and defaults.get("max_retries") is None:
-            retries = max(retries, STRATEGY_RETRY_DEFAULT)
-        task = Task(
-            task_id=f"t-{seq}", seq=seq, pool=pool, submitted_at=self.clock.wall(), runner=runner, command=command,
-            payload=get("payload"), priority=int(get("priority", 0)), labels=list(get("labels", [])),
-            skills=list(get("skills", [])), max_retries=int(retries), timeout_s=get("timeout_s"), env=dict(env),
-            ref=ref, branch=branch, project=get("project"), batch=batch, key=spec.get("key"),
-            failure_strategy=strategy,
-        )  # fmt: skip
-        if runner is not None:
-            self._profile(runner)
-        profiles = self._profiles_for(task)
-        if not profiles:
-            wanted = f"skills {', '.join(task.skills)}" if task.skills else "a command"
-            raise FailedPrecondition(
-                f"no runner profile can run this task (it needs {wanted}"
-                + (f" and profile {runner!r}" if runner else "") + f" in pool {pool})", runner=runner,
-            )  # fmt: skip
-        for profile in profiles:
-            template = command if command is not None else profile.command
-            if template is None:
-                raise InvalidParams(f"no command: the task gives none and profile {profile.name!r} has none",
-                                    param="command")  # fmt: skip
-            try:
-                check(template, task.payload)
-            except TemplateError as exc:
-                raise InvalidParams(f"command template: {exc}", param="command") from None
-        return task
+    # --- the task book ----------------------------------------------------------------------------
 
     async def submit(self, params: dict[str, Any], uid: int | None = None) -> dict[str, Any]:
         """One task, or a batch (``tasks: [...]``) with dependencies between its members, owned
         by ``uid``."""
-        if self.stopping:
-            raise Unavailable("the daemon is shutting down")
-        specs = params.get("tasks")
-        single = specs is None
-        defaults = {k: v for k, v in params.items() if k != "tasks" and v is not None}
-        if single:
-            specs = [{}]
-        if not isinstance(specs, list) or not specs or not all(isinstance(s, dict) for s in specs):
-            raise InvalidParams("tasks must be a non-empty list of task objects", param="tasks")
-        batch = None if single else f"b-{self.next_batch}"
-        seq = self.next_seq
-        built: list[Task] = []
-        keys: dict[str, str] = {}
-        for i, spec in enumerate(specs):
-            where = f"tasks[{i}]"
-            try:
-                task = self._build(spec, defaults, seq + i, batch)
-            except NecrodError as exc:
-                if single:
-                    raise
-                raise type(exc)(f"{where}: {exc.message}", **exc.data) from None
-            task.uid = uid
-            for key in filter(None, (spec.get("key"), f"#{spec['issue']}" if "issue" in spec else None)):
-                key = str(key)
-                if not _KEY.fullmatch(key) or key in keys:
-                    raise InvalidParams(f"{where}: key {key!r} is invalid or used twice", param="key")
-                keys[key] = task.task_id
-            built.append(task)
-        by_id = {t.task_id: t for t in built}
-        for spec, task in zip(specs, built, strict=True):
-            named = list(spec.get("depends_on") or defaults.get("depends_on") or [])
-            if not all(isinstance(d, str | int) for d in named):
-                raise InvalidParams("depends_on must list task ids or batch keys", param="depends_on")
-            named += [f"#{n}" for n in body_dependencies(str(spec.get("body") or ""))]
-            deps: list[str] = []
-            for ref in map(str, named):
-                target = keys.get(ref) or (ref if ref in self.tasks or ref in by_id else None)
-                if target is None:
-                    raise NotFound(f"{task.task_id}: depends on {ref!r}, which is neither a task nor a key of this "
-                                   "batch", depends_on=ref)  # fmt: skip
-                if target == task.task_id:
-                    raise InvalidParams(f"{task.task_id} depends on itself", param="depends_on")
-                if target not in deps:
-                    deps.append(target)
-            task.depends_on = deps
-        cycle = find_cycle({t.task_id: t.depends_on for t in built})
-        if cycle:
-            names = [by_id[c].key or c for c in cycle]
-            raise InvalidParams(f"dependency cycle: {' -> '.join(names)}", param="depends_on", cycle=cycle)
-        ops: list[Put | Delete | Event] = []
-        for task in built:
-            broken = self._broken_dependency(task, by_id)
-            if broken:
-                task.state = TaskState.BLOCKED
-                task.reason = broken
-            ops += [Put("task", task.task_id, task.to_row()), self._event(task, "submitted")]
-        self.next_seq = seq + len(built)
-        if batch is not None:
-            self.next_batch += 1
-        ops.append(self._meta_op())
-        await self.store.write(ops)
-        self.index.add(built)
-        self.wake()
-        if single:
-            return {"task_id": built[0].task_id, "state": str(built[0].state)}
-        return {
-            "batch": batch,
-            "tasks": [{"key": t.key, "task_id": t.task_id, "state": str(t.state)} for t in built],
-        }
-
-    def _meta_op(self) -> Put:
-        now = self.clock.monotonic()
-        return Put(
-            "dispatcher", "state", {"next_batch": self.next_batch, "fair_usage": self.fair.snapshot(now)}
-        )
-
-    def _event(self, task: Task, kind: str, **extra: Any) -> Event:
-        return Event("tasks", f"task.{kind}", {"task_id": task.task_id, "state": str(task.state), "pool": task.pool,
-                                               "batch": task.batch, **extra})  # fmt: skip
-
-    def _dependency(self, task_id: str, pending: dict[str, Task] | None = None) -> Task | None:
-        return self.tasks.get(task_id) or (pending or {}).get(task_id)
-
-    def _broken_dependency(self, task: Task, pending: dict[str, Task] | None = None) -> str | None:
-        for dep_id in task.depends_on:
-            dep = self._dependency(dep_id, pending)
-            if dep is not None and dep.state in (TaskState.FAILED, TaskState.CANCELLED, TaskState.BLOCKED):
-                return f"dependency {dep_id} is {dep.state}"
-        return None
-
-    def _to(self, task: Task, state: TaskState) -> None:
-        """Every change of a task's state goes here, to keep the index of ready tasks right."""
-        self.index.set_state(task, state)
-
-    # --- queries ----------------------------------------------------------------------------------
+        return await self.book.submit(params, uid)
 
     def task(self, task_id: str) -> Task:
-        task = self.tasks.get(task_id)
-        if task is None:
-            raise NotFound(f"no task {task_id!r}", task_id=task_id)
-        return task
+        return self.book.task(task_id)
 
     def matching(self, *, state: str | None = None, pool: str | None = None, label: str | None = None,
-             batch: str | None = None) -> list[Task]:  # fmt: skip
-        return [t for t in sorted(self.tasks.values(), key=lambda t: t.seq)
-                if (state is None or t.state == state) and (pool is None or t.pool == pool)
-                and (label is None or label in t.labels) and (batch is None or t.batch == batch)]  # fmt: skip
+                 batch: str | None = None) -> list[Task]:  # fmt: skip
+        return self.book.matching(state=state, pool=pool, label=label, batch=batch)
 
     def graph(self, tasks: Iterable[Task]) -> list[list[str]]:
-        pending = {t.task_id: t.depends_on for t in tasks if t.state not in FINISHED}
-        return levels(pending)
+        return self.book.graph(tasks)
 
     def logs(self, task_id: str, attempt: int | None, offset: int, limit: int) -> dict[str, Any]:
-        task = self.task(task_id)
-        if not task.attempts:
-            return {
-                "task_id": task_id,
-                "attempt": None,
-                "offset": 0,
-                "data": "",
-                "eof": task.state in FINISHED,
-            }
-        n = attempt or len(task.attempts)
-        if not 1 <= n <= len(task.attempts):
-            raise NotFound(f"task {task_id} has no attempt {n}", task_id=task_id)
-        a = task.attempts[n - 1]
-        data = b""
-        if a.log:
-            try:
-                with open(a.log, "rb") as f:
-                    f.seek(offset)
-                    data = f.read(limit)
-            except FileNotFoundError:
-                pass
-        finished = a.ended_at is not None
-        return {"task_id": task_id, "attempt": n, "offset": offset + len(data), "data": data.decode("utf-8", "replace"),
-                "eof": finished and len(data) < limit, "path": a.log}  # fmt: skip
+        return self.book.logs(task_id, attempt, offset, limit)
 
     def counts(self) -> dict[str, int]:
-        c = Counter(str(t.state) for t in self.tasks.values())
-        return {s.value: c.get(s.value, 0) for s in TaskState}
-
-    # --- cancel and retry -------------------------------------------------------------------------
+        return self.book.counts()
 
     async def cancel(self, task_id: str | None, batch: str | None) -> dict[str, Any]:
-        if (task_id is None) == (batch is None):
-            raise InvalidParams("give task_id or batch")
-        targets = [self.task(task_id)] if task_id else self.matching(batch=batch)
-        if batch and not targets:
-            raise NotFound(f"no batch {batch!r}", batch=batch)
-        waits = []
-        ops: list[Put | Delete | Event] = []
-        for t in targets:
-            if t.state in FINISHED:
-                continue
-            if t.state is TaskState.RUNNING:
-                a = self.active[t.task_id]
-                a.request_stop("cancelled")
-                waits.append(a)
-            else:
-                self._to(t, TaskState.CANCELLED)
-                t.finished_at = self.clock.wall()
-                t.reason = "cancelled"
-                ops += [Put("task", t.task_id, t.to_row()), self._event(t, "cancelled")]
-                ops += self._block_dependents(t)
-        if ops:
-            await self.store.write(ops)
-        for a in waits:
-            with anyio.move_on_after(a.profile.grace_s + 15):
-                await a.stopped.wait()
-        self.wake()
-        out = [{"task_id": t.task_id, "state": str(t.state)} for t in targets]
-        return out[0] if task_id else {"batch": batch, "tasks": out}
+        return await self.book.cancel(task_id, batch)
 
     async def retry(self, task_id: str | None, batch: str | None) -> dict[str, Any]:
-        if (task_id is None) == (batch is None):
-            raise InvalidParams("give task_id or batch")
-        targets = [self.task(task_id)] if task_id else self.matching(batch=batch)
-        ops: list[Put | Delete | Event] = []
-        for t in targets:
-            if t.state is TaskState.BLOCKED and task_id:
-                raise FailedPrecondition(
-                    f"{t.task_id} is blocked ({t.reason}); retry the failed task instead"
-                )
-            if t.state not in (TaskState.FAILED, TaskState.CANCELLED):
-                if task_id:
-                    raise FailedPrecondition(
-                        f"{t.task_id} is {t.state}; only failed or cancelled tasks are retried"
-                    )
-                continue
-            t.retries_used = 0
-            t.next_attempt_at = 0.0
-            t.finished_at = None
-            t.reason = self._broken_dependency(t)
-            self._to(t, TaskState.BLOCKED if t.reason else TaskState.QUEUED)
-            ops += [Put("task", t.task_id, t.to_row()), self._event(t, "retried")]
-            ops += self._unblock_dependents(t)
-        if ops:
-            await self.store.write(ops)
-        self.wake()
-        out = [{"task_id": t.task_id, "state": str(t.state)} for t in targets]
-        return out[0] if task_id else {"batch": batch, "tasks": out}
-
-    def _transitive(self, task: Task) -> list[Task]:
-        seen: set[str] = set()
-        stack = [task.task_id]
-        out = []
-        while stack:
-            for dep_id in self.dependents.get(stack.pop(), ()):
-                if dep_id not in seen and (dep := self.tasks.get(dep_id)) is not None:
-                    seen.add(dep_id)
-                    out.append(dep)
-                    stack.append(dep_id)
-        return out
-
-    def _block_dependents(self, task: Task) -> list[Put | Delete | Event]:
-        ops: list[Put | Delete | Event] = []
-        for dep in self._transitive(task):
-            if dep.state is TaskState.QUEUED:
-                self._to(dep, TaskState.BLOCKED)
-                dep.reason = f"dependency {task.task_id} {task.state}"
-                ops += [
-                    Put("task", dep.task_id, dep.to_row()),
-                    self._event(dep, "blocked", reason=dep.reason),
-                ]
-        return ops
-
-    def _unblock_dependents(self, task: Task) -> list[Put | Delete | Event]:
-        ops: list[Put | Delete | Event] = []
-        for dep in self._transitive(task):
-            if dep.state is TaskState.BLOCKED and self._broken_dependency(dep) is None:
-                dep.reason = None
-                self._to(dep, TaskState.QUEUED)
-                ops += [Put("task", dep.task_id, dep.to_row()), self._event(dep, "queued")]
-        return ops
-
-    # --- scheduling -------------------------------------------------------------------------------
-
-    async def _loop(self) -> None:
-        while True:
-            self._account()
-            self.schedule()
-            with anyio.move_on_after(TICK_S):
-                await self._wake.wait()
-            self._wake = anyio.Event()
-
-    def _resources_ok(self) -> tuple[bool, str | None]:
-        """Memory and load against the thresholds, sampled at most once a second."""
-        now = self.clock.monotonic()
-        at, ok, why = self._resources
-        if now - at < 1.0:
-            return ok, why
-        cfg, ok, why = self.cfg, True, None
-        memory = sysload.memory_used_percent()
-        if memory is not None and memory > cfg.max_memory_percent:
-            ok, why = (
-                False,
-                f"memory {memory:.0f}% in use, above max_memory_percent {cfg.max_memory_percent:g}",
-            )
-        load = sysload.load_per_cpu()
-        if ok and cfg.max_load_per_cpu is not None and load is not None and load > cfg.max_load_per_cpu:
-            ok, why = False, f"load {load:.2f} per CPU, above max_load_per_cpu {cfg.max_load_per_cpu:g}"
-        self._resources = (now, ok, why)
-        return ok, why
-
-    def schedule(self) -> int:
-        """Start every task that can start now; returns how many started."""
-        if self.stopping or self._tg is None:
-            return 0
-        cfg = self.cfg
-        now = self.clock.wall()
-        candidates = []
-        for t in self.index.ready.values():
-            if t.next_attempt_at > now:
-                t.waiting_on = "backoff"
-            else:
-                candidates.append(t)
-        if not candidates:
-            self._report_stall()
-            return 0
-        runners = self._config().runners
-        views = self._views()
-        running = Counter(a.profile.name for a in self.active.values())
-        total = len(self.active)
-        ok, why = self._resources_ok()
-        if total >= cfg.max_running or not ok:
-            ordered = candidates  # none starts: the order does not matter, only the reason each shows
-        else:
-            ordered = order(candidates, cfg.policy, label_priority=dict(cfg.label_priority), fair=self.fair,
-                            fair_key_by=cfg.fair_share_key, now=self.clock.monotonic())  # fmt: skip
-        no_slot: set[str] = set()
-        on_host = Counter(a.host for a in self.active.values())
-        started = 0
-        for t in ordered:
-            if total >= cfg.max_running:
-                t.waiting_on, t.reason = "capacity", f"{total} tasks running (dispatcher.max_running)"
-                continue
-            if not ok:
-                t.waiting_on, t.reason = "resources", why
-                continue
-            placed = self._place(t, views, runners, running, on_host, no_slot)
-            if isinstance(placed, str):
-                t.waiting_on, t.reason = placed.split(":", 1)[0], placed.split(": ", 1)[-1]
-                continue
-            host, profile = placed
-            # Taken: from here the task is ours to start.
-            self._to(t, TaskState.RUNNING)
-            t.waiting_on = t.reason = None
-            a = Active(t, profile, host=host, accounted_at=self.clock.monotonic())
-            self.active[t.task_id] = a
-            running[profile.name] += 1
-            on_host[host] += 1
-            total += 1
-            started += 1
-            self.scheduled += 1
-            self._spawn(self._start, a)
-        if not started:
-            self._report_stall()
-        else:
-            self.stalled = []
-        return started
-
-    def _place(self, t: Task, views: list[ProfileView], runners: dict[str, RunnerProfile], running: Counter[str],
-               on_host: Counter[str | None], no_slot: set[str]) -> tuple[str | None, RunnerProfile] | str:  # fmt: skip
-        """Where ``t`` runs now and on which profile: the least loaded place that serves its pool,
-        has room and (with its profile) its skills; this host first among equals. Otherwise why
-        not, as ``"capacity: ..."`` or ``"slot: ..."``."""
-        best: tuple[float, int, str | None, RunnerProfile] | None = None
-        slot_why = capacity_why = None
-        now = self.clock.monotonic()
-        for index, (host, skills) in enumerate(self._places(t)):
-            if host is None:
-                pool = self.engine.table.pools.get(t.pool)
-                if pool is None or pool.state != "ready":
-                    slot_why = f"pool {t.pool} is {pool.state if pool else 'missing'}"
-                    continue
-                if t.pool in no_slot or pool.counts().idle == 0:
-                    no_slot.add(t.pool)
-                    slot_why = f"no free slot in pool {t.pool}"
-                    continue
-                load = on_host[None] / max(1, self.cfg.max_running)
-            else:
-                link = self.fleet.links.get(host)
-                if link is None or not link.up:
-                    slot_why = f"host {host} is {link.state if link else 'not connected'}"
-                    continue
-                capacity = link.config.max_concurrency
-                if on_host[host] >= capacity:
-                    capacity_why = f"host {host} runs {capacity} task(s), its max_concurrency"
-                    continue
-                if self._no_remote_slot.get((host, t.pool), 0.0) > now:
-                    slot_why = f"no free slot in pool {t.pool} on host {host}"
-                    continue
-                load = on_host[host] / capacity
-            view = choose_profile(t, views, running, self.cfg.policy, skills)
-            profile = runners.get(view.name) if view else None
-            if profile is None and t.runner is None and t.command is not None and not eligible(t, views, skills) \
-                    and not t.skills:  # fmt: skip
-                profile = DEFAULT_PROFILE
-            if profile is None:
-                names = ", ".join(v.name for v in eligible(t, views, skills)) or "none"
-                capacity_why = f"eligible runner profiles are busy ({names})"
-                continue
-            if best is None or (load, index) < best[:2]:
-                best = (load, index, host, profile)
-        if best is not None:
-            return best[2], best[3]
-        if capacity_why:
-            return f"capacity: {capacity_why}"
-        return f"slot: {slot_why or f'no place serves pool {t.pool}'}"
-
-    def _report_stall(self) -> None:
-        """When tasks are queued, none runs and none can start, say which chain holds them."""
-        if self.active:
-            self.stalled = []
-            return
-        queued = [t for t in self.tasks.values() if t.state is TaskState.QUEUED]
-        if not queued or any(t.waiting_on == "backoff" for t in queued):
-            self.stalled = []
-            return
-        chains: list[str] = []
-        for t in queued:
-            if t.waiting_on != "dependencies":
-                continue
-            if len(chains) == STALLED_SHOWN:
-                break
-            chain, seen, cur = [t.task_id], {t.task_id}, t
-            while cur.waiting_on == "dependencies":
-                nxt = next((self.tasks[d] for d in cur.depends_on
-                            if d in self.tasks and self.tasks[d].state is not TaskState.SUCCEEDED), None)  # fmt: skip
-                if nxt is None or nxt.task_id in seen:
-                    break
-                chain.append(nxt.task_id)
-                seen.add(nxt.task_id)
-                cur = nxt
-            chains.append(
-                " <- ".join(chain) + f": {cur.task_id} waits on {cur.waiting_on} ({cur.reason or cur.state})"
-            )
-        roots = [
-            f"{t.task_id} waits on {t.waiting_on} ({t.reason})"
-            for t in queued
-            if t.waiting_on != "dependencies"
-        ]
-        self.stalled = (chains + roots)[:STALLED_SHOWN]
-
-    def _account(self) -> None:
-        """Charge running tasks' runner-seconds to their fair-share key."""
-        now = self.clock.monotonic()
-        key = self.cfg.fair_share_key
-        for a in self.active.values():
-            self.fair.add(fair_key(a.task, key), max(0.0, now - a.accounted_at), now)
-            a.accounted_at = now
-        cfg = self.cfg
-        self.fair.half_life_s = cfg.fair_share_half_life_s
-        self.fair.weights = dict(cfg.fair_share_weights)
-
-    def _spawn(self, func: Callable[..., Any], *args: Any) -> None:
-        assert self._tg is not None
-
-        async def run() -> None:
-            structlog.contextvars.clear_contextvars()
-            try:
-                await func(*args)
-            except Exception:
-                log.exception("dispatcher_job_crashed", job=getattr(func, "__name__", "?"))
-
-        self._tg.start_soon(run)
-
-    # --- running ----------------------------------------------------------------------------------
-
-    def _context(self, t: Task, n: int, lease: dict[str, Any]) -> dict[str, Any]:
-        return {"task_id": t.task_id, "attempt": str(n), "pool": t.pool, "slot_id": lease["slot_id"],
-                "slot_path": lease["path"], "lease_id": lease["lease_id"], "commit": lease["commit"],
-                "ref": t.ref, "branch": lease["branch"], "payload": t.payload}  # fmt: skip
-
-    def _environment(self, t: Task, profile: RunnerProfile, n: int, lease: dict[str, Any],
-                     link: HostLink | None) -> dict[str, str]:  # fmt: skip
-        # On another host, PATH, HOME and the like come from that host's login (the runner
-        # script passes them); here, from the daemon's own environment.
-        env = {} if link else {k: os.environ[k] for k in RUNNER_PASSTHROUGH if k in os.environ}
-        env.update(dict(profile.env))
-        env.update(t.env)
-        env.update({
-            "NECROD_SOCKET": link.target.socket if link else str(self.socket), "NECROD_LEASE_ID": lease["lease_id"], "NECROD_TASK_ID": t.task_id,
-            "NECROD_ATTEMPT": str(n), "NECROD_SLOT_PATH": lease["path"], "NECROD_SLOT_ID": lease["slot_id"],
-            "NECROD_POOL": t.pool, "NECROD_COMMIT": lease["commit"] or "",
-            "NECROD_FENCING_TOKEN": str(lease["fencing_token"]), "NECROD_LEASE_TTL_S": f"{lease['ttl_s']:g}",
-            "NECROD_PAYLOAD": json.dumps(t.payload),
-        })  # fmt: skip
-        if lease.get("branch"):
-            env["NECROD_BRANCH"] = lease["branch"]
-        return env
-
-    async def _allocate(self, a: Active, n: int) -> dict[str, Any]:
-        t, profile = a.task, a.profile
-        request: dict[str, Any] = {"pool": t.pool, "ttl_s": profile.lease_ttl_s, "ref": t.ref, "branch": t.branch,
-                                   "metadata": {"task_id": t.task_id, "attempt": n}}  # fmt: skip
-        if a.host is None:
-            return await self.engine.allocator.allocate(holder=f"task {t.task_id}", task_id=t.task_id, uid=t.uid,
-                                              runner_uid=runner_uid(profile), **request)  # fmt: skip
-        link = self.fleet.link(a.host)
-        request["holder"] = f"task {t.task_id} of {self.fleet.origin}"
-        try:
-            lease: dict[str, Any] = await link.call(
-                "slots.allocate", {k: v for k, v in request.items() if v is not None}
-            )
-        except HostDown as exc:
-            raise Unavailable(str(exc)) from None
-        except ResourceExhausted:
-            self._no_remote_slot[(a.host, t.pool)] = self.clock.monotonic() + 2.0
-            raise
-        return lease
-
-    async def _start(self, a: Active) -> None:
-        t, profile = a.task, a.profile
-        n = len(t.attempts) + 1
-        try:
-            lease = await self._allocate(a, n)
-        except (ResourceExhausted, Unavailable, AlreadyExists) as exc:
-            # Not the task's fault: back to the queue, to try again when things change.
-            self.active.pop(t.task_id, None)
-            self._to(t, TaskState.QUEUED)
-            t.waiting_on, t.reason = "slot", exc.message
-            a.stopped.set()
-            if a.stop_reason == "cancelled":
-                await self.cancel(t.task_id, None)
-            return
-        except NecrodError as exc:
-            attempt = Attempt(n, self.clock.wall(), profile.name, profile.launcher)
-            t.attempts.append(attempt)
-            a.attempt = attempt
-            await self._finish(a, None, "start_failed", f"could not lease a slot: {exc.message}")
-            return
-        log_path = self.logs_dir / t.task_id / f"{n}.log"
-        link = self.fleet.link(a.host) if a.host else None
-        attempt = Attempt(n, self.clock.wall(), profile.name, "remote" if link else profile.launcher,
-                          slot_id=lease["slot_id"], lease_id=lease["lease_id"], path=lease["path"], log=str(log_path),
-                          host=a.host, remote_dir=self.fleet.directory(link, t.task_id) if link else None)  # fmt: skip
-        t.attempts.append(attempt)
-        a.attempt = attempt
-        wait_s = attempt.started_at - (t.next_attempt_at or t.submitted_at)
-        self.metrics.queue_wait.observe(max(0.0, wait_s))
-        template = t.command if t.command is not None else profile.command
-        assert template is not None
-        boundary = profile.container or profile.kubernetes
-        seen = lease if boundary is None or link else {**lease, "path": boundary.workdir}
-        spec = LaunchSpec(
-            name=f"necro-{t.task_id}-{n}", argv=render(template, self._context(t, n, seen)), cwd=lease["path"],
-            env=self._environment(t, profile, n, lease, link), log=log_path, memory_limit=profile.memory_limit,
-        )  # fmt: skip
-        if profile.launcher in OUTLIVE_DAEMON:
-            attempt.session = spec.name
-        await self._save(
-            t, self._event(t, "started", attempt=n, slot_id=lease["slot_id"], runner=profile.name)
-        )
-        try:
-            if link is not None:
-                log_path.parent.mkdir(parents=True, exist_ok=True)
-                a.run = await launch(link, directory=attempt.remote_dir or "", number=n, slot_path=lease["path"],
-                                     argv=spec.argv, env=spec.env, log_path=log_path,
-                                     grace=lambda: self.cfg.host_grace_s)  # fmt: skip
-            elif profile.launcher == "container":
-                a.run = await self.containers.start(spec, self._container_launch(t, n, profile, lease))
-            elif profile.launcher == "kubernetes":
-                a.run = await self.kube.start(spec, self._kube_launch(t, n, profile, lease))
-            else:
-                a.run = await self.launchers[profile.launcher].start(spec)
-        except (OSError, HostDown) as exc:
-            await self._finish(a, None, "start_failed", f"could not start the runner: {exc}")
-            return
-        attempt.pid = a.run.pid
-        if isinstance(a.run, RemoteRun):
-            attempt.remote_dir = a.run.dir
-        await self._save(t)
-        log.info("task_started", task=t.task_id, attempt=n, slot=lease["slot_id"], runner=profile.name,
-                 launcher=attempt.launcher, host=a.host, pid=a.run.pid)  # fmt: skip
-        self._spawn(self._watch, a)
-
-    def _isolated_mirror(self, t: Task, profile: RunnerProfile) -> str:
-        """The mirror a contained runner may read: only a shared-clone pool's."""
-        pool = self.engine.table.pool(t.pool)
-        if pool.config.isolation != "shared-clone":
-            # A worktree's git metadata lives in the mirror, which the runner must not write.
-            raise OSError(f"{profile.launcher} runners need a pool with isolation: shared-clone ({t.pool} is "
-                          f"{pool.config.isolation})")  # fmt: skip
-        return str(pool.mirror.path)
-
-    def _container_launch(
-        self, t: Task, n: int, profile: RunnerProfile, lease: dict[str, Any]
-    ) -> ContainerLaunch:
-        from necrod.io.containers import ContainerLaunch
-
-        assert profile.container is not None
-        return ContainerLaunch(spec=profile.container, slot=lease["path"], mirror=self._isolated_mirror(t, profile),
-                               socket=str(self.socket), labels={"necrod.task": t.task_id, "necrod.attempt": str(n)})  # fmt: skip
-
-    def _kube_launch(self, t: Task, n: int, profile: RunnerProfile, lease: dict[str, Any]) -> KubeLaunch:
-        from necrod.io.kubernetes import KubeLaunch
-
-        assert profile.kubernetes is not None
-        timeout = t.timeout_s or profile.timeout_s
-        # The Job's own deadline is a backstop for a daemon that is not there to stop it.
-        deadline = timeout + profile.grace_s + 60 if timeout else None
-        return KubeLaunch(spec=profile.kubernetes, slot=lease["path"], mirror=self._isolated_mirror(t, profile),
-                          socket=str(self.socket), labels={"necrod.task": t.task_id, "necrod.attempt": str(n)},
-                          grace_s=profile.grace_s, deadline_s=deadline)  # fmt: skip
-
-    async def _watch(self, a: Active) -> None:
-        try:
-            await self._watch_run(a)
-        except Exception as exc:
-            # Never leave an attempt without an end: a bug here must not wedge the task.
-            log.exception("watch_failed", task=a.task.task_id)
-            if not a.stopped.is_set():
-                await self._finish(a, None, "lost", f"necrod lost track of the runner: {exc}")
-
-    async def _watch_run(self, a: Active) -> None:
-        t, profile = a.task, a.profile
-        assert a.run is not None
-        run = a.run
-        timeout = t.timeout_s or profile.timeout_s
-        result: Exit | None = None
-        with anyio.move_on_after(timeout if timeout else math.inf) as clock:
-            async with anyio.create_task_group() as tg:
-
-                async def wait_exit() -> None:
-                    nonlocal result
-                    result = await run.wait()
-                    tg.cancel_scope.cancel()
-
-                async def wait_stop() -> None:
-                    await a.stop.wait()
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(wait_exit)
-                tg.start_soon(wait_stop)
-                if profile.output_timeout_s:
-                    tg.start_soon(self._watch_output, a, profile.output_timeout_s, tg)
-                if a.stop_reason is not None:
-                    tg.cancel_scope.cancel()
-        if clock.cancelled_caught:
-            a.request_stop("timeout")
-        if result is None:
-            if a.stop_reason == "shutdown" and profile.launcher in OUTLIVE_DAEMON and a.host is None:
-                return  # it keeps running; the next daemon finds it again
-            await run.stop(profile.grace_s)
-            with anyio.move_on_after(10):
-                result = await run.wait()
-            if result is None:
-                await self._quarantine(a, run)
-        await self._finish(a, result, None, None)
-
-    async def _quarantine(self, a: Active, run: Run) -> None:
-        """A runner that could not be confirmed stopped may still write in its slot: the slot is
-        kept out of rotation, untouched, rather than cleaned and handed to someone else."""
-        await self._keep_slot_out(a, f"its runner ({run.session or run.pid}) could not be confirmed stopped")
-        self._spawn(self._stop_eventually, run, a.profile.grace_s)
-
-    async def _keep_slot_out(self, a: Active, what: str) -> None:
-        attempt = a.attempt
-        if attempt is None or not attempt.slot_id or a.host is not None:
-            return
-        why = (f"task {a.task.task_id} attempt {attempt.number}: {what}; check it is gone, "
-               "then necroctl recover it")  # fmt: skip
-        try:
-            await self.engine.lifecycle.isolate(attempt.slot_id, why)
-            log.error("runner_not_stopped_slot_isolated", task=a.task.task_id, slot=attempt.slot_id)
-        except NecrodError as exc:
-            log.error("runner_not_stopped", task=a.task.task_id, slot=attempt.slot_id, error=exc.message)
-
-    async def _stop_eventually(self, run: Run, grace: float) -> None:
-        """Keep stopping a runner whose end was not seen, until it is seen: its launcher then
-        removes what is left and hands the slot's files back (for ``necroctl recover``)."""
-        while True:
-            await run.stop(grace)
-            with anyio.move_on_after(30):
-                await run.wait()
-                log.info("runner_stopped_at_last", session=run.session, pid=run.pid)
-                return
-
-    async def _watch_output(self, a: Active, limit: float, tg: TaskGroup) -> None:
-        path = Path(a.attempt.log or "") if a.attempt else None
-        size, since = -1, self.clock.monotonic()
-        while path is not None:
-            await anyio.sleep(min(1.0, limit / 4))
-            try:
-                now_size = path.stat().st_size
-            except OSError:
-                now_size = 0
-            now = self.clock.monotonic()
-            if now_size != size:
-                size, since = now_size, now
-            elif now - since >= limit:
-                a.request_stop("stalled")
-                tg.cancel_scope.cancel()
-                return
-
-    async def _lease_ended(self, slot: Slot, lease: Lease, how: str) -> None:
-        """The engine ended a task's lease (no heartbeat, or revoked): stop the runner before
-        the slot is salvaged."""
-        a = self.active.get(lease.task_id or "")
-        if a is None or a.attempt is None or a.attempt.lease_id != lease.lease_id:
-            return
-        a.request_stop("lease_lost")
-        with anyio.move_on_after(a.profile.grace_s + 15):
-            await a.stopped.wait()
-
-    async def _release(self, lease_id: str, *, salvage: bool, host: str | None = None) -> None:
-        try:
-            if host is None:
-                await self.engine.allocator.release(lease_id, salvage=salvage)
-            else:
-                await self.fleet.link(host).call("slots.release", {"lease_id": lease_id, "salvage": salvage})
-        except (NotFound, FailedPrecondition):
-            pass  # already reclaimed (expired, revoked)
-        except (Unavailable, HostDown) as exc:
-            # A host out of reach: the lease expires there and the slot is salvaged all the same.
-            log.error("release_failed", lease_id=lease_id, host=host, error=str(exc))
-
-    def _outcome(self, a: Active, result: Exit | None) -> tuple[str, str | None]:
-        reason = a.stop_reason
-        if reason == "cancelled":
-            return "cancelled", "cancelled"
-        if reason == "timeout":
-            return "timeout", f"ran longer than timeout_s ({a.task.timeout_s or a.profile.timeout_s}s)"
-        if reason == "stalled":
-            return "stalled", f"wrote no output for {a.profile.output_timeout_s}s"
-        if reason == "lease_lost":
-            return "lease_lost", "its lease ended (no heartbeat within the lease TTL, or revoked)"
-        if reason == "shutdown":
-            return "interrupted", "the daemon stopped"
-        if result is None:
-            return "lost", "the runner's end was not seen"
-        if result.lost:
-            return "lost", result.detail or "the tmux session went away without an exit status"
-        if result.code == 0:
-            return "succeeded", None
-        if result.oom:
-            return "failed", f"killed for exceeding its memory limit ({a.profile.memory_limit} bytes)"
-        if result.signal is not None:
-            return "failed", f"killed by signal {result.signal}"
-        return "failed", f"exited with {result.code}"
-
-    async def _finish(self, a: Active, result: Exit | None, outcome: str | None, detail: str | None) -> None:
-        try:
-            await self._record_end(a, result, outcome, detail)
-        finally:
-            # Whatever happened above, the attempt is over: never leave it dangling.
-            if a.task.state is TaskState.RUNNING:
-                self._to(a.task, TaskState.QUEUED)
-                a.task.reason = "its last attempt could not be recorded"
-            self.active.pop(a.task.task_id, None)
-            a.stopped.set()
-            self.wake()
-
-    async def _record_end(
-        self, a: Active, result: Exit | None, outcome: str | None, detail: str | None
-    ) -> None:
-        t = a.task
-        attempt = a.attempt
-        if outcome is None:
-            outcome, detail = self._outcome(a, result)
-        now = self.clock.wall()
-        if attempt is not None:
-            attempt.ended_at = now
-            attempt.outcome = outcome
-            attempt.detail = detail
-            attempt.counts = outcome not in ("interrupted", "cancelled")
-            if result is not None:
-                attempt.exit_code, attempt.signal = result.code, result.signal
-            if attempt.duration_s is not None:
-                self.metrics.attempt_seconds.labels(a.profile.name).observe(attempt.duration_s)
-        if a.run is not None and not await a.run.close():
-            cgroup = a.run.cgroup.unified if a.run.cgroup else None
-            await self._keep_slot_out(a, f"processes left in its cgroup ({cgroup}) would not die")
-        if isinstance(a.run, RemoteRun) and a.run.written_off and attempt is not None:
-            attempt.cleanup_pending = True
-            detail = f"host {a.host} was unreachable for {self.cfg.host_grace_s:g}s (dispatcher.host_grace_s)"
-            attempt.detail = detail
-        elif attempt is not None and attempt.lease_id:
-            await self._release(attempt.lease_id, salvage=outcome != "succeeded", host=attempt.host)
-        self._account()
-        ops: list[Put | Delete | Event] = []
-        if outcome == "succeeded":
-            self._to(t, TaskState.SUCCEEDED)
-            t.reason, t.finished_at = None, now
-        elif outcome == "cancelled":
-            self._to(t, TaskState.CANCELLED)
-            t.reason, t.finished_at = "cancelled", now
-            ops += self._block_dependents(t)
-        elif outcome == "interrupted":
-            t.reason, t.next_attempt_at = detail, 0.0
-            self._to(t, TaskState.QUEUED)
-        else:
-            limit = t.max_retries
-            if t.retries_used < limit:
-                t.retries_used += 1
-                delay = retry_delay(t.retries_used, self.cfg.retry_backoff_s, self.cfg.retry_backoff_max_s)
-                self._to(t, TaskState.QUEUED)
-                t.reason = f"attempt {len(t.attempts)} {outcome}: {detail}"
-                t.next_attempt_at, t.waiting_on = now + delay, "backoff"
-            else:
-                self._to(t, TaskState.FAILED)
-                t.reason, t.finished_at = f"{outcome}: {detail}", now
-                ops += self._block_dependents(t)
-                if t.failure_strategy == "stop-all" and t.batch:
-                    self._spawn(self._stop_batch, t)
-        self.metrics.tasks_finished.labels(outcome).inc()
-        log.info("task_attempt_ended", task=t.task_id, attempt=attempt.number if attempt else None, outcome=outcome,
-                 detail=detail, state=str(t.state))  # fmt: skip
-        ops += self._prune()
-        await self._save(t, self._event(t, outcome if t.state in FINISHED else "attempt_ended", outcome=outcome,
-                                        detail=detail, attempt=attempt.number if attempt else None), *ops)  # fmt: skip
-
-    async def _stop_batch(self, failed: Task) -> None:
-        log.warning("batch_stopped", batch=failed.batch, failed=failed.task_id)
-        await self.cancel(None, failed.batch)
-
-    def _prune(self) -> list[Put | Delete | Event]:
-        if len(self.tasks) <= self.cfg.keep_finished:
-            return []
-        finished = [t for t in self.tasks.values() if t.state in FINISHED]
-        excess = len(finished) - self.cfg.keep_finished
-        if excess <= 0:
-            return []
-        ops: list[Put | Delete | Event] = []
-        for t in sorted(finished, key=lambda t: t.finished_at or 0)[:excess]:
-            if any(
-                self.tasks[d].state not in FINISHED
-                for d in self.dependents.get(t.task_id, ())
-                if d in self.tasks
-            ):
-                continue
-            self.index.remove(t.task_id)
-            ops.append(Delete("task", t.task_id))
-        return ops
-
-    async def _save(self, task: Task, *extra: Put | Delete | Event) -> None:
-        try:
-            await self.store.write([Put("task", task.task_id, task.to_row()), *extra, self._meta_op()])
-        except Unavailable as exc:
-            log.error("task_not_saved", task=task.task_id, error=exc.message)
+        return await self.book.retry(task_id, batch)
 
     # --- stopping ---------------------------------------------------------------------------------
 
@@ -1259,67 +179,16 @@ class Dispatcher:
         for a in waits:
             with anyio.move_on_after(a.profile.grace_s + 15):
                 await a.stopped.wait()
-        self.cgroup_parents.tidy()
+        self.runners.cgroup_parents.tidy()
 
-    # --- hosts -----------------------------------------------------------------------------------
-
-    async def _watch_remote_leases(self) -> None:
-        """A remote runner's lease can end on its host (no heartbeat): that host's necrod did not
-        start the runner and cannot stop it, so we look, and stop it ourselves."""
-        while True:
-            await anyio.sleep(2.0)
-            by_host: dict[str, list[Active]] = {}
-            for a in list(self.active.values()):
-                if a.host and a.attempt and a.attempt.lease_id and a.run is not None:
-                    by_host.setdefault(a.host, []).append(a)
-            for host, runs in by_host.items():
-                link = self.fleet.links.get(host)
-                if link is None or not link.up:
-                    continue
-                try:
-                    held = {s["lease_id"] for s in (await link.call("slots.list"))["slots"] if s["lease_id"]}
-                except (HostDown, NecrodError):
-                    continue
-                for a in runs:
-                    if a.attempt is not None and a.attempt.lease_id not in held and a.stop_reason is None:
-                        log.warning("remote_lease_lost", task=a.task.task_id, host=host)
-                        a.request_stop("lease_lost")
-
-    async def _host_returned(self, link: HostLink) -> None:
-        """Stop runners written off while their host was out of reach: their tasks may already
-        run elsewhere, and a task must not keep two runners."""
-        for t in self.tasks.values():
-            for attempt in t.attempts:
-                if attempt.host != link.name or not attempt.cleanup_pending:
-                    continue
-                run = RemoteRun(link, attempt.remote_dir or "", attempt.number, attempt.pid,
-                                Path(attempt.log or ""), lambda: self.cfg.host_grace_s)  # fmt: skip
-                profile = self._config().runners.get(attempt.runner, DEFAULT_PROFILE)
-                await run.stop(profile.grace_s)
-                if attempt.lease_id:
-                    await self._release(attempt.lease_id, salvage=True, host=link.name)
-                attempt.cleanup_pending = False
-                log.warning(
-                    "written_off_runner_stopped", task=t.task_id, attempt=attempt.number, host=link.name
-                )
-                await self._save(t)
-        self.wake()
+    # --- hosts and status -------------------------------------------------------------------------
 
     def hosts(self) -> list[dict[str, Any]]:
-        running: dict[str | None, list[str]] = {}
-        for a in self.active.values():
-            running.setdefault(a.host, []).append(a.task.task_id)
-        local = {"name": "local", "address": str(self.socket), "state": "up" if not self.stopping else "stopping",
-                 "pools": sorted(self.engine.table.pools), "max_concurrency": self.cfg.max_running,
-                 "runs_tasks": self.cfg.run_locally, "last_contact": self.clock.wall()}  # fmt: skip
-        out = [{**local, "running": sorted(running.get(None, []))}]
-        for name, link in self.fleet.links.items():
-            out.append({**link.view(), "running": sorted(running.get(name, []))})
-        return out
+        return self.hostwatch.hosts()
 
     def status(self) -> dict[str, Any]:
         running = Counter(a.profile.name for a in self.active.values())
         return {"tasks": self.counts(), "running_by_profile": dict(running), "stalled": self.stalled,
-                "policy": self.cfg.policy, "memory_cgroups": self.cgroups,
-                "runner_cgroups": self.cgroup_parents.unified is not None,
+                "policy": self.cfg.policy, "memory_cgroups": self.runners.cgroups,
+                "runner_cgroups": self.runners.cgroup_parents.unified is not None,
                 "fair_share_usage": self.fair.snapshot(self.clock.monotonic())}  # fmt: skip

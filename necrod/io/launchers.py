@@ -199,7 +199,8 @@ class TmuxRun(Run):
         self.pid = pid
         self.cgroup = cgroup
 
-    def _read_exit(self) -> Exit | None:
+    def read_exit(self) -> Exit | None:
+        """The exit the wrapper wrote, if it has (also read by whoever adopts a finished session)."""
         try:
             text = self.exit_file.read_text().strip()
         except OSError:
@@ -213,13 +214,13 @@ class TmuxRun(Run):
     async def wait(self) -> Exit:
         n = 0
         while True:
-            found = self._read_exit()
+            found = self.read_exit()
             if found is not None:
                 return found
             n += 1
             if n % TMUX_SESSION_CHECK_EVERY == 0 and not await self.launcher.has_session(self.name):
                 await anyio.sleep(0.5)  # the wrapper may be writing the status right now
-                return self._read_exit() or Exit(code=None, lost=True)
+                return self.read_exit() or Exit(code=None, lost=True)
             await anyio.sleep(TMUX_POLL_S)
 
     async def stop(self, grace: float) -> None:

@@ -1,0 +1,455 @@
+"""Attempts: one attempt of a task, on any launcher, from start to end. It leases a slot (from
+the pool engine, or from another host's necrod), builds the runner's environment and launch
+spec, launches it, watches its exit, output, time and stop requests, and ends it: the outcome
+recorded on the task, the slot released, or kept out of rotation when the runner could not be
+confirmed stopped. It owns no state of its own and fills and empties the active-run table it is
+given; it may call the allocator (``allocate``, ``release``), the slot table (``pool``), the
+lifecycle (``isolate``),
+the fleet's links, the launchers, the task book, and two callables of placement's: ``account``
+and ``wake``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import structlog
+from anyio.abc import TaskGroup
+
+from necrod.core.clock import Clock
+from necrod.core.config import Config, DispatcherConfig, RunnerProfile
+from necrod.core.slots import Lease, Slot
+from necrod.core.tasks import FINISHED, Attempt, Task, TaskState, retry_delay
+from necrod.core.templates import render
+from necrod.daemon.allocator import Allocator
+from necrod.daemon.fleet import Fleet, HostDown, HostLink, RemoteRun, launch
+from necrod.daemon.lifecycle import Lifecycle
+from necrod.daemon.metrics import Metrics
+from necrod.daemon.slottable import SlotTable
+from necrod.daemon.tasks.runners import Runners
+from necrod.daemon.tasks.runs import Active, Spawn
+from necrod.daemon.tasks.taskbook import TaskBook
+from necrod.io.launchers import Exit, LaunchSpec, Run
+from necrod.io.store import Delete, Event, Put
+from necrod.proto.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    NecrodError,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+
+if TYPE_CHECKING:
+    from necrod.io.containers import ContainerLaunch
+    from necrod.io.kubernetes import KubeLaunch
+
+log = structlog.get_logger("necrod.dispatch")
+
+#: Environment passed from the daemon to runners (nothing else of the daemon's leaks through).
+RUNNER_PASSTHROUGH = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "TERM")
+#: Launchers whose runners keep going through a daemon restart, found again by ``attempt.session``.
+OUTLIVE_DAEMON = ("tmux", "container", "kubernetes")
+
+
+def runner_uid(profile: RunnerProfile) -> int | None:
+    """The uid a contained runner heartbeats as (its ``user``); None for runners started as the
+    daemon's own uid, which is an admin anyway."""
+    boundary = profile.container or profile.kubernetes
+    return int(boundary.user.split(":")[0]) if boundary is not None else None
+
+
+class Attempts:
+    def __init__(self, *, table: SlotTable, allocator: Allocator, lifecycle: Lifecycle, book: TaskBook, active: dict[str, Active], runners: Runners,
+                 fleet: Fleet, no_remote_slot: dict[tuple[str, str], float], config: Callable[[], Config],
+                 socket: Path, state_dir: Path, metrics: Metrics, clock: Clock, spawn: Spawn,
+                 account: Callable[[], None], wake: Callable[[], None]) -> None:  # fmt: skip
+        self.table = table
+        self.allocator = allocator
+        self.lifecycle = lifecycle
+        self.book = book
+        #: The active-run table (task id → Active): an attempt that ends leaves it.
+        self.active = active
+        self.runners = runners
+        self.fleet = fleet
+        #: (host, pool) → monotonic time until which that host had no free slot in that pool.
+        self._no_remote_slot = no_remote_slot
+        self._config = config
+        self.socket = socket
+        self.state_dir = state_dir
+        self.metrics = metrics
+        self.clock = clock
+        self._spawn = spawn
+        #: Charge running tasks' runner-seconds to their fair-share key (placement's accounting).
+        self._account = account
+        #: Wake the scheduling pass.
+        self._wake = wake
+
+    @property
+    def cfg(self) -> DispatcherConfig:
+        return self._config().dispatcher
+
+    # --- starting ---------------------------------------------------------------------------------
+
+    @property
+    def logs_dir(self) -> Path:
+        return Path(self.cfg.logs or self.state_dir / "logs")
+
+    def _context(self, t: Task, n: int, lease: dict[str, Any]) -> dict[str, Any]:
+        return {"task_id": t.task_id, "attempt": str(n), "pool": t.pool, "slot_id": lease["slot_id"],
+                "slot_path": lease["path"], "lease_id": lease["lease_id"], "commit": lease["commit"],
+                "ref": t.ref, "branch": lease["branch"], "payload": t.payload}  # fmt: skip
+
+    def _environment(self, t: Task, profile: RunnerProfile, n: int, lease: dict[str, Any],
+                     link: HostLink | None) -> dict[str, str]:  # fmt: skip
+        # On another host, PATH, HOME and the like come from that host's login (the runner
+        # script passes them); here, from the daemon's own environment.
+        env = {} if link else {k: os.environ[k] for k in RUNNER_PASSTHROUGH if k in os.environ}
+        env.update(dict(profile.env))
+        env.update(t.env)
+        env.update({
+            "NECROD_SOCKET": link.target.socket if link else str(self.socket), "NECROD_LEASE_ID": lease["lease_id"], "NECROD_TASK_ID": t.task_id,
+            "NECROD_ATTEMPT": str(n), "NECROD_SLOT_PATH": lease["path"], "NECROD_SLOT_ID": lease["slot_id"],
+            "NECROD_POOL": t.pool, "NECROD_COMMIT": lease["commit"] or "",
+            "NECROD_FENCING_TOKEN": str(lease["fencing_token"]), "NECROD_LEASE_TTL_S": f"{lease['ttl_s']:g}",
+            "NECROD_PAYLOAD": json.dumps(t.payload),
+        })  # fmt: skip
+        if lease.get("branch"):
+            env["NECROD_BRANCH"] = lease["branch"]
+        return env
+
+    async def _allocate(self, a: Active, n: int) -> dict[str, Any]:
+        t, profile = a.task, a.profile
+        request: dict[str, Any] = {"pool": t.pool, "ttl_s": profile.lease_ttl_s, "ref": t.ref, "branch": t.branch,
+                                   "metadata": {"task_id": t.task_id, "attempt": n}}  # fmt: skip
+        if a.host is None:
+            return await self.allocator.allocate(holder=f"task {t.task_id}", task_id=t.task_id, uid=t.uid,
+                                              runner_uid=runner_uid(profile), **request)  # fmt: skip
+        link = self.fleet.link(a.host)
+        request["holder"] = f"task {t.task_id} of {self.fleet.origin}"
+        try:
+            lease: dict[str, Any] = await link.call(
+                "slots.allocate", {k: v for k, v in request.items() if v is not None}
+            )
+        except HostDown as exc:
+            raise Unavailable(str(exc)) from None
+        except ResourceExhausted:
+            self._no_remote_slot[(a.host, t.pool)] = self.clock.monotonic() + 2.0
+            raise
+        return lease
+
+    async def start(self, a: Active) -> None:
+        t, profile = a.task, a.profile
+        n = len(t.attempts) + 1
+        try:
+            lease = await self._allocate(a, n)
+        except (ResourceExhausted, Unavailable, AlreadyExists) as exc:
+            # Not the task's fault: back to the queue, to try again when things change.
+            self.active.pop(t.task_id, None)
+            self.book.to(t, TaskState.QUEUED)
+            t.waiting_on, t.reason = "slot", exc.message
+            a.stopped.set()
+            if a.stop_reason == "cancelled":
+                await self.book.cancel(t.task_id, None)
+            return
+        except NecrodError as exc:
+            attempt = Attempt(n, self.clock.wall(), profile.name, profile.launcher)
+            t.attempts.append(attempt)
+            a.attempt = attempt
+            await self.finish(a, None, "start_failed", f"could not lease a slot: {exc.message}")
+            return
+        log_path = self.logs_dir / t.task_id / f"{n}.log"
+        link = self.fleet.link(a.host) if a.host else None
+        attempt = Attempt(n, self.clock.wall(), profile.name, "remote" if link else profile.launcher,
+                          slot_id=lease["slot_id"], lease_id=lease["lease_id"], path=lease["path"], log=str(log_path),
+                          host=a.host, remote_dir=self.fleet.directory(link, t.task_id) if link else None)  # fmt: skip
+        t.attempts.append(attempt)
+        a.attempt = attempt
+        wait_s = attempt.started_at - (t.next_attempt_at or t.submitted_at)
+        self.metrics.queue_wait.observe(max(0.0, wait_s))
+        template = t.command if t.command is not None else profile.command
+        assert template is not None
+        boundary = profile.container or profile.kubernetes
+        seen = lease if boundary is None or link else {**lease, "path": boundary.workdir}
+        spec = LaunchSpec(
+            name=f"necro-{t.task_id}-{n}", argv=render(template, self._context(t, n, seen)), cwd=lease["path"],
+            env=self._environment(t, profile, n, lease, link), log=log_path, memory_limit=profile.memory_limit,
+        )  # fmt: skip
+        if profile.launcher in OUTLIVE_DAEMON:
+            attempt.session = spec.name
+        await self.book.save(
+            t, self.book.event(t, "started", attempt=n, slot_id=lease["slot_id"], runner=profile.name)
+        )
+        try:
+            if link is not None:
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                a.run = await launch(link, directory=attempt.remote_dir or "", number=n, slot_path=lease["path"],
+                                     argv=spec.argv, env=spec.env, log_path=log_path,
+                                     grace=lambda: self.cfg.host_grace_s)  # fmt: skip
+            elif profile.launcher == "container":
+                a.run = await self.runners.containers.start(
+                    spec, self._container_launch(t, n, profile, lease)
+                )
+            elif profile.launcher == "kubernetes":
+                a.run = await self.runners.kube.start(spec, self._kube_launch(t, n, profile, lease))
+            else:
+                a.run = await self.runners.launchers[profile.launcher].start(spec)
+        except (OSError, HostDown) as exc:
+            await self.finish(a, None, "start_failed", f"could not start the runner: {exc}")
+            return
+        attempt.pid = a.run.pid
+        if isinstance(a.run, RemoteRun):
+            attempt.remote_dir = a.run.dir
+        await self.book.save(t)
+        log.info("task_started", task=t.task_id, attempt=n, slot=lease["slot_id"], runner=profile.name,
+                 launcher=attempt.launcher, host=a.host, pid=a.run.pid)  # fmt: skip
+        self._spawn(self.watch, a)
+
+    def _isolated_mirror(self, t: Task, profile: RunnerProfile) -> str:
+        """The mirror a contained runner may read: only a shared-clone pool's."""
+        pool = self.table.pool(t.pool)
+        if pool.config.isolation != "shared-clone":
+            # A worktree's git metadata lives in the mirror, which the runner must not write.
+            raise OSError(f"{profile.launcher} runners need a pool with isolation: shared-clone ({t.pool} is "
+                          f"{pool.config.isolation})")  # fmt: skip
+        return str(pool.mirror.path)
+
+    def _container_launch(
+        self, t: Task, n: int, profile: RunnerProfile, lease: dict[str, Any]
+    ) -> ContainerLaunch:
+        from necrod.io.containers import ContainerLaunch
+
+        assert profile.container is not None
+        return ContainerLaunch(spec=profile.container, slot=lease["path"], mirror=self._isolated_mirror(t, profile),
+                               socket=str(self.socket), labels={"necrod.task": t.task_id, "necrod.attempt": str(n)})  # fmt: skip
+
+    def _kube_launch(self, t: Task, n: int, profile: RunnerProfile, lease: dict[str, Any]) -> KubeLaunch:
+        from necrod.io.kubernetes import KubeLaunch
+
+        assert profile.kubernetes is not None
+        timeout = t.timeout_s or profile.timeout_s
+        # The Job's own deadline is a backstop for a daemon that is not there to stop it.
+        deadline = timeout + profile.grace_s + 60 if timeout else None
+        return KubeLaunch(spec=profile.kubernetes, slot=lease["path"], mirror=self._isolated_mirror(t, profile),
+                          socket=str(self.socket), labels={"necrod.task": t.task_id, "necrod.attempt": str(n)},
+                          grace_s=profile.grace_s, deadline_s=deadline)  # fmt: skip
+
+    # --- watching ---------------------------------------------------------------------------------
+
+    async def watch(self, a: Active) -> None:
+        try:
+            await self._watch_run(a)
+        except Exception as exc:
+            # Never leave an attempt without an end: a bug here must not wedge the task.
+            log.exception("watch_failed", task=a.task.task_id)
+            if not a.stopped.is_set():
+                await self.finish(a, None, "lost", f"necrod lost track of the runner: {exc}")
+
+    async def _watch_run(self, a: Active) -> None:
+        t, profile = a.task, a.profile
+        assert a.run is not None
+        run = a.run
+        timeout = t.timeout_s or profile.timeout_s
+        result: Exit | None = None
+        with anyio.move_on_after(timeout if timeout else math.inf) as clock:
+            async with anyio.create_task_group() as tg:
+
+                async def wait_exit() -> None:
+                    nonlocal result
+                    result = await run.wait()
+                    tg.cancel_scope.cancel()
+
+                async def wait_stop() -> None:
+                    await a.stop.wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(wait_exit)
+                tg.start_soon(wait_stop)
+                if profile.output_timeout_s:
+                    tg.start_soon(self._watch_output, a, profile.output_timeout_s, tg)
+                if a.stop_reason is not None:
+                    tg.cancel_scope.cancel()
+        if clock.cancelled_caught:
+            a.request_stop("timeout")
+        if result is None:
+            if a.stop_reason == "shutdown" and profile.launcher in OUTLIVE_DAEMON and a.host is None:
+                return  # it keeps running; the next daemon finds it again
+            await run.stop(profile.grace_s)
+            with anyio.move_on_after(10):
+                result = await run.wait()
+            if result is None:
+                await self._quarantine(a, run)
+        await self.finish(a, result, None, None)
+
+    async def _quarantine(self, a: Active, run: Run) -> None:
+        """A runner that could not be confirmed stopped may still write in its slot: the slot is
+        kept out of rotation, untouched, rather than cleaned and handed to someone else."""
+        await self._keep_slot_out(a, f"its runner ({run.session or run.pid}) could not be confirmed stopped")
+        self._spawn(self._stop_eventually, run, a.profile.grace_s)
+
+    async def _keep_slot_out(self, a: Active, what: str) -> None:
+        attempt = a.attempt
+        if attempt is None or not attempt.slot_id or a.host is not None:
+            return
+        why = (f"task {a.task.task_id} attempt {attempt.number}: {what}; check it is gone, "
+               "then necroctl recover it")  # fmt: skip
+        try:
+            await self.lifecycle.isolate(attempt.slot_id, why)
+            log.error("runner_not_stopped_slot_isolated", task=a.task.task_id, slot=attempt.slot_id)
+        except NecrodError as exc:
+            log.error("runner_not_stopped", task=a.task.task_id, slot=attempt.slot_id, error=exc.message)
+
+    async def _stop_eventually(self, run: Run, grace: float) -> None:
+        """Keep stopping a runner whose end was not seen, until it is seen: its launcher then
+        removes what is left and hands the slot's files back (for ``necroctl recover``)."""
+        while True:
+            await run.stop(grace)
+            with anyio.move_on_after(30):
+                await run.wait()
+                log.info("runner_stopped_at_last", session=run.session, pid=run.pid)
+                return
+
+    async def _watch_output(self, a: Active, limit: float, tg: TaskGroup) -> None:
+        path = Path(a.attempt.log or "") if a.attempt else None
+        size, since = -1, self.clock.monotonic()
+        while path is not None:
+            await anyio.sleep(min(1.0, limit / 4))
+            try:
+                now_size = path.stat().st_size
+            except OSError:
+                now_size = 0
+            now = self.clock.monotonic()
+            if now_size != size:
+                size, since = now_size, now
+            elif now - since >= limit:
+                a.request_stop("stalled")
+                tg.cancel_scope.cancel()
+                return
+
+    async def lease_ended(self, slot: Slot, lease: Lease, how: str) -> None:
+        """The allocator ended a task's lease (no heartbeat, or revoked): stop the runner before
+        the slot is salvaged."""
+        a = self.active.get(lease.task_id or "")
+        if a is None or a.attempt is None or a.attempt.lease_id != lease.lease_id:
+            return
+        a.request_stop("lease_lost")
+        with anyio.move_on_after(a.profile.grace_s + 15):
+            await a.stopped.wait()
+
+    # --- ending -----------------------------------------------------------------------------------
+
+    async def release(self, lease_id: str, *, salvage: bool, host: str | None = None) -> None:
+        try:
+            if host is None:
+                await self.allocator.release(lease_id, salvage=salvage)
+            else:
+                await self.fleet.link(host).call("slots.release", {"lease_id": lease_id, "salvage": salvage})
+        except (NotFound, FailedPrecondition):
+            pass  # already reclaimed (expired, revoked)
+        except (Unavailable, HostDown) as exc:
+            # A host out of reach: the lease expires there and the slot is salvaged all the same.
+            log.error("release_failed", lease_id=lease_id, host=host, error=str(exc))
+
+    def _outcome(self, a: Active, result: Exit | None) -> tuple[str, str | None]:
+        reason = a.stop_reason
+        if reason == "cancelled":
+            return "cancelled", "cancelled"
+        if reason == "timeout":
+            return "timeout", f"ran longer than timeout_s ({a.task.timeout_s or a.profile.timeout_s}s)"
+        if reason == "stalled":
+            return "stalled", f"wrote no output for {a.profile.output_timeout_s}s"
+        if reason == "lease_lost":
+            return "lease_lost", "its lease ended (no heartbeat within the lease TTL, or revoked)"
+        if reason == "shutdown":
+            return "interrupted", "the daemon stopped"
+        if result is None:
+            return "lost", "the runner's end was not seen"
+        if result.lost:
+            return "lost", result.detail or "the tmux session went away without an exit status"
+        if result.code == 0:
+            return "succeeded", None
+        if result.oom:
+            return "failed", f"killed for exceeding its memory limit ({a.profile.memory_limit} bytes)"
+        if result.signal is not None:
+            return "failed", f"killed by signal {result.signal}"
+        return "failed", f"exited with {result.code}"
+
+    async def finish(self, a: Active, result: Exit | None, outcome: str | None, detail: str | None) -> None:
+        try:
+            await self._record_end(a, result, outcome, detail)
+        finally:
+            # Whatever happened above, the attempt is over: never leave it dangling.
+            if a.task.state is TaskState.RUNNING:
+                self.book.to(a.task, TaskState.QUEUED)
+                a.task.reason = "its last attempt could not be recorded"
+            self.active.pop(a.task.task_id, None)
+            a.stopped.set()
+            self._wake()
+
+    async def _record_end(
+        self, a: Active, result: Exit | None, outcome: str | None, detail: str | None
+    ) -> None:
+        t = a.task
+        attempt = a.attempt
+        if outcome is None:
+            outcome, detail = self._outcome(a, result)
+        now = self.clock.wall()
+        if attempt is not None:
+            attempt.ended_at = now
+            attempt.outcome = outcome
+            attempt.detail = detail
+            attempt.counts = outcome not in ("interrupted", "cancelled")
+            if result is not None:
+                attempt.exit_code, attempt.signal = result.code, result.signal
+            if attempt.duration_s is not None:
+                self.metrics.attempt_seconds.labels(a.profile.name).observe(attempt.duration_s)
+        if a.run is not None and not await a.run.close():
+            cgroup = a.run.cgroup.unified if a.run.cgroup else None
+            await self._keep_slot_out(a, f"processes left in its cgroup ({cgroup}) would not die")
+        if isinstance(a.run, RemoteRun) and a.run.written_off and attempt is not None:
+            attempt.cleanup_pending = True
+            detail = f"host {a.host} was unreachable for {self.cfg.host_grace_s:g}s (dispatcher.host_grace_s)"
+            attempt.detail = detail
+        elif attempt is not None and attempt.lease_id:
+            await self.release(attempt.lease_id, salvage=outcome != "succeeded", host=attempt.host)
+        self._account()
+        ops: list[Put | Delete | Event] = []
+        if outcome == "succeeded":
+            self.book.to(t, TaskState.SUCCEEDED)
+            t.reason, t.finished_at = None, now
+        elif outcome == "cancelled":
+            self.book.to(t, TaskState.CANCELLED)
+            t.reason, t.finished_at = "cancelled", now
+            ops += self.book.block_dependents(t)
+        elif outcome == "interrupted":
+            t.reason, t.next_attempt_at = detail, 0.0
+            self.book.to(t, TaskState.QUEUED)
+        else:
+            limit = t.max_retries
+            if t.retries_used < limit:
+                t.retries_used += 1
+                delay = retry_delay(t.retries_used, self.cfg.retry_backoff_s, self.cfg.retry_backoff_max_s)
+                self.book.to(t, TaskState.QUEUED)
+                t.reason = f"attempt {len(t.attempts)} {outcome}: {detail}"
+                t.next_attempt_at, t.waiting_on = now + delay, "backoff"
+            else:
+                self.book.to(t, TaskState.FAILED)
+                t.reason, t.finished_at = f"{outcome}: {detail}", now
+                ops += self.book.block_dependents(t)
+                if t.failure_strategy == "stop-all" and t.batch:
+                    self._spawn(self._stop_batch, t)
+        self.metrics.tasks_finished.labels(outcome).inc()
+        log.info("task_attempt_ended", task=t.task_id, attempt=attempt.number if attempt else None, outcome=outcome,
+                 detail=detail, state=str(t.state))  # fmt: skip
+        ops += self.book.prune()
+        await self.book.save(t, self.book.event(t, outcome if t.state in FINISHED else "attempt_ended", outcome=outcome,
+                                        detail=detail, attempt=attempt.number if attempt else None), *ops)  # fmt: skip
+
+    async def _stop_batch(self, failed: Task) -> None:
+        log.warning("batch_stopped", batch=failed.batch, failed=failed.task_id)
+        await self.book.cancel(None, failed.batch)

@@ -1,0 +1,68 @@
+"""Which runner profiles, and which places (this host, other hosts), could run a task, by the
+config of the moment: the submit-time check and the candidates a scheduling pass chooses
+among. Owns ``DEFAULT_PROFILE``; reads the config and the names of this host's pools, and
+changes nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+from necrod.core.config import Config, DispatcherConfig, RunnerProfile
+from necrod.core.scheduler import ProfileView, eligible
+from necrod.core.tasks import Task
+from necrod.proto.errors import NotFound
+
+if TYPE_CHECKING:
+    from necrod.daemon.pool import Pool
+
+#: The profile that runs a task which brings its own command and names no profile.
+DEFAULT_PROFILE = RunnerProfile(name="default", launcher="process", max_concurrency=1_000_000)
+
+
+class Profiles:
+    def __init__(self, *, config: Callable[[], Config], pools: Callable[[], Mapping[str, Pool]]) -> None:
+        self._config = config
+        #: This host's pools (the engine's), by name.
+        self._pools = pools
+
+    @property
+    def cfg(self) -> DispatcherConfig:
+        return self._config().dispatcher
+
+    def profile(self, name: str) -> RunnerProfile:
+        profile = self._config().runners.get(name)
+        if profile is None:
+            raise NotFound(f"no runner profile {name!r}", runner=name)
+        return profile
+
+    def views(self) -> list[ProfileView]:
+        return [ProfileView(p.name, frozenset(p.skills), p.max_concurrency, frozenset(p.pools))
+                for p in self._config().runners.values()]  # fmt: skip
+
+    def places(self, task: Task) -> list[tuple[str | None, frozenset[str]]]:
+        """Where ``task`` could run, ignoring load: this host (None) and the hosts serving its pool,
+        each with the skills it adds."""
+        places: list[tuple[str | None, frozenset[str]]] = []
+        if self.cfg.run_locally and task.pool in self._pools():
+            places.append((None, frozenset()))
+        places += [
+            (name, frozenset(h.skills)) for name, h in self._config().hosts.items() if task.pool in h.pools
+        ]
+        return places
+
+    def profiles_for(self, task: Task) -> list[RunnerProfile]:
+        """Profiles that could run ``task`` somewhere (the submit-time check)."""
+        runners = self._config().runners
+        found: dict[str, RunnerProfile] = {}
+        for _, skills in self.places(task):
+            found.update((v.name, runners[v.name]) for v in eligible(task, self.views(), skills))
+        if (
+            not found
+            and task.runner is None
+            and not task.skills
+            and task.command is not None
+            and self.places(task)
+        ):
+            return [DEFAULT_PROFILE]
+        return list(found.values())

@@ -1,0 +1,53 @@
+"""The launchers local runners are started with, behind ``necrod.io.launchers.Run``: process
+and tmux, the container and Kubernetes launchers (loaded on first use), and the cgroups
+runners are put in. Owns those objects and closing them; calls only their constructors and
+``aclose``, and hands the Kubernetes launcher the dispatcher's ``spawn``."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from necrod.daemon.tasks.runs import Spawn
+from necrod.io.cgroups import runner_cgroups
+from necrod.io.launchers import ProcessLauncher, TmuxLauncher
+
+if TYPE_CHECKING:
+    from necrod.io.containers import ContainerLauncher
+    from necrod.io.kubernetes import KubeLauncher
+
+
+class Runners:
+    def __init__(self, origin: str, state_dir: Path, spawn: Spawn) -> None:
+        #: This daemon's id (``fleet.origin_id``): it names what its launchers leave behind.
+        self.origin = origin
+        self._spawn = spawn
+        self.cgroup_parents = runner_cgroups(origin)
+        self.cgroups = self.cgroup_parents.memory[1] if self.cgroup_parents.memory else None
+        self.tmux = TmuxLauncher(state_dir / "tmux.sock", self.cgroup_parents)
+        self.launchers: dict[str, ProcessLauncher | TmuxLauncher] = {
+            "process": ProcessLauncher(self.cgroup_parents),
+            "tmux": self.tmux,
+        }
+
+    # The contained launchers load on first use: their HTTP client stacks (aiohttp, aiodocker,
+    # kubernetes_asyncio) cost ~70 MB of memory and 0.5 s of start that a daemon without such
+    # runners need not pay.
+    @cached_property
+    def containers(self) -> ContainerLauncher:
+        from necrod.io.containers import ContainerLauncher
+
+        return ContainerLauncher(self.origin)
+
+    @cached_property
+    def kube(self) -> KubeLauncher:
+        from necrod.io.kubernetes import KubeLauncher
+
+        return KubeLauncher(self.origin, self._spawn)
+
+    async def aclose(self) -> None:
+        """Close the contained launchers' clients."""
+        for launcher in ("containers", "kube"):
+            if launcher in self.__dict__:  # only if ever used
+                await self.__dict__[launcher].aclose()
