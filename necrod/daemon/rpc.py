@@ -1,4 +1,5 @@
-"""The RPC methods: each checks what only it can check, calls the engine, shapes the result.
+"""The RPC methods: each checks what only it can check, hands the call to the part that owns it,
+and shapes the result.
 
 Parameter types and ranges are checked before these run (``proto.methods``).
 """
