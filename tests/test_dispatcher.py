@@ -217,6 +217,9 @@ def test_cycles_and_unservable_tasks_are_refused(necrod_factory: Callable[..., N
         with pytest.raises(InvalidParams, match="payload has no 'x'"):
             c.submit("repo", runner="py", command=["echo", "{payload.x}"], payload={"y": 1})
         assert c.tasks()["tasks"] == []  # nothing half-submitted
+        for method in ("tasks.cancel", "tasks.retry"):
+            with pytest.raises(NotFound, match="no batch 'b-999'"):
+                c.call(method, {"batch": "b-999"})
 
 
 def test_a_runner_that_stops_heartbeating_is_stopped_salvaged_and_retried(

@@ -299,12 +299,17 @@ class TaskBook:
 
     # --- cancel and retry -------------------------------------------------------------------------
 
-    async def cancel(self, task_id: str | None, batch: str | None) -> dict[str, Any]:
+    def _targets(self, task_id: str | None, batch: str | None) -> list[Task]:
+        """The one task, or the batch's tasks, a cancel or retry acts on."""
         if (task_id is None) == (batch is None):
             raise InvalidParams("give task_id or batch")
         targets = [self.task(task_id)] if task_id else self.matching(batch=batch)
         if batch and not targets:
             raise NotFound(f"no batch {batch!r}", batch=batch)
+        return targets
+
+    async def cancel(self, task_id: str | None, batch: str | None) -> dict[str, Any]:
+        targets = self._targets(task_id, batch)
         waits = []
         ops: list[Put | Delete | Event] = []
         for t in targets:
@@ -330,9 +335,7 @@ class TaskBook:
         return out[0] if task_id else {"batch": batch, "tasks": out}
 
     async def retry(self, task_id: str | None, batch: str | None) -> dict[str, Any]:
-        if (task_id is None) == (batch is None):
-            raise InvalidParams("give task_id or batch")
-        targets = [self.task(task_id)] if task_id else self.matching(batch=batch)
+        targets = self._targets(task_id, batch)
         ops: list[Put | Delete | Event] = []
         for t in targets:
             if t.state is TaskState.BLOCKED and task_id:
