@@ -400,6 +400,37 @@ def test_a_restart_keeps_the_queue_and_the_tmux_runners(
     assert "necro-" not in tmux.stdout
 
 
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_a_restart_finds_runners_whose_profile_was_removed_meanwhile(
+    necrod_factory: Callable[..., Necrod], origin: Path, workdir: Path
+) -> None:
+    """A profile removed from pools.yaml while the daemon was down must not keep it from
+    starting: its running task's runner is found again (tmux) or stopped (process)."""
+    log = workdir / "runs"
+    runners = profile("tm", "sleep 60", launcher="tmux", lease_ttl_s=30)
+    runners += profile("proc", f"echo $$ >> {log}; sleep 60", grace_s=1)
+    d = necrod_factory(config(origin, slots=3, runners=runners, dispatcher="  max_retries: 0\n"))
+    tm, proc = submit(d, pool="repo", runner="tm"), submit(d, pool="repo", runner="proc")
+    wait_state(d, tm, "running")
+    wait_for(lambda: log.exists() and log.read_text().strip(), what="the process runner to start")
+    pid = int(log.read_text().split()[0])
+    d.kill9()
+    assert d.config_path is not None
+    d.config_path.write_text(config(origin, slots=3, runners=profile("other", "true")))
+    d.start()
+    # The tmux runner is watched again and can be cancelled; the orphaned process is stopped.
+    assert task(d, tm)["state"] == "running"
+    wait_for(lambda: not alive(pid), 30, what="the orphaned process runner to be stopped")
+    done = wait_state(d, proc, "queued", "failed", "cancelled")
+    assert done["attempts"][0]["outcome"] == "interrupted"
+    d.call("tasks.cancel", {"task_id": tm})
+    assert wait_state(d, tm, "cancelled")["attempts"][0]["outcome"] == "cancelled"
+    tmux = subprocess.run(
+        ["tmux", "-S", str(d.state_dir / "tmux.sock"), "ls"], capture_output=True, text=True
+    )
+    assert "necro-" not in tmux.stdout
+
+
 def test_a_crash_leaves_no_process_runner_running_twice(
     necrod_factory: Callable[..., Necrod], origin: Path, workdir: Path
 ) -> None:

@@ -76,7 +76,8 @@ class HostWatch:
     async def host_returned(self, link: HostLink) -> None:
         """Stop runners written off while their host was out of reach: their tasks may already
         run elsewhere, and a task must not keep two runners."""
-        for t in self.tasks.values():
+        # A copy: the awaits below let submits and prunes change the tasks meanwhile.
+        for t in list(self.tasks.values()):
             for attempt in t.attempts:
                 if attempt.host != link.name or not attempt.cleanup_pending:
                     continue

@@ -6,11 +6,13 @@ changes nothing."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from necrod.core.config import Config, DispatcherConfig, RunnerProfile
+from necrod.core.config.model import LAUNCHERS
 from necrod.core.scheduler import ProfileView, eligible
-from necrod.core.tasks import Task
+from necrod.core.tasks import Attempt, Task
 from necrod.proto.errors import NotFound
 
 if TYPE_CHECKING:
@@ -35,6 +37,18 @@ class Profiles:
         if profile is None:
             raise NotFound(f"no runner profile {name!r}", runner=name)
         return profile
+
+    def ran_on(self, attempt: Attempt) -> RunnerProfile:
+        """The profile an attempt ran on. One removed from the config since (while the daemon
+        was down, or by a reload) is stood in for by the defaults under its name, with the
+        launcher the attempt used, so that its runner is still found again or stopped."""
+        found = self._config().runners.get(attempt.runner)
+        if found is not None:
+            return found
+        if attempt.runner == DEFAULT_PROFILE.name:
+            return DEFAULT_PROFILE
+        launcher = attempt.launcher if attempt.launcher in LAUNCHERS else DEFAULT_PROFILE.launcher
+        return replace(DEFAULT_PROFILE, name=attempt.runner, launcher=launcher)
 
     def views(self) -> list[ProfileView]:
         return [ProfileView(p.name, frozenset(p.skills), p.max_concurrency, frozenset(p.pools))

@@ -61,7 +61,10 @@ class Recovery:
         live_leases = set()
         for task in [t for t in self.tasks.values() if t.state is TaskState.RUNNING]:
             attempt = task.current
-            profile = self.profiles.profile(task.runner) if task.runner else DEFAULT_PROFILE
+            if attempt is not None:
+                profile = self.profiles.ran_on(attempt)
+            else:
+                profile = self.profiles.profile(task.runner) if task.runner else DEFAULT_PROFILE
             if attempt is not None and attempt.lease_id:
                 live_leases.add(attempt.lease_id)
             a = Active(task, profile, attempt, accounted_at=self.clock.monotonic())
@@ -169,8 +172,10 @@ class Recovery:
                 continue
         groups.discard(os.getpgid(0))
         for pgid in groups:
-            log.warning("orphan_runner_stopped", task=attempt.runner, pgid=pgid)
+            log.warning("orphan_runner_stopped", runner=name, profile=attempt.runner, pgid=pgid)
             await stop_group(pgid, profile.grace_s)
         cgroup = RunnerCgroup.find(self.runners.cgroup_parents, name)
         if cgroup is not None and not await end_cgroup(cgroup):
-            log.error("orphan_runner_not_stopped", task=attempt.runner, cgroup=str(cgroup.unified))
+            log.error(
+                "orphan_runner_not_stopped", runner=name, profile=attempt.runner, cgroup=str(cgroup.unified)
+            )
