@@ -328,6 +328,10 @@ def _run(args: argparse.Namespace, c: Client) -> tuple[Any, Callable[[Any], None
                 print(f"  {r['subject']} ({render.iso(r['date'])})")
                 for f in r["files"]:
                     print(f"  {f['status']}\t{f['path']}")
+                for sub in r.get("submodules", []):
+                    print(f"  submodule {sub['path']}: {sub['commit']}")
+                    for f in sub["files"]:
+                        print(f"    {f['status']}\t{f['path']}")
                 print(f"get it with: {r['fetch']}")
 
             if args.salvage_command == "prune":

@@ -1,5 +1,8 @@
 """Git work inside one slot: resetting it to a clean checkout (salvage is ``salvage.py``).
 
+Submodules an agent initialised are emptied and their repositories (``modules/`` in the slot's
+git directory) dropped: a slot goes back as ``git worktree add`` made it.
+
 Every call names the slot's git directory and work tree explicitly (``--git-dir``,
 ``--work-tree``) instead of trusting the slot's ``.git``, which the agent could rewrite. Where
 that git directory is and how salvage reaches the mirror depend on the pool's slot kind.
@@ -87,7 +90,25 @@ class SlotGit:
         self.kind.pin(self.admin, commit)
         await self.run(["checkout", "--quiet", "--force", "--detach", commit])
         await self.run(["clean", "--quiet", clean_flags])
+        submodules = await self.kind.mirror.gitlinks(commit)
+        if submodules:
+            await anyio.to_thread.run_sync(self.empty_submodules, submodules)
         await anyio.to_thread.run_sync(self.kind.forget, self.admin, self.path)
+
+    def empty_submodules(self, paths: list[str]) -> None:
+        """Each submodule's directory as a fresh checkout has it: there and empty. git leaves
+        what an agent put there (``submodule update --init``, then edits): its index holds only
+        the gitlink. Nothing there is followed; what is not a directory is replaced by one."""
+        for rel in paths:
+            try:
+                if slotfs.kind(self.path, rel) == "dir":
+                    for name in slotfs.list_dir(self.path, rel):
+                        slotfs.remove(self.path, f"{rel}/{name}")
+                else:
+                    slotfs.remove(self.path, rel)
+                    slotfs.ensure_dir(self.path, rel)
+            except OSError as exc:  # a symlink on the way: git's checkout put back the real path
+                raise OSError(f"cannot empty submodule directory {rel!r}: {exc}") from None
 
     async def move(self, commit: str) -> None:
         """An idle, clean slot to a new base commit: only the tracked files that differ change."""

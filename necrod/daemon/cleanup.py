@@ -134,6 +134,7 @@ class Cleanup:
                 "slot_id": slot.slot_id, "pool": p.name, "lease_id": slot.salvage_as, "ref": salvaged.ref,
                 "commit": salvaged.commit, "dirty": salvaged.dirty, "partial": salvaged.partial,
                 "bytes": salvaged.bytes, "skipped": salvaged.skipped_count, "kept": list(salvaged.extras),
+                "submodules": list(salvaged.submodules),
             }))  # fmt: skip
         came_back = None if retiring else slot.isolate or await self._came_back(p, slot)
         snap = slot.snapshot()

@@ -138,6 +138,10 @@ def unsafe_structure(root: Path, git_dir: str) -> list[str]:
     return removed
 
 
+#: Submodules shown of one salvage (a salvage keeps at most 32).
+MAX_SHOWN_SUBMODULES = 32
+#: Commits whose submodule paths are remembered (a pool's base and the few before it).
+GITLINKS_REMEMBERED = 8
 #: How git says a lock file is in its way.
 _LOCK_EXISTS = re.compile(r"Unable to create '([^']+\.lock)': File exists")
 
@@ -150,6 +154,7 @@ class Mirror:
         self.repo_url = repo_url
         self.git = git
         self._config_text = canonical_config(repo_url)
+        self._gitlinks: dict[str, list[str]] = {}
 
     @property
     def exists(self) -> bool:
@@ -280,6 +285,23 @@ class Mirror:
         )
         return parse_for_each_ref(result.out)
 
+    async def gitlinks(self, commit: str) -> list[str]:
+        """The paths of the submodules (gitlinks) in ``commit``'s tree, read once per commit:
+        every cleanup at a base asks, and most repositories have none."""
+        found = self._gitlinks.get(commit)
+        if found is None:
+            listed = await self.git.run(["ls-tree", "-r", "-z", "--full-tree", "--end-of-options", commit],
+                                        git_dir=self.path, timeout=120)  # fmt: skip
+            found = [
+                entry.split(b"\t", 1)[1].decode("utf-8", "surrogateescape")
+                for entry in listed.stdout.split(b"\0")
+                if entry.startswith(b"160000 commit ") and b"\t" in entry
+            ]
+            if len(self._gitlinks) >= GITLINKS_REMEMBERED:
+                self._gitlinks.pop(next(iter(self._gitlinks)))
+            self._gitlinks[commit] = found
+        return found
+
     async def has_commit(self, sha: str) -> str | None:
         """The full id of commit ``sha`` (abbreviations allowed) if the mirror has it."""
         result = await self.git.run(
@@ -338,34 +360,23 @@ class Mirror:
                 "log",
                 "-1",
                 "--format=%s%x00%ct%x00%P%x00%(trailers:key=Necrod-Start,valueonly)%x00"
-                "%(trailers:key=Necrod-Uid,valueonly,separator=)",
+                "%(trailers:key=Necrod-Uid,valueonly,separator=)%x00"
+                "%(trailers:key=Necrod-Submodule,valueonly)",
                 commit,
                 "--",
             ],
             git_dir=self.path,
             timeout=30,
         )
-        subject, date, parents, start, uid = ([*info.out.split("\x00"), "", "", "", "", ""])[:5]
+        subject, date, parents, start, uid, subs = ([*info.out.split("\x00"), "", "", "", "", "", ""])[:6]
         start = start.strip() or (parents.split()[0] if parents.split() else "")
-        files: list[dict[str, str]] = []
-        if start:
-            diff = await self.git.run(
-                [
-                    "diff-tree",
-                    "--no-commit-id",
-                    "-r",
-                    "--name-status",
-                    "--no-renames",
-                    "-z",
-                    start,
-                    commit,
-                    "--",
-                ],
-                git_dir=self.path,
-                timeout=60,
-            )
-            fields = [f for f in diff.out.split("\0") if f]
-            files = [{"status": fields[i], "path": fields[i + 1]} for i in range(0, len(fields) - 1, 2)]
+        files = await self._changed_files(start, commit) if start else []
+        submodules = []
+        for line in subs.splitlines()[:MAX_SHOWN_SUBMODULES]:
+            sub, _, path = line.strip().partition(" ")
+            if sub and path:
+                files_there = await self._changed_files(f"{sub}^", sub)
+                submodules.append({"path": path, "commit": sub, "files": files_there})
         return {
             "ref": ref,
             "commit": commit,
@@ -373,9 +384,16 @@ class Mirror:
             "subject": subject,
             "date": int(date or 0),
             "files": files,
+            "submodules": submodules,
             "fetch": f"git fetch {self.path} {ref}",
             "uid": _number(uid),
         }
+
+    async def _changed_files(self, before: str, after: str) -> list[dict[str, str]]:
+        diff = await self.git.run(["diff-tree", "--no-commit-id", "-r", "--name-status", "--no-renames", "-z",
+                                   "--end-of-options", before, after, "--"], git_dir=self.path, timeout=60)  # fmt: skip
+        fields = [f for f in diff.out.split("\0") if f]
+        return [{"status": fields[i], "path": fields[i + 1]} for i in range(0, len(fields) - 1, 2)]
 
 
 def _number(text: str) -> int | None:

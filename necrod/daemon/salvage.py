@@ -19,17 +19,18 @@ of it (docs/reliability.md):
 - **Tags and stash entries** the lease made are kept as extra parents of the salvage commit,
   named in its trailers, and removed from the shared refs (in a worktree pool every slot sees
   them).
+- **Submodules the agent filled** (``git submodule update --init``, then edits) are kept too
+  (``salvage_submodules.py``): each as a commit of its files, named in a ``Necrod-Submodule``
+  trailer and kept as another parent. Which paths fit the limits is ``salvage_plan.py``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import stat
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -38,6 +39,8 @@ import structlog
 from necrod.core.config import SalvageLimits
 from necrod.core.names import index_path_problem
 from necrod.daemon.mirror import MAX_INDEX_BYTES
+from necrod.daemon.salvage_plan import Plan, changed_paths, plan, safe_line
+from necrod.daemon.salvage_submodules import Kept, SubmoduleSalvage
 from necrod.daemon.slotkinds import SlotKind
 from necrod.io import slotfs
 from necrod.io.gitrun import GitError, GitResult, GitRunner
@@ -66,15 +69,8 @@ class Salvage:
     bytes: int = 0
     #: Tags and stash entries kept with it.
     extras: tuple[str, ...] = ()
-
-
-@dataclass(slots=True)
-class _Plan:
-    """What of the changed paths goes in, and what is left out."""
-
-    take: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    bytes: int = 0
+    #: Paths of the submodules whose files were kept with it.
+    submodules: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,49 +83,19 @@ class _Extra:
     stash_index: int | None = None
 
 
-def _changed_paths(status: bytes) -> list[tuple[str, str]]:
-    """``(xy, path)`` from ``git status --porcelain=v1 -z --no-renames``."""
-    return [(e[:2].decode(), os.fsdecode(e[3:])) for e in status.split(b"\0") if len(e) > 3]
+def _staged(listing: bytes) -> list[tuple[str, str, str]]:
+    """``(mode, object, path)`` from ``git ls-files --stage -z``."""
+    out = []
+    for entry in listing.split(b"\0"):
+        meta, tab, path = entry.partition(b"\t")
+        fields = meta.split()
+        if tab and len(fields) == 3:
+            out.append((fields[0].decode(), fields[1].decode(), os.fsdecode(path)))
+    return out
 
 
-def plan(root: str, changed: list[tuple[str, str]], limits: SalvageLimits) -> _Plan:
-    """Which changed paths fit the limits, in path order; run in a worker thread (one
-    ``lstat`` per path, none following a link)."""
-    p = _Plan()
-    for xy, path in sorted(changed, key=lambda c: c[1]):
-        rel = path.rstrip("/")
-        if "D" in xy and xy != "??":
-            p.take.append(rel)  # a deletion costs nothing
-            continue
-        try:
-            st = slotfs.lstat(root, rel)
-        except OSError:
-            p.skipped.append(f"{json.dumps(rel)} (beyond a symlink)")
-            continue
-        if st is None:
-            p.take.append(rel)
-            continue
-        if stat.S_ISDIR(st.st_mode):  # a nested repository: staged as a gitlink
-            p.take.append(rel)
-            continue
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
-            p.skipped.append(f"{json.dumps(rel)} (not a regular file)")
-            continue
-        size = st.st_size
-        if size > limits.max_file_bytes:
-            p.skipped.append(f"{json.dumps(rel)} ({size} bytes, over max_file_bytes)")
-        elif len(p.take) >= limits.max_files:
-            p.skipped.append(f"{json.dumps(rel)} (past max_files)")
-        elif p.bytes + size > limits.max_bytes:
-            p.skipped.append(f"{json.dumps(rel)} ({size} bytes, past max_bytes)")
-        else:
-            p.take.append(rel)
-            p.bytes += size
-    return p
-
-
-def _safe_line(text: str) -> str:
-    return "".join(c if c.isprintable() else "?" for c in text)[:200]
+def _gitlinks(entries: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
+    return [(obj, path) for mode, obj, path in entries if mode == "160000"]
 
 
 class Salvager:
@@ -146,6 +112,7 @@ class Salvager:
         self.timeout = timeout
         self.limits = limits
         self.scratch_root = scratch_root
+        self._submodules = SubmoduleSalvage(git, kind, admin, path, timeout=timeout, limits=limits)
 
     async def salvage(
         self,
@@ -234,21 +201,23 @@ class Salvager:
         out = result.out.strip()
         return out if result.returncode == 0 and out else None
 
-    async def _trusted_index(self, scratch: Path) -> None:
+    async def _trusted_index(self, scratch: Path) -> list[tuple[str, str]]:
         """Keep the copied index only if every entry is a path inside the work tree; else (or
-        when git cannot read it) stage from a fresh index read from HEAD."""
+        when git cannot read it) stage from a fresh index read from HEAD. Returns the index's
+        submodules: (recorded commit, path)."""
         index = scratch / "index"
         if index.exists():
-            listed = await self._run(scratch, ["ls-files", "-z"], check=False)
-            bad = next(
-                (p for p in listed.stdout.split(b"\0") if p and index_path_problem(os.fsdecode(p))), None
-            )
+            listed = await self._run(scratch, ["ls-files", "--stage", "-z"], check=False)
+            entries = _staged(listed.stdout)
+            bad = next((path for _, _, path in entries if index_path_problem(path)), None)
             if listed.returncode == 0 and bad is None:
-                return
-            log.warning("salvage_index_untrusted", slot=self.path,
-                        entry=os.fsdecode(bad)[:200] if bad else None, error=listed.err.strip()[-200:])  # fmt: skip
+                return _gitlinks(entries)
+            log.warning("salvage_index_untrusted", slot=self.path, entry=bad[:200] if bad else None,
+                        error=listed.err.strip()[-200:])  # fmt: skip
             index.unlink()
         await self._run(scratch, ["read-tree", "HEAD"])
+        listed = await self._run(scratch, ["ls-files", "--stage", "-z"])
+        return _gitlinks(_staged(listed.stdout))
 
     # --- the salvage ------------------------------------------------------------------------------
 
@@ -256,10 +225,10 @@ class Salvager:
         self, scratch: Path, lease_id: str, start_commit: str | None, head: str, message: str, sound: bool,
         origin_tags: Mapping[str, str], owner_uid: int | None,
     ) -> Salvage | None:  # fmt: skip
-        await self._trusted_index(scratch)
+        gitlinks = await self._trusted_index(scratch)
         status = await self._run(scratch, ["status", "--porcelain=v1", "-z", "--untracked-files=all",
                                            "--no-renames", "--ignore-submodules=all"])  # fmt: skip
-        taken = await anyio.to_thread.run_sync(plan, self.path, _changed_paths(status.stdout), self.limits)
+        taken = await anyio.to_thread.run_sync(plan, self.path, changed_paths(status.stdout), self.limits)
         partial = bool(taken.skipped)
         if not taken.skipped:
             added = await self._run(scratch, ["add", "--all", "--ignore-errors"], check=False)
@@ -273,11 +242,13 @@ class Salvager:
         tree = (await self._run(scratch, ["write-tree"])).out.strip()
         head_tree = (await self._run(scratch, ["rev-parse", "HEAD^{tree}"])).out.strip()
         extras = await self._extras(head, origin_tags) if sound else []
-        dirty = tree != head_tree
+        kept = await self._submodules.keep(scratch, gitlinks, taken, lease_id) if gitlinks else []
+        partial = partial or bool(taken.skipped)
+        dirty = tree != head_tree or bool(kept)
         if not dirty and not extras and (start_commit is None or head == start_commit):
             return None
-        text = self._message(message, lease_id, start_commit or head, taken, extras, owner_uid)
-        parents = [arg for e in extras for arg in ("-p", e.commit)]
+        text = self._message(message, lease_id, start_commit or head, taken, extras, owner_uid, kept)
+        parents = [arg for c in [*(e.commit for e in extras), *(k.commit for k in kept)] for arg in ("-p", c)]
         commit = (await self._run(scratch, ["commit-tree", tree, "-p", head, *parents, "-F", "-"],
                                   input=text.encode())).out.strip()  # fmt: skip
         ref = REF_PREFIX + lease_id
@@ -291,6 +262,7 @@ class Salvager:
         return Salvage(
             ref, commit, dirty, partial=partial, skipped=tuple(taken.skipped[:LISTED_SKIPS]),
             skipped_count=len(taken.skipped), bytes=taken.bytes, extras=tuple(e.label for e in extras),
+            submodules=tuple(k.path for k in kept),
         )  # fmt: skip
 
     @staticmethod
@@ -299,21 +271,23 @@ class Salvager:
 
     @staticmethod
     def _message(
-        message: str, lease_id: str, start: str, taken: _Plan, extras: list[_Extra], owner_uid: int | None
-    ) -> str:
+        message: str, lease_id: str, start: str, taken: Plan, extras: list[_Extra], owner_uid: int | None,
+        kept: list[Kept],
+    ) -> str:  # fmt: skip
         body = ""
         if taken.skipped:
             shown = taken.skipped[:LISTED_SKIPS]
             more = len(taken.skipped) - len(shown)
             body = (f"\n\nLeft out ({len(taken.skipped)} path(s), see the pool's salvage limits):\n"
-                    + "".join(f"  {_safe_line(s)}\n" for s in shown)
+                    + "".join(f"  {safe_line(s)}\n" for s in shown)
                     + (f"  ... and {more} more\n" if more else "")).rstrip("\n")  # fmt: skip
         trailers = [f"Necrod-Lease: {lease_id}", f"Necrod-Start: {start}", f"Necrod-Bytes: {taken.bytes}"]
         if taken.skipped:
             trailers.append(f"Necrod-Skipped: {len(taken.skipped)}")
         if owner_uid is not None:
             trailers.append(f"Necrod-Uid: {owner_uid}")
-        trailers += [f"Necrod-Kept: {e.commit} {_safe_line(e.label)}" for e in extras]
+        trailers += [f"Necrod-Kept: {e.commit} {safe_line(e.label)}" for e in extras]
+        trailers += [f"Necrod-Submodule: {k.commit} {safe_line(k.path)}" for k in kept]
         return message.rstrip() + body + "\n\n" + "\n".join(trailers) + "\n"
 
     # --- tags and stash entries -------------------------------------------------------------------

@@ -98,7 +98,9 @@ class WorktreeSlots:
         return self.mirror.path, f"worktrees/{admin}"
 
     def forget(self, admin: str, path: str) -> None:
-        """Nothing of a worktree's repository is its own (refs and objects are the mirror's)."""
+        """Drop the repositories of submodules the lease initialised (``modules/``): the rest
+        of a worktree's repository is the mirror's (refs and objects)."""
+        slotfs.remove(self.mirror.path, f"worktrees/{admin}/modules")
 
     def problem(self, admin: str, path: str) -> str | None:
         """Why the slot cannot be cleaned in place (it must be rebuilt), or None."""
@@ -337,13 +339,13 @@ class CloneSlots:
 
     def forget(self, admin: str, path: str) -> None:
         """Drop what leases left in the slot's own repository: refs (branches, tags, stash),
-        reflogs and objects, so the next lease inherits nothing of the last one. Run after the
+        reflogs, objects and the repositories of submodules it initialised, so the next lease inherits nothing of the last one. Run after the
         reset to a commit of the mirror, and after salvage fetched the work into the mirror:
         every object the slot needs is borrowed, so its own objects are only agents' leftovers.
         ``refs`` and ``objects`` themselves stay, so a crash half-way leaves a repository git
         still recognises (and ``restore`` makes whole again)."""
         root = Path(path)
-        for name in ("logs", "packed-refs", "ORIG_HEAD", "FETCH_HEAD", "shallow"):
+        for name in ("logs", "packed-refs", "ORIG_HEAD", "FETCH_HEAD", "shallow", "modules"):
             slotfs.remove(root, f".git/{name}")
         for name in slotfs.list_dir(root, ".git/refs"):
             if name not in ("heads", "tags"):
