@@ -94,6 +94,35 @@ def test_necrocode_example_loads_unchanged() -> None:
             "label value",
         ),
         ("pools: {}\nrunners:\n  k:\n    kubernetes:\n      image: x\n      user: root\n", 6, "uid:gid"),
+        (
+            "pools:\n  a:\n    repo_url: /x\n    isolation: layers\n",
+            4,
+            "one of worktree, shared-clone, overlay",
+        ),
+        ("pools:\n  a:\n    repo_url: /x\n    prepare:\n      key_files: [a]\n", 5, "needs a command"),
+        ("pools:\n  a:\n    repo_url: /x\n    prepare:\n      command: []\n", 5, "may not be empty"),
+        (
+            "defaults:\n  prepare:\n    command: make\n    keyfiles: [a]\npools: {}\n",
+            4,
+            "did you mean 'key_files'",
+        ),
+        (
+            "pools:\n  a:\n    repo_url: /x\n    prepare:\n      command: make\n      key_files: [/etc/passwd]\n",
+            6,
+            "name paths in the repository",
+        ),
+        (
+            "pools:\n  a:\n    repo_url: /x\n    prepare:\n      command: make\n      timeout_s: 0\n",
+            6,
+            "at least 1",
+        ),
+        (
+            "pools:\n  a:\n    repo_url: /x\n    files:\n      ../../etc/cron.d/x: /tmp/x\n",
+            5,
+            "inside the slot",
+        ),
+        ("pools:\n  a:\n    repo_url: /x\n    files:\n      .git/config: /tmp/x\n", 5, ".git directory"),
+        ("pools:\n  a:\n    repo_url: /x\n    files:\n      .env: ''\n", 5, "non-empty string"),
     ],
 )
 def test_invalid_configs_name_their_line(text: str, line: int, fragment: str) -> None:
@@ -147,3 +176,31 @@ def test_relative_paths_resolve_where_the_file_is_named_not_where_its_symlink_le
     (mount / "..data").symlink_to(stamped.name)
     (mount / "pools.yaml").symlink_to("..data/pools.yaml")
     assert load_config(mount / "pools.yaml").daemon.workspaces == str(mount / "work")
+
+
+def test_prepare_and_files_load_and_host_files_must_exist(tmp_path: Path) -> None:
+    origin = tmp_path / "repo"
+    (origin / ".git").mkdir(parents=True)
+    cfg = tmp_path / "pools.yaml"
+    cfg.write_text(
+        "defaults:\n  prepare:\n    command: [npm, ci]\n    key_files: [package-lock.json]\n"
+        "    env: {CI: 1}\npools:\n  web:\n    repo_url: ./repo\n    isolation: overlay\n"
+        "    files:\n      .env: secrets/web.env\n      config/local.json: /nowhere/local.json\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg)
+    assert info.value.line == 11 and "secrets/web.env" in str(info.value)
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "web.env").write_text("TOKEN=1\n")
+    (tmp_path / "local.json").write_text("{}\n")
+    cfg.write_text(cfg.read_text().replace("/nowhere/local.json", str(tmp_path / "local.json")))
+    web = load_config(cfg).pools["web"]
+    assert (
+        web.prepare is not None and web.prepare.command == ("npm", "ci") and web.prepare.env == (("CI", "1"),)
+    )
+    assert web.files == (
+        (".env", str(tmp_path / "secrets" / "web.env")),
+        ("config/local.json", str(tmp_path / "local.json")),
+    )
+    # A pool that prepares keeps ignored files when it cleans: the step's output is ignored files.
+    assert web.clean_flags == "-ffd" and load_config(cfg).pools["web"].isolation == "overlay"

@@ -96,6 +96,19 @@ class SalvageRetention:
 
 
 @dataclass(frozen=True, slots=True)
+class PrepareConfig:
+    """A pool's prepare step (``prepare:``): run in a clean checkout at the base, once per key;
+    what it writes is in every slot of that key (docs/configuration.md)."""
+
+    #: A list of arguments, or one string for ``sh -c``.
+    command: str | tuple[str, ...]
+    #: Paths or globs in the repository whose content (with the command and ``env``) is the key.
+    key_files: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    timeout_s: float = 1800.0
+
+
+@dataclass(frozen=True, slots=True)
 class PoolConfig:
     name: str
     repo_url: str
@@ -123,10 +136,14 @@ class PoolConfig:
     stale_lock_hours: float = 24.0
     #: NecroCode's ``lock_timeout``: accepted for compatibility; allocation takes no file lock.
     lock_timeout_s: float | None = None
+    prepare: PrepareConfig | None = None
+    #: Files git does not carry, copied into every slot: (path in the slot, path on the host).
+    files: tuple[tuple[str, str], ...] = ()
 
     @property
     def clean_flags(self) -> str:
-        return "-ffdx" if self.cleanup == "full" else "-ffd"
+        """``git clean``'s: a prepare step's output is ignored files, kept like a build cache."""
+        return "-ffdx" if self.cleanup == "full" and self.prepare is None else "-ffd"
 
     @property
     def salvage_limits(self) -> SalvageLimits:
@@ -138,6 +155,8 @@ class PoolConfig:
 
 
 LAUNCHERS = ("process", "tmux", "container", "kubernetes")
+#: Slot kinds (``isolation:``): how a pool's slots stand on its mirror (``daemon/slotkinds``).
+ISOLATIONS = ("worktree", "shared-clone", "overlay")
 
 
 @dataclass(frozen=True, slots=True)

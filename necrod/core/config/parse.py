@@ -83,6 +83,9 @@ def parse_config(text: str, file: str | None = None) -> Config:
         mark = repo_item[1].start_mark
         marks[f"pools.{name}.repo_url"] = (mark.line + 1, mark.column + 1)
         options, nodes = read_pool_options(r, psec, allow_repo=True)
+        if "files" in nodes:
+            mark = nodes["files"].start_mark
+            marks[f"pools.{name}.files"] = (mark.line + 1, mark.column + 1)
         pools[name] = resolve_pool(
             r, name, options, nodes, defaults, repo_url, repo_item[1], daemon, name_node
         )
@@ -118,12 +121,17 @@ def parse_config(text: str, file: str | None = None) -> Config:
 
 
 def resolve_relative(config: Config, base_dir: str) -> Config:
-    """Make relative local repo paths and the workspaces dir absolute against ``base_dir``."""
+    """Make relative local repo paths, ``files:`` and the workspaces dir absolute against ``base_dir``."""
     pools = {}
     for name, pool in config.pools.items():
         path = local_repo_path(pool.repo_url)
         if path is not None and not path.startswith("/"):
             pool = replace(pool, repo_url=posixpath.normpath(posixpath.join(base_dir, path)))
+        if pool.files:
+            files = tuple(
+                (slot, posixpath.normpath(posixpath.join(base_dir, host))) for slot, host in pool.files
+            )
+            pool = replace(pool, files=files)
         pools[name] = pool
     daemon = config.daemon
     if daemon.workspaces and not daemon.workspaces.startswith("/"):

@@ -8,22 +8,33 @@ from typing import Any
 
 from yaml.nodes import Node
 
-from necrod.core.config.model import KNOWN_PROTOCOLS, MIN_BUFFERED_BYTES, WEEK_S, DaemonConfig, PoolConfig
+from necrod.core.config.model import (
+    ISOLATIONS,
+    KNOWN_PROTOCOLS,
+    MIN_BUFFERED_BYTES,
+    WEEK_S,
+    DaemonConfig,
+    PoolConfig,
+    PrepareConfig,
+)
 from necrod.core.config.schema import (
     SIZE_CHECKS,
     Reader,
     Section,
+    env_value,
     int_in,
     is_bool,
     is_size,
     is_str,
+    mapping_of,
     num_in,
     one_of,
     parse_size,
+    read_command,
     size_at_least,
 )
 from necrod.core.config.urls import repo_url_problem
-from necrod.core.names import ref_name_problem
+from necrod.core.names import index_path_problem, ref_name_problem
 
 # --- the schema ---------------------------------------------------------------------------------
 
@@ -50,6 +61,8 @@ _POOL_KEYS = [
     "isolation",
     "metrics",
     "stale_lock_hours",
+    "prepare",
+    "files",
 ]
 #: NecroCode's names for native keys.
 _ALIASES = {
@@ -81,7 +94,7 @@ _POOL_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "clone_timeout_s": num_in(1, 7 * 24 * 3600),
     "git_concurrency": int_in(1, 256),
     "idle_timeout_s": num_in(0, WEEK_S),
-    "isolation": one_of("worktree", "shared-clone"),
+    "isolation": one_of(*ISOLATIONS),
     "metrics": is_bool,
     "stale_lock_hours": num_in(0, 24 * 365, above=True),
     "lock_timeout_s": num_in(0, 24 * 3600),
@@ -101,6 +114,12 @@ def read_pool_options(r: Reader, sec: Section, *, allow_repo: bool) -> tuple[dic
         value = sec.value(key, _POOL_CHECKS[native])
         options[native] = parse_size(value) if _POOL_CHECKS[native] in SIZE_CHECKS else value
         nodes[native] = sec.items[key][1]
+    if sec.has("prepare"):
+        options["prepare"] = read_prepare(r, sec.raw("prepare")[1], f"{sec.path}.prepare")  # type: ignore[index]
+        nodes["prepare"] = sec.items["prepare"][1]
+    if sec.has("files"):
+        options["files"] = read_files(r, sec)
+        nodes["files"] = sec.items["files"][1]
     if sec.has("cleanup_options"):
         opts = Section(r, sec.raw("cleanup_options")[1], f"{sec.path}.cleanup_options")  # type: ignore[index]
         for key in _CLEANUP_OPTIONS:
@@ -120,6 +139,48 @@ def read_pool_options(r: Reader, sec: Section, *, allow_repo: bool) -> tuple[dic
         sec.taken.add("repo_url")
     sec.finish(allowed)
     return options, nodes
+
+
+_PREPARE_CHECKS: dict[str, Callable[[Any], str | None]] = {"timeout_s": num_in(1, 24 * 3600)}
+
+
+def read_prepare(r: Reader, node: Node, path: str) -> PrepareConfig:
+    """``prepare:``: ``command`` (required), ``key_files``, ``env``, ``timeout_s``."""
+    sec = Section(r, node, path)
+    values: dict[str, Any] = sec.values(_PREPARE_CHECKS)
+    item = sec.raw("command")
+    if item is None:
+        raise r.error(node, f"{path} needs a command (a list of arguments or a shell command)")
+    values["command"] = read_command(r, item[1], f"{path}.command")
+    item = sec.raw("key_files")
+    if item is not None:
+        patterns = r.strings(item[1], f"{path}.key_files")
+        for pattern in patterns:
+            problem = index_path_problem(pattern.removeprefix("./"))
+            if problem:
+                raise r.error(
+                    item[1], f"{path}.key_files: {pattern!r} {problem}; name paths in the repository"
+                )
+        values["key_files"] = tuple(patterns)
+    values["env"] = tuple((k, str(v)) for k, v in mapping_of(r, sec, "env", env_value).items())
+    sec.finish([*_PREPARE_CHECKS, "command", "key_files", "env"])
+    return PrepareConfig(**values)
+
+
+def read_files(r: Reader, sec: Section) -> tuple[tuple[str, str], ...]:
+    """``files:``: path in the slot → path on the host (relative to the config's directory)."""
+    path = f"{sec.path}.files"
+    out = []
+    for slot_path, (key_node, value_node) in r.mapping(sec.raw("files")[1], path).items():  # type: ignore[index]
+        problem = index_path_problem(slot_path)
+        if problem:
+            raise r.error(key_node, f"{path}: {slot_path!r} {problem}; name a path inside the slot")
+        host = r.scalar(value_node, f"{path}.{slot_path}")
+        bad = is_str(host)
+        if bad:
+            raise r.error(value_node, f"{path}.{slot_path} {bad}")
+        out.append((slot_path, host))
+    return tuple(out)
 
 
 _DAEMON_CHECKS: dict[str, Callable[[Any], str | None]] = {

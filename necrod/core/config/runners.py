@@ -6,7 +6,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from yaml.nodes import Node, SequenceNode
+from yaml.nodes import Node
 
 from necrod.core.config.model import (
     LAUNCHERS,
@@ -22,6 +22,7 @@ from necrod.core.config.schema import (
     MISSING,
     Reader,
     Section,
+    env_value,
     int_in,
     is_bool,
     is_str,
@@ -30,6 +31,7 @@ from necrod.core.config.schema import (
     one_of,
     optional_num,
     parse_size,
+    read_command,
 )
 
 _RUNNER_CHECKS: dict[str, Callable[[Any], str | None]] = {
@@ -48,25 +50,12 @@ def read_runner(r: Reader, name: str, node: Node, pools: dict[str, PoolConfig]) 
     values.update(sec.values(_RUNNER_CHECKS))
     item = sec.raw("command")
     if item is not None:
-        cmd_node = item[1]
-        if isinstance(cmd_node, SequenceNode):
-            argv = r.strings(cmd_node, f"runners.{name}.command")
-            if not argv:
-                raise r.error(cmd_node, f"runners.{name}.command may not be empty")
-            values["command"] = tuple(argv)
-        else:
-            text = r.scalar(cmd_node, f"runners.{name}.command")
-            if not isinstance(text, str) or not text.strip():
-                raise r.error(
-                    cmd_node, f"runners.{name}.command must be a list of arguments or a shell command"
-                )
-            values["command"] = text
+        values["command"] = read_command(r, item[1], f"runners.{name}.command")
     for key in ("skills", "pools"):
         item = sec.raw(key)
         if item is not None:
             values[key] = tuple(r.strings(item[1], f"runners.{name}.{key}"))
-    env = mapping_of(r, sec, "env", lambda v: None if isinstance(v, str | int | float) and not isinstance(v, bool)
-                      else "must be a string")  # fmt: skip
+    env = mapping_of(r, sec, "env", env_value)
     values["env"] = tuple((k, str(v)) for k, v in env.items())
     if sec.has("memory_limit"):
         node_ = sec.node_of("memory_limit")

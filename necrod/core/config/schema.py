@@ -234,5 +234,22 @@ def mapping_of(r: Reader, sec: Section, key: str, value_check: Callable[[Any], s
     return out
 
 
+def read_command(r: Reader, node: Node, path: str) -> str | tuple[str, ...]:
+    """A command: a list of arguments (run as is) or one string (run by ``sh -c``)."""
+    if isinstance(node, SequenceNode):
+        argv = r.strings(node, path)
+        if not argv:
+            raise r.error(node, f"{path} may not be empty")
+        return tuple(argv)
+    text = r.scalar(node, path)
+    if not isinstance(text, str) or not text.strip():
+        raise r.error(node, f"{path} must be a list of arguments or a shell command")
+    return text
+
+
+def env_value(v: Any) -> str | None:
+    return None if isinstance(v, str | int | float) and not isinstance(v, bool) else "must be a string"
+
+
 def optional_num(lo: float, hi: float) -> Callable[[Any], str | None]:
     return lambda v: None if v is None else num_in(lo, hi, above=True)(v)
