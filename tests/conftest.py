@@ -27,7 +27,7 @@ def origin(workdir: Path) -> Path:
     return make_origin(workdir / "origin")
 
 
-@pytest.fixture(params=["worktree", "shared-clone"])
+@pytest.fixture(params=["worktree", "shared-clone", "overlay"])
 def slot_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Runs a test once per kind of slot (``pytestmark = pytest.mark.usefixtures("slot_kind")``)."""
     monkeypatch.setattr(helpers, "POOL_DEFAULTS", {**helpers.POOL_DEFAULTS, "isolation": request.param})

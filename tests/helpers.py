@@ -101,6 +101,7 @@ class Necrod:
         env: dict[str, str] | None = None,
         args: list[str] | None = None,
         cwd: Path | None = None,
+        wrapper: list[str] | None = None,
     ) -> None:
         self.root = root
         self.socket = root / "necrod.sock"
@@ -113,10 +114,13 @@ class Necrod:
         self.env = env
         self.args = args or []
         self.cwd = cwd or root
+        #: A command that runs necrod (``setpriv ... --``), for a daemon with fewer privileges.
+        self.wrapper = wrapper or []
         self.proc: subprocess.Popen[bytes] | None = None
 
     def command(self) -> list[str]:
         cmd = [
+            *self.wrapper,
             sys.executable,
             "-m",
             "necrod",
@@ -224,4 +228,25 @@ def pool_config(pools: dict[str, Path | str], **defaults: Any) -> str:
 
 
 def cleanup_dir(path: Path) -> None:
+    """Remove a test's directory, overlay slots mounted in it first (a daemon killed with -9
+    leaves its slots mounted)."""
+    mounts = []
+    try:
+        with open("/proc/self/mounts") as f:
+            mounts = [line.split()[1] for line in f if line.split()[1].startswith(str(path) + "/")]
+    except OSError:
+        pass
+    for mount in sorted(mounts, key=len, reverse=True):
+        subprocess.run(["umount", "-l", mount], capture_output=True, check=False)
     shutil.rmtree(path, ignore_errors=True)
+
+
+def delete_slot(path: str | os.PathLike[str]) -> None:
+    """What an agent can do to its slot's directory: delete everything in it, and the directory
+    itself, unless it is a mount point (an overlay slot's is)."""
+    path = Path(path)
+    if os.path.ismount(path):
+        for entry in path.iterdir():
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    else:
+        shutil.rmtree(path)

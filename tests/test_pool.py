@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +21,7 @@ from necrod.proto.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from tests.helpers import Necrod, commit_file, git, pool_config, wait_for
+from tests.helpers import Necrod, commit_file, delete_slot, git, pool_config, wait_for
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -356,7 +355,7 @@ def test_kill9_restart_keeps_every_lease_and_hands_nothing_out_twice(
 def test_a_slot_deleted_under_the_daemon_is_rebuilt(necrod: Necrod) -> None:
     with necrod.client() as c:
         lease = c.allocate("repo")
-        shutil.rmtree(lease["path"])
+        delete_slot(lease["path"])
         c.release(lease["lease_id"])
         necrod.wait_slots("repo", "available", 2)
         again = c.allocate("repo", wait_s=5)

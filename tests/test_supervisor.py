@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from necrod.proto.errors import ResourceExhausted
-from tests.helpers import Necrod, commit_file, git, pool_config, wait_for
+from tests.helpers import Necrod, commit_file, delete_slot, git, pool_config, wait_for
 
 pytestmark = pytest.mark.usefixtures("slot_kind")
 
@@ -183,7 +183,7 @@ def test_corruption_is_detected_and_healed(
     assert anomalies(d, deep=True) == []
     # 1: directory gone; 2: its pointer to the mirror broken; 3: git status fails; 4: index.lock
     # with no git.
-    shutil.rmtree(paths["repo/1"])
+    delete_slot(paths["repo/1"])
     if slot_kind == "worktree":
         (paths["repo/2"] / ".git").write_text("gitdir: /nowhere\n")
     else:

@@ -97,6 +97,8 @@ _PERSISTED = (
     "retire",
     "disk_bytes",
     "kind",
+    "layers",
+    "prepared",
 )
 
 
@@ -109,7 +111,7 @@ class Slot:
     #: Name of the worktree's admin directory under ``mirror.git/worktrees/`` (and of the slot's pin).
     admin: str
     state: SlotState
-    #: ``worktree`` or ``shared-clone`` (``slotkinds``): what is on disk, which may lag the pool's
+    #: ``worktree``, ``shared-clone`` or ``overlay`` (``slotkinds``): what is on disk, which may lag the pool's
     #: ``isolation`` after a reload until the slot is rebuilt.
     kind: str = "worktree"
     commit: str | None = None
@@ -136,6 +138,10 @@ class Slot:
     #: Quarantine the slot, untouched, when its lease ends (an operator isolated it).
     isolate: str | None = None
     disk_bytes: int | None = None
+    #: An ``overlay`` slot's read-only layers, topmost first (``daemon/layers``); () otherwise.
+    layers: tuple[str, ...] = ()
+    #: The prepare key whose output a ``worktree`` or ``shared-clone`` slot holds (None: none).
+    prepared: str | None = None
     # In memory only:
     version: int = 0
     #: A git process of ours is working in this slot right now.
@@ -155,6 +161,7 @@ class Slot:
     def from_row(cls, row: dict[str, Any]) -> Slot:
         values = {k: row[k] for k in _PERSISTED if k in row}
         values["state"] = SlotState(row["state"])
+        values["layers"] = tuple(row.get("layers") or ())
         slot = cls(**values)
         if row.get("lease"):
             slot.lease = Lease.from_row(row["lease"])
@@ -202,6 +209,8 @@ class Slot:
             "last_released_at": self.last_released_at or None,
             "disk_bytes": self.disk_bytes,
             "kind": self.kind,
+            "layers": list(self.layers),
+            "prepared": self.prepared,
         }
 
 

@@ -1,7 +1,5 @@
-"""Git work inside one slot: resetting it to a clean checkout (salvage is ``salvage.py``).
-
-Submodules an agent initialised are emptied and their repositories (``modules/`` in the slot's
-git directory) dropped: a slot goes back as ``git worktree add`` made it.
+"""Git work inside one slot: resetting it to a clean checkout (salvage is ``salvage.py``); how a
+reset is done is the slot kind's (``slotkinds``, ``overlayslots``).
 
 Every call names the slot's git directory and work tree explicitly (``--git-dir``,
 ``--work-tree``) instead of trusting the slot's ``.git``, which the agent could rewrite. Where
@@ -82,38 +80,15 @@ class SlotGit:
         for name in _OPERATION_STATE:
             slotfs.remove(root, f"{rel}/{name}")
 
-    async def reset(self, commit: str, clean_flags: str) -> None:
-        """Detached at ``commit``, tracked files as committed, untracked (and ignored, with -x)
-        files gone, no interrupted merge or rebase left behind, nothing of the lease's own in
-        the slot's repository."""
+    async def reset(self, commit: str, clean_flags: str) -> tuple[str, ...]:
+        """Detached at ``commit``, as clean as the slot's kind makes it (``SlotKind.reset``),
+        no interrupted merge or rebase left behind; the layers it now stands on."""
         await anyio.to_thread.run_sync(self.clear_operation_state)
-        self.kind.pin(self.admin, commit)
-        await self.run(["checkout", "--quiet", "--force", "--detach", commit])
-        await self.run(["clean", "--quiet", clean_flags])
-        submodules = await self.kind.mirror.gitlinks(commit)
-        if submodules:
-            await anyio.to_thread.run_sync(self.empty_submodules, submodules)
-        await anyio.to_thread.run_sync(self.kind.forget, self.admin, self.path)
+        return await self.kind.reset(self.admin, self.path, commit, clean_flags, timeout=self.timeout)
 
-    def empty_submodules(self, paths: list[str]) -> None:
-        """Each submodule's directory as a fresh checkout has it: there and empty. git leaves
-        what an agent put there (``submodule update --init``, then edits): its index holds only
-        the gitlink. Nothing there is followed; what is not a directory is replaced by one."""
-        for rel in paths:
-            try:
-                if slotfs.kind(self.path, rel) == "dir":
-                    for name in slotfs.list_dir(self.path, rel):
-                        slotfs.remove(self.path, f"{rel}/{name}")
-                else:
-                    slotfs.remove(self.path, rel)
-                    slotfs.ensure_dir(self.path, rel)
-            except OSError as exc:  # a symlink on the way: git's checkout put back the real path
-                raise OSError(f"cannot empty submodule directory {rel!r}: {exc}") from None
-
-    async def move(self, commit: str) -> None:
-        """An idle, clean slot to a new base commit: only the tracked files that differ change."""
-        self.kind.pin(self.admin, commit)
-        await self.run(["checkout", "--quiet", "--force", "--detach", commit])
+    async def move(self, commit: str) -> tuple[str, ...]:
+        """An idle, clean slot to a new base commit; the layers it now stands on."""
+        return await self.kind.move(self.admin, self.path, commit, timeout=self.timeout)
 
     async def checkout(self, commit: str, branch: str | None) -> None:
         self.kind.pin(self.admin, commit)

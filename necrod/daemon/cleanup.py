@@ -3,11 +3,14 @@
 Whatever still runs in the slot is stopped (a slot whose processes will not stop is isolated),
 the lease's work is salvaged (``salvage.py``), the slot is reset to the pool's base (``checkout
 --force --detach``, ``clean``) or remade when its repository is broken or its kind changed, and
-it is looked at once more for processes started meanwhile before it is offered. A cleanup that
+it is looked at once more for processes started meanwhile before it is offered. An overlay
+slot's reset is a fresh upper (``overlayslots.py``); a git slot gets the pool's prepare output
+and ``files:`` after its reset (``prepare.py``). A cleanup that
 fails twice leaves the slot in ``error``. Retiring slots are salvaged, not reset.
 
 It calls the slot table, the background jobs, the git gate, the pool sizer, the allocator (to
-offer the clean slot) and the mirror keeper (a failing cleanup may be missing objects).
+offer the clean slot), the mirror keeper (a failing cleanup may be missing objects) and the
+preparer.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from necrod.daemon.metrics import Metrics
 from necrod.daemon.mirrorkeeper import MirrorKeeper
 from necrod.daemon.pool import Pool
 from necrod.daemon.poolsize import PoolSizer
+from necrod.daemon.prepare import Preparer
 from necrod.daemon.slotkinds import SlotKind
 from necrod.daemon.slottable import SlotTable, slot_event
 from necrod.io import slotfs
@@ -48,7 +52,7 @@ PROCESSES_NAMED = 5
 class Cleanup:
     def __init__(
         self, *, table: SlotTable, jobs: Jobs, gate: GitGate, sizer: PoolSizer, allocator: Allocator,
-        keeper: MirrorKeeper, metrics: Metrics, clock: Clock,
+        keeper: MirrorKeeper, preparer: Preparer, metrics: Metrics, clock: Clock,
     ) -> None:  # fmt: skip
         self.table = table
         self.jobs = jobs
@@ -56,6 +60,7 @@ class Cleanup:
         self.sizer = sizer
         self.allocator = allocator
         self.keeper = keeper
+        self.preparer = preparer
         self.metrics = metrics
         self.clock = clock
 
@@ -108,7 +113,8 @@ class Cleanup:
                         branch = slot.branch or self._own_head_branch(p, slot)
                         remake = slot.rebuild or slot.kind != p.config.isolation
                         if not retiring and not remake:
-                            await sg.reset(base, p.config.clean_flags)
+                            await self.preparer.files_changed(p)
+                            slot.layers = await sg.reset(base, p.config.clean_flags)
                         if branch:
                             await sg.delete_branch(branch)
                     if not retiring and slot.kind != p.config.isolation:
@@ -118,9 +124,17 @@ class Cleanup:
                                                      timeout=p.config.cleanup_timeout_s)  # fmt: skip
                         slot.kind, problem = p.config.isolation, "its kind changed"
                     if not retiring and (problem is not None or slot.rebuild):
-                        await p.kind.add(
+                        slot.prepared = None
+                        slot.layers = await p.kind.add(
                             Path(slot.path), slot.admin, base, timeout=p.config.cleanup_timeout_s
                         )
+                finally:
+                    slot.busy = False
+            if not retiring:
+                slot.busy = True
+                try:
+                    # Outside the git limits: a step may take minutes.
+                    await self.preparer.prepare_slot(p, slot, base)
                 finally:
                     slot.busy = False
         except (GitError, OSError) as exc:
@@ -165,6 +179,8 @@ class Cleanup:
             if slot.state is SlotState.AVAILABLE:
                 self.allocator.offer(p, slot)
             self.sizer.maintain(p)
+            if slot.layers:
+                self.jobs.spawn(self.preparer.tidy, p, slot)
 
     def _own_head_branch(self, p: Pool, slot: Slot) -> str | None:
         """The branch the slot's HEAD is on, if it is the lease's to delete: in a worktree pool

@@ -8,6 +8,7 @@ The rooms, each given what it calls in its constructor (docs/design.md has the m
 - ``poolsize`` — cutting and retiring slots, forgetting a drained pool;
 - ``mirrorkeeper`` — clone, fetch, refs and base, the mirror's objects, salvage retention;
 - ``allocator`` — allocation with FIFO waiting, heartbeat, release, expiry;
+- ``prepare`` — the prepare step and ``files:``: keys, the output as a layer or per slot;
 - ``cleanup`` — a used slot back to clean: leftovers stopped, salvage, reset;
 - ``lifecycle`` — the driver of each slot's state, and the operator's slot actions.
 
@@ -39,7 +40,9 @@ from necrod.daemon.metrics import Metrics
 from necrod.daemon.mirrorkeeper import MirrorKeeper
 from necrod.daemon.pool import Pool
 from necrod.daemon.poolsize import PoolSizer
+from necrod.daemon.prepare import Preparer
 from necrod.daemon.slottable import SlotTable
+from necrod.io import overlay
 from necrod.io.gitrun import GitError, GitRunner
 from necrod.io.store import Event, Put, StateStore
 from necrod.proto.errors import NecrodError, Unavailable
@@ -70,13 +73,15 @@ class PoolEngine:
         self.gate = gate = GitGate(git, git_concurrency, table, jobs, metrics)
         self.sizer = sizer = PoolSizer(table, jobs, self.clock)
         self.keeper = keeper = MirrorKeeper(table, jobs, gate, metrics, self.clock)
+        self.preparer = preparer = Preparer(table=table, jobs=jobs, gate=gate, clock=self.clock)
         self.allocator = allocator = Allocator(
             table=table, jobs=jobs, gate=gate, sizer=sizer, keeper=keeper, metrics=metrics, clock=self.clock
         )
         self.cleanup = cleanup = Cleanup(table=table, jobs=jobs, gate=gate, sizer=sizer, allocator=allocator,
-                                         keeper=keeper, metrics=metrics, clock=self.clock)  # fmt: skip
+                                         keeper=keeper, preparer=preparer, metrics=metrics, clock=self.clock)  # fmt: skip
         self.lifecycle = Lifecycle(table=table, jobs=jobs, gate=gate, sizer=sizer, allocator=allocator,
-                                   cleanup=cleanup, clock=self.clock)  # fmt: skip
+                                   cleanup=cleanup, preparer=preparer, clock=self.clock)  # fmt: skip
+        keeper.on_base_moved.append(lambda p: jobs.spawn(preparer.refresh, p))
 
     async def run(self, config: Config, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
@@ -141,8 +146,14 @@ class PoolEngine:
                 await anyio.sleep(delay)
         if self.table.stopping or self.table.pools.get(pool.name) is not pool:
             return
+        if pool.config.isolation == "overlay":
+            problem = await anyio.to_thread.run_sync(overlay.probe, pool.root / "uppers")
+            if problem is not None:
+                await self._refuse(pool, f"isolation: overlay cannot be served here: {problem}")
+                return
         if first:
             await self._reconcile_disk(pool)
+            await self._mount_again(pool)
         # From here to maintain nothing awaits: the pool never looks ready without its slots.
         pool.state = "ready"
         pool.error = None
@@ -157,6 +168,27 @@ class PoolEngine:
             "pools", "pool.state", {"pool": pool.name, "state": "ready", "base_commit": pool.base_commit}
         )
         await self.table.persist_quietly([Put("pool", pool.name, pool.to_row()), ready])
+        self.jobs.spawn(self.preparer.refresh, pool)
+
+    async def _refuse(self, pool: Pool, why: str) -> None:
+        """A pool that cannot be served as configured: failed, until a reload changes it."""
+        pool.state = "failed"
+        pool.error = why
+        log.error("pool_refused", pool=pool.name, error=why)
+        self.allocator.fail_waiters(pool, Unavailable(f"pool {pool.name} failed to start: {why}"))
+        await self.table.persist_quietly([Event("pools", "pool.state", {"pool": pool.name, "state": "failed",
+                                                                        "error": why})])  # fmt: skip
+
+    async def _mount_again(self, pool: Pool) -> None:
+        """At start, every overlay slot's mount found again, or made again on its recorded layers
+        and its upper as it is (after a reboot): a held lease's work is never dropped."""
+        for slot in list(pool.slots.values()):
+            if slot.kind != "overlay" or slot.state is SlotState.REMOVING:
+                continue
+            try:
+                await pool.kind_of(slot).mount_again(slot.admin, slot.path, slot.layers)
+            except (OSError, GitError) as exc:
+                log.error("overlay_mount_failed", slot=slot.slot_id, error=str(exc))
 
     async def _reconcile_disk(self, pool: Pool) -> None:
         """At start: forget worktrees whose directories vanished, adopt worktrees of ours the
@@ -223,6 +255,10 @@ class PoolEngine:
                 self.jobs.kick(slot)  # idle slots are remade now, held ones after release
         if "repo_url" in changed or "base" in changed:
             self.jobs.spawn(self.keeper.refetch_base, p)
+        if "isolation" in changed and new.isolation == "overlay" and p.state == "ready":
+            self.jobs.spawn(self._bring_up, p)  # checks it can mount first
+        elif {"prepare", "files", "isolation"} & set(changed):
+            self.jobs.spawn(self.preparer.refresh, p)
         self.sizer.maintain(p)
         return out
 

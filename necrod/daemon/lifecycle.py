@@ -37,6 +37,7 @@ from necrod.daemon.gitgate import GitGate
 from necrod.daemon.jobs import Jobs
 from necrod.daemon.pool import Pool
 from necrod.daemon.poolsize import PoolSizer
+from necrod.daemon.prepare import Preparer
 from necrod.daemon.slottable import SlotTable, slot_event
 from necrod.io.gitrun import GitError
 from necrod.io.store import Delete, Event, Put
@@ -50,7 +51,7 @@ Action = Callable[[Pool, Slot], Awaitable[None]]
 class Lifecycle:
     def __init__(
         self, *, table: SlotTable, jobs: Jobs, gate: GitGate, sizer: PoolSizer, allocator: Allocator,
-        cleanup: Cleanup, clock: Clock,
+        cleanup: Cleanup, preparer: Preparer, clock: Clock,
     ) -> None:  # fmt: skip
         self.table = table
         self.jobs = jobs
@@ -58,6 +59,7 @@ class Lifecycle:
         self.sizer = sizer
         self.allocator = allocator
         self.cleanup = cleanup
+        self.preparer = preparer
         self.clock = clock
         #: Set when a slot being removed by an operator is gone.
         self._removed: dict[str, anyio.Event] = {}
@@ -94,7 +96,7 @@ class Lifecycle:
                     return self._retire
                 if self.gate.slot_git(p, slot).healthy() is not None or slot.kind != p.config.isolation:
                     return self._mark_broken
-                if p.base_commit and slot.commit != p.base_commit:
+                if p.base_commit and (slot.commit != p.base_commit or self.preparer.stale(p, slot)):
                     return self._move
         return None
 
@@ -109,9 +111,13 @@ class Lifecycle:
                 try:
                     await self.gate.check_mirror(p)
                     slot.kind = p.config.isolation
-                    await p.kind.add(Path(slot.path), slot.admin, base, timeout=p.config.cleanup_timeout_s)
+                    slot.prepared = None
+                    slot.layers = await p.kind.add(Path(slot.path), slot.admin, base,
+                                                   timeout=p.config.cleanup_timeout_s)  # fmt: skip
                 finally:
                     slot.busy = False
+            slot.commit = base
+            await self.preparer.prepare_slot(p, slot, base)
         except (GitError, OSError) as exc:
             p.create_failures += 1
             delay = min(300.0, 2.0**p.create_failures)
@@ -145,7 +151,9 @@ class Lifecycle:
         await self.table.persist_or_keep(slot, [slot_event(slot, "retired")])
 
     async def _move(self, p: Pool, slot: Slot) -> None:
-        """Bring an available slot to the pool's new base commit, in the background."""
+        """Bring an available slot to the pool's new base commit (or, at the base, onto the
+        pool's new layers or prepare key), in the background."""
+        snap = slot.snapshot()
         async with self.gate.limits(p):
             base = p.base_commit
             if (
@@ -153,7 +161,7 @@ class Lifecycle:
                 or slot.reserved
                 or slot.busy
                 or base is None
-                or slot.commit == base
+                or (slot.commit == base and not self.preparer.stale(p, slot))
             ):
                 return
             slot.busy = True
@@ -162,7 +170,8 @@ class Lifecycle:
                 dirty["state"] = str(SlotState.CLEANING)
                 await self.table.write_row(slot, dirty)
                 await self.gate.check_mirror(p, slot)
-                await self.gate.slot_git(p, slot).move(base)
+                slot.layers = await self.gate.slot_git(p, slot).move(base)
+                slot.commit = base
             except (GitError, OSError, Unavailable) as exc:
                 log.warning("slot_move_failed", slot=slot.slot_id, error=str(exc))
                 slot.busy = False
@@ -171,12 +180,18 @@ class Lifecycle:
                 return
             finally:
                 slot.busy = False
-        snap = slot.snapshot()
-        slot.commit = base
+        slot.busy = True
+        try:
+            # Outside the git limits: a step may take minutes.
+            await self.preparer.prepare_slot(p, slot, base)
+        finally:
+            slot.busy = False
         if await self.table.commit_or_log(slot, snap, [slot_event(slot, "moved")]):
             self.allocator.offer(p, slot)
+            if slot.layers:
+                self.jobs.spawn(self.preparer.tidy, p, slot)
         else:
-            # The worktree moved but the state could not say so: never hand it out as it is.
+            # The slot moved but the state could not say so: never hand it out as it is.
             slot.state = SlotState.CLEANING
 
     async def _remove(self, p: Pool, slot: Slot) -> None:

@@ -290,17 +290,23 @@ class Mirror:
         every cleanup at a base asks, and most repositories have none."""
         found = self._gitlinks.get(commit)
         if found is None:
-            listed = await self.git.run(["ls-tree", "-r", "-z", "--full-tree", "--end-of-options", commit],
-                                        git_dir=self.path, timeout=120)  # fmt: skip
-            found = [
-                entry.split(b"\t", 1)[1].decode("utf-8", "surrogateescape")
-                for entry in listed.stdout.split(b"\0")
-                if entry.startswith(b"160000 commit ") and b"\t" in entry
-            ]
+            found = [path for mode, _, path in await self.tree(commit) if mode == "160000"]
             if len(self._gitlinks) >= GITLINKS_REMEMBERED:
                 self._gitlinks.pop(next(iter(self._gitlinks)))
             self._gitlinks[commit] = found
         return found
+
+    async def tree(self, commit: str) -> list[tuple[str, str, str]]:
+        """Every entry of ``commit``'s tree, recursively: (mode, object, path)."""
+        listed = await self.git.run(["ls-tree", "-r", "-z", "--full-tree", "--end-of-options", commit],
+                                    git_dir=self.path, timeout=120)  # fmt: skip
+        out = []
+        for entry in listed.stdout.split(b"\0"):
+            meta, tab, path = entry.partition(b"\t")
+            fields = meta.split()
+            if tab and len(fields) == 3:
+                out.append((fields[0].decode(), fields[2].decode(), path.decode("utf-8", "surrogateescape")))
+        return out
 
     async def has_commit(self, sha: str) -> str | None:
         """The full id of commit ``sha`` (abbreviations allowed) if the mirror has it."""

@@ -10,6 +10,7 @@ jobs and the gate.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -38,6 +39,8 @@ class MirrorKeeper:
         self.gate = gate
         self.metrics = metrics
         self.clock = clock
+        #: Called with the pool after its base moved (and its idle slots were kicked).
+        self.on_base_moved: list[Callable[[Pool], None]] = []
 
     async def open(self, pool: Pool) -> None:
         """Open the pool's mirror (cloning it the first time), learn the default branch when no
@@ -137,6 +140,8 @@ class MirrorKeeper:
         for slot in list(p.slots.values()):
             if slot.state is SlotState.AVAILABLE:
                 self.jobs.kick(slot)
+        for callback in self.on_base_moved:
+            callback(p)
         return True
 
     async def refetch_base(self, p: Pool) -> None:

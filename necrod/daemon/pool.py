@@ -12,8 +12,10 @@ import anyio
 from necrod.core.config import PoolConfig
 from necrod.core.sizing import PoolCounts, quarantine_shortfall
 from necrod.core.slots import Slot, SlotState
+from necrod.daemon.layers import Layers
 from necrod.daemon.mirror import Mirror
-from necrod.daemon.slotkinds import KINDS, SlotKind, slot_kind
+from necrod.daemon.overlayslots import OverlaySlots
+from necrod.daemon.slotkinds import CloneSlots, SlotKind, WorktreeSlots
 from necrod.io.gitrun import GitRunner
 from necrod.proto.errors import NecrodError
 
@@ -59,6 +61,30 @@ class FetchState:
         }
 
 
+@dataclass(slots=True)
+class PrepareState:
+    """The pool's prepare step (``prepare:``): the key its base calls for, the last key whose
+    output is good, and how its last run went."""
+
+    #: idle (no step), running, ready (the output of ``key`` is there), failed (retrying).
+    state: str = "idle"
+    key: str | None = None
+    ready: str | None = None
+    error: str | None = None
+    log: str | None = None
+    runs: int = 0
+    failures: int = 0
+    #: Monotonic time before which a failed step is not run again.
+    retry_at: float = 0.0
+    last_duration_s: float | None = None
+    #: commit → key, for the few bases a pool was at lately.
+    keys: dict[str, str] = field(default_factory=dict)
+
+    def view(self) -> dict[str, Any]:
+        return {"state": self.state, "key": self.key, "ready": self.ready, "error": self.error, "log": self.log,
+                "runs": self.runs, "failures": self.failures, "last_duration_s": self.last_duration_s}  # fmt: skip
+
+
 class Pool:
     def __init__(self, config: PoolConfig, root: Path, git: GitRunner) -> None:
         self.config = config
@@ -66,7 +92,16 @@ class Pool:
         self.root = root
         self.slots_dir = root / "slots"
         self.mirror = Mirror(root / "mirror.git", config.repo_url, git)
-        self.kinds = {name: slot_kind(name, self.mirror) for name in KINDS}
+        self.layers = Layers(root, self.mirror)
+        #: Layers above the base that overlay slots mounted now stand on, topmost first (the
+        #: pool's files: and its last good prepared output; kept by ``prepare.Preparer``).
+        self.top_layers: tuple[str, ...] = ()
+        self.prepare = PrepareState()
+        self.kinds: dict[str, SlotKind] = {
+            "worktree": WorktreeSlots(self.mirror),
+            "shared-clone": CloneSlots(self.mirror),
+            "overlay": OverlaySlots(self.mirror, self.layers, root, lambda: self.top_layers),
+        }
         self.slots: dict[str, Slot] = {}
         self.waiters: deque[Waiter] = deque()
         self.limiter = anyio.CapacityLimiter(config.git_concurrency)
@@ -85,6 +120,8 @@ class Pool:
         self.delta = 0
         self.fetch = FetchState()
         self.fetch_lock = anyio.Lock()
+        #: One prepare refresh at a time (``prepare.Preparer.refresh``).
+        self.prepare_lock = anyio.Lock()
         self.became_ready = anyio.Event()
         self.bring_up_failures = 0
         self.create_failures = 0
@@ -198,4 +235,7 @@ class Pool:
             "waiting": len(self.waiters),
             "fetch": self.fetch.view(),
             "mirror": str(self.mirror.path),
+            "isolation": self.config.isolation,
+            "prepare": self.prepare.view() if self.config.prepare is not None else None,
+            "layers": list(self.top_layers),
         }

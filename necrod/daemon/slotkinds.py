@@ -1,4 +1,5 @@
-"""How a pool's slots stand on its mirror: git worktrees (the default) or shared clones.
+"""How a pool's slots stand on its mirror: git worktrees (the default) or shared clones (the
+third kind, ``overlay``, is ``overlayslots.py``).
 
 ``worktree``: ``git worktree add``. The slot's ``.git`` is a file naming an admin directory in
 the mirror (``worktrees/<n>``); every slot shares the mirror's config, hooks and refs. Cheapest,
@@ -43,7 +44,6 @@ from necrod.io.gitrun import GitRunner
 
 log = structlog.get_logger("necrod.slots")
 
-KINDS = ("worktree", "shared-clone")
 PIN_PREFIX = "refs/necrod/slots/"
 
 #: In a worktree's admin directory: files that must not be there.
@@ -54,6 +54,9 @@ _CLONE_FORBIDDEN = ("commondir", "config.worktree", "objects/info/http-alternate
 
 
 class SlotKind(Protocol):
+    """What a pool does with a slot of one kind. ``add``, ``reset`` and ``move`` return the
+    read-only layers the slot now stands on (only ``overlay`` slots have any)."""
+
     name: str
     mirror: Mirror
 
@@ -64,19 +67,60 @@ class SlotKind(Protocol):
     def pointer_problem(self, admin: str, path: str) -> str | None: ...
     def restore(self, admin: str, path: str) -> list[str]: ...
     def owns(self, directory: Path) -> bool: ...
-    async def add(self, path: Path, admin: str, commit: str, *, timeout: float) -> None: ...
+    async def add(self, path: Path, admin: str, commit: str, *, timeout: float) -> tuple[str, ...]: ...
+    async def reset(
+        self, admin: str, path: str, commit: str, clean_flags: str, *, timeout: float
+    ) -> tuple[str, ...]: ...
+    async def move(self, admin: str, path: str, commit: str, *, timeout: float) -> tuple[str, ...]: ...
+    async def mount_again(self, admin: str, path: str, layers: tuple[str, ...]) -> bool: ...
     async def remove(self, path: Path, admin: str, *, timeout: float) -> None: ...
     async def prune(self) -> None: ...
+    async def tidy(self) -> None: ...
+    def own_disk(self, admin: str, path: str) -> str: ...
     def pin(self, admin: str, commit: str) -> None: ...
     def object_dirs(self, admin: str, path: str) -> list[Path]: ...
     async def delete_branch(self, admin: str, path: str, branch: str, *, timeout: float) -> None: ...
     def forget(self, admin: str, path: str) -> None: ...
 
 
-def slot_kind(name: str, mirror: Mirror) -> SlotKind:
-    if name == "shared-clone":
-        return CloneSlots(mirror)
-    return WorktreeSlots(mirror)
+async def git_reset(kind: WorktreeSlots | CloneSlots, admin: str, path: str, commit: str, clean_flags: str,
+                    *, timeout: float) -> tuple[str, ...]:  # fmt: skip
+    """A git slot back to ``commit``: tracked files as committed, untracked (and ignored, with
+    -x) files gone, submodule directories emptied, nothing of the lease's own in its repository."""
+    kind.pin(admin, commit)
+    run = {"git_dir": kind.git_dir(admin, path), "work_tree": path, "cwd": path, "timeout": timeout}
+    await kind.git.run(["checkout", "--quiet", "--force", "--detach", commit], **run)  # type: ignore[arg-type]
+    await kind.git.run(["clean", "--quiet", clean_flags], **run)  # type: ignore[arg-type]
+    submodules = await kind.mirror.gitlinks(commit)
+    if submodules:
+        await anyio.to_thread.run_sync(empty_submodules, path, submodules)
+    await anyio.to_thread.run_sync(kind.forget, admin, path)
+    return ()
+
+
+async def git_move(kind: WorktreeSlots | CloneSlots, admin: str, path: str, commit: str,
+                   *, timeout: float) -> tuple[str, ...]:  # fmt: skip
+    """An idle, clean slot to a new base commit: only the tracked files that differ change."""
+    kind.pin(admin, commit)
+    await kind.git.run(["checkout", "--quiet", "--force", "--detach", commit], git_dir=kind.git_dir(admin, path),
+                       work_tree=path, cwd=path, timeout=timeout)  # fmt: skip
+    return ()
+
+
+def empty_submodules(path: str, submodules: list[str]) -> None:
+    """Each submodule's directory as a fresh checkout has it: there and empty. git leaves what
+    an agent put there (``submodule update --init``, then edits): its index holds only the
+    gitlink. Nothing there is followed; what is not a directory is replaced by one."""
+    for rel in submodules:
+        try:
+            if slotfs.kind(path, rel) == "dir":
+                for name in slotfs.list_dir(path, rel):
+                    slotfs.remove(path, f"{rel}/{name}")
+            else:
+                slotfs.remove(path, rel)
+                slotfs.ensure_dir(path, rel)
+        except OSError as exc:  # a symlink on the way: git's checkout put back the real path
+            raise OSError(f"cannot empty submodule directory {rel!r}: {exc}") from None
 
 
 def _slot_dir(path: str) -> bool:
@@ -170,7 +214,7 @@ class WorktreeSlots:
             slotfs.write_atomic(path, ".git", want)
         return changed
 
-    async def add(self, path: Path, admin: str, commit: str, *, timeout: float) -> None:
+    async def add(self, path: Path, admin: str, commit: str, *, timeout: float) -> tuple[str, ...]:
         """``git worktree add --detach`` at ``path``; leftovers of an earlier attempt go first."""
         stale_admin = self.git_dir(admin, str(path))
         if path.exists() or path.is_symlink():
@@ -183,6 +227,26 @@ class WorktreeSlots:
         dotgit = (slotfs.read_text(path, ".git") or "").strip()
         if dotgit != f"gitdir: {stale_admin}":
             raise OSError(f"git put the worktree's admin directory at {dotgit!r}, expected {stale_admin}")
+        return ()
+
+    async def reset(
+        self, admin: str, path: str, commit: str, clean_flags: str, *, timeout: float
+    ) -> tuple[str, ...]:
+        return await git_reset(self, admin, path, commit, clean_flags, timeout=timeout)
+
+    async def move(self, admin: str, path: str, commit: str, *, timeout: float) -> tuple[str, ...]:
+        return await git_move(self, admin, path, commit, timeout=timeout)
+
+    async def mount_again(self, admin: str, path: str, layers: tuple[str, ...]) -> bool:
+        """Nothing to mount: a worktree is a directory."""
+        return False
+
+    async def tidy(self) -> None:
+        """Nothing left behind: a reset removes what it removes at once."""
+
+    def own_disk(self, admin: str, path: str) -> str:
+        """Where the slot's own disk use is: all of it."""
+        return path
 
     def owns(self, directory: Path) -> bool:
         """Whether ``directory`` is a worktree of this mirror, as necrod lays them out."""
@@ -288,7 +352,7 @@ class CloneSlots:
             slotfs.write_atomic(root, ".git/objects/info/alternates", self.alternates)
         return changed
 
-    async def add(self, path: Path, admin: str, commit: str, *, timeout: float) -> None:
+    async def add(self, path: Path, admin: str, commit: str, *, timeout: float) -> tuple[str, ...]:
         """A repository of its own at ``path`` borrowing the mirror's objects, checked out
         (detached) at ``commit``; leftovers of an earlier attempt go first."""
         if path.exists() or path.is_symlink():
@@ -299,6 +363,26 @@ class CloneSlots:
         self.pin(admin, commit)
         await self.git.run(["checkout", "--quiet", "--force", "--detach", commit], git_dir=path / ".git",
                            work_tree=path, cwd=path, timeout=timeout)  # fmt: skip
+        return ()
+
+    async def reset(
+        self, admin: str, path: str, commit: str, clean_flags: str, *, timeout: float
+    ) -> tuple[str, ...]:
+        return await git_reset(self, admin, path, commit, clean_flags, timeout=timeout)
+
+    async def move(self, admin: str, path: str, commit: str, *, timeout: float) -> tuple[str, ...]:
+        return await git_move(self, admin, path, commit, timeout=timeout)
+
+    async def mount_again(self, admin: str, path: str, layers: tuple[str, ...]) -> bool:
+        """Nothing to mount: a shared clone is a directory."""
+        return False
+
+    async def tidy(self) -> None:
+        """Nothing left behind: a reset removes what it removes at once."""
+
+    def own_disk(self, admin: str, path: str) -> str:
+        """Where the slot's own disk use is: all of it."""
+        return path
 
     def owns(self, directory: Path) -> bool:
         return (

@@ -214,12 +214,12 @@ class Supervisor:
         for p in list(self.table.pools.values()):
             for slot in list(p.slots.values()):
                 if slot.state is SlotState.ALLOCATED:
-                    await self._measure(slot)
+                    await self._measure(p, slot)
             idle = [
                 s for s in p.slots.values() if s.state is SlotState.AVAILABLE and s.commit == p.base_commit
             ]
             if idle and p.base_commit and (p.clean_bytes is None or p.clean_bytes[0] != p.base_commit):
-                size = await self._measure(idle[0])
+                size = await self._measure(p, idle[0])
                 if size is not None:
                     p.clean_bytes = (p.base_commit, size)
             if p.clean_bytes is not None:
@@ -228,10 +228,11 @@ class Supervisor:
                         slot.disk_bytes = p.clean_bytes[1]
 
     @staticmethod
-    async def _measure(slot: Slot) -> int | None:
-        """Disk use of one slot (shown by ``necroctl slots -l``); measured here, never on the
-        cleanup path: a walk of a large checkout costs tens of milliseconds."""
-        slot.disk_bytes = await disk_usage(slot.path)
+    async def _measure(p: Pool, slot: Slot) -> int | None:
+        """Disk use of one slot, its own (an overlay slot's upper; shown by ``necroctl slots
+        -l``); measured here, never on the cleanup path: a walk of a large checkout costs tens
+        of milliseconds."""
+        slot.disk_bytes = await disk_usage(p.kind_of(slot).own_disk(slot.admin, slot.path))
         return slot.disk_bytes
 
     # --- salvage retention -------------------------------------------------------------------------

@@ -79,6 +79,7 @@ def load_config(path: Path) -> Config:
     # pools.yaml links into a timestamped directory the kubelet deletes at the next update.
     config = resolve_relative(parse_config(text, name), str(path.absolute().parent))
     check_local_repos(config)
+    check_slot_files(config)
     check_admin_group(config)
     return config
 
@@ -108,3 +109,18 @@ def check_local_repos(config: Config) -> None:
             raise config.error_at(key, f"{key}: {local} is not a git repository")
         if not os.access(p, os.R_OK | os.X_OK):
             raise config.error_at(key, f"{key}: {local} is not readable")
+
+
+def check_slot_files(config: Config) -> None:
+    """Each host file of a pool's ``files:`` must be a regular file necrod can read."""
+    for pool in config.pools.values():
+        key = f"pools.{pool.name}.files"
+        for slot_path, host in pool.files:
+            try:
+                st = os.stat(host)
+            except OSError as exc:
+                raise config.error_at(key, f"{key}.{slot_path}: {host}: {exc.strerror}") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise config.error_at(key, f"{key}.{slot_path}: {host} is not a regular file")
+            if not os.access(host, os.R_OK):
+                raise config.error_at(key, f"{key}.{slot_path}: {host} is not readable")

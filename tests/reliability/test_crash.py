@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from necrod.client import Client
-from necrod.daemon.slotkinds import KINDS
+from necrod.core.config.model import ISOLATIONS as KINDS
 from necrod.proto.errors import DaemonUnreachable, NecrodError, ResourceExhausted
 from tests.helpers import Necrod, git
 from tests.reliability.conftest import (

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from necrod.daemon.slotkinds import KINDS
+from necrod.core.config.model import ISOLATIONS as KINDS
 from tests.helpers import Necrod, cleanup_dir, commit_file, git, short_tmpdir, wait_for
 from tests.reliability.conftest import (
     FIGURES,
@@ -150,6 +150,7 @@ WRITE_TARGETS = {
     "worktree": ["necrod-salvage.index", "index", "commondir", "gitdir", "commondir.necrod-tmp", "/.git"],
     "shared-clone": ["necrod-salvage.index", "index", "config", "config.necrod-tmp",
                      "objects/info/alternates", "HEAD"],
+    "overlay": ["necrod-salvage.index", "index", "config", "config.necrod-tmp", "objects/info/alternates", "HEAD"],
 }  # fmt: skip
 FORMER_TARGETS = {"necrod-salvage.index", "commondir.necrod-tmp", "config.necrod-tmp"}
 
@@ -225,6 +226,8 @@ READ_TARGETS = {
                  "index:sparse", "/.git:sparse", "@config:fifo", "@config:sparse", "@packed-refs:fifo"],
     "shared-clone": ["config:fifo", "objects/info/alternates:fifo", "index:fifo", "HEAD:fifo",
                      "packed-refs:fifo", "config:sparse", "objects/info/alternates:sparse", "index:sparse"],
+    "overlay": ["config:fifo", "objects/info/alternates:fifo", "index:fifo", "HEAD:fifo",
+                "packed-refs:fifo", "config:sparse", "objects/info/alternates:sparse", "index:sparse"],
 }  # fmt: skip
 SPARSE_BYTES = 16 << 30
 
@@ -286,7 +289,8 @@ def test_a_fifo_or_a_huge_file_in_the_slot_never_stalls_the_daemon(scene: Scene,
 @pytest.mark.parametrize(
     ("kind", "where"),
     cases({"worktree": ["objects-fanout", "refs-necrod"],
-           "shared-clone": ["objects-fanout", "refs", "refs-necrod", "objects-pack"]}),
+           "shared-clone": ["objects-fanout", "refs", "refs-necrod", "objects-pack"],
+           "overlay": ["objects-fanout", "refs", "refs-necrod", "objects-pack"]}),
 )  # fmt: skip
 def test_salvage_writes_nothing_through_a_symlinked_git_directory(scene: Scene, where: str) -> None:
     trap = scene.outside / f"trap-{scene.kind}-{where}"

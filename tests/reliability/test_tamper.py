@@ -23,8 +23,9 @@ from typing import Any
 import pytest
 
 from necrod.client import Client
+from necrod.core.config.model import ISOLATIONS as KINDS
 from necrod.daemon.mirror import canonical_config
-from necrod.daemon.slotkinds import KINDS, clone_config
+from necrod.daemon.slotkinds import clone_config
 from tests.helpers import Necrod, cleanup_dir, commit_file, git, short_tmpdir, wait_for
 from tests.reliability.conftest import FIGURES, daemon_config, slots_by_id, wait_settled, workspaces_of
 
@@ -217,7 +218,7 @@ def assert_canonical(scene: Scene, slot: Path) -> None:
     assert not list((scene.mirror / "hooks").iterdir())
     assert not list((scene.mirror / "info").iterdir())
     assert not (scene.mirror / "objects" / "info" / "alternates").exists()
-    if scene.kind == "shared-clone":
+    if scene.kind != "worktree":
         own = slot / ".git"
         assert (own / "config").read_text() == clone_config(str(scene.origin))
         assert not list((own / "hooks").iterdir()) and not list((own / "info").iterdir())

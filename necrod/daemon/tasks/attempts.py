@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +34,7 @@ from necrod.daemon.tasks.runners import Runners
 from necrod.daemon.tasks.runs import Active, Spawn
 from necrod.daemon.tasks.taskbook import TaskBook
 from necrod.io.launchers import Exit, LaunchSpec, Run
+from necrod.io.steps import passed_through
 from necrod.io.store import Delete, Event, Put
 from necrod.proto.errors import (
     AlreadyExists,
@@ -51,8 +51,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("necrod.dispatch")
 
-#: Environment passed from the daemon to runners (nothing else of the daemon's leaks through).
-RUNNER_PASSTHROUGH = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "TERM")
 #: Launchers whose runners keep going through a daemon restart, found again by ``attempt.session``.
 OUTLIVE_DAEMON = ("tmux", "container", "kubernetes")
 
@@ -109,7 +107,7 @@ class Attempts:
                      link: HostLink | None) -> dict[str, str]:  # fmt: skip
         # On another host, PATH, HOME and the like come from that host's login (the runner
         # script passes them); here, from the daemon's own environment.
-        env = {} if link else {k: os.environ[k] for k in RUNNER_PASSTHROUGH if k in os.environ}
+        env = {} if link else passed_through()
         env.update(dict(profile.env))
         env.update(t.env)
         env.update({
@@ -211,12 +209,13 @@ class Attempts:
         self._spawn(self.watch, a)
 
     def _isolated_mirror(self, t: Task, profile: RunnerProfile) -> str:
-        """The mirror a contained runner may read: only a shared-clone pool's."""
+        """The mirror a contained runner may read: a shared-clone or overlay pool's (their slots
+        are repositories of their own that borrow its objects)."""
         pool = self.table.pool(t.pool)
-        if pool.config.isolation != "shared-clone":
+        if pool.config.isolation not in ("shared-clone", "overlay"):
             # A worktree's git metadata lives in the mirror, which the runner must not write.
-            raise OSError(f"{profile.launcher} runners need a pool with isolation: shared-clone ({t.pool} is "
-                          f"{pool.config.isolation})")  # fmt: skip
+            raise OSError(f"{profile.launcher} runners need a pool with isolation: shared-clone or overlay "
+                          f"({t.pool} is {pool.config.isolation})")  # fmt: skip
         return str(pool.mirror.path)
 
     def _container_launch(
