@@ -1,32 +1,36 @@
-"""The allocation path's quick check of a slot, against a real mirror and slots of both kinds."""
+"""The allocation path's quick check of a slot, against a real mirror and slots of every kind."""
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
 import pytest
 
-from necrod.daemon.mirror import Mirror
-from necrod.daemon.slotkinds import KINDS, SlotKind, slot_kind
+from necrod.core.config import PoolConfig
+from necrod.core.config.model import ISOLATIONS
+from necrod.daemon.pool import Pool
+from necrod.daemon.slotkinds import SlotKind
 from necrod.io.gitrun import GitRunner
-from tests.helpers import git
+from tests.helpers import delete_slot, git
 
 Slot = tuple[SlotKind, Path]
 
 
-@pytest.fixture(params=KINDS)
-def slot(request: pytest.FixtureRequest, tmp_path: Path, origin: Path) -> Slot:
-    mirror_path = tmp_path / "mirror.git"
-    git(tmp_path, "clone", "-q", "--bare", str(origin), str(mirror_path))
-    kind = slot_kind(request.param, Mirror(mirror_path, str(origin), GitRunner("git", os.environ)))
+@pytest.fixture(params=ISOLATIONS)
+def slot(request: pytest.FixtureRequest, tmp_path: Path, origin: Path) -> Iterator[Slot]:
+    pool = Pool(PoolConfig(name="p", repo_url=str(origin)), tmp_path, GitRunner("git", dict(os.environ)))
+    git(tmp_path, "clone", "-q", "--bare", str(origin), str(pool.mirror.path))
+    kind = pool.kinds[request.param]
     slot_path = tmp_path / "slots" / "1"
-    anyio.run(lambda: kind.add(slot_path, "1", git(mirror_path, "rev-parse", "main"), timeout=60))
+    anyio.run(lambda: kind.add(slot_path, "1", git(pool.mirror.path, "rev-parse", "main"), timeout=60))
     assert git(slot_path, "status", "--porcelain") == ""
-    return kind, slot_path
+    yield kind, slot_path
+    subprocess.run(["umount", "-l", str(slot_path)], capture_output=True, check=False)
 
 
 def test_a_whole_slot_passes(slot: Slot) -> None:
@@ -40,7 +44,11 @@ def test_a_whole_slot_passes(slot: Slot) -> None:
 
 def _dotgit_symlink(kind: SlotKind, path: Path) -> None:
     target = path.parent / "elsewhere"
-    (path / ".git").rename(target)
+    if (path / ".git").is_dir():
+        shutil.copytree(path / ".git", target, symlinks=True)
+        shutil.rmtree(path / ".git")
+    else:
+        (path / ".git").rename(target)
     (path / ".git").symlink_to(target)
 
 
@@ -67,7 +75,7 @@ def _head_gone(kind: SlotKind, path: Path) -> None:
 
 
 def _slot_gone(kind: SlotKind, path: Path) -> None:
-    shutil.rmtree(path)
+    delete_slot(path)
 
 
 def _dotgit_fifo(kind: SlotKind, path: Path) -> None:
@@ -95,10 +103,23 @@ def test_a_slot_stands_on_the_mirror_and_goes_without_a_trace(slot: Slot) -> Non
         assert (path / ".git" / "objects" / "info" / "alternates").read_text() == f"{mirror / 'objects'}\n"
         assert not list((path / ".git" / "objects").glob("??/*")), "objects were copied, not borrowed"
         assert git(mirror, "rev-parse", "refs/necrod/slots/1") == git(path, "rev-parse", "HEAD")
+    elif kind.name == "overlay":
+        # An overlay of a base layer borrowing the mirror's objects, pinned once for the layer.
+        assert os.path.ismount(path)
+        assert (path / ".git" / "objects" / "info" / "alternates").read_text() == f"{mirror / 'objects'}\n"
+        assert not list((path / ".git" / "objects").glob("??/*")), "objects were copied, not borrowed"
+        head = git(path, "rev-parse", "HEAD")
+        assert git(mirror, "for-each-ref", "--format=%(refname) %(objectname)", "refs/necrod/") == (
+            f"refs/necrod/layers/{head} {head}"
+        )
+        # Nothing of the work tree in the upper (git status may have written its index there).
+        upper = mirror.parent / "uppers" / "1" / "upper"
+        assert [str(p.relative_to(upper)) for p in upper.rglob("*") if p.is_file()] in ([], [".git/index"])
     else:
         # git itself counts a worktree's HEAD as reachable: no pin.
         assert (path / ".git").is_file() and (mirror / "worktrees" / "1").is_dir()
         assert git(mirror, "for-each-ref", "refs/necrod/slots/") == ""
     anyio.run(lambda: kind.remove(path, "1", timeout=60))
     assert not path.exists() and not (mirror / "worktrees" / "1").exists()
+    assert not (mirror.parent / "uppers" / "1").exists()
     assert git(mirror, "for-each-ref", "refs/necrod/slots/") == ""
