@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -225,6 +226,14 @@ def test_a_failing_step_keeps_the_pool_serving_and_says_why(
     view = wait_for(lambda: (v := pool_view(d)["prepare"])["state"] == "failed" and v, 30, what="the failure")
     assert "exited with 3" in view["error"] and "the step broke" in view["error"]
     assert Path(view["log"]).read_text() == "compiling\nthe step broke\n"
+    shown = d.call("pools.prepare_log", {"pool": "repo"})
+    assert shown["data"] == "compiling\nthe step broke\n" and shown["eof"] and shown["state"] == "failed"
+    ctl = [sys.executable, "-m", "necrod.ctl.main", "--socket", str(d.socket)]
+    assert (
+        subprocess.run([*ctl, "prepare-log", "repo"], capture_output=True, text=True).stdout == shown["data"]
+    )
+    listing = subprocess.run([*ctl, "pools"], capture_output=True, text=True).stdout
+    assert "failed" in listing.splitlines()[1] and "prepare failed: the prepare step exited with 3" in listing
     lease = d.call("slots.allocate", {"pool": "repo", "wait_s": 30})  # a bare slot, all the same
     assert (Path(lease["path"]) / "README").exists() and not (Path(lease["path"]) / "build").exists()
     with d.client() as c:

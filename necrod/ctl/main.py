@@ -150,6 +150,9 @@ def _parser() -> argparse.ArgumentParser:
         c_ = cmd(name, text)
         c_.add_argument("task_id", nargs="?")
         c_.add_argument("--batch")
+    pl = cmd("prepare-log", "the output of a pool's last prepare step")
+    pl.add_argument("pool")
+    pl.add_argument("-f", "--follow", action="store_true", help="keep printing until the step ends")
     lg = cmd("logs", "a task attempt's output")
     lg.add_argument("task_id")
     lg.add_argument("--attempt", type=int, help="default: the latest")
@@ -196,6 +199,20 @@ def _submission(args: argparse.Namespace) -> dict[str, Any]:
     if env:
         task["env"] = env
     return {"pool": args.pool, **task}
+
+
+def _prepare_log(args: argparse.Namespace, c: Client) -> int:
+    offset = 0
+    while True:
+        chunk = c.call("pools.prepare_log", {"pool": args.pool, "offset": offset})
+        if chunk["data"]:
+            sys.stdout.write(chunk["data"])
+            sys.stdout.flush()
+        offset = chunk["offset"]
+        if not args.follow or (chunk["eof"] and not chunk["data"]):
+            return EXIT_OK
+        if not chunk["data"]:
+            time.sleep(0.5)
 
 
 def _logs(args: argparse.Namespace, c: Client) -> int:
@@ -389,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
                 return _watch(args, client, as_json)
             if args.command == "logs":
                 return _logs(args, client)
+            if args.command == "prepare-log":
+                return _prepare_log(args, client)
             result, present = _run(args, client)
     except DaemonUnreachable as exc:
         print(f"necroctl: {exc.message}", file=sys.stderr)

@@ -62,9 +62,22 @@ def pools(r: dict[str, Any]) -> None:
                 f"{s['available']}/{s['allocated']}/{s['cleaning'] + s['creating']}/{s['error']}",
                 p["waiting"],
                 fetch,
+                _prepare(p.get("prepare")),
             )
         )
-    print(render.table(rows, ("POOL", "STATE", "BASE", "COMMIT", "AVAIL/ALLOC/BUSY/ERR", "WAITING", "FETCH")))
+    print(render.table(rows, ("POOL", "STATE", "BASE", "COMMIT", "AVAIL/ALLOC/BUSY/ERR", "WAITING", "FETCH",
+                              "PREPARE")))  # fmt: skip
+    for p in r["pools"]:
+        prep = p.get("prepare")
+        if prep and prep["state"] == "failed":
+            print(f"\n{p['name']}: prepare failed: {prep['error']}\n(necroctl prepare-log {p['name']})")
+
+
+def _prepare(prep: dict[str, Any] | None) -> str:
+    if not prep:
+        return "-"
+    ready = f" ({render.short(prep['ready'])})" if prep["ready"] and prep["ready"] != prep["key"] else ""
+    return f"{prep['state']}{ready}"
 
 
 def slots(r: dict[str, Any], long: bool) -> None:

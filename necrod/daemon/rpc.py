@@ -11,10 +11,13 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 from necrod import PROTOCOL_VERSION, __version__
 from necrod.core.names import check_lease_id, check_pool_name
 from necrod.core.tasks import Task
 from necrod.daemon.events import as_seen_by
+from necrod.io.steps import read_chunk
 from necrod.io.store import Event
 from necrod.proto.errors import InvalidParams, NotFound, PermissionDenied, UnsupportedProtocol
 from necrod.proto.methods import EVENT_TOPICS
@@ -80,6 +83,7 @@ class Api:
             "daemon.reload": self.reload,
             "pools.list": self.pools_list,
             "pools.get": self.pools_get,
+            "pools.prepare_log": self.prepare_log,
             "slots.list": self.slots_list,
             "slots.allocate": self.allocate,
             "slots.heartbeat": self.heartbeat,
@@ -136,6 +140,16 @@ class Api:
         view = pool.view()
         view["slots_detail"] = self.table.list_slots(pool.name, viewer=ctx.viewer)
         return view
+
+    async def prepare_log(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        pool = self.table.pool(params["pool"])
+        if pool.prepare.log is None:
+            raise NotFound(f"pool {pool.name} has run no prepare step", pool=pool.name)
+        offset, limit = params["offset"] or 0, params["limit"] or 256 * 1024
+        data = await anyio.to_thread.run_sync(read_chunk, pool.prepare.log, offset, limit)
+        running = pool.prepare.state == "running"
+        return {"pool": pool.name, "path": pool.prepare.log, "state": pool.prepare.state, "offset": offset + len(data),
+                "data": data.decode("utf-8", "replace"), "eof": not running and len(data) < limit}  # fmt: skip
 
     async def slots_list(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         return {"slots": self.table.list_slots(params["pool"], params["state"], ctx.viewer)}

@@ -86,3 +86,13 @@ def log_tail(log: Path, limit: int = 2048) -> str:
             return f.read().decode("utf-8", "replace").strip()
     except OSError:
         return ""
+
+
+def read_chunk(log: str | os.PathLike[str], offset: int, limit: int) -> bytes:
+    """Up to ``limit`` bytes of a step's log from ``offset`` (nothing past its end)."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(offset)
+            return f.read(limit)
+    except FileNotFoundError:
+        return b""

@@ -58,6 +58,11 @@ METHODS: dict[str, dict[str, Param]] = {
     "daemon.reload": {},
     "pools.list": {},
     "pools.get": {"pool": _s(required=True)},
+    "pools.prepare_log": {
+        "pool": _s(required=True),
+        "offset": _n(min=0, max=MAX_SAFE_INTEGER, integer=True),
+        "limit": _n(min=1, max=4 << 20, integer=True),
+    },
     "slots.list": {"pool": _s(), "state": _s(choices=SLOT_STATES)},
     "slots.allocate": {
         "pool": _s(required=True),
