@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -268,6 +269,28 @@ def test_held_uppers_survive_a_crash_and_a_reboot(
     d.wait_slots("repo", "available", 2, timeout=60)
     shown = d.call("salvage.show", {"lease_id": held["lease_id"]})
     assert {"status": "A", "path": "work.txt"} in shown["files"]
+
+
+@pytest.mark.parametrize("pause_s", [0.0, 0.05, 0.2])
+def test_a_kill_9_during_the_reset_is_recovered(
+    necrod_factory: Callable[..., Necrod], origin: Path, pause_s: float
+) -> None:
+    d = necrod_factory(overlay_pool(origin))
+    lease = d.call("slots.allocate", {"pool": "repo"})
+    slot = Path(lease["path"])
+    for i in range(200):
+        (slot / f"debris-{i}.txt").write_text("x" * 4096)
+    (slot / "README").write_text("the agent's edit\n")
+    d.call("slots.release", {"lease_id": lease["lease_id"]})
+    time.sleep(pause_s)
+    d.kill9()  # somewhere in salvage, the remount, or after
+    d.start()
+    d.wait_slots("repo", "available", 1, timeout=60)
+    again = d.call("slots.allocate", {"pool": "repo"})
+    assert again["path"] == lease["path"] and mounted(slot)
+    assert agent_git(slot, "status", "--porcelain", "--untracked-files=all") == ""
+    files = {f["path"] for f in d.call("salvage.show", {"lease_id": lease["lease_id"]})["files"]}
+    assert "README" in files and "debris-0.txt" in files
 
 
 def test_a_daemon_that_cannot_mount_refuses_overlay_and_says_what_is_missing(
