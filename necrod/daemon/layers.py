@@ -96,12 +96,13 @@ class Layers:
             git_dir = tmp / ".git"
             await self.git.run(["checkout", "--quiet", "--force", "--detach", commit], git_dir=git_dir,
                                work_tree=tmp, cwd=tmp, timeout=timeout)  # fmt: skip
-            # Files written in the same tick of the file system's clock as the index are
-            # "racily clean" to git, and every slot's first status would hash them again: wait
-            # for the clock to move on, then let git look once, here.
-            await anyio.sleep(0.02)
-            await self.git.run(["update-index", "-q", "--refresh"], git_dir=git_dir, work_tree=tmp, cwd=tmp,
-                               timeout=timeout, check=False)  # fmt: skip
+            # git (built without nanosecond timestamps) takes a file changed in the same second
+            # as its index was written for "racily clean", hashes it again at every status and
+            # rewrites the index: in a slot, into its upper, for every lease. So the files are
+            # dated two seconds back and git hashes them once, here, into an index written after.
+            await anyio.to_thread.run_sync(_date_back, tmp, 2.0)
+            await self.git.run(["update-index", "-q", "--refresh", "--force-write-index"], git_dir=git_dir,
+                               work_tree=tmp, cwd=tmp, timeout=timeout)  # fmt: skip
             os.rename(tmp, self.dir / name)
         except BaseException:
             with anyio.CancelScope(shield=True):
@@ -187,6 +188,16 @@ class Layers:
     def pinned_but_gone(self) -> list[str]:
         """Commits pinned for a base layer that is no longer on disk (after a crash)."""
         return [c for c in slotfs.list_dir(self.mirror.path, LAYER_PIN) if not self.exists(base_name(c))]
+
+
+def _date_back(root: Path, seconds: float) -> None:
+    """Set the modification time of every file of a fresh checkout ``seconds`` back."""
+    when = time.time() - seconds
+    for dirpath, dirnames, filenames in os.walk(root):
+        if dirpath == str(root):
+            dirnames[:] = [d for d in dirnames if d != ".git"]
+        for name in filenames:
+            os.utime(os.path.join(dirpath, name), (when, when), follow_symlinks=False)
 
 
 def read_host_file(host: str) -> tuple[bytes, int]:
