@@ -394,3 +394,13 @@ def test_the_necrocode_example_serves_slots(
         assert pools["another-project"]["slots"]["available"] == 2
         lease = c.allocate("my-project")
         assert status_porcelain(lease["path"]) == ""
+
+
+def test_a_local_origin_is_cloned_with_hard_links(necrod: Necrod, origin: Path) -> None:
+    mirror = Path(necrod.call("pools.get", {"pool": "repo"})["mirror"])
+    blob = git(origin, "rev-parse", "HEAD:README")
+    here, there = mirror / "objects" / blob[:2] / blob[2:], origin / ".git" / "objects" / blob[:2] / blob[2:]
+    assert here.stat().st_ino == there.stat().st_ino  # one file, not a copy
+    # Only the mirror's own refs: origin's branches came along with the clone and went.
+    assert git(mirror, "for-each-ref", "--format=%(refname)", "refs/heads/") == ""
+    assert git(mirror, "rev-parse", "refs/remotes/origin/main") == git(origin, "rev-parse", "main")

@@ -26,6 +26,7 @@ from pathlib import Path
 import anyio
 import structlog
 
+from necrod.core.config import local_repo_path
 from necrod.core.refs import parse_for_each_ref, parse_symref
 from necrod.core.retention import SalvageRef
 from necrod.io import slotfs
@@ -56,6 +57,17 @@ def canonical_config(repo_url: str) -> str:
         "\tfetch = +refs/tags/*:refs/tags/*\n"
         "\ttagOpt = --no-tags\n"
     )
+
+
+def _hard_linkable(origin: str, into: Path) -> bool:
+    """Whether a local origin's objects can be hard-linked into a mirror at ``into``: the same
+    file system, and none borrowed from elsewhere (an alternate would not come along)."""
+    try:
+        if os.stat(origin).st_dev != os.stat(into).st_dev:
+            return False
+    except OSError:
+        return False
+    return not any(os.path.exists(os.path.join(origin, d, "objects/info/alternates")) for d in ("", ".git"))
 
 
 def remove_path(path: Path) -> None:
@@ -187,8 +199,19 @@ class Mirror:
         tmp = self.path.with_name(self.path.name + ".new")
         if tmp.exists():
             await anyio.to_thread.run_sync(shutil.rmtree, tmp)
-        await self.git.run(["init", "--quiet", "--bare", "--template=", "--", str(tmp)], timeout=60)
-        # What init wrote is replaced by our own canonical files.
+        local = local_repo_path(self.repo_url)
+        if local is not None and _hard_linkable(local, self.path.parent):
+            # A local origin on this file system: its objects are hard-linked, not packed and
+            # copied (symfony, 391 MB: 2.9 s instead of 50 s). Its branches go; the fetch below
+            # makes the mirror's own refs, as for any origin.
+            await self.git.run(["clone", "--quiet", "--bare", "--local", "--template=", "--", local, str(tmp)],
+                               timeout=timeout)  # fmt: skip
+            heads = await self.git.run(["for-each-ref", "--format=delete %(refname)", "refs/heads/"],
+                                       git_dir=tmp, timeout=60)  # fmt: skip
+            await self.git.run(["update-ref", "--stdin"], git_dir=tmp, timeout=60, input=heads.stdout)
+        else:
+            await self.git.run(["init", "--quiet", "--bare", "--template=", "--", str(tmp)], timeout=60)
+        # What init (or clone) wrote is replaced by our own canonical files.
         keep = Mirror(tmp, self.repo_url, self.git)
         keep.restore_canonical()
         (tmp / "description").unlink(missing_ok=True)
