@@ -98,9 +98,9 @@ class Layers:
                                work_tree=tmp, cwd=tmp, timeout=timeout)  # fmt: skip
             # git (built without nanosecond timestamps) takes a file changed in the same second
             # as its index was written for "racily clean", hashes it again at every status and
-            # rewrites the index: in a slot, into its upper, for every lease. So the files are
+            # rewrites the index: in a slot, into its upper, for every lease. So those files are
             # dated two seconds back and git hashes them once, here, into an index written after.
-            await anyio.to_thread.run_sync(_date_back, tmp, 2.0)
+            await anyio.to_thread.run_sync(_date_back_racy, tmp)
             await self.git.run(["update-index", "-q", "--refresh", "--force-write-index"], git_dir=git_dir,
                                work_tree=tmp, cwd=tmp, timeout=timeout)  # fmt: skip
             os.rename(tmp, self.dir / name)
@@ -190,14 +190,18 @@ class Layers:
         return [c for c in slotfs.list_dir(self.mirror.path, LAYER_PIN) if not self.exists(base_name(c))]
 
 
-def _date_back(root: Path, seconds: float) -> None:
-    """Set the modification time of every file of a fresh checkout ``seconds`` back."""
-    when = time.time() - seconds
+def _date_back_racy(root: Path) -> None:
+    """Date the files of a fresh checkout that are as new as its index (to the second) two
+    seconds before it: the only ones git would take for racily clean."""
+    racy_from = int(os.stat(root / ".git" / "index").st_mtime)
+    when = racy_from - 2
     for dirpath, dirnames, filenames in os.walk(root):
         if dirpath == str(root):
             dirnames[:] = [d for d in dirnames if d != ".git"]
         for name in filenames:
-            os.utime(os.path.join(dirpath, name), (when, when), follow_symlinks=False)
+            path = os.path.join(dirpath, name)
+            if os.lstat(path).st_mtime >= racy_from:
+                os.utime(path, (when, when), follow_symlinks=False)
 
 
 def read_host_file(host: str) -> tuple[bytes, int]:
