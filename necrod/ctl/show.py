@@ -114,9 +114,25 @@ def event(e: dict[str, Any]) -> None:
 def submitted(r: dict[str, Any]) -> None:
     for t in r.get("tasks", [r]):
         key = f" ({t['key']})" if t.get("key") else ""
-        print(f"{t['task_id']}{key}: {t['state']}")
+        salvage = f"; its work is in {t['salvage_ref']}" if t.get("salvage_ref") else ""
+        print(f"{t['task_id']}{key}: {t['state']}{salvage}")
     if r.get("batch"):
         print(f"batch {r['batch']}")
+
+
+def runners(r: dict[str, Any]) -> None:
+    rows = [(p["name"], p["launcher"], f"{p['running']}/{p['max_concurrency']}",
+             ",".join(p["pools"]) if p["pools"] is not None else "all",
+             "paused" + (f": {p['pause']['reason']}" if p["pause"] and p["pause"].get("reason") else "")
+             if p["paused"] else "")
+            for p in r["runners"]]  # fmt: skip
+    print(render.table(rows, ("RUNNER", "LAUNCHER", "RUNNING", "POOLS", "PAUSED")))
+
+
+def refs(r: dict[str, Any]) -> None:
+    rows = [("branch", b["name"], b["commit"]) for b in r["branches"]]
+    rows += [("tag", t["name"], t["commit"]) for t in r["tags"]]
+    print(render.table(rows, ("KIND", "NAME", "COMMIT")))
 
 
 def tasks(r: dict[str, Any], graph: bool) -> None:

@@ -1,13 +1,13 @@
 """Which runner profiles, and which places (this host, other hosts), could run a task, by the
 config of the moment: the submit-time check and the candidates a scheduling pass chooses
-among. Owns ``DEFAULT_PROFILE``; reads the config and the names of this host's pools, and
-changes nothing."""
+among. Owns ``DEFAULT_PROFILE`` and which profiles an operator paused (the task book saves
+that); reads the config and the names of this host's pools."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from necrod.core.config import Config, DispatcherConfig, RunnerProfile
 from necrod.core.config.model import LAUNCHERS
@@ -27,6 +27,16 @@ class Profiles:
         self._config = config
         #: This host's pools (the engine's), by name.
         self._pools = pools
+        #: Paused profiles (``runners.pause``): name → {"reason", "by", "at"}. A paused profile
+        #: starts nothing; its running tasks go on.
+        self.paused: dict[str, dict[str, Any]] = {}
+
+    def paused_reason(self, name: str) -> str | None:
+        """Why profile ``name`` starts nothing now, as a waiting task shows it; None if it may."""
+        pause = self.paused.get(name)
+        if pause is None:
+            return None
+        return f"profile {name} is paused" + (f": {pause['reason']}" if pause.get("reason") else "")
 
     @property
     def cfg(self) -> DispatcherConfig:
@@ -51,7 +61,8 @@ class Profiles:
         return replace(DEFAULT_PROFILE, name=attempt.runner, launcher=launcher)
 
     def views(self) -> list[ProfileView]:
-        return [ProfileView(p.name, frozenset(p.skills), p.max_concurrency, frozenset(p.pools))
+        return [ProfileView(p.name, frozenset(p.skills), p.max_concurrency,
+                            frozenset(p.pools) if p.pools is not None else None, self.paused_reason(p.name))
                 for p in self._config().runners.values()]  # fmt: skip
 
     def places(self, task: Task) -> list[tuple[str | None, frozenset[str]]]:

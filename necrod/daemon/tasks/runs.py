@@ -45,11 +45,19 @@ class Active:
     stop: anyio.Event = field(default_factory=anyio.Event)
     stopped: anyio.Event = field(default_factory=anyio.Event)
     accounted_at: float = 0.0
+    #: Stop it with SIGKILL at once, without the profile's grace (``tasks.cancel`` with force).
+    force: bool = False
 
     def request_stop(self, reason: str) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
         self.stop.set()
+
+    def kill_now(self) -> None:
+        """SIGKILL the runner now, even if a stop with a grace is already under way."""
+        self.force = True
+        if self.run is not None:
+            self.run.kill()
 
 
 class Jobs:
