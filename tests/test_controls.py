@@ -312,7 +312,7 @@ def test_an_unknown_key_in_a_task_file_is_refused_with_a_hint(
     tasks.write_text("pool: repo\nrunner: ok\ntasks:\n  - key: a\n  - key: b\n    needs: [a]\n")
     out = ctl(d, "submit", "--file", str(tasks))
     assert out.returncode == 1 and "unknown key 'needs'" in out.stderr and "'depends_on'" in out.stderr
-    with pytest.raises(InvalidParams, match="priorty.*did you mean 'priority'"):
+    with pytest.raises(InvalidParams, match=r"priorty.*did you mean 'priority'"):
         d.call("tasks.submit", {"pool": "repo", "runner": "ok", "tasks": [{"priorty": 3}]})
     assert d.call("tasks.list")["tasks"] == []  # nothing of the batch was queued
 
