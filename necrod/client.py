@@ -186,7 +186,9 @@ class _Api(Generic[R]):
 
     def cancel(self, task_id: str | None = None, *, batch: str | None = None, reason: str | None = None,
                force: bool | None = None) -> R:  # fmt: skip
-        return self.call("tasks.cancel", _clean({"task_id": task_id, "batch": batch, "reason": reason, "force": force}))
+        return self.call(
+            "tasks.cancel", _clean({"task_id": task_id, "batch": batch, "reason": reason, "force": force})
+        )
 
     def update(self, task_id: str, *, priority: int | None = None, labels: list[str] | None = None) -> R:
         """Change a waiting task's priority or labels."""

@@ -156,7 +156,9 @@ def _parser() -> argparse.ArgumentParser:
     up = cmd("update", "change a queued task's priority or labels (the queue reorders at once)")
     up.add_argument("task_id")
     up.add_argument("--priority", type=int)
-    up.add_argument("--label", action="append", dest="labels", help="the task's labels, all of them (repeatable)")
+    up.add_argument(
+        "--label", action="append", dest="labels", help="the task's labels, all of them (repeatable)"
+    )
     cmd("runners", "runner profiles: launcher, limits, running tasks, paused or not")
     pa = cmd("pause", "pause a runner profile: it starts nothing; its running tasks finish")
     pa.add_argument("runner")

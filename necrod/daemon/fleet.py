@@ -413,7 +413,9 @@ class Fleet:
         for name in list(self.links):
             if name not in hosts or hosts[name] != self.links[name].config:
                 self.links.pop(name).close()
-                changes.append(f"removed host {name}" if name not in hosts else f"host {name} changed: reconnecting")
+                changes.append(
+                    f"removed host {name}" if name not in hosts else f"host {name} changed: reconnecting"
+                )
         for name, config in hosts.items():
             if name not in self.links:
                 link = HostLink(config, self.origin)

@@ -268,7 +268,9 @@ class ProcessRun(Run):
     asyncio's subprocess transports, which kill their processes when the event loop closes (a
     daemon stop must leave the runner running). Its end is awaited on a pidfd."""
 
-    def __init__(self, process: subprocess.Popen[bytes], exit_file: Path, cgroup: RunnerCgroup | None) -> None:
+    def __init__(
+        self, process: subprocess.Popen[bytes], exit_file: Path, cgroup: RunnerCgroup | None
+    ) -> None:
         self.process = process
         self.pid = process.pid
         self.exit_file = exit_file
