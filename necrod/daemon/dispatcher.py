@@ -67,7 +67,8 @@ class Dispatcher:
         self.jobs = Jobs()
         origin = origin_id(state_dir)
         self.runners = Runners(origin, state_dir, self.jobs.spawn)
-        self.profiles = Profiles(config=config, pools=lambda: table.pools)
+        self.profiles = Profiles(config=config, pools=lambda: table.pools, store=store, clock=self.clock,
+                                 wake=self.wake)  # fmt: skip
         self.book = TaskBook(store=store, config=config, pools=lambda: table.pools, profiles=self.profiles,
                              active=self.active, fair=self.fair, clock=self.clock, wake=self.wake,
                              stopping=lambda: self.stopping)  # fmt: skip
@@ -122,6 +123,7 @@ class Dispatcher:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         self.book.load()
+        self.profiles.load()
         try:
             async with anyio.create_task_group() as tg:
                 self.jobs.tg = tg

@@ -370,11 +370,11 @@ class Api:
         return {"runners": self.dispatcher.runner_views()}
 
     async def runners_pause(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        return await self.dispatcher.book.pause(params["runner"], paused=True, reason=params["reason"],
+        return await self.dispatcher.profiles.pause(params["runner"], paused=True, reason=params["reason"],
                                                 by=self._who(ctx))  # fmt: skip
 
     async def runners_resume(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        return await self.dispatcher.book.pause(params["runner"], paused=False, by=self._who(ctx))
+        return await self.dispatcher.profiles.pause(params["runner"], paused=False, by=self._who(ctx))
 
     async def pools_refs(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         return await self.keeper.refs(params["pool"], params["pattern"])

@@ -77,7 +77,6 @@ class TaskBook:
 
     def load(self) -> None:
         self.index.add(Task.from_row(row) for row in self.store.load("task").values())
-        self.profiles.paused = self.store.load("runner_pause")
         self.next_seq = max((t.seq + 1 for t in self.tasks.values()), default=1)
         meta = self.store.load("dispatcher").get("state", {})
         self.next_batch = int(meta.get("next_batch", 1))
@@ -403,24 +402,6 @@ class TaskBook:
             self._wake()
         return {"task_id": t.task_id, "state": str(t.state), "priority": t.priority, "labels": t.labels,
                 "changed": sorted(changed)}  # fmt: skip
-
-    async def pause(self, name: str, *, paused: bool, reason: str | None = None,
-                    by: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
-        """Pause (or resume) runner profile ``name``: paused, it starts nothing, and its running
-        tasks go on. Kept across restarts."""
-        self.profiles.profile(name)
-        was = self.profiles.paused.get(name)
-        if paused:
-            record = {"reason": reason, "by": by, "at": self.clock.wall()}
-            await self.store.write([Put("runner_pause", name, record),
-                                    Event("tasks", "runner.paused", {"runner": name, "reason": reason, "by": by})])  # fmt: skip
-            self.profiles.paused[name] = record
-        elif was is not None:
-            await self.store.write([Delete("runner_pause", name),
-                                    Event("tasks", "runner.resumed", {"runner": name, "by": by})])  # fmt: skip
-            self.profiles.paused.pop(name, None)
-        self._wake()
-        return {"runner": name, "paused": name in self.profiles.paused, "reason": reason if paused else None}
 
     async def retry(self, task_id: str | None, batch: str | None) -> dict[str, Any]:
         targets = self._targets(task_id, batch)
