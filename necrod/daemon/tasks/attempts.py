@@ -32,7 +32,7 @@ from necrod.daemon.lifecycle import Lifecycle
 from necrod.daemon.metrics import Metrics
 from necrod.daemon.slottable import SlotTable
 from necrod.daemon.tasks.runners import Runners
-from necrod.daemon.tasks.runs import Active, Spawn
+from necrod.daemon.tasks.runs import SALVAGE_WAIT_S, Active, Spawn
 from necrod.daemon.tasks.taskbook import TaskBook
 from necrod.io.launchers import Exit, LaunchSpec, Run
 from necrod.io.store import Delete, Event, Put
@@ -53,8 +53,6 @@ log = structlog.get_logger("necrod.dispatch")
 
 #: Environment passed from the daemon to runners (nothing else of the daemon's leaks through).
 RUNNER_PASSTHROUGH = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "TERM")
-#: How long a cancel waits for the cancelled attempt's work to be salvaged before it answers.
-SALVAGE_WAIT_S = 60.0
 #: Launchers whose runners keep going through a daemon restart, found again by ``attempt.session``
 #: (a process runner by its pid too).
 OUTLIVE_DAEMON = ("process", "tmux", "container", "kubernetes")

@@ -20,6 +20,9 @@ from necrod.io.launchers import Run
 
 log = structlog.get_logger("necrod.dispatch")
 
+#: How long a cancel waits for the cancelled attempt's work to be salvaged before it answers.
+SALVAGE_WAIT_S = 60.0
+
 #: ``spawn(func, *args)``: run ``func(*args)`` as a background job (``Jobs.spawn``).
 Spawn = Callable[..., None]
 
