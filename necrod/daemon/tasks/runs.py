@@ -20,8 +20,10 @@ from necrod.io.launchers import Run
 
 log = structlog.get_logger("necrod.dispatch")
 
-#: How long a cancel waits for the cancelled attempt's work to be salvaged before it answers.
-SALVAGE_WAIT_S = 60.0
+#: How long the end of a cancelled attempt waits for its work to be salvaged, so that the cancel
+#: answers with the salvage ref in place (a salvage takes well under a second; a slow one is
+#: not waited for past this).
+SALVAGE_WAIT_S = 10.0
 
 #: ``spawn(func, *args)``: run ``func(*args)`` as a background job (``Jobs.spawn``).
 Spawn = Callable[..., None]

@@ -34,7 +34,7 @@ from necrod.core.tasks import (
 from necrod.core.templates import TemplateError, check
 from necrod.daemon.salvage import REF_PREFIX as SALVAGE_PREFIX
 from necrod.daemon.tasks.profiles import Profiles
-from necrod.daemon.tasks.runs import SALVAGE_WAIT_S, Active
+from necrod.daemon.tasks.runs import Active
 from necrod.io.store import Delete, Event, Put, StateStore
 from necrod.proto.errors import FailedPrecondition, InvalidParams, NecrodError, NotFound, Unavailable
 from necrod.proto.methods import TASK_KEYS, did_you_mean
@@ -359,8 +359,9 @@ class TaskBook:
         for a in waits:
             if force:
                 a.kill_now()
-            # Its grace, 10 s to see it end, and the salvage the answer promises (Attempts).
-            with anyio.move_on_after((0 if force else a.profile.grace_s) + 15 + SALVAGE_WAIT_S):
+            # Its grace, 10 s to see it end, and a little for the salvage the answer names
+            # (Attempts waits up to SALVAGE_WAIT_S for it before the attempt is over).
+            with anyio.move_on_after((0 if force else a.profile.grace_s) + 15):
                 await a.stopped.wait()
         self._wake()
         out = [self._cancelled(t) for t in targets]
