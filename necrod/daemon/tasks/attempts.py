@@ -279,8 +279,6 @@ class Attempts:
         if clock.cancelled_caught:
             a.request_stop("timeout")
         if result is None:
-            if a.stop_reason == "shutdown" and profile.launcher in OUTLIVE_DAEMON and a.host is None:
-                return  # it keeps running; the next daemon finds it again
             await run.stop(0 if a.force else profile.grace_s)
             with anyio.move_on_after(10):
                 result = await run.wait()
@@ -370,8 +368,6 @@ class Attempts:
             return "stalled", f"wrote no output for {a.profile.output_timeout_s}s"
         if reason == "lease_lost":
             return "lease_lost", "its lease ended (no heartbeat within the lease TTL, or revoked)"
-        if reason == "shutdown":
-            return "interrupted", "the daemon stopped"
         if result is None:
             return "lost", "the runner's end was not seen"
         if result.start_failed:

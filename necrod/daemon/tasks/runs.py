@@ -45,7 +45,7 @@ class Active:
     #: The host it runs on (None: this one).
     host: str | None = None
     run: Run | None = None
-    #: Why we want it stopped: cancelled, timeout, stalled, lease_lost, shutdown.
+    #: Why we want it stopped: cancelled, timeout, stalled, lease_lost.
     stop_reason: str | None = None
     stop: anyio.Event = field(default_factory=anyio.Event)
     stopped: anyio.Event = field(default_factory=anyio.Event)
