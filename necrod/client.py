@@ -184,8 +184,29 @@ class _Api(Generic[R]):
         return self.call("tasks.list", _clean({"state": state, "pool": pool, "label": label, "batch": batch,
                                                "graph": graph or None}))  # fmt: skip
 
-    def cancel(self, task_id: str | None = None, *, batch: str | None = None) -> R:
-        return self.call("tasks.cancel", _clean({"task_id": task_id, "batch": batch}))
+    def cancel(self, task_id: str | None = None, *, batch: str | None = None, reason: str | None = None,
+               force: bool | None = None) -> R:  # fmt: skip
+        return self.call(
+            "tasks.cancel", _clean({"task_id": task_id, "batch": batch, "reason": reason, "force": force})
+        )
+
+    def update(self, task_id: str, *, priority: int | None = None, labels: list[str] | None = None) -> R:
+        """Change a waiting task's priority or labels."""
+        return self.call("tasks.update", _clean({"task_id": task_id, "priority": priority, "labels": labels}))
+
+    def runners(self) -> R:
+        return self.call("runners.list")
+
+    def pause(self, runner: str, reason: str | None = None) -> R:
+        """Pause a runner profile: it starts nothing until resumed; its running tasks go on."""
+        return self.call("runners.pause", _clean({"runner": runner, "reason": reason}))
+
+    def resume(self, runner: str) -> R:
+        return self.call("runners.resume", {"runner": runner})
+
+    def refs(self, pool: str, pattern: str | None = None) -> R:
+        """The branches and tags of a pool's origin, with their commits."""
+        return self.call("pools.refs", _clean({"pool": pool, "pattern": pattern}))
 
     def retry(self, task_id: str | None = None, *, batch: str | None = None) -> R:
         return self.call("tasks.retry", _clean({"task_id": task_id, "batch": batch}))

@@ -387,12 +387,12 @@ def test_a_restart_keeps_the_queue_and_the_tmux_runners(
         assert c.task(tm)["state"] == "running" and c.task(queued)["state"] == "queued"
         done = wait_state(d, tm, "succeeded", timeout=60)
         assert len(done["attempts"]) == 1 and marker.exists()
-        # The process runner stopped with the daemon: interrupted, run again, no retry used.
-        restarted = wait_for(
-            lambda: len(c.task(proc)["attempts"]) == 2 and c.task(proc), what="a new attempt"
-        )
-        assert restarted["attempts"][0]["outcome"] == "interrupted" and restarted["retries_used"] == 0
+        # The process runner went on too, adopted by its pid: the same attempt, no retry used.
+        adopted = c.task(proc)
+        assert adopted["state"] == "running" and len(adopted["attempts"]) == 1
+        assert alive(adopted["attempts"][0]["pid"]) and adopted["retries_used"] == 0
         c.cancel(proc)
+        assert not alive(adopted["attempts"][0]["pid"])
         wait_state(d, queued, "succeeded", timeout=60)
     tmux = subprocess.run(
         ["tmux", "-S", str(d.state_dir / "tmux.sock"), "ls"], capture_output=True, text=True
@@ -405,7 +405,7 @@ def test_a_restart_finds_runners_whose_profile_was_removed_meanwhile(
     necrod_factory: Callable[..., Necrod], origin: Path, workdir: Path
 ) -> None:
     """A profile removed from pools.yaml while the daemon was down must not keep it from
-    starting: its running task's runner is found again (tmux) or stopped (process)."""
+    starting: its running tasks' runners are found again, tmux and process alike."""
     log = workdir / "runs"
     runners = profile("tm", "sleep 60", launcher="tmux", lease_ttl_s=30)
     runners += profile("proc", f"echo $$ >> {log}; sleep 60", grace_s=1)
@@ -418,11 +418,11 @@ def test_a_restart_finds_runners_whose_profile_was_removed_meanwhile(
     assert d.config_path is not None
     d.config_path.write_text(config(origin, slots=3, runners=profile("other", "true")))
     d.start()
-    # The tmux runner is watched again and can be cancelled; the orphaned process is stopped.
-    assert task(d, tm)["state"] == "running"
-    wait_for(lambda: not alive(pid), 30, what="the orphaned process runner to be stopped")
-    done = wait_state(d, proc, "queued", "failed", "cancelled")
-    assert done["attempts"][0]["outcome"] == "interrupted"
+    # Both are watched again and can be cancelled.
+    assert task(d, tm)["state"] == "running" and task(d, proc)["state"] == "running" and alive(pid)
+    d.call("tasks.cancel", {"task_id": proc})
+    assert wait_state(d, proc, "cancelled")["attempts"][0]["outcome"] == "cancelled"
+    wait_for(lambda: not alive(pid), 30, what="the cancelled process runner to be stopped")
     d.call("tasks.cancel", {"task_id": tm})
     assert wait_state(d, tm, "cancelled")["attempts"][0]["outcome"] == "cancelled"
     tmux = subprocess.run(
@@ -441,9 +441,11 @@ def test_a_crash_leaves_no_process_runner_running_twice(
     first_pid = int(log.read_text().split()[0])
     d.kill9()
     d.start()
-    wait_for(lambda: len(log.read_text().split()) == 2, 30, what="the task to run again")
-    assert not alive(first_pid), "the orphaned runner is still alive"
+    # Adopted, not started again: one runner, still the first attempt.
+    time.sleep(1.5)
+    assert len(log.read_text().split()) == 1 and alive(first_pid)
     attempts = task(d, tid)["attempts"]
-    assert attempts[0]["outcome"] == "interrupted" and attempts[1]["outcome"] is None
+    assert len(attempts) == 1 and attempts[0]["outcome"] is None
     d.call("tasks.cancel", {"task_id": tid})
+    wait_for(lambda: not alive(first_pid), 30, what="the cancelled runner to be stopped")
     assert git(origin, "status", "--porcelain") == ""

@@ -35,7 +35,10 @@ class ProfileView:
     name: str
     skills: frozenset[str]
     max_concurrency: int
-    pools: frozenset[str] = frozenset()
+    #: The pools it serves (None: all).
+    pools: frozenset[str] | None = None
+    #: Why it starts nothing now (an operator paused it), or None.
+    paused: str | None = None
 
 
 def eligible(task: Task, profiles: Iterable[ProfileView], host_skills: frozenset[str] = frozenset()
@@ -49,7 +52,7 @@ def eligible(task: Task, profiles: Iterable[ProfileView], host_skills: frozenset
             continue
         if not set(task.skills) <= p.skills | host_skills:
             continue
-        if p.pools and task.pool not in p.pools:
+        if p.pools is not None and task.pool not in p.pools:
             continue
         out.append(p)
     return out
@@ -112,7 +115,8 @@ def order(tasks: Sequence[Task], policy: str, *, label_priority: Mapping[str, in
 def choose_profile(task: Task, profiles: Sequence[ProfileView], running: Mapping[str, int],
                    policy: str, host_skills: frozenset[str] = frozenset()) -> ProfileView | None:  # fmt: skip
     """The profile to run ``task`` on now, or None when every eligible one is full."""
-    free = [p for p in eligible(task, profiles, host_skills) if running.get(p.name, 0) < p.max_concurrency]
+    free = [p for p in eligible(task, profiles, host_skills)
+            if p.paused is None and running.get(p.name, 0) < p.max_concurrency]  # fmt: skip
     if not free:
         return None
     if policy == "skill":

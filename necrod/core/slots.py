@@ -53,6 +53,9 @@ class Lease:
     #: A dispatched task's runner uid (a container's or pod's ``user``), which heartbeats from
     #: inside the slot as someone else than the submitter.
     runner_uid: int | None = None
+    #: The caller's affinity key: the slot remembers it when released, and the next
+    #: allocation with the same key prefers it (warm build caches).
+    affinity: str | None = None
     #: Monotonic deadline; not persisted (after a restart every lease gets a fresh ttl_s).
     deadline: float = 0.0
 
@@ -99,6 +102,8 @@ _PERSISTED = (
     "kind",
     "layers",
     "prepared",
+    "affinity",
+    "held_s",
 )
 
 
@@ -142,6 +147,10 @@ class Slot:
     layers: tuple[str, ...] = ()
     #: The prepare key whose output a ``worktree`` or ``shared-clone`` slot holds (None: none).
     prepared: str | None = None
+    #: The affinity key of the lease it was last released from (``slots.allocate`` ``affinity``).
+    affinity: str | None = None
+    #: Seconds it was held by leases that have ended, all together.
+    held_s: float = 0.0
     # In memory only:
     version: int = 0
     #: A git process of ours is working in this slot right now.
@@ -186,10 +195,14 @@ class Slot:
         self.version += 1
         return True
 
-    def view(self, viewer: int | None = None) -> dict[str, Any]:
+    def view(self, viewer: int | None = None, now: float | None = None) -> dict[str, Any]:
         """What clients see of a slot. ``viewer`` is the uid of a non-admin peer: the lease id
-        is shown only to whoever may act on it (None: an admin, who sees them all)."""
+        is shown only to whoever may act on it (None: an admin, who sees them all). ``now``
+        (wall time) counts the current lease into the time held."""
         lease = self.lease
+        held = self.held_s + (
+            max(0.0, now - lease.granted_at) if lease is not None and now is not None else 0.0
+        )
         shown = lease is not None and (viewer is None or lease.held_by(viewer))
         return {
             "slot_id": self.slot_id,
@@ -211,18 +224,23 @@ class Slot:
             "kind": self.kind,
             "layers": list(self.layers),
             "prepared": self.prepared,
+            "created_at": self.created_at or None,
+            "held_s": round(held, 3),
+            "affinity": self.affinity,
         }
 
 
-def choose_slot(slots: Iterable[Slot], commit: str | None) -> Slot | None:
-    """The slot to hand out: an idle available one, at ``commit`` if any is, else the least
-    recently used (ties by number, so the choice is stable)."""
+def choose_slot(slots: Iterable[Slot], commit: str | None, affinity: str | None = None) -> Slot | None:
+    """The slot to hand out: an idle available one, last released under ``affinity`` if any
+    is, then at ``commit`` if any is, else the least recently used (ties by number, so the
+    choice is stable)."""
     best: Slot | None = None
-    best_key: tuple[int, float, int] | None = None
+    best_key: tuple[int, int, float, int] | None = None
     for slot in slots:
         if slot.state is not SlotState.AVAILABLE or slot.busy or slot.reserved:
             continue
-        key = (0 if commit is not None and slot.commit == commit else 1, slot.last_released_at, slot.number)
+        key = (0 if affinity is not None and slot.affinity == affinity else 1,
+               0 if commit is not None and slot.commit == commit else 1, slot.last_released_at, slot.number)  # fmt: skip
         if best_key is None or key < best_key:
             best, best_key = slot, key
     return best

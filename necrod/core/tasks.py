@@ -58,6 +58,10 @@ class Attempt:
     detail: str | None = None
     #: False when the attempt ended for a reason that is not the task's fault (a daemon restart).
     counts: bool = True
+    #: What the runner used: CPU seconds and the most memory it held at once (bytes), from its
+    #: cgroup, else from the kernel's count for its process (None where neither is known).
+    cpu_s: float | None = None
+    peak_memory_bytes: int | None = None
     #: The host it ran on (None: this one), the runner's directory there, and whether a runner
     #: written off while its host was unreachable still has to be stopped when the host returns.
     host: str | None = None
@@ -109,6 +113,9 @@ class Task:
     #: The uid that submitted the task: its leases are that uid's, and only it (or an admin)
     #: may cancel or retry it. None on tasks recorded before owners were: admins only.
     uid: int | None = None
+    #: Who cancelled it (``uid``, ``pid``, ``client``: the name it gave in ``hello``) and why.
+    cancelled_by: dict[str, Any] | None = None
+    cancel_reason: str | None = None
 
     def to_row(self) -> dict[str, Any]:
         row = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "attempts"}
@@ -144,6 +151,8 @@ class Task:
             "retries_used": self.retries_used, "max_retries": self.max_retries, "attempts": len(self.attempts),
             "owner_uid": self.uid,
         }  # fmt: skip
+        if self.cancelled_by is not None:
+            out["cancelled_by"], out["cancel_reason"] = self.cancelled_by, self.cancel_reason
         if self.next_attempt_at and self.state is TaskState.QUEUED:
             out["next_attempt_at"] = self.next_attempt_at
         if not brief:
@@ -151,7 +160,8 @@ class Task:
                 "command": self.command, "payload": self.payload if owner else None, "skills": self.skills,
                 "project": self.project, "timeout_s": self.timeout_s, "env": self.env if owner else None,
                 "ref": self.ref, "branch": self.branch, "failure_strategy": self.failure_strategy,
-                "attempts": [a.to_row() if owner else {**a.to_row(), "lease_id": None} for a in self.attempts],
+                "attempts": [{**a.to_row(), "duration_s": a.duration_s, **({} if owner else {"lease_id": None})}
+                             for a in self.attempts],
             })  # fmt: skip
         return out
 

@@ -150,6 +150,24 @@ def _parser() -> argparse.ArgumentParser:
         c_ = cmd(name, text)
         c_.add_argument("task_id", nargs="?")
         c_.add_argument("--batch")
+        if name == "cancel":
+            c_.add_argument("--reason", help="why (kept on the task and its event)")
+            c_.add_argument("--force", action="store_true", help="SIGKILL a running task at once, no grace")
+    up = cmd("update", "change a queued task's priority or labels (the queue reorders at once)")
+    up.add_argument("task_id")
+    up.add_argument("--priority", type=int)
+    up.add_argument(
+        "--label", action="append", dest="labels", help="the task's labels, all of them (repeatable)"
+    )
+    cmd("runners", "runner profiles: launcher, limits, running tasks, paused or not")
+    pa = cmd("pause", "pause a runner profile: it starts nothing; its running tasks finish")
+    pa.add_argument("runner")
+    pa.add_argument("--reason")
+    rs = cmd("resume", "resume a paused runner profile")
+    rs.add_argument("runner")
+    rf = cmd("refs", "the branches and tags of a pool's origin, with their commits")
+    rf.add_argument("pool")
+    rf.add_argument("--pattern", help="a glob on the name (release/*)")
     pl = cmd("prepare-log", "the output of a pool's last prepare step")
     pl.add_argument("pool")
     pl.add_argument("-f", "--follow", action="store_true", help="keep printing until the step ends")
@@ -320,8 +338,24 @@ def _run(args: argparse.Namespace, c: Client) -> tuple[Any, Callable[[Any], None
         case "cancel" | "retry":
             if (args.task_id is None) == (args.batch is None):
                 raise SystemExit(f"necroctl {args.command}: give a task id or --batch")
-            method = c.cancel if args.command == "cancel" else c.retry
-            return method(args.task_id, batch=args.batch), show.submitted
+            if args.command == "cancel":
+                return c.cancel(args.task_id, batch=args.batch, reason=args.reason,
+                                force=args.force or None), show.submitted  # fmt: skip
+            return c.retry(args.task_id, batch=args.batch), show.submitted
+        case "update":
+            if args.priority is None and args.labels is None:
+                raise SystemExit("necroctl update: give --priority or --label")
+            return c.update(args.task_id, priority=args.priority, labels=args.labels), lambda r: print(
+                f"{r['task_id']}: {r['state']}, priority {r['priority']}, labels {','.join(r['labels']) or '-'}"
+            )
+        case "runners":
+            return c.runners(), show.runners
+        case "pause":
+            return c.pause(args.runner, args.reason), lambda r: print(f"runner {r['runner']} paused")
+        case "resume":
+            return c.resume(args.runner), lambda r: print(f"runner {r['runner']} resumed")
+        case "refs":
+            return c.refs(args.pool, args.pattern), show.refs
         case "salvage":
             if args.salvage_command == "list":
                 return c.salvage_list(args.pool), lambda r: print(
@@ -385,8 +419,20 @@ def _watch(args: argparse.Namespace, c: Client, as_json: bool) -> int:
     return EXIT_OK
 
 
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """The arguments; for ``submit``, everything after ``--`` is the command, whatever options
+    stand before it or after the pool (argparse alone would take the pool and the command as one
+    group of positionals and refuse an option between them)."""
+    if "--" in argv and "submit" in argv[: argv.index("--")]:
+        cut = argv.index("--")
+        args = _parser().parse_args(argv[:cut])
+        args.argv = [*args.argv, *argv[cut + 1 :]]
+        return args
+    return _parser().parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(sys.argv[1:] if argv is None else list(argv))
     if args.command == "run":
         return run.main(args)
     as_json = getattr(args, "json", False)

@@ -83,11 +83,12 @@ def _prepare(prep: dict[str, Any] | None) -> str:
 def slots(r: dict[str, Any], long: bool) -> None:
     rows = []
     for s in r["slots"]:
+        # A held slot shows where its HEAD stands now, not where it was handed out.
         row: list[Any] = [
             s["slot_id"],
             s["state"],
-            render.short(s["commit"]),
-            s["branch"],
+            render.short(s.get("head_commit") or s["commit"]),
+            s.get("head_branch") or s["branch"],
             s["holder"],
             render.until(s["expires_at"]) if s["expires_at"] else None,
         ]
@@ -96,13 +97,14 @@ def slots(r: dict[str, Any], long: bool) -> None:
                 s["path"],
                 render.size(s.get("disk_bytes")),
                 s["allocations"],
+                f"{s['held_s']:.0f}s" if s.get("held_s") is not None else None,
                 render.ago(s["last_released_at"]),
                 s["error"],
             ]
         rows.append(row)
     headers = ["SLOT", "STATE", "COMMIT", "BRANCH", "HOLDER", "EXPIRES"]
     if long:
-        headers += ["PATH", "DISK", "USES", "LAST USED", "ERROR"]
+        headers += ["PATH", "DISK", "USES", "HELD", "LAST USED", "ERROR"]
     print(render.table(rows, headers))
 
 
@@ -127,9 +129,25 @@ def event(e: dict[str, Any]) -> None:
 def submitted(r: dict[str, Any]) -> None:
     for t in r.get("tasks", [r]):
         key = f" ({t['key']})" if t.get("key") else ""
-        print(f"{t['task_id']}{key}: {t['state']}")
+        salvage = f"; its work is in {t['salvage_ref']}" if t.get("salvage_ref") else ""
+        print(f"{t['task_id']}{key}: {t['state']}{salvage}")
     if r.get("batch"):
         print(f"batch {r['batch']}")
+
+
+def runners(r: dict[str, Any]) -> None:
+    rows = [(p["name"], p["launcher"], f"{p['running']}/{p['max_concurrency']}",
+             ",".join(p["pools"]) if p["pools"] is not None else "all",
+             "paused" + (f": {p['pause']['reason']}" if p["pause"] and p["pause"].get("reason") else "")
+             if p["paused"] else "")
+            for p in r["runners"]]  # fmt: skip
+    print(render.table(rows, ("RUNNER", "LAUNCHER", "RUNNING", "POOLS", "PAUSED")))
+
+
+def refs(r: dict[str, Any]) -> None:
+    rows = [("branch", b["name"], b["commit"]) for b in r["branches"]]
+    rows += [("tag", t["name"], t["commit"]) for t in r["tags"]]
+    print(render.table(rows, ("KIND", "NAME", "COMMIT")))
 
 
 def tasks(r: dict[str, Any], graph: bool) -> None:
@@ -157,7 +175,23 @@ def task(t: dict[str, Any]) -> None:
         print(f"  depends on {' '.join(t['depends_on'])}")
     if t.get("dependents"):
         print(f"  blocks {' '.join(t['dependents'])}")
+    if t.get("cancelled_by"):
+        by = t["cancelled_by"]
+        print(
+            f"  cancelled by uid {by.get('uid')} pid {by.get('pid')}"
+            + (f" ({by['client']})" if by.get("client") else "")
+        )
+
+    def used(a: dict[str, Any]) -> str:
+        cpu, peak = a.get("cpu_s"), a.get("peak_memory_bytes")
+        return " ".join(filter(None, (f"{cpu:.1f}s cpu" if cpu is not None else "",
+                                      f"{peak / (1 << 20):.0f}MiB" if peak is not None else "")))  # fmt: skip
+
     rows = [(a["number"], a["runner"], a["slot_id"], render.iso(a["started_at"]), render.iso(a["ended_at"]),
-             a["outcome"] or "running", a["exit_code"], a["detail"]) for a in t["attempts"]]  # fmt: skip
+             a["outcome"] or "running", a["exit_code"], used(a), a["detail"]) for a in t["attempts"]]  # fmt: skip
     if rows:
-        print(render.table(rows, ("#", "RUNNER", "SLOT", "STARTED", "ENDED", "OUTCOME", "EXIT", "DETAIL")))
+        print(
+            render.table(
+                rows, ("#", "RUNNER", "SLOT", "STARTED", "ENDED", "OUTCOME", "EXIT", "USED", "DETAIL")
+            )
+        )

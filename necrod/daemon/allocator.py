@@ -87,9 +87,11 @@ class Allocator:
         task_id: str | None = None,
         uid: int | None = None,
         runner_uid: int | None = None,
+        affinity: str | None = None,
     ) -> dict[str, Any]:
         """A lease on a slot of ``pool``, owned by ``uid`` (and, for a task's contained runner,
-        also usable by ``runner_uid``)."""
+        also usable by ``runner_uid``); with ``affinity``, preferably the idle slot last
+        released under that key."""
         started = time.perf_counter()
         p = self.table.pool(pool)
         if ref is not None:
@@ -113,7 +115,7 @@ class Allocator:
         target = await self._resolve_ref(p, ref, deadline) if ref is not None else None
         if branch is not None:
             self._check_branch_free(p, branch)
-        slot = None if p.waiters else self._choose_whole(p, target or p.base_commit)
+        slot = None if p.waiters else self._choose_whole(p, target or p.base_commit, affinity)
         if slot is None:
             if not wait:
                 c = p.by_state()
@@ -129,7 +131,7 @@ class Allocator:
                                   pool=p.name, state="repairing")  # fmt: skip
         result = await self._grant(
             p, slot, holder=holder, ttl_s=ttl_s or p.config.lease_ttl_s, target=target, branch=branch,
-            metadata=metadata or {}, task_id=task_id, uid=uid, runner_uid=runner_uid,
+            metadata=metadata or {}, task_id=task_id, uid=uid, runner_uid=runner_uid, affinity=affinity,
         )  # fmt: skip
         if p.config.metrics:
             self.metrics.allocations.labels(p.name).inc()
@@ -208,10 +210,10 @@ class Allocator:
         if slot.state is SlotState.AVAILABLE:
             self.offer(p, slot)
 
-    def _choose_whole(self, p: Pool, commit: str | None) -> Slot | None:
+    def _choose_whole(self, p: Pool, commit: str | None, affinity: str | None = None) -> Slot | None:
         """``choose_slot``, skipping (and sending to be rebuilt) slots damaged on disk since they
         were cleaned: a few stat calls, so nothing broken is ever handed out."""
-        while (slot := choose_slot(p.slots.values(), commit)) is not None:
+        while (slot := choose_slot(p.slots.values(), commit, affinity)) is not None:
             if self._whole(p, slot):
                 return slot
         return None
@@ -261,6 +263,7 @@ class Allocator:
     async def _grant(
         self, p: Pool, slot: Slot, *, holder: str | None, ttl_s: float, target: str | None, branch: str | None,
         metadata: dict[str, Any], task_id: str | None, uid: int | None, runner_uid: int | None,
+        affinity: str | None = None,
     ) -> dict[str, Any]:  # fmt: skip
         # Everything up to the first await is atomic: the slot is ours from here on.
         now_m, now_w = self.clock.monotonic(), self.clock.wall()
@@ -270,7 +273,7 @@ class Allocator:
         lease = Lease(
             lease_id=new_lease_id(), holder=holder, metadata=metadata, ttl_s=ttl_s, granted_at=now_w,
             expires_at=now_w + ttl_s, fencing_token=slot.fencing_token, start_commit=slot.commit,
-            task_id=task_id, uid=uid, runner_uid=runner_uid, deadline=now_m + ttl_s,
+            task_id=task_id, uid=uid, runner_uid=runner_uid, affinity=affinity, deadline=now_m + ttl_s,
         )  # fmt: skip
         slot.state = SlotState.ALLOCATED
         slot.lease = lease
@@ -407,6 +410,8 @@ class Allocator:
         slot.salvage_note = f"holder {lease.holder}" if lease.holder else None
         slot.salvage_uid = lease.uid
         slot.last_released_at = self.clock.wall()
+        slot.held_s += max(0.0, slot.last_released_at - lease.granted_at)
+        slot.affinity = lease.affinity
         self.table.let_go(lease.lease_id)
         if slot.isolate is not None:
             slot.state = SlotState.ERROR

@@ -9,10 +9,11 @@ before the slot is salvaged). Success releases the slot; anything else salvages 
 failure is retried with exponential backoff up to ``max_retries``; a task that finally fails
 or is cancelled blocks the tasks that depend on it.
 
-Restarts: tasks and attempts are in the state database. tmux runners keep running across a
-daemon restart and are found again by session name; a process runner does not survive its
-daemon, and an orphan left by a crash is stopped. Either way an attempt cut short by the daemon
-is recorded as ``interrupted`` and does not use up a retry.
+Restarts: tasks and attempts are in the state database. Local runners keep running across a
+daemon stop, restart or crash: tmux sessions are found again by name, process runners by their
+pid (checked against their command line), and a runner that ended meanwhile is known by the
+exit record its wrapper left. An attempt the daemon could not find again (a reboot) is recorded
+as ``interrupted`` and does not use up a retry.
 
 This module is the front door: ``Dispatcher`` builds the rooms of ``necrod.daemon.tasks`` (the
 task book, placement, attempts, recovery, the host watch, and what they share), hands each what
@@ -34,6 +35,7 @@ from anyio.abc import TaskStatus
 
 from necrod.core.clock import Clock
 from necrod.core.config import Config, DispatcherConfig
+from necrod.core.config.runners import dispatch_changes
 from necrod.core.scheduler import FairShare
 from necrod.core.tasks import Task
 from necrod.daemon.allocator import Allocator
@@ -65,7 +67,8 @@ class Dispatcher:
         self.jobs = Jobs()
         origin = origin_id(state_dir)
         self.runners = Runners(origin, state_dir, self.jobs.spawn)
-        self.profiles = Profiles(config=config, pools=lambda: table.pools)
+        self.profiles = Profiles(config=config, pools=lambda: table.pools, store=store, clock=self.clock,
+                                 wake=self.wake)  # fmt: skip
         self.book = TaskBook(store=store, config=config, pools=lambda: table.pools, profiles=self.profiles,
                              active=self.active, fair=self.fair, clock=self.clock, wake=self.wake,
                              stopping=lambda: self.stopping)  # fmt: skip
@@ -120,6 +123,7 @@ class Dispatcher:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         self.book.load()
+        self.profiles.load()
         try:
             async with anyio.create_task_group() as tg:
                 self.jobs.tg = tg
@@ -133,8 +137,9 @@ class Dispatcher:
                 await self.runners.aclose()
 
     def apply_config(self, config: Config) -> list[str]:
-        """What a reload changes here: the hosts (links are opened, restarted or closed)."""
-        return self.fleet.apply(config.hosts)
+        """What a reload changes here: runner profiles and dispatcher settings (read from the
+        config at each use: only said), and the hosts (links opened, restarted or closed)."""
+        return dispatch_changes(self._config(), config) + self.fleet.apply(config.hosts)
 
     # --- the task book ----------------------------------------------------------------------------
 
@@ -159,8 +164,9 @@ class Dispatcher:
     def counts(self) -> dict[str, int]:
         return self.book.counts()
 
-    async def cancel(self, task_id: str | None, batch: str | None) -> dict[str, Any]:
-        return await self.book.cancel(task_id, batch)
+    async def cancel(self, task_id: str | None, batch: str | None, *, reason: str | None = None,
+                     force: bool = False, by: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+        return await self.book.cancel(task_id, batch, reason=reason, force=force, by=by)
 
     async def retry(self, task_id: str | None, batch: str | None) -> dict[str, Any]:
         return await self.book.retry(task_id, batch)
@@ -168,20 +174,22 @@ class Dispatcher:
     # --- stopping ---------------------------------------------------------------------------------
 
     async def stop(self) -> None:
-        """No new task starts; process runners are stopped (their tasks re-queued, no retry used);
-        tmux and remote runners keep running for the next daemon."""
+        """No new task starts; every runner keeps running for the next daemon, which finds it
+        again (``Recovery``)."""
         self.stopping = True
-        waits = []
-        for a in list(self.active.values()):
-            if a.profile.launcher == "process" and a.host is None:
-                a.request_stop("shutdown")
-                waits.append(a)
-        for a in waits:
-            with anyio.move_on_after(a.profile.grace_s + 15):
-                await a.stopped.wait()
         self.runners.cgroup_parents.tidy()
 
     # --- hosts and status -------------------------------------------------------------------------
+
+    def runner_views(self) -> list[dict[str, Any]]:
+        """The runner profiles: launcher, limits, pools, running tasks, and whether paused."""
+        running = Counter(a.profile.name for a in self.active.values())
+        return [{"name": p.name, "launcher": p.launcher, "max_concurrency": p.max_concurrency,
+                 "running": running.get(p.name, 0), "skills": list(p.skills),
+                 "pools": list(p.pools) if p.pools is not None else None, "memory_limit": p.memory_limit,
+                 "cpu_limit": p.cpu_limit, "paused": name in self.profiles.paused,
+                 "pause": self.profiles.paused.get(name)}
+                for name, p in self._config().runners.items()]  # fmt: skip
 
     def hosts(self) -> list[dict[str, Any]]:
         return self.hostwatch.hosts()
@@ -191,4 +199,6 @@ class Dispatcher:
         return {"tasks": self.counts(), "running_by_profile": dict(running), "stalled": self.stalled,
                 "policy": self.cfg.policy, "memory_cgroups": self.runners.cgroups,
                 "runner_cgroups": self.runners.cgroup_parents.unified is not None,
+                "cpu_cgroups": self.runners.cgroup_parents.cpu[1] if self.runners.cgroup_parents.cpu else None,
+                "paused": sorted(self.profiles.paused),
                 "fair_share_usage": self.fair.snapshot(self.clock.monotonic())}  # fmt: skip

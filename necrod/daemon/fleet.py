@@ -413,8 +413,9 @@ class Fleet:
         for name in list(self.links):
             if name not in hosts or hosts[name] != self.links[name].config:
                 self.links.pop(name).close()
-                if name not in hosts:
-                    changes.append(f"removed host {name}")
+                changes.append(
+                    f"removed host {name}" if name not in hosts else f"host {name} changed: reconnecting"
+                )
         for name, config in hosts.items():
             if name not in self.links:
                 link = HostLink(config, self.origin)
@@ -422,7 +423,8 @@ class Fleet:
                 self.links[name] = link
                 if self._tg is not None:
                     self._tg.start_soon(link.run)
-                changes.append(f"host {name}: {config.address}")
+                if not any(c.startswith(f"host {name} changed") for c in changes):
+                    changes.append(f"host {name}: {config.address}")
         return changes
 
     def link(self, name: str) -> HostLink:

@@ -13,6 +13,7 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 _FAST = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_MEMORY = tuple(float(m << 20) for m in (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 65536))
 _SLOW = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
 
 
@@ -74,6 +75,14 @@ class Metrics:
         self.attempt_seconds = Histogram(
             "necrod_task_attempt_seconds", "Duration of task attempts.", ["runner"], buckets=_SLOW, registry=r
         )
+        self.runner_cpu_seconds = Counter(
+            "necrod_runner_cpu_seconds", "CPU seconds task attempts used, by runner profile.", ["runner"],
+            registry=r,
+        )  # fmt: skip
+        self.runner_peak_memory = Histogram(
+            "necrod_runner_peak_memory_bytes", "Peak memory of task attempts, by runner profile.", ["runner"],
+            buckets=_MEMORY, registry=r,
+        )  # fmt: skip
         self.tasks_finished = Counter(
             "necrod_task_attempts_finished",
             "Task attempts ended, by outcome (throughput, success rate).",
@@ -86,6 +95,13 @@ class Metrics:
 
     def add_gauges(self, collect: Callable[[], Iterable[Metric]]) -> None:
         self.registry.register(_Gauges(collect))
+
+    def runner_usage(self, runner: str, cpu_s: float | None, peak_memory_bytes: int | None) -> None:
+        """Count what one attempt of ``runner`` used (per profile: tasks would be too many series)."""
+        if cpu_s is not None:
+            self.runner_cpu_seconds.labels(runner).inc(cpu_s)
+        if peak_memory_bytes is not None:
+            self.runner_peak_memory.labels(runner).observe(peak_memory_bytes)
 
     def render(self) -> str:
         return generate_latest(self.registry).decode()

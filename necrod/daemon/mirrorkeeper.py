@@ -9,6 +9,7 @@ jobs and the gate.
 
 from __future__ import annotations
 
+import fnmatch
 import time
 from collections.abc import Callable
 from typing import Any
@@ -188,6 +189,24 @@ class MirrorKeeper:
             return problem, "refetched" + (f", still broken: {after}" if after else "")
         finally:
             p.verifying = False
+
+    # --- what a pool offers -----------------------------------------------------------------------
+
+    async def refs(self, pool: str, pattern: str | None = None) -> dict[str, Any]:
+        """The branches and tags of ``pool``'s origin as last fetched, with their commits (tags
+        peeled): what a caller may ask for as ``ref``. ``pattern``: a glob on the short name."""
+        p = self.table.pool(pool)
+        branches, tags = [], []
+        for name, commit in sorted(p.refs.items()):
+            if name.startswith("refs/remotes/origin/") and name != "refs/remotes/origin/HEAD":
+                branches.append({"name": name.removeprefix("refs/remotes/origin/"), "commit": commit})
+            elif name.startswith("refs/tags/"):
+                tags.append({"name": name.removeprefix("refs/tags/"), "commit": commit})
+        if pattern is not None:
+            branches = [b for b in branches if fnmatch.fnmatchcase(b["name"], pattern)]
+            tags = [t for t in tags if fnmatch.fnmatchcase(t["name"], pattern)]
+        return {"pool": p.name, "base": p.base_ref, "base_commit": p.base_commit,
+                "fetched_at": p.fetch.last_ok_at, "branches": branches, "tags": tags}  # fmt: skip
 
     # --- salvage retention ------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -17,6 +18,7 @@ from necrod import PROTOCOL_VERSION, __version__
 from necrod.core.names import check_lease_id, check_pool_name
 from necrod.core.tasks import Task
 from necrod.daemon.events import as_seen_by
+from necrod.io.slotfs import read_head
 from necrod.io.steps import read_chunk
 from necrod.io.store import Event
 from necrod.proto.errors import InvalidParams, NotFound, PermissionDenied, UnsupportedProtocol
@@ -103,6 +105,11 @@ class Api:
             "tasks.list": self.tasks_list,
             "tasks.cancel": self.tasks_cancel,
             "tasks.retry": self.tasks_retry,
+            "tasks.update": self.tasks_update,
+            "runners.list": self.runners_list,
+            "runners.pause": self.runners_pause,
+            "runners.resume": self.runners_resume,
+            "pools.refs": self.pools_refs,
             "tasks.logs": self.tasks_logs,
             "hosts.list": self.hosts_list,
         }.items():
@@ -152,7 +159,27 @@ class Api:
                 "data": data.decode("utf-8", "replace"), "eof": not running and len(data) < limit}  # fmt: skip
 
     async def slots_list(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        return {"slots": self.table.list_slots(params["pool"], params["state"], ctx.viewer)}
+        slots = self.table.list_slots(params["pool"], params["state"], ctx.viewer)
+        held = [s for s in slots if s["state"] == "allocated"]
+        if held:
+            # Where each held slot's HEAD stands now: a few small files each, read in a worker
+            # thread (they are the agent's, and may be on a slow disk).
+            where = [self._git_dir(s["slot_id"]) for s in held]
+            heads = await anyio.to_thread.run_sync(
+                lambda: [read_head(*w) if w else (None, None) for w in where]
+            )
+            for s, (commit, branch) in zip(held, heads, strict=True):
+                s["head_commit"], s["head_branch"] = commit, branch
+        return {"slots": slots}
+
+    def _git_dir(self, slot_id: str) -> tuple[Path, str, str | None] | None:
+        """Where a slot's HEAD is (``read_head``'s arguments)."""
+        try:
+            slot = self.table.slot(slot_id)
+            root, git_dir = self.table.pool(slot.pool).kind_of(slot).git_dir_at(slot.admin, slot.path)
+        except NotFound:
+            return None
+        return root, git_dir, None if slot.kind == "worktree" else git_dir
 
     async def allocate(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         lease = await self.allocator.allocate(
@@ -164,6 +191,7 @@ class Api:
             wait_s=params["wait_s"],
             metadata=params["metadata"],
             uid=ctx.peer.uid,
+            affinity=params["affinity"],
         )
         # A lease nobody heard about (the caller vanished while queued) goes back at once.
         ctx.undelivered.append(lambda: self.allocator.abandon(lease["lease_id"]))
@@ -335,9 +363,33 @@ class Api:
             result["levels"] = dispatcher.graph(tasks)
         return result
 
+    @staticmethod
+    def _who(ctx: CallContext) -> dict[str, Any]:
+        """Who made a call, as tasks and events record it."""
+        return {"uid": ctx.peer.uid, "pid": ctx.peer.pid, "client": ctx.client}
+
     async def tasks_cancel(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         self._own_tasks(ctx, params["task_id"], params["batch"])
-        return await self.dispatcher.cancel(params["task_id"], params["batch"])
+        return await self.dispatcher.cancel(params["task_id"], params["batch"], reason=params["reason"],
+                                            force=bool(params["force"]), by=self._who(ctx))  # fmt: skip
+
+    async def tasks_update(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        self._own_tasks(ctx, params["task_id"], None)
+        return await self.dispatcher.book.update(params["task_id"], priority=params["priority"],
+                                                 labels=params["labels"], by=self._who(ctx))  # fmt: skip
+
+    async def runners_list(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        return {"runners": self.dispatcher.runner_views()}
+
+    async def runners_pause(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        return await self.dispatcher.profiles.pause(params["runner"], paused=True, reason=params["reason"],
+                                                by=self._who(ctx))  # fmt: skip
+
+    async def runners_resume(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        return await self.dispatcher.profiles.pause(params["runner"], paused=False, by=self._who(ctx))
+
+    async def pools_refs(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        return await self.keeper.refs(params["pool"], params["pattern"])
 
     async def tasks_retry(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         self._own_tasks(ctx, params["task_id"], params["batch"])

@@ -118,8 +118,9 @@ class SlotTable:
     ) -> list[dict[str, Any]]:
         """Slot views; ``viewer`` (a non-admin's uid) sees only its own lease ids."""
         pools = [self.pool(pool)] if pool is not None else list(self.pools.values())
+        now = self.clock.wall()
         return [
-            slot.view(viewer)
+            slot.view(viewer, now)
             for p in pools
             for slot in sorted(p.slots.values(), key=lambda s: s.number)
             if state is None or slot.state == state

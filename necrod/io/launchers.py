@@ -1,15 +1,18 @@
 """Starting, watching and stopping runners: a process of our own, or a tmux session.
 
-Both launchers run the command through ``runshim`` (cgroup and limits first), in the slot's
+Both launchers run the command through ``runshim`` (cgroups and limits first), in the slot's
 directory, with exactly the environment given, in a process group of its own, with stdout and
-stderr appended to the attempt's log file.
+stderr appended to the attempt's log file. ``runshim`` stays as the command's parent and writes
+how it ended (exit status, CPU seconds, peak memory, or why it could not start) to a file
+beside the log, so that a daemon that did not start the runner can still learn its end.
 
-- ``process``: a child of the daemon; its exit is noticed at once. It does not outlive the
-  daemon: a daemon stop ends it, and after a crash the orphan is stopped and its task re-queued.
+- ``process``: a child of the daemon, in a session of its own; its exit is noticed at once.
+  It outlives the daemon: a stop or restart leaves it running (the systemd unit's
+  ``KillMode=process`` leaves it alone too), and the next daemon adopts it by its pid, checked
+  against its command line, and reads its end from the exit file. A reboot ends it.
 - ``tmux``: a session ``necro-<task>-<attempt>`` on necrod's own tmux server (its own socket, so
   operators' tmux is untouched). An operator can attach to watch or help. The session outlives
-  a daemon restart and is found again by name; a small wrapper script records the exit status
-  in a file, and tmux's ``pipe-pane`` copies the output to the log.
+  a daemon restart and is found again by name; tmux's ``pipe-pane`` copies the output to the log.
 
 Stopping is always the same: SIGTERM to the process group (and to everything in the runner's
 cgroup), a grace, then SIGKILL. When the runner has ended, by itself or stopped, whatever is
@@ -19,6 +22,7 @@ left in its cgroup (a child that left the process group with ``setsid``) is kill
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -30,11 +34,13 @@ from pathlib import Path
 import anyio
 import structlog
 
-from necrod.io.cgroups import RunnerCgroup, RunnerCgroups
+from necrod.io.cgroups import LimitUnenforceable, RunnerCgroup, RunnerCgroups
 
 log = structlog.get_logger("necrod.launch")
 
 TMUX_POLL_S = 0.25
+#: How often an adopted process runner (not our child: no exit notification) is looked at.
+ADOPTED_POLL_S = 0.25
 TMUX_SESSION_CHECK_EVERY = 8
 #: After cgroup.kill, its processes are gone within milliseconds unless the kernel holds one.
 CGROUP_DRAIN_S = 5.0
@@ -48,6 +54,8 @@ class LaunchSpec:
     env: dict[str, str]
     log: Path
     memory_limit: int | None = None
+    #: CPUs the runner may use (1.5: one and a half), enforced by its cgroup.
+    cpu_limit: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,25 +67,86 @@ class Exit:
     lost: bool = False
     #: Why, when the launcher knows better than "lost".
     detail: str | None = None
+    #: The command could not be started at all (not found, not executable): why.
+    start_failed: str | None = None
+    #: What the kernel counted for the command (``getrusage``), when it was recorded.
+    cpu_s: float | None = None
+    peak_rss_bytes: int | None = None
+
+
+def runner_files(log: Path) -> tuple[Path, Path, Path]:
+    """A runner's wrapper script (tmux), its start signal (tmux), and its exit record, beside
+    its log."""
+    stem = log.with_suffix("")
+    return stem.with_suffix(".sh"), stem.with_suffix(".go"), stem.with_suffix(".exit")
+
+
+def read_exit(exit_file: Path, cgroup: RunnerCgroup | None) -> Exit | None:
+    """The end ``runshim`` recorded (JSON; a bare number from a shell), or None before it has."""
+    try:
+        text = exit_file.read_text()[:4096].strip()
+    except OSError:
+        return None
+    oom = cgroup.oom_killed() if cgroup else False
+    if text.lstrip("-").isdigit():
+        code = int(text)
+        if code > 128:  # the shell reports "killed by signal n" as 128+n
+            return Exit(code=None, signal=code - 128, oom=oom)
+        return Exit(code=code, oom=oom)
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(record, dict):
+        return None
+
+    def number(key: str) -> float | None:
+        value = record.get(key)
+        return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+    status, sig = number("code"), number("signal")
+    failed = record.get("start_failed")
+    peak = number("peak_rss_bytes")
+    return Exit(code=int(status) if status is not None else None, signal=int(sig) if sig is not None else None,
+                oom=oom, start_failed=str(failed) if failed else None, cpu_s=number("cpu_s"),
+                peak_rss_bytes=int(peak) if peak is not None else None)  # fmt: skip
 
 
 def _shim(spec: LaunchSpec, cgroup: RunnerCgroup | None) -> list[str]:
-    argv = [sys.executable, "-m", "necrod.io.runshim"]
+    argv = [sys.executable, "-m", "necrod.io.runshim", "--exit-file", str(runner_files(spec.log)[2])]
     for path in cgroup.paths if cgroup is not None else []:
         argv += ["--cgroup", str(path)]
-    if spec.memory_limit is not None and (cgroup is None or cgroup.memory is None):
-        argv += ["--rlimit-data", str(spec.memory_limit)]
     return [*argv, "--", *spec.argv]
 
 
 def _cgroup(parents: RunnerCgroups, spec: LaunchSpec) -> RunnerCgroup | None:
-    """The runner's cgroups (to hold all its processes, and for its memory limit), where the
-    machine lets us make them."""
+    """The runner's cgroups (to hold all its processes, enforce its limits and count its use),
+    where the machine lets us make them. A limit that cannot be enforced raises ``OSError``:
+    the runner does not start."""
     try:
-        return RunnerCgroup.create(parents, spec.name, spec.memory_limit)
+        return RunnerCgroup.create(parents, spec.name, spec.memory_limit, spec.cpu_limit)
+    except LimitUnenforceable:
+        raise
     except OSError as exc:
+        if spec.memory_limit is not None or spec.cpu_limit is not None:
+            raise OSError(
+                f"the runner's limits cannot be enforced: its cgroup cannot be made ({exc})"
+            ) from None
         log.warning("cgroup_unavailable", error=str(exc))
         return None
+
+
+def process_alive(pid: int, exit_file: Path) -> bool:
+    """Whether ``pid`` is still the runner that records its end in ``exit_file`` (a pid reused
+    by another process since does not count, nor does a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()[:65536]
+    except OSError:
+        return False
+    if stat.rsplit(")", 1)[1].split()[0] == "Z":
+        return False
+    return str(exit_file).encode() in cmdline.split(b"\0")
 
 
 async def end_cgroup(cgroup: RunnerCgroup, wait: float = CGROUP_DRAIN_S) -> bool:
@@ -103,6 +172,13 @@ def _killpg(pgid: int | None, sig: int) -> bool:
     except (ProcessLookupError, PermissionError):
         return False
     return True
+
+
+def kill_now(pgid: int | None, cgroup: RunnerCgroup | None) -> None:
+    """SIGKILL a local runner's process group and cgroup at once."""
+    _killpg(pgid, signal.SIGKILL)
+    if cgroup is not None:
+        cgroup.kill()
 
 
 def group_alive(pgid: int) -> bool:
@@ -151,6 +227,10 @@ class Run:
     async def stop(self, grace: float) -> None:
         raise NotImplementedError
 
+    def kill(self) -> None:
+        """SIGKILL the runner now (a forced cancel), where the launcher can; its end is then seen
+        as usual. Others are stopped by ``stop`` with no grace."""
+
     async def close(self) -> bool:
         """The runner has ended: kill whatever it left in its cgroup (children that left its
         process group) and remove the cgroup. False when something there would not die."""
@@ -158,20 +238,81 @@ class Run:
             return True
         return await end_cgroup(self.cgroup)
 
+    def usage(self, end: Exit | None) -> tuple[float | None, int | None]:
+        """CPU seconds and peak memory (bytes) the runner used: from its cgroup (read before
+        ``close``), else what the kernel told its wrapper (``end``)."""
+        cpu = self.cgroup.cpu_seconds() if self.cgroup else None
+        peak = self.cgroup.peak_memory() if self.cgroup else None
+        if end is not None:
+            cpu = cpu if cpu is not None else end.cpu_s
+            peak = peak if peak is not None else end.peak_rss_bytes
+        return cpu, peak
+
+
+async def _wait_exit(pid: int) -> None:
+    """Wait until process ``pid`` ends (or seems to: callers look again): on a pidfd where the
+    kernel has them, else a short sleep."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        await anyio.sleep(ADOPTED_POLL_S)
+        return
+    try:
+        await anyio.wait_readable(fd)
+    finally:
+        os.close(fd)
+
 
 class ProcessRun(Run):
-    def __init__(self, process: anyio.abc.Process, cgroup: RunnerCgroup | None) -> None:
+    """A process runner this daemon started: its child, started with ``subprocess.Popen``, not
+    asyncio's subprocess transports, which kill their processes when the event loop closes (a
+    daemon stop must leave the runner running). Its end is awaited on a pidfd."""
+
+    def __init__(
+        self, process: subprocess.Popen[bytes], exit_file: Path, cgroup: RunnerCgroup | None
+    ) -> None:
         self.process = process
         self.pid = process.pid
+        self.exit_file = exit_file
         self.cgroup = cgroup
 
     async def wait(self) -> Exit:
-        code = await self.process.wait()
+        while (code := self.process.poll()) is None:
+            await _wait_exit(self.process.pid)
+        recorded = read_exit(self.exit_file, self.cgroup)
+        if recorded is not None:
+            return recorded
         oom = self.cgroup.oom_killed() if self.cgroup else False
         return Exit(code=code if code >= 0 else None, signal=-code if code < 0 else None, oom=oom)
 
     async def stop(self, grace: float) -> None:
         await stop_group(self.pid, grace, self.cgroup)
+
+    def kill(self) -> None:
+        kill_now(self.pid, self.cgroup)
+
+
+class AdoptedProcessRun(Run):
+    """A process runner a daemon before this one started: not our child, so it is watched by
+    its pid, and its end read from the record its wrapper writes."""
+
+    def __init__(self, pid: int, exit_file: Path, cgroup: RunnerCgroup | None) -> None:
+        self.pid = pid
+        self.exit_file = exit_file
+        self.cgroup = cgroup
+
+    async def wait(self) -> Exit:
+        while self.pid and process_alive(self.pid, self.exit_file):
+            await _wait_exit(self.pid)
+        return read_exit(self.exit_file, self.cgroup) or Exit(
+            code=None, lost=True, detail="the runner ended without recording its exit status"
+        )
+
+    async def stop(self, grace: float) -> None:
+        await stop_group(self.pid, grace, self.cgroup)
+
+    def kill(self) -> None:
+        kill_now(self.pid, self.cgroup)
 
 
 class ProcessLauncher:
@@ -181,12 +322,24 @@ class ProcessLauncher:
     async def start(self, spec: LaunchSpec) -> Run:
         cgroup = _cgroup(self.cgroup_parents, spec)
         spec.log.parent.mkdir(parents=True, exist_ok=True)
+        exit_file = runner_files(spec.log)[2]
+        exit_file.unlink(missing_ok=True)
         with open(spec.log, "ab") as out:  # noqa: ASYNC230 (opened for the child, not read here)
-            process = await anyio.open_process(
+            process = subprocess.Popen(  # noqa: ASYNC220 (a fork and exec, as open_process does; see ProcessRun)
                 _shim(spec, cgroup), cwd=spec.cwd, env=spec.env, stdin=subprocess.DEVNULL, stdout=out,
                 stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
-        return ProcessRun(process, cgroup)
+        return ProcessRun(process, exit_file, cgroup)
+
+    def adopt(self, name: str, log_path: Path, pid: int | None) -> Run | None:
+        """The runner ``name`` a daemon before this one started, if it still runs or recorded
+        how it ended; None when it is known neither way (a runner of a necrod before exit
+        records, or one whose end was lost with a reboot)."""
+        exit_file = runner_files(log_path)[2]
+        running = bool(pid) and process_alive(pid or 0, exit_file)
+        if not running and not exit_file.exists():
+            return None
+        return AdoptedProcessRun(pid or 0, exit_file, RunnerCgroup.find(self.cgroup_parents, name))
 
 
 class TmuxRun(Run):
@@ -201,15 +354,7 @@ class TmuxRun(Run):
 
     def read_exit(self) -> Exit | None:
         """The exit the wrapper wrote, if it has (also read by whoever adopts a finished session)."""
-        try:
-            text = self.exit_file.read_text().strip()
-        except OSError:
-            return None
-        code = int(text) if text.lstrip("-").isdigit() else None
-        oom = self.cgroup.oom_killed() if self.cgroup else False
-        if code is not None and code > 128:  # the shell reports "killed by signal n" as 128+n
-            return Exit(code=None, signal=code - 128, oom=oom)
-        return Exit(code=code, oom=oom)
+        return read_exit(self.exit_file, self.cgroup)
 
     async def wait(self) -> Exit:
         n = 0
@@ -226,6 +371,9 @@ class TmuxRun(Run):
     async def stop(self, grace: float) -> None:
         await stop_group(self.pid, grace, self.cgroup)
         await self.launcher.kill_session(self.name)
+
+    def kill(self) -> None:
+        kill_now(self.pid, self.cgroup)
 
 
 class TmuxLauncher:
@@ -255,27 +403,22 @@ class TmuxLauncher:
         text = result.stdout.decode().strip()
         return int(text) if result.returncode == 0 and text.isdigit() else None
 
-    @staticmethod
-    def files(log: Path) -> tuple[Path, Path, Path]:
-        """The wrapper script, its start signal, and its exit status file, beside the log."""
-        stem = log.with_suffix("")
-        return stem.with_suffix(".sh"), stem.with_suffix(".go"), stem.with_suffix(".exit")
-
     async def start(self, spec: LaunchSpec) -> Run:
         cgroup = _cgroup(self.cgroup_parents, spec)
         spec.log.parent.mkdir(parents=True, exist_ok=True)
-        script, go, exit_file = self.files(spec.log)
+        script, go, exit_file = runner_files(spec.log)
         for stale in (go, exit_file):
             stale.unlink(missing_ok=True)
         env = " ".join(shlex.quote(f"{k}={v}") for k, v in spec.env.items())
         command = " ".join(shlex.quote(a) for a in _shim(spec, cgroup))
-        # Wait for pipe-pane to be in place, so no output is lost; then run; then record the status.
+        # Wait for pipe-pane to be in place, so no output is lost; then run (runshim records the
+        # end); if runshim itself could not run, record its status.
+        exit_q = shlex.quote(str(exit_file))
         script.write_text(
             "#!/bin/sh\n"
             f"i=0; while [ ! -e {shlex.quote(str(go))} ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done\n"
             f"env -i {env} {command}\n"
-            f"echo $? > {shlex.quote(str(exit_file))}.tmp && mv {shlex.quote(str(exit_file))}.tmp "
-            f"{shlex.quote(str(exit_file))}\n"
+            f"s=$?; [ -e {exit_q} ] || {{ echo $s > {exit_q}.tmp && mv {exit_q}.tmp {exit_q}; }}\n"
         )
         script.chmod(0o700)
         spec.log.touch()
@@ -287,5 +430,5 @@ class TmuxLauncher:
         return TmuxRun(self, spec.name, exit_file, pid, cgroup)
 
     async def adopt(self, name: str, log_path: Path, pid: int | None, cgroup: RunnerCgroup | None) -> TmuxRun:
-        _, _, exit_file = self.files(log_path)
+        exit_file = runner_files(log_path)[2]
         return TmuxRun(self, name, exit_file, pid or await self.pane_pid(name), cgroup)

@@ -1,41 +1,104 @@
-"""The first thing a runner runs: join its cgroup and set its limits, then exec the command.
+"""The first thing a runner runs: it starts the command in the runner's cgroups and records
+how it ended.
 
-``python -m necrod.io.runshim [--cgroup DIR]... [--rlimit-data BYTES] -- COMMAND...``
+``python -m necrod.io.runshim [--cgroup DIR]... [--exit-file PATH] -- COMMAND...``
 
-anyio's ``open_process`` has no ``preexec_fn``, and limits must be in place before the runner's
-own code runs, so this tiny program does it in between. It replaces itself with the command:
-the runner's pid, process group and exit status are the command's.
+anyio's ``open_process`` has no ``preexec_fn``, and the command must be in its cgroups (its
+limits) before its own code runs, so this tiny program does it in between.
+
+Without ``--exit-file`` it replaces itself with the command: the runner's pid, process group and
+exit status are the command's. With it, it stays as the command's parent — the runner's pid and
+process group leader — and writes how the command ended to ``PATH`` (JSON, written whole with a
+rename): ``code`` or ``signal``, the CPU seconds and peak memory the kernel counted for it and
+the children it waited for (``getrusage``), or ``start_failed`` when the command could not be
+started at all (not found, not executable). That record is what lets a restarted necrod learn
+how a runner ended that the daemon before it started: the runner is no child of the new daemon.
+The wrapper ignores SIGTERM, SIGINT and SIGHUP (the command does not: they are reset before it
+starts) so that it outlives a stop's SIGTERM to the process group and records the outcome; it
+stays out of the runner's cgroups, so its own memory and CPU are not the runner's.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import resource
+import signal
 import sys
+
+#: Signals the wrapper rides out so that it can record how the command ended.
+_SHIELDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _join(cgroups: list[str]) -> None:
+    for cgroup in cgroups:
+        with open(os.path.join(cgroup, "cgroup.procs"), "w") as procs:
+            procs.write(str(os.getpid()))
+
+
+def _record(path: str, record: dict[str, object]) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, path)
+
+
+def _supervise(cgroups: list[str], exit_file: str, command: list[str]) -> int:
+    for sig in _SHIELDED:
+        signal.signal(sig, signal.SIG_IGN)
+    read_end, write_end = os.pipe()  # close-on-exec: EOF at exec, or the reason it failed
+    pid = os.fork()
+    if pid == 0:  # the command
+        os.close(read_end)
+        try:
+            for sig in _SHIELDED:
+                signal.signal(sig, signal.SIG_DFL)
+            _join(cgroups)
+            os.execvp(command[0], command)
+        except OSError as exc:
+            os.write(write_end, f"cannot run {command[0]!r}: {exc.strerror or exc}".encode())
+        finally:
+            os._exit(127)
+    os.close(write_end)
+    failed = b""
+    while chunk := os.read(read_end, 4096):
+        failed += chunk
+    os.close(read_end)
+    _, status, usage = os.wait4(pid, 0)
+    record: dict[str, object] = {
+        "code": os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else None,
+        "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 6),
+        "peak_rss_bytes": usage.ru_maxrss * 1024,
+    }
+    if failed:
+        record["start_failed"] = failed.decode(errors="replace")
+        print(f"runshim: {record['start_failed']}", file=sys.stderr)
+    _record(exit_file, record)
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.waitstatus_to_exitcode(status)
 
 
 def main(argv: list[str]) -> int:
     cgroups: list[str] = []
-    rlimit = None
+    exit_file = None
     i = 0
     while i < len(argv) and argv[i] != "--":
         if argv[i] == "--cgroup":
             cgroups.append(argv[i + 1])
-            i += 2
-        elif argv[i] == "--rlimit-data":
-            rlimit, i = int(argv[i + 1]), i + 2
+        elif argv[i] == "--exit-file":
+            exit_file = argv[i + 1]
         else:
             print(f"runshim: unknown option {argv[i]!r}", file=sys.stderr)
             return 127
+        i += 2
     command = argv[i + 1 :]
     if not command:
         print("runshim: no command", file=sys.stderr)
         return 127
-    for cgroup in cgroups:
-        with open(os.path.join(cgroup, "cgroup.procs"), "w") as procs:
-            procs.write(str(os.getpid()))
-    if rlimit is not None:
-        resource.setrlimit(resource.RLIMIT_DATA, (rlimit, rlimit))
+    if exit_file is not None:
+        return _supervise(cgroups, exit_file, command)
+    _join(cgroups)
     try:
         os.execvp(command[0], command)
     except OSError as exc:

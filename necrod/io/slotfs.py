@@ -336,3 +336,42 @@ def symlinks_below(
         for fd, _ in stack:
             os.close(fd)
     return found
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def _object_id(text: str) -> str | None:
+    text = text.strip()
+    return text if len(text) in (40, 64) and set(text) <= _HEX else None
+
+
+def read_head(
+    root: str | os.PathLike[str], git_dir: str, common_dir: str | None
+) -> tuple[str | None, str | None]:
+    """The commit and branch a slot's HEAD stands at, read from its files without running git:
+    ``root/git_dir/HEAD``, and the branch's ref under ``root/common_dir`` (loose, else in
+    ``packed-refs``; None: ``root`` itself). (None, None) where that cannot be read safely;
+    (None, branch) for a branch not resolved (a branch with no commit yet)."""
+    head = read_text_or_none(root, f"{git_dir}/HEAD", cap=4096)
+    if head is None:
+        return None, None
+    head = head.strip()
+    if not head.startswith("ref: "):
+        return _object_id(head), None
+    ref = head[5:].strip()
+    branch = ref.removeprefix("refs/heads/") if ref.startswith("refs/heads/") else None
+    try:
+        parts = _parts(ref)
+    except UnsafePath:
+        return None, branch
+    base = f"{common_dir}/" if common_dir else ""
+    loose = read_text_or_none(root, base + "/".join(parts), cap=4096)
+    if loose is not None:
+        return _object_id(loose), branch
+    packed = read_text_or_none(root, f"{base}packed-refs", cap=SMALL_FILE_BYTES * 16) or ""
+    for line in packed.splitlines():
+        commit, _, name = line.partition(" ")
+        if name == ref:
+            return _object_id(commit), branch
+    return None, branch

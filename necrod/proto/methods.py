@@ -6,8 +6,9 @@ known, whose required keys are present and whose values have the declared type a
 
 from __future__ import annotations
 
+import difflib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +73,7 @@ METHODS: dict[str, dict[str, Param]] = {
         "branch": _s(max_len=4096),
         "wait_s": _n(min=0, max=3600),
         "metadata": Param("object"),
+        "affinity": _s(max_len=256),
     },
     "slots.heartbeat": {"lease_id": _s(required=True), "ttl_s": _n(min=1, max=WEEK_S)},
     "slots.release": {"lease_id": _s(required=True), "salvage": Param("boolean")},
@@ -118,7 +120,21 @@ METHODS: dict[str, dict[str, Param]] = {
         "batch": _s(max_len=64),
         "graph": Param("boolean"),
     },
-    "tasks.cancel": {"task_id": _s(max_len=64), "batch": _s(max_len=64)},
+    "tasks.cancel": {
+        "task_id": _s(max_len=64),
+        "batch": _s(max_len=64),
+        "reason": _s(),
+        "force": Param("boolean"),
+    },
+    "tasks.update": {
+        "task_id": _s(required=True, max_len=64),
+        "priority": _n(min=-1_000_000, max=1_000_000, integer=True),
+        "labels": Param("strings"),
+    },
+    "runners.list": {},
+    "runners.pause": {"runner": _s(required=True, max_len=64), "reason": _s()},
+    "runners.resume": {"runner": _s(required=True, max_len=64)},
+    "pools.refs": {"pool": _s(required=True), "pattern": _s(max_len=256)},
     "tasks.retry": {"task_id": _s(max_len=64), "batch": _s(max_len=64)},
     "tasks.logs": {
         "task_id": _s(required=True, max_len=64),
@@ -152,6 +168,8 @@ ADMIN_METHODS = frozenset(
         "slots.isolate",
         "anomalies.list",
         "salvage.prune",
+        "runners.pause",
+        "runners.resume",
     }
 )
 
@@ -228,6 +246,24 @@ def _serialized_size(value: Any) -> int:
     return len(json.dumps(value))
 
 
+#: Names people reach for that no close-match finds, and what they meant.
+_MEANT = {"needs": "depends_on", "after": "depends_on", "requires": "depends_on", "deps": "depends_on",
+          "dependencies": "depends_on", "depends": "depends_on", "label": "labels", "skill": "skills",
+          "profile": "runner", "timeout": "timeout_s", "retries": "max_retries", "cmd": "command"}  # fmt: skip
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for an unknown ``name``, or nothing when nothing is near."""
+    known = list(known)
+    meant = _MEANT.get(name)
+    near = [meant] if meant in known else difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
+#: Keys a task of a ``tasks.submit`` batch may have: a task's parameters, with ``issue``.
+TASK_KEYS = frozenset(set(METHODS["tasks.submit"]) - {"tasks"} | {"issue"})
+
+
 def check_params(
     method: str, params: Mapping[str, Any], table: Mapping[str, Mapping[str, Param]] = METHODS
 ) -> dict[str, Any]:
@@ -237,7 +273,8 @@ def check_params(
         raise MethodNotFound(f"no method {method!r}", method=method)
     unknown = sorted(set(params) - set(specs))
     if unknown:
-        raise InvalidParams(f"{method}: unknown parameter(s): {', '.join(unknown)}", param=unknown[0])
+        raise InvalidParams(f"{method}: unknown parameter(s): {', '.join(unknown)}"
+                            + did_you_mean(unknown[0], specs), param=unknown[0])  # fmt: skip
     checked: dict[str, Any] = {}
     for name, spec in specs.items():
         value = params.get(name)

@@ -207,10 +207,12 @@ class RunnerProfile:
     command: tuple[str, ...] | str | None = None
     skills: tuple[str, ...] = ()
     max_concurrency: int = 1
-    #: Pools this profile serves (empty: all).
-    pools: tuple[str, ...] = ()
+    #: Pools this profile serves (None, the key left out: all; an empty list: none).
+    pools: tuple[str, ...] | None = None
     env: tuple[tuple[str, str], ...] = ()
     memory_limit: int | None = None
+    #: CPUs its runners may use at most (1.5: one and a half), enforced with the cgroup CPU controller.
+    cpu_limit: float | None = None
     timeout_s: float | None = None
     #: Stop a runner that writes no output for this long (None: never).
     output_timeout_s: float | None = None
@@ -263,6 +265,8 @@ class DispatcherConfig:
     run_locally: bool = True
     #: A host unreachable this long has its running attempts written off and retried elsewhere.
     host_grace_s: float = 120.0
+    #: The profile of tasks that name no profile and no skills (None: their own command, as a process).
+    default_runner: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,13 +62,18 @@ def parse_config(text: str, file: str | None = None) -> Config:
 
     pools: dict[str, PoolConfig] = {}
     marks: dict[str, tuple[int, int]] = {}
-    if not top.has("pools"):
+    if not top.has("pools") and not top.has("hosts"):
         raise r.error(root, "config: missing the pools: section")
-    pools_node = top.raw("pools")[1]  # type: ignore[index]
-    if isinstance(pools_node, ScalarNode) and pools_node.value in ("", "~", "null"):
-        # Most likely a file cut short while being written: "no pools" must be said explicitly.
-        raise r.error(pools_node, "pools: is empty; write pools: {} to run no pools")
-    for name, (name_node, pool_node) in r.mapping(pools_node, "pools").items():
+    # A dispatch-only config (hosts and runners: tasks run on other hosts' pools) needs none.
+    pools_item = top.raw("pools")
+    pool_items = {}
+    if pools_item is not None:
+        pools_node = pools_item[1]
+        if isinstance(pools_node, ScalarNode) and pools_node.value in ("", "~", "null"):
+            # Most likely a file cut short while being written: "no pools" must be said explicitly.
+            raise r.error(pools_node, "pools: is empty; write pools: {} to run no pools")
+        pool_items = r.mapping(pools_node, "pools")
+    for name, (name_node, pool_node) in pool_items.items():
         problem = pool_name_problem(name)
         if problem:
             raise r.error(name_node, f"pools: invalid pool name {name!r}: {problem}")
@@ -111,10 +116,13 @@ def parse_config(text: str, file: str | None = None) -> Config:
             hosts[name] = read_host(r, name, node)
     known_pools = set(pools) | {p for h in hosts.values() for p in h.pools}
     for runner in runners.values():
-        unknown = [p for p in runner.pools if p not in known_pools]
+        unknown = [p for p in runner.pools or () if p not in known_pools]
         if unknown:
             raise r.error(top.node_of("runners"), f"runners.{runner.name}.pools: no pool named {', '.join(unknown)} "
                           "here or on any host")  # fmt: skip
+    if dispatcher.default_runner is not None and dispatcher.default_runner not in runners:
+        raise r.error(top.node_of("dispatcher"), f"dispatcher.default_runner: no runner profile named "
+                      f"{dispatcher.default_runner!r}")  # fmt: skip
     top.finish(["daemon", "defaults", "pools", "runners", "dispatcher", "hosts"])
     return Config(daemon=daemon, pools=pools, runners=runners, dispatcher=dispatcher, hosts=hosts, source=file,
                   notes=tuple(r.notes), marks=marks)  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import fields
 from typing import Any
 
 from yaml.nodes import Node
@@ -11,6 +12,7 @@ from yaml.nodes import Node
 from necrod.core.config.model import (
     LAUNCHERS,
     WEEK_S,
+    Config,
     ContainerSpec,
     DispatcherConfig,
     HostConfig,
@@ -41,6 +43,7 @@ _RUNNER_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "output_timeout_s": optional_num(0, 30 * 24 * 3600),
     "lease_ttl_s": num_in(1, WEEK_S),
     "grace_s": num_in(0, 3600),
+    "cpu_limit": optional_num(0, 1024),
 }
 
 
@@ -168,6 +171,7 @@ _DISPATCHER_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "logs": is_str,
     "run_locally": is_bool,
     "host_grace_s": num_in(1, 7 * 24 * 3600),
+    "default_runner": is_str,
 }
 
 
@@ -220,3 +224,21 @@ def read_dispatcher(r: Reader, node: Node) -> DispatcherConfig:
         fs.finish(["half_life_s", "key", "weights"])
     sec.finish([*_DISPATCHER_CHECKS, "label_priority", "fair_share"])
     return DispatcherConfig(**values)
+
+
+def dispatch_changes(old: Config, new: Config) -> list[str]:
+    """What a reload changes of the runner profiles and the dispatcher, one line each (the
+    hosts are the fleet's to tell, as it reconnects them)."""
+    changes = [f"removed runner {name}" for name in old.runners if name not in new.runners]
+    for name, profile in new.runners.items():
+        before = old.runners.get(name)
+        if before is None:
+            changes.append(f"runner {name}: {profile.launcher}")
+        elif before != profile:
+            keys = [f.name for f in fields(profile) if getattr(before, f.name) != getattr(profile, f.name)]
+            changes.append(f"runner {name}: {', '.join(keys)} changed")
+    for f in fields(new.dispatcher):
+        was, now = getattr(old.dispatcher, f.name), getattr(new.dispatcher, f.name)
+        if was != now:
+            changes.append(f"dispatcher.{f.name}: {was!r} -> {now!r}")
+    return changes

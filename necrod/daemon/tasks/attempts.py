@@ -31,7 +31,7 @@ from necrod.daemon.lifecycle import Lifecycle
 from necrod.daemon.metrics import Metrics
 from necrod.daemon.slottable import SlotTable
 from necrod.daemon.tasks.runners import Runners
-from necrod.daemon.tasks.runs import Active, Spawn
+from necrod.daemon.tasks.runs import SALVAGE_WAIT_S, Active, Spawn
 from necrod.daemon.tasks.taskbook import TaskBook
 from necrod.io.launchers import Exit, LaunchSpec, Run
 from necrod.io.steps import passed_through
@@ -51,8 +51,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("necrod.dispatch")
 
-#: Launchers whose runners keep going through a daemon restart, found again by ``attempt.session``.
-OUTLIVE_DAEMON = ("tmux", "container", "kubernetes")
+#: Launchers whose runners keep going through a daemon restart, found again by ``attempt.session``
+#: (a process runner by its pid too).
+OUTLIVE_DAEMON = ("process", "tmux", "container", "kubernetes")
 
 
 def runner_uid(profile: RunnerProfile) -> int | None:
@@ -177,6 +178,7 @@ class Attempts:
         spec = LaunchSpec(
             name=f"necro-{t.task_id}-{n}", argv=render(template, self._context(t, n, seen)), cwd=lease["path"],
             env=self._environment(t, profile, n, lease, link), log=log_path, memory_limit=profile.memory_limit,
+            cpu_limit=profile.cpu_limit,
         )  # fmt: skip
         if profile.launcher in OUTLIVE_DAEMON:
             attempt.session = spec.name
@@ -276,9 +278,7 @@ class Attempts:
         if clock.cancelled_caught:
             a.request_stop("timeout")
         if result is None:
-            if a.stop_reason == "shutdown" and profile.launcher in OUTLIVE_DAEMON and a.host is None:
-                return  # it keeps running; the next daemon finds it again
-            await run.stop(profile.grace_s)
+            await run.stop(0 if a.force else profile.grace_s)
             with anyio.move_on_after(10):
                 result = await run.wait()
             if result is None:
@@ -357,17 +357,20 @@ class Attempts:
     def _outcome(self, a: Active, result: Exit | None) -> tuple[str, str | None]:
         reason = a.stop_reason
         if reason == "cancelled":
-            return "cancelled", "cancelled"
+            why = a.task.cancel_reason
+            return "cancelled", ("cancelled, forced" if a.force else "cancelled") + (
+                f": {why}" if why else ""
+            )
         if reason == "timeout":
             return "timeout", f"ran longer than timeout_s ({a.task.timeout_s or a.profile.timeout_s}s)"
         if reason == "stalled":
             return "stalled", f"wrote no output for {a.profile.output_timeout_s}s"
         if reason == "lease_lost":
             return "lease_lost", "its lease ended (no heartbeat within the lease TTL, or revoked)"
-        if reason == "shutdown":
-            return "interrupted", "the daemon stopped"
         if result is None:
             return "lost", "the runner's end was not seen"
+        if result.start_failed:
+            return "start_failed", result.start_failed
         if result.lost:
             return "lost", result.detail or "the tmux session went away without an exit status"
         if result.code == 0:
@@ -407,6 +410,9 @@ class Attempts:
                 attempt.exit_code, attempt.signal = result.code, result.signal
             if attempt.duration_s is not None:
                 self.metrics.attempt_seconds.labels(a.profile.name).observe(attempt.duration_s)
+            if a.run is not None:  # read before close: that removes the runner's cgroup
+                attempt.cpu_s, attempt.peak_memory_bytes = a.run.usage(result)
+                self.metrics.runner_usage(a.profile.name, attempt.cpu_s, attempt.peak_memory_bytes)
         if a.run is not None and not await a.run.close():
             cgroup = a.run.cgroup.unified if a.run.cgroup else None
             await self._keep_slot_out(a, f"processes left in its cgroup ({cgroup}) would not die")
@@ -416,6 +422,8 @@ class Attempts:
             attempt.detail = detail
         elif attempt is not None and attempt.lease_id:
             await self.release(attempt.lease_id, salvage=outcome != "succeeded", host=attempt.host)
+            if outcome == "cancelled" and attempt.host is None and attempt.slot_id:
+                await self._salvaged(attempt.slot_id, attempt.lease_id)
         self._account()
         ops: list[Put | Delete | Event] = []
         if outcome == "succeeded":
@@ -423,7 +431,7 @@ class Attempts:
             t.reason, t.finished_at = None, now
         elif outcome == "cancelled":
             self.book.to(t, TaskState.CANCELLED)
-            t.reason, t.finished_at = "cancelled", now
+            t.reason, t.finished_at = detail, now
             ops += self.book.block_dependents(t)
         elif outcome == "interrupted":
             t.reason, t.next_attempt_at = detail, 0.0
@@ -446,8 +454,27 @@ class Attempts:
         log.info("task_attempt_ended", task=t.task_id, attempt=attempt.number if attempt else None, outcome=outcome,
                  detail=detail, state=str(t.state))  # fmt: skip
         ops += self.book.prune()
+        usage = {} if attempt is None else {
+            "duration_s": attempt.duration_s, "cpu_s": attempt.cpu_s, "peak_memory_bytes": attempt.peak_memory_bytes,
+        }  # fmt: skip
+        if outcome == "cancelled":
+            usage.update(self.book.cancel_note(t, attempt))
         await self.book.save(t, self.book.event(t, outcome if t.state in FINISHED else "attempt_ended", outcome=outcome,
-                                        detail=detail, attempt=attempt.number if attempt else None), *ops)  # fmt: skip
+                                        detail=detail, attempt=attempt.number if attempt else None, **usage),
+                             *ops)  # fmt: skip
+
+    async def _salvaged(self, slot_id: str, lease_id: str) -> None:
+        """Wait (a bounded time) for the slot's cleanup to have salvaged ``lease_id``'s work, so
+        that whoever cancelled the task finds the salvage ref when the cancel answers."""
+        with anyio.move_on_after(SALVAGE_WAIT_S):
+            while True:
+                try:
+                    slot = self.table.slot(slot_id)
+                except NotFound:
+                    return
+                if slot.salvage_as != lease_id:
+                    return
+                await anyio.sleep(0.05)
 
     async def _stop_batch(self, failed: Task) -> None:
         log.warning("batch_stopped", batch=failed.batch, failed=failed.task_id)

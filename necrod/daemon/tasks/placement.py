@@ -162,9 +162,14 @@ class Placement:
         has room and (with its profile) its skills; this host first among equals. Otherwise why
         not, as ``"capacity: ..."`` or ``"slot: ..."``."""
         best: tuple[float, int, str | None, RunnerProfile] | None = None
-        slot_why = capacity_why = None
+        slot_why = capacity_why = paused_why = None
         now = self.clock.monotonic()
         for index, (host, skills) in enumerate(self.profiles.places(t)):
+            candidates = eligible(t, views, skills)
+            if candidates and all(v.paused for v in candidates):
+                # Said first: a free slot would not start it, and a busy pool is not why it waits.
+                paused_why = "; ".join(v.paused or "" for v in candidates)
+                continue
             if host is None:
                 pool = self._pools().get(t.pool)
                 if pool is None or pool.state != "ready":
@@ -190,17 +195,24 @@ class Placement:
                 load = on_host[host] / capacity
             view = choose_profile(t, views, running, self.cfg.policy, skills)
             profile = runners.get(view.name) if view else None
-            if profile is None and t.runner is None and t.command is not None and not eligible(t, views, skills) \
-                    and not t.skills:  # fmt: skip
+            if (
+                profile is None
+                and t.runner is None
+                and t.command is not None
+                and not candidates
+                and not t.skills
+            ):
                 profile = DEFAULT_PROFILE
             if profile is None:
-                names = ", ".join(v.name for v in eligible(t, views, skills)) or "none"
+                names = ", ".join(v.name for v in candidates if v.paused is None) or "none"
                 capacity_why = f"eligible runner profiles are busy ({names})"
                 continue
             if best is None or (load, index) < best[:2]:
                 best = (load, index, host, profile)
         if best is not None:
             return best[2], best[3]
+        if paused_why and not capacity_why and not slot_why:
+            return f"paused: {paused_why}"
         if capacity_why:
             return f"capacity: {capacity_why}"
         return f"slot: {slot_why or f'no place serves pool {t.pool}'}"
@@ -210,7 +222,8 @@ class Placement:
         if self.active:
             self.stalled = []
             return
-        queued = [t for t in self.tasks.values() if t.state is TaskState.QUEUED]
+        # A task held by a paused profile waits because an operator said so: no stall.
+        queued = [t for t in self.tasks.values() if t.state is TaskState.QUEUED and t.waiting_on != "paused"]
         if not queued or any(t.waiting_on == "backoff" for t in queued):
             self.stalled = []
             return

@@ -1,18 +1,21 @@
 """Which runner profiles, and which places (this host, other hosts), could run a task, by the
 config of the moment: the submit-time check and the candidates a scheduling pass chooses
-among. Owns ``DEFAULT_PROFILE``; reads the config and the names of this host's pools, and
-changes nothing."""
+among. Owns ``DEFAULT_PROFILE`` and which profiles an operator paused (saved in the state
+store, kept across restarts); reads the config and the names of this host's pools, and calls
+``wake`` when a pause ends."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from necrod.core.clock import Clock
 from necrod.core.config import Config, DispatcherConfig, RunnerProfile
 from necrod.core.config.model import LAUNCHERS
 from necrod.core.scheduler import ProfileView, eligible
 from necrod.core.tasks import Attempt, Task
+from necrod.io.store import Delete, Event, Put, StateStore
 from necrod.proto.errors import NotFound
 
 if TYPE_CHECKING:
@@ -23,10 +26,45 @@ DEFAULT_PROFILE = RunnerProfile(name="default", launcher="process", max_concurre
 
 
 class Profiles:
-    def __init__(self, *, config: Callable[[], Config], pools: Callable[[], Mapping[str, Pool]]) -> None:
+    def __init__(self, *, config: Callable[[], Config], pools: Callable[[], Mapping[str, Pool]],
+                 store: StateStore, clock: Clock, wake: Callable[[], None]) -> None:  # fmt: skip
         self._config = config
         #: This host's pools (the engine's), by name.
         self._pools = pools
+        self.store = store
+        self.clock = clock
+        self._wake = wake
+        #: Paused profiles (``runners.pause``): name → {"reason", "by", "at"}. A paused profile
+        #: starts nothing; its running tasks go on.
+        self.paused: dict[str, dict[str, Any]] = {}
+
+    async def pause(self, name: str, *, paused: bool, reason: str | None = None,
+                    by: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+        """Pause (or resume) runner profile ``name``: paused, it starts nothing, and its running
+        tasks go on. Kept across restarts."""
+        self.profile(name)
+        was = self.paused.get(name)
+        if paused:
+            record = {"reason": reason, "by": by, "at": self.clock.wall()}
+            await self.store.write([Put("runner_pause", name, record),
+                                    Event("tasks", "runner.paused", {"runner": name, "reason": reason, "by": by})])  # fmt: skip
+            self.paused[name] = record
+        elif was is not None:
+            await self.store.write([Delete("runner_pause", name),
+                                    Event("tasks", "runner.resumed", {"runner": name, "by": by})])  # fmt: skip
+            self.paused.pop(name, None)
+        self._wake()
+        return {"runner": name, "paused": name in self.paused, "reason": reason if paused else None}
+
+    def load(self) -> None:
+        self.paused = self.store.load("runner_pause")
+
+    def paused_reason(self, name: str) -> str | None:
+        """Why profile ``name`` starts nothing now, as a waiting task shows it; None if it may."""
+        pause = self.paused.get(name)
+        if pause is None:
+            return None
+        return f"profile {name} is paused" + (f": {pause['reason']}" if pause.get("reason") else "")
 
     @property
     def cfg(self) -> DispatcherConfig:
@@ -51,7 +89,8 @@ class Profiles:
         return replace(DEFAULT_PROFILE, name=attempt.runner, launcher=launcher)
 
     def views(self) -> list[ProfileView]:
-        return [ProfileView(p.name, frozenset(p.skills), p.max_concurrency, frozenset(p.pools))
+        return [ProfileView(p.name, frozenset(p.skills), p.max_concurrency,
+                            frozenset(p.pools) if p.pools is not None else None, self.paused_reason(p.name))
                 for p in self._config().runners.values()]  # fmt: skip
 
     def places(self, task: Task) -> list[tuple[str | None, frozenset[str]]]:

@@ -1,6 +1,7 @@
 """Recovery: after a restart, the attempts the last daemon left running. tmux runners are found
-again by session name, containers and Kubernetes Jobs adopted, remote runs watched again, and
-an attempt that cannot be is ended (lost or interrupted); orphaned process runners are
+again by session name, process runners by pid (or their exit record), containers and
+Kubernetes Jobs adopted, remote runs watched again, and an attempt that cannot be is ended
+(lost or interrupted); what is left of a process runner that cannot be found again is
 stopped, containers and Jobs no attempt claims are swept, and task leases no running attempt
 holds are released. It owns no state: it fills the active-run table it is given, reads the
 tasks, profiles, the fleet's links and the engine's leases, uses the launchers, and calls the
@@ -55,8 +56,8 @@ class Recovery:
         return self._config().dispatcher
 
     async def reconcile(self) -> None:
-        """After a restart: find tmux runners again, stop orphaned process runners, release
-        leases held for tasks that no longer run."""
+        """After a restart: find runners again, stop what is left of those that cannot be,
+        release leases held for tasks that no longer run."""
         sessions = await self.runners.tmux.sessions()
         live_leases = set()
         for task in [t for t in self.tasks.values() if t.state is TaskState.RUNNING]:
@@ -107,6 +108,11 @@ class Recovery:
                     a.run = RemoteRun(link, attempt.remote_dir or "", attempt.number, attempt.pid,
                                       Path(attempt.log or ""), lambda: self.cfg.host_grace_s)  # fmt: skip
                     self._spawn(self._watch, a)
+            elif (adopted := self.runners.process.adopt(attempt.session or f"necro-{task.task_id}-{attempt.number}",
+                                                    Path(attempt.log or ""), attempt.pid)) is not None:  # fmt: skip
+                a.run = adopted
+                log.info("runner_adopted", task=task.task_id, pid=attempt.pid)
+                self._spawn(self._watch, a)
             else:
                 await self._stop_orphans(attempt, profile, f"necro-{task.task_id}-{attempt.number}")
                 self._spawn(

@@ -26,8 +26,9 @@ class Runners:
         self.cgroup_parents = runner_cgroups(origin)
         self.cgroups = self.cgroup_parents.memory[1] if self.cgroup_parents.memory else None
         self.tmux = TmuxLauncher(state_dir / "tmux.sock", self.cgroup_parents)
+        self.process = ProcessLauncher(self.cgroup_parents)
         self.launchers: dict[str, ProcessLauncher | TmuxLauncher] = {
-            "process": ProcessLauncher(self.cgroup_parents),
+            "process": self.process,
             "tmux": self.tmux,
         }
 

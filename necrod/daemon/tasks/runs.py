@@ -20,6 +20,11 @@ from necrod.io.launchers import Run
 
 log = structlog.get_logger("necrod.dispatch")
 
+#: How long the end of a cancelled attempt waits for its work to be salvaged, so that the cancel
+#: answers with the salvage ref in place (a salvage takes well under a second; a slow one is
+#: not waited for past this).
+SALVAGE_WAIT_S = 10.0
+
 #: ``spawn(func, *args)``: run ``func(*args)`` as a background job (``Jobs.spawn``).
 Spawn = Callable[..., None]
 
@@ -40,16 +45,24 @@ class Active:
     #: The host it runs on (None: this one).
     host: str | None = None
     run: Run | None = None
-    #: Why we want it stopped: cancelled, timeout, stalled, lease_lost, shutdown.
+    #: Why we want it stopped: cancelled, timeout, stalled, lease_lost.
     stop_reason: str | None = None
     stop: anyio.Event = field(default_factory=anyio.Event)
     stopped: anyio.Event = field(default_factory=anyio.Event)
     accounted_at: float = 0.0
+    #: Stop it with SIGKILL at once, without the profile's grace (``tasks.cancel`` with force).
+    force: bool = False
 
     def request_stop(self, reason: str) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
         self.stop.set()
+
+    def kill_now(self) -> None:
+        """SIGKILL the runner now, even if a stop with a grace is already under way."""
+        self.force = True
+        if self.run is not None:
+            self.run.kill()
 
 
 class Jobs:

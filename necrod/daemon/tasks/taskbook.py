@@ -24,6 +24,7 @@ from necrod.core.taskindex import TaskIndex
 from necrod.core.tasks import (
     FINISHED,
     STRATEGY_RETRY_DEFAULT,
+    Attempt,
     Task,
     TaskState,
     body_dependencies,
@@ -31,10 +32,12 @@ from necrod.core.tasks import (
     levels,
 )
 from necrod.core.templates import TemplateError, check
+from necrod.daemon.salvage import REF_PREFIX as SALVAGE_PREFIX
 from necrod.daemon.tasks.profiles import Profiles
 from necrod.daemon.tasks.runs import Active
 from necrod.io.store import Delete, Event, Put, StateStore
 from necrod.proto.errors import FailedPrecondition, InvalidParams, NecrodError, NotFound, Unavailable
+from necrod.proto.methods import TASK_KEYS, did_you_mean
 
 if TYPE_CHECKING:
     from necrod.daemon.pool import Pool
@@ -94,6 +97,8 @@ class TaskBook:
         if pool not in self._pools() and not any(pool in h.pools for h in self._config().hosts.values()):
             raise NotFound(f"no pool named {pool!r} here or on any host", pool=pool)
         runner = get("runner")
+        if runner is None and not get("skills") and self.cfg.default_runner is not None:
+            runner = self.cfg.default_runner
         command = get("command")
         if command is not None and not (
             (isinstance(command, str) and command.strip())
@@ -170,6 +175,13 @@ class TaskBook:
         keys: dict[str, str] = {}
         for i, spec in enumerate(specs):
             where = f"tasks[{i}]"
+            # A misspelt key dropped silently would drop what it meant: a dependency, a limit.
+            unknown = sorted(set(spec) - TASK_KEYS)
+            if unknown:
+                name = unknown[0]
+                raise InvalidParams(
+                    f"{where}: unknown key {name!r}{did_you_mean(name, TASK_KEYS)}", param=name
+                )
             try:
                 task = self._build(spec, defaults, seq + i, batch)
             except NecrodError as exc:
@@ -308,31 +320,90 @@ class TaskBook:
             raise NotFound(f"no batch {batch!r}", batch=batch)
         return targets
 
-    async def cancel(self, task_id: str | None, batch: str | None) -> dict[str, Any]:
+    def cancel_note(self, task: Task, attempt: Attempt | None = None) -> dict[str, Any]:
+        """What a ``task.cancelled`` event says of who cancelled and why, and where the work of
+        its running attempt was salvaged."""
+        note: dict[str, Any] = {"reason": task.cancel_reason, "by": task.cancelled_by}
+        if attempt is not None and attempt.lease_id:
+            note["salvage_ref"] = f"{SALVAGE_PREFIX}{attempt.lease_id}"
+        return note
+
+    async def cancel(self, task_id: str | None, batch: str | None, *, reason: str | None = None,
+                     force: bool = False, by: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+        """Cancel a task, or a batch's unfinished tasks. A running one is stopped (``force``:
+        SIGKILL at once, no grace), its work salvaged before the answer; ``by`` (the caller's
+        uid, pid and client name) and ``reason`` are kept on the task and its event. A finished
+        task named alone is ``failed_precondition``, and nothing changes."""
         targets = self._targets(task_id, batch)
+        if task_id and targets[0].state in FINISHED:
+            raise FailedPrecondition(f"{task_id} is {targets[0].state} already; nothing to cancel",
+                                     task_id=task_id, state=str(targets[0].state))  # fmt: skip
         waits = []
         ops: list[Put | Delete | Event] = []
-        for t in targets:
-            if t.state in FINISHED:
-                continue
+        live = [t for t in targets if t.state not in FINISHED]
+        for t in live:
+            t.cancel_reason, t.cancelled_by = reason, by
             if t.state is TaskState.RUNNING:
                 a = self.active[t.task_id]
+                a.force = a.force or force
                 a.request_stop("cancelled")
                 waits.append(a)
             else:
                 self.to(t, TaskState.CANCELLED)
                 t.finished_at = self.clock.wall()
-                t.reason = "cancelled"
-                ops += [Put("task", t.task_id, t.to_row()), self.event(t, "cancelled")]
+                t.reason = "cancelled" + (f": {reason}" if reason else "")
+                ops += [Put("task", t.task_id, t.to_row()), self.event(t, "cancelled", **self.cancel_note(t))]
                 ops += self.block_dependents(t)
         if ops:
             await self.store.write(ops)
         for a in waits:
-            with anyio.move_on_after(a.profile.grace_s + 15):
+            if force:
+                a.kill_now()
+            # Its grace, 10 s to see it end, and a little for the salvage the answer names
+            # (Attempts waits up to SALVAGE_WAIT_S for it before the attempt is over).
+            with anyio.move_on_after((0 if force else a.profile.grace_s) + 15):
                 await a.stopped.wait()
         self._wake()
-        out = [{"task_id": t.task_id, "state": str(t.state)} for t in targets]
+        out = [self._cancelled(t) for t in targets]
         return out[0] if task_id else {"batch": batch, "tasks": out}
+
+    def _cancelled(self, t: Task) -> dict[str, Any]:
+        out: dict[str, Any] = {"task_id": t.task_id, "state": str(t.state)}
+        attempt = t.attempts[-1] if t.attempts else None
+        if t.state is TaskState.CANCELLED and attempt is not None and attempt.outcome == "cancelled" \
+                and attempt.lease_id and attempt.host is None:  # fmt: skip
+            out["salvage_ref"] = f"{SALVAGE_PREFIX}{attempt.lease_id}"
+        if t.cancel_reason is not None:
+            out["reason"] = t.cancel_reason
+        return out
+
+    async def update(self, task_id: str, *, priority: int | None = None, labels: list[str] | None = None,
+                     by: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+        """Change a waiting task's priority or labels; the queue's order follows at once."""
+        t = self.task(task_id)
+        if t.state not in (TaskState.QUEUED, TaskState.BLOCKED):
+            raise FailedPrecondition(f"{task_id} is {t.state}; only a queued or blocked task is updated",
+                                     task_id=task_id, state=str(t.state))  # fmt: skip
+        if labels is not None and not all(labels):
+            raise InvalidParams("labels must be non-empty strings", param="labels")
+        changed: dict[str, Any] = {}
+        if priority is not None and priority != t.priority:
+            changed["priority"] = [t.priority, priority]
+        if labels is not None and labels != t.labels:
+            changed["labels"] = [t.labels, labels]
+        if changed:
+            before = (t.priority, t.labels)
+            t.priority = priority if priority is not None else t.priority
+            t.labels = list(labels) if labels is not None else t.labels
+            try:
+                await self.store.write([Put("task", t.task_id, t.to_row()),
+                                        self.event(t, "updated", changes=changed, by=by)])  # fmt: skip
+            except Unavailable:
+                t.priority, t.labels = before
+                raise
+            self._wake()
+        return {"task_id": t.task_id, "state": str(t.state), "priority": t.priority, "labels": t.labels,
+                "changed": sorted(changed)}  # fmt: skip
 
     async def retry(self, task_id: str | None, batch: str | None) -> dict[str, Any]:
         targets = self._targets(task_id, batch)
