@@ -3,8 +3,8 @@ it, and print one table of medians, p99s and ratios against baselines measured i
 
 Items (issue 6): 1 allocation latency, 2 the other ways per task, 3 release to available,
 4 fetching, 5 disk, 6 the daemon itself, 7 the dispatcher, 8 isolation and launchers (shared-clone
-vs worktree allocation, container vs process task start), and ``db`` the SQLite commit inline vs
-in a thread.
+vs worktree allocation, container vs process task start), 9 overlay slots and the prepare step
+(issue 17, on repositories of its own), and ``db`` the SQLite commit inline vs in a thread.
 Everything it starts lives under one /tmp/nb-* directory, removed at the end, even on Ctrl-C.
 """
 
@@ -27,6 +27,7 @@ from bench import (
     dispatch,
     fetch,
     isolation,
+    overlay,
     release,
     report,
     sqlite_hop,
@@ -36,7 +37,7 @@ from bench.gitrepo import git, make_origin
 from bench.report import Row
 from bench.scratch import Scratch, raise_on_sigterm
 
-ITEMS = ("1", "2", "3", "4", "5", "6", "7", "8", "db")
+ITEMS = ("1", "2", "3", "4", "5", "6", "7", "8", "9", "db")
 ALLOC_POOL, DISK_POOL = "alloc", "disk"
 
 
@@ -61,12 +62,20 @@ class Plan:
     iso_rounds: int
     ref_allocs: int
     start_tasks: int
+    #: Item 9: its repositories' sizes, samples per figure, and how long its prepare step sleeps.
+    overlay: overlay.Sizes
 
 
 # --quick must finish in under two minutes on two cores (issue 6): fewer of everything, a shorter
-# fetch interval, item 8 at 1 and 8 clients only.
-QUICK = Plan((1, 8, 32), 2, 2, 2, 4.0, 300, 2, 2.5, (1, 10), (10,), 100, (1, 8), 1, 8, 5)
-FULL = Plan((1, 8, 32, 64), 6, 9, 9, 35.0, 2000, 4, 5.0, (1, 10, 50), (10, 50), 1000, (1, 8, 32), 4, 32, 20)
+# fetch interval, item 8 at 1 and 8 clients only, item 9 on 1,000 and 10,000 files.
+QUICK = Plan(
+    (1, 8, 32), 2, 2, 2, 4.0, 300, 2, 2.5, (1, 10), (10,), 100, (1, 8), 1, 8, 5,
+    overlay.Sizes((1000, 10_000), 2, 1.0),
+)  # fmt: skip
+FULL = Plan(
+    (1, 8, 32, 64), 6, 9, 9, 35.0, 2000, 4, 5.0, (1, 10, 50), (10, 50), 1000, (1, 8, 32), 4, 32, 20,
+    overlay.Sizes((5000, 50_000), 5, 3.0),
+)  # fmt: skip
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -130,11 +139,14 @@ def _pools_a(origin: str, base: str, alloc_slots: int) -> str:
 def run(
     args: argparse.Namespace, scratch: Scratch, plan: Plan, items: set[str]
 ) -> tuple[list[Row], list[str]]:
-    origin, source = _origin(args, scratch)
-    say(f"repository: {source}")
-    base = _base(origin)
     rows: list[Row] = []
     dirt = debris.Debris()
+    notes = []
+    if items - {"9"}:  # item 9 generates repositories of its own
+        origin, source = _origin(args, scratch)
+        say(f"repository: {source}")
+        base = _base(origin)
+        notes.append(f"repository: {source}")
     if items & {"1", "2", "3", "5"}:
         slots = max(plan.alloc_levels)
         say(f"starting necrod with 4 pools ({slots} + 1 + 1 + {disk.SLOTS} slots)")
@@ -189,7 +201,12 @@ def run(
             moving,
             plan.fetch_interval_s,
         )
-    return rows, [f"repository: {source}"]
+    if "9" in items:
+        sizes = " and ".join(f"{n:,}" for n in plan.overlay.files)
+        notes.append(f"item 9: generated: {sizes} files, {overlay.COMMITS} commits each")
+        say(f"9: overlay slots and the prepare step, on {sizes} files")
+        rows += overlay.measure(scratch, plan.overlay, dirt, say)
+    return rows, notes
 
 
 def _revision() -> str:
@@ -233,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     header = [
         f"command: {command.strip()}",
         report.machine_line(machine),
-        f"necrod: {_revision()}; {notes[0]}; took {took:.0f} s; load average now {os.getloadavg()[0]:.2f}",
+        f"necrod: {_revision()}; {'; '.join(notes)}; took {took:.0f} s; "
+        f"load average now {os.getloadavg()[0]:.2f}",
     ]
     print(report.render(rows, header))
     return 0

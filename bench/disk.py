@@ -25,8 +25,10 @@ SLOTS = 10
 TARGET = 1.05
 
 
-def du(*paths: Path, exclude: str | None = None) -> int:
-    argv = ["du", "-s", "-B1", "--total", *([f"--exclude={exclude}"] if exclude else []), *map(str, paths)]
+def du(*paths: Path, exclude: str | None = None, one_file_system: bool = False) -> int:
+    """Bytes allocated under ``paths`` (``one_file_system``: not into what is mounted there)."""
+    argv = ["du", "-s", "-B1", "--total", *([f"--exclude={exclude}"] if exclude else [])]
+    argv += [*(["-x"] if one_file_system else []), *map(str, paths)]
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     return int(out.strip().splitlines()[-1].split()[0])
 

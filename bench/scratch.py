@@ -3,8 +3,9 @@
 ``Scratch`` owns a short directory under /tmp (Unix socket paths must stay under 108 bytes) and
 every subprocess started through it; ``close`` runs the clean-ups registered with ``at_close``
 (what lives outside the directory: containers, images), stops the processes (SIGTERM, then
-SIGKILL) and deletes the directory. Children also get ``PR_SET_PDEATHSIG``, so a bench killed
-with SIGKILL does not leave a daemon behind.
+SIGKILL), detaches every mount under the directory (the overlay slots a daemon mounted: they
+outlive it) and deletes the directory. Children also get ``PR_SET_PDEATHSIG``, so a bench killed
+with SIGKILL does not leave a daemon behind (its mounts, though, stay: ``umount -l`` them).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -74,6 +76,8 @@ class Scratch:
         for proc in list(self.procs):
             with contextlib.suppress(Exception):
                 self.stop(proc, timeout=10)
+        # Even with --keep: a mount left behind would outlive the bench.
+        unmount_under(self.root)
         if not self.keep:
             shutil.rmtree(self.root, ignore_errors=True)
 
@@ -85,6 +89,29 @@ def raise_on_sigterm() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+
+
+def mounts_under(root: Path) -> list[str]:
+    """The mount points at or under ``root`` in /proc/self/mounts, deepest first."""
+    top = os.path.realpath(root)
+    found = []
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                # The kernel writes space, tab, newline and backslash in a path as octal escapes.
+                target = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
+                if target == top or target.startswith(top + "/"):
+                    found.append(target)
+    except OSError:
+        return []
+    return sorted(found, key=lambda t: t.count("/"), reverse=True)
+
+
+def unmount_under(root: Path) -> None:
+    """``umount -l`` every mount at or under ``root`` (a daemon's overlays outlive it)."""
+    for target in mounts_under(root):
+        subprocess.run(["umount", "-l", target], capture_output=True)
 
 
 def rmtree(path: Path) -> None:
