@@ -155,6 +155,9 @@ def test_the_prepare_step_runs_once_for_every_slot_and_its_output_comes_back(
                           PREPARE.format(counter=counter), f"      .env: {env}\n")  # fmt: skip
     d = necrod_factory(config)
     wait_for(lambda: pool_view(d)["prepare"]["state"] == "ready", 30, what="the prepare step")
+    # Idle slots move onto the output in the background, as onto a new base.
+    wait_for(lambda: all(any(n.startswith("prepared-") for n in s["layers"])
+                         for s in d.call("slots.list", {"pool": "repo"})["slots"]), 30, what="the slots to move")  # fmt: skip
     leases = [d.call("slots.allocate", {"pool": "repo", "wait_s": 30}) for _ in range(3)]
     assert counter.read_text() == "run\n"  # once, for three slots
     key = pool_view(d)["prepare"]["key"]
@@ -208,8 +211,9 @@ def test_a_base_move_with_the_same_key_reuses_the_output_and_a_new_key_prepares_
 
     def on_new_key() -> dict[str, Any] | None:
         lease = d.call("slots.allocate", {"pool": "repo", "wait_s": 30})
-        built = (Path(lease["path"]) / "build" / "key").read_text().strip()
-        if lease["commit"] == changed and built == pool_view(d)["prepare"]["key"]:
+        key = Path(lease["path"]) / "build" / "key"
+        assert key.exists(), f"a slot without the step's output: {slot_view(d, lease['slot_id'])}"
+        if lease["commit"] == changed and key.read_text().strip() == pool_view(d)["prepare"]["key"]:
             return lease
         d.call("slots.release", {"lease_id": lease["lease_id"]})
         return None

@@ -230,17 +230,24 @@ class Slot:
         }
 
 
-def choose_slot(slots: Iterable[Slot], commit: str | None, affinity: str | None = None) -> Slot | None:
+def choose_slot(
+    slots: Iterable[Slot],
+    commit: str | None,
+    affinity: str | None = None,
+    layers: tuple[str, ...] | None = None,
+) -> Slot | None:
     """The slot to hand out: an idle available one, last released under ``affinity`` if any
-    is, then at ``commit`` if any is, else the least recently used (ties by number, so the
-    choice is stable)."""
+    is, then at ``commit`` if any is, then standing on ``layers`` (an overlay pool's current
+    ones: a slot not moved onto a new prepare output yet comes last), else the least recently
+    used (ties by number, so the choice is stable)."""
     best: Slot | None = None
-    best_key: tuple[int, int, float, int] | None = None
+    best_key: tuple[int, int, int, float, int] | None = None
     for slot in slots:
         if slot.state is not SlotState.AVAILABLE or slot.busy or slot.reserved:
             continue
         key = (0 if affinity is not None and slot.affinity == affinity else 1,
-               0 if commit is not None and slot.commit == commit else 1, slot.last_released_at, slot.number)  # fmt: skip
+               0 if commit is not None and slot.commit == commit else 1,
+               0 if layers is None or slot.layers == layers else 1, slot.last_released_at, slot.number)  # fmt: skip
         if best_key is None or key < best_key:
             best, best_key = slot, key
     return best

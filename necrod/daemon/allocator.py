@@ -213,7 +213,7 @@ class Allocator:
     def _choose_whole(self, p: Pool, commit: str | None, affinity: str | None = None) -> Slot | None:
         """``choose_slot``, skipping (and sending to be rebuilt) slots damaged on disk since they
         were cleaned: a few stat calls, so nothing broken is ever handed out."""
-        while (slot := choose_slot(p.slots.values(), commit, affinity)) is not None:
+        while (slot := choose_slot(p.slots.values(), commit, affinity, p.wanted_layers())) is not None:
             if self._whole(p, slot):
                 return slot
         return None

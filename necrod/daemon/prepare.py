@@ -88,13 +88,11 @@ class Preparer:
 
     # --- what a pool's slots should stand on ------------------------------------------------------
 
-    def wanted_layers(self, p: Pool, commit: str) -> tuple[str, ...]:
-        return (*p.top_layers, base_name(commit))
-
     def stale(self, p: Pool, slot: Slot) -> bool:
         """Whether an idle slot at the base is behind the pool's layers or prepare key."""
         if slot.kind == "overlay":
-            return p.base_commit is not None and slot.layers != self.wanted_layers(p, p.base_commit)
+            wanted = p.wanted_layers()
+            return wanted is not None and slot.layers != wanted
         return self._slot_wants_step(p, slot)
 
     def _slot_wants_step(self, p: Pool, slot: Slot) -> bool:
