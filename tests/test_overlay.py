@@ -113,6 +113,21 @@ def test_debris_of_every_kind_is_salvaged_then_gone_by_dropping_the_upper(
     wait_for(lambda: not trash.exists() or not any(trash.iterdir()), 10, what="the old upper to be removed")
 
 
+def test_a_lease_that_changed_nothing_comes_back_without_salvage_or_git(
+    necrod_factory: Callable[..., Necrod], origin: Path
+) -> None:
+    d = necrod_factory(overlay_pool(origin))
+    lease = d.call("slots.allocate", {"pool": "repo"})
+    assert agent_git(Path(lease["path"]), "status", "--porcelain") == ""  # looked, changed nothing
+    before = d.call("daemon.status")["git"]["started"]
+    again = cycle(d, lease)
+    assert d.call("daemon.status")["git"]["started"] == before
+    assert d.call("salvage.list", {"pool": "repo"})["salvage"] == []
+    (Path(again["path"]) / "new.txt").write_text("a change\n")
+    cycle(d, again)
+    assert [s["lease_id"] for s in d.call("salvage.list", {"pool": "repo"})["salvage"]] == [again["lease_id"]]
+
+
 def test_a_base_move_builds_one_layer_and_moves_the_idle_slots(
     necrod_factory: Callable[..., Necrod], origin: Path
 ) -> None:

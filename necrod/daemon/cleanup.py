@@ -101,7 +101,10 @@ class Cleanup:
                         locks = sg.clear_stale_locks()
                         if locks:
                             log.warning("stale_locks_removed", slot=slot.slot_id, locks=locks)
-                    if slot.salvage_as:
+                    untouched = slot.salvage_as is not None and await anyio.to_thread.run_sync(
+                        p.kind_of(slot).untouched, slot.admin, slot.path
+                    )
+                    if slot.salvage_as and not untouched:
                         # Even a slot whose repository is broken has its work tree salvaged.
                         note = f" ({slot.salvage_note})" if slot.salvage_note else ""
                         salvaged = await self.gate.salvager(p, slot).salvage(
@@ -206,6 +209,8 @@ class Cleanup:
         """Stop whatever still runs in the slot (a lease's background job, a runner's detached
         child) before its work is salvaged and it is reset; when something will not stop, the
         slot is isolated instead. True when nothing runs there any more."""
+        if await self._unused(p, slot):
+            return True
         try:
             stop = await stop_holders(self._slot_dirs(p, slot), LEFTOVER_GRACE_S)
         except ScanStuck as exc:
@@ -227,6 +232,8 @@ class Cleanup:
         """Look again once the slot is reset, just before it is offered: a process found now
         was started while it was being cleaned, by something outside it (a respawning parent),
         and may have written into the fresh checkout. Why the slot must not be offered, or None."""
+        if await self._unused(p, slot):
+            return None
         try:
             found = await find_holders(self._slot_dirs(p, slot))
             if not found:
@@ -236,6 +243,15 @@ class Cleanup:
             return f"could not tell what runs in it: {exc}"
         who = _named(found)
         return f"processes started in it while it was cleaned (something outside it starts them): {who}"
+
+    async def _unused(self, p: Pool, slot: Slot) -> bool:
+        """Whether the slot's kind can tell at once that no process works in it (an overlay:
+        the kernel refuses to unmount one in use), sparing a scan of every process."""
+        try:
+            return await p.kind_of(slot).unused(slot.admin, slot.path, slot.layers)
+        except OSError as exc:
+            log.warning("slot_use_unknown", slot=slot.slot_id, error=str(exc))
+            return False
 
     async def _isolate_now(self, p: Pool, slot: Slot, why: str) -> None:
         log.error("slot_isolated", slot=slot.slot_id, reason=why)

@@ -42,7 +42,8 @@ BASE, PREPARED, FILES = "base-", "prepared-", "files-"
 MAX_HOST_FILE_BYTES = 16 << 20
 #: Temporary layers older than this are a crash's leftovers.
 STALE_TMP_S = 3600.0
-_OPAQUE = "trusted.overlay.opaque"
+#: The extended attribute overlayfs marks a directory with that hides the layers below it.
+OPAQUE = "trusted.overlay.opaque"
 
 
 def base_name(commit: str) -> str:
@@ -227,7 +228,7 @@ def _untracked_only(upper: Path, tracked: set[str]) -> None:
         rel_dir = os.path.relpath(dirpath, upper)
         rel_dir = "" if rel_dir == "." else rel_dir + "/"
         try:
-            os.removexattr(dirpath, _OPAQUE, follow_symlinks=False)
+            os.removexattr(dirpath, OPAQUE, follow_symlinks=False)
         except OSError:
             pass
         for name in list(dirnames):

@@ -28,7 +28,7 @@ from pathlib import Path
 import anyio
 import structlog
 
-from necrod.daemon.layers import BASE, Layers
+from necrod.daemon.layers import BASE, OPAQUE, Layers
 from necrod.daemon.mirror import Mirror, remove_path
 from necrod.daemon.slotkinds import CloneSlots
 from necrod.io import overlay, slotfs
@@ -160,6 +160,35 @@ class OverlaySlots:
         """Remove the uppers resets dropped (in a worker thread: their size is the agents')."""
         if self.trash.is_dir():
             await anyio.to_thread.run_sync(_empty, self.trash)
+
+    async def unused(self, admin: str, path: str, layers: tuple[str, ...]) -> bool:
+        """Whether no process works in the slot: the kernel refuses to unmount an overlay in
+        use. When it is not, it is mounted again at once, on the same layers and upper."""
+
+        def check() -> bool:
+            if not overlay.unmount_if_unused(Path(path)):
+                return False
+            slot_upper = self.uppers / admin
+            overlay.mount(Path(path), self.layers.paths(layers), slot_upper / "upper", slot_upper / "work")
+            return True
+
+        if not layers or not all(self.layers.exists(n) for n in layers):
+            return False
+        return await anyio.to_thread.run_sync(check)
+
+    def untouched(self, admin: str, path: str) -> bool:
+        """Whether the lease changed nothing: its upper holds directories only (what copying a
+        directory up leaves), none of them opaque. Run in a worker thread."""
+        upper = self.uppers / admin / "upper"
+        for dirpath, dirnames, filenames in os.walk(upper):
+            if filenames or any(os.path.islink(os.path.join(dirpath, d)) for d in dirnames):
+                return False
+            try:
+                if os.getxattr(dirpath, OPAQUE, follow_symlinks=False):
+                    return False
+            except OSError:
+                pass
+        return True
 
     def own_disk(self, admin: str, path: str) -> str:
         """Where the slot's own disk use is: its upper (the layers are shared)."""

@@ -77,6 +77,8 @@ class SlotKind(Protocol):
     async def prune(self) -> None: ...
     async def tidy(self) -> None: ...
     def own_disk(self, admin: str, path: str) -> str: ...
+    async def unused(self, admin: str, path: str, layers: tuple[str, ...]) -> bool: ...
+    def untouched(self, admin: str, path: str) -> bool: ...
     def pin(self, admin: str, commit: str) -> None: ...
     def object_dirs(self, admin: str, path: str) -> list[Path]: ...
     async def delete_branch(self, admin: str, path: str, branch: str, *, timeout: float) -> None: ...
@@ -248,6 +250,15 @@ class WorktreeSlots:
         """Where the slot's own disk use is: all of it."""
         return path
 
+    async def unused(self, admin: str, path: str, layers: tuple[str, ...]) -> bool:
+        """Whether no process works in the slot, if that can be told cheaply: not here (the
+        caller scans /proc)."""
+        return False
+
+    def untouched(self, admin: str, path: str) -> bool:
+        """Whether the lease changed nothing, if that can be told cheaply: not here."""
+        return False
+
     def owns(self, directory: Path) -> bool:
         """Whether ``directory`` is a worktree of this mirror, as necrod lays them out."""
         admin = self.mirror.path / "worktrees" / directory.name
@@ -383,6 +394,15 @@ class CloneSlots:
     def own_disk(self, admin: str, path: str) -> str:
         """Where the slot's own disk use is: all of it."""
         return path
+
+    async def unused(self, admin: str, path: str, layers: tuple[str, ...]) -> bool:
+        """Whether no process works in the slot, if that can be told cheaply: not here (the
+        caller scans /proc)."""
+        return False
+
+    def untouched(self, admin: str, path: str) -> bool:
+        """Whether the lease changed nothing, if that can be told cheaply: not here."""
+        return False
 
     def owns(self, directory: Path) -> bool:
         return (

@@ -79,6 +79,18 @@ def unmount(target: Path) -> bool:
     raise MountError(err, f"cannot unmount {target}: {os.strerror(err)}")
 
 
+def unmount_if_unused(target: Path) -> bool:
+    """Unmount the overlay at ``target`` only if nothing uses it (no process has a file open
+    there, its working directory or root there, or a file of it mapped): whether it did.
+    The kernel answers in one call what a scan of /proc takes tens of milliseconds to tell."""
+    if _libc.umount2(os.fsencode(target), 0) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EBUSY, errno.EINVAL, errno.ENOENT):
+        return False  # in use, not mounted, or gone: the caller looks the long way
+    raise MountError(err, f"cannot unmount {target}: {os.strerror(err)}")
+
+
 def is_mounted(target: str | os.PathLike[str]) -> bool:
     """Whether ``target`` is a mount point (its device differs from its parent's); nothing
     is followed, so a symlink planted there is not one."""
