@@ -122,6 +122,8 @@ class _Api(Generic[R]):
         branch: str | None = None,
         wait_s: float | None = None,
         metadata: dict[str, Any] | None = None,
+        affinity: str | None = None,
+        ports: int | None = None,
     ) -> R:
         return self.call(
             "slots.allocate",
@@ -134,6 +136,8 @@ class _Api(Generic[R]):
                     "branch": branch,
                     "wait_s": wait_s,
                     "metadata": metadata,
+                    "affinity": affinity,
+                    "ports": ports,
                 }
             ),
         )

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import secrets
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
@@ -56,6 +56,8 @@ class Lease:
     #: The caller's affinity key: the slot remembers it when released, and the next
     #: allocation with the same key prefers it (warm build caches).
     affinity: str | None = None
+    #: TCP ports the lease holds (``ports:``), consecutive; given back with the lease.
+    ports: list[int] = field(default_factory=list)
     #: Monotonic deadline; not persisted (after a restart every lease gets a fresh ttl_s).
     deadline: float = 0.0
 
@@ -217,6 +219,7 @@ class Slot:
             "owner_uid": lease.uid if lease else None,
             "expires_at": lease.expires_at if lease else None,
             "task_id": lease.task_id if lease else None,
+            "ports": list(lease.ports) if lease else [],
             "error": self.error,
             "allocations": self.allocations,
             "last_released_at": self.last_released_at or None,

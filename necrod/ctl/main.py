@@ -87,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--branch", help="create this branch in the slot")
     a.add_argument("--wait", type=float, help="queue up to this many seconds for a free slot")
     a.add_argument("--metadata", type=json.loads, help="JSON object stored with the lease")
+    a.add_argument("--ports", type=int, help="TCP ports to hold with the lease (default: the pool's ports)")
     h = cmd("heartbeat", "keep a lease alive")
     h.add_argument("lease_id")
     h.add_argument("--ttl", type=float)
@@ -274,6 +275,7 @@ def _run(args: argparse.Namespace, c: Client) -> tuple[Any, Callable[[Any], None
                 branch=args.branch,
                 wait_s=args.wait,
                 metadata=args.metadata,
+                ports=args.ports,
             ), show.lease
         case "heartbeat":
             return c.heartbeat(args.lease_id, args.ttl), lambda r: print(

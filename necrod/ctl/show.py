@@ -113,7 +113,8 @@ def lease(r: dict[str, Any]) -> None:
     print(
         f"lease {r['lease_id']} on slot {r['slot_id']} at {render.short(r['commit'])}"
         + (f" branch {r['branch']}" if r.get("branch") else "")
-        + f", fencing token {r['fencing_token']}, expires {render.until(r['expires_at'])}",
+        + f", fencing token {r['fencing_token']}, expires {render.until(r['expires_at'])}"
+        + (f", ports {','.join(map(str, r['ports']))}" if r.get("ports") else ""),
         file=sys.stderr,
     )
 

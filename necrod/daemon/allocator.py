@@ -25,6 +25,7 @@ import structlog
 
 from necrod.core.clock import Clock
 from necrod.core.names import check_branch, check_ref, looks_like_sha
+from necrod.core.ports import choose_block
 from necrod.core.refs import resolve
 from necrod.core.slots import Lease, Slot, SlotState, choose_slot, new_lease_id
 from necrod.daemon.gitgate import GitGate
@@ -35,6 +36,7 @@ from necrod.daemon.pool import Pool, Waiter
 from necrod.daemon.poolsize import PoolSizer
 from necrod.daemon.slottable import SlotTable, iso, lease_event, slot_event
 from necrod.io.gitrun import GitError
+from necrod.io.ports import free_on_host
 from necrod.proto.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -58,7 +60,7 @@ LeaseHook = Callable[[Slot, Lease, str], Awaitable[None]]
 class Allocator:
     def __init__(
         self, *, table: SlotTable, jobs: Jobs, gate: GitGate, sizer: PoolSizer, keeper: MirrorKeeper,
-        metrics: Metrics, clock: Clock,
+        metrics: Metrics, clock: Clock, port_range: tuple[int, int] = (20000, 29999),
     ) -> None:  # fmt: skip
         self.table = table
         self.jobs = jobs
@@ -73,6 +75,9 @@ class Allocator:
         #: Called with the pool's name after a slot becomes available.
         self.on_slot_available: list[Callable[[str], None]] = []
         self._reap_wake = anyio.Event()
+        #: ``daemon.port_range`` (kept current by the engine at a reload).
+        self.port_range = port_range
+        self._next_port: int | None = None
 
     async def allocate(
         self,
@@ -88,10 +93,11 @@ class Allocator:
         uid: int | None = None,
         runner_uid: int | None = None,
         affinity: str | None = None,
+        ports: int | None = None,
     ) -> dict[str, Any]:
         """A lease on a slot of ``pool``, owned by ``uid`` (and, for a task's contained runner,
         also usable by ``runner_uid``); with ``affinity``, preferably the idle slot last
-        released under that key."""
+        released under that key; with ``ports`` (else the pool's), that many TCP ports."""
         started = time.perf_counter()
         p = self.table.pool(pool)
         if ref is not None:
@@ -129,15 +135,33 @@ class Allocator:
                 self._give_back(p, slot)
                 raise Unavailable(f"pool {p.name} is repairing its mirror (objects were missing); retry shortly",
                                   pool=p.name, state="repairing")  # fmt: skip
+        # From choosing the ports to the grant nothing awaits: no other lease can take them.
+        block = self._ports(p, p.config.ports if ports is None else ports)
+        if block is None:
+            self._give_back(p, slot)
+            low, high = self.port_range
+            raise ResourceExhausted(f"no {ports or p.config.ports} consecutive free ports in daemon.port_range "
+                                    f"{low}-{high}", pool=p.name)  # fmt: skip
         result = await self._grant(
             p, slot, holder=holder, ttl_s=ttl_s or p.config.lease_ttl_s, target=target, branch=branch,
             metadata=metadata or {}, task_id=task_id, uid=uid, runner_uid=runner_uid, affinity=affinity,
+            ports=block,
         )  # fmt: skip
         if p.config.metrics:
             self.metrics.allocations.labels(p.name).inc()
             self.metrics.allocation_seconds.labels(p.name).observe(time.perf_counter() - started)
         self.sizer.maintain(p)  # one idle slot fewer: min_idle may want another cut
         return result
+
+    def _ports(self, p: Pool, count: int) -> list[int] | None:
+        """A block of ``count`` ports no live lease holds and nothing on the host is bound to."""
+        if count <= 0:
+            return []
+        taken = (port for s in self.table.leases.values() if s.lease is not None for port in s.lease.ports)
+        block = choose_block(count, self.port_range, taken, free_on_host, self._next_port)
+        if block:
+            self._next_port = block[-1] + 1
+        return block
 
     def _not_ready_message(self, p: Pool) -> str:
         if p.state == "failed":
@@ -263,7 +287,7 @@ class Allocator:
     async def _grant(
         self, p: Pool, slot: Slot, *, holder: str | None, ttl_s: float, target: str | None, branch: str | None,
         metadata: dict[str, Any], task_id: str | None, uid: int | None, runner_uid: int | None,
-        affinity: str | None = None,
+        affinity: str | None = None, ports: list[int] | None = None,
     ) -> dict[str, Any]:  # fmt: skip
         # Everything up to the first await is atomic: the slot is ours from here on.
         now_m, now_w = self.clock.monotonic(), self.clock.wall()
@@ -273,7 +297,8 @@ class Allocator:
         lease = Lease(
             lease_id=new_lease_id(), holder=holder, metadata=metadata, ttl_s=ttl_s, granted_at=now_w,
             expires_at=now_w + ttl_s, fencing_token=slot.fencing_token, start_commit=slot.commit,
-            task_id=task_id, uid=uid, runner_uid=runner_uid, affinity=affinity, deadline=now_m + ttl_s,
+            task_id=task_id, uid=uid, runner_uid=runner_uid, affinity=affinity, ports=ports or [],
+            deadline=now_m + ttl_s,
         )  # fmt: skip
         slot.state = SlotState.ALLOCATED
         slot.lease = lease
@@ -346,6 +371,7 @@ class Allocator:
             "expires_at": lease.expires_at,
             "ttl_s": lease.ttl_s,
             "holder": lease.holder,
+            "ports": list(lease.ports),
         }
 
     # --- heartbeat, release, expiry -----------------------------------------------------------------

@@ -178,6 +178,7 @@ class Daemon:
             git=git,
             workspaces=workspaces,
             git_concurrency=self.config.daemon.git_concurrency,
+            port_range=self.config.daemon.port_range,
             metrics=self.metrics,
         )
         e = self.engine

@@ -61,6 +61,7 @@ class PoolEngine:
         git: GitRunner,
         workspaces: Path,
         git_concurrency: int,
+        port_range: tuple[int, int] = (20000, 29999),
         clock: Clock | None = None,
         metrics: Metrics | None = None,
     ) -> None:
@@ -75,8 +76,9 @@ class PoolEngine:
         self.keeper = keeper = MirrorKeeper(table, jobs, gate, metrics, self.clock)
         self.preparer = preparer = Preparer(table=table, jobs=jobs, gate=gate, clock=self.clock)
         self.allocator = allocator = Allocator(
-            table=table, jobs=jobs, gate=gate, sizer=sizer, keeper=keeper, metrics=metrics, clock=self.clock
-        )
+            table=table, jobs=jobs, gate=gate, sizer=sizer, keeper=keeper, metrics=metrics, clock=self.clock,
+            port_range=port_range,
+        )  # fmt: skip
         self.cleanup = cleanup = Cleanup(table=table, jobs=jobs, gate=gate, sizer=sizer, allocator=allocator,
                                          keeper=keeper, preparer=preparer, metrics=metrics, clock=self.clock)  # fmt: skip
         self.lifecycle = Lifecycle(table=table, jobs=jobs, gate=gate, sizer=sizer, allocator=allocator,
@@ -209,6 +211,7 @@ class PoolEngine:
         """Apply a validated config as a difference; returns what changed, in words."""
         changes: list[str] = []
         self.gate.limiter.total_tokens = config.daemon.git_concurrency
+        self.allocator.port_range = config.daemon.port_range
         for name, pc in config.pools.items():
             p = self.table.pools.get(name)
             if p is None:

@@ -192,6 +192,7 @@ class Api:
             metadata=params["metadata"],
             uid=ctx.peer.uid,
             affinity=params["affinity"],
+            ports=params["ports"],
         )
         # A lease nobody heard about (the caller vanished while queued) goes back at once.
         ctx.undelivered.append(lambda: self.allocator.abandon(lease["lease_id"]))

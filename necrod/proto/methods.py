@@ -74,6 +74,7 @@ METHODS: dict[str, dict[str, Param]] = {
         "wait_s": _n(min=0, max=3600),
         "metadata": Param("object"),
         "affinity": _s(max_len=256),
+        "ports": _n(min=0, max=64, integer=True),
     },
     "slots.heartbeat": {"lease_id": _s(required=True), "ttl_s": _n(min=1, max=WEEK_S)},
     "slots.release": {"lease_id": _s(required=True), "salvage": Param("boolean")},

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 WEEK_S = 7 * 24 * 3600.0
+#: The most ports one lease may take.
+MAX_LEASE_PORTS = 64
 GIB = 1 << 30
 MIB = 1 << 20
 #: Room for a few whole 1 MiB request lines per uid (a quarter of the budget each).
@@ -75,6 +77,8 @@ class DaemonConfig:
     disk_check_interval_s: float = 30.0
     #: How often each mirror's object connectivity is checked (``git fsck --connectivity-only``).
     mirror_check_interval_s: float = 6 * 3600.0
+    #: TCP ports leases take their blocks from (``ports:``), both ends included.
+    port_range: tuple[int, int] = (20000, 29999)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +141,8 @@ class PoolConfig:
     #: NecroCode's ``lock_timeout``: accepted for compatibility; allocation takes no file lock.
     lock_timeout_s: float | None = None
     prepare: PrepareConfig | None = None
+    #: Consecutive free TCP ports each lease gets from ``daemon.port_range`` (0: none).
+    ports: int = 0
     #: Files git does not carry, copied into every slot: (path in the slot, path on the host).
     files: tuple[tuple[str, str], ...] = ()
 
@@ -222,6 +228,8 @@ class RunnerProfile:
     grace_s: float = 10.0
     container: ContainerSpec | None = None
     kubernetes: KubernetesSpec | None = None
+    #: Ports its tasks' leases get (None: the pool's ``ports``).
+    ports: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ from yaml.nodes import Node
 from necrod.core.config.model import (
     ISOLATIONS,
     KNOWN_PROTOCOLS,
+    MAX_LEASE_PORTS,
     MIN_BUFFERED_BYTES,
     WEEK_S,
     DaemonConfig,
@@ -63,6 +64,7 @@ _POOL_KEYS = [
     "stale_lock_hours",
     "prepare",
     "files",
+    "ports",
 ]
 #: NecroCode's names for native keys.
 _ALIASES = {
@@ -95,6 +97,7 @@ _POOL_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "git_concurrency": int_in(1, 256),
     "idle_timeout_s": num_in(0, WEEK_S),
     "isolation": one_of(*ISOLATIONS),
+    "ports": int_in(0, MAX_LEASE_PORTS),
     "metrics": is_bool,
     "stale_lock_hours": num_in(0, 24 * 365, above=True),
     "lock_timeout_s": num_in(0, 24 * 3600),
@@ -215,6 +218,14 @@ def read_daemon(r: Reader, node: Node) -> DaemonConfig:
         if not m or not 0 < int(m.group(2)) < 65536 or not m.group(1):
             raise r.error(node_, "daemon.metrics_listen must be HOST:PORT, e.g. 127.0.0.1:9464")
         values["metrics_listen"] = (m.group(1), int(m.group(2)))
+    if sec.has("port_range"):
+        node_ = sec.node_of("port_range")
+        v = sec.value("port_range")
+        m = re.fullmatch(r"(\d{1,5})-(\d{1,5})", v) if isinstance(v, str) else None
+        low, high = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+        if not m or not 1024 <= low <= high <= 65535:
+            raise r.error(node_, "daemon.port_range must be LOW-HIGH within 1024-65535, e.g. 20000-29999")
+        values["port_range"] = (low, high)
     if sec.has("allowed_protocols"):
         _key_node, value_node = sec.raw("allowed_protocols")  # type: ignore[misc]
         protocols = r.strings(value_node, "daemon.allowed_protocols")
@@ -226,7 +237,7 @@ def read_daemon(r: Reader, node: Node) -> DaemonConfig:
                 f"known: {', '.join(KNOWN_PROTOCOLS)}",
             )
         values["allowed_protocols"] = tuple(dict.fromkeys(protocols))
-    sec.finish([*_DAEMON_CHECKS, "metrics_listen", "allowed_protocols"])
+    sec.finish([*_DAEMON_CHECKS, "metrics_listen", "allowed_protocols", "port_range"])
     return DaemonConfig(**values)
 
 

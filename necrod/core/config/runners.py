@@ -11,6 +11,7 @@ from yaml.nodes import Node
 
 from necrod.core.config.model import (
     LAUNCHERS,
+    MAX_LEASE_PORTS,
     WEEK_S,
     Config,
     ContainerSpec,
@@ -44,6 +45,7 @@ _RUNNER_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "lease_ttl_s": num_in(1, WEEK_S),
     "grace_s": num_in(0, 3600),
     "cpu_limit": optional_num(0, 1024),
+    "ports": int_in(0, MAX_LEASE_PORTS),
 }
 
 

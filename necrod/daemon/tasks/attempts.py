@@ -120,12 +120,15 @@ class Attempts:
         })  # fmt: skip
         if lease.get("branch"):
             env["NECROD_BRANCH"] = lease["branch"]
+        if lease.get("ports"):
+            ports = [str(port) for port in lease["ports"]]
+            env.update({"NECROD_PORT": ports[0], "NECROD_PORTS": ",".join(ports), "PORT": ports[0]})
         return env
 
     async def _allocate(self, a: Active, n: int) -> dict[str, Any]:
         t, profile = a.task, a.profile
         request: dict[str, Any] = {"pool": t.pool, "ttl_s": profile.lease_ttl_s, "ref": t.ref, "branch": t.branch,
-                                   "metadata": {"task_id": t.task_id, "attempt": n}}  # fmt: skip
+                                   "metadata": {"task_id": t.task_id, "attempt": n}, "ports": profile.ports}  # fmt: skip
         if a.host is None:
             return await self.allocator.allocate(holder=f"task {t.task_id}", task_id=t.task_id, uid=t.uid,
                                               runner_uid=runner_uid(profile), **request)  # fmt: skip
