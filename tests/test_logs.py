@@ -250,3 +250,30 @@ def test_json_lines_keep_their_timestamp_and_level(tmp: Path, monkeypatch: pytes
         stream.seek(0)
         line: dict[str, Any] = json.loads(stream.readline())
     assert line["event"] == "ready" and line["level"] == "info" and line["timestamp"]
+
+
+# --- attempt logs (tasks.logs) ------------------------------------------------------------------
+
+
+def test_tasks_logs_reads_in_pieces_and_does_not_follow_a_log_replaced_by_a_symlink(
+    necrod_factory: Callable[..., Necrod], origin: Path, tmp: Path
+) -> None:
+    d = necrod_factory(pool_config({"repo": origin}, slots=1, min_idle=0))
+    with d.client() as c:
+        task_id = c.submit("repo", command=["sh", "-c", "for i in 1 2 3 4 5; do echo line-$i; done"])[
+            "task_id"
+        ]
+        wait_for(lambda: c.task(task_id)["state"] == "succeeded", 30, what="the task")
+        first = c.logs(task_id, offset=0, limit=12)
+        assert first["data"] == "line-1\nline-" and first["offset"] == 12 and not first["eof"]
+        rest = c.logs(task_id, offset=first["offset"])
+        assert first["data"] + rest["data"] == "".join(f"line-{i}\n" for i in range(1, 6)) and rest["eof"]
+        # Something replaces the log with a link to a file it may not show: not followed.
+        secret = tmp / "secret"
+        secret.write_text("not for the log reader\n")
+        log_path = Path(rest["path"])
+        log_path.unlink()
+        log_path.symlink_to(secret)
+        with pytest.raises(Exception, match="cannot read the log") as refused:
+            c.logs(task_id)
+        assert "not for the log reader" not in str(refused.value)

@@ -153,8 +153,8 @@ class Dispatcher:
     def graph(self, tasks: Iterable[Task]) -> list[list[str]]:
         return self.book.graph(tasks)
 
-    def logs(self, task_id: str, attempt: int | None, offset: int, limit: int) -> dict[str, Any]:
-        return self.book.logs(task_id, attempt, offset, limit)
+    async def logs(self, task_id: str, attempt: int | None, offset: int, limit: int) -> dict[str, Any]:
+        return await self.book.logs(task_id, attempt, offset, limit)
 
     def counts(self) -> dict[str, int]:
         return self.book.counts()

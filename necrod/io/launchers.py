@@ -22,11 +22,13 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiofiles
 import anyio
 import structlog
 
@@ -59,6 +61,26 @@ class Exit:
     lost: bool = False
     #: Why, when the launcher knows better than "lost".
     detail: str | None = None
+
+
+async def read_log(path: Path, offset: int, limit: int) -> bytes:
+    """Up to ``limit`` bytes of an attempt's log from ``offset`` (b"" when there is no such
+    file), read in a worker thread (aiofiles): a log can be large and its disk slow, and the
+    event loop serves every lease meanwhile. The runner can write where its log lies: the path
+    is not followed if it was replaced by a symlink, and anything but a regular file is refused
+    (``OSError``) rather than waited on."""
+
+    def opener(name: str, flags: int) -> int:
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+
+    try:
+        async with aiofiles.open(path, "rb", opener=opener) as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise OSError(f"{path} is not a regular file")
+            await f.seek(offset)
+            return await f.read(limit)
+    except FileNotFoundError:
+        return b""
 
 
 def _shim(spec: LaunchSpec, cgroup: RunnerCgroup | None) -> list[str]:
