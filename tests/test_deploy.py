@@ -280,6 +280,19 @@ def test_the_socket_group_is_the_image_group_the_runner_runs_with() -> None:
             assert user.split(":")[1] == gid, f"runners.{runner.name} runs as {user}, not in group {gid}"
 
 
+def test_the_image_installs_the_extras_the_configmap_runners_need() -> None:
+    from necrod.io.contained import EXTRAS
+
+    m = re.search(r"pip install [^\n]*'/src\[([a-z,]+)\]'", CONTAINERFILE.read_text(encoding="utf-8"))
+    installed = set(m.group(1).split(",")) if m else set()
+    for runner in config().runners.values():
+        if runner.launcher in EXTRAS:
+            extra = EXTRAS[runner.launcher][0]
+            assert extra in installed, (
+                f"runners.{runner.name} needs necrod[{extra}]; the image installs {installed}"
+            )
+
+
 # --- the DaemonSet --------------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from necrod.daemon.tasks.runs import Spawn
 from necrod.io.cgroups import runner_cgroups
+from necrod.io.contained import MissingExtra, missing_extra
 from necrod.io.launchers import ProcessLauncher, TmuxLauncher
 
 if TYPE_CHECKING:
@@ -34,14 +35,20 @@ class Runners:
     # The contained launchers load on first use: their HTTP client stacks (aiohttp, aiodocker,
     # kubernetes_asyncio) cost ~70 MB of memory and 0.5 s of start that a daemon without such
     # runners need not pay.
+    # A config naming a launcher whose packages are missing is refused at load; this is for
+    # runners found again after a restart whose profile is gone.
     @cached_property
     def containers(self) -> ContainerLauncher:
+        if (problem := missing_extra("container")) is not None:
+            raise MissingExtra(problem)
         from necrod.io.containers import ContainerLauncher
 
         return ContainerLauncher(self.origin)
 
     @cached_property
     def kube(self) -> KubeLauncher:
+        if (problem := missing_extra("kubernetes")) is not None:
+            raise MissingExtra(problem)
         from necrod.io.kubernetes import KubeLauncher
 
         return KubeLauncher(self.origin, self._spawn)
