@@ -439,6 +439,7 @@ class Daemon:
         reasons += self._disk_reasons()
         if self.dispatcher.stalled:
             reasons.append("dispatcher stalled: " + "; ".join(self.dispatcher.stalled[:3]))
+        reasons += (f"runner profile refused: {why}" for why in self.dispatcher.refused())
         for pool in self.engine.table.pools.values():
             if pool.state == "failed":
                 reasons.append(f"pool {pool.name} failed: {pool.error}")

@@ -65,7 +65,7 @@ class Dispatcher:
         self.jobs = Jobs()
         origin = origin_id(state_dir)
         self.runners = Runners(origin, state_dir, self.jobs.spawn)
-        self.profiles = Profiles(config=config, pools=lambda: table.pools)
+        self.profiles = Profiles(config=config, pools=lambda: table.pools, refuse=self.runners.refusal)
         self.book = TaskBook(store=store, config=config, pools=lambda: table.pools, profiles=self.profiles,
                              active=self.active, fair=self.fair, clock=self.clock, wake=self.wake,
                              stopping=lambda: self.stopping)  # fmt: skip
@@ -186,9 +186,15 @@ class Dispatcher:
     def hosts(self) -> list[dict[str, Any]]:
         return self.hostwatch.hosts()
 
+    def refused(self) -> list[str]:
+        """The configured runner profiles this host cannot start, each with why."""
+        return [why for p in self._config().runners.values() if (why := self.runners.refusal(p)) is not None]
+
     def status(self) -> dict[str, Any]:
         running = Counter(a.profile.name for a in self.active.values())
         return {"tasks": self.counts(), "running_by_profile": dict(running), "stalled": self.stalled,
                 "policy": self.cfg.policy, "memory_cgroups": self.runners.cgroups,
+                "memory_cgroups_problem": self.runners.cgroup_parents.memory_problem,
+                "refused_profiles": self.refused(),
                 "runner_cgroups": self.runners.cgroup_parents.unified is not None,
                 "fair_share_usage": self.fair.snapshot(self.clock.monotonic())}  # fmt: skip

@@ -1,21 +1,32 @@
-"""Memory limits for runners with a cgroup of their own (DESIGN.md, trap 11).
+"""Runner cgroups: memory limits (DESIGN.md, trap 11), and a cgroup per runner to kill whole.
 
 ``RLIMIT_AS`` breaks Node, Go and the JVM (they reserve much more address space than they
 use), so a runner's memory is capped with a cgroup: cgroup v2 (``memory.max``) where the
 daemon's cgroup lets it create children with the memory controller, else cgroup v1's memory
-controller (``memory.limit_in_bytes``). Where neither is writable, the launcher falls back to
-``RLIMIT_DATA`` (what ``runshim`` sets), which counts what a program writes rather than what it
-reserves.
+controller (``memory.limit_in_bytes``). Where neither can be made, a runner with a memory limit
+is refused, with the reason (``LimitNotEnforced``): a limit that silently does nothing is worse
+than none.
 
 Every local runner also gets a cgroup v2 of its own, memory limit or not (on a hybrid machine,
 in the v2 hierarchy at ``/sys/fs/cgroup/unified``): a child that leaves the runner's process
 group (``setsid``, a daemonizing helper) stays in it, and ``cgroup.kill`` kills them all at once,
-forks in flight included, before the runner's slot is cleaned. Runner cgroups live under a
-directory per daemon instance, so two daemons on one machine never touch each other's runners.
+forks in flight included, before the runner's slot is cleaned; the cgroup is removed then.
+
+Layout, under the cgroup delegated to the daemon (systemd's ``Delegate=yes``)::
+
+    <delegated>/necrod-daemon/            the daemon itself (cgroup v2 allows no process in a
+                                          cgroup whose children have controllers)
+    <delegated>/necrod-runners/<instance>/<runner>
+
+``<instance>`` is the daemon's own name (host and state directory), so two daemons on one
+machine never touch each other's runners. A daemon that finds itself already in a
+``necrod-daemon`` cgroup (systemd's ``DelegateSubgroup=necrod-daemon``, or a restart after it
+moved there) takes its parent as the delegated one.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from dataclasses import dataclass
@@ -26,19 +37,28 @@ V2_ROOT = Path("/sys/fs/cgroup")
 V2_HYBRID = Path("/sys/fs/cgroup/unified")
 V1_MEMORY = Path("/sys/fs/cgroup/memory")
 RUNNERS = "necrod-runners"
+#: The daemon's own leaf in its delegated cgroup.
+LEAF = "necrod-daemon"
+
+
+class LimitNotEnforced(OSError):
+    """A runner's memory limit cannot be enforced here; the message says why."""
 
 
 def _own_cgroup(controller: str | None) -> str | None:
+    """The daemon's delegated cgroup in a hierarchy (cgroup v2 when ``controller`` is None): its
+    own, or the parent of its ``necrod-daemon`` leaf."""
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:
         return None
     for line in lines:
         _, controllers, path = line.split(":", 2)
-        if controller is None and controllers == "":
-            return path
-        if controller is not None and controller in controllers.split(","):
-            return path
+        if (controller is None and controllers == "") or (
+            controller is not None and controller in controllers.split(",")
+        ):
+            parent, _, name = path.rpartition("/")
+            return (parent or "/") if name == LEAF else path
     return None
 
 
@@ -46,24 +66,37 @@ def _own_cgroup(controller: str | None) -> str | None:
 class RunnerCgroups:
     """Where this daemon makes runner cgroups: ``unified`` (cgroup v2, holding all of a runner's
     processes) and ``memory`` (with its kind, for memory limits); one directory on a pure v2
-    machine. Either is None where the machine gives us none. They are made with the first
-    runner (``RunnerCgroup.create``), so a daemon that runs none leaves nothing behind."""
+    machine. Either is None where the machine gives us none, and ``memory_problem`` says why
+    there is no memory cgroup. The directories are made with the first runner
+    (``RunnerCgroup.create``), so a daemon that runs none leaves nothing behind."""
 
     unified: Path | None
     memory: tuple[Path, str] | None
+    memory_problem: str | None = None
 
     def tidy(self) -> None:
-        """Remove the daemon's own directories when no runner cgroup is left in them."""
+        """Remove the daemon's own directories when no runner cgroup is left in them (and the
+        ``necrod-runners`` above them when no other daemon's are left either). Then, on cgroup
+        v2, give the memory controller back: a restart puts the new daemon in the delegated
+        cgroup itself, which the kernel refuses while it passes controllers down."""
         for path in {p for p in (self.unified, self.memory[0] if self.memory else None) if p}:
-            try:
-                path.rmdir()
-            except OSError:
-                pass
+            for directory in (path, path.parent):
+                try:
+                    directory.rmdir()
+                except OSError:
+                    break
+        if self.memory is not None and self.memory[1] == "v2":
+            delegated = self.memory[0].parent.parent
+            if not (delegated / RUNNERS).exists():
+                try:
+                    (delegated / "cgroup.subtree_control").write_text("-memory")
+                except OSError:
+                    pass
 
 
 def runner_cgroups(instance: str) -> RunnerCgroups:
     """This daemon's runner cgroup parents (``instance`` names the daemon)."""
-    memory = memory_parent()
+    memory, problem = memory_parent()
     if memory is not None and memory[1] == "v2":
         return RunnerCgroups(memory[0] / instance, (memory[0] / instance, "v2"))
     own = _own_cgroup(None)
@@ -71,7 +104,7 @@ def runner_cgroups(instance: str) -> RunnerCgroups:
     unified = root / own.lstrip("/") / RUNNERS / instance if own is not None and root is not None else None
     if unified is not None and not _may_make(unified):
         unified = None
-    return RunnerCgroups(unified, (memory[0] / instance, memory[1]) if memory else None)
+    return RunnerCgroups(unified, (memory[0] / instance, memory[1]) if memory else None, problem)
 
 
 def _may_make(path: Path) -> bool:
@@ -82,36 +115,81 @@ def _may_make(path: Path) -> bool:
 
 
 def _make_parent(path: Path, memory_v2: bool) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    control = path / "cgroup.subtree_control"
-    if memory_v2 and "memory" not in control.read_text().split():
-        control.write_text("+memory")
+    """Make ``path`` (``<delegated>/necrod-runners/<instance>``); with ``memory_v2``, pass the
+    memory controller down to it, first moving the daemon into its leaf."""
+    if not memory_v2:
+        path.mkdir(parents=True, exist_ok=True)
+        return
+    _enable_memory(path.parent.parent)
+    for directory in (path.parent, path):
+        directory.mkdir(exist_ok=True)
+        control = directory / "cgroup.subtree_control"
+        if "memory" not in control.read_text().split():
+            control.write_text("+memory")
 
 
-def memory_parent(name: str = RUNNERS) -> tuple[Path, str] | None:
+def memory_parent(name: str = RUNNERS) -> tuple[tuple[Path, str] | None, str | None]:
     """A directory under which runner cgroups with a memory limit can be made, and its kind
-    ("v2" or "v1"); None when this machine gives us none."""
+    ("v2" or "v1"); or None and why this machine gives us none."""
+    problems = []
     v2 = _own_cgroup(None)
     if v2 is not None and (V2_ROOT / "cgroup.controllers").exists():
         own = V2_ROOT / v2.lstrip("/")
+        # Only looked at: the controller is passed down with the first runner that needs it
+        # (``_make_parent``), and given back when the daemon stops (``tidy``).
         try:
-            if "memory" in (own / "cgroup.controllers").read_text(errors="replace").split():
-                _enable_memory(own)
-                parent = own / name
-                parent.mkdir(exist_ok=True)
-                (parent / "cgroup.subtree_control").write_text("+memory")
-                return parent, "v2"
-        except OSError:
-            pass
+            if "memory" not in (own / "cgroup.controllers").read_text(errors="replace").split():
+                problems.append(f"cgroup v2: the memory controller is not delegated to {own} "
+                                "(under systemd: Delegate=yes)")  # fmt: skip
+            elif not _may_make(own / name):
+                problems.append(f"cgroup v2: cannot make cgroups in {own}: {_not_writable(own)}")
+            elif own == V2_ROOT or not all(_descends_from_us(pid) for pid in _procs(own)):
+                problems.append(f"cgroup v2: {own} holds processes that are not necrod's: not reorganizing it "
+                                "(under systemd, Delegate=yes gives necrod a cgroup of its own)")  # fmt: skip
+            else:
+                return (own / name, "v2"), None
+        except OSError as exc:
+            problems.append(f"cgroup v2: cannot read {own}: {exc.strerror or exc}")
     v1 = _own_cgroup("memory")
     if v1 is not None and V1_MEMORY.is_dir():
         parent = V1_MEMORY / v1.lstrip("/") / name
         try:
+            if not _may_make(parent / "runner"):  # it may be there already, and read-only
+                raise OSError(errno.EROFS if _read_only(parent.parent) else errno.EACCES,
+                              "Read-only file system" if _read_only(parent.parent) else "Permission denied")  # fmt: skip
             parent.mkdir(exist_ok=True)
-            return parent, "v1"
-        except OSError:
-            return None
-    return None
+            return (parent, "v1"), None
+        except OSError as exc:
+            problems.append(
+                f"cgroup v1: cannot make cgroups in {parent.parent}: {exc.strerror or exc}{_hint(exc)}"
+            )
+    if not problems:
+        problems.append("no cgroup hierarchy with a memory controller is mounted")
+    return None, "; ".join(problems)
+
+
+def _procs(cgroup: Path) -> list[int]:
+    return [int(p) for p in (cgroup / "cgroup.procs").read_text().split()]
+
+
+def _read_only(path: Path) -> bool:
+    while not path.exists():
+        path = path.parent
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+
+
+def _not_writable(path: Path) -> str:
+    if _read_only(path):
+        return "Read-only file system" + _hint(OSError(errno.EROFS, "read-only"))
+    return "Permission denied" + _hint(OSError(errno.EACCES, "denied"))
+
+
+def _hint(exc: OSError) -> str:
+    if exc.errno == errno.EROFS:
+        return " (under systemd: ProtectControlGroups=yes without ReadWritePaths= for the unit's cgroup)"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return " (not delegated to necrod's user: under systemd, Delegate=yes)"
+    return ""
 
 
 def _enable_memory(own: Path) -> None:
@@ -121,10 +199,10 @@ def _enable_memory(own: Path) -> None:
     control = own / "cgroup.subtree_control"
     if "memory" in control.read_text().split():
         return
-    pids = [int(p) for p in (own / "cgroup.procs").read_text().split()]
+    pids = _procs(own)
     if own == V2_ROOT or not all(_descends_from_us(pid) for pid in pids):
         raise PermissionError(f"{own} is not a cgroup of ours alone; not reorganizing it")
-    leaf = own / "necrod-daemon"
+    leaf = own / LEAF
     leaf.mkdir(exist_ok=True)
     for pid in pids:
         (leaf / "cgroup.procs").write_text(str(pid))
@@ -165,6 +243,9 @@ class RunnerCgroup:
         """The cgroups of a new runner: always the v2 one where there is a parent for it, the
         memory one only with a limit. None when there is neither."""
         unified = memory = kind = None
+        if limit is not None and parents.memory is None:
+            raise LimitNotEnforced(f"memory_limit {limit} bytes cannot be enforced here: "
+                                   f"{parents.memory_problem or 'necrod has no memory cgroup'}")  # fmt: skip
         if limit is not None and parents.memory is not None:
             _make_parent(parents.memory[0], parents.memory[1] == "v2")
             memory, kind = parents.memory[0] / name, parents.memory[1]
@@ -176,7 +257,7 @@ class RunnerCgroup:
                 except OSError:
                     pass
         if parents.unified is not None:
-            _make_parent(parents.unified, parents.memory is not None and parents.memory[1] == "v2")
+            _make_parent(parents.unified, False)
             unified = parents.unified / name
             unified.mkdir(exist_ok=True)
         if unified is None and memory is None:

@@ -87,17 +87,21 @@ def _shim(spec: LaunchSpec, cgroup: RunnerCgroup | None) -> list[str]:
     argv = [sys.executable, "-m", "necrod.io.runshim"]
     for path in cgroup.paths if cgroup is not None else []:
         argv += ["--cgroup", str(path)]
-    if spec.memory_limit is not None and (cgroup is None or cgroup.memory is None):
-        argv += ["--rlimit-data", str(spec.memory_limit)]
     return [*argv, "--", *spec.argv]
 
 
 def _cgroup(parents: RunnerCgroups, spec: LaunchSpec) -> RunnerCgroup | None:
     """The runner's cgroups (to hold all its processes, and for its memory limit), where the
-    machine lets us make them."""
+    machine lets us make them. A runner with a memory limit that cannot be enforced is not
+    started: ``OSError`` (``LimitNotEnforced``) says why."""
     try:
         return RunnerCgroup.create(parents, spec.name, spec.memory_limit)
     except OSError as exc:
+        half_made = RunnerCgroup.find(parents, spec.name)
+        if half_made is not None:
+            half_made.remove()
+        if spec.memory_limit is not None:
+            raise
         log.warning("cgroup_unavailable", error=str(exc))
         return None
 
@@ -202,12 +206,17 @@ class ProcessLauncher:
 
     async def start(self, spec: LaunchSpec) -> Run:
         cgroup = _cgroup(self.cgroup_parents, spec)
-        spec.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(spec.log, "ab") as out:  # noqa: ASYNC230 (opened for the child, not read here)
-            process = await anyio.open_process(
-                _shim(spec, cgroup), cwd=spec.cwd, env=spec.env, stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
+        try:
+            spec.log.parent.mkdir(parents=True, exist_ok=True)
+            with open(spec.log, "ab") as out:  # noqa: ASYNC230 (opened for the child, not read here)
+                process = await anyio.open_process(
+                    _shim(spec, cgroup), cwd=spec.cwd, env=spec.env, stdin=subprocess.DEVNULL, stdout=out,
+                    stderr=subprocess.STDOUT, start_new_session=True,
+                )  # fmt: skip
+        except Exception:
+            if cgroup is not None:  # nothing was started in it
+                cgroup.remove()
+            raise
         return ProcessRun(process, cgroup)
 
 
@@ -285,6 +294,18 @@ class TmuxLauncher:
 
     async def start(self, spec: LaunchSpec) -> Run:
         cgroup = _cgroup(self.cgroup_parents, spec)
+        try:
+            return await self._start(spec, cgroup)
+        except Exception:
+            # A failed start must not run later: the session goes (it waits for its start
+            # signal), and so does the cgroup. Not on cancellation (the daemon stopping): the
+            # session then runs on, and the next daemon adopts it.
+            await self.kill_session(spec.name)
+            if cgroup is not None:
+                await end_cgroup(cgroup, wait=1.0)
+            raise
+
+    async def _start(self, spec: LaunchSpec, cgroup: RunnerCgroup | None) -> TmuxRun:
         spec.log.parent.mkdir(parents=True, exist_ok=True)
         script, go, exit_file = self.files(spec.log)
         for stale in (go, exit_file):

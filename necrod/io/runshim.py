@@ -1,8 +1,8 @@
-"""The first thing a runner runs: join its cgroup and set its limits, then exec the command.
+"""The first thing a runner runs: join its cgroups (and so their limits), then exec the command.
 
-``python -m necrod.io.runshim [--cgroup DIR]... [--rlimit-data BYTES] -- COMMAND...``
+``python -m necrod.io.runshim [--cgroup DIR]... -- COMMAND...``
 
-anyio's ``open_process`` has no ``preexec_fn``, and limits must be in place before the runner's
+anyio's ``open_process`` has no ``preexec_fn``, and the runner must be in its cgroups before its
 own code runs, so this tiny program does it in between. It replaces itself with the command:
 the runner's pid, process group and exit status are the command's.
 """
@@ -10,20 +10,16 @@ the runner's pid, process group and exit status are the command's.
 from __future__ import annotations
 
 import os
-import resource
 import sys
 
 
 def main(argv: list[str]) -> int:
     cgroups: list[str] = []
-    rlimit = None
     i = 0
     while i < len(argv) and argv[i] != "--":
         if argv[i] == "--cgroup":
             cgroups.append(argv[i + 1])
             i += 2
-        elif argv[i] == "--rlimit-data":
-            rlimit, i = int(argv[i + 1]), i + 2
         else:
             print(f"runshim: unknown option {argv[i]!r}", file=sys.stderr)
             return 127
@@ -34,8 +30,6 @@ def main(argv: list[str]) -> int:
     for cgroup in cgroups:
         with open(os.path.join(cgroup, "cgroup.procs"), "w") as procs:
             procs.write(str(os.getpid()))
-    if rlimit is not None:
-        resource.setrlimit(resource.RLIMIT_DATA, (rlimit, rlimit))
     try:
         os.execvp(command[0], command)
     except OSError as exc:

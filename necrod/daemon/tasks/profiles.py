@@ -23,10 +23,13 @@ DEFAULT_PROFILE = RunnerProfile(name="default", launcher="process", max_concurre
 
 
 class Profiles:
-    def __init__(self, *, config: Callable[[], Config], pools: Callable[[], Mapping[str, Pool]]) -> None:
+    def __init__(self, *, config: Callable[[], Config], pools: Callable[[], Mapping[str, Pool]],
+                 refuse: Callable[[RunnerProfile], str | None] = lambda profile: None) -> None:  # fmt: skip
         self._config = config
         #: This host's pools (the engine's), by name.
         self._pools = pools
+        #: Why this host cannot start a profile's runners (``Runners.refusal``), or None.
+        self._refuse = refuse
 
     @property
     def cfg(self) -> DispatcherConfig:
@@ -69,10 +72,16 @@ class Profiles:
         """Profiles that could run ``task`` somewhere (the submit-time check)."""
         runners = self._config().runners
         found: dict[str, RunnerProfile] = {}
-        for _, skills in self.places(task):
-            found.update((v.name, runners[v.name]) for v in eligible(task, self.views(), skills))
+        refused = False
+        for host, skills in self.places(task):
+            for v in eligible(task, self.views(), skills):
+                if host is None and self._refuse(runners[v.name]) is not None:
+                    refused = True  # the scheduler would still pick it: no stand-in
+                else:
+                    found[v.name] = runners[v.name]
         if (
             not found
+            and not refused
             and task.runner is None
             and not task.skills
             and task.command is not None
@@ -80,3 +89,11 @@ class Profiles:
         ):
             return [DEFAULT_PROFILE]
         return list(found.values())
+
+    def refusals(self, task: Task) -> list[str]:
+        """Why the profiles that could run ``task`` on this host cannot start here."""
+        runners = self._config().runners
+        if not any(host is None for host, _ in self.places(task)):
+            return []
+        reasons = (self._refuse(runners[v.name]) for v in eligible(task, self.views(), frozenset()))
+        return [why for why in reasons if why is not None]

@@ -9,6 +9,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from necrod.core.config import RunnerProfile
 from necrod.daemon.tasks.runs import Spawn
 from necrod.io.cgroups import runner_cgroups
 from necrod.io.contained import MissingExtra, missing_extra
@@ -31,6 +32,14 @@ class Runners:
             "process": ProcessLauncher(self.cgroup_parents),
             "tmux": self.tmux,
         }
+
+    def refusal(self, profile: RunnerProfile) -> str | None:
+        """Why this host cannot start a runner of ``profile`` (its memory limit could not be
+        enforced), or None. Containers and pods have theirs enforced by their runtime."""
+        if profile.launcher in self.launchers and profile.memory_limit is not None and self.cgroups is None:
+            why = self.cgroup_parents.memory_problem or "necrod has no memory cgroup"
+            return f"runners.{profile.name}: memory_limit {profile.memory_limit} bytes cannot be enforced here: {why}"
+        return None
 
     # The contained launchers load on first use: their HTTP client stacks (aiohttp, aiodocker,
     # kubernetes_asyncio) cost ~70 MB of memory and 0.5 s of start that a daemon without such

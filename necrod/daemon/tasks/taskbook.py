@@ -139,9 +139,11 @@ class TaskBook:
         profiles = self.profiles.profiles_for(task)
         if not profiles:
             wanted = f"skills {', '.join(task.skills)}" if task.skills else "a command"
+            refused = self.profiles.refusals(task)
             raise FailedPrecondition(
                 f"no runner profile can run this task (it needs {wanted}"
-                + (f" and profile {runner!r}" if runner else "") + f" in pool {pool})", runner=runner,
+                + (f" and profile {runner!r}" if runner else "") + f" in pool {pool})"
+                + "".join(f"; {why}" for why in refused), runner=runner,
             )  # fmt: skip
         for profile in profiles:
             template = command if command is not None else profile.command
