@@ -418,3 +418,19 @@ def test_the_dashboard_shows_every_signal_the_alerts_watch() -> None:
         )
     for expr in dashboard_queries():
         assert '$instance"' in expr or "$instance" in expr, f"{expr!r} ignores the instance variable"
+
+
+def test_a_metrics_port_in_use_stops_the_start_with_one_line(
+    necrod_factory: Callable[..., Necrod], origin: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        d = necrod_factory(f"daemon:\n  metrics_listen: 127.0.0.1:{port}\n" + pool_config({"repo": origin}),
+                           start=False)  # fmt: skip
+        d.start(wait=False)
+        assert d.proc is not None and d.proc.wait(30) == 1
+    lines = [line for line in d.log().splitlines() if line.startswith("necrod: ")]
+    assert lines == [f"necrod: cannot serve metrics on 127.0.0.1:{port}: Address already in use"], d.log()
+    assert "Traceback" not in d.log()

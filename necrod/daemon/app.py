@@ -251,6 +251,15 @@ class Daemon:
                 await self._stop.wait()
                 await self._shutdown()
                 self._cancel(tg)
+        except BaseExceptionGroup as group:
+            # Raised inside the task group, a StartupError arrives wrapped: unwrap it, so that
+            # it is the one-line message it is meant to be.
+            found: BaseException | None = group.subgroup(StartupError)
+            while isinstance(found, BaseExceptionGroup):
+                found = found.exceptions[0]
+            if found is not None:
+                raise found from None
+            raise
         finally:
             self.store.close()
         log.info("stopped")

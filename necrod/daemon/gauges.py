@@ -61,13 +61,13 @@ class Gauges:
         self.clock = clock
 
     def collect(self) -> Iterable[Metric]:
-        yield from self._daemon()
+        about = self.about()
+        yield from self._daemon(about)
         yield from self._pools()
-        yield from self._disk()
+        yield from self._disk(about)
         yield from self._tasks()
 
-    def _daemon(self) -> Iterable[Metric]:
-        about = self.about()
+    def _daemon(self, about: About) -> Iterable[Metric]:
         info = _family("necrod_build_info", "necrod's version, the Python it runs on and the git it runs; always 1.",
                        ["version", "python", "git"])  # fmt: skip
         info.add_metric([__version__, platform.python_version(), about.git_version], 1)
@@ -119,8 +119,7 @@ class Gauges:
                 oldest.add_metric([name], max(0.0, now - granted[name]))
         yield from (slots, waiting, ready, max_slots, failing, last_ok, interval, oldest)
 
-    def _disk(self) -> Iterable[Metric]:
-        about = self.about()
+    def _disk(self, about: About) -> Iterable[Metric]:
         yield _family("necrod_disk_low", "1 while free disk is below min_free_disk.",
                       value=1 if self.table.disk_low else 0)  # fmt: skip
         yield _family("necrod_disk_min_free_bytes", "daemon.min_free_disk.", value=about.min_free_disk)
