@@ -82,20 +82,19 @@ class Vitals:
         self.last_check: Check | None = None
         self._checking: anyio.Event | None = None
         self._status_sent: str | None = None
-        self.watchdog_withheld = 0
 
     # --- the self-check ---------------------------------------------------------------------------
 
     async def check(self, timeout: float = SELF_CHECK_S) -> Check:
         """The socket and the store answer, each within ``timeout`` (a fresh result, or one
         younger than a second)."""
-        last = self.last_check
-        if last is not None and self.clock.monotonic() - last.at < SELF_CHECK_REUSE_S:
-            return last
-        if self._checking is not None:
-            await self._checking.wait()
-            assert self.last_check is not None
-            return self.last_check
+        while True:
+            last = self.last_check
+            if last is not None and self.clock.monotonic() - last.at < SELF_CHECK_REUSE_S:
+                return last
+            if self._checking is None:
+                break
+            await self._checking.wait()  # one in flight: its result, unless it was cancelled
         self._checking = anyio.Event()
         try:
             self.last_check = await self._check(timeout)
@@ -171,10 +170,8 @@ class Vitals:
             else:
                 check = await self.check(timeout)
                 if check.problems:
-                    self.watchdog_withheld += 1
                     log.error("watchdog_withheld", problems=list(check.problems))
-                    self.notifier.status("not answering: " + "; ".join(check.problems))
-                    self._status_sent = None
+                    self.send_status()  # led by what does not answer
                 else:
                     self.notifier.watchdog()
             await anyio.sleep(interval)
@@ -198,7 +195,8 @@ class Vitals:
 
     def status_line(self) -> str:
         """``2 pools; slots: 3 available, 1 allocated; 1 lease; tasks: 1 running, 2 queued``,
-        led by the first degraded reason when there is one."""
+        led by the first degraded reason when there is one, and before it by what did not answer
+        the last self-check."""
         pools = self.table.pools
         slots: dict[str, int] = {}
         for p in pools.values():
@@ -224,4 +222,6 @@ class Vitals:
                 first = first[: STATUS_REASON_CHARS - 1] + "…"
             more = f" (+{len(degraded) - 1} more)" if len(degraded) > 1 else ""
             parts.insert(0, f"degraded: {first}{more}")
+        if self.last_check is not None and self.last_check.problems:
+            parts.insert(0, "not answering: " + "; ".join(self.last_check.problems))
         return "; ".join(parts)
