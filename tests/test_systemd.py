@@ -10,7 +10,6 @@ and the daemon's own cgroup writable again (the unit's ``ReadWritePaths=`` for i
 
 from __future__ import annotations
 
-import configparser
 import json
 import os
 import re
@@ -36,8 +35,6 @@ PY = sys.executable
 
 def unit_settings() -> dict[str, list[str]]:
     """The [Service] settings, each with every value it is given (in order)."""
-    parser = configparser.ConfigParser(strict=False, interpolation=None, delimiters=("=",))
-    parser.optionxform = str  # type: ignore[assignment,method-assign]
     found: dict[str, list[str]] = {}
     section = None
     for line in UNIT.read_text().splitlines():
