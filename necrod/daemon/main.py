@@ -43,7 +43,10 @@ def _parser() -> argparse.ArgumentParser:
         "$XDG_STATE_HOME/necrod, else ~/.local/state/necrod)",
     )
     p.add_argument(
-        "--log-format", choices=("console", "json"), help="default: console on a terminal, json otherwise"
+        "--log-format",
+        choices=logs.FORMATS,
+        help="default: journal (native entries, with fields) when stderr is systemd's journal, "
+        "console on a terminal ($NO_COLOR turns its colours off), json otherwise",
     )
     p.add_argument(
         "--log-level",
