@@ -322,3 +322,38 @@ def test_two_daemons_on_one_machine_keep_their_runner_cgroups_apart(
     assert all(p.exists() for p in paths["b"]), paths["b"]
     daemons["b"].call("tasks.cancel", {"task_id": tasks["b"]})
     wait_for(lambda: not [p for p in paths["b"] if p.exists()], 30, what="daemon b's runner cgroups to go")
+
+
+# --- the capability the unit gives ----------------------------------------------------------------
+
+CAP_SYS_ADMIN = 1 << 21
+SYSTEM_PYTHON = Path("/usr/bin/python3")  # one another user may run (this one may be under /root)
+
+
+def capabilities(status: str, field: str) -> int:
+    (line,) = [line for line in status.splitlines() if line.startswith(f"{field}:")]
+    return int(line.split()[1], 16)
+
+
+def test_necrod_keeps_the_units_cap_sys_admin_from_what_it_starts() -> None:
+    """As the unit runs it: a user that is not root, CAP_SYS_ADMIN ambient. necrod keeps the
+    capability (overlay mounts); what it starts (git, tmux, runners) does not get it."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None or not SYSTEM_PYTHON.exists():
+        pytest.skip("needs root, setpriv (util-linux) and /usr/bin/python3")
+    probe = (
+        "import json, subprocess, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from necrod.io.overlay import keep_capabilities_to_ourselves\n"
+        "child = lambda: subprocess.run(['cat', '/proc/self/status'], capture_output=True, text=True).stdout\n"
+        "before = child()\n"
+        "keep_capabilities_to_ourselves()\n"
+        "print(json.dumps({'before': before, 'after': child(), 'own': open('/proc/self/status').read()}))\n"
+    )
+    ran = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=+sys_admin",
+                          "--ambient-caps=+sys_admin", "--", str(SYSTEM_PYTHON), "-c", probe],
+                         capture_output=True, text=True, timeout=60, cwd="/")  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    seen = json.loads(ran.stdout)
+    assert capabilities(seen["before"], "CapEff") & CAP_SYS_ADMIN  # the probe is not vacuous
+    assert capabilities(seen["own"], "CapEff") & CAP_SYS_ADMIN  # necrod may still mount
+    assert capabilities(seen["after"], "CapEff") == 0 and capabilities(seen["after"], "CapAmb") == 0

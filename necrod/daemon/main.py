@@ -13,7 +13,7 @@ import anyio
 from necrod import __version__, paths
 from necrod.core.config import Config, ConfigError, embedded_config, pool_name_for
 from necrod.daemon.app import Daemon, Settings, StartupError
-from necrod.io import logs
+from necrod.io import logs, overlay
 from necrod.io.config_files import load_config
 from necrod.io.instance import AlreadyRunning
 
@@ -94,6 +94,8 @@ def _watch_children_with_pidfds() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # First, before any thread: what necrod starts gets none of its capabilities.
+    overlay.keep_capabilities_to_ourselves()
     args = _parser().parse_args(argv)
     if args.check_config is not None:
         try:
