@@ -1,8 +1,10 @@
 """The daemon's task tree: what starts in which order, and how it stops.
 
 Start: check git, take the instance locks (state directory, then socket), open the state
-database, start the store writer, the pool engine, the socket server, the signal handler and the
-watchdog; then tell systemd READY. Every failure before READY is a one-line message and exit 1.
+database, start the store writer, the HTTP endpoint when ``metrics_listen`` is set (so the
+probes answer "alive, not ready" while the rest starts), the pool engine, the socket server, the
+dispatcher, the signal handler, the watchdog and the ``STATUS=`` line (``vitals``); then tell
+systemd READY. Every failure before READY is a one-line message and exit 1.
 
 Stop (SIGTERM/SIGINT): tell systemd STOPPING, refuse new leases, stop accepting connections,
 let calls in flight finish within ``shutdown_grace_s``, then cancel the background work (git
@@ -20,24 +22,24 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
 import structlog
-from prometheus_client.core import GaugeMetricFamily, Metric
 
 from necrod import __version__
 from necrod.core.config import Config, ConfigError
 from necrod.daemon.dispatcher import Dispatcher
 from necrod.daemon.engine import PoolEngine
 from necrod.daemon.events import EventBus
+from necrod.daemon.gauges import About, Gauges
 from necrod.daemon.health import Healer
 from necrod.daemon.metrics import Metrics
 from necrod.daemon.rpc import Api
 from necrod.daemon.supervisor import DISK_FULL_BELOW, Supervisor
+from necrod.daemon.vitals import Vitals
 from necrod.io.config_files import load_config
 from necrod.io.gitrun import (
     GitRunner,
@@ -46,7 +48,7 @@ from necrod.io.gitrun import (
     version_problem,
 )
 from necrod.io.instance import InstanceLock
-from necrod.io.metrics_http import serve_metrics
+from necrod.io.metrics_http import metrics_route, serve_http
 from necrod.io.preflight import restart_only_changed, start_problems
 from necrod.io.sdnotify import Notifier
 from necrod.io.server import Limits, RpcServer, raise_fd_limit
@@ -100,11 +102,11 @@ class Daemon:
         self.notifier = Notifier()
         self.bus = EventBus()
         self.metrics = Metrics()
-        self.metrics.add_gauges(self._gauges)
         self.watcher: ConfigWatcher | None = None
         self._reload_lock = anyio.Lock()
         self._stop = anyio.Event()
         self._stopping = False
+        self._ready = False
         self.git_version = ""
         self._locks: list[InstanceLock] = []
         # Set up in run():
@@ -113,6 +115,7 @@ class Daemon:
         self.server: RpcServer
         self.supervisor: Supervisor
         self.dispatcher: Dispatcher
+        self.vitals: Vitals
 
     # --- startup ------------------------------------------------------------------------------------
 
@@ -199,6 +202,13 @@ class Daemon:
             policy=policy,
             limits=Limits.of(d),
         )
+        self.metrics.add_gauges(Gauges(table=e.table, git=git, supervisor=self.supervisor, store=self.store,
+                                       dispatcher=self.dispatcher, server=self.server, about=self._about,
+                                       clock=e.clock).collect)  # fmt: skip
+        self._track_metrics()
+        self.vitals = Vitals(socket=self.settings.socket, store=self.store, server=self.server, table=e.table,
+                             dispatcher=self.dispatcher, notifier=self.notifier, phase=self.phase,
+                             degraded=self.degraded_reasons, clock=e.clock)  # fmt: skip
         fds = raise_fd_limit()
         try:
             async with anyio.create_task_group() as tg:
@@ -207,6 +217,9 @@ class Daemon:
                 await self._persist_event(
                     Event("daemon", "daemon.started", {"pid": self.pid, "version": __version__})
                 )
+                # First, so the probes answer while the rest starts (alive, not yet ready).
+                if d.metrics_listen is not None:
+                    await self._serve_http(tg, *d.metrics_listen)
                 await tg.start(self.engine.run, self.config)
                 try:
                     await tg.start(self.server.serve)
@@ -216,19 +229,12 @@ class Daemon:
                     ) from None
                 await tg.start(self.supervisor.run)
                 await tg.start(self.dispatcher.run)
-                if d.metrics_listen is not None:
-                    host, port = d.metrics_listen
-                    try:
-                        await tg.start(serve_metrics, host, port, self.metrics.render)
-                    except OSError as exc:
-                        raise StartupError(
-                            f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}"
-                        ) from None
                 if self.settings.config_path is not None:
                     self.watcher = ConfigWatcher(self.settings.config_path, self._on_config_change)
                     tg.start_soon(self.watcher.run)
                 tg.start_soon(self._signals, tg)
-                tg.start_soon(self._watchdog)
+                tg.start_soon(self.vitals.watchdog)
+                tg.start_soon(self.vitals.keep_status)
                 log.info(
                     "ready",
                     socket=str(self.settings.socket),
@@ -241,14 +247,37 @@ class Daemon:
                 )
                 for note in self.config.notes:
                     log.info("config_note", note=note)
-                self.notifier.ready(self._status_line())
+                self._ready = True
+                self.vitals.send_status(ready=True)
                 await self._stop.wait()
                 await self._shutdown()
                 self._cancel(tg)
+        except BaseExceptionGroup as group:
+            # Raised inside the task group, a StartupError arrives wrapped: unwrap it, so that
+            # it is the one-line message it is meant to be.
+            found: BaseException | None = group.subgroup(StartupError)
+            while isinstance(found, BaseExceptionGroup):
+                found = found.exceptions[0]
+            if found is not None:
+                raise found from None
+            raise
         finally:
             self.store.close()
         log.info("stopped")
         return 0
+
+    async def _serve_http(self, tg: anyio.abc.TaskGroup, host: str, port: int) -> None:
+        routes = {"/metrics": metrics_route(self.metrics.render), "/healthz": self.vitals.healthz,
+                  "/readyz": self.vitals.readyz}  # fmt: skip
+        try:
+            await tg.start(serve_http, host, port, routes)
+        except OSError as exc:
+            raise StartupError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
+
+    def phase(self) -> str:
+        if self._stopping or self._stop.is_set():
+            return "stopping"
+        return "running" if self._ready else "starting"
 
     # --- stopping -----------------------------------------------------------------------------------
 
@@ -290,14 +319,6 @@ class Daemon:
                     log.info("signal", signal=signal.Signals(signum).name)
                     self.request_stop()
 
-    async def _watchdog(self) -> None:
-        interval = self.notifier.watchdog_interval()
-        if interval is None:
-            return
-        while True:
-            self.notifier.watchdog()
-            await anyio.sleep(interval)
-
     # --- reload -------------------------------------------------------------------------------------
 
     async def _on_config_change(self) -> None:
@@ -337,13 +358,14 @@ class Daemon:
                 await self._reject(reason, exc)
                 raise FailedPrecondition(f"config not applied: {exc}", **exc.to_dict()) from None
             finally:
-                self.notifier.ready(self._status_line())
+                self.vitals.send_status(ready=True)
             self.config = new
             self.generation += 1
             self.loaded_at = time.time()
             self.last_reload_error = None
             self.reloads["applied"] += 1
             self.metrics.reloads.labels("applied").inc()
+            self._track_metrics()
             log.info("config_applied", reason=reason, generation=self.generation, changes=changes)
             await self._persist_event(
                 Event(
@@ -427,6 +449,7 @@ class Daemon:
         reasons += self._disk_reasons()
         if self.dispatcher.stalled:
             reasons.append("dispatcher stalled: " + "; ".join(self.dispatcher.stalled[:3]))
+        reasons += (f"runner profile refused: {why}" for why in self.dispatcher.refused())
         for pool in self.engine.table.pools.values():
             if pool.state == "failed":
                 reasons.append(f"pool {pool.name} failed: {pool.error}")
@@ -517,54 +540,10 @@ class Daemon:
             "events": {"last_seq": self.store.last_seq, "subscribers": self.bus.subscribers},
         }
 
-    def _gauges(self) -> Iterable[Metric]:
-        slots = GaugeMetricFamily("necrod_slots", "Slots by pool and state.", labels=["pool", "state"])
-        waiting = GaugeMetricFamily(
-            "necrod_waiting_allocations", "Allocations queued for a slot.", labels=["pool"]
-        )
-        ready = GaugeMetricFamily("necrod_pool_ready", "1 when the pool serves leases.", labels=["pool"])
-        failing = GaugeMetricFamily(
-            "necrod_fetch_failing", "1 while the pool's fetches fail.", labels=["pool"]
-        )
-        if hasattr(self, "engine"):
-            for name, p in self.engine.table.pools.items():
-                if not p.config.metrics:
-                    continue
-                for state, count in p.by_state().items():
-                    slots.add_metric([name, state], count)
-                waiting.add_metric([name], len(p.waiters))
-                ready.add_metric([name], 1 if p.state == "ready" and not p.draining else 0)
-                failing.add_metric([name], 1 if p.fetch.failing_since is not None else 0)
-            yield GaugeMetricFamily(
-                "necrod_git_processes", "git processes running now.", value=self.engine.git.running
-            )
-            yield GaugeMetricFamily("necrod_leases", "Leases held now.", value=len(self.engine.table.leases))
-            yield GaugeMetricFamily("necrod_disk_low", "1 while free disk is below min_free_disk.",
-                                    value=1 if self.engine.table.disk_low else 0)  # fmt: skip
-            if self.supervisor.free_bytes is not None:
-                yield GaugeMetricFamily("necrod_disk_free_bytes", "Free bytes on the workspaces file system.",
-                                        value=self.supervisor.free_bytes)  # fmt: skip
-        if hasattr(self, "dispatcher"):
-            tasks = GaugeMetricFamily("necrod_tasks", "Tasks by state.", labels=["state"])
-            for state, count in self.dispatcher.counts().items():
-                tasks.add_metric([state], count)
-            running = GaugeMetricFamily(
-                "necrod_tasks_running", "Running tasks by runner profile.", labels=["runner"]
-            )
-            for name, count in self.dispatcher.status()["running_by_profile"].items():
-                running.add_metric([name], count)
-            yield tasks
-            yield running
-        if hasattr(self, "server"):
-            yield GaugeMetricFamily(
-                "necrod_connections", "Open client connections.", value=len(self.server.connections)
-            )
-        yield GaugeMetricFamily(
-            "necrod_config_generation", "Config generation in use.", value=self.generation
-        )
-        yield from (slots, waiting, ready, failing)
+    def _about(self) -> About:
+        return About(git_version=self.git_version, generation=self.generation,
+                     last_reload_ok=self.last_reload_error is None, degraded_reasons=len(self.degraded_reasons()),
+                     min_free_disk=self.config.daemon.min_free_disk)  # fmt: skip
 
-    def _status_line(self) -> str:
-        slots = sum(len(p.slots) for p in self.engine.table.pools.values())
-        leases = len(self.engine.table.leases)
-        return f"{len(self.engine.table.pools)} pools, {slots} slots, {leases} leases"
+    def _track_metrics(self) -> None:
+        self.metrics.track((name for name, p in self.config.pools.items() if p.metrics), self.config.runners)

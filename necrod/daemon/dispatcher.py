@@ -68,7 +68,7 @@ class Dispatcher:
         origin = origin_id(state_dir)
         self.runners = Runners(origin, state_dir, self.jobs.spawn)
         self.profiles = Profiles(config=config, pools=lambda: table.pools, store=store, clock=self.clock,
-                                 wake=self.wake)  # fmt: skip
+                                 wake=self.wake, refuse=self.runners.refusal)  # fmt: skip
         self.book = TaskBook(store=store, config=config, pools=lambda: table.pools, profiles=self.profiles,
                              active=self.active, fair=self.fair, clock=self.clock, wake=self.wake,
                              stopping=lambda: self.stopping)  # fmt: skip
@@ -158,8 +158,8 @@ class Dispatcher:
     def graph(self, tasks: Iterable[Task]) -> list[list[str]]:
         return self.book.graph(tasks)
 
-    def logs(self, task_id: str, attempt: int | None, offset: int, limit: int) -> dict[str, Any]:
-        return self.book.logs(task_id, attempt, offset, limit)
+    async def logs(self, task_id: str, attempt: int | None, offset: int, limit: int) -> dict[str, Any]:
+        return await self.book.logs(task_id, attempt, offset, limit)
 
     def counts(self) -> dict[str, int]:
         return self.book.counts()
@@ -194,11 +194,18 @@ class Dispatcher:
     def hosts(self) -> list[dict[str, Any]]:
         return self.hostwatch.hosts()
 
+    def refused(self) -> list[str]:
+        """The configured runner profiles this host cannot start, each with why."""
+        return [why for p in self._config().runners.values() if (why := self.runners.refusal(p)) is not None]
+
     def status(self) -> dict[str, Any]:
         running = Counter(a.profile.name for a in self.active.values())
         return {"tasks": self.counts(), "running_by_profile": dict(running), "stalled": self.stalled,
                 "policy": self.cfg.policy, "memory_cgroups": self.runners.cgroups,
-                "runner_cgroups": self.runners.cgroup_parents.unified is not None,
+                "memory_cgroups_problem": self.runners.cgroup_parents.memory_problem,
                 "cpu_cgroups": self.runners.cgroup_parents.cpu[1] if self.runners.cgroup_parents.cpu else None,
+                "cpu_cgroups_problem": self.runners.cgroup_parents.cpu_problem,
+                "refused_profiles": self.refused(),
+                "runner_cgroups": self.runners.cgroup_parents.unified is not None,
                 "paused": sorted(self.profiles.paused),
                 "fair_share_usage": self.fair.snapshot(self.clock.monotonic())}  # fmt: skip

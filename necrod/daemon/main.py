@@ -13,7 +13,7 @@ import anyio
 from necrod import __version__, paths
 from necrod.core.config import Config, ConfigError, embedded_config, pool_name_for
 from necrod.daemon.app import Daemon, Settings, StartupError
-from necrod.io import logs
+from necrod.io import logs, overlay
 from necrod.io.config_files import load_config
 from necrod.io.instance import AlreadyRunning
 
@@ -43,7 +43,10 @@ def _parser() -> argparse.ArgumentParser:
         "$XDG_STATE_HOME/necrod, else ~/.local/state/necrod)",
     )
     p.add_argument(
-        "--log-format", choices=("console", "json"), help="default: console on a terminal, json otherwise"
+        "--log-format",
+        choices=logs.FORMATS,
+        help="default: journal (native entries, with fields) when stderr is systemd's journal, "
+        "console on a terminal ($NO_COLOR turns its colours off), json otherwise",
     )
     p.add_argument(
         "--log-level",
@@ -91,6 +94,8 @@ def _watch_children_with_pidfds() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # First, before any thread: what necrod starts gets none of its capabilities.
+    overlay.keep_capabilities_to_ourselves()
     args = _parser().parse_args(argv)
     if args.check_config is not None:
         try:

@@ -1,20 +1,45 @@
-"""Prometheus metrics: counters and histograms updated as things happen, gauges read at scrape.
+"""Prometheus metrics: counters and histograms updated as things happen, gauges read at scrape
+(``gauges.Gauges``), and the standard process, platform and garbage-collector collectors.
 
 Rendered by ``metrics.get`` (``necroctl metrics``) and, when ``daemon.metrics_listen`` is set,
-served over HTTP. Pools with ``metrics: false`` are left out of the per-pool series.
+served over HTTP. docs/protocol.md lists every family. Counters start at zero for every label
+they can have (``track``: each pool, each runner profile, every outcome), so ``rate()`` and
+``increase()`` see the first event; a pool or profile removed from the config takes its series
+with it. Pools with ``metrics: false`` are left out of the per-pool series.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 _FAST = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _MEMORY = tuple(float(m << 20) for m in (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 65536))
 _SLOW = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
+
+#: The label values the daemon can give, so that each series exists (at zero) before it is used.
+#: ``allocator.expire``'s ways a lease ends without a release:
+LEASE_ENDS = ("expired", "revoked", "overdue")
+#: ``health``'s anomaly kinds (its module docstring has the table):
+ANOMALY_KINDS = ("lease_overdue", "slot_missing", "slot_broken", "stale_lock", "status_failed",
+                 "dirty_while_idle", "wrong_commit", "quarantined", "unknown_directory",
+                 "stale_mirror_lock", "mirror_objects_missing")  # fmt: skip
+#: ``core.tasks.Attempt.outcome``:
+OUTCOMES = ("succeeded", "failed", "timeout", "stalled", "lease_lost", "cancelled", "interrupted",
+            "lost", "start_failed")  # fmt: skip
+RELOAD_RESULTS = ("applied", "rejected")
 
 
 class _Gauges(Collector):
@@ -27,7 +52,15 @@ class _Gauges(Collector):
 
 class Metrics:
     def __init__(self) -> None:
+        # No ``*_created`` series: they double the output and nothing here reads them.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         r = self.registry = CollectorRegistry()
+        # process_* (CPU, memory, open files, start time), python_info, python_gc_*.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self._pools: set[str] = set()
+        self._runners: set[str] = set()
         self.allocations = Counter("necrod_allocations", "Leases granted.", ["pool"], registry=r)
         self.allocation_seconds = Histogram(
             "necrod_allocation_seconds",
@@ -92,6 +125,39 @@ class Metrics:
         self.reloads = Counter(
             "necrod_config_reloads", "Config reloads by result (applied, rejected).", ["result"], registry=r
         )
+
+        for outcome in OUTCOMES:
+            self.tasks_finished.labels(outcome)
+        for result in RELOAD_RESULTS:
+            self.reloads.labels(result)
+
+    def _per_pool(self) -> list[Counter | Histogram]:
+        return [self.allocations, self.allocation_seconds, self.releases, self.cleanup_seconds,
+                self.cleanup_failures, self.salvages, self.fetch_seconds, self.fetch_failures, self.tampers]  # fmt: skip
+
+    def track(self, pools: Iterable[str], runners: Iterable[str]) -> None:
+        """Start the series of these pools and runner profiles at zero, and drop those of pools
+        and profiles no longer configured (at start and after each applied reload)."""
+        pools, runners = set(pools), set(runners)
+        for name in pools - self._pools:
+            for metric in self._per_pool():
+                metric.labels(name)
+            for how in LEASE_ENDS:
+                self.lease_ends.labels(name, how)
+            for kind in ANOMALY_KINDS:
+                self.anomalies.labels(name, kind)
+        for name in self._pools - pools:
+            for metric in self._per_pool():
+                metric.remove(name)
+            for how in LEASE_ENDS:
+                self.lease_ends.remove(name, how)
+            for kind in ANOMALY_KINDS:
+                self.anomalies.remove(name, kind)
+        for name in runners - self._runners:
+            self.attempt_seconds.labels(name)
+        for name in self._runners - runners:
+            self.attempt_seconds.remove(name)
+        self._pools, self._runners = pools, runners
 
     def add_gauges(self, collect: Callable[[], Iterable[Metric]]) -> None:
         self.registry.register(_Gauges(collect))

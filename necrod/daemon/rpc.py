@@ -398,7 +398,7 @@ class Api:
 
     async def tasks_logs(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         self._own_tasks(ctx, params["task_id"], None)
-        return self.dispatcher.logs(params["task_id"], params["attempt"], params["offset"] or 0,
+        return await self.dispatcher.logs(params["task_id"], params["attempt"], params["offset"] or 0,
                                       params["limit"] or 256 * 1024)  # fmt: skip
 
     async def hosts_list(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:

@@ -1,29 +1,53 @@
 """Runner cgroups: one per local runner, to hold all its processes, enforce its limits and
 measure what it used (DESIGN.md, trap 11).
 
-``RLIMIT_AS`` breaks Node, Go and the JVM (they reserve much more address space than they
-use), so a runner's memory is capped with a cgroup: cgroup v2 (``memory.max``) where the
-daemon's cgroup lets it create children with the memory controller, else cgroup v1's memory
-controller (``memory.limit_in_bytes``). Its CPU (``cpu_limit``) is capped the same way:
-cgroup v2 ``cpu.max``, else cgroup v1 ``cpu.cfs_quota_us``. A limit that no controller can
-enforce here refuses to start the runner (``LimitUnenforceable``): a limit that silently does
-nothing is worse than none.
+Limits. ``RLIMIT_AS`` breaks Node, Go and the JVM (they reserve much more address space than
+they use), so a runner's memory is capped with a cgroup: cgroup v2 (``memory.max``) where the
+daemon's delegated cgroup has the memory controller, else cgroup v1's memory controller
+(``memory.limit_in_bytes``). Its CPU (``cpu_limit``) is capped the same way: cgroup v2
+``cpu.max``, else cgroup v1 ``cpu.cfs_quota_us``. A limit that no controller here can enforce is
+refused, naming the limit and what is missing (``LimitUnenforceable``, worded by
+``RunnerCgroups.unenforceable``): a limit that silently does nothing is worse than none. The
+daemon looks at what it may use when it starts (``memory_problem`` and ``cpu_problem`` say why
+not), so a profile with such a limit is refused at submit and reported (the daemon is
+degraded); a runner that gets as far as its start all the same does not start (``start_failed``,
+with the same words).
 
-Every local runner also gets a cgroup v2 of its own, limits or not (on a hybrid machine, in
-the v2 hierarchy at ``/sys/fs/cgroup/unified``): a child that leaves the runner's process
-group (``setsid``, a daemonizing helper) stays in it, and ``cgroup.kill`` kills them all at
-once, forks in flight included, before the runner's slot is cleaned. Its ``cpu.stat`` gives
-the CPU seconds the runner used, and the memory cgroup (made for every runner where there is
-a controller, limit or not) its peak memory.
+Holding and measuring. Every local runner also gets a cgroup v2 of its own, limits or not (on a
+hybrid machine, in the v2 hierarchy at ``/sys/fs/cgroup/unified``): a child that leaves the
+runner's process group (``setsid``, a daemonizing helper) stays in it, and ``cgroup.kill`` kills
+them all at once, forks in flight included, before the runner's slot is cleaned; the cgroup is
+removed then. Its ``cpu.stat`` gives the CPU seconds the runner used (cgroup v1: ``cpuacct``),
+its memory cgroup its peak memory: on cgroup v1 every runner gets one, on cgroup v2 a runner has
+the memory controller only once a memory limit passed it down (below); without it, the wrapper's
+count is used (``runshim``).
 
-Runner cgroups live under a directory per daemon instance, so two daemons on one machine never
-touch each other's runners, and under the daemon's own cgroup, which the systemd unit delegates
-(``Delegate=yes``) and does not kill on stop (``KillMode=process``): runners outlive a daemon
-restart in them.
+Layout, under the cgroup delegated to the daemon (systemd's ``Delegate=yes``)::
+
+    <delegated>/necrod-daemon/            the daemon itself (cgroup v2 allows no process in a
+                                          cgroup whose children have controllers)
+    <delegated>/necrod-runners/<instance>/<runner>
+
+and on cgroup v1 the same ``necrod-runners/<instance>/<runner>`` under the daemon's memory and
+cpu cgroups. ``<instance>`` is the daemon's own name (host and state directory), so two daemons
+on one machine never touch each other's runners. A daemon that finds itself already in a
+``necrod-daemon`` cgroup (systemd's ``DelegateSubgroup=necrod-daemon``, or a restart after it
+moved there) takes its parent as the delegated one.
+
+Controllers on cgroup v2 are only looked at when the daemon starts: one is passed down with the
+first runner whose limit needs it (the daemon moving into its leaf first), and given back when
+the daemon stops with no runner cgroup left, because a restart under systemd older than 254 puts
+the new daemon in the delegated cgroup itself, which the kernel refuses while a controller is
+passed down.
+
+Runners outlive the daemon: the systemd unit delegates the cgroup and does not kill it on stop
+(``KillMode=process``), and the next daemon finds a runner's cgroups again by its name
+(``RunnerCgroup.find``).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from dataclasses import dataclass
@@ -35,25 +59,33 @@ V2_HYBRID = Path("/sys/fs/cgroup/unified")
 V1_MEMORY = Path("/sys/fs/cgroup/memory")
 V1_CPU = Path("/sys/fs/cgroup/cpu")
 RUNNERS = "necrod-runners"
+#: The daemon's own leaf in its delegated cgroup.
+LEAF = "necrod-daemon"
 #: The CFS period a CPU quota is stated in (the kernel's default), in microseconds.
 CPU_PERIOD_US = 100_000
+#: Where cgroup v1 mounts the hierarchy of each controller a limit needs.
+_V1_MOUNTS = {"memory": V1_MEMORY, "cpu": V1_CPU}
 
 
 class LimitUnenforceable(OSError):
-    """A runner asks for a limit no cgroup controller here can enforce."""
+    """A runner's ``memory_limit`` or ``cpu_limit`` cannot be enforced here; the message says
+    which and why."""
 
 
 def _own_cgroup(controller: str | None) -> str | None:
+    """The daemon's delegated cgroup in a hierarchy (cgroup v2 when ``controller`` is None): its
+    own, or the parent of its ``necrod-daemon`` leaf."""
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:
         return None
     for line in lines:
         _, controllers, path = line.split(":", 2)
-        if controller is None and controllers == "":
-            return path
-        if controller is not None and controller in controllers.split(","):
-            return path
+        if (controller is None and controllers == "") or (
+            controller is not None and controller in controllers.split(",")
+        ):
+            parent, _, name = path.rpartition("/")
+            return (parent or "/") if name == LEAF else path
     return None
 
 
@@ -61,40 +93,69 @@ def _own_cgroup(controller: str | None) -> str | None:
 class RunnerCgroups:
     """Where this daemon makes runner cgroups: ``unified`` (cgroup v2, holding all of a runner's
     processes), ``memory`` and ``cpu`` (each with its kind, "v2" or "v1", for limits and usage);
-    one directory on a pure v2 machine. Any is None where the machine gives us none. They are
-    made with the first runner (``RunnerCgroup.create``), so a daemon that runs none leaves
-    nothing behind."""
+    one directory on a pure v2 machine. Any is None where the machine gives us none, and
+    ``memory_problem`` / ``cpu_problem`` say why there is no memory / cpu cgroup. The
+    directories are made with the first runner (``RunnerCgroup.create``), so a daemon that runs
+    none leaves nothing behind."""
 
     unified: Path | None
     memory: tuple[Path, str] | None
     cpu: tuple[Path, str] | None = None
+    memory_problem: str | None = None
+    cpu_problem: str | None = None
+
+    def unenforceable(
+        self, memory_limit: int | None, cpu_limit: float | None, because: str | None = None
+    ) -> str | None:
+        """Why a runner with these limits cannot have them enforced here — each limit that
+        cannot, with what is missing (``because``, when given, for all of them) — or None."""
+        reasons = []
+        if memory_limit is not None and (because is not None or self.memory is None):
+            why = because or self.memory_problem or "necrod has no memory cgroup"
+            reasons.append(f"memory_limit {memory_limit} bytes cannot be enforced here: {why}")
+        if cpu_limit is not None and (because is not None or self.cpu is None):
+            why = because or self.cpu_problem or "necrod has no cpu cgroup"
+            reasons.append(f"cpu_limit {cpu_limit:g} CPUs cannot be enforced here: {why}")
+        return "; ".join(reasons) or None
 
     def tidy(self) -> None:
-        """Remove the daemon's own directories when no runner cgroup is left in them."""
+        """Remove the daemon's own directories when no runner cgroup is left in them (and the
+        ``necrod-runners`` above them when no other daemon's are left either). Then, on cgroup
+        v2, give the controllers back: a restart puts the new daemon in the delegated cgroup
+        itself, which the kernel refuses while it passes controllers down."""
         for path in {p for p in (self.unified, *(c[0] for c in (self.memory, self.cpu) if c)) if p}:
-            try:
-                path.rmdir()
-            except OSError:
-                pass
+            for directory in (path, path.parent):
+                try:
+                    directory.rmdir()
+                except OSError:
+                    break
+        v2 = {c: p[0] for c, p in (("memory", self.memory), ("cpu", self.cpu)) if p and p[1] == "v2"}
+        if v2:
+            delegated = next(iter(v2.values())).parent.parent
+            if not (delegated / RUNNERS).exists():
+                try:
+                    (delegated / "cgroup.subtree_control").write_text(" ".join(f"-{c}" for c in v2))
+                except OSError:
+                    pass
 
 
 def runner_cgroups(instance: str) -> RunnerCgroups:
     """This daemon's runner cgroup parents (``instance`` names the daemon)."""
-    v2 = _v2_parent()
+    memory, memory_problem = controller_parent("memory")
+    cpu, cpu_problem = controller_parent("cpu")
+    v2 = next((p for p in (memory, cpu) if p is not None and p[1] == "v2"), None)
     if v2 is not None:
-        parent, enabled = v2
-        base = parent / instance
-        return RunnerCgroups(base, (base, "v2") if "memory" in enabled else None,
-                             (base, "v2") if "cpu" in enabled else None)  # fmt: skip
-    own = _own_cgroup(None)
-    root = next((r for r in (V2_ROOT, V2_HYBRID) if (r / "cgroup.controllers").exists()), None)
-    unified = root / own.lstrip("/") / RUNNERS / instance if own is not None and root is not None else None
-    if unified is not None and not _may_make(unified):
-        unified = None
-    memory = _v1_parent("memory", V1_MEMORY)
-    cpu = _v1_parent("cpu", V1_CPU)
-    return RunnerCgroups(unified, (memory / instance, "v1") if memory else None,
-                         (cpu / instance, "v1") if cpu else None)  # fmt: skip
+        unified: Path | None = v2[0] / instance
+    else:
+        own = _own_cgroup(None)
+        root = next((r for r in (V2_ROOT, V2_HYBRID) if (r / "cgroup.controllers").exists()), None)
+        unified = (
+            root / own.lstrip("/") / RUNNERS / instance if own is not None and root is not None else None
+        )
+        if unified is not None and not _may_make(unified):
+            unified = None
+    return RunnerCgroups(unified, (memory[0] / instance, memory[1]) if memory else None,
+                         (cpu[0] / instance, cpu[1]) if cpu else None, memory_problem, cpu_problem)  # fmt: skip
 
 
 def _may_make(path: Path) -> bool:
@@ -104,57 +165,84 @@ def _may_make(path: Path) -> bool:
     return os.access(path, os.W_OK)
 
 
-def _make_parent(path: Path, v2_controllers: tuple[str, ...]) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    if v2_controllers:
-        control = path / "cgroup.subtree_control"
+def _make_parent(path: Path, v2_controllers: tuple[str, ...] = ()) -> None:
+    """Make ``path`` (``<delegated>/necrod-runners/<instance>``); on cgroup v2, pass
+    ``v2_controllers`` down to it, first moving the daemon into its leaf."""
+    if not v2_controllers:
+        path.mkdir(parents=True, exist_ok=True)
+        return
+    _enable(path.parent.parent, v2_controllers)
+    for directory in (path.parent, path):
+        directory.mkdir(exist_ok=True)
+        control = directory / "cgroup.subtree_control"
         missing = [c for c in v2_controllers if c not in control.read_text().split()]
         if missing:
             control.write_text(" ".join(f"+{c}" for c in missing))
 
 
-def _v2_parent(name: str = RUNNERS) -> tuple[Path, set[str]] | None:
-    """On a pure cgroup v2 machine, the directory under which runner cgroups are made, with
-    the controllers (memory, cpu) enabled for them; None elsewhere, or when we may not."""
+def controller_parent(controller: str, name: str = RUNNERS) -> tuple[tuple[Path, str] | None, str | None]:
+    """A directory under which runner cgroups with ``controller`` ("memory" or "cpu") can be
+    made, and its kind ("v2" or "v1"); or None and why this machine gives us none."""
+    problems = []
     v2 = _own_cgroup(None)
-    if v2 is None or not (V2_ROOT / "cgroup.controllers").exists():
-        return None
-    own = V2_ROOT / v2.lstrip("/")
-    try:
-        available = set((own / "cgroup.controllers").read_text(errors="replace").split())
-        wanted = tuple(c for c in ("memory", "cpu") if c in available)
-        if not wanted:
-            return None
-        _enable(own, wanted)
-        parent = own / name
-        _make_parent(parent, wanted)
-    except OSError:
-        return None
-    return parent, set(wanted)
+    if v2 is not None and (V2_ROOT / "cgroup.controllers").exists():
+        own = V2_ROOT / v2.lstrip("/")
+        # Only looked at: the controller is passed down with the first runner that needs it
+        # (``_make_parent``), and given back when the daemon stops (``tidy``).
+        try:
+            if controller not in (own / "cgroup.controllers").read_text(errors="replace").split():
+                problems.append(f"cgroup v2: the {controller} controller is not delegated to {own} "
+                                "(under systemd: Delegate=yes)")  # fmt: skip
+            elif not _may_make(own / name):
+                problems.append(f"cgroup v2: cannot make cgroups in {own}: {_not_writable(own)}")
+            elif own == V2_ROOT or not all(_ours(pid) for pid in _procs(own)):
+                problems.append(f"cgroup v2: {own} holds processes that are not necrod's: not reorganizing it "
+                                "(under systemd, Delegate=yes gives necrod a cgroup of its own)")  # fmt: skip
+            else:
+                return (own / name, "v2"), None
+        except OSError as exc:
+            problems.append(f"cgroup v2: cannot read {own}: {exc.strerror or exc}")
+    v1 = _own_cgroup(controller)
+    mount = _V1_MOUNTS[controller]
+    if v1 is not None and mount.is_dir():
+        parent = mount / v1.lstrip("/") / name
+        try:
+            if not _may_make(parent / "runner"):  # it may be there already, and read-only
+                raise OSError(errno.EROFS if _read_only(parent.parent) else errno.EACCES,
+                              "Read-only file system" if _read_only(parent.parent) else "Permission denied")  # fmt: skip
+            parent.mkdir(exist_ok=True)
+            return (parent, "v1"), None
+        except OSError as exc:
+            problems.append(
+                f"cgroup v1: cannot make cgroups in {parent.parent}: {exc.strerror or exc}{_hint(exc)}"
+            )
+    if not problems:
+        problems.append(f"no cgroup hierarchy with a {controller} controller is mounted")
+    return None, "; ".join(problems)
 
 
-def _v1_parent(controller: str, mount: Path, name: str = RUNNERS) -> Path | None:
-    """A directory under which runner cgroups of cgroup v1's ``controller`` can be made; None
-    when this machine gives us none."""
-    own = _own_cgroup(controller)
-    if own is None or not mount.is_dir():
-        return None
-    parent = mount / own.lstrip("/") / name
-    try:
-        parent.mkdir(exist_ok=True)
-    except OSError:
-        return None
-    return parent
+def _procs(cgroup: Path) -> list[int]:
+    return [int(p) for p in (cgroup / "cgroup.procs").read_text().split()]
 
 
-def memory_parent(name: str = RUNNERS) -> tuple[Path, str] | None:
-    """A directory under which runner cgroups with a memory limit can be made, and its kind
-    ("v2" or "v1"); None when this machine gives us none."""
-    v2 = _v2_parent(name)
-    if v2 is not None and "memory" in v2[1]:
-        return v2[0], "v2"
-    v1 = _v1_parent("memory", V1_MEMORY, name)
-    return (v1, "v1") if v1 is not None else None
+def _read_only(path: Path) -> bool:
+    while not path.exists():
+        path = path.parent
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+
+
+def _not_writable(path: Path) -> str:
+    if _read_only(path):
+        return "Read-only file system" + _hint(OSError(errno.EROFS, "read-only"))
+    return "Permission denied" + _hint(OSError(errno.EACCES, "denied"))
+
+
+def _hint(exc: OSError) -> str:
+    if exc.errno == errno.EROFS:
+        return " (under systemd: ProtectControlGroups=yes without ReadWritePaths= for the unit's cgroup)"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return " (not delegated to necrod's user: under systemd, Delegate=yes)"
+    return ""
 
 
 def _enable(own: Path, controllers: tuple[str, ...]) -> None:
@@ -165,14 +253,26 @@ def _enable(own: Path, controllers: tuple[str, ...]) -> None:
     missing = [c for c in controllers if c not in control.read_text().split()]
     if not missing:
         return
-    pids = [int(p) for p in (own / "cgroup.procs").read_text().split()]
-    if own == V2_ROOT or not all(_descends_from_us(pid) for pid in pids):
+    pids = _procs(own)
+    if own == V2_ROOT or not all(_ours(pid) for pid in pids):
         raise PermissionError(f"{own} is not a cgroup of ours alone; not reorganizing it")
-    leaf = own / "necrod-daemon"
+    leaf = own / LEAF
     leaf.mkdir(exist_ok=True)
     for pid in pids:
         (leaf / "cgroup.procs").write_text(str(pid))
     control.write_text(" ".join(f"+{c}" for c in missing))
+
+
+def _ours(pid: int) -> bool:
+    """Whether process ``pid`` is necrod's: the daemon or one of its descendants, or the wrapper
+    (``runshim``) of a runner an earlier daemon started, which outlives it where it stood."""
+    if _descends_from_us(pid):
+        return True
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes()[:4096].split(b"\0")
+    except OSError:
+        return True  # gone already
+    return argv[1:3] == [b"-m", b"necrod.io.runshim"]
 
 
 def _descends_from_us(pid: int) -> bool:
@@ -219,22 +319,18 @@ class RunnerCgroup:
     @classmethod
     def create(cls, parents: RunnerCgroups, name: str, limit: int | None,
                cpu_limit: float | None = None) -> RunnerCgroup | None:  # fmt: skip
-        """The cgroups of a new runner: the v2 one and the memory one wherever there is a parent
-        for them, the CPU one with a CPU limit (or where it is the v2 one). None when there is
-        none. Raises ``LimitUnenforceable`` for a limit no controller here enforces."""
-        if limit is not None and parents.memory is None:
-            raise LimitUnenforceable(
-                "memory_limit cannot be enforced here: no memory cgroup controller necrod may use "
-                "(cgroup v2 with memory delegated to the daemon, or cgroup v1's memory hierarchy)"
-            )
-        if cpu_limit is not None and parents.cpu is None:
-            raise LimitUnenforceable(
-                "cpu_limit cannot be enforced here: no cpu cgroup controller necrod may use "
-                "(cgroup v2 with cpu delegated to the daemon, or cgroup v1's cpu hierarchy)"
-            )
-        v2 = tuple(c for c, p in (("memory", parents.memory), ("cpu", parents.cpu)) if p and p[1] == "v2")
+        """The cgroups of a new runner: the v2 one wherever there is a parent for it; the memory
+        one with a memory limit, and on cgroup v1 for every runner (its peak memory); the CPU
+        one with a CPU limit. None when there is none. Raises ``LimitUnenforceable``, before it
+        makes anything, for a limit no controller here enforces."""
+        why = parents.unenforceable(limit, cpu_limit)
+        if why is not None:
+            raise LimitUnenforceable(why)
+        # On cgroup v2, only the controllers this runner's limits need are passed down.
+        v2 = tuple(c for c, p, wanted in (("memory", parents.memory, limit), ("cpu", parents.cpu, cpu_limit))
+                   if wanted is not None and p is not None and p[1] == "v2")  # fmt: skip
         memory = kind = cpu = cpu_kind = unified = None
-        if parents.memory is not None:
+        if parents.memory is not None and (limit is not None or parents.memory[1] == "v1"):
             _make_parent(parents.memory[0], v2)
             memory, kind = parents.memory[0] / name, parents.memory[1]
             memory.mkdir(exist_ok=True)
@@ -245,19 +341,18 @@ class RunnerCgroup:
                         (memory / "memory.swap.max").write_text("0")
                     except OSError:
                         pass
-        if parents.cpu is not None and (cpu_limit is not None or parents.cpu[1] == "v2"):
+        if parents.cpu is not None and cpu_limit is not None:
             _make_parent(parents.cpu[0], v2)
             cpu, cpu_kind = parents.cpu[0] / name, parents.cpu[1]
             cpu.mkdir(exist_ok=True)
-            if cpu_limit is not None:
-                quota = max(1000, round(cpu_limit * CPU_PERIOD_US))
-                if cpu_kind == "v2":
-                    (cpu / "cpu.max").write_text(f"{quota} {CPU_PERIOD_US}")
-                else:
-                    (cpu / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
-                    (cpu / "cpu.cfs_quota_us").write_text(str(quota))
+            quota = max(1000, round(cpu_limit * CPU_PERIOD_US))
+            if cpu_kind == "v2":
+                (cpu / "cpu.max").write_text(f"{quota} {CPU_PERIOD_US}")
+            else:
+                (cpu / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
+                (cpu / "cpu.cfs_quota_us").write_text(str(quota))
         if parents.unified is not None:
-            _make_parent(parents.unified, v2)
+            _make_parent(parents.unified)
             unified = parents.unified / name
             unified.mkdir(exist_ok=True)
         if unified is None and memory is None and cpu is None:
@@ -355,7 +450,9 @@ class RunnerCgroup:
         return None
 
     def peak_memory(self) -> int | None:
-        """The most memory its processes held at once, in bytes (None when unknown)."""
+        """The most memory its processes held at once, in bytes (None when unknown: on cgroup
+        v2, a runner without a memory limit has the controller only while another's limit
+        passed it down)."""
         if self.memory is None:
-            return None
+            return _read_int(self.unified / "memory.peak") if self.unified is not None else None
         return _read_int(self.memory / ("memory.peak" if self.kind == "v2" else "memory.max_usage_in_bytes"))

@@ -8,6 +8,7 @@ import stat
 from pathlib import Path
 
 from necrod.core.config import Config, ConfigError, local_repo_path, parse_config, resolve_relative
+from necrod.io.contained import missing_extra
 
 #: A config file larger than this is refused before parsing (it would be a mistake, or hostile):
 #: PyYAML is pure Python here, and 1 MiB of pool or runner entries takes ~9 s of CPU to parse
@@ -81,7 +82,17 @@ def load_config(path: Path) -> Config:
     check_local_repos(config)
     check_slot_files(config)
     check_admin_group(config)
+    check_launchers(config)
     return config
+
+
+def check_launchers(config: Config) -> None:
+    """A runner profile's launcher must have its packages installed (the ``containers`` and
+    ``kubernetes`` extras): better refused here, naming the extra, than at its first task."""
+    for name, runner in config.runners.items():
+        problem = missing_extra(runner.launcher)
+        if problem is not None:
+            raise config.error_at(f"runners.{name}", f"runners.{name}: {problem}")
 
 
 def check_admin_group(config: Config) -> None:

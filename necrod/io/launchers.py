@@ -26,11 +26,13 @@ import json
 import os
 import shlex
 import signal
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiofiles
 import anyio
 import structlog
 
@@ -112,6 +114,26 @@ def read_exit(exit_file: Path, cgroup: RunnerCgroup | None) -> Exit | None:
                 peak_rss_bytes=int(peak) if peak is not None else None)  # fmt: skip
 
 
+async def read_log(path: Path, offset: int, limit: int) -> bytes:
+    """Up to ``limit`` bytes of an attempt's log from ``offset`` (b"" when there is no such
+    file), read in a worker thread (aiofiles): a log can be large and its disk slow, and the
+    event loop serves every lease meanwhile. The runner can write where its log lies: the path
+    is not followed if it was replaced by a symlink, and anything but a regular file is refused
+    (``OSError``) rather than waited on."""
+
+    def opener(name: str, flags: int) -> int:
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+
+    try:
+        async with aiofiles.open(path, "rb", opener=opener) as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise OSError(f"{path} is not a regular file")
+            await f.seek(offset)
+            return await f.read(limit)
+    except FileNotFoundError:
+        return b""
+
+
 def _shim(spec: LaunchSpec, cgroup: RunnerCgroup | None) -> list[str]:
     argv = [sys.executable, "-m", "necrod.io.runshim", "--exit-file", str(runner_files(spec.log)[2])]
     for path in cgroup.paths if cgroup is not None else []:
@@ -121,17 +143,19 @@ def _shim(spec: LaunchSpec, cgroup: RunnerCgroup | None) -> list[str]:
 
 def _cgroup(parents: RunnerCgroups, spec: LaunchSpec) -> RunnerCgroup | None:
     """The runner's cgroups (to hold all its processes, enforce its limits and count its use),
-    where the machine lets us make them. A limit that cannot be enforced raises ``OSError``:
-    the runner does not start."""
+    where the machine lets us make them. A runner with a limit that cannot be enforced is not
+    started: ``LimitUnenforceable`` says which limit and why."""
     try:
         return RunnerCgroup.create(parents, spec.name, spec.memory_limit, spec.cpu_limit)
     except LimitUnenforceable:
         raise
     except OSError as exc:
-        if spec.memory_limit is not None or spec.cpu_limit is not None:
-            raise OSError(
-                f"the runner's limits cannot be enforced: its cgroup cannot be made ({exc})"
-            ) from None
+        half_made = RunnerCgroup.find(parents, spec.name)
+        if half_made is not None:
+            half_made.remove()
+        why = parents.unenforceable(spec.memory_limit, spec.cpu_limit, f"its cgroup cannot be made ({exc})")
+        if why is not None:
+            raise LimitUnenforceable(why) from None
         log.warning("cgroup_unavailable", error=str(exc))
         return None
 
@@ -321,14 +345,19 @@ class ProcessLauncher:
 
     async def start(self, spec: LaunchSpec) -> Run:
         cgroup = _cgroup(self.cgroup_parents, spec)
-        spec.log.parent.mkdir(parents=True, exist_ok=True)
         exit_file = runner_files(spec.log)[2]
-        exit_file.unlink(missing_ok=True)
-        with open(spec.log, "ab") as out:  # noqa: ASYNC230 (opened for the child, not read here)
-            process = subprocess.Popen(  # noqa: ASYNC220 (a fork and exec, as open_process does; see ProcessRun)
-                _shim(spec, cgroup), cwd=spec.cwd, env=spec.env, stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
+        try:
+            spec.log.parent.mkdir(parents=True, exist_ok=True)
+            exit_file.unlink(missing_ok=True)
+            with open(spec.log, "ab") as out:  # noqa: ASYNC230 (opened for the child, not read here)
+                process = subprocess.Popen(  # noqa: ASYNC220 (a fork and exec, as open_process does; see ProcessRun)
+                    _shim(spec, cgroup), cwd=spec.cwd, env=spec.env, stdin=subprocess.DEVNULL, stdout=out,
+                    stderr=subprocess.STDOUT, start_new_session=True,
+                )  # fmt: skip
+        except Exception:
+            if cgroup is not None:  # nothing was started in it
+                cgroup.remove()
+            raise
         return ProcessRun(process, exit_file, cgroup)
 
     def adopt(self, name: str, log_path: Path, pid: int | None) -> Run | None:
@@ -405,6 +434,18 @@ class TmuxLauncher:
 
     async def start(self, spec: LaunchSpec) -> Run:
         cgroup = _cgroup(self.cgroup_parents, spec)
+        try:
+            return await self._start(spec, cgroup)
+        except Exception:
+            # A failed start must not run later: the session goes (it waits for its start
+            # signal), and so does the cgroup. Not on cancellation (the daemon stopping): the
+            # session then runs on, and the next daemon adopts it.
+            await self.kill_session(spec.name)
+            if cgroup is not None:
+                await end_cgroup(cgroup, wait=1.0)
+            raise
+
+    async def _start(self, spec: LaunchSpec, cgroup: RunnerCgroup | None) -> TmuxRun:
         spec.log.parent.mkdir(parents=True, exist_ok=True)
         script, go, exit_file = runner_files(spec.log)
         for stale in (go, exit_file):

@@ -8,7 +8,9 @@ crash, not a daemon crash, the kernel refuses the old upper until its ``incompat
 see ``mount``).
 
 Every call here blocks in the kernel: callers run them in a worker thread. Needs
-``CAP_SYS_ADMIN`` (root, as under the shipped systemd unit); ``probe`` says what is missing.
+``CAP_SYS_ADMIN`` (root, or the capability alone: the shipped systemd unit gives it to the
+``necrod`` user as an ambient capability); ``probe`` says what is missing. That capability is
+necrod's alone: ``keep_capabilities_to_ourselves`` keeps what necrod starts from inheriting it.
 """
 
 from __future__ import annotations
@@ -25,10 +27,13 @@ from pathlib import Path
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MNT_DETACH = 0x2
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
 #: Characters overlayfs gives a meaning in its options (layer separators, option separators).
 _SPECIAL = (",", ":", "\\", "=")
 
@@ -42,6 +47,17 @@ def _option_path(path: Path) -> str:
     if any(c in text for c in _SPECIAL):
         raise MountError(errno.EINVAL, f"an overlay layer path may not contain , : \\ or =: {text}")
     return text
+
+
+def keep_capabilities_to_ourselves() -> None:
+    """Clear this process's ambient capabilities, so that nothing necrod starts (git, tmux,
+    runners and whatever they start) inherits them; necrod keeps its own (its permitted and
+    effective sets do not change). The systemd unit gives the ``necrod`` user ``CAP_SYS_ADMIN``
+    as an ambient capability for overlay mounts, and a runner holding it could mount over
+    anything on the host. Capabilities are per thread: this is called before any thread is
+    started, and threads started later inherit the cleared set. A kernel without ambient
+    capabilities (before 4.3) has nothing to clear: its error is ignored."""
+    _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
 
 
 def mount(target: Path, lower: Sequence[Path], upper: Path, work: Path) -> None:
@@ -125,8 +141,8 @@ def probe(directory: Path) -> str | None:
 def _why(err: int | None, directory: Path) -> str:
     if err in (errno.EPERM, errno.EACCES):
         return (
-            "mounting an overlay needs CAP_SYS_ADMIN: run necrod as root (as the shipped systemd unit "
-            "does), or in a user namespace that may mount (kernel 5.11 or later)"
+            "mounting an overlay needs CAP_SYS_ADMIN: run necrod as root or with that capability (the "
+            "shipped systemd unit gives it), or in a user namespace that may mount (kernel 5.11 or later)"
         )
     if err == errno.ENODEV:
         return "the kernel has no overlay file system (load the overlay module: modprobe overlay)"

@@ -189,6 +189,11 @@ class RpcServer:
                 conn.close()
 
     @property
+    def accepting(self) -> bool:
+        """Listening and not draining (whether the accept loop answers is ``probe``'s to say)."""
+        return self._listener is not None and not self.draining
+
+    @property
     def in_flight(self) -> int:
         return sum(1 for c in self.connections.values() if c.busy)
 
@@ -390,6 +395,24 @@ class RpcServer:
                     discarded += len(await stream.receive(RECEIVE_BYTES))
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             pass
+
+
+async def probe(path: Path, timeout: float) -> float:
+    """Ask the daemon's own socket ``hello``, as a client would; return the seconds the answer
+    took. Raises ``TimeoutError`` or ``OSError`` when the accept loop does not answer in time.
+    Any reply line counts (a refusal at the connection cap is an answer too)."""
+    started = anyio.current_time()
+    request = b'{"jsonrpc":"2.0","id":1,"method":"hello","params":{"client":"necrod-self-check"}}\n'
+    with anyio.fail_after(timeout):
+        async with await anyio.connect_unix(path) as stream:
+            await stream.send(request)
+            received = b""
+            while b"\n" not in received:
+                try:
+                    received += await stream.receive(RECEIVE_BYTES)
+                except anyio.EndOfStream:
+                    raise OSError(f"{path} closed the connection without answering") from None
+    return anyio.current_time() - started
 
 
 def raise_fd_limit() -> int:

@@ -95,7 +95,8 @@ def bind_unix_socket(path: Path, policy: AccessPolicy, backlog: int = 512) -> so
         raise
     finally:
         os.umask(old_umask)
-    if policy.gid is not None:
+    if policy.gid is not None and os.stat(path).st_gid != policy.gid:
+        # Not when it has the group already (a setgid directory): the unit filters chown.
         os.chown(path, -1, policy.gid)
     os.chmod(path, mode)
     sock.listen(backlog)

@@ -280,6 +280,16 @@ class StateStore:
             )
         raise Unavailable(f"the state could not be saved ({pending.error}); nothing was changed")
 
+    async def ping(self) -> None:
+        """Return once the writer task has come round to this call (it answers): what the
+        watchdog and ``/readyz`` ask. Nothing is written; ``Unavailable`` when it is not running."""
+        if not self._running:
+            raise Unavailable("the state store's writer is not running")
+        pending = _Pending([], None)
+        self._queue.append(pending)
+        self._wake.set()
+        await pending.done.wait()
+
     async def wait_writable(self) -> None:
         """Return once the store is not read-only (at once when it is not)."""
         await self._writable.wait()
@@ -320,6 +330,10 @@ class StateStore:
     def _flush(self) -> None:
         while self._queue:
             batch, self._queue = self._queue, []
+            if not any(p.ops for p in batch):  # pings only: nothing to commit
+                for pending in batch:
+                    pending.done.set()
+                continue
             events = [op for p in batch for op in p.ops if isinstance(op, Event)]
             first_seq = self._last_seq + 1
             try:

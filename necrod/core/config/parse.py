@@ -103,6 +103,7 @@ def parse_config(text: str, file: str | None = None) -> Config:
                     name_node, f"runners: invalid profile name {name!r}: {problem.replace('pool', 'profile')}"
                 )
             runners[name] = read_runner(r, name, node, pools)
+            marks[f"runners.{name}"] = (name_node.start_mark.line + 1, name_node.start_mark.column + 1)
     dispatcher = DispatcherConfig()
     if top.has("dispatcher"):
         dispatcher = read_dispatcher(r, top.raw("dispatcher")[1])  # type: ignore[index]

@@ -1,8 +1,9 @@
 """Which runner profiles, and which places (this host, other hosts), could run a task, by the
 config of the moment: the submit-time check and the candidates a scheduling pass chooses
 among. Owns ``DEFAULT_PROFILE`` and which profiles an operator paused (saved in the state
-store, kept across restarts); reads the config and the names of this host's pools, and calls
-``wake`` when a pause ends."""
+store, kept across restarts); reads the config and the names of this host's pools, asks
+``refuse`` (``Runners.refusal``) which profiles this host cannot start (a limit it cannot
+enforce), and calls ``wake`` when a pause ends."""
 
 from __future__ import annotations
 
@@ -27,10 +28,13 @@ DEFAULT_PROFILE = RunnerProfile(name="default", launcher="process", max_concurre
 
 class Profiles:
     def __init__(self, *, config: Callable[[], Config], pools: Callable[[], Mapping[str, Pool]],
-                 store: StateStore, clock: Clock, wake: Callable[[], None]) -> None:  # fmt: skip
+                 store: StateStore, clock: Clock, wake: Callable[[], None],
+                 refuse: Callable[[RunnerProfile], str | None] = lambda profile: None) -> None:  # fmt: skip
         self._config = config
         #: This host's pools (the engine's), by name.
         self._pools = pools
+        #: Why this host cannot start a profile's runners (``Runners.refusal``), or None.
+        self._refuse = refuse
         self.store = store
         self.clock = clock
         self._wake = wake
@@ -108,10 +112,16 @@ class Profiles:
         """Profiles that could run ``task`` somewhere (the submit-time check)."""
         runners = self._config().runners
         found: dict[str, RunnerProfile] = {}
-        for _, skills in self.places(task):
-            found.update((v.name, runners[v.name]) for v in eligible(task, self.views(), skills))
+        refused = False
+        for host, skills in self.places(task):
+            for v in eligible(task, self.views(), skills):
+                if host is None and self._refuse(runners[v.name]) is not None:
+                    refused = True  # the scheduler would still pick it: no stand-in
+                else:
+                    found[v.name] = runners[v.name]
         if (
             not found
+            and not refused
             and task.runner is None
             and not task.skills
             and task.command is not None
@@ -119,3 +129,11 @@ class Profiles:
         ):
             return [DEFAULT_PROFILE]
         return list(found.values())
+
+    def refusals(self, task: Task) -> list[str]:
+        """Why the profiles that could run ``task`` on this host cannot start here."""
+        runners = self._config().runners
+        if not any(host is None for host, _ in self.places(task)):
+            return []
+        reasons = (self._refuse(runners[v.name]) for v in eligible(task, self.views(), frozenset()))
+        return [why for why in reasons if why is not None]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -35,6 +36,7 @@ from necrod.core.templates import TemplateError, check
 from necrod.daemon.salvage import REF_PREFIX as SALVAGE_PREFIX
 from necrod.daemon.tasks.profiles import Profiles
 from necrod.daemon.tasks.runs import Active
+from necrod.io.launchers import read_log
 from necrod.io.store import Delete, Event, Put, StateStore
 from necrod.proto.errors import FailedPrecondition, InvalidParams, NecrodError, NotFound, Unavailable
 from necrod.proto.methods import TASK_KEYS, did_you_mean
@@ -142,9 +144,11 @@ class TaskBook:
         profiles = self.profiles.profiles_for(task)
         if not profiles:
             wanted = f"skills {', '.join(task.skills)}" if task.skills else "a command"
+            refused = self.profiles.refusals(task)
             raise FailedPrecondition(
                 f"no runner profile can run this task (it needs {wanted}"
-                + (f" and profile {runner!r}" if runner else "") + f" in pool {pool})", runner=runner,
+                + (f" and profile {runner!r}" if runner else "") + f" in pool {pool})"
+                + "".join(f"; {why}" for why in refused), runner=runner,
             )  # fmt: skip
         for profile in profiles:
             template = command if command is not None else profile.command
@@ -279,7 +283,7 @@ class TaskBook:
         pending = {t.task_id: t.depends_on for t in tasks if t.state not in FINISHED}
         return levels(pending)
 
-    def logs(self, task_id: str, attempt: int | None, offset: int, limit: int) -> dict[str, Any]:
+    async def logs(self, task_id: str, attempt: int | None, offset: int, limit: int) -> dict[str, Any]:
         task = self.task(task_id)
         if not task.attempts:
             return {
@@ -293,14 +297,10 @@ class TaskBook:
         if not 1 <= n <= len(task.attempts):
             raise NotFound(f"task {task_id} has no attempt {n}", task_id=task_id)
         a = task.attempts[n - 1]
-        data = b""
-        if a.log:
-            try:
-                with open(a.log, "rb") as f:
-                    f.seek(offset)
-                    data = f.read(limit)
-            except FileNotFoundError:
-                pass
+        try:
+            data = await read_log(Path(a.log), offset, limit) if a.log else b""
+        except OSError as exc:
+            raise FailedPrecondition(f"cannot read the log of attempt {n}: {exc}", task_id=task_id) from None
         finished = a.ended_at is not None
         return {"task_id": task_id, "attempt": n, "offset": offset + len(data), "data": data.decode("utf-8", "replace"),
                 "eof": finished and len(data) < limit, "path": a.log}  # fmt: skip
