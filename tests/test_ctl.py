@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from necrod.ctl import render
 from tests.helpers import Necrod
 
 ROOT = Path(__file__).parent.parent
@@ -136,3 +138,18 @@ def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
         "NoNewPrivileges=yes",
     ):
         assert directive in unit
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [(0, "0s"), (0.4, "0s"), (59.4, "59s"), (59.6, "1m00s"), (60, "1m00s"), (119.9, "2m00s"),
+     (3599.7, "1h00m"), (3659.6, "1h01m"), (86399.6, "1d00h"), (90061, "1d01h"), (-75, "1m15s")],
+)  # fmt: skip
+def test_durations_carry_their_rounding(seconds: float, shown: str) -> None:
+    assert render.duration(seconds) == shown
+
+
+def test_no_duration_shows_a_full_unit() -> None:
+    for tenths in range(0, 200_000, 7):
+        text = render.duration(tenths / 10)
+        assert not re.search(r"(?<!\d)(60[sm]|24h)", text), (tenths / 10, text)
