@@ -196,7 +196,7 @@ def test_a_client_timeout_has_its_own_exit_code(workdir: Path) -> None:
 
 
 def test_an_unreachable_daemon_is_a_json_error_under_json(workdir: Path) -> None:
-    for command in (["status"], ["tasks"], ["logs", "t-1"], ["watch"]):
+    for command in (["status"], ["tasks"], ["logs", "t-1"], ["top"], ["watch"]):
         r = ctl(None, *command, "--json", socket=workdir / "none.sock")
         error = json.loads(r.stdout)["error"]
         assert (
@@ -250,7 +250,7 @@ def test_status_imports_only_what_it_needs(necrod: Necrod) -> None:
 
 
 def test_completion_scripts_for_bash_zsh_and_fish() -> None:
-    commands = ("status", "allocate", "submit", "salvage", "completion")
+    commands = ("status", "top", "allocate", "submit", "salvage", "completion")
     for shell in ("bash", "zsh", "fish"):
         r = ctl(None, "completion", shell)
         assert r.returncode == 0 and r.stdout, (shell, r.stderr)

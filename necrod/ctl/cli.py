@@ -197,6 +197,15 @@ def parser() -> argparse.ArgumentParser:
                               epilog=epilog(name), formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
 
     cmd("status", "the daemon's health, config and pools (exit 0 healthy, 1 degraded, 3 not running)")
+    t = cmd("top", "a live view of pools, leases, tasks and hosts (keys: q quit, p pause, f/0-9 pool filter)")
+    t.add_argument("--pool", help="show only this pool (the f key cycles through the pools)")
+    t.add_argument(
+        "--interval", type=float, default=2.0, help="seconds between plain tables when not on a terminal"
+    )
+    t.add_argument("--plain", action="store_true", help="plain refreshing tables even on a terminal")
+    t.add_argument("--resync", type=float, default=30.0, metavar="S",
+                   help="re-read what the daemon publishes no event for (heartbeats, fetch times, hosts) "
+                        "every S seconds (default 30; 0: never)")  # fmt: skip
     cmd("pools", "pools with their slots by state and fetch state")
     s = cmd("slots", "slots, their state, commit and lease")
     s.add_argument("--pool")

@@ -324,6 +324,10 @@ def _client(opts: dict[str, Any]) -> Client:
 def _call(args: argparse.Namespace, opts: dict[str, Any]) -> int:
     as_json = opts["json"]
     with _client(opts) as client:
+        if args.command == "top":
+            from necrod.ctl import top
+
+            return top.main(args, client, opts)
         if args.command == "watch":
             return _watch(args, client, as_json)
         if args.command == "logs":
@@ -364,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             _silence_stdout()
             return EXIT_ERROR
     except KeyboardInterrupt:
-        return EXIT_OK if args.command == "watch" else EXIT_INTERRUPTED
+        return EXIT_OK if args.command in ("watch", "top") else EXIT_INTERRUPTED
     except BrokenPipeError:
         _silence_stdout()
         return EXIT_OK
