@@ -50,7 +50,12 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("NECROD_LOG_LEVEL", "info"),
         choices=("debug", "info", "warning", "error"),
     )
-    p.add_argument("--check-config", type=Path, metavar="PATH", help="validate PATH and exit 0 (valid) or 1")
+    p.add_argument(
+        "--check-config",
+        type=Path,
+        metavar="PATH",
+        help="validate PATH, print every problem (FILE:LINE:COLUMN: MESSAGE, one a line) and exit 0 (valid) or 1",
+    )
     p.add_argument("--version", action="version", version=f"necrod {__version__}")
     return p
 
@@ -96,7 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             config = load_config(args.check_config)
         except ConfigError as exc:
-            print(f"necrod: invalid config: {exc}", file=sys.stderr)
+            # One line per problem, as compilers print them: editors and CI jump to each.
+            for problem in exc.problems:
+                print(problem, file=sys.stderr)
+            count = len(exc.problems)
+            print(f"necrod: {args.check_config}: {count} problem{'s' if count > 1 else ''}; nothing was loaded",
+                  file=sys.stderr)  # fmt: skip
             return 1
         print(
             f"{args.check_config}: ok ({len(config.pools)} pool(s): {', '.join(sorted(config.pools)) or 'none'})"

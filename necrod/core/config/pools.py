@@ -18,6 +18,7 @@ from necrod.core.config.model import (
     PrepareConfig,
 )
 from necrod.core.config.schema import (
+    MISSING,
     SIZE_CHECKS,
     Reader,
     Section,
@@ -109,23 +110,34 @@ def read_pool_options(r: Reader, sec: Section, *, allow_repo: bool) -> tuple[dic
         native = _ALIASES.get(key, key)
         if native not in _POOL_CHECKS:
             continue
-        if native in options:
-            raise r.error(sec.items[key][0], f"{sec.path}: both {key!r} and {native!r} given; keep one")
-        value = sec.value(key, _POOL_CHECKS[native])
-        options[native] = parse_size(value) if _POOL_CHECKS[native] in SIZE_CHECKS else value
+        if native in nodes:
+            sec.taken.add(key)
+            r.report(sec.items[key][0], f"{sec.path}: both {key!r} and {native!r} given; keep one")
+            continue
         nodes[native] = sec.items[key][1]
+        value = sec.value(key, _POOL_CHECKS[native])
+        if value is not MISSING:
+            options[native] = parse_size(value) if _POOL_CHECKS[native] in SIZE_CHECKS else value
     if sec.has("prepare"):
-        options["prepare"] = read_prepare(r, sec.raw("prepare")[1], f"{sec.path}.prepare")  # type: ignore[index]
+        prepare = r.attempt(lambda: read_prepare(r, sec.raw("prepare")[1], f"{sec.path}.prepare"))  # type: ignore[index]
+        if prepare is not None:
+            options["prepare"] = prepare
         nodes["prepare"] = sec.items["prepare"][1]
     if sec.has("files"):
-        options["files"] = read_files(r, sec)
+        files = r.attempt(lambda: read_files(r, sec))
+        if files is not None:
+            options["files"] = files
         nodes["files"] = sec.items["files"][1]
     if sec.has("cleanup_options"):
-        opts = Section(r, sec.raw("cleanup_options")[1], f"{sec.path}.cleanup_options")  # type: ignore[index]
-        for key in _CLEANUP_OPTIONS:
-            if opts.has(key):
-                opts.value(key, is_bool)
-        opts.finish(_CLEANUP_OPTIONS)
+
+        def cleanup_options() -> None:
+            opts = Section(r, sec.raw("cleanup_options")[1], f"{sec.path}.cleanup_options")  # type: ignore[index]
+            for key in _CLEANUP_OPTIONS:
+                if opts.has(key):
+                    opts.value(key, is_bool)
+            opts.finish(_CLEANUP_OPTIONS)
+
+        r.attempt(cleanup_options)
         r.notes.append(
             f"{sec.path}.cleanup_options: accepted; necrod always cleans after release and keeps "
             "slots fetched in the background, so these options change nothing"
@@ -134,7 +146,8 @@ def read_pool_options(r: Reader, sec: Section, *, allow_repo: bool) -> tuple[dic
         r.notes.append(f"{sec.path}.lock_timeout: accepted; allocation takes no lock that could wait")
     allowed = _POOL_KEYS + list(_ALIASES) + ["cleanup_options"] + (["repo_url"] if allow_repo else [])
     if not allow_repo and sec.has("repo_url"):
-        raise r.error(sec.items["repo_url"][0], f"{sec.path}: repo_url belongs to a pool, not to defaults")
+        sec.taken.add("repo_url")
+        r.report(sec.items["repo_url"][0], f"{sec.path}: repo_url belongs to a pool, not to defaults")
     if allow_repo:
         sec.taken.add("repo_url")
     sec.finish(allowed)
@@ -213,19 +226,22 @@ def read_daemon(r: Reader, node: Node) -> DaemonConfig:
         v = sec.value("metrics_listen")
         m = re.fullmatch(r"\[?([^\]]*?)\]?:(\d{1,5})", v) if isinstance(v, str) else None
         if not m or not 0 < int(m.group(2)) < 65536 or not m.group(1):
-            raise r.error(node_, "daemon.metrics_listen must be HOST:PORT, e.g. 127.0.0.1:9464")
-        values["metrics_listen"] = (m.group(1), int(m.group(2)))
+            if v is not MISSING:
+                r.report(node_, "daemon.metrics_listen must be HOST:PORT, e.g. 127.0.0.1:9464")
+        else:
+            values["metrics_listen"] = (m.group(1), int(m.group(2)))
     if sec.has("allowed_protocols"):
         _key_node, value_node = sec.raw("allowed_protocols")  # type: ignore[misc]
         protocols = r.strings(value_node, "daemon.allowed_protocols")
         bad = [p for p in protocols if p not in KNOWN_PROTOCOLS]
         if bad:
-            raise r.error(
+            r.report(
                 value_node,
                 f"daemon.allowed_protocols: unknown transport(s) {', '.join(bad)}; "
                 f"known: {', '.join(KNOWN_PROTOCOLS)}",
             )
-        values["allowed_protocols"] = tuple(dict.fromkeys(protocols))
+        else:
+            values["allowed_protocols"] = tuple(dict.fromkeys(protocols))
     sec.finish([*_DAEMON_CHECKS, "metrics_listen", "allowed_protocols"])
     return DaemonConfig(**values)
 

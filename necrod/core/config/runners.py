@@ -23,6 +23,7 @@ from necrod.core.config.model import (
 from necrod.core.config.schema import (
     MISSING,
     Reader,
+    Reported,
     Section,
     env_value,
     int_in,
@@ -62,18 +63,24 @@ def read_runner(r: Reader, name: str, node: Node, pools: dict[str, PoolConfig]) 
     values["env"] = tuple((k, str(v)) for k, v in env.items())
     if sec.has("memory_limit"):
         node_ = sec.node_of("memory_limit")
+        limit = sec.value("memory_limit")
         try:
-            values["memory_limit"] = parse_size(sec.value("memory_limit"))
+            if limit is not MISSING:
+                values["memory_limit"] = parse_size(limit)
         except ValueError as exc:
-            raise r.error(node_, f"runners.{name}.memory_limit: {exc}") from None
+            r.report(node_, f"runners.{name}.memory_limit: {exc}")
     container = sec.raw("container")
     if container is not None:
-        values["container"] = _read_container(r, name, container[1])
+        spec = r.attempt(lambda: _read_container(r, name, container[1]))
+        if spec is not None:
+            values["container"] = spec
     kubernetes = sec.raw("kubernetes")
     if kubernetes is not None:
-        values["kubernetes"] = _read_kubernetes(r, name, kubernetes[1])
+        kspec = r.attempt(lambda: _read_kubernetes(r, name, kubernetes[1]))
+        if kspec is not None:
+            values["kubernetes"] = kspec
     for launcher in ("container", "kubernetes"):
-        if values.get("launcher") == launcher and launcher not in values:
+        if values.get("launcher") == launcher and not sec.has(launcher):
             raise r.error(
                 node, f"runners.{name}: launcher {launcher} needs a {launcher}: section with an image"
             )
@@ -103,7 +110,7 @@ _CONTAINER_CHECKS: dict[str, Callable[[Any], str | None]] = {
 def _read_container(r: Reader, name: str, node: Node) -> ContainerSpec:
     sec = Section(r, node, f"runners.{name}.container")
     values: dict[str, Any] = sec.values(_CONTAINER_CHECKS)
-    if "image" not in values:
+    if not sec.has("image"):
         raise r.error(node, f"runners.{name}.container.image is required")
     item = sec.raw("mounts")
     if item is not None:
@@ -113,6 +120,8 @@ def _read_container(r: Reader, name: str, node: Node) -> ContainerSpec:
                 raise r.error(item[1], f"runners.{name}.container.mounts: {m!r} must be an absolute path")
         values["mounts"] = tuple(mounts)
     sec.finish([*_CONTAINER_CHECKS, "mounts"])
+    if "image" not in values:
+        raise Reported  # its image was refused
     return ContainerSpec(**values)
 
 
@@ -145,7 +154,7 @@ _KUBERNETES_CHECKS: dict[str, Callable[[Any], str | None]] = {
 def _read_kubernetes(r: Reader, name: str, node: Node) -> KubernetesSpec:
     sec = Section(r, node, f"runners.{name}.kubernetes")
     values: dict[str, Any] = sec.values(_KUBERNETES_CHECKS)
-    if "image" not in values:
+    if not sec.has("image"):
         raise r.error(node, f"runners.{name}.kubernetes.image is required")
 
     def label_value(v: Any) -> str | None:
@@ -155,6 +164,8 @@ def _read_kubernetes(r: Reader, name: str, node: Node) -> KubernetesSpec:
     labels = mapping_of(r, sec, "labels", label_value)
     values["labels"] = tuple((k, str(v)) for k, v in labels.items())
     sec.finish([*_KUBERNETES_CHECKS, "labels"])
+    if "image" not in values:
+        raise Reported  # its image was refused
     return KubernetesSpec(**values)
 
 
@@ -184,16 +195,16 @@ def read_host(r: Reader, name: str, node: Node) -> HostConfig:
     }  # fmt: skip
     values.update(sec.values(checks))
     address = values.get("address")
-    if address is None:
+    if not sec.has("address"):
         raise r.error(
             node, f"hosts.{name}: address is required (ssh://[user@]host[:port][/path/to/necrod.sock])"
         )
-    if not re.fullmatch(r"ssh://(?:[^@/\s]+@)?[A-Za-z0-9._\[\]:-]+(?::\d+)?(?:/\S*)?", address) or re.match(
-        r"ssh://(?:[^@/]+@)?-", address
+    if address is not None and (
+        not re.fullmatch(r"ssh://(?:[^@/\s]+@)?[A-Za-z0-9._\[\]:-]+(?::\d+)?(?:/\S*)?", address)
+        or re.match(r"ssh://(?:[^@/]+@)?-", address)
     ):
-        raise r.error(
-            sec.node_of("address"), f"hosts.{name}.address must be ssh://[user@]host[:port][/socket]"
-        )
+        r.report(sec.node_of("address"), f"hosts.{name}.address must be ssh://[user@]host[:port][/socket]")
+        address = values.pop("address")
     for key in ("pools", "skills", "labels"):
         item = sec.raw(key)
         if item is not None:
@@ -203,6 +214,8 @@ def read_host(r: Reader, name: str, node: Node) -> HostConfig:
             node, f"hosts.{name}: pools is required (the pools of that host's necrod to run tasks in)"
         )
     sec.finish([*checks, "pools", "skills", "labels"])
+    if address is None:
+        raise Reported  # its address was refused: no host to build
     return HostConfig(**values)
 
 
