@@ -21,6 +21,7 @@ from necrod.io.instance import AlreadyRunning
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="necrod",
+        allow_abbrev=False,
         description="Serve pools of clean git worktrees over a Unix socket. With no config, serves the "
         "git repository it is started in (2 slots).",
     )
@@ -55,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="PATH",
         help="validate PATH, print every problem (FILE:LINE:COLUMN: MESSAGE, one a line) and exit 0 (valid) or 1",
+    )
+    p.add_argument(
+        "--print-schema",
+        action="store_true",
+        help="print the JSON Schema of pools.yaml (for editors: see docs/configuration.md) and exit",
     )
     p.add_argument("--version", action="version", version=f"necrod {__version__}")
     return p
@@ -97,6 +103,13 @@ def _watch_children_with_pidfds() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.print_schema:
+        import json
+
+        from necrod.core.config.schemadoc import pools_yaml_schema
+
+        print(json.dumps(pools_yaml_schema(), indent=2))
+        return 0
     if args.check_config is not None:
         try:
             config = load_config(args.check_config)

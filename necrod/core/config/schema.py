@@ -192,6 +192,30 @@ MISSING: Any = object()
 
 # --- value checks ------------------------------------------------------------------------------
 
+Check = Callable[[Any], str | None]
+
+#: What each check accepts, as JSON Schema: ``necrod --print-schema`` is built from the same
+#: tables of checks the reader uses (``core.config.jsonschema``), so the two cannot disagree on
+#: which keys exist. A check with no entry accepts any value as far as the schema says.
+SCHEMAS: dict[Check, dict[str, Any]] = {}
+
+
+def described(check: Check, schema: dict[str, Any]) -> Check:
+    """``check``, with the JSON Schema of what it accepts."""
+    SCHEMAS[check] = schema
+    return check
+
+
+def schema_of(check: Check) -> dict[str, Any]:
+    return dict(SCHEMAS.get(check, {}))
+
+
+def nullable(check: Check) -> Check:
+    """``check``, or null (``~``) for "none"."""
+    return described(
+        lambda v: None if v is None else check(v), {"anyOf": [{"type": "null"}, schema_of(check)]}
+    )
+
 
 def int_in(lo: int, hi: int) -> Callable[[Any], str | None]:
     def check(v: Any) -> str | None:
@@ -201,7 +225,7 @@ def int_in(lo: int, hi: int) -> Callable[[Any], str | None]:
             return f"must be between {lo} and {hi} (got {v})"
         return None
 
-    return check
+    return described(check, {"type": "integer", "minimum": lo, "maximum": hi})
 
 
 def num_in(lo: float, hi: float, *, above: bool = False) -> Callable[[Any], str | None]:
@@ -213,7 +237,7 @@ def num_in(lo: float, hi: float, *, above: bool = False) -> Callable[[Any], str 
             return f"must be {low} and at most {hi:g} (got {v})"
         return None
 
-    return check
+    return described(check, {"type": "number", "exclusiveMinimum" if above else "minimum": lo, "maximum": hi})
 
 
 def is_size(v: Any) -> str | None:
@@ -224,6 +248,11 @@ def is_size(v: Any) -> str | None:
     return None
 
 
+SIZE_SCHEMA = {"anyOf": [{"type": "integer", "minimum": 0},
+                         {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*[kmgtKMGT]?[iI]?[bB]?\s*$"}]}  # fmt: skip
+described(is_size, SIZE_SCHEMA)
+
+
 def size_at_least(low: int, shown: str) -> Callable[[Any], str | None]:
     def check(v: Any) -> str | None:
         problem = is_size(v)
@@ -232,7 +261,7 @@ def size_at_least(low: int, shown: str) -> Callable[[Any], str | None]:
         return problem
 
     SIZE_CHECKS.add(check)
-    return check
+    return described(check, SIZE_SCHEMA)
 
 
 #: Checks whose value is a size: the value is converted to bytes once checked.
@@ -251,11 +280,15 @@ def is_str(v: Any) -> str | None:
     return None
 
 
+described(is_bool, {"type": "boolean"})
+described(is_str, {"type": "string", "minLength": 1})
+
+
 def one_of(*choices: str) -> Callable[[Any], str | None]:
     def check(v: Any) -> str | None:
         return None if v in choices else f"must be one of {', '.join(choices)} (got {v!r})"
 
-    return check
+    return described(check, {"enum": list(choices)})
 
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)\s*", re.IGNORECASE)
@@ -311,5 +344,15 @@ def env_value(v: Any) -> str | None:
     return None if isinstance(v, str | int | float) and not isinstance(v, bool) else "must be a string"
 
 
+described(env_value, {"type": ["string", "number"]})
+STRINGS_SCHEMA: dict[str, Any] = {"type": "array", "items": {"type": "string"}}
+COMMAND_SCHEMA: dict[str, Any] = {"anyOf": [{"type": "string", "minLength": 1},
+                                            {"type": "array", "items": {"type": "string"}, "minItems": 1}]}  # fmt: skip
+
+
+def mapping_schema(values: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "additionalProperties": values}
+
+
 def optional_num(lo: float, hi: float) -> Callable[[Any], str | None]:
-    return lambda v: None if v is None else num_in(lo, hi, above=True)(v)
+    return nullable(num_in(lo, hi, above=True))
