@@ -75,8 +75,9 @@ def terminal(workdir: Path) -> Iterator[Terminal]:
 
 
 @pytest.fixture
-def busy(necrod_factory: Callable[..., Necrod], origin: Path) -> tuple[Necrod, str, str]:
-    """A daemon with two pools, a lease held by agent-7 in ``repo`` and a task running there."""
+def busy(necrod_factory: Callable[..., Necrod], origin: Path) -> Iterator[tuple[Necrod, str, str]]:
+    """A daemon with two pools, a lease held by agent-7 in ``repo`` and a task running there
+    (cancelled at the end: a runner outlives its daemon, by design)."""
     d = necrod_factory(pool_config({"repo": origin, "other": origin}, slots=2, min_idle=0) + RUNNER)
     with d.client() as c:
         lease = c.allocate("repo", holder="agent-7", ttl_s=600)
@@ -85,7 +86,8 @@ def busy(necrod_factory: Callable[..., Necrod], origin: Path) -> tuple[Necrod, s
         lambda: d.call("tasks.get", {"task_id": task["task_id"]})["state"] == "running",
         what="the task to run",
     )
-    return d, lease["lease_id"], task["task_id"]
+    yield d, lease["lease_id"], task["task_id"]
+    d.call("tasks.cancel", {"task_id": task["task_id"], "force": True})
 
 
 def necroctl(d: Necrod, *args: str) -> str:
