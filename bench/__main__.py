@@ -4,7 +4,8 @@ it, and print one table of medians, p99s and ratios against baselines measured i
 Items (issue 6): 1 allocation latency, 2 the other ways per task, 3 release to available,
 4 fetching, 5 disk, 6 the daemon itself, 7 the dispatcher, 8 isolation and launchers (shared-clone
 vs worktree allocation, container vs process task start), 9 overlay slots and the prepare step
-(issue 17, on repositories of its own), and ``db`` the SQLite commit inline vs in a thread.
+(issue 17, on repositories of its own), ``ctl`` the wall time of ``necroctl status`` (issue 20),
+and ``db`` the SQLite commit inline vs in a thread.
 Everything it starts lives under one /tmp/nb-* directory, removed at the end, even on Ctrl-C.
 """
 
@@ -21,6 +22,7 @@ from pathlib import Path
 from bench import (
     alloc,
     baselines,
+    ctl_status,
     daemon_cost,
     debris,
     disk,
@@ -37,7 +39,7 @@ from bench.gitrepo import git, make_origin
 from bench.report import Row
 from bench.scratch import Scratch, raise_on_sigterm
 
-ITEMS = ("1", "2", "3", "4", "5", "6", "7", "8", "9", "db")
+ITEMS = ("1", "2", "3", "4", "5", "6", "7", "8", "9", "ctl", "db")
 ALLOC_POOL, DISK_POOL = "alloc", "disk"
 
 
@@ -185,6 +187,9 @@ def run(
         )
         say(f"8: task start, process vs container launcher, {plan.start_tasks} tasks each")
         rows += isolation.starts(scratch, origin, base, plan.start_tasks)
+    if "ctl" in items:
+        say(f"ctl: necroctl status against python -c pass, {ctl_status.RUNS} runs each")
+        rows += ctl_status.measure(scratch)
     if "db" in items:
         say("db: sqlite commit inline vs in a thread")
         rows += sqlite_hop.measure(Path(scratch.path("db")), plan.db_commits)

@@ -23,17 +23,27 @@ import struct
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
-from typing import Any, Generic, TypeVar
-
-import anyio
-from anyio.abc import SocketStream
+from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar
 
 from necrod import PROTOCOL_VERSION, paths
-from necrod.io.ssh import SSHBridge, SSHError, SSHStream, SSHTarget
-from necrod.proto.errors import DaemonUnreachable, Internal, NecrodError, PermissionDenied, error_from_object
-from necrod.proto.jsonrpc import encode_request
+from necrod.proto.errors import (
+    DaemonUnreachable,
+    Internal,
+    NecrodError,
+    PermissionDenied,
+    ReplyTimeout,
+    error_from_object,
+)
 
-__all__ = ["AsyncClient", "Client", "DaemonUnreachable", "NecrodError"]
+if TYPE_CHECKING:
+    from anyio.abc import SocketStream
+
+    from necrod.io.ssh import SSHStream, SSHTarget
+
+# anyio and the SSH module are imported where they are used, not here: a blocking client on a
+# local socket (``necroctl status``) answers in less time than anyio alone takes to import.
+
+__all__ = ["AsyncClient", "Client", "DaemonUnreachable", "NecrodError", "ReplyTimeout"]
 
 R = TypeVar("R")
 
@@ -41,7 +51,7 @@ R = TypeVar("R")
 MAX_REPLY_BYTES = 256 << 20
 
 
-Address = Path | SSHTarget
+Address: TypeAlias = "Path | SSHTarget"
 
 
 def _address(where: str | os.PathLike[str] | None, ssh_options: dict[str, Any] | None) -> Address:
@@ -50,6 +60,8 @@ def _address(where: str | os.PathLike[str] | None, ssh_options: dict[str, Any] |
     if where is None:
         return paths.client_socket_path()
     if str(where).startswith("ssh://"):
+        from necrod.io.ssh import SSHTarget
+
         try:
             return SSHTarget.parse(str(where), **(ssh_options or {}))
         except ValueError as exc:
@@ -81,7 +93,7 @@ def check_daemon_uid(sock: socket.socket, path: Path) -> None:
 
 
 def _describe(address: Address) -> str:
-    return address.describe() if isinstance(address, SSHTarget) else str(address)
+    return str(address) if isinstance(address, Path) else address.describe()
 
 
 def _clean(params: dict[str, Any]) -> dict[str, Any]:
@@ -225,6 +237,13 @@ class _Api(Generic[R]):
                                                "limit": limit}))  # fmt: skip
 
 
+def _request_line(request_id: int, method: str, params: dict[str, Any]) -> bytes:
+    # The standard library's encoder, not orjson: the request is small, and a blocking client
+    # starts in the time orjson's import would take. NaN and Infinity are not JSON: refused here.
+    request = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
+    return json.dumps(request, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+
+
 def _decode_reply(line: bytes) -> dict[str, Any]:
     try:
         message = json.loads(line)
@@ -258,7 +277,9 @@ class Client(_Api[Any]):
     def connect(self) -> None:
         if self._sock is not None:
             return
-        if isinstance(self.address, SSHTarget):
+        if not isinstance(self.address, Path):
+            from necrod.io.ssh import SSHBridge, SSHError
+
             try:
                 self._sock = SSHBridge(self.address).open()
             except SSHError as exc:
@@ -326,7 +347,7 @@ class Client(_Api[Any]):
         assert self._sock is not None
         request_id = next(self._ids)
         try:
-            self._sock.sendall(encode_request(request_id, method, params or {}))
+            self._sock.sendall(_request_line(request_id, method, params or {}))
         except OSError as exc:
             self.close()
             raise DaemonUnreachable(f"connection to {self.path} lost ({exc})") from None
@@ -335,7 +356,7 @@ class Client(_Api[Any]):
                 message = self._read_message(self.timeout)
             except TimeoutError:
                 self.close()
-                raise DaemonUnreachable(f"no reply from {self.path} within {self.timeout}s") from None
+                raise ReplyTimeout(f"no reply from {self.path} within {self.timeout:g}s") from None
             if "id" not in message:
                 self.notifications.append(message)
                 continue
@@ -374,6 +395,8 @@ class AsyncClient(_Api[Awaitable[Any]]):
         self._stream: SocketStream | SSHStream | None = None
         self._buf = bytearray()
         self._ids = itertools.count(1)
+        import anyio
+
         self._lock = anyio.Lock()
         self.notifications: deque[dict[str, Any]] = deque()
 
@@ -385,9 +408,13 @@ class AsyncClient(_Api[Awaitable[Any]]):
         return client
 
     async def connect(self) -> None:
+        import anyio.abc
+
         if self._stream is not None:
             return
-        if isinstance(self.address, SSHTarget):
+        if not isinstance(self.address, Path):
+            from necrod.io.ssh import SSHError, SSHStream
+
             try:
                 self._stream = await SSHStream.open(self.address)
             except SSHError as exc:
@@ -424,6 +451,8 @@ class AsyncClient(_Api[Awaitable[Any]]):
         await self.aclose()
 
     async def _read_message(self) -> dict[str, Any]:
+        import anyio
+
         assert self._stream is not None
         while True:
             nl = self._buf.find(b"\n")
@@ -439,12 +468,14 @@ class AsyncClient(_Api[Awaitable[Any]]):
             self._buf += chunk
 
     async def _call(self, method: str, params: dict[str, Any] | None) -> Any:
+        import anyio
+
         await self.connect()
         assert self._stream is not None
         async with self._lock:
             request_id = next(self._ids)
             try:
-                await self._stream.send(encode_request(request_id, method, params or {}))
+                await self._stream.send(_request_line(request_id, method, params or {}))
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 await self.aclose()
                 raise DaemonUnreachable(f"connection to {self.path} lost") from None
@@ -457,7 +488,7 @@ class AsyncClient(_Api[Awaitable[Any]]):
                             message = await self._read_message()
                     except TimeoutError:
                         await self.aclose()
-                        raise DaemonUnreachable(f"no reply from {self.path} within {self.timeout}s") from None
+                        raise ReplyTimeout(f"no reply from {self.path} within {self.timeout:g}s") from None
                 if "id" not in message:
                     self.notifications.append(message)
                     continue

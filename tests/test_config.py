@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -204,3 +206,105 @@ def test_prepare_and_files_load_and_host_files_must_exist(tmp_path: Path) -> Non
     )
     # A pool that prepares keeps ignored files when it cleans: the step's output is ignored files.
     assert web.clean_flags == "-ffd" and load_config(cfg).pools["web"].isolation == "overlay"
+
+
+# --- every problem at once (issue 20) ---------------------------------------------------------------
+
+THREE_PROBLEMS = """\
+daemon:
+  git_concurrency: many
+pools:
+  web:
+    repo_url: https://example.com/web.git
+    slot: 3
+    base: main
+  api:
+    repo_url: https://example.com/api.git
+    lease_ttl_s: -5
+    slots: 2
+"""
+
+
+def test_every_problem_is_reported_with_its_line() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(THREE_PROBLEMS, "pools.yaml")
+    problems = caught.value.problems
+    assert [(p.line, p.column) for p in problems] == [(2, 20), (6, 5), (10, 18)]
+    assert "git_concurrency must be a whole number" in problems[0].message
+    assert "unknown key 'slot' (did you mean 'slots'?)" in problems[1].message
+    assert "lease_ttl_s must be at least 1" in problems[2].message
+    # Still one ConfigError for callers (the reload path): the first's place, every message.
+    assert caught.value.line == 2 and all(p.message in caught.value.message for p in problems)
+    assert str(caught.value).startswith("pools.yaml:2:20: ")
+
+
+def test_an_error_in_one_key_or_pool_does_not_hide_the_next() -> None:
+    text = """\
+pools:
+  a:
+    repo_url: https://example.com/a.git
+    slots: zero
+    max_slots: -1
+    prepare:
+      command: make
+      timeout_s: never
+  b:
+    slots: 2
+  c:
+    repo_url: https://example.com/c.git
+    cleanup: sometimes
+runners:
+  r:
+    launcher: rocket
+    pools: [a, b, c]
+"""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "pools.yaml")
+    lines = [p.line for p in caught.value.problems]
+    # a's three keys, b's missing repo_url, c's cleanup and the runner's launcher; naming the
+    # pools a and b that failed to read is not a problem of its own.
+    assert lines == [4, 5, 8, 9, 13, 16], caught.value.problems
+
+
+def test_check_config_prints_one_problem_a_line(tmp_path: Path) -> None:
+    path = tmp_path / "pools.yaml"
+    path.write_text(THREE_PROBLEMS)
+    r = subprocess.run([sys.executable, "-m", "necrod", "--check-config", str(path)], capture_output=True,
+                       text=True, timeout=60)  # fmt: skip
+    lines = r.stderr.splitlines()
+    assert r.returncode == 1
+    assert [line.split(": ", 1)[0] for line in lines[:3]] == [f"{path}:2:20", f"{path}:6:5", f"{path}:10:18"]
+    assert "3 problems" in lines[3]
+
+
+# --- ${VAR} ---------------------------------------------------------------------------------------
+
+
+def test_variables_are_refused_naming_the_key_and_line() -> None:
+    text = "pools:\n  web:\n    repo_url: https://${GIT_HOST}/web.git\n    base: ${BRANCH:-main}\n"
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "pools.yaml")
+    first, second = caught.value.problems
+    assert (first.line, second.line) == (3, 4)
+    assert "pools.web.repo_url: ${GIT_HOST} is not expanded" in first.message and "envsubst" in first.message
+    assert "pools.web.base: ${BRANCH:-main} is not expanded" in second.message
+
+
+def test_a_shell_command_keeps_its_variables() -> None:
+    text = """\
+pools:
+  web:
+    repo_url: https://example.com/web.git
+    prepare:
+      command: "npm ci --cache ${HOME}/.npm"
+      env: {NPM_TOKEN: "${NPM_TOKEN}"}
+"""
+    with pytest.raises(ConfigError, match=r"prepare.env.NPM_TOKEN: \$\{NPM_TOKEN\} is not expanded"):
+        parse_config(text, "pools.yaml")
+    config = parse_config(text.replace('      env: {NPM_TOKEN: "${NPM_TOKEN}"}\n', ""), "pools.yaml")
+    prepare = config.pools["web"].prepare
+    assert prepare is not None and prepare.command == "npm ci --cache ${HOME}/.npm"
+    with pytest.raises(ConfigError, match="is not expanded"):
+        parse_config(
+            text.replace('"npm ci --cache ${HOME}/.npm"', '["npm", "--cache", "${HOME}"]'), "pools.yaml"
+        )

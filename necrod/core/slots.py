@@ -218,6 +218,7 @@ class Slot:
             "holder": lease.holder if lease else None,
             "owner_uid": lease.uid if lease else None,
             "expires_at": lease.expires_at if lease else None,
+            "granted_at": lease.granted_at if lease else None,
             "task_id": lease.task_id if lease else None,
             "ports": list(lease.ports) if lease else [],
             "error": self.error,

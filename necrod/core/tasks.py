@@ -149,7 +149,7 @@ class Task:
             "key": self.key, "waiting_on": self.waiting_on if self.state is TaskState.QUEUED else None,
             "reason": self.reason, "submitted_at": self.submitted_at, "finished_at": self.finished_at,
             "retries_used": self.retries_used, "max_retries": self.max_retries, "attempts": len(self.attempts),
-            "owner_uid": self.uid,
+            "started_at": self.attempts[-1].started_at if self.attempts else None, "owner_uid": self.uid,
         }  # fmt: skip
         if self.cancelled_by is not None:
             out["cancelled_by"], out["cancel_reason"] = self.cancelled_by, self.cancel_reason

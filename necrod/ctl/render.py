@@ -29,14 +29,16 @@ def until(ts: float | None, now: float | None = None) -> str:
 
 
 def duration(seconds: float) -> str:
-    seconds = abs(seconds)
-    if seconds < 60:
-        return f"{seconds:.0f}s"
-    if seconds < 3600:
-        return f"{seconds // 60:.0f}m{seconds % 60:02.0f}s"
-    if seconds < 86400:
-        return f"{seconds // 3600:.0f}h{seconds % 3600 // 60:02.0f}m"
-    return f"{seconds // 86400:.0f}d{seconds % 86400 // 3600:02.0f}h"
+    """``42s``, ``1m05s``, ``3h07m``, ``2d04h``: rounded to the second first, so that 59.6 s is
+    ``1m00s`` and never ``60s``, nor 119.9 s ``1m60s``; the larger units then drop the rest."""
+    s = round(abs(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
 def size(n: int | None) -> str:

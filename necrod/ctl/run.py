@@ -48,25 +48,6 @@ MAX_COMMAND_NOTE = 1000
 Released = Literal["released", "lost", "unconfirmed"]
 
 
-def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pool", required=True)
-    p.add_argument("--ref", help="check out this branch, tag or commit (detached)")
-    p.add_argument("--branch", help="create this branch in the slot")
-    p.add_argument(
-        "--ttl", type=float, help="lease TTL in seconds (default: the pool's); heartbeats every ttl/3"
-    )
-    p.add_argument("--wait", type=float, help="queue up to this many seconds for a free slot")
-    p.add_argument("--holder", help="who holds the lease (default: necroctl-run@HOST:PID)")
-    p.add_argument("--salvage", choices=("on-failure", "always", "never"), default="on-failure",
-                   help="save what the command left to refs/necrod/salvage/LEASE (default: on-failure, "
-                        "a non-zero exit)")  # fmt: skip
-    p.add_argument("--grace", type=float, default=10.0,
-                   help="seconds between SIGTERM and SIGKILL when the command must stop (default 10)")  # fmt: skip
-    p.add_argument("--reconnect-for", type=float, default=300.0, metavar="S",
-                   help="keep trying to reach a restarting daemon this long (default 300)")  # fmt: skip
-    p.add_argument("argv", nargs="*", metavar="COMMAND", help="the command and its arguments, after --")
-
-
 @dataclass(frozen=True, slots=True)
 class Options:
     pool: str

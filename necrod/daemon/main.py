@@ -21,6 +21,7 @@ from necrod.io.instance import AlreadyRunning
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="necrod",
+        allow_abbrev=False,
         description="Serve pools of clean git worktrees over a Unix socket. With no config, serves the "
         "git repository it is started in (2 slots).",
     )
@@ -53,7 +54,17 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("NECROD_LOG_LEVEL", "info"),
         choices=("debug", "info", "warning", "error"),
     )
-    p.add_argument("--check-config", type=Path, metavar="PATH", help="validate PATH and exit 0 (valid) or 1")
+    p.add_argument(
+        "--check-config",
+        type=Path,
+        metavar="PATH",
+        help="validate PATH, print every problem (FILE:LINE:COLUMN: MESSAGE, one a line) and exit 0 (valid) or 1",
+    )
+    p.add_argument(
+        "--print-schema",
+        action="store_true",
+        help="print the JSON Schema of pools.yaml (for editors: see docs/configuration.md) and exit",
+    )
     p.add_argument("--version", action="version", version=f"necrod {__version__}")
     return p
 
@@ -97,11 +108,23 @@ def main(argv: list[str] | None = None) -> int:
     # First, before any thread: what necrod starts gets none of its capabilities.
     overlay.keep_capabilities_to_ourselves()
     args = _parser().parse_args(argv)
+    if args.print_schema:
+        import json
+
+        from necrod.core.config.schemadoc import pools_yaml_schema
+
+        print(json.dumps(pools_yaml_schema(), indent=2))
+        return 0
     if args.check_config is not None:
         try:
             config = load_config(args.check_config)
         except ConfigError as exc:
-            print(f"necrod: invalid config: {exc}", file=sys.stderr)
+            # One line per problem, as compilers print them: editors and CI jump to each.
+            for problem in exc.problems:
+                print(problem, file=sys.stderr)
+            count = len(exc.problems)
+            print(f"necrod: {args.check_config}: {count} problem{'s' if count > 1 else ''}; nothing was loaded",
+                  file=sys.stderr)  # fmt: skip
             return 1
         print(
             f"{args.check_config}: ok ({len(config.pools)} pool(s): {', '.join(sorted(config.pools)) or 'none'})"

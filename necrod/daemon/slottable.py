@@ -52,7 +52,7 @@ def lease_event(kind: str, slot: Slot, lease: Lease, **extra: Any) -> Event:
     return Event("leases", f"lease.{kind}", {
         "lease_id": lease.lease_id, "slot_id": slot.slot_id, "pool": slot.pool, "holder": lease.holder,
         "fencing_token": slot.fencing_token, "task_id": lease.task_id, "owner_uid": lease.uid,
-        "runner_uid": lease.runner_uid, **extra,
+        "runner_uid": lease.runner_uid, "granted_at": lease.granted_at, "expires_at": lease.expires_at, **extra,
     })  # fmt: skip
 
 

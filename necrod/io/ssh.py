@@ -13,7 +13,6 @@ defaults to the system one, ``/run/necrod/necrod.sock``.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import threading
@@ -25,10 +24,12 @@ from urllib.parse import unquote, urlsplit
 from necrod.paths import SYSTEM_SOCKET
 
 if TYPE_CHECKING:
+    import asyncio
+
     import asyncssh
 
-# asyncssh takes a third of a second to import: it is imported where an SSH address is used,
-# so local clients (necroctl, runners' heartbeats) never pay for it.
+# asyncssh takes a third of a second to import, asyncio a fiftieth: each is imported where an
+# SSH address is used, so local clients (necroctl, runners' heartbeats) never pay for them.
 
 #: SSH keepalive: a host that stops answering is noticed within about interval × count.
 KEEPALIVE_INTERVAL_S = 5.0
@@ -171,6 +172,8 @@ class SSHBridge:
     it were the daemon's own socket."""
 
     def __init__(self, target: SSHTarget) -> None:
+        import asyncio
+
         self.target = target
         self._loop = asyncio.new_event_loop()
         self._thread: threading.Thread | None = None
@@ -182,6 +185,8 @@ class SSHBridge:
         started = threading.Event()
 
         def run() -> None:
+            import asyncio
+
             asyncio.set_event_loop(self._loop)
             try:
                 self._loop.run_until_complete(self._serve(theirs, ready, started))
@@ -201,6 +206,8 @@ class SSHBridge:
 
     async def _serve(self, sock: socket.socket, ready: dict[str, BaseException | None],
                      started: threading.Event) -> None:  # fmt: skip
+        import asyncio
+
         import asyncssh
 
         try:

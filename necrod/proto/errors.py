@@ -18,6 +18,7 @@ The tree::
     ├── DeadlineExceeded             deadline_exceeded      -32009
     ├── Aborted                      aborted                -32010
     └── DaemonUnreachable            (client side only: no daemon answered)
+        └── ReplyTimeout             (client side only: no reply in the client's time)
 
 Handlers raise these; the server turns them into error objects whose ``data.kind`` is the
 stable string scripts match on. Clients turn error objects back into the same classes.
@@ -146,6 +147,12 @@ class DaemonUnreachable(NecrodError):
 
     kind = "unreachable"
     code = 0
+
+
+class ReplyTimeout(DaemonUnreachable):
+    """No reply came within the client's timeout (client side only): the call may still complete."""
+
+    kind = "timeout"
 
 
 ERROR_CLASSES: dict[str, type[NecrodError]] = {

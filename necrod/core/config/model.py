@@ -31,7 +31,24 @@ class ConfigError(Exception):
         self.file = file
         self.line = line
         self.column = column
+        #: Each problem, when this error stands for several (``combined``); else just itself.
+        self.problems: tuple[ConfigError, ...] = (self,)
         super().__init__(str(self))
+
+    @classmethod
+    def combined(cls, errors: list[ConfigError]) -> ConfigError:
+        """One error for several, in file order: the first's place, every message in its text."""
+        ordered = sorted(errors, key=lambda e: (e.line or 0, e.column or 0))
+        if len(ordered) == 1:
+            return ordered[0]
+        first = ordered[0]
+        rest = "; ".join(
+            (f"line {e.line}:{e.column}: " if e.line is not None else "") + e.message for e in ordered[1:]
+        )
+        error = cls(f"{first.message} (and {len(ordered) - 1} more: {rest})", file=first.file,
+                    line=first.line, column=first.column)  # fmt: skip
+        error.problems = tuple(ordered)
+        return error
 
     def __str__(self) -> str:
         where = self.file or "<config>"
@@ -48,6 +65,7 @@ class ConfigError(Exception):
             "line": self.line,
             "column": self.column,
             "text": str(self),
+            "problems": [{"message": e.message, "line": e.line, "column": e.column} for e in self.problems],
         }
 
 

@@ -9,7 +9,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 import yaml
-from yaml.nodes import ScalarNode
+from yaml.nodes import Node, ScalarNode
 
 from necrod.core.config.model import (
     Config,
@@ -22,13 +22,14 @@ from necrod.core.config.model import (
 )
 from necrod.core.config.pools import read_daemon, read_pool_options, resolve_pool
 from necrod.core.config.runners import read_dispatcher, read_host, read_runner
-from necrod.core.config.schema import Reader, Section, is_str
+from necrod.core.config.schema import Reader, Reported, Section, is_str
 from necrod.core.config.urls import local_repo_path
 from necrod.core.names import pool_name_problem
 
 
 def parse_config(text: str, file: str | None = None) -> Config:
-    """Parse and validate a whole pools.yaml; raise ``ConfigError`` at the first problem."""
+    """Parse and validate a whole pools.yaml; raise one ``ConfigError`` for every problem found
+    (``problems`` lists them; its line is the first's). A YAML syntax error stops at once."""
     r = Reader(file)
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -51,82 +52,117 @@ def parse_config(text: str, file: str | None = None) -> Config:
         raise ConfigError("the config is empty (it needs at least a pools: section)", file=file)
     top = Section(r, root, "config")
 
+    def section(key: str) -> Node:
+        return top.raw(key)[1]  # type: ignore[index]
+
     daemon = DaemonConfig()
     if top.has("daemon"):
-        daemon = read_daemon(r, top.raw("daemon")[1])  # type: ignore[index]
+        daemon = r.attempt(lambda: read_daemon(r, section("daemon"))) or daemon
 
     defaults: dict[str, Any] = {}
     if top.has("defaults"):
-        dsec = Section(r, top.raw("defaults")[1], "defaults")  # type: ignore[index]
-        defaults, _ = read_pool_options(r, dsec, allow_repo=False)
+        read = r.attempt(
+            lambda: read_pool_options(r, Section(r, section("defaults"), "defaults"), allow_repo=False)
+        )
+        defaults = read[0] if read else {}
 
     pools: dict[str, PoolConfig] = {}
     marks: dict[str, tuple[int, int]] = {}
     if not top.has("pools") and not top.has("hosts"):
         raise r.error(root, "config: missing the pools: section")
     # A dispatch-only config (hosts and runners: tasks run on other hosts' pools) needs none.
-    pools_item = top.raw("pools")
-    pool_items = {}
-    if pools_item is not None:
-        pools_node = pools_item[1]
+    pool_items: dict[str, tuple[Node, Node]] = {}
+    if top.has("pools"):
+        pools_node = section("pools")
         if isinstance(pools_node, ScalarNode) and pools_node.value in ("", "~", "null"):
             # Most likely a file cut short while being written: "no pools" must be said explicitly.
             raise r.error(pools_node, "pools: is empty; write pools: {} to run no pools")
-        pool_items = r.mapping(pools_node, "pools")
+        pool_items = r.attempt(lambda: r.mapping(pools_node, "pools")) or {}
     for name, (name_node, pool_node) in pool_items.items():
-        problem = pool_name_problem(name)
-        if problem:
-            raise r.error(name_node, f"pools: invalid pool name {name!r}: {problem}")
-        psec = Section(r, pool_node, f"pools.{name}")
-        repo_item = psec.items.get("repo_url")
-        if repo_item is None:
-            raise r.error(name_node, f"pools.{name}: repo_url is required")
-        repo_url = r.scalar(repo_item[1], f"pools.{name}.repo_url")
-        problem = is_str(repo_url)
-        if problem:
-            raise r.error(repo_item[1], f"pools.{name}.repo_url {problem}")
-        mark = repo_item[1].start_mark
-        marks[f"pools.{name}.repo_url"] = (mark.line + 1, mark.column + 1)
-        options, nodes = read_pool_options(r, psec, allow_repo=True)
-        if "files" in nodes:
-            mark = nodes["files"].start_mark
-            marks[f"pools.{name}.files"] = (mark.line + 1, mark.column + 1)
-        pools[name] = resolve_pool(
-            r, name, options, nodes, defaults, repo_url, repo_item[1], daemon, name_node
-        )
+        pool = r.attempt(lambda: _read_pool(r, name, name_node, pool_node, defaults, daemon, marks))  # noqa: B023 (called at once)
+        if pool is not None:
+            pools[name] = pool
     runners: dict[str, RunnerProfile] = {}
+    runner_names: set[str] = set()
     if top.has("runners"):
-        for name, (name_node, node) in r.mapping(top.raw("runners")[1], "runners").items():  # type: ignore[index]
+        for name, (name_node, node) in (
+            r.attempt(lambda: r.mapping(section("runners"), "runners")) or {}
+        ).items():
+            runner_names.add(name)
             problem = pool_name_problem(name)
             if problem:
-                raise r.error(
+                r.report(
                     name_node, f"runners: invalid profile name {name!r}: {problem.replace('pool', 'profile')}"
                 )
-            runners[name] = read_runner(r, name, node, pools)
-            marks[f"runners.{name}"] = (name_node.start_mark.line + 1, name_node.start_mark.column + 1)
+                continue
+            runner = r.attempt(lambda: read_runner(r, name, node, pools))  # noqa: B023 (called at once)
+            if runner is not None:
+                runners[name] = runner
+                marks[f"runners.{name}"] = (name_node.start_mark.line + 1, name_node.start_mark.column + 1)
     dispatcher = DispatcherConfig()
     if top.has("dispatcher"):
-        dispatcher = read_dispatcher(r, top.raw("dispatcher")[1])  # type: ignore[index]
+        dispatcher = r.attempt(lambda: read_dispatcher(r, section("dispatcher"))) or dispatcher
     hosts: dict[str, HostConfig] = {}
     if top.has("hosts"):
-        for name, (name_node, node) in r.mapping(top.raw("hosts")[1], "hosts").items():  # type: ignore[index]
+        for name, (name_node, node) in (
+            r.attempt(lambda: r.mapping(section("hosts"), "hosts")) or {}
+        ).items():
             problem = pool_name_problem(name)
             if problem or name == "local":
                 why = problem.replace("pool", "host") if problem else "'local' is this daemon's own name"
-                raise r.error(name_node, f"hosts: invalid host name {name!r}: {why}")
-            hosts[name] = read_host(r, name, node)
-    known_pools = set(pools) | {p for h in hosts.values() for p in h.pools}
+                r.report(name_node, f"hosts: invalid host name {name!r}: {why}")
+                continue
+            host = r.attempt(lambda: read_host(r, name, node))  # noqa: B023 (called at once)
+            if host is not None:
+                hosts[name] = host
+    # Pools that failed to read still exist as names: a runner naming one is not wrong too.
+    known_pools = set(pool_items) | {p for h in hosts.values() for p in h.pools}
     for runner in runners.values():
         unknown = [p for p in runner.pools or () if p not in known_pools]
         if unknown:
-            raise r.error(top.node_of("runners"), f"runners.{runner.name}.pools: no pool named {', '.join(unknown)} "
-                          "here or on any host")  # fmt: skip
-    if dispatcher.default_runner is not None and dispatcher.default_runner not in runners:
-        raise r.error(top.node_of("dispatcher"), f"dispatcher.default_runner: no runner profile named "
-                      f"{dispatcher.default_runner!r}")  # fmt: skip
-    top.finish(["daemon", "defaults", "pools", "runners", "dispatcher", "hosts"])
+            r.report(top.node_of("runners"), f"runners.{runner.name}.pools: no pool named {', '.join(unknown)} "
+                     "here or on any host")  # fmt: skip
+    if dispatcher.default_runner is not None and dispatcher.default_runner not in runner_names:
+        r.report(top.node_of("dispatcher"), f"dispatcher.default_runner: no runner profile named "
+                 f"{dispatcher.default_runner!r}")  # fmt: skip
+    top.finish(list(TOP_KEYS))
+    r.raise_errors()
     return Config(daemon=daemon, pools=pools, runners=runners, dispatcher=dispatcher, hosts=hosts, source=file,
                   notes=tuple(r.notes), marks=marks)  # fmt: skip
+
+
+#: The top-level sections of pools.yaml.
+TOP_KEYS = ("daemon", "defaults", "pools", "runners", "dispatcher", "hosts")
+
+
+def _read_pool(r: Reader, name: str, name_node: Node, pool_node: Node, defaults: dict[str, Any],
+               daemon: DaemonConfig, marks: dict[str, tuple[int, int]]) -> PoolConfig:  # fmt: skip
+    problem = pool_name_problem(name)
+    if problem:
+        raise r.error(name_node, f"pools: invalid pool name {name!r}: {problem}")
+    psec = Section(r, pool_node, f"pools.{name}")
+    repo_item = psec.items.get("repo_url")
+
+    def repo() -> str:
+        if repo_item is None:
+            raise r.error(name_node, f"pools.{name}: repo_url is required")
+        url = r.scalar(repo_item[1], f"pools.{name}.repo_url")
+        problem = is_str(url)
+        if problem:
+            raise r.error(repo_item[1], f"pools.{name}.repo_url {problem}")
+        return str(url)
+
+    # The other keys are checked even when repo_url is wrong: their problems are worth knowing too.
+    repo_url = r.attempt(repo)
+    options, nodes = read_pool_options(r, psec, allow_repo=True)
+    if repo_url is None or repo_item is None:
+        raise Reported
+    mark = repo_item[1].start_mark
+    marks[f"pools.{name}.repo_url"] = (mark.line + 1, mark.column + 1)
+    if "files" in nodes:
+        mark = nodes["files"].start_mark
+        marks[f"pools.{name}.files"] = (mark.line + 1, mark.column + 1)
+    return resolve_pool(r, name, options, nodes, defaults, repo_url, repo_item[1], daemon, name_node)
 
 
 def resolve_relative(config: Config, base_dir: str) -> Config:

@@ -19,19 +19,26 @@ from necrod.core.config.model import (
     PrepareConfig,
 )
 from necrod.core.config.schema import (
+    COMMAND_SCHEMA,
+    MISSING,
     SIZE_CHECKS,
+    STRINGS_SCHEMA,
     Reader,
     Section,
+    described,
     env_value,
     int_in,
     is_bool,
     is_size,
     is_str,
     mapping_of,
+    mapping_schema,
+    nullable,
     num_in,
     one_of,
     parse_size,
     read_command,
+    schema_of,
     size_at_least,
 )
 from necrod.core.config.urls import repo_url_problem
@@ -39,33 +46,6 @@ from necrod.core.names import index_path_problem, ref_name_problem
 
 # --- the schema ---------------------------------------------------------------------------------
 
-_POOL_KEYS = [
-    "base",
-    "slots",
-    "min_idle",
-    "max_slots",
-    "lease_ttl_s",
-    "max_lease_s",
-    "fetch_interval_s",
-    "cleanup",
-    "salvage",
-    "salvage_max_bytes",
-    "salvage_max_files",
-    "salvage_max_file_bytes",
-    "salvage_keep_days",
-    "salvage_keep_count",
-    "salvage_keep_bytes",
-    "cleanup_timeout_s",
-    "clone_timeout_s",
-    "git_concurrency",
-    "idle_timeout_s",
-    "isolation",
-    "metrics",
-    "stale_lock_hours",
-    "prepare",
-    "files",
-    "ports",
-]
 #: NecroCode's names for native keys.
 _ALIASES = {
     "num_slots": "slots",
@@ -77,13 +57,19 @@ _NECRO_ONLY = ["cleanup_options", "lock_timeout_s"]
 _CLEANUP_OPTIONS = ["fetch_on_allocate", "clean_on_release", "warmup_enabled"]
 
 _POOL_CHECKS: dict[str, Callable[[Any], str | None]] = {
-    "base": lambda v: is_str(v) or (f"is not a valid ref: {p}" if (p := ref_name_problem(v)) else None),
+    "base": described(
+        lambda v: is_str(v) or (f"is not a valid ref: {p}" if (p := ref_name_problem(v)) else None),
+        schema_of(is_str),
+    ),
     "slots": int_in(1, 10_000),
     "min_idle": int_in(0, 10_000),
     "max_slots": int_in(1, 10_000),
     "lease_ttl_s": num_in(1, WEEK_S),
-    "max_lease_s": lambda v: None if v is None else num_in(1, 4 * WEEK_S)(v),
-    "fetch_interval_s": lambda v: None if v == 0 else num_in(1, WEEK_S)(v),
+    "max_lease_s": nullable(num_in(1, 4 * WEEK_S)),
+    "fetch_interval_s": described(
+        lambda v: None if v == 0 else num_in(1, WEEK_S)(v),
+        {"anyOf": [{"const": 0}, schema_of(num_in(1, WEEK_S))]},
+    ),
     "cleanup": one_of("full", "keep-ignored"),
     "salvage": is_bool,
     "salvage_max_bytes": is_size,
@@ -104,6 +90,35 @@ _POOL_CHECKS: dict[str, Callable[[Any], str | None]] = {
 }
 
 
+_PREPARE_CHECKS: dict[str, Callable[[Any], str | None]] = {"timeout_s": num_in(1, 24 * 3600)}
+#: ``prepare:``'s keys that are not single values, with their JSON Schema.
+PREPARE_EXTRA: dict[str, dict[str, Any]] = {
+    "command": COMMAND_SCHEMA, "key_files": STRINGS_SCHEMA, "env": mapping_schema(schema_of(env_value)),
+}  # fmt: skip
+
+
+#: A pool's keys that are not single values, with their JSON Schema (``repo_url`` is the pool's own).
+POOL_EXTRA: dict[str, dict[str, Any]] = {
+    "prepare": {"type": "object", "required": ["command"], "additionalProperties": False,
+                "properties": {**{k: schema_of(c) for k, c in _PREPARE_CHECKS.items()}, **PREPARE_EXTRA}},
+    "files": mapping_schema({"type": "string", "minLength": 1}),
+    "cleanup_options": {"type": "object", "additionalProperties": False,
+                        "properties": dict.fromkeys(_CLEANUP_OPTIONS, schema_of(is_bool))},
+}  # fmt: skip
+
+
+def pool_schema(*, pool: bool) -> dict[str, Any]:
+    """The JSON Schema of a pool (``pool``) or of ``defaults:``, from the tables the reader uses."""
+    props = {k: schema_of(c) for k, c in _POOL_CHECKS.items()}
+    props.update({alias: props[native] for alias, native in _ALIASES.items()})
+    props.update(POOL_EXTRA)
+    schema: dict[str, Any] = {"type": "object", "additionalProperties": False, "properties": props}
+    if pool:
+        props["repo_url"] = schema_of(is_str)
+        schema["required"] = ["repo_url"]
+    return schema
+
+
 def read_pool_options(r: Reader, sec: Section, *, allow_repo: bool) -> tuple[dict[str, Any], dict[str, Node]]:
     """Pool options present in ``sec`` (native or NecroCode names), and the node of each."""
     options: dict[str, Any] = {}
@@ -112,39 +127,48 @@ def read_pool_options(r: Reader, sec: Section, *, allow_repo: bool) -> tuple[dic
         native = _ALIASES.get(key, key)
         if native not in _POOL_CHECKS:
             continue
-        if native in options:
-            raise r.error(sec.items[key][0], f"{sec.path}: both {key!r} and {native!r} given; keep one")
-        value = sec.value(key, _POOL_CHECKS[native])
-        options[native] = parse_size(value) if _POOL_CHECKS[native] in SIZE_CHECKS else value
+        if native in nodes:
+            sec.taken.add(key)
+            r.report(sec.items[key][0], f"{sec.path}: both {key!r} and {native!r} given; keep one")
+            continue
         nodes[native] = sec.items[key][1]
+        value = sec.value(key, _POOL_CHECKS[native])
+        if value is not MISSING:
+            options[native] = parse_size(value) if _POOL_CHECKS[native] in SIZE_CHECKS else value
     if sec.has("prepare"):
-        options["prepare"] = read_prepare(r, sec.raw("prepare")[1], f"{sec.path}.prepare")  # type: ignore[index]
+        prepare = r.attempt(lambda: read_prepare(r, sec.raw("prepare")[1], f"{sec.path}.prepare"))  # type: ignore[index]
+        if prepare is not None:
+            options["prepare"] = prepare
         nodes["prepare"] = sec.items["prepare"][1]
     if sec.has("files"):
-        options["files"] = read_files(r, sec)
+        files = r.attempt(lambda: read_files(r, sec))
+        if files is not None:
+            options["files"] = files
         nodes["files"] = sec.items["files"][1]
     if sec.has("cleanup_options"):
-        opts = Section(r, sec.raw("cleanup_options")[1], f"{sec.path}.cleanup_options")  # type: ignore[index]
-        for key in _CLEANUP_OPTIONS:
-            if opts.has(key):
-                opts.value(key, is_bool)
-        opts.finish(_CLEANUP_OPTIONS)
+
+        def cleanup_options() -> None:
+            opts = Section(r, sec.raw("cleanup_options")[1], f"{sec.path}.cleanup_options")  # type: ignore[index]
+            for key in _CLEANUP_OPTIONS:
+                if opts.has(key):
+                    opts.value(key, is_bool)
+            opts.finish(_CLEANUP_OPTIONS)
+
+        r.attempt(cleanup_options)
         r.notes.append(
             f"{sec.path}.cleanup_options: accepted; necrod always cleans after release and keeps "
             "slots fetched in the background, so these options change nothing"
         )
     if "lock_timeout_s" in options:
         r.notes.append(f"{sec.path}.lock_timeout: accepted; allocation takes no lock that could wait")
-    allowed = _POOL_KEYS + list(_ALIASES) + ["cleanup_options"] + (["repo_url"] if allow_repo else [])
+    allowed = [*_POOL_CHECKS, *_ALIASES, *POOL_EXTRA, *(["repo_url"] if allow_repo else [])]
     if not allow_repo and sec.has("repo_url"):
-        raise r.error(sec.items["repo_url"][0], f"{sec.path}: repo_url belongs to a pool, not to defaults")
+        sec.taken.add("repo_url")
+        r.report(sec.items["repo_url"][0], f"{sec.path}: repo_url belongs to a pool, not to defaults")
     if allow_repo:
         sec.taken.add("repo_url")
     sec.finish(allowed)
     return options, nodes
-
-
-_PREPARE_CHECKS: dict[str, Callable[[Any], str | None]] = {"timeout_s": num_in(1, 24 * 3600)}
 
 
 def read_prepare(r: Reader, node: Node, path: str) -> PrepareConfig:
@@ -166,7 +190,7 @@ def read_prepare(r: Reader, node: Node, path: str) -> PrepareConfig:
                 )
         values["key_files"] = tuple(patterns)
     values["env"] = tuple((k, str(v)) for k, v in mapping_of(r, sec, "env", env_value).items())
-    sec.finish([*_PREPARE_CHECKS, "command", "key_files", "env"])
+    sec.finish([*_PREPARE_CHECKS, *PREPARE_EXTRA])
     return PrepareConfig(**values)
 
 
@@ -185,6 +209,13 @@ def read_files(r: Reader, sec: Section) -> tuple[tuple[str, str], ...]:
         out.append((slot_path, host))
     return tuple(out)
 
+
+#: ``daemon:``'s keys whose values are not checked one by one, with their JSON Schema.
+DAEMON_EXTRA: dict[str, dict[str, Any]] = {
+    "metrics_listen": {"type": "string", "pattern": r"^\[?[^\]]+\]?:\d{1,5}$"},
+    "allowed_protocols": {"type": "array", "items": {"enum": list(KNOWN_PROTOCOLS)}},
+    "port_range": {"type": "string", "pattern": r"^\d{1,5}-\d{1,5}$"},
+}
 
 _DAEMON_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "workspaces": is_str,
@@ -216,29 +247,39 @@ def read_daemon(r: Reader, node: Node) -> DaemonConfig:
         v = sec.value("metrics_listen")
         m = re.fullmatch(r"\[?([^\]]*?)\]?:(\d{1,5})", v) if isinstance(v, str) else None
         if not m or not 0 < int(m.group(2)) < 65536 or not m.group(1):
-            raise r.error(node_, "daemon.metrics_listen must be HOST:PORT, e.g. 127.0.0.1:9464")
-        values["metrics_listen"] = (m.group(1), int(m.group(2)))
+            if v is not MISSING:
+                r.report(node_, "daemon.metrics_listen must be HOST:PORT, e.g. 127.0.0.1:9464")
+        else:
+            values["metrics_listen"] = (m.group(1), int(m.group(2)))
     if sec.has("port_range"):
         node_ = sec.node_of("port_range")
         v = sec.value("port_range")
         m = re.fullmatch(r"(\d{1,5})-(\d{1,5})", v) if isinstance(v, str) else None
         low, high = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
         if not m or not 1024 <= low <= high <= 65535:
-            raise r.error(node_, "daemon.port_range must be LOW-HIGH within 1024-65535, e.g. 20000-29999")
-        values["port_range"] = (low, high)
+            if v is not MISSING:
+                r.report(node_, "daemon.port_range must be LOW-HIGH within 1024-65535, e.g. 20000-29999")
+        else:
+            values["port_range"] = (low, high)
     if sec.has("allowed_protocols"):
         _key_node, value_node = sec.raw("allowed_protocols")  # type: ignore[misc]
         protocols = r.strings(value_node, "daemon.allowed_protocols")
         bad = [p for p in protocols if p not in KNOWN_PROTOCOLS]
         if bad:
-            raise r.error(
+            r.report(
                 value_node,
                 f"daemon.allowed_protocols: unknown transport(s) {', '.join(bad)}; "
                 f"known: {', '.join(KNOWN_PROTOCOLS)}",
             )
-        values["allowed_protocols"] = tuple(dict.fromkeys(protocols))
-    sec.finish([*_DAEMON_CHECKS, "metrics_listen", "allowed_protocols", "port_range"])
+        else:
+            values["allowed_protocols"] = tuple(dict.fromkeys(protocols))
+    sec.finish([*_DAEMON_CHECKS, *DAEMON_EXTRA])
     return DaemonConfig(**values)
+
+
+def daemon_schema() -> dict[str, Any]:
+    props = {k: schema_of(c) for k, c in _DAEMON_CHECKS.items()} | DAEMON_EXTRA
+    return {"type": "object", "additionalProperties": False, "properties": props}
 
 
 def resolve_pool(

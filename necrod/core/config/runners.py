@@ -22,19 +22,27 @@ from necrod.core.config.model import (
     RunnerProfile,
 )
 from necrod.core.config.schema import (
+    COMMAND_SCHEMA,
     MISSING,
+    SIZE_SCHEMA,
+    STRINGS_SCHEMA,
     Reader,
+    Reported,
     Section,
+    described,
     env_value,
     int_in,
     is_bool,
     is_str,
     mapping_of,
+    mapping_schema,
+    nullable,
     num_in,
     one_of,
     optional_num,
     parse_size,
     read_command,
+    schema_of,
 )
 
 _RUNNER_CHECKS: dict[str, Callable[[Any], str | None]] = {
@@ -64,24 +72,28 @@ def read_runner(r: Reader, name: str, node: Node, pools: dict[str, PoolConfig]) 
     values["env"] = tuple((k, str(v)) for k, v in env.items())
     if sec.has("memory_limit"):
         node_ = sec.node_of("memory_limit")
+        limit = sec.value("memory_limit")
         try:
-            values["memory_limit"] = parse_size(sec.value("memory_limit"))
+            if limit is not MISSING:
+                values["memory_limit"] = parse_size(limit)
         except ValueError as exc:
-            raise r.error(node_, f"runners.{name}.memory_limit: {exc}") from None
+            r.report(node_, f"runners.{name}.memory_limit: {exc}")
     container = sec.raw("container")
     if container is not None:
-        values["container"] = _read_container(r, name, container[1])
+        spec = r.attempt(lambda: _read_container(r, name, container[1]))
+        if spec is not None:
+            values["container"] = spec
     kubernetes = sec.raw("kubernetes")
     if kubernetes is not None:
-        values["kubernetes"] = _read_kubernetes(r, name, kubernetes[1])
+        kspec = r.attempt(lambda: _read_kubernetes(r, name, kubernetes[1]))
+        if kspec is not None:
+            values["kubernetes"] = kspec
     for launcher in ("container", "kubernetes"):
-        if values.get("launcher") == launcher and launcher not in values:
+        if values.get("launcher") == launcher and not sec.has(launcher):
             raise r.error(
                 node, f"runners.{name}: launcher {launcher} needs a {launcher}: section with an image"
             )
-    sec.finish(
-        [*_RUNNER_CHECKS, "command", "skills", "pools", "env", "memory_limit", "container", "kubernetes"]
-    )
+    sec.finish([*_RUNNER_CHECKS, *RUNNER_EXTRA])
     return RunnerProfile(**values)
 
 
@@ -95,17 +107,21 @@ def _abs_path(v: Any) -> str | None:
     return is_str(v) or (None if str(v).startswith("/") and ":" not in v else "must be an absolute path")
 
 
+described(_user_spec, {"type": "string", "pattern": r"^\d+:\d+$"})
+described(_abs_path, {"type": "string", "pattern": "^/[^:]*$"})
+
+
 _CONTAINER_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "image": is_str, "user": _user_spec, "workdir": _abs_path, "network": is_str,
-    "cpus": optional_num(0, 1024), "pids_limit": lambda v: None if v is None else int_in(16, 4_194_304)(v),
-    "docker_host": is_str,
+    "cpus": optional_num(0, 1024), "pids_limit": nullable(int_in(16, 4_194_304)), "docker_host": is_str,
 }  # fmt: skip
+CONTAINER_EXTRA: dict[str, dict[str, Any]] = {"mounts": {"type": "array", "items": schema_of(_abs_path)}}
 
 
 def _read_container(r: Reader, name: str, node: Node) -> ContainerSpec:
     sec = Section(r, node, f"runners.{name}.container")
     values: dict[str, Any] = sec.values(_CONTAINER_CHECKS)
-    if "image" not in values:
+    if not sec.has("image"):
         raise r.error(node, f"runners.{name}.container.image is required")
     item = sec.raw("mounts")
     if item is not None:
@@ -114,7 +130,9 @@ def _read_container(r: Reader, name: str, node: Node) -> ContainerSpec:
             if _abs_path(m):
                 raise r.error(item[1], f"runners.{name}.container.mounts: {m!r} must be an absolute path")
         values["mounts"] = tuple(mounts)
-    sec.finish([*_CONTAINER_CHECKS, "mounts"])
+    sec.finish([*_CONTAINER_CHECKS, *CONTAINER_EXTRA])
+    if "image" not in values:
+        raise Reported  # its image was refused
     return ContainerSpec(**values)
 
 
@@ -130,8 +148,9 @@ def _dns_subdomain(v: Any) -> str | None:
     return None
 
 
-def _or_null(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
-    return lambda v: None if v is None else check(v)
+described(_dns_label, {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"})
+described(_dns_subdomain, {"type": "string", "maxLength": 253, "pattern": "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"})
+_or_null = nullable
 
 
 _LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
@@ -142,12 +161,13 @@ _KUBERNETES_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "image_pull_policy": one_of("Always", "IfNotPresent", "Never"),
     "ttl_after_finished_s": int_in(0, 365 * 24 * 3600), "kubeconfig": _or_null(is_str),
 }  # fmt: skip
+KUBERNETES_EXTRA: dict[str, dict[str, Any]] = {"labels": mapping_schema({"type": "string", "maxLength": 63})}
 
 
 def _read_kubernetes(r: Reader, name: str, node: Node) -> KubernetesSpec:
     sec = Section(r, node, f"runners.{name}.kubernetes")
     values: dict[str, Any] = sec.values(_KUBERNETES_CHECKS)
-    if "image" not in values:
+    if not sec.has("image"):
         raise r.error(node, f"runners.{name}.kubernetes.image is required")
 
     def label_value(v: Any) -> str | None:
@@ -156,7 +176,9 @@ def _read_kubernetes(r: Reader, name: str, node: Node) -> KubernetesSpec:
 
     labels = mapping_of(r, sec, "labels", label_value)
     values["labels"] = tuple((k, str(v)) for k, v in labels.items())
-    sec.finish([*_KUBERNETES_CHECKS, "labels"])
+    sec.finish([*_KUBERNETES_CHECKS, *KUBERNETES_EXTRA])
+    if "image" not in values:
+        raise Reported  # its image was refused
     return KubernetesSpec(**values)
 
 
@@ -177,25 +199,71 @@ _DISPATCHER_CHECKS: dict[str, Callable[[Any], str | None]] = {
 }
 
 
+def _section_schema(checks: dict[str, Callable[[Any], str | None]], extra: dict[str, dict[str, Any]],
+                    required: tuple[str, ...] = ()) -> dict[str, Any]:  # fmt: skip
+    props = {k: schema_of(c) for k, c in checks.items()} | extra
+    schema: dict[str, Any] = {"type": "object", "additionalProperties": False, "properties": props}
+    if required:
+        schema["required"] = list(required)
+    return schema
+
+
+#: A runner profile's keys that are not single values, with their JSON Schema.
+RUNNER_EXTRA: dict[str, dict[str, Any]] = {
+    "command": COMMAND_SCHEMA, "skills": STRINGS_SCHEMA, "pools": STRINGS_SCHEMA,
+    "env": mapping_schema(schema_of(env_value)), "memory_limit": SIZE_SCHEMA,
+    "container": _section_schema(_CONTAINER_CHECKS, CONTAINER_EXTRA, ("image",)),
+    "kubernetes": _section_schema(_KUBERNETES_CHECKS, KUBERNETES_EXTRA, ("image",)),
+}  # fmt: skip
+
+_HOST_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    # Checked in full by read_host (the form of an ssh:// URL); the schema says as much as it can.
+    "address": described(lambda v: is_str(v), {"type": "string", "pattern": "^ssh://"}),
+    "key": is_str, "known_hosts": is_str, "accept_unknown_host_key": is_bool,
+    "max_concurrency": int_in(1, 100_000), "workdir": is_str,
+}  # fmt: skip
+HOST_EXTRA: dict[str, dict[str, Any]] = {
+    "pools": STRINGS_SCHEMA,
+    "skills": STRINGS_SCHEMA,
+    "labels": STRINGS_SCHEMA,
+}
+_FAIR_SHARE: dict[str, Any] = {
+    "type": "object", "additionalProperties": False,
+    "properties": {"half_life_s": schema_of(num_in(1, 365 * 24 * 3600)), "key": {"enum": ["project", "label"]},
+                   "weights": mapping_schema({"type": "number", "exclusiveMinimum": 0})},
+}  # fmt: skip
+DISPATCHER_EXTRA: dict[str, dict[str, Any]] = {
+    "label_priority": mapping_schema(schema_of(int_in(-1_000_000, 1_000_000))), "fair_share": _FAIR_SHARE,
+}  # fmt: skip
+
+
+def runner_schema() -> dict[str, Any]:
+    return _section_schema(_RUNNER_CHECKS, RUNNER_EXTRA)
+
+
+def host_schema() -> dict[str, Any]:
+    return _section_schema(_HOST_CHECKS, HOST_EXTRA, ("address", "pools"))
+
+
+def dispatcher_schema() -> dict[str, Any]:
+    return _section_schema(_DISPATCHER_CHECKS, DISPATCHER_EXTRA)
+
+
 def read_host(r: Reader, name: str, node: Node) -> HostConfig:
     sec = Section(r, node, f"hosts.{name}")
     values: dict[str, Any] = {"name": name}
-    checks: dict[str, Callable[[Any], str | None]] = {
-        "address": is_str, "key": is_str, "known_hosts": is_str, "accept_unknown_host_key": is_bool,
-        "max_concurrency": int_in(1, 100_000), "workdir": is_str,
-    }  # fmt: skip
-    values.update(sec.values(checks))
+    values.update(sec.values(_HOST_CHECKS))
     address = values.get("address")
-    if address is None:
+    if not sec.has("address"):
         raise r.error(
             node, f"hosts.{name}: address is required (ssh://[user@]host[:port][/path/to/necrod.sock])"
         )
-    if not re.fullmatch(r"ssh://(?:[^@/\s]+@)?[A-Za-z0-9._\[\]:-]+(?::\d+)?(?:/\S*)?", address) or re.match(
-        r"ssh://(?:[^@/]+@)?-", address
+    if address is not None and (
+        not re.fullmatch(r"ssh://(?:[^@/\s]+@)?[A-Za-z0-9._\[\]:-]+(?::\d+)?(?:/\S*)?", address)
+        or re.match(r"ssh://(?:[^@/]+@)?-", address)
     ):
-        raise r.error(
-            sec.node_of("address"), f"hosts.{name}.address must be ssh://[user@]host[:port][/socket]"
-        )
+        r.report(sec.node_of("address"), f"hosts.{name}.address must be ssh://[user@]host[:port][/socket]")
+        address = values.pop("address")
     for key in ("pools", "skills", "labels"):
         item = sec.raw(key)
         if item is not None:
@@ -204,7 +272,9 @@ def read_host(r: Reader, name: str, node: Node) -> HostConfig:
         raise r.error(
             node, f"hosts.{name}: pools is required (the pools of that host's necrod to run tasks in)"
         )
-    sec.finish([*checks, "pools", "skills", "labels"])
+    sec.finish([*_HOST_CHECKS, *HOST_EXTRA])
+    if address is None:
+        raise Reported  # its address was refused: no host to build
     return HostConfig(**values)
 
 
@@ -223,8 +293,8 @@ def read_dispatcher(r: Reader, node: Node) -> DispatcherConfig:
             values["fair_share_key"] = key
         weights = mapping_of(r, fs, "weights", num_in(0, 1e9, above=True))
         values["fair_share_weights"] = tuple((k, float(v)) for k, v in weights.items())
-        fs.finish(["half_life_s", "key", "weights"])
-    sec.finish([*_DISPATCHER_CHECKS, "label_priority", "fair_share"])
+        fs.finish(list(_FAIR_SHARE["properties"]))
+    sec.finish([*_DISPATCHER_CHECKS, *DISPATCHER_EXTRA])
     return DispatcherConfig(**values)
 
 
