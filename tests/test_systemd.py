@@ -1,6 +1,6 @@
-"""The systemd unit as shipped: analysed offline by systemd-analyze (clean, exposure 3.7 or
-better: overlay slots keep it out of a mount namespace, see the unit), and the cgroups it
-delegates, used for real: runner limits are enforced where necrod may write only its own cgroup,
+"""The systemd unit as shipped: analysed offline by systemd-analyze (clean; exposure 1.5 or
+better, and 3.7 or better with the drop-in for overlay pools, which must keep necrod out of a
+mount namespace: see the drop-in), and the cgroups it delegates, used for real: runner limits are enforced where necrod may write only its own cgroup,
 or the profile is refused with the reason, runner cgroups go when their runner ends, and two
 daemons on one machine keep apart.
 
@@ -29,6 +29,7 @@ from tests.helpers import Necrod, pool_config, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "necrod.service"
+OVERLAY = ROOT / "systemd" / "necrod-overlay.conf"
 ANALYZE = shutil.which("systemd-analyze")
 needs_analyze = pytest.mark.skipif(
     ANALYZE is None, reason="systemd-analyze is not installed (Debian package systemd; .ci/run installs it)"
@@ -36,27 +37,40 @@ needs_analyze = pytest.mark.skipif(
 PY = sys.executable
 
 
-def unit_settings() -> dict[str, list[str]]:
-    """The [Service] settings, each with every value it is given (in order)."""
+def unit_text(overlay: bool) -> str:
+    """The unit, with the overlay drop-in applied when ``overlay``: its [Service] settings come
+    after the unit's, as systemd applies a drop-in (a later value replaces an earlier one, an
+    empty one resets a list)."""
+    text = UNIT.read_text()
+    if not overlay:
+        return text
+    drop_in = OVERLAY.read_text().split("[Service]", 1)[1]
+    service, install = text.split("[Install]", 1)
+    return f"{service}{drop_in}\n[Install]{install}"
+
+
+def unit_settings(overlay: bool = False) -> dict[str, list[str]]:
+    """The [Service] settings, each with every value it is given (in order; an empty value
+    resets the list, as systemd reads it)."""
     found: dict[str, list[str]] = {}
     section = None
-    for line in UNIT.read_text().splitlines():
+    for line in unit_text(overlay).splitlines():
         line = line.strip()
         if line.startswith("[") and line.endswith("]"):
             section = line[1:-1]
         elif section == "Service" and "=" in line and not line.startswith("#"):
             key, _, value = line.partition("=")
-            found.setdefault(key, []).append(value)
+            found[key] = [*found.get(key, []), value] if value else []
     return found
 
 
-def installed_unit(tmp_path: Path) -> Path:
-    """The unit as docs/operations.md installs it: necrod and necroctl where the install links
-    them (here, beside this Python)."""
+def installed_unit(tmp_path: Path, overlay: bool = False) -> Path:
+    """The unit as docs/operations.md installs it (with the overlay drop-in when ``overlay``):
+    necrod and necroctl where the install links them (here, beside this Python)."""
     bindir = os.path.dirname(PY)
     assert os.access(os.path.join(bindir, "necrod"), os.X_OK), f"no necrod in {bindir}"
     path = tmp_path / "necrod.service"
-    path.write_text(UNIT.read_text().replace("/usr/local/bin/", bindir + "/"))
+    path.write_text(unit_text(overlay).replace("/usr/local/bin/", bindir + "/"))
     return path
 
 
@@ -64,34 +78,48 @@ def installed_unit(tmp_path: Path) -> Path:
 
 
 @needs_analyze
-def test_systemd_analyze_verify_finds_nothing_to_say(tmp_path: Path) -> None:
+@pytest.mark.parametrize("overlay", [False, True], ids=["unit", "with-overlay-drop-in"])
+def test_systemd_analyze_verify_finds_nothing_to_say(tmp_path: Path, overlay: bool) -> None:
     assert ANALYZE is not None
-    verified = subprocess.run([ANALYZE, "verify", str(installed_unit(tmp_path))], capture_output=True, text=True,
-                              timeout=60)  # fmt: skip
+    verified = subprocess.run([ANALYZE, "verify", str(installed_unit(tmp_path, overlay))], capture_output=True,
+                              text=True, timeout=60)  # fmt: skip
     assert verified.returncode == 0 and not (verified.stdout + verified.stderr).strip(), (
         verified.stdout + verified.stderr
     )
 
 
-#: The lowest exposure the unit can have with overlay slots: no mount namespace of its own (its
-#: mounts must reach the host), CAP_SYS_ADMIN and mount/umount2 (the unit says why). 1.4 before.
-EXPOSURE = 3.7
-
-
-@needs_analyze
-def test_systemd_analyze_security_rates_the_unit_3_7_or_better(tmp_path: Path) -> None:
+def exposure(tmp_path: Path, overlay: bool) -> tuple[float, dict[str, dict[str, object]]]:
     assert ANALYZE is not None
-    unit = installed_unit(tmp_path)
+    unit = installed_unit(tmp_path, overlay)
     rated = subprocess.run([ANALYZE, "security", "--offline=true", "--no-pager", str(unit)], capture_output=True,
                            text=True, timeout=60)  # fmt: skip
     m = re.search(r"Overall exposure level for necrod\.service: ([0-9.]+)", rated.stdout)
     assert m, rated.stdout + rated.stderr
-    assert float(m.group(1)) <= EXPOSURE, rated.stdout
-    # And the settings the issue names, that overlay slots leave possible, are among those that
-    # score; every capability but CAP_SYS_ADMIN is gone.
     table = subprocess.run([ANALYZE, "security", "--offline=true", "--json=short", str(unit)], capture_output=True,
                            text=True, timeout=60)  # fmt: skip
-    checks = {entry["name"]: entry for entry in json.loads(table.stdout)}
+    return float(m.group(1)), {entry["name"]: entry for entry in json.loads(table.stdout)}
+
+
+@needs_analyze
+def test_systemd_analyze_security_rates_the_unit_1_5_or_better(tmp_path: Path) -> None:
+    rated, checks = exposure(tmp_path, overlay=False)
+    assert rated <= 1.5, checks
+    for name in ("PrivateMounts=", "ProtectSystem=", "PrivateDevices=", "ProtectControlGroups=",
+                 "CapabilityBoundingSet=~CAP_SYS_ADMIN", "SystemCallFilter=~@mount"):  # fmt: skip
+        assert checks[name]["set"] and not checks[name]["exposure"], checks[name]
+
+
+#: The lowest exposure the unit can have with overlay slots: no mount namespace of its own (its
+#: mounts must reach the host), CAP_SYS_ADMIN and mount/umount2 (the drop-in says why).
+EXPOSURE = 3.7
+
+
+@needs_analyze
+def test_with_the_overlay_drop_in_it_rates_3_7_or_better(tmp_path: Path) -> None:
+    rated, checks = exposure(tmp_path, overlay=True)
+    assert rated <= EXPOSURE, checks
+    # And the settings the issue names, that overlay slots leave possible, are among those that
+    # score; every capability but CAP_SYS_ADMIN is gone.
     for name in ("SystemCallFilter=~@privileged", "NoNewPrivileges=", "ProtectClock=", "RestrictNamespaces=~mnt",
                  "CapabilityBoundingSet=~CAP_SYS_MODULE", "CapabilityBoundingSet=~CAP_SYS_PTRACE",
                  "CapabilityBoundingSet=~CAP_SET(UID|GID|PCAP)", "CapabilityBoundingSet=~CAP_(DAC_*|FOWNER|IPC_OWNER)"):  # fmt: skip
@@ -110,13 +138,16 @@ MOUNT_NAMESPACING = ("PrivateMounts", "ProtectSystem", "ProtectHome", "PrivateTm
                      "RootDirectory", "RootImage")  # fmt: skip
 
 
-def test_the_unit_delegates_its_cgroup_and_lets_overlay_mounts_reach_the_host() -> None:
-    settings = unit_settings()
-    assert settings["Delegate"] == ["yes"]
-    assert settings["KillMode"] == ["process"]  # runners that outlive a restart (DESIGN.md, trap 10)
+def test_the_unit_delegates_its_cgroup_and_the_drop_in_lets_overlay_mounts_reach_the_host() -> None:
+    plain = unit_settings()
+    assert plain["Delegate"] == ["yes"]
+    assert plain["KillMode"] == ["process"]  # runners that outlive a restart (DESIGN.md, trap 10)
+    assert plain["CapabilityBoundingSet"] == [] and plain["PrivateMounts"] == ["yes"]
+    settings = unit_settings(overlay=True)
     # Overlay slots (issue 17): necrod's mounts are seen by agents outside it, so no mount
     # namespace; it may mount, and only that of what root may do.
-    namespacing = [k for k in MOUNT_NAMESPACING if k in settings]
+    off = {"", "no", "default"}
+    namespacing = [k for k in MOUNT_NAMESPACING if k in settings and (settings[k] or [""])[-1] not in off]
     assert not namespacing, namespacing
     assert settings["CapabilityBoundingSet"] == ["CAP_SYS_ADMIN"]
     assert settings["AmbientCapabilities"] == ["CAP_SYS_ADMIN"]  # the unit's User= is not root
