@@ -155,7 +155,7 @@ def test_a_mirror_missing_an_object_never_hands_out_a_broken_checkout(
 
 @pytest.fixture(scope="module")
 def packless(module_daemon: Callable[..., Necrod]) -> tuple[Necrod, str, dict[str, object]]:
-    """A daemon whose mirror lost its pack after a slot was leased and dirtied; the slot released.
+    """A daemon whose mirror lost its objects after a slot was leased and dirtied; the slot released.
     Shared by the two tests below (the second one, which allocates, runs last)."""
     origins: list[Path] = []
 
@@ -169,10 +169,12 @@ def packless(module_daemon: Callable[..., Necrod]) -> tuple[Necrod, str, dict[st
         lease = c.allocate("repo")
         (Path(lease["path"]) / "README").write_text("changed\n")
         (Path(lease["path"]) / "pkg0" / "sub0" / "file0.txt").unlink()
-        packs = list((workspaces_of(d) / "repo" / "mirror.git" / "objects" / "pack").glob("*.pack"))
-        assert packs
-        for pack in packs:
-            pack.unlink()
+        # Its objects, packed or loose (a local origin's are hard-linked in, loose as they are).
+        objects = workspaces_of(d) / "repo" / "mirror.git" / "objects"
+        lost = [*objects.glob("pack/*.pack"), *objects.glob("??/*")]
+        assert lost
+        for path in lost:
+            path.unlink()
         FIGURES["faults injected"] += 1
         c.release(lease["lease_id"], salvage=False)
     wait_for(
