@@ -42,6 +42,9 @@ BASE, PREPARED, FILES = "base-", "prepared-", "files-"
 MAX_HOST_FILE_BYTES = 16 << 20
 #: Temporary layers older than this are a crash's leftovers.
 STALE_TMP_S = 3600.0
+#: A layer made less than this ago, that no collection has seen in use yet, is not removed:
+#: whoever made it may not have recorded yet that it stands on it (the pool's layers, a slot's).
+YOUNG_S = 120.0
 #: The extended attribute overlayfs marks a directory with that hides the layers below it.
 OPAQUE = "trusted.overlay.opaque"
 
@@ -58,6 +61,8 @@ class Layers:
         self._locks: dict[str, anyio.Lock] = {}
         #: host path → ((device, inode, size, mtime), content digest): files read only when changed.
         self._seen: dict[str, tuple[tuple[int, int, int, int], str]] = {}
+        #: Layers made by this daemon and not yet seen in use, with when (``time.monotonic``).
+        self._made: dict[str, float] = {}
 
     def path(self, name: str) -> Path:
         return self.dir / name
@@ -105,6 +110,7 @@ class Layers:
             await self.git.run(["update-index", "-q", "--refresh", "--force-write-index"], git_dir=git_dir,
                                work_tree=tmp, cwd=tmp, timeout=timeout)  # fmt: skip
             os.rename(tmp, self.dir / name)
+            self._made[name] = time.monotonic()
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(shutil.rmtree, tmp, True)
@@ -119,6 +125,7 @@ class Layers:
         name = PREPARED + key
         _untracked_only(upper, tracked)
         os.rename(upper, self.dir / name)
+        self._made[name] = time.monotonic()
         return name
 
     # --- files ----------------------------------------------------------------------------------
@@ -143,6 +150,7 @@ class Layers:
                     slotfs.ensure_dir(tmp, os.path.dirname(slot_path))
                 slotfs.write_atomic(tmp, slot_path, data, mode)
             os.rename(tmp, self.dir / name)
+            self._made[name] = time.monotonic()
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -161,8 +169,9 @@ class Layers:
     # --- removal --------------------------------------------------------------------------------
 
     def remove_unused(self, keep: set[str]) -> list[str]:
-        """Remove every layer not in ``keep`` (and the pins of base layers that go); run in a
-        worker thread. Returns the names removed."""
+        """Remove every layer not in ``keep`` (and the pins of base layers that go), but one just
+        made that was never in use (see ``YOUNG_S``); run in a worker thread. Returns the names
+        removed."""
         gone: list[str] = []
         try:
             names = os.listdir(self.dir)
@@ -178,7 +187,13 @@ class Layers:
                 except OSError:
                     pass
                 continue
-            if name in keep or name.startswith(".probe-"):
+            if name in keep:
+                self._made.pop(name, None)  # in use: from now on it goes when it is not
+                continue
+            if name.startswith(".probe-"):
+                continue
+            made = self._made.get(name)
+            if made is not None and time.monotonic() - made < YOUNG_S:
                 continue
             shutil.rmtree(path, ignore_errors=True)
             if name.startswith(BASE):

@@ -306,8 +306,8 @@ class Preparer:
         keep = {name for s in p.slots.values() for name in s.layers} | set(p.top_layers)
         if p.base_commit:
             keep.add(base_name(p.base_commit))
-        if p.prepare.ready:
-            keep.add(PREPARED + p.prepare.ready)
+        # The output in use, and the one being made for the key the base calls for.
+        keep |= {PREPARED + key for key in (p.prepare.ready, p.prepare.key) if key}
         gone = await anyio.to_thread.run_sync(p.layers.remove_unused, keep)
         if gone:
             log.info("layers_removed", pool=p.name, layers=gone)
