@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -371,18 +372,27 @@ def test_necrod_keeps_the_units_cap_sys_admin_from_what_it_starts() -> None:
     capability (overlay mounts); what it starts (git, tmux, runners) does not get it."""
     if os.geteuid() != 0 or shutil.which("setpriv") is None or not SYSTEM_PYTHON.exists():
         pytest.skip("needs root, setpriv (util-linux) and /usr/bin/python3")
+    # The module alone (it needs nothing but the standard library), where the unprivileged
+    # user can read it: a checkout may sit in a directory only root may enter.
+    where = Path(tempfile.mkdtemp(prefix="nd-caps-"))
+    os.chmod(where, 0o755)
+    shutil.copy(ROOT / "necrod" / "io" / "overlay.py", where / "overlay.py")
+    os.chmod(where / "overlay.py", 0o644)
     probe = (
         "import json, subprocess, sys\n"
-        f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "from necrod.io.overlay import keep_capabilities_to_ourselves\n"
+        f"sys.path.insert(0, {str(where)!r})\n"
+        "from overlay import keep_capabilities_to_ourselves\n"
         "child = lambda: subprocess.run(['cat', '/proc/self/status'], capture_output=True, text=True).stdout\n"
         "before = child()\n"
         "keep_capabilities_to_ourselves()\n"
         "print(json.dumps({'before': before, 'after': child(), 'own': open('/proc/self/status').read()}))\n"
     )
-    ran = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=+sys_admin",
-                          "--ambient-caps=+sys_admin", "--", str(SYSTEM_PYTHON), "-c", probe],
-                         capture_output=True, text=True, timeout=60, cwd="/")  # fmt: skip
+    try:
+        ran = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=+sys_admin",
+                              "--ambient-caps=+sys_admin", "--", str(SYSTEM_PYTHON), "-c", probe],
+                             capture_output=True, text=True, timeout=60, cwd="/")  # fmt: skip
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
     assert ran.returncode == 0, ran.stderr
     seen = json.loads(ran.stdout)
     assert capabilities(seen["before"], "CapEff") & CAP_SYS_ADMIN  # the probe is not vacuous
