@@ -200,7 +200,8 @@ class Preparer:
         await self._started(p, key, log_path)
         result: StepResult | None = None
         try:
-            base = await p.layers.base(commit, timeout=p.config.clone_timeout_s)
+            async with self.gate.limits(p):  # the layer's checkout is git like any other
+                base = await p.layers.base(commit, timeout=p.config.clone_timeout_s)
 
             def mount() -> None:
                 shutil.rmtree(scratch, ignore_errors=True)
