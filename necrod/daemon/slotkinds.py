@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import stat
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Protocol
 
@@ -85,28 +86,68 @@ class SlotKind(Protocol):
     def forget(self, admin: str, path: str) -> None: ...
 
 
-async def git_reset(kind: WorktreeSlots | CloneSlots, admin: str, path: str, commit: str, clean_flags: str,
-                    *, timeout: float) -> tuple[str, ...]:  # fmt: skip
-    """A git slot back to ``commit``: tracked files as committed, untracked (and ignored, with
-    -x) files gone, submodule directories emptied, nothing of the lease's own in its repository."""
-    kind.pin(admin, commit)
-    run = {"git_dir": kind.git_dir(admin, path), "work_tree": path, "cwd": path, "timeout": timeout}
-    await kind.git.run(["checkout", "--quiet", "--force", "--detach", commit], **run)  # type: ignore[arg-type]
-    await kind.git.run(["clean", "--quiet", clean_flags], **run)  # type: ignore[arg-type]
-    submodules = await kind.mirror.gitlinks(commit)
-    if submodules:
-        await anyio.to_thread.run_sync(empty_submodules, path, submodules)
-    await anyio.to_thread.run_sync(kind.forget, admin, path)
-    return ()
+class GitSlots(ABC):
+    """What the two git kinds do alike: a reset and a move are git's (checkout, clean); nothing
+    to mount, nothing left behind, no cheap way to tell that a slot is unused or untouched. No
+    state: each kind holds its own ``mirror`` and ``git``, and says where a slot's git directory
+    is, how its commit is pinned and what of a lease its repository forgets."""
 
+    mirror: Mirror
+    git: GitRunner
 
-async def git_move(kind: WorktreeSlots | CloneSlots, admin: str, path: str, commit: str,
-                   *, timeout: float) -> tuple[str, ...]:  # fmt: skip
-    """An idle, clean slot to a new base commit: only the tracked files that differ change."""
-    kind.pin(admin, commit)
-    await kind.git.run(["checkout", "--quiet", "--force", "--detach", commit], git_dir=kind.git_dir(admin, path),
-                       work_tree=path, cwd=path, timeout=timeout)  # fmt: skip
-    return ()
+    @abstractmethod
+    def git_dir(self, admin: str, path: str) -> Path: ...
+
+    @abstractmethod
+    def pin(self, admin: str, commit: str) -> None: ...
+
+    @abstractmethod
+    def forget(self, admin: str, path: str) -> None: ...
+
+    async def reset(
+        self, admin: str, path: str, commit: str, clean_flags: str, *, timeout: float
+    ) -> tuple[str, ...]:
+        """Back to ``commit``: tracked files as committed, untracked (and ignored, with -x)
+        files gone, submodule directories emptied, nothing of the lease's own in its repository."""
+        self.pin(admin, commit)
+        git_dir = self.git_dir(admin, path)
+        await self.git.run(["checkout", "--quiet", "--force", "--detach", commit], git_dir=git_dir,
+                           work_tree=path, cwd=path, timeout=timeout)  # fmt: skip
+        await self.git.run(["clean", "--quiet", clean_flags], git_dir=git_dir, work_tree=path, cwd=path,
+                           timeout=timeout)  # fmt: skip
+        submodules = await self.mirror.gitlinks(commit)
+        if submodules:
+            await anyio.to_thread.run_sync(empty_submodules, path, submodules)
+        await anyio.to_thread.run_sync(self.forget, admin, path)
+        return ()
+
+    async def move(self, admin: str, path: str, commit: str, *, timeout: float) -> tuple[str, ...]:
+        """An idle, clean slot to a new base commit: only the tracked files that differ change."""
+        self.pin(admin, commit)
+        await self.git.run(["checkout", "--quiet", "--force", "--detach", commit], git_dir=self.git_dir(admin, path),
+                           work_tree=path, cwd=path, timeout=timeout)  # fmt: skip
+        return ()
+
+    async def mount_again(self, admin: str, path: str, layers: tuple[str, ...]) -> bool:
+        """Nothing to mount: the slot is a directory."""
+        return False
+
+    async def tidy(self) -> None:
+        """Nothing left behind: a reset removes what it removes at once."""
+        return
+
+    def own_disk(self, admin: str, path: str) -> str:
+        """Where the slot's own disk use is: all of it."""
+        return path
+
+    async def unused(self, admin: str, path: str, layers: tuple[str, ...]) -> bool:
+        """Whether no process works in the slot, if that can be told cheaply: not here (the
+        caller scans /proc)."""
+        return False
+
+    def untouched(self, admin: str, path: str) -> bool:
+        """Whether the lease changed nothing, if that can be told cheaply: not here."""
+        return False
 
 
 def empty_submodules(path: str, submodules: list[str]) -> None:
@@ -130,7 +171,7 @@ def _slot_dir(path: str) -> bool:
     return slotfs.kind(os.path.dirname(path), os.path.basename(path)) == "dir"
 
 
-class WorktreeSlots:
+class WorktreeSlots(GitSlots):
     name = "worktree"
 
     def __init__(self, mirror: Mirror) -> None:
@@ -231,34 +272,6 @@ class WorktreeSlots:
             raise OSError(f"git put the worktree's admin directory at {dotgit!r}, expected {stale_admin}")
         return ()
 
-    async def reset(
-        self, admin: str, path: str, commit: str, clean_flags: str, *, timeout: float
-    ) -> tuple[str, ...]:
-        return await git_reset(self, admin, path, commit, clean_flags, timeout=timeout)
-
-    async def move(self, admin: str, path: str, commit: str, *, timeout: float) -> tuple[str, ...]:
-        return await git_move(self, admin, path, commit, timeout=timeout)
-
-    async def mount_again(self, admin: str, path: str, layers: tuple[str, ...]) -> bool:
-        """Nothing to mount: a worktree is a directory."""
-        return False
-
-    async def tidy(self) -> None:
-        """Nothing left behind: a reset removes what it removes at once."""
-
-    def own_disk(self, admin: str, path: str) -> str:
-        """Where the slot's own disk use is: all of it."""
-        return path
-
-    async def unused(self, admin: str, path: str, layers: tuple[str, ...]) -> bool:
-        """Whether no process works in the slot, if that can be told cheaply: not here (the
-        caller scans /proc)."""
-        return False
-
-    def untouched(self, admin: str, path: str) -> bool:
-        """Whether the lease changed nothing, if that can be told cheaply: not here."""
-        return False
-
     def owns(self, directory: Path) -> bool:
         """Whether ``directory`` is a worktree of this mirror, as necrod lays them out."""
         admin = self.mirror.path / "worktrees" / directory.name
@@ -306,7 +319,7 @@ def clone_config(repo_url: str) -> str:
     )
 
 
-class CloneSlots:
+class CloneSlots(GitSlots):
     name = "shared-clone"
 
     def __init__(self, mirror: Mirror) -> None:
@@ -375,34 +388,6 @@ class CloneSlots:
         await self.git.run(["checkout", "--quiet", "--force", "--detach", commit], git_dir=path / ".git",
                            work_tree=path, cwd=path, timeout=timeout)  # fmt: skip
         return ()
-
-    async def reset(
-        self, admin: str, path: str, commit: str, clean_flags: str, *, timeout: float
-    ) -> tuple[str, ...]:
-        return await git_reset(self, admin, path, commit, clean_flags, timeout=timeout)
-
-    async def move(self, admin: str, path: str, commit: str, *, timeout: float) -> tuple[str, ...]:
-        return await git_move(self, admin, path, commit, timeout=timeout)
-
-    async def mount_again(self, admin: str, path: str, layers: tuple[str, ...]) -> bool:
-        """Nothing to mount: a shared clone is a directory."""
-        return False
-
-    async def tidy(self) -> None:
-        """Nothing left behind: a reset removes what it removes at once."""
-
-    def own_disk(self, admin: str, path: str) -> str:
-        """Where the slot's own disk use is: all of it."""
-        return path
-
-    async def unused(self, admin: str, path: str, layers: tuple[str, ...]) -> bool:
-        """Whether no process works in the slot, if that can be told cheaply: not here (the
-        caller scans /proc)."""
-        return False
-
-    def untouched(self, admin: str, path: str) -> bool:
-        """Whether the lease changed nothing, if that can be told cheaply: not here."""
-        return False
 
     def owns(self, directory: Path) -> bool:
         return (
