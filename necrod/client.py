@@ -136,6 +136,7 @@ class _Api(Generic[R]):
         metadata: dict[str, Any] | None = None,
         affinity: str | None = None,
         ports: int | None = None,
+        from_salvage: str | None = None,
     ) -> R:
         return self.call(
             "slots.allocate",
@@ -150,6 +151,7 @@ class _Api(Generic[R]):
                     "metadata": metadata,
                     "affinity": affinity,
                     "ports": ports,
+                    "from_salvage": from_salvage,
                 }
             ),
         )

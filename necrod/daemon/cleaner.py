@@ -97,5 +97,12 @@ class SlotGit:
         else:
             await self.run(["checkout", "--quiet", "-B", branch, commit])
 
+    async def resume(self, salvage: str, head: str, branch: str | None) -> None:
+        """A salvage's work in this slot (``resume.py``): HEAD (and ``branch``, if named) at
+        the lost lease's last commit ``head``, the work tree as that lease left it, what it had
+        not committed uncommitted again."""
+        await self.checkout(salvage, branch)
+        await self.run(["reset", "--quiet", "--mixed", head, "--"])
+
     async def delete_branch(self, branch: str) -> None:
         await self.kind.delete_branch(self.admin, self.path, branch, timeout=self.timeout)

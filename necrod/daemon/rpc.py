@@ -18,6 +18,7 @@ from necrod import PROTOCOL_VERSION, __version__
 from necrod.core.names import check_lease_id, check_pool_name
 from necrod.core.tasks import Task
 from necrod.daemon.events import as_seen_by
+from necrod.daemon.resume import SalvagePoint, settled_salvage
 from necrod.io.slotfs import read_head
 from necrod.io.steps import read_chunk
 from necrod.io.store import Event
@@ -182,6 +183,7 @@ class Api:
         return root, git_dir, None if slot.kind == "worktree" else git_dir
 
     async def allocate(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        resume = await self._salvage_to_resume(params, ctx) if params["from_salvage"] else None
         lease = await self.allocator.allocate(
             pool=params["pool"],
             holder=params["holder"] or ctx.client or f"pid:{ctx.peer.pid}",
@@ -193,10 +195,26 @@ class Api:
             uid=ctx.peer.uid,
             affinity=params["affinity"],
             ports=params["ports"],
+            resume=resume,
         )
         # A lease nobody heard about (the caller vanished while queued) goes back at once.
         ctx.undelivered.append(lambda: self.allocator.abandon(lease["lease_id"]))
         return lease
+
+    async def _salvage_to_resume(self, params: dict[str, Any], ctx: CallContext) -> SalvagePoint:
+        lease_id = check_lease_id(params["from_salvage"])
+        if params["ref"] is not None:
+            raise InvalidParams(
+                "from_salvage starts at the salvaged lease's commit: pass no ref", param="ref"
+            )
+        point = await settled_salvage(self.table.pool(params["pool"]), lease_id)
+        if point is None:
+            raise NotFound(f"no salvage of lease {lease_id} in pool {params['pool']} (it left nothing to keep, "
+                           "or was another pool's)", lease_id=lease_id)  # fmt: skip
+        if not ctx.may_act_for(point.uid):
+            raise PermissionDenied(f"the salvage of lease {lease_id} is not yours (uid {ctx.peer.uid}); "
+                                   "only its owner or an admin may resume it", lease_id=lease_id)  # fmt: skip
+        return point
 
     def _check_lease(self, lease_id: str, ctx: CallContext) -> None:
         """A lease is acted on by the uid that took it (or its task's runner), or an admin."""
