@@ -174,6 +174,17 @@ class _Api(Generic[R]):
     def salvage_show(self, lease_id: str) -> R:
         return self.call("salvage.show", {"lease_id": lease_id})
 
+    def salvage_diff(self, lease_id: str, *, binary: bool = False) -> R:
+        return self.call("salvage.diff", _clean({"lease_id": lease_id, "binary": binary or None}))
+
+    def salvage_branch(
+        self, lease_id: str, branch: str, *, message: str | None = None, push: bool = False
+    ) -> R:
+        return self.call(
+            "salvage.branch",
+            _clean({"lease_id": lease_id, "branch": branch, "message": message, "push": push or None}),
+        )
+
     def salvage_prune(self, pool: str | None = None, *, dry_run: bool = False) -> R:
         return self.call("salvage.prune", _clean({"pool": pool, "dry_run": dry_run or None}))
 

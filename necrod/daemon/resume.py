@@ -35,6 +35,8 @@ class SalvagePoint:
     commit: str
     #: The lease's HEAD when it was salvaged: its commits end here.
     head: str
+    #: The commit the lease started from (``Necrod-Start``; its HEAD when that is not recorded).
+    start: str
     #: Who held the lease (``Necrod-Uid``); None on salvages made before owners were recorded.
     uid: int | None
 
@@ -42,17 +44,20 @@ class SalvagePoint:
 async def salvage_point(git: GitRunner, mirror: Path, lease_id: str) -> SalvagePoint | None:
     """The salvage of ``lease_id`` in this mirror, or None if it has none."""
     result = await git.run(
-        ["log", "-1", "--format=%H%x00%P%x00%(trailers:key=Necrod-Uid,valueonly,separator=)",
+        ["log", "-1", "--format=%H%x00%P%x00%(trailers:key=Necrod-Uid,valueonly,separator=)%x00"
+         "%(trailers:key=Necrod-Start,valueonly,separator=)",
          "--end-of-options", REF_PREFIX + lease_id, "--"],
         git_dir=mirror, timeout=30, check=False,
     )  # fmt: skip
     if result.returncode != 0:
         return None
-    commit, parents, uid = ([*result.out.strip().split("\0"), "", ""])[:3]
+    commit, parents, uid, start = ([*result.out.strip().split("\0"), "", "", ""])[:4]
     if not commit or not parents.split():
         return None
-    owner = uid.strip()
-    return SalvagePoint(lease_id, commit, parents.split()[0], int(owner) if owner.isdigit() else None)
+    head, owner = parents.split()[0], uid.strip()
+    return SalvagePoint(
+        lease_id, commit, head, start.strip() or head, int(owner) if owner.isdigit() else None
+    )
 
 
 async def settled_salvage(p: Pool, lease_id: str, wait_s: float = SALVAGE_WAIT_S) -> SalvagePoint | None:

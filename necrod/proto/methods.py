@@ -88,6 +88,13 @@ METHODS: dict[str, dict[str, Param]] = {
     },
     "salvage.list": {"pool": _s()},
     "salvage.show": {"lease_id": _s(required=True)},
+    "salvage.diff": {"lease_id": _s(required=True), "binary": Param("boolean")},
+    "salvage.branch": {
+        "lease_id": _s(required=True),
+        "branch": _s(required=True, max_len=255),
+        "message": _s(max_len=4096),
+        "push": Param("boolean"),
+    },
     "salvage.prune": {"pool": _s(), "dry_run": Param("boolean")},
     "anomalies.list": {"pool": _s(), "heal": Param("boolean"), "deep": Param("boolean")},
     "slots.recover": {"slot_id": _s(required=True)},
