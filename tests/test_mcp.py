@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -239,3 +241,63 @@ async def test_errors_are_the_daemons_stable_kinds(d: Necrod, workdir: Path) -> 
     async with mcp_session(workdir / "none.sock", workdir / "mcp2.log") as session:
         assert (await error_of(session, "workspace_status"))["kind"] == "unreachable"
         assert (await error_of(session, "salvage_list"))["kind"] == "unreachable"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_over_http_on_loopback_with_a_token_and_released_when_the_server_stops(
+    d: Necrod, workdir: Path
+) -> None:
+    import httpx2
+    from mcp.client.streamable_http import streamable_http_client
+
+    port, token = free_port(), "s3cret-token"
+    url = f"http://127.0.0.1:{port}/mcp"
+    with (workdir / "http.log").open("a") as log:
+        server = subprocess.Popen(
+            [PY, "-m", "necrod", "mcp", "--socket", str(d.socket), "--http", f"127.0.0.1:{port}"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, env={**os.environ, "NECROD_MCP_TOKEN": token},
+        )  # fmt: skip
+    try:
+        async with httpx2.AsyncClient() as anonymous:
+
+            async def answers() -> int:
+                try:
+                    return (await anonymous.post(url, json={})).status_code
+                except httpx2.TransportError:
+                    return 0
+
+            with anyio.fail_after(30):
+                while (status := await answers()) == 0:
+                    await anyio.sleep(0.1)
+            assert status == 401  # no token, no tools
+        headers = {"Authorization": f"Bearer {token}"}
+        async with (
+            httpx2.AsyncClient(headers=headers) as http,
+            streamable_http_client(url, http_client=http) as (read, write),
+            ClientSession(read, write) as session,
+        ):
+            await session.initialize()
+            assert len((await session.list_tools()).tools) == len(TOOLS)
+            lease = await call(session, "workspace_allocate", pool="repo", ttl_s=600)
+            (Path(lease["path"]) / "over-http.txt").write_text("work\n")
+        # The HTTP session ended, the server did not: the lease is still held and beating.
+        assert slot_of(d, lease["slot_id"])["lease_id"] == lease["lease_id"]
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(30) == 0
+        assert await until(lambda: salvaged(d, lease["lease_id"]), what="the salvage")
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(10)
+
+
+def test_http_is_served_on_loopback_only() -> None:
+    for address in ("0.0.0.0:8765", "192.168.1.10:8765", "[::]:8765", "example.com:8765", "127.0.0.1:0"):
+        done = subprocess.run([PY, "-m", "necrod", "mcp", "--http", address], capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+        assert done.returncode == 2 and "--http" in done.stderr, (address, done.stderr)
