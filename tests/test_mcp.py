@@ -139,7 +139,7 @@ async def test_an_agent_allocates_works_is_kept_alive_and_releases_with_its_work
 
         released = await call(session, "workspace_release", lease_id=lease["lease_id"])
         ref = f"refs/necrod/salvage/{lease['lease_id']}"
-        assert released["salvage_ref"] == ref and released["salvage_commit"]
+        assert released["salvage_ref"] == ref and released["salvage_commit"] == released["salvaged"]["commit"]
         shown = await call(session, "salvage_show", lease_id=lease["lease_id"])
         assert shown["ref"] == ref and {"agent-notes.txt", "README"} <= {f["path"] for f in shown["files"]}
         listed = await call(session, "salvage_list", pool="repo")
@@ -301,3 +301,15 @@ def test_http_is_served_on_loopback_only() -> None:
         done = subprocess.run([PY, "-m", "necrod", "mcp", "--http", address], capture_output=True, text=True,
                               timeout=60)  # fmt: skip
         assert done.returncode == 2 and "--http" in done.stderr, (address, done.stderr)
+
+
+def test_docs_list_every_tool_and_every_argument() -> None:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "mcp.md").read_text()
+    rows = {
+        line.split("|")[1].strip().strip("`"): line for line in text.splitlines() if line.startswith("| `")
+    }
+    for tool in TOOLS:
+        assert tool.name in rows, f"docs/mcp.md has no row for {tool.name}"
+        arguments = rows[tool.name].split("|")[2]
+        missing = [name for name in tool.properties if f"`{name}`" not in arguments]
+        assert missing == [], f"docs/mcp.md does not list {tool.name}'s {missing}"

@@ -120,7 +120,7 @@ class Session:
         pool = held.pool if held else result["slot_id"].rpartition("/")[0]
         settled, shown = await self._salvage_after_cleanup(lease_id, pool, result["slot_id"], wait_s)
         if shown is not None:
-            answer.update(salvage_ref=shown["ref"], salvage_commit=shown["commit"], salvage=shown)
+            answer.update(salvage_ref=shown["ref"], salvage_commit=shown["commit"], salvaged=shown)
             return answer, f"released {result['slot_id']}; the work is saved at {shown['ref']}"
         answer["salvage_pending"] = not settled
         if settled:
