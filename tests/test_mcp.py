@@ -21,6 +21,7 @@ from mcp import ClientSession, StdioServerParameters, stdio_client
 
 from necrod.mcpserver.tools import TOOLS
 from tests.helpers import Necrod, pool_config, wait_for
+from tests.sshhelpers import Keys, SSHHost
 
 pytestmark = pytest.mark.anyio
 
@@ -33,8 +34,9 @@ def config(origin: Path) -> str:
 
 
 @asynccontextmanager
-async def mcp_session(socket: Path, log: Path, *args: str) -> AsyncIterator[ClientSession]:
-    server = StdioServerParameters(command=PY, args=["-m", "necrod", "mcp", "--socket", str(socket), *args],
+async def mcp_session(socket: Path | None, log: Path, *args: str) -> AsyncIterator[ClientSession]:
+    where = ["--socket", str(socket)] if socket is not None else []
+    server = StdioServerParameters(command=PY, args=["-m", "necrod", "mcp", *where, *args],
                                    env={"NECROD_LOG_LEVEL": "debug"})  # fmt: skip
     with log.open("a") as errlog:
         async with (
@@ -219,28 +221,54 @@ async def test_a_session_killed_with_9_leaves_its_leases_to_the_ttl_salvaged_and
 
 async def test_errors_are_the_daemons_stable_kinds(d: Necrod, workdir: Path) -> None:
     async with mcp_session(d.socket, workdir / "mcp.log") as session:
+
+        async def kind(tool: str, **arguments: Any) -> str:
+            return str((await error_of(session, tool, **arguments))["kind"])
+
         unknown = await error_of(session, "workspace_allocate", pool="no-such-pool")
         assert unknown["kind"] == "not_found" and "no-such-pool" in unknown["message"]
-        assert (await error_of(session, "workspace_allocate", pool="repo", colour="red"))[
-            "kind"
-        ] == "invalid_params"
-        assert (await error_of(session, "workspace_release"))["kind"] == "invalid_params"
-        assert (await error_of(session, "workspace_allocate", pool="repo", ttl_s=0))[
-            "kind"
-        ] == "invalid_params"
-        assert (await error_of(session, "task_logs", task_id="t-nope", max_bytes=-1))[
-            "kind"
-        ] == "invalid_params"
-        assert (await error_of(session, "task_status", task_id="t-nope"))["kind"] == "not_found"
-        assert (await error_of(session, "salvage_show", lease_id="l-0000000000000000"))["kind"] == "not_found"
+        assert await kind("workspace_allocate", pool="repo", colour="red") == "invalid_params"
+        assert await kind("workspace_release") == "invalid_params"
+        assert await kind("workspace_allocate", pool="repo", ttl_s=0) == "invalid_params"
+        assert await kind("task_logs", task_id="t-nope", max_bytes=-1) == "invalid_params"
+        assert await kind("task_status", task_id="t-nope") == "not_found"
+        assert await kind("salvage_show", lease_id="l-0000000000000000") == "not_found"
+        # The server's own bounds: an agent cannot make it read or wait without end.
+        huge = await error_of(session, "task_logs", task_id="t-nope", max_bytes=1 << 30)
+        assert huge["kind"] == "invalid_params" and huge["param"] == "max_bytes"
+        forever = await error_of(session, "task_status", task_id="t-nope", wait_s=1e9)
+        assert forever["kind"] == "invalid_params" and forever["param"] == "wait_s"
+        assert await kind("workspace_release", lease_id="l-x", wait_s="soon") == "invalid_params"
         # Both slots taken: no free workspace is resource_exhausted at once.
         for _ in range(2):
             await call(session, "workspace_allocate", pool="repo")
-        assert (await error_of(session, "workspace_allocate", pool="repo"))["kind"] == "resource_exhausted"
+        assert await kind("workspace_allocate", pool="repo") == "resource_exhausted"
     # No daemon at the socket: the tools say so, the server does not die.
     async with mcp_session(workdir / "none.sock", workdir / "mcp2.log") as session:
         assert (await error_of(session, "workspace_status"))["kind"] == "unreachable"
         assert (await error_of(session, "salvage_list"))["kind"] == "unreachable"
+
+
+async def test_over_ssh_the_tools_reach_another_hosts_daemon(d: Necrod, workdir: Path) -> None:
+    keys = Keys.make(workdir / "keys")
+    host = SSHHost(workdir / "host", keys).start()
+    try:
+        known = host.known_hosts(workdir / "known_hosts")
+        ssh = ["-H", host.url(d.socket), "--ssh-key", str(keys.client_key), "--known-hosts", str(known)]
+        async with mcp_session(None, workdir / "mcp.log", *ssh) as session:
+            lease = await call(session, "workspace_allocate", pool="repo")
+            (Path(lease["path"]) / "remote-work.txt").write_text("work\n")
+            status = await call(session, "workspace_status")
+            assert [v["lease_id"] for v in status["leases"]] == [lease["lease_id"]]
+            released = await call(session, "workspace_release", lease_id=lease["lease_id"])
+            assert released["salvage_ref"] == f"refs/necrod/salvage/{lease['lease_id']}"
+            assert (await error_of(session, "workspace_allocate", pool="nope"))["kind"] == "not_found"
+        # A host key it does not know is refused, as necroctl refuses it.
+        untrusted = ["-H", host.url(d.socket), "--ssh-key", str(keys.client_key), "--known-hosts", os.devnull]
+        async with mcp_session(None, workdir / "mcp2.log", *untrusted) as session:
+            assert (await error_of(session, "workspace_status"))["kind"] == "unreachable"
+    finally:
+        host.kill()
 
 
 def free_port() -> int:
@@ -275,6 +303,12 @@ async def test_over_http_on_loopback_with_a_token_and_released_when_the_server_s
                 while (status := await answers()) == 0:
                     await anyio.sleep(0.1)
             assert status == 401  # no token, no tools
+            wrong = await anonymous.post(url, json={}, headers={"Authorization": "Bearer s3cret-tokeN"})
+            assert wrong.status_code == 401
+            # A page the agent's browser opened, rebinding a name of its own to 127.0.0.1: refused
+            # even with the token (the SDK checks Host and Origin on loopback).
+            rebinding = {"Authorization": f"Bearer {token}", "Host": f"evil.example:{port}"}
+            assert (await anonymous.post(url, json={}, headers=rebinding)).status_code in (403, 421)
         headers = {"Authorization": f"Bearer {token}"}
         async with (
             httpx2.AsyncClient(headers=headers) as http,
