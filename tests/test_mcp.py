@@ -178,6 +178,32 @@ async def test_a_task_is_submitted_watched_to_the_end_and_its_log_tailed(d: Necr
         assert cancelled["state"] == "cancelled"
 
 
+async def test_leases_outlive_a_daemon_restart_and_one_taken_away_is_reported_lost(
+    d: Necrod, workdir: Path
+) -> None:
+    async with mcp_session(d.socket, workdir / "mcp.log") as session:
+        kept = await call(session, "workspace_allocate", pool="repo", ttl_s=3)
+        taken = await call(session, "workspace_allocate", pool="repo", ttl_s=3)
+        d.kill9()
+        d.start()
+        # Twice the TTL after the restart's grace began: the server found the daemon again.
+        await anyio.sleep(7)
+        assert slot_of(d, kept["slot_id"])["lease_id"] == kept["lease_id"]
+        # An operator takes a slot away: the next heartbeat learns it, and the session says so.
+        d.call("slots.remove", {"slot_id": taken["slot_id"], "force": True})
+        status: dict[str, Any] | None = None
+        for _ in range(50):
+            status = await call(session, "workspace_status")
+            if status["lost"]:
+                break
+            await anyio.sleep(0.2)
+        assert status is not None
+        assert [v["lease_id"] for v in status["leases"]] == [kept["lease_id"]]
+        assert [lost["lease_id"] for lost in status["lost"]] == [taken["lease_id"]]
+        gone = await error_of(session, "workspace_status", lease_id=taken["lease_id"])
+        assert gone["kind"] == "failed_precondition" and gone["lease_id"] == taken["lease_id"]
+
+
 async def test_a_session_that_ends_releases_what_it_allocated_salvaged_first(
     d: Necrod, workdir: Path
 ) -> None:

@@ -32,7 +32,7 @@ from necrod.mcpserver.tools import (
     Tool,
     number,
 )
-from necrod.proto.errors import DaemonUnreachable, FailedPrecondition, NotFound
+from necrod.proto.errors import FailedPrecondition, NecrodError, NotFound
 
 log = structlog.get_logger("necrod.mcp")
 
@@ -92,7 +92,8 @@ class Session:
 
     async def allocate(self, tool: Tool, args: dict[str, Any]) -> Answer:
         params = {"holder": self.holder, **tool.forwarded(args)}
-        lease = await self.daemon.call("slots.allocate", params, wait_s=float(args.get("wait_s", 0)))
+        wait_s = number(args, "wait_s", 0.0, low=0, high=MAX_WAIT_S)
+        lease = await self.daemon.call("slots.allocate", params, wait_s=wait_s)
         self._hold(lease)
         ports = f", ports {','.join(map(str, lease['ports']))}" if lease.get("ports") else ""
         return lease, (
@@ -294,9 +295,10 @@ class Session:
                     await self._beat({"lease_id": held.lease_id})
                 except (NotFound, FailedPrecondition) as exc:
                     log.warning("lease_lost", lease_id=held.lease_id, kind=exc.kind, error=exc.message)
-                except DaemonUnreachable as exc:
+                except NecrodError as exc:
+                    # Unreachable, no reply, not saved (unavailable): the lease stands, try soon.
                     held.due = time.monotonic() + min(RETRY_S, held.ttl_s / 3)
-                    log.warning("heartbeat_failed", lease_id=held.lease_id, error=str(exc))
+                    log.warning("heartbeat_failed", lease_id=held.lease_id, kind=exc.kind, error=str(exc))
             self._changed = anyio.Event()
             next_due = min((h.due for h in self.held.values()), default=math.inf)
             with anyio.move_on_after(max(0.0, next_due - time.monotonic())):
@@ -310,9 +312,10 @@ class Session:
                 try:
                     await self.daemon.call("slots.release", {"lease_id": lease_id})
                     log.info("lease_released_at_session_end", lease_id=lease_id)
-                except DaemonUnreachable as exc:
-                    log.warning("release_failed", lease_id=lease_id, error=str(exc))
                 except (NotFound, FailedPrecondition):
                     pass  # gone already
+                except NecrodError as exc:
+                    # Left to the lease's TTL, which salvages as a release does.
+                    log.warning("release_failed", lease_id=lease_id, kind=exc.kind, error=str(exc))
                 self.held.pop(lease_id, None)
             await self.daemon.aclose()
