@@ -373,3 +373,9 @@ def test_docs_list_every_tool_and_every_argument() -> None:
         arguments = rows[tool.name].split("|")[2]
         missing = [name for name in tool.properties if f"`{name}`" not in arguments]
         assert missing == [], f"docs/mcp.md does not list {tool.name}'s {missing}"
+
+
+def test_without_the_sdk_the_command_names_the_extra_to_install() -> None:
+    code = "import sys\nsys.modules['mcp'] = None\nfrom necrod.command import main\nsys.exit(main(['mcp']))\n"
+    done = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "pip install 'necrod[mcp]'" in done.stderr and done.stdout == ""
