@@ -245,6 +245,18 @@ async def test_a_session_killed_with_9_leaves_its_leases_to_the_ttl_salvaged_and
     assert '"lease_released_at_session_end"' not in (workdir / "mcp.log").read_text()
 
 
+async def test_a_new_session_picks_up_where_a_killed_one_stopped(d: Necrod, workdir: Path) -> None:
+    async with mcp_session(d.socket, workdir / "mcp.log") as session:
+        lost = await call(session, "workspace_allocate", pool="repo", ttl_s=2)
+        (Path(lost["path"]) / "half-done.txt").write_text("work\n")
+        os.kill(server_pid(d.socket), signal.SIGKILL)
+    wait_for(lambda: salvaged(d, lost["lease_id"]), 30, what="the TTL's salvage")
+    async with mcp_session(d.socket, workdir / "mcp2.log") as session:
+        lease = await call(session, "workspace_allocate", pool="repo", from_salvage=lost["lease_id"])
+        assert lease["resumed_from"] == lost["lease_id"]
+        assert (Path(lease["path"]) / "half-done.txt").read_text() == "work\n"
+
+
 async def test_errors_are_the_daemons_stable_kinds(d: Necrod, workdir: Path) -> None:
     async with mcp_session(d.socket, workdir / "mcp.log") as session:
 

@@ -113,6 +113,10 @@ TOOLS: tuple[Tool, ...] = (
             "ports": _int("TCP ports to hold with the lease (consecutive, free on the host)", 0, 64),
             "affinity": _str("prefer the workspace last released under this key (warm build caches)"),
             "metadata": {"type": "object", "description": "stored with the lease (at most 16 KiB)"},
+            "from_salvage": _str(
+                "a lost lease's id (salvage_list): start where it stopped, its commits and uncommitted "
+                "work restored; not with ref"
+            ),
         },
         ("pool",),
     ),
@@ -170,6 +174,11 @@ TOOLS: tuple[Tool, ...] = (
             "max_retries": _int("attempts after a failure", 0, 1000),
             "timeout_s": _num("stop an attempt that runs longer", 0.001, 30 * 24 * 3600.0),
             "depends_on": {**_STRINGS, "description": "task ids that must succeed first"},
+            "resume": {
+                "type": "string",
+                "enum": ["base", "salvage"],
+                "description": "where a retry starts: the base, or the failed attempt's salvage (its work)",
+            },
         },
         ("pool",),
     ),
