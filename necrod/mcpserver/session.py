@@ -252,14 +252,17 @@ class Session:
         return result, chunk["data"] or "(no output)"
 
     async def _log_size(self, params: dict[str, Any]) -> int:
-        """The log's length, found with one-byte reads (the daemon reports no size, and the log
-        may be on another host): doubling, then bisecting, some 2·log2(size) round trips."""
+        """The log's length: the daemon's ``size``, or from a daemon that reports none, found
+        with one-byte reads: doubling, then bisecting, some 2·log2(size) round trips."""
+        first = await self.daemon.call("tasks.logs", {**params, "offset": 0, "limit": 1})
+        if isinstance(first.get("size"), int):
+            return int(first["size"])
 
         async def has(offset: int) -> bool:
             chunk = await self.daemon.call("tasks.logs", {**params, "offset": offset, "limit": 1})
             return bool(chunk["data"]) or chunk["offset"] > offset
 
-        if not await has(0):
+        if not first["data"]:
             return 0
         low, high = 0, 1  # a byte at low; beyond high unknown
         while await has(high):
