@@ -9,7 +9,6 @@ given, and call ``wake``."""
 from __future__ import annotations
 
 import os
-
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
