@@ -244,8 +244,9 @@ class PoolEngine:
         out = [f"pool {p.name}: {key} {getattr(old, key)!r} -> {getattr(new, key)!r}" for key in changed]
         if "git_concurrency" in changed:
             p.limiter.total_tokens = new.git_concurrency
+        if "repo_url" in changed or "lfs" in changed:
+            p.mirror.set_url(new.repo_url, new.lfs)
         if "repo_url" in changed:
-            p.mirror.set_url(new.repo_url)
             p.default_branch = None
         if "slots" in changed:
             p.delta = 0
@@ -253,10 +254,14 @@ class PoolEngine:
                 p.shrinking = True
         if "fetch_interval_s" in changed:
             p.fetch.next_at = 0.0
+        if "lfs" in changed:
+            for slot in p.slots.values():
+                slot.rebuild = True  # its LFS files were checked out the other way
+                self.jobs.kick(slot)
         if "isolation" in changed:
             for slot in p.slots.values():
                 self.jobs.kick(slot)  # idle slots are remade now, held ones after release
-        if "repo_url" in changed or "base" in changed:
+        if "repo_url" in changed or "base" in changed or "lfs" in changed:
             self.jobs.spawn(self.keeper.refetch_base, p)
         if "isolation" in changed and new.isolation == "overlay" and p.state == "ready":
             self.jobs.spawn(self._bring_up, p)  # checks it can mount first

@@ -91,7 +91,7 @@ class Pool:
         self.name = config.name
         self.root = root
         self.slots_dir = root / "slots"
-        self.mirror = Mirror(root / "mirror.git", config.repo_url, git)
+        self.mirror = Mirror(root / "mirror.git", config.repo_url, git, config.lfs)
         self.layers = Layers(root, self.mirror)
         #: Layers above the base that overlay slots mounted now stand on, topmost first (the
         #: pool's files: and its last good prepared output; kept by ``prepare.Preparer``).
