@@ -90,7 +90,9 @@ def test_lfs_true_slots_have_the_content_smudged_from_the_mirror(
     slot = Path(first["path"])
     assert (slot / "data/big.bin").read_bytes() == content
     assert agent_git(slot, "status", "--porcelain") == ""
-    mirror = workdir / "d" / "state" / "workspaces" / "big" / "mirror.git"
+    pool = d.call("pools.get", {"pool": "big"})
+    assert pool["lfs"] == {"mode": True, "fetched": first["commit"]}
+    mirror = Path(pool["mirror"])
     assert lfs_object(mirror, content).is_file()  # fetched once, into the mirror's store
 
     # From here the origin has no LFS objects: everything a slot gets comes from the mirror.
@@ -216,6 +218,11 @@ def test_a_hostile_lfsconfig_redirects_nothing(
     git(work, "push", "-q", "origin", "agent")
     d.call("slots.release", {"lease_id": lease["lease_id"]})
     d.wait_slots("big", "available", 1)
+    # What an agent in a worktree slot can do (the slot's branches are the mirror's): make the
+    # mirror's HEAD branch, whose .lfsconfig git-lfs reads in a bare repository.
+    mirror = Path(d.call("pools.get", {"pool": "big"})["mirror"])
+    assert git(mirror, "symbolic-ref", "HEAD") == "refs/heads/main"
+    git(mirror, "update-ref", "refs/heads/main", git(work, "rev-parse", "main"))
     again = d.call("slots.allocate", {"pool": "big", "ref": "agent"})
     assert (Path(again["path"]) / "data/big.bin").read_bytes() == newer
     assert agent_git(Path(again["path"]), "status", "--porcelain") == ""
@@ -263,8 +270,8 @@ def test_a_changed_lfs_makes_the_slots_again(
     assert (slot / "data/big.bin").read_bytes().startswith(POINTER_HEADER)
     assert d.config_path is not None
     d.config_path.write_text(pool_config({"big": f"file://{origin}"}, lfs=True, **one_slot))
-    changes = d.call("daemon.reload")["changes"]
-    assert "pool big: lfs 'pointers' -> True" in changes
+    d.call("daemon.reload")  # (the daemon may have seen the file change first)
+    wait_for(lambda: d.call("pools.get", {"pool": "big"})["lfs"]["mode"] is True, what="the new config")
 
     def remade() -> dict[str, object] | None:
         lease: dict[str, object] = d.call("slots.allocate", {"pool": "big", "wait_s": 30})

@@ -337,6 +337,7 @@ class Allocator:
         try:
             if target is not None and target != p.mirror.lfs_fetched and p.config.lfs is True:
                 async with self.gate.limits(p):  # the slot smudges from the mirror's store only
+                    await self.gate.check_mirror(p)  # git-lfs reads the mirror's config
                     await lfs.fetch_objects(p.mirror, target, timeout=p.config.clone_timeout_s)
             async with self.gate.pool_git(p):
                 await self.gate.check_mirror(p, slot)

@@ -243,6 +243,7 @@ class Pool:
             "fetch": self.fetch.view(),
             "mirror": str(self.mirror.path),
             "isolation": self.config.isolation,
+            "lfs": {"mode": self.config.lfs, "fetched": self.mirror.lfs_fetched},
             "prepare": self.prepare.view() if self.config.prepare is not None else None,
             "layers": list(self.top_layers),
         }
