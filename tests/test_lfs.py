@@ -259,6 +259,16 @@ def test_lfs_without_git_lfs_fails_that_pool_only(
         events = [e for e in c.events(timeout=0.5) if e["type"] == "pool.state" and e["pool"] == "big"]
     assert any(e["state"] == "failed" and "git-lfs" in e["error"] for e in events)
 
+    # Asked for by a reload, the same: that pool fails, with the same error.
+    d.call("slots.release", {"lease_id": plain["lease_id"]})
+    assert d.config_path is not None
+    d.config_path.write_text(
+        config.replace(f"    repo_url: {origin}\n", f"    repo_url: {origin}\n    lfs: true\n")
+    )
+    d.call("daemon.reload")
+    wait_for(lambda: d.call("pools.get", {"pool": "plain"})["state"] == "failed", what="plain to fail")
+    assert "git-lfs" in d.call("pools.get", {"pool": "plain"})["error"]
+
 
 def test_a_changed_lfs_makes_the_slots_again(
     necrod_factory: Callable[..., Necrod], workdir: Path, one_slot: dict[str, int]

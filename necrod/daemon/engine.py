@@ -256,15 +256,16 @@ class PoolEngine:
             p.fetch.next_at = 0.0
         if "lfs" in changed:
             for slot in p.slots.values():
-                slot.rebuild = True  # its LFS files were checked out the other way
-                self.jobs.kick(slot)
+                slot.rebuild = True  # its LFS files were checked out the other way (kicked after _bring_up)
         if "isolation" in changed:
             for slot in p.slots.values():
                 self.jobs.kick(slot)  # idle slots are remade now, held ones after release
-        if "repo_url" in changed or "base" in changed or "lfs" in changed:
+        if "repo_url" in changed or "base" in changed:
             self.jobs.spawn(self.keeper.refetch_base, p)
         if "isolation" in changed and new.isolation == "overlay" and p.state == "ready":
             self.jobs.spawn(self._bring_up, p)  # checks it can mount first
+        elif "lfs" in changed and p.state == "ready":
+            self.jobs.spawn(self._bring_up, p)  # checks git-lfs is here, fetches the base's objects
         elif {"prepare", "files", "isolation"} & set(changed):
             self.jobs.spawn(self.preparer.refresh, p)
         self.sizer.maintain(p)
