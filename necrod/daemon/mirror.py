@@ -3,7 +3,8 @@
 Layout under ``<workspaces>/<pool>/``::
 
     mirror.git/          bare repository; refs/remotes/origin/*, refs/tags/*, refs/necrod/salvage/*,
-                         refs/necrod/slots/<n> (the commit each shared-clone slot stands on)
+                         refs/necrod/slots/<n> (the commit each shared-clone slot stands on);
+                         lfs/objects/ (with ``lfs: true``: the LFS store every slot smudges from)
     slots/<n>/           the slots (see ``slotkinds``)
     salvage-tmp/         scratch for salvage indexes
 
