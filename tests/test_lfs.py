@@ -68,6 +68,14 @@ def lfs_object(repo: Path, content: bytes) -> Path:
     return repo / "lfs" / "objects" / oid[:2] / oid[2:4] / oid
 
 
+def tampered(d: Necrod) -> list[list[str]]:
+    """What each ``tamper`` event found changed: git-lfs, necrod's or an agent's, writes
+    nothing necrod keeps canonical (a config value, hooks)."""
+    with d.client() as c:
+        c.subscribe(["pools"], since=0)
+        return [e["changed"] for e in c.events(timeout=0.5) if e["type"] == "tamper"]
+
+
 def blob(n: int, seed: str) -> bytes:
     """Binary content that is not a pointer (zero bytes included)."""
     return b"\0\1\2" + hashlib.sha256(seed.encode()).digest() * (n // 32)
@@ -115,6 +123,7 @@ def test_lfs_true_slots_have_the_content_smudged_from_the_mirror(
     pointer = git(mirror, "show", f"{shown['commit']}:data/big.bin")
     assert f"oid sha256:{hashlib.sha256(edited).hexdigest()}" in pointer
     assert lfs_object(mirror, edited).read_bytes() == edited
+    assert tampered(d) == []
 
 
 def test_a_new_base_brings_its_lfs_objects_with_the_fetch(
@@ -156,6 +165,7 @@ def test_pointer_modes_hand_out_pointer_files(
         agent_git(slot, *AGENT_LFS, "checkout", "--", "data/big.bin")
         assert (slot / "data/big.bin").read_bytes() == pointer
         assert not lfs_object(mirror, content).exists()
+        assert tampered(d) == []
 
 
 @pytest.fixture
@@ -227,6 +237,7 @@ def test_a_hostile_lfsconfig_redirects_nothing(
     assert (Path(again["path"]) / "data/big.bin").read_bytes() == newer
     assert agent_git(Path(again["path"]), "status", "--porcelain") == ""
     assert seen == []
+    assert tampered(d) == []
 
 
 def test_lfs_without_git_lfs_fails_that_pool_only(

@@ -80,9 +80,13 @@ def repo_config(mode: LfsMode, mirror: str, *, own_repository: bool) -> str:
     if mode is False:
         return ""
     # git-lfs writes ``lfs.repositoryformatversion`` into a repository's config the first time
-    # it runs there unless it is set: necrod would take that for tampering.
+    # it runs there unless it is set, and its filter installs its hooks (pre-push and three
+    # more) into the hooks directory each time it starts: necrod, which keeps both canonical,
+    # would take either for tampering. So the version is set, and hooks live nowhere
+    # (``core.hooksPath``, as for necrod's own git; the hooks directory is kept empty anyway).
+    quiet = "[core]\n\thooksPath = /dev/null\n[lfs]\n\trepositoryformatversion = 0\n"
     if mode == "pointers":
-        return '[lfs]\n\trepositoryformatversion = 0\n\tfetchinclude = ""\n\tfetchexclude = "*"\n'
+        return quiet + '\tfetchinclude = ""\n\tfetchexclude = "*"\n'
     store = os.path.join(mirror, "lfs")
     lines = [
         '[filter "lfs"]\n',
@@ -90,8 +94,7 @@ def repo_config(mode: LfsMode, mirror: str, *, own_repository: bool) -> str:
         "\tsmudge = git-lfs smudge -- %f\n",
         "\tclean = git-lfs clean -- %f\n",
         "\trequired = true\n",
-        "[lfs]\n",
-        "\trepositoryformatversion = 0\n",
+        quiet,
         # The mirror's own store, read with the standalone file transfer: a missing object is
         # an error, never a download from the origin.
         f"\turl = {_quote(file_url(mirror))}\n",
