@@ -126,6 +126,24 @@ def test_lfs_true_slots_have_the_content_smudged_from_the_mirror(
     assert tampered(d) == []
 
 
+@pytest.mark.usefixtures("slot_kind")
+def test_an_agent_pushes_its_lfs_objects_to_the_origin(
+    necrod_factory: Callable[..., Necrod], workdir: Path, one_slot: dict[str, int]
+) -> None:
+    _, origin = lfs_repository(workdir, blob(1000, "base"))
+    d = necrod_factory(pool_config({"big": f"file://{origin}"}, lfs=True, **one_slot))
+    slot = Path(d.call("slots.allocate", {"pool": "big", "branch": "feature"})["path"])
+    mine = blob(3000, "the agent's new file")
+    (slot / "data/new.bin").write_bytes(mine)
+    agent_git(slot, "add", "data/new.bin")
+    agent_git(slot, "commit", "-q", "-m", "a new binary")
+    # No pre-push hook runs in a slot: the agent pushes its LFS objects, then its branch.
+    agent_git(slot, "lfs", "push", "origin", "feature")
+    agent_git(slot, "push", "-q", "origin", "feature")
+    assert lfs_object(origin, mine).read_bytes() == mine
+    assert git(origin, "cat-file", "-p", "feature:data/new.bin").startswith("version https://git-lfs")
+
+
 def test_a_new_base_brings_its_lfs_objects_with_the_fetch(
     necrod_factory: Callable[..., Necrod], workdir: Path, one_slot: dict[str, int]
 ) -> None:

@@ -72,7 +72,7 @@ def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def repo_config(mode: LfsMode, mirror: str, *, own_repository: bool) -> str:
+def repo_config(mode: LfsMode, mirror: str, repo_url: str, *, own_repository: bool) -> str:
     """The lines a repository of the pool carries for ``mode``: the mirror (whose config every
     worktree slot reads) with ``own_repository`` False, a shared clone, an overlay base layer or
     a salvage scratch repository with it True (they name the mirror's store: git-lfs looks in
@@ -98,6 +98,8 @@ def repo_config(mode: LfsMode, mirror: str, *, own_repository: bool) -> str:
         # The mirror's own store, read with the standalone file transfer: a missing object is
         # an error, never a download from the origin.
         f"\turl = {_quote(file_url(mirror))}\n",
+        # Uploads (an agent's ``git lfs push origin <branch>``) go to the origin.
+        f"\tpushurl = {_quote(lfs_endpoint(repo_url))}\n",
         '\tfetchinclude = ""\n',
         '\tfetchexclude = ""\n',
     ]

@@ -174,12 +174,14 @@ class Mirror:
         self._gitlinks: dict[str, list[str]] = {}
 
     def _canonical(self) -> str:
-        return canonical_config(self.repo_url) + repo_config(self.lfs, str(self.path), own_repository=False)
+        return canonical_config(self.repo_url) + repo_config(
+            self.lfs, str(self.path), self.repo_url, own_repository=False
+        )
 
     def lfs_config(self) -> str:
         """The LFS lines of a repository of the pool's own (a shared clone, a layer, a salvage
         scratch repository): the worktrees' are in the mirror's config."""
-        return repo_config(self.lfs, str(self.path), own_repository=True)
+        return repo_config(self.lfs, str(self.path), self.repo_url, own_repository=True)
 
     @property
     def exists(self) -> bool:
