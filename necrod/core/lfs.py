@@ -35,7 +35,8 @@ MIN_GIT_LFS = (3, 0, 0)
 
 
 def file_url(path: str) -> str:
-    return "file://" + os.path.abspath(path)
+    """``path`` (absolute: the config loader makes a local ``repo_url`` so) as a file URL."""
+    return "file://" + path
 
 
 def lfs_endpoint(repo_url: str) -> str:
