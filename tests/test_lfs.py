@@ -299,6 +299,7 @@ def test_lfs_without_git_lfs_fails_that_pool_only(
     assert "git-lfs" in d.call("pools.get", {"pool": "plain"})["error"]
 
 
+@pytest.mark.usefixtures("slot_kind")
 def test_a_changed_lfs_makes_the_slots_again(
     necrod_factory: Callable[..., Necrod], workdir: Path, one_slot: dict[str, int]
 ) -> None:

@@ -12,7 +12,7 @@ import anyio
 from necrod.core.config import PoolConfig
 from necrod.core.sizing import PoolCounts, quarantine_shortfall
 from necrod.core.slots import Slot, SlotState
-from necrod.daemon.layers import Layers, base_name
+from necrod.daemon.layers import Layers
 from necrod.daemon.mirror import Mirror
 from necrod.daemon.overlayslots import OverlaySlots
 from necrod.daemon.slotkinds import CloneSlots, SlotKind, WorktreeSlots
@@ -151,7 +151,7 @@ class Pool:
         overlay pool, or no base yet)."""
         if self.config.isolation != "overlay" or self.base_commit is None:
             return None
-        return (*self.top_layers, base_name(self.base_commit))
+        return (*self.top_layers, self.layers.base_name(self.base_commit))
 
     def kind_of(self, slot: Slot) -> SlotKind:
         return self.kinds[slot.kind]
