@@ -28,6 +28,7 @@ from necrod.core.names import check_branch, check_ref, looks_like_sha
 from necrod.core.ports import choose_block
 from necrod.core.refs import resolve
 from necrod.core.slots import Lease, Slot, SlotState, choose_slot, new_lease_id
+from necrod.daemon import lfs
 from necrod.daemon.gitgate import GitGate
 from necrod.daemon.jobs import Jobs
 from necrod.daemon.metrics import Metrics
@@ -334,6 +335,10 @@ class Allocator:
         await self.table.write_row(slot, dirty, snap)
         slot.busy = True
         try:
+            if target is not None and target != p.mirror.lfs_fetched and p.config.lfs is True:
+                async with self.gate.limits(p):  # the slot smudges from the mirror's store only
+                    await self.gate.check_mirror(p)  # git-lfs reads the mirror's config
+                    await lfs.fetch_objects(p.mirror, target, timeout=p.config.clone_timeout_s)
             async with self.gate.pool_git(p):
                 await self.gate.check_mirror(p, slot)
                 if resume is not None:

@@ -244,8 +244,9 @@ class PoolEngine:
         out = [f"pool {p.name}: {key} {getattr(old, key)!r} -> {getattr(new, key)!r}" for key in changed]
         if "git_concurrency" in changed:
             p.limiter.total_tokens = new.git_concurrency
+        if "repo_url" in changed or "lfs" in changed:
+            p.mirror.set_url(new.repo_url, new.lfs)
         if "repo_url" in changed:
-            p.mirror.set_url(new.repo_url)
             p.default_branch = None
         if "slots" in changed:
             p.delta = 0
@@ -253,6 +254,9 @@ class PoolEngine:
                 p.shrinking = True
         if "fetch_interval_s" in changed:
             p.fetch.next_at = 0.0
+        if "lfs" in changed:
+            for slot in p.slots.values():
+                slot.rebuild = True  # its LFS files were checked out the other way (kicked after _bring_up)
         if "isolation" in changed:
             for slot in p.slots.values():
                 self.jobs.kick(slot)  # idle slots are remade now, held ones after release
@@ -260,6 +264,8 @@ class PoolEngine:
             self.jobs.spawn(self.keeper.refetch_base, p)
         if "isolation" in changed and new.isolation == "overlay" and p.state == "ready":
             self.jobs.spawn(self._bring_up, p)  # checks it can mount first
+        elif "lfs" in changed and p.state == "ready":
+            self.jobs.spawn(self._bring_up, p)  # checks git-lfs is here, fetches the base's objects
         elif {"prepare", "files", "isolation"} & set(changed):
             self.jobs.spawn(self.preparer.refresh, p)
         self.sizer.maintain(p)

@@ -49,8 +49,13 @@ YOUNG_S = 120.0
 OPAQUE = "trusted.overlay.opaque"
 
 
-def base_name(commit: str) -> str:
-    return BASE + commit
+#: A base layer checked out with the LFS filter (``lfs: true``) holds other files than one
+#: without (pointers): its name says so, and a pool whose ``lfs:`` changed builds a new one.
+LFS_SUFFIX = ".lfs"
+
+
+def base_name(commit: str, lfs: bool = False) -> str:
+    return BASE + commit + (LFS_SUFFIX if lfs else "")
 
 
 class Layers:
@@ -79,10 +84,15 @@ class Layers:
 
     # --- base layers ----------------------------------------------------------------------------
 
+    def base_name(self, commit: str) -> str:
+        """The name of ``commit``'s base layer as the pool's ``lfs:`` has it now."""
+        return base_name(commit, self.mirror.lfs is True)
+
     async def base(self, commit: str, *, timeout: float) -> str:
         """The name of ``commit``'s base layer, built first if it is not there yet (once: a
         second caller waits for the first)."""
-        name = base_name(commit)
+        commit = commit.removesuffix(LFS_SUFFIX)
+        name = self.base_name(commit)
         lock = self._locks.setdefault(name, anyio.Lock())
         async with lock:
             if not self.exists(name):
@@ -95,7 +105,7 @@ class Layers:
         clone = CloneSlots(self.mirror)
         # Pinned before anything stands on it: a gc in the mirror must never take its objects.
         slotfs.ensure_dir(self.mirror.path, LAYER_PIN)
-        slotfs.write_atomic(self.mirror.path, LAYER_PIN + commit, commit + "\n")
+        slotfs.write_atomic(self.mirror.path, LAYER_PIN + name.removeprefix(BASE), commit + "\n")
         try:
             await self.git.run(["init", "--quiet", "--template=", "--", str(tmp)], timeout=timeout)
             clone.restore(name, str(tmp))

@@ -94,7 +94,11 @@ class Lifecycle:
             case SlotState.AVAILABLE if not slot.reserved:
                 if p.draining or slot.retire:
                     return self._retire
-                if self.gate.slot_git(p, slot).healthy() is not None or slot.kind != p.config.isolation:
+                if (
+                    self.gate.slot_git(p, slot).healthy() is not None
+                    or slot.kind != p.config.isolation
+                    or slot.rebuild
+                ):
                     return self._mark_broken
                 if p.base_commit and (slot.commit != p.base_commit or self.preparer.stale(p, slot)):
                     return self._move
@@ -138,9 +142,10 @@ class Lifecycle:
             self.sizer.maintain(p)
 
     async def _mark_broken(self, p: Pool, slot: Slot) -> None:
-        reason = (
-            self.gate.slot_git(p, slot).healthy()
-            or f"it is a {slot.kind} slot in a {p.config.isolation} pool"
+        reason = self.gate.slot_git(p, slot).healthy() or (
+            f"it is a {slot.kind} slot in a {p.config.isolation} pool"
+            if slot.kind != p.config.isolation
+            else "it is to be made again (its pool's lfs: changed)"
         )
         log.warning("slot_broken", slot=slot.slot_id, reason=reason)
         slot.state = SlotState.CLEANING

@@ -3,7 +3,8 @@
 Layout under ``<workspaces>/<pool>/``::
 
     mirror.git/          bare repository; refs/remotes/origin/*, refs/tags/*, refs/necrod/salvage/*,
-                         refs/necrod/slots/<n> (the commit each shared-clone slot stands on)
+                         refs/necrod/slots/<n> (the commit each shared-clone slot stands on);
+                         lfs/objects/ (with ``lfs: true``: the LFS store every slot smudges from)
     slots/<n>/           the slots (see ``slotkinds``)
     salvage-tmp/         scratch for salvage indexes
 
@@ -27,6 +28,7 @@ import anyio
 import structlog
 
 from necrod.core.config import local_repo_path
+from necrod.core.lfs import LfsMode, repo_config
 from necrod.core.refs import parse_for_each_ref, parse_symref
 from necrod.core.retention import SalvageRef
 from necrod.io import slotfs
@@ -161,20 +163,36 @@ _LOCK_EXISTS = re.compile(r"Unable to create '([^']+\.lock)': File exists")
 class Mirror:
     """See the module docstring."""
 
-    def __init__(self, path: Path, repo_url: str, git: GitRunner) -> None:
+    def __init__(self, path: Path, repo_url: str, git: GitRunner, lfs: LfsMode = False) -> None:
         self.path = path
         self.repo_url = repo_url
         self.git = git
-        self._config_text = canonical_config(repo_url)
+        #: The pool's ``lfs:``, and the commit whose LFS objects were last fetched (``daemon.lfs``).
+        self.lfs: LfsMode = lfs
+        self.lfs_fetched: str | None = None
+        self._config_text = self._canonical()
         self._gitlinks: dict[str, list[str]] = {}
+
+    def _canonical(self) -> str:
+        return canonical_config(self.repo_url) + repo_config(
+            self.lfs, str(self.path), self.repo_url, own_repository=False
+        )
+
+    def lfs_config(self) -> str:
+        """The LFS lines of a repository of the pool's own (a shared clone, a layer, a salvage
+        scratch repository): the worktrees' are in the mirror's config."""
+        return repo_config(self.lfs, str(self.path), self.repo_url, own_repository=True)
 
     @property
     def exists(self) -> bool:
         return (self.path / "HEAD").is_file() and (self.path / "objects").is_dir()
 
-    def set_url(self, repo_url: str) -> None:
+    def set_url(self, repo_url: str, lfs: LfsMode | None = None) -> None:
+        if (lfs is not None and lfs != self.lfs) or repo_url != self.repo_url:
+            self.lfs_fetched = None
         self.repo_url = repo_url
-        self._config_text = canonical_config(repo_url)
+        self.lfs = self.lfs if lfs is None else lfs
+        self._config_text = self._canonical()
         if self.exists:
             slotfs.write_atomic(self.path, "config", self._config_text)
 
@@ -212,7 +230,8 @@ class Mirror:
         else:
             await self.git.run(["init", "--quiet", "--bare", "--template=", "--", str(tmp)], timeout=60)
         # What init (or clone) wrote is replaced by our own canonical files.
-        keep = Mirror(tmp, self.repo_url, self.git)
+        keep = Mirror(tmp, self.repo_url, self.git, self.lfs)
+        keep._config_text = self._config_text  # the LFS lines name the mirror's final path
         keep.restore_canonical()
         (tmp / "description").unlink(missing_ok=True)
         await self.git.run(

@@ -20,6 +20,7 @@ from necrod.core.clock import Clock
 from necrod.core.refs import resolve
 from necrod.core.retention import to_prune
 from necrod.core.slots import SlotState
+from necrod.daemon import lfs
 from necrod.daemon.gitgate import GitGate
 from necrod.daemon.jobs import Jobs
 from necrod.daemon.metrics import Metrics
@@ -49,6 +50,7 @@ class MirrorKeeper:
         """Open the pool's mirror (cloning it the first time), learn the default branch when no
         base is configured, read the refs and resolve the base commit."""
         pool.root.mkdir(parents=True, exist_ok=True)
+        await lfs.check_git_lfs(pool.mirror)
         if not pool.mirror.exists:
             pool.state = "cloning"
             log.info("mirror_clone", pool=pool.name, repo_url=pool.config.repo_url)
@@ -75,6 +77,9 @@ class MirrorKeeper:
         base = resolve(pool.refs, pool.base_ref or "")
         if base is None:
             raise NotFound(f"base {pool.base_ref!r} is not a branch or tag of {pool.config.repo_url}")
+        if pool.config.lfs is True and base != pool.mirror.lfs_fetched:
+            async with self.gate.limits(pool):
+                await lfs.fetch_objects(pool.mirror, base, timeout=pool.config.clone_timeout_s)
         pool.base_commit = base
 
     # --- fetching ---------------------------------------------------------------------------------
@@ -99,6 +104,9 @@ class MirrorKeeper:
                         await p.mirror.fetch(timeout=p.config.clone_timeout_s, refspecs=extra)
                     p.refs = await p.mirror.read_refs()
                     await p.mirror.put_back_tags({n: o for n, o in agents_tags.items() if n not in p.refs})
+                    # Before the base moves: no slot stands on a commit whose LFS objects are not here.
+                    await lfs.fetch_objects(p.mirror, resolve(p.refs, p.base_ref or ""),
+                                            timeout=p.config.clone_timeout_s)  # fmt: skip
             except (GitError, OSError) as exc:
                 p.fetch.failures += 1
                 p.fetch.consecutive_failures += 1

@@ -12,7 +12,7 @@ import anyio
 from necrod.core.config import PoolConfig
 from necrod.core.sizing import PoolCounts, quarantine_shortfall
 from necrod.core.slots import Slot, SlotState
-from necrod.daemon.layers import Layers, base_name
+from necrod.daemon.layers import Layers
 from necrod.daemon.mirror import Mirror
 from necrod.daemon.overlayslots import OverlaySlots
 from necrod.daemon.slotkinds import CloneSlots, SlotKind, WorktreeSlots
@@ -91,7 +91,7 @@ class Pool:
         self.name = config.name
         self.root = root
         self.slots_dir = root / "slots"
-        self.mirror = Mirror(root / "mirror.git", config.repo_url, git)
+        self.mirror = Mirror(root / "mirror.git", config.repo_url, git, config.lfs)
         self.layers = Layers(root, self.mirror)
         #: Layers above the base that overlay slots mounted now stand on, topmost first (the
         #: pool's files: and its last good prepared output; kept by ``prepare.Preparer``).
@@ -151,7 +151,7 @@ class Pool:
         overlay pool, or no base yet)."""
         if self.config.isolation != "overlay" or self.base_commit is None:
             return None
-        return (*self.top_layers, base_name(self.base_commit))
+        return (*self.top_layers, self.layers.base_name(self.base_commit))
 
     def kind_of(self, slot: Slot) -> SlotKind:
         return self.kinds[slot.kind]
@@ -243,6 +243,7 @@ class Pool:
             "fetch": self.fetch.view(),
             "mirror": str(self.mirror.path),
             "isolation": self.config.isolation,
+            "lfs": {"mode": self.config.lfs, "fetched": self.mirror.lfs_fetched},
             "prepare": self.prepare.view() if self.config.prepare is not None else None,
             "layers": list(self.top_layers),
         }

@@ -40,7 +40,7 @@ from necrod.core.config import PrepareConfig
 from necrod.core.slots import Slot, SlotState
 from necrod.daemon.gitgate import GitGate
 from necrod.daemon.jobs import Jobs
-from necrod.daemon.layers import FILES, PREPARED, base_name, read_host_file
+from necrod.daemon.layers import FILES, PREPARED, read_host_file
 from necrod.daemon.pool import Pool
 from necrod.daemon.slottable import SlotTable
 from necrod.io import overlay, slotfs
@@ -306,7 +306,7 @@ class Preparer:
             return
         keep = {name for s in p.slots.values() for name in s.layers} | set(p.top_layers)
         if p.base_commit:
-            keep.add(base_name(p.base_commit))
+            keep.add(p.layers.base_name(p.base_commit))
         # The output in use, and the one being made for the key the base calls for.
         keep |= {PREPARED + key for key in (p.prepare.ready, p.prepare.key) if key}
         gone = await anyio.to_thread.run_sync(p.layers.remove_unused, keep)

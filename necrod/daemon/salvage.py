@@ -168,7 +168,10 @@ class Salvager:
         with open(os.path.join(scratch, "objects/info/alternates"), "w") as f:
             f.writelines(f"{d}\n" for d in borrowed)
         with open(os.path.join(scratch, "config"), "w") as f:
+            # An LFS pool's filter, so that a smudged file is not taken for a change (its
+            # pointer is what git stores) and an edited one is stored in the mirror's LFS store.
             f.write("[core]\n\trepositoryformatversion = 0\n\tlogallrefupdates = false\n")
+            f.write(self.kind.mirror.lfs_config())
         with open(os.path.join(scratch, "HEAD"), "w") as f:
             f.write(head + "\n")
         if sound:

@@ -401,7 +401,11 @@ class CloneSlots(GitSlots):
         if self.problem(admin, path) is not None:
             return [f"{path}/.git/{name}" for name in removed]
         removed += restore_files(
-            root, ".git", clone_config(self.mirror.repo_url), _CLONE_EMPTY, _CLONE_FORBIDDEN
+            root,
+            ".git",
+            clone_config(self.mirror.repo_url) + self.mirror.lfs_config(),
+            _CLONE_EMPTY,
+            _CLONE_FORBIDDEN,
         )
         removed += unsafe_structure(root, ".git")
         changed = [f"{path}/.git/{name}" for name in removed]

@@ -6,7 +6,7 @@ Pure data: nothing here reads YAML (``schema`` and the section readers do that).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 WEEK_S = 7 * 24 * 3600.0
 #: The most ports one lease may take.
@@ -15,6 +15,9 @@ GIB = 1 << 30
 MIB = 1 << 20
 #: Room for a few whole 1 MiB request lines per uid (a quarter of the budget each).
 MIN_BUFFERED_BYTES = 8 * MIB
+
+#: What a pool's ``lfs:`` may say (``core.lfs`` says what each does).
+LfsMode = Literal[False, True, "pointers"]
 
 #: Transports git may use unless the config says otherwise (GIT_ALLOW_PROTOCOL).
 DEFAULT_PROTOCOLS = ("file", "https", "ssh")
@@ -142,6 +145,9 @@ class PoolConfig:
     max_lease_s: float | None = None
     fetch_interval_s: float = 300.0
     cleanup: str = "full"
+    #: Git LFS: False (pointer files, necrod takes no part), True (real content, smudged from
+    #: the mirror's LFS store) or "pointers" (pointer files, kept so); see ``core.lfs``.
+    lfs: LfsMode = False
     salvage: bool = True
     #: ``salvage: always``: a task that succeeded is salvaged too (a container with no network
     #: has no other way to hand its work back).

@@ -71,6 +71,12 @@ _POOL_CHECKS: dict[str, Callable[[Any], str | None]] = {
         {"anyOf": [{"const": 0}, schema_of(num_in(1, WEEK_S))]},
     ),
     "cleanup": one_of("full", "keep-ignored"),
+    "lfs": described(
+        lambda v: (
+            None if isinstance(v, bool) or v == "pointers" else f"must be true, false or pointers (got {v!r})"
+        ),
+        {"enum": [False, True, "pointers"]},
+    ),
     "salvage": described(
         lambda v: None if isinstance(v, bool) or v == "always" else "must be true, false or always",
         {"anyOf": [{"type": "boolean"}, {"const": "always"}]},
