@@ -30,6 +30,7 @@ from anyio.abc import TaskStatus
 
 from necrod.core.clock import Clock
 from necrod.core.config import Config, PoolConfig
+from necrod.core.config.model import DEFAULT_PROTOCOLS
 from necrod.core.slots import Slot, SlotState
 from necrod.daemon.allocator import Allocator
 from necrod.daemon.cleanup import Cleanup
@@ -42,6 +43,7 @@ from necrod.daemon.pool import Pool
 from necrod.daemon.poolsize import PoolSizer
 from necrod.daemon.prepare import Preparer
 from necrod.daemon.slottable import SlotTable
+from necrod.daemon.submirrors import SubmoduleMirrors
 from necrod.io import overlay
 from necrod.io.gitrun import GitError, GitRunner
 from necrod.io.store import Event, Put, StateStore
@@ -62,6 +64,7 @@ class PoolEngine:
         workspaces: Path,
         git_concurrency: int,
         port_range: tuple[int, int] = (20000, 29999),
+        allowed_protocols: tuple[str, ...] = DEFAULT_PROTOCOLS,
         clock: Clock | None = None,
         metrics: Metrics | None = None,
     ) -> None:
@@ -73,7 +76,9 @@ class PoolEngine:
         self.jobs = jobs = Jobs(table)
         self.gate = gate = GitGate(git, git_concurrency, table, jobs, metrics)
         self.sizer = sizer = PoolSizer(table, jobs, self.clock)
-        self.keeper = keeper = MirrorKeeper(table, jobs, gate, metrics, self.clock)
+        #: The host's submodule mirrors, shared by every pool (``submodules:``).
+        self.submodules = SubmoduleMirrors(workspaces / ".submodules", git, allowed_protocols)
+        self.keeper = keeper = MirrorKeeper(table, jobs, gate, metrics, self.clock, self.submodules)
         self.preparer = preparer = Preparer(table=table, jobs=jobs, gate=gate, clock=self.clock)
         self.allocator = allocator = Allocator(
             table=table, jobs=jobs, gate=gate, sizer=sizer, keeper=keeper, metrics=metrics, clock=self.clock,
@@ -95,7 +100,7 @@ class PoolEngine:
             task_status.started()
 
     def _new_pool(self, config: PoolConfig) -> Pool:
-        pool = Pool(config, self.workspaces / config.name, self.git)
+        pool = Pool(config, self.workspaces / config.name, self.git, self.submodules)
         self.table.add_pool(pool)
         return pool
 

@@ -16,6 +16,8 @@ from necrod.daemon.layers import Layers, base_name
 from necrod.daemon.mirror import Mirror
 from necrod.daemon.overlayslots import OverlaySlots
 from necrod.daemon.slotkinds import CloneSlots, SlotKind, WorktreeSlots
+from necrod.daemon.slotsubmodules import SubmoduleCheckout
+from necrod.daemon.submirrors import SubmoduleMirrors
 from necrod.io.gitrun import GitRunner
 from necrod.proto.errors import NecrodError
 
@@ -86,7 +88,9 @@ class PrepareState:
 
 
 class Pool:
-    def __init__(self, config: PoolConfig, root: Path, git: GitRunner) -> None:
+    def __init__(
+        self, config: PoolConfig, root: Path, git: GitRunner, submodules: SubmoduleMirrors | None = None
+    ) -> None:
         self.config = config
         self.name = config.name
         self.root = root
@@ -97,9 +101,13 @@ class Pool:
         #: pool's files: and its last good prepared output; kept by ``prepare.Preparer``).
         self.top_layers: tuple[str, ...] = ()
         self.prepare = PrepareState()
+        checkout = None if submodules is None else SubmoduleCheckout(self.mirror, submodules,
+                                                                     lambda: self.config.submodules)  # fmt: skip
+        #: Why submodules of the base are not checked out (``submodules:``), as the last fetch found.
+        self.submodule_problems: tuple[str, ...] = ()
         self.kinds: dict[str, SlotKind] = {
-            "worktree": WorktreeSlots(self.mirror),
-            "shared-clone": CloneSlots(self.mirror),
+            "worktree": WorktreeSlots(self.mirror, checkout),
+            "shared-clone": CloneSlots(self.mirror, checkout),
             "overlay": OverlaySlots(self.mirror, self.layers, root, lambda: self.top_layers),
         }
         self.slots: dict[str, Slot] = {}
@@ -245,4 +253,7 @@ class Pool:
             "isolation": self.config.isolation,
             "prepare": self.prepare.view() if self.config.prepare is not None else None,
             "layers": list(self.top_layers),
+            "submodules": {"mode": self.config.submodules, "problems": list(self.submodule_problems)}
+            if self.config.submodules
+            else None,
         }

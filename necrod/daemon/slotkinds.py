@@ -40,6 +40,7 @@ from necrod.daemon.mirror import (
     unsafe_files,
     unsafe_structure,
 )
+from necrod.daemon.slotsubmodules import SubmoduleCheckout
 from necrod.io import slotfs
 from necrod.io.gitrun import GitRunner
 
@@ -94,9 +95,14 @@ class GitSlots(ABC):
 
     mirror: Mirror
     git: GitRunner
+    #: The pool's submodule checkout (``submodules:``); None: submodule directories stay empty.
+    submodules: SubmoduleCheckout | None = None
 
     @abstractmethod
     def git_dir(self, admin: str, path: str) -> Path: ...
+
+    @abstractmethod
+    def git_dir_at(self, admin: str, path: str) -> tuple[Path, str]: ...
 
     @abstractmethod
     def pin(self, admin: str, commit: str) -> None: ...
@@ -108,7 +114,8 @@ class GitSlots(ABC):
         self, admin: str, path: str, commit: str, clean_flags: str, *, timeout: float
     ) -> tuple[str, ...]:
         """Back to ``commit``: tracked files as committed, untracked (and ignored, with -x)
-        files gone, submodule directories emptied, nothing of the lease's own in its repository."""
+        files gone, submodule directories emptied (then checked out afresh when the pool has
+        ``submodules:``), nothing of the lease's own in its repository."""
         self.pin(admin, commit)
         git_dir = self.git_dir(admin, path)
         await self.git.run(["checkout", "--quiet", "--force", "--detach", commit], git_dir=git_dir,
@@ -119,14 +126,25 @@ class GitSlots(ABC):
         if submodules:
             await anyio.to_thread.run_sync(empty_submodules, path, submodules)
         await anyio.to_thread.run_sync(self.forget, admin, path)
+        await self.check_out_submodules(admin, path, commit, timeout=timeout)
         return ()
 
     async def move(self, admin: str, path: str, commit: str, *, timeout: float) -> tuple[str, ...]:
-        """An idle, clean slot to a new base commit: only the tracked files that differ change."""
+        """An idle, clean slot to a new base commit: only the tracked files that differ change
+        (with ``submodules:``, the submodules are checked out again, and one the new commit no
+        longer has goes with the untracked files)."""
+        if self.submodules is not None and self.submodules.enabled:
+            return await self.reset(admin, path, commit, "-ffd", timeout=timeout)
         self.pin(admin, commit)
         await self.git.run(["checkout", "--quiet", "--force", "--detach", commit], git_dir=self.git_dir(admin, path),
                            work_tree=path, cwd=path, timeout=timeout)  # fmt: skip
         return ()
+
+    async def check_out_submodules(self, admin: str, path: str, commit: str, *, timeout: float) -> None:
+        """The submodules ``commit`` records, checked out in the slot (``slotsubmodules``)."""
+        if self.submodules is not None:
+            root, rel = self.git_dir_at(admin, path)
+            await self.submodules.checkout(root, rel, path, commit, timeout=timeout)
 
     async def mount_again(self, admin: str, path: str, layers: tuple[str, ...]) -> bool:
         """Nothing to mount: the slot is a directory."""
@@ -174,9 +192,10 @@ def _slot_dir(path: str) -> bool:
 class WorktreeSlots(GitSlots):
     name = "worktree"
 
-    def __init__(self, mirror: Mirror) -> None:
+    def __init__(self, mirror: Mirror, submodules: SubmoduleCheckout | None = None) -> None:
         self.mirror = mirror
         self.git: GitRunner = mirror.git
+        self.submodules = submodules
 
     def git_dir(self, admin: str, path: str) -> Path:
         return self.mirror.path / "worktrees" / admin
@@ -270,6 +289,7 @@ class WorktreeSlots(GitSlots):
         dotgit = (slotfs.read_text(path, ".git") or "").strip()
         if dotgit != f"gitdir: {stale_admin}":
             raise OSError(f"git put the worktree's admin directory at {dotgit!r}, expected {stale_admin}")
+        await self.check_out_submodules(admin, str(path), commit, timeout=timeout)
         return ()
 
     def owns(self, directory: Path) -> bool:
@@ -322,9 +342,10 @@ def clone_config(repo_url: str) -> str:
 class CloneSlots(GitSlots):
     name = "shared-clone"
 
-    def __init__(self, mirror: Mirror) -> None:
+    def __init__(self, mirror: Mirror, submodules: SubmoduleCheckout | None = None) -> None:
         self.mirror = mirror
         self.git: GitRunner = mirror.git
+        self.submodules = submodules
 
     @property
     def alternates(self) -> str:
@@ -387,6 +408,7 @@ class CloneSlots(GitSlots):
         self.pin(admin, commit)
         await self.git.run(["checkout", "--quiet", "--force", "--detach", commit], git_dir=path / ".git",
                            work_tree=path, cwd=path, timeout=timeout)  # fmt: skip
+        await self.check_out_submodules(admin, str(path), commit, timeout=timeout)
         return ()
 
     def owns(self, directory: Path) -> bool:
