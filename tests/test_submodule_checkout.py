@@ -284,3 +284,17 @@ def test_a_listing_keeps_good_entries_and_says_why_the_others_are_refused() -> N
     assert "'-name': its name starts with '-'" in found.problems[0]
     assert "inside it" in found.problems[1]
     assert "names a .git directory" in found.problems[2]
+
+
+def test_a_path_through_a_symlink_or_a_name_inside_another_is_refused() -> None:
+    sha = "1" * 40
+    gitlinks = {"link/lib": sha, "a": sha, "b": sha}
+    entries = {
+        "through": {"path": "link/lib", "url": "../lib"},
+        "a": {"path": "a", "url": "../a"},
+        "a/objects": {"path": "b", "url": "../b"},
+    }
+    found = listing(entries, gitlinks, "/srv/top", ("file",), frozenset({"link"}))
+    assert [s.name for s in found.submodules] == ["a"]
+    assert "goes through a symbolic link" in found.problems[0]
+    assert "'a/objects': its name or path is another submodule's" in found.problems[1]

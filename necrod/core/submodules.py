@@ -102,12 +102,16 @@ def resolve_url(url: str, superproject: str) -> str | tuple[None, str]:
 
 
 def listing(
-    entries: dict[str, dict[str, str]], gitlinks: dict[str, str], superproject: str, allowed: tuple[str, ...]
+    entries: dict[str, dict[str, str]],
+    gitlinks: dict[str, str],
+    superproject: str,
+    allowed: tuple[str, ...],
+    symlinks: frozenset[str] = frozenset(),
 ) -> Listing:
     """The submodules of a commit from its ``.gitmodules`` ``entries`` and its tree's
-    ``gitlinks`` (path → recorded commit): an entry whose path is no gitlink is not a
-    submodule of this commit and is left out silently, as git does; see the module docstring
-    for what is refused."""
+    ``gitlinks`` (path → recorded commit) and ``symlinks`` (paths): an entry whose path is no
+    gitlink is not a submodule of this commit and is left out silently, as git does; see the
+    module docstring for what is refused."""
     subs: list[Submodule] = []
     problems: list[str] = []
     names_seen: set[str] = set()
@@ -125,6 +129,10 @@ def listing(
             continue
         if path not in gitlinks:
             continue
+        parents = ["/".join(path.split("/")[:i]) for i in range(1, path.count("/") + 1)]
+        if any(p in symlinks for p in parents):
+            problems.append(f"submodule {shown}: its path {path[:80]!r} goes through a symbolic link")
+            continue
         raw = fields.get("url", "")
         if raw.startswith("-"):
             problems.append(f"submodule {shown}: its url {raw[:80]!r} starts with '-'")
@@ -137,7 +145,7 @@ def listing(
         if problem:
             problems.append(f"submodule {shown}: its url {url[:80]!r} {problem}")
             continue
-        if name in names_seen or path in paths_seen or _nested_in(path, paths_seen):
+        if _nested_in(name, names_seen) or _nested_in(path, paths_seen):
             problems.append(f"submodule {shown}: its name or path is another submodule's, or inside it")
             continue
         names_seen.add(name)
@@ -149,4 +157,6 @@ def listing(
 
 
 def _nested_in(path: str, others: set[str]) -> bool:
-    return any(path.startswith(o + "/") or o.startswith(path + "/") for o in others)
+    """Whether ``path`` is one of ``others``, or inside one, or holds one (a name is a directory
+    under ``modules/`` too: ``a`` and ``a/objects`` would share one)."""
+    return any(path == o or path.startswith(o + "/") or o.startswith(path + "/") for o in others)

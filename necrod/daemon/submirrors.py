@@ -103,7 +103,8 @@ class SubmoduleMirrors:
         found = self._listings.get(key)
         if found is not None:
             return found
-        gitlinks = {path: obj for mode, obj, path in await mirror.tree(commit) if mode == "160000"}
+        tree = await mirror.tree(commit)
+        gitlinks = {path: obj for mode, obj, path in tree if mode == "160000"}
         if not gitlinks:
             found = Listing((), ())
         else:
@@ -111,7 +112,8 @@ class SubmoduleMirrors:
             if isinstance(entries, str):
                 found = Listing((), (entries,))
             else:
-                found = listing(entries, gitlinks, mirror.repo_url, self.allowed)
+                symlinks = frozenset(path for mode, _, path in tree if mode == "120000")
+                found = listing(entries, gitlinks, mirror.repo_url, self.allowed, symlinks)
             if not found.submodules and not found.problems:
                 found = Listing((), (f"{len(gitlinks)} gitlink(s) but no .gitmodules entry names them",))
         _remember(self._listings, key, found)
