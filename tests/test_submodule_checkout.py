@@ -298,3 +298,28 @@ def test_a_path_through_a_symlink_or_a_name_inside_another_is_refused() -> None:
     assert [s.name for s in found.submodules] == ["a"]
     assert "goes through a symbolic link" in found.problems[0]
     assert "'a/objects': its name or path is another submodule's" in found.problems[1]
+
+
+def test_turning_submodules_on_by_reload_fills_idle_slots_and_off_empties_them(
+    necrod_factory: Callable[..., Necrod], workdir: Path
+) -> None:
+    top, lib, _inner = nested(workdir)
+    d = necrod_factory(pool_config({"top": top}, slots=2, min_idle=0, max_slots=2))
+    d.wait_slots("top", "available", 2)
+    assert d.config_path is not None
+
+    def filled(count: int) -> bool:
+        slots = d.call("slots.list", {"pool": "top", "state": "available"})["slots"]
+        return (
+            len(slots) == 2 and sum((Path(s["path"]) / "vendor/lib/lib.c").exists() for s in slots) == count
+        )
+
+    d.config_path.write_text(pool_config({"top": top}, slots=2, min_idle=0, max_slots=2, submodules=True))
+    d.call("daemon.reload")
+    wait_for(lambda: filled(2), 30, what="both idle slots to have their submodule")
+    for s in d.call("slots.list", {"pool": "top"})["slots"]:
+        assert head_of(Path(s["path"]) / "vendor/lib") == head_of(lib)
+    d.config_path.write_text(pool_config({"top": top}, slots=2, min_idle=0, max_slots=2, submodules=False))
+    d.call("daemon.reload")
+    wait_for(lambda: filled(0), 30, what="both idle slots to be emptied")
+    assert pool_view(d)["submodules"] is None

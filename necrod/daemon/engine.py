@@ -42,7 +42,7 @@ from necrod.daemon.mirrorkeeper import MirrorKeeper
 from necrod.daemon.pool import Pool
 from necrod.daemon.poolsize import PoolSizer
 from necrod.daemon.prepare import Preparer
-from necrod.daemon.slottable import SlotTable
+from necrod.daemon.slottable import SlotTable, slot_event
 from necrod.daemon.submirrors import SubmoduleMirrors
 from necrod.io import overlay
 from necrod.io.gitrun import GitError, GitRunner
@@ -267,8 +267,22 @@ class PoolEngine:
             self.jobs.spawn(self._bring_up, p)  # checks it can mount first
         elif {"prepare", "files", "isolation"} & set(changed):
             self.jobs.spawn(self.preparer.refresh, p)
+        if "submodules" in changed:
+            self.jobs.spawn(self._submodules_changed, p)
         self.sizer.maintain(p)
         return out
+
+    async def _submodules_changed(self, p: Pool) -> None:
+        """``submodules:`` changed: the mirrors made to hold what the base records, then every
+        idle slot cleaned again (its submodules checked out, or emptied); held ones at release."""
+        if p.state == "ready" and p.base_commit is not None:
+            async with self.gate.limits(p):
+                await self.keeper.sync_submodules(p, p.base_commit, fresh_s=0)
+        for slot in list(p.slots.values()):
+            if slot.state is SlotState.AVAILABLE and not slot.reserved and not slot.busy:
+                slot.state = SlotState.CLEANING
+                await self.table.persist_or_keep(slot, [slot_event(slot, "reconfigured")])
+                self.jobs.kick(slot)
 
     # --- shutdown ---------------------------------------------------------------------------------
 

@@ -138,7 +138,10 @@ class MirrorKeeper:
         hold their commits (``submirrors``; under the caller's git limits). What stops one from
         being checked out is the pool's ``submodule_problems``, and a ``pool.submodules`` event
         when that changes; it never fails the fetch."""
-        if not p.config.submodules or commit is None or self.submodules is None:
+        if not p.config.submodules or self.submodules is None:
+            p.submodule_problems = ()
+            return
+        if commit is None:
             return
         problems = tuple(await self.submodules.sync(
             p.mirror, commit, recursive=p.config.submodules == "recursive",
