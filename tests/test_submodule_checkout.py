@@ -323,3 +323,21 @@ def test_turning_submodules_on_by_reload_fills_idle_slots_and_off_empties_them(
     d.call("daemon.reload")
     wait_for(lambda: filled(0), 30, what="both idle slots to be emptied")
     assert pool_view(d)["submodules"] is None
+
+
+def test_two_pools_share_one_mirror_per_submodule(
+    necrod_factory: Callable[..., Necrod], workdir: Path
+) -> None:
+    top, lib, _inner = nested(workdir)
+    other = workdir / "top-copy"
+    git(workdir, "clone", "-q", "--bare", str(top), str(other))
+    # The copy sits beside top: its relative URL ../lib names the same repository.
+    d = necrod_factory(pool_config({"top": top, "copy": other}, slots=1, min_idle=0, max_slots=1,
+                                   submodules=True))  # fmt: skip
+    urls = set()
+    for pool in ("top", "copy"):
+        slot = Path(d.call("slots.allocate", {"pool": pool})["path"])
+        assert head_of(slot / "vendor/lib") == head_of(lib)
+        urls.add(agent_git(slot / "vendor/lib", "config", "remote.origin.url"))
+    assert len(urls) == 1
+    assert os.listdir(workdir / "d" / "state" / "workspaces" / ".submodules") == [Path(urls.pop()).name]
