@@ -341,3 +341,21 @@ def test_two_pools_share_one_mirror_per_submodule(
         urls.add(agent_git(slot / "vendor/lib", "config", "remote.origin.url"))
     assert len(urls) == 1
     assert os.listdir(workdir / "d" / "state" / "workspaces" / ".submodules") == [Path(urls.pop()).name]
+
+
+def test_an_edit_in_a_nested_submodule_is_salvaged_then_reset(
+    necrod_factory: Callable[..., Necrod], workdir: Path
+) -> None:
+    top, _lib, inner = nested(workdir)
+    d = necrod_factory(pool_config({"top": top}, slots=1, min_idle=0, max_slots=1, submodules="recursive"))
+    first = d.call("slots.allocate", {"pool": "top"})
+    slot = Path(first["path"])
+    (slot / "vendor/lib/deps/inner/inner.h").write_text("#define INNER 2  /* agent */\n")
+    d.call("slots.release", {"lease_id": first["lease_id"]})
+    d.wait_slots("top", "available", 1)
+    d.call("slots.allocate", {"pool": "top"})
+    assert (slot / "vendor/lib/deps/inner/inner.h").read_text() == "#define INNER 1\n"
+    assert head_of(slot / "vendor/lib/deps/inner") == head_of(inner)
+    [kept] = d.call("salvage.show", {"lease_id": first["lease_id"]})["submodules"]
+    assert kept["path"] == "vendor/lib/deps/inner"
+    assert [f["path"] for f in kept["files"]] == ["inner.h"]
