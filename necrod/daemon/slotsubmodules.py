@@ -89,12 +89,15 @@ class SubmoduleCheckout:
             slotfs.remove(git_root, module_rel)
             for rel in ("objects/info", "objects/pack", "refs/heads", "refs/tags"):
                 slotfs.ensure_dir(git_root, f"{module_rel}/{rel}")
-            slotfs.write_atomic(git_root, f"{module_rel}/config", module_config(work, item.mirror))
+            # Relative, as git itself writes them: the slot still works moved or mounted
+            # elsewhere (a container's workdir).
+            slotfs.write_atomic(git_root, f"{module_rel}/config", module_config(os.path.relpath(work, module),
+                                                                                 item.mirror))  # fmt: skip
             slotfs.write_atomic(
                 git_root, f"{module_rel}/objects/info/alternates", f"{item.mirror / 'objects'}\n"
             )
             slotfs.write_atomic(git_root, f"{module_rel}/HEAD", f"{sub.commit}\n")
-            slotfs.write_atomic(work_root, f"{sub.path}/.git", f"gitdir: {module}\n")
+            slotfs.write_atomic(work_root, f"{sub.path}/.git", f"gitdir: {os.path.relpath(module, work)}\n")
 
         await anyio.to_thread.run_sync(lay_out)
         await git.run(["checkout", "--quiet", "--force", "--detach", sub.commit],

@@ -99,7 +99,9 @@ class SubmoduleMirrors:
 
     async def listing(self, mirror: Mirror, commit: str, *, timeout: float) -> Listing:
         """The submodules ``commit`` of ``mirror`` records (see the module docstring)."""
-        key = (str(mirror.path), commit)
+        # The superproject's URL is part of the key: relative URLs resolve against it, and a
+        # reload may change it under the same mirror.
+        key = (f"{mirror.path}\0{mirror.repo_url}", commit)
         found = self._listings.get(key)
         if found is not None:
             return found
