@@ -220,6 +220,8 @@ def test_a_hostile_gitmodules_is_refused_and_the_rest_checked_out(
         events = [e for e in c.events(timeout=1) if e["type"] == "pool.submodules"]
     assert events and events[-1]["problems"] == problems
     assert pool_view(d)["state"] == "ready"
+    [reason] = [r for r in d.call("daemon.status")["degraded"] if "submodules" in r]
+    assert reason.startswith("pool top submodules: submodule 'escape'") and reason.endswith("(and 4 more)")
     # Only the good submodule has a mirror.
     assert len(os.listdir(workdir / "d" / "state" / "workspaces" / ".submodules")) == 1
 

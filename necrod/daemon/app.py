@@ -457,6 +457,11 @@ class Daemon:
             if pool.fetch.failing_since is not None:
                 since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(pool.fetch.failing_since))
                 reasons.append(f"pool {pool.name} fetch: failing since {since}: {pool.fetch.last_error}")
+            if pool.submodule_problems:
+                first, more = pool.submodule_problems[0], len(pool.submodule_problems) - 1
+                reasons.append(
+                    f"pool {pool.name} submodules: {first}" + (f" (and {more} more)" if more else "")
+                )
             quarantine = pool.quarantine_note()
             if quarantine:
                 reasons.append(quarantine)
