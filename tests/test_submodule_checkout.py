@@ -5,9 +5,10 @@ slots; an edit in a submodule is salvaged, then reset; a hostile ``.gitmodules``
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,8 @@ import pytest
 from necrod.core.config import ConfigError, parse_config
 from necrod.core.submodules import Submodule, listing, resolve_url
 from tests import helpers
-from tests.helpers import GIT_ENV, Necrod, commit_file, git, pool_config, wait_for
+from tests.helpers import GIT_ENV, Necrod, cleanup_dir, commit_file, git, pool_config, short_tmpdir, wait_for
+from tests.k8sfake import Cluster, fake_cluster
 
 ALLOW_FILE = ("-c", "protocol.file.allow=always")
 
@@ -361,3 +363,47 @@ def test_an_edit_in_a_nested_submodule_is_salvaged_then_reset(
     [kept] = d.call("salvage.show", {"lease_id": first["lease_id"]})["submodules"]
     assert kept["path"] == "vendor/lib/deps/inner"
     assert [f["path"] for f in kept["files"]] == ["inner.h"]
+
+
+@pytest.fixture
+def k8s() -> Iterator[Cluster]:
+    root = short_tmpdir()
+    try:
+        yield from fake_cluster(root)
+    finally:
+        cleanup_dir(root)
+
+
+def test_a_contained_runner_gets_the_submodule_mirrors_read_only(
+    necrod_factory: Callable[..., Necrod], workdir: Path, k8s: Cluster
+) -> None:
+    top, lib, _inner = nested(workdir)
+    assert k8s.fake is not None
+    uid = f"{os.getuid()}:{os.getgid()}" if os.getuid() else "1000:100"
+    spec = {"image": k8s.image, "namespace": k8s.namespace, "node": k8s.node, "kubeconfig": str(k8s.kubeconfig),
+            "user": uid}  # fmt: skip
+    profile = {"launcher": "kubernetes", "grace_s": 2, "lease_ttl_s": 60, "kubernetes": spec}
+    d = necrod_factory(
+        "pools:\n"
+        f'  top: {{"repo_url": "{top}", "slots": 1, "max_slots": 1, "min_idle": 0, "isolation": "shared-clone",'
+        ' "submodules": true}\n'
+        f"runners:\n  k8s: {json.dumps(profile)}\n"
+        'dispatcher: {"max_running": 1, "retry_backoff_s": 0}\n'
+    )
+    # The fake runs pods as the test's user, not as the slot's owner: git must be told to trust it.
+    script = "git -c safe.directory='*' -C $NECROD_SLOT_PATH/vendor/lib rev-parse HEAD"
+    task_id = d.call("tasks.submit", {"pool": "top", "runner": "k8s", "command": ["sh", "-c", script]})[
+        "task_id"
+    ]
+    done = wait_for(lambda: (t := d.call("tasks.get", {"task_id": task_id}))["state"] in ("succeeded", "failed")
+                    and t, 60, what="the task to end")  # fmt: skip
+    assert done["state"] == "succeeded", (done, Path(done["attempts"][-1]["log"]).read_text())
+    assert Path(done["attempts"][-1]["log"]).read_text().strip() == head_of(lib)
+    job = k8s.fake.job(f"necro-{task_id}-1")
+    assert job is not None
+    pod = job["spec"]["template"]["spec"]
+    mirrors = str(workdir / "d" / "state" / "workspaces" / ".submodules")
+    assert {"name": "submodule-mirrors", "mountPath": mirrors, "readOnly": True} in pod["containers"][0][
+        "volumeMounts"
+    ]
+    assert {"name": "submodule-mirrors", "hostPath": {"path": mirrors, "type": "Directory"}} in pod["volumes"]

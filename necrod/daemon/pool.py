@@ -105,6 +105,7 @@ class Pool:
                                                                      lambda: self.config.submodules)  # fmt: skip
         #: Why submodules of the base are not checked out (``submodules:``), as the last fetch found.
         self.submodule_problems: tuple[str, ...] = ()
+        self._submodule_root = None if submodules is None else submodules.root
         self.kinds: dict[str, SlotKind] = {
             "worktree": WorktreeSlots(self.mirror, checkout),
             "shared-clone": CloneSlots(self.mirror, checkout),
@@ -153,6 +154,14 @@ class Pool:
     def kind(self) -> SlotKind:
         """The kind new slots are made of."""
         return self.kinds[self.config.isolation]
+
+    @property
+    def submodule_mirrors_dir(self) -> Path | None:
+        """Where the host's submodule mirrors are, when this pool checks submodules out (a
+        contained runner mounts it read-only: the slot's submodules borrow their objects)."""
+        if not self.config.submodules or self._submodule_root is None or not self._submodule_root.is_dir():
+            return None
+        return self._submodule_root
 
     def wanted_layers(self) -> tuple[str, ...] | None:
         """The layers an idle slot of an overlay pool should stand on now (None: not an

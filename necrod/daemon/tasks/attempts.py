@@ -223,6 +223,11 @@ class Attempts:
                           f"({t.pool} is {pool.config.isolation})")  # fmt: skip
         return str(pool.mirror.path)
 
+    def _submodule_mirrors(self, t: Task) -> str | None:
+        """The host's submodule mirrors, for a pool whose slots have submodules checked out."""
+        found = self.table.pool(t.pool).submodule_mirrors_dir
+        return str(found) if found is not None else None
+
     def _container_launch(
         self, t: Task, n: int, profile: RunnerProfile, lease: dict[str, Any]
     ) -> ContainerLaunch:
@@ -230,7 +235,8 @@ class Attempts:
 
         assert profile.container is not None
         return ContainerLaunch(spec=profile.container, slot=lease["path"], mirror=self._isolated_mirror(t, profile),
-                               socket=str(self.socket), labels={"necrod.task": t.task_id, "necrod.attempt": str(n)})  # fmt: skip
+                               socket=str(self.socket), labels={"necrod.task": t.task_id, "necrod.attempt": str(n)},
+                               submodule_mirrors=self._submodule_mirrors(t))  # fmt: skip
 
     def _kube_launch(self, t: Task, n: int, profile: RunnerProfile, lease: dict[str, Any]) -> KubeLaunch:
         from necrod.io.kubernetes import KubeLaunch
@@ -241,7 +247,8 @@ class Attempts:
         deadline = timeout + profile.grace_s + 60 if timeout else None
         return KubeLaunch(spec=profile.kubernetes, slot=lease["path"], mirror=self._isolated_mirror(t, profile),
                           socket=str(self.socket), labels={"necrod.task": t.task_id, "necrod.attempt": str(n)},
-                          grace_s=profile.grace_s, deadline_s=deadline)  # fmt: skip
+                          grace_s=profile.grace_s, deadline_s=deadline,
+                          submodule_mirrors=self._submodule_mirrors(t))  # fmt: skip
 
     # --- watching ---------------------------------------------------------------------------------
 
