@@ -407,3 +407,48 @@ def test_a_contained_runner_gets_the_submodule_mirrors_read_only(
         "volumeMounts"
     ]
     assert {"name": "submodule-mirrors", "hostPath": {"path": mirrors, "type": "Directory"}} in pod["volumes"]
+
+
+def module_dir(sub: Path) -> Path:
+    """A checked-out submodule's repository, as its ``.git`` file names it."""
+    return (sub / (sub / ".git").read_text().removeprefix("gitdir: ").strip()).resolve()
+
+
+def test_a_reset_keeps_a_submodule_in_place_and_drops_what_the_agent_left_in_its_repository(
+    git_kind: str, necrod_factory: Callable[..., Necrod], workdir: Path
+) -> None:
+    top, lib, _inner = nested(workdir)
+    d = necrod_factory(pool_config({"top": top}, slots=1, min_idle=0, max_slots=1, submodules=True))
+    first = d.call("slots.allocate", {"pool": "top"})
+    sub = Path(first["path"]) / "vendor/lib"
+    untouched = (sub / ".gitmodules").stat().st_ino
+    repo = module_dir(sub)
+    marker = workdir / "smudged"
+    # The agent commits and branches in the submodule, initialises its nested submodule, and
+    # plants a filter driver, a hook and an attribute for the daemon's next git there.
+    (sub / "lib.c").write_text("agent\n")
+    agent_git(sub, "commit", "-q", "-am", "agent's commit")
+    agent_git(sub, "branch", "agents-branch")
+    agent_git(sub, "-c", "protocol.file.allow=always", "submodule", "update", "--init", "-q")
+    assert (sub / "deps/inner/inner.h").exists()
+    agent_git(sub, "config", "filter.evil.smudge", f"touch {marker}; cat")
+    (repo / "info").mkdir(exist_ok=True)
+    (repo / "info/attributes").write_text("* filter=evil\n")
+    (repo / "hooks").mkdir(exist_ok=True)
+    (repo / "hooks/post-checkout").write_text(f"#!/bin/sh\ntouch {marker}\n")
+    (repo / "hooks/post-checkout").chmod(0o755)
+    (sub / "junk.o").write_text("build output\n")
+    d.call("slots.release", {"lease_id": first["lease_id"]})
+    d.wait_slots("top", "available", 1)
+
+    d.call("slots.allocate", {"pool": "top"})
+    assert not marker.exists()
+    assert (sub / "lib.c").read_text() == "int lib(void) { return 1; }\n" and not (sub / "junk.o").exists()
+    assert head_of(sub) == head_of(lib)
+    assert agent_git(sub, "for-each-ref") == ""  # no branch, no reflog, no stash of the agent's
+    assert "evil" not in (repo / "config").read_text()
+    assert list((repo / "hooks").iterdir()) == [] and list((repo / "info").iterdir()) == []
+    # The nested submodule (``true`` is one level) is emptied, its repository dropped.
+    assert list((sub / "deps/inner").iterdir()) == [] and list((repo / "modules").iterdir()) == []
+    # Kept in place: a file nobody touched was not written again.
+    assert (sub / ".gitmodules").stat().st_ino == untouched

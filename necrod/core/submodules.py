@@ -41,6 +41,8 @@ class Listing:
 
     submodules: tuple[Submodule, ...]
     problems: tuple[str, ...]
+    #: Every gitlink path of the commit's tree, checked out or not.
+    gitlinks: tuple[str, ...] = ()
 
 
 def parse_config_list(out: bytes) -> dict[str, dict[str, str]]:
@@ -153,7 +155,7 @@ def listing(
         subs.append(Submodule(name, path, url, gitlinks[path]))
     if len(entries) > MAX_ENTRIES:
         problems.append(f".gitmodules lists {len(entries)} submodules; only the first {MAX_ENTRIES} are used")
-    return Listing(tuple(subs), tuple(problems))
+    return Listing(tuple(subs), tuple(problems), tuple(gitlinks))
 
 
 def _nested_in(path: str, others: set[str]) -> bool:

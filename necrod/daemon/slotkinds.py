@@ -108,7 +108,7 @@ class GitSlots(ABC):
     def pin(self, admin: str, commit: str) -> None: ...
 
     @abstractmethod
-    def forget(self, admin: str, path: str) -> None: ...
+    def forget(self, admin: str, path: str, keep_modules: bool = False) -> None: ...
 
     async def reset(
         self, admin: str, path: str, commit: str, clean_flags: str, *, timeout: float
@@ -122,11 +122,12 @@ class GitSlots(ABC):
                            work_tree=path, cwd=path, timeout=timeout)  # fmt: skip
         await self.git.run(["clean", "--quiet", clean_flags], git_dir=git_dir, work_tree=path, cwd=path,
                            timeout=timeout)  # fmt: skip
-        submodules = await self.mirror.gitlinks(commit)
+        managed = self.submodules is not None and self.submodules.enabled
+        submodules = [] if managed else await self.mirror.gitlinks(commit)
         if submodules:
             await anyio.to_thread.run_sync(empty_submodules, path, submodules)
-        await anyio.to_thread.run_sync(self.forget, admin, path)
-        await self.check_out_submodules(admin, path, commit, timeout=timeout)
+        await anyio.to_thread.run_sync(self.forget, admin, path, managed)
+        await self.check_out_submodules(admin, path, commit, timeout=timeout, clean_flags=clean_flags)
         return ()
 
     async def move(self, admin: str, path: str, commit: str, *, timeout: float) -> tuple[str, ...]:
@@ -140,11 +141,13 @@ class GitSlots(ABC):
                            work_tree=path, cwd=path, timeout=timeout)  # fmt: skip
         return ()
 
-    async def check_out_submodules(self, admin: str, path: str, commit: str, *, timeout: float) -> None:
+    async def check_out_submodules(
+        self, admin: str, path: str, commit: str, *, timeout: float, clean_flags: str = "-ffdx"
+    ) -> None:
         """The submodules ``commit`` records, checked out in the slot (``slotsubmodules``)."""
         if self.submodules is not None:
             root, rel = self.git_dir_at(admin, path)
-            await self.submodules.checkout(root, rel, path, commit, timeout=timeout)
+            await self.submodules.checkout(root, rel, path, commit, timeout=timeout, clean_flags=clean_flags)
 
     async def mount_again(self, admin: str, path: str, layers: tuple[str, ...]) -> bool:
         """Nothing to mount: the slot is a directory."""
@@ -203,10 +206,12 @@ class WorktreeSlots(GitSlots):
     def git_dir_at(self, admin: str, path: str) -> tuple[Path, str]:
         return self.mirror.path, f"worktrees/{admin}"
 
-    def forget(self, admin: str, path: str) -> None:
-        """Drop the repositories of submodules the lease initialised (``modules/``): the rest
-        of a worktree's repository is the mirror's (refs and objects)."""
-        slotfs.remove(self.mirror.path, f"worktrees/{admin}/modules")
+    def forget(self, admin: str, path: str, keep_modules: bool = False) -> None:
+        """Drop the repositories of submodules the lease initialised (``modules/``; with
+        ``keep_modules``, ``slotsubmodules`` sorts them out): the rest of a worktree's
+        repository is the mirror's (refs and objects)."""
+        if not keep_modules:
+            slotfs.remove(self.mirror.path, f"worktrees/{admin}/modules")
 
     def problem(self, admin: str, path: str) -> str | None:
         """Why the slot cannot be cleaned in place (it must be rebuilt), or None."""
@@ -448,7 +453,7 @@ class CloneSlots(GitSlots):
         await self.git.run(["update-ref", "-d", "--end-of-options", f"refs/heads/{branch}"],
                            git_dir=self.git_dir(admin, path), timeout=timeout, check=False)  # fmt: skip
 
-    def forget(self, admin: str, path: str) -> None:
+    def forget(self, admin: str, path: str, keep_modules: bool = False) -> None:
         """Drop what leases left in the slot's own repository: refs (branches, tags, stash),
         reflogs, objects and the repositories of submodules it initialised, so the next lease inherits nothing of the last one. Run after the
         reset to a commit of the mirror, and after salvage fetched the work into the mirror:
@@ -457,7 +462,8 @@ class CloneSlots(GitSlots):
         still recognises (and ``restore`` makes whole again)."""
         root = Path(path)
         for name in ("logs", "packed-refs", "ORIG_HEAD", "FETCH_HEAD", "shallow", "modules"):
-            slotfs.remove(root, f".git/{name}")
+            if name != "modules" or not keep_modules:  # kept: ``slotsubmodules`` sorts them out
+                slotfs.remove(root, f".git/{name}")
         for name in slotfs.list_dir(root, ".git/refs"):
             if name not in ("heads", "tags"):
                 slotfs.remove(root, f".git/refs/{name}")

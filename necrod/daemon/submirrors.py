@@ -47,12 +47,14 @@ REMEMBERED = 256
 
 @dataclass(frozen=True, slots=True)
 class Checkout:
-    """One submodule to check out: where from (``mirror``, a local bare repository), and its own
-    submodules (``recursive``)."""
+    """One submodule to check out: where from (``mirror``, a local bare repository), its own
+    submodules to check out (``recursive``), and every gitlink of its tree (those not checked
+    out are kept empty)."""
 
     sub: Submodule
     mirror: Path
     children: tuple[Checkout, ...] = ()
+    gitlinks: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -112,12 +114,13 @@ class SubmoduleMirrors:
         else:
             entries = await self._gitmodules(mirror, commit, timeout)
             if isinstance(entries, str):
-                found = Listing((), (entries,))
+                found = Listing((), (entries,), tuple(gitlinks))
             else:
                 symlinks = frozenset(path for mode, _, path in tree if mode == "120000")
                 found = listing(entries, gitlinks, mirror.repo_url, self.allowed, symlinks)
             if not found.submodules and not found.problems:
-                found = Listing((), (f"{len(gitlinks)} gitlink(s) but no .gitmodules entry names them",))
+                found = Listing((), (f"{len(gitlinks)} gitlink(s) but no .gitmodules entry names them",),
+                                tuple(gitlinks))  # fmt: skip
         _remember(self._listings, key, found)
         return found
 
@@ -219,11 +222,15 @@ class SubmoduleMirrors:
 
     # --- what a slot checks out (no network) ------------------------------------------------------
 
-    async def plan(self, mirror: Mirror, commit: str, *, recursive: bool, timeout: float) -> list[Checkout]:
-        """The submodules to check out for ``commit`` of ``mirror``, from the local mirrors only:
-        one whose mirror lacks its commit (or that was refused) is left out; ``sync`` says why."""
+    async def plan(
+        self, mirror: Mirror, commit: str, *, recursive: bool, timeout: float
+    ) -> tuple[list[Checkout], tuple[str, ...]]:
+        """The submodules to check out for ``commit`` of ``mirror``, from the local mirrors only
+        (one whose mirror lacks its commit, or that was refused, is left out; ``sync`` says
+        why), and every gitlink path of ``commit``."""
         budget = [MAX_TOTAL]
-        return await self._plan(mirror, commit, recursive, timeout, 0, budget)
+        gitlinks = (await self.listing(mirror, commit, timeout=timeout)).gitlinks
+        return await self._plan(mirror, commit, recursive, timeout, 0, budget), gitlinks
 
     async def _plan(
         self, mirror: Mirror, commit: str, recursive: bool, timeout: float, depth: int, budget: list[int]
@@ -241,5 +248,6 @@ class SubmoduleMirrors:
             children: list[Checkout] = []
             if recursive and depth + 1 < MAX_DEPTH:
                 children = await self._plan(shared.mirror, sub.commit, recursive, timeout, depth + 1, budget)
-            out.append(Checkout(sub, shared.mirror.path, tuple(children)))
+            inside = (await self.listing(shared.mirror, sub.commit, timeout=timeout)).gitlinks
+            out.append(Checkout(sub, shared.mirror.path, tuple(children), inside))
         return out
