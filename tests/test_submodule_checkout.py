@@ -452,3 +452,26 @@ def test_a_reset_keeps_a_submodule_in_place_and_drops_what_the_agent_left_in_its
     assert list((sub / "deps/inner").iterdir()) == [] and list((repo / "modules").iterdir()) == []
     # Kept in place: a file nobody touched was not written again.
     assert (sub / ".gitmodules").stat().st_ino == untouched
+
+
+def test_a_submodule_origin_that_goes_away_is_reported_and_slots_still_get_it(
+    necrod_factory: Callable[..., Necrod], workdir: Path
+) -> None:
+    top, lib, _inner = nested(workdir)
+    d = necrod_factory(pool_config({"top": top}, slots=1, min_idle=0, max_slots=1, submodules=True,
+                                   fetch_interval_s=1))  # fmt: skip
+    lib.rename(workdir / "lib-gone")
+    commit_file(top, "main.c", "int main(void) { return 1; }\n")
+
+    def reported() -> list[str] | None:
+        problems = pool_view(d)["submodules"]["problems"]
+        return problems if problems else None
+
+    [problem] = wait_for(reported, 60, what="the failing submodule fetch to be reported")
+    assert "fetching" in problem and "slots still get it" in problem
+    wait_for(lambda: d.call("slots.list", {"pool": "top"})["slots"][0]["commit"] == head_of(top), 30,
+             what="the slot to move to the new base")  # fmt: skip
+    slot = Path(d.call("slots.allocate", {"pool": "top"})["path"])
+    assert (slot / "main.c").read_text() == "int main(void) { return 1; }\n"
+    assert (slot / "vendor/lib/lib.c").read_text() == "int lib(void) { return 1; }\n"
+    assert pool_view(d)["state"] == "ready"

@@ -213,7 +213,8 @@ class SubmoduleMirrors:
                         log.warning("tamper", mirror=str(shared.mirror.path), changed=changed)
                     await shared.mirror.fetch(timeout=timeout)
             except (GitError, OSError) as exc:
-                return f"submodule {sub.path!r}: fetching {sub.url} failed: {exc}"
+                still = " (its mirror has the recorded commit: slots still get it)" if has else ""
+                return f"submodule {sub.path!r}: fetching {sub.url} failed{still}: {exc}"
             shared.fetched_at = started
             shared.fetches += 1
             if not await self._has_commit(shared, sub.commit):
