@@ -136,6 +136,7 @@ class _Api(Generic[R]):
         metadata: dict[str, Any] | None = None,
         affinity: str | None = None,
         ports: int | None = None,
+        from_salvage: str | None = None,
     ) -> R:
         return self.call(
             "slots.allocate",
@@ -150,6 +151,7 @@ class _Api(Generic[R]):
                     "metadata": metadata,
                     "affinity": affinity,
                     "ports": ports,
+                    "from_salvage": from_salvage,
                 }
             ),
         )
@@ -171,6 +173,17 @@ class _Api(Generic[R]):
 
     def salvage_show(self, lease_id: str) -> R:
         return self.call("salvage.show", {"lease_id": lease_id})
+
+    def salvage_diff(self, lease_id: str, *, binary: bool = False) -> R:
+        return self.call("salvage.diff", _clean({"lease_id": lease_id, "binary": binary or None}))
+
+    def salvage_branch(
+        self, lease_id: str, branch: str, *, message: str | None = None, push: bool = False
+    ) -> R:
+        return self.call(
+            "salvage.branch",
+            _clean({"lease_id": lease_id, "branch": branch, "message": message, "push": push or None}),
+        )
 
     def salvage_prune(self, pool: str | None = None, *, dry_run: bool = False) -> R:
         return self.call("salvage.prune", _clean({"pool": pool, "dry_run": dry_run or None}))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any
 
 from necrod import __version__
@@ -103,7 +104,8 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "logs": ("necroctl logs t-17", "necroctl logs t-17 --attempt 1", "necroctl logs t-17 -f",
              "necroctl logs t-17 --json | jq -r .data"),
     "salvage": ("necroctl salvage list --pool web", "necroctl salvage show l-2dcb5c428104ebab",
-                "necroctl salvage prune --dry-run"),
+                "necroctl salvage diff l-2dcb5c428104ebab | less", "necroctl salvage checkout l-2dcb5c428104ebab",
+                "necroctl salvage push l-2dcb5c428104ebab agent/fix-login", "necroctl salvage prune --dry-run"),
     "run": ("necroctl run --pool web -- make test", "necroctl run --pool web --ref \"$GIT_COMMIT\" --salvage always -- ./ci.sh"),
     "completion": ("necroctl completion bash > /etc/bash_completion.d/necroctl",
                    "necroctl completion zsh > \"${fpath[1]}/_necroctl\"",
@@ -118,7 +120,9 @@ def epilog(command: str) -> str:
     return (f"examples:\n{examples}\n\n" if examples else "") + _EXIT_TEXT.get(command, _EXITS)
 
 
-def _common() -> argparse.ArgumentParser:
+def reach_options() -> argparse.ArgumentParser:
+    """How to reach the daemon: --socket, --timeout, -H and the SSH options (``necrod mcp``
+    takes the same)."""
     # On every subcommand too, so options work before or after it; SUPPRESS keeps the
     # subcommand's absent option from overwriting the one given before it.
     common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
@@ -127,12 +131,6 @@ def _common() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="daemon socket (default: $NECROD_SOCKET, the per-user socket, then /run/necrod/necrod.sock); "
         "with -H, the daemon's socket on that host",
-    )
-    common.add_argument(
-        "--json",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help='print the daemon\'s result as JSON (errors too: {"error": {"kind": ..., "message": ...}})',
     )
     common.add_argument(
         "--timeout", type=float, default=argparse.SUPPRESS, help="seconds to wait for a reply (default 120)"
@@ -155,6 +153,17 @@ def _common() -> argparse.ArgumentParser:
         action="store_true",
         default=argparse.SUPPRESS,
         help="with -H, connect even when the host key is not in known_hosts",
+    )
+    return common
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False, parents=[reach_options()])
+    common.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help='print the daemon\'s result as JSON (errors too: {"error": {"kind": ..., "message": ...}})',
     )
     return common
 
@@ -220,6 +229,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--wait", type=float, help="queue up to this many seconds for a free slot")
     a.add_argument("--metadata", type=json.loads, help="JSON object stored with the lease")
     a.add_argument("--ports", type=int, help="TCP ports to hold with the lease (default: the pool's ports)")
+    a.add_argument("--from-salvage", metavar="LEASE_ID",
+                   help="start where that lost lease stopped: its commits and uncommitted work")  # fmt: skip
     h = cmd("heartbeat", "keep a lease alive")
     h.add_argument("lease_id")
     h.add_argument("--ttl", type=float)
@@ -309,7 +320,8 @@ def parser() -> argparse.ArgumentParser:
     lg.add_argument("--attempt", type=int, help="default: the latest")
     lg.add_argument("-f", "--follow", action="store_true", help="keep printing until the attempt ends")
     sv = cmd("salvage", "work salvaged from slots before they were cleaned")
-    svsub = sv.add_subparsers(dest="salvage_command", metavar="list|show|prune", required=True)
+    svsub = sv.add_subparsers(dest="salvage_command", metavar="list|show|diff|checkout|apply|branch|push|prune",
+                              required=True)  # fmt: skip
 
     def salvage_cmd(name: str, help: str) -> argparse.ArgumentParser:
         return svsub.add_parser(name, help=help, description=help, parents=[common], allow_abbrev=False,
@@ -317,6 +329,23 @@ def parser() -> argparse.ArgumentParser:
 
     salvage_cmd("list", "salvage refs, newest first").add_argument("--pool")
     salvage_cmd("show", "what one salvage holds and how to fetch it").add_argument("lease_id")
+    salvage_cmd("diff", "everything the lease did since it started, as a patch").add_argument("lease_id")
+    sco = salvage_cmd(
+        "checkout", "lease a slot that starts where the salvaged lease stopped; prints its path"
+    )
+    sco.add_argument("lease_id")
+    sco.add_argument("--pool", help="default: the pool the salvage is in")
+    sco.add_argument("--branch", help="create this branch in the slot at the lease's last commit")
+    sco.add_argument("--ttl", type=float, help="seconds the lease lives without a heartbeat")
+    sap = salvage_cmd("apply", "apply the salvage's changes to a work tree here (git apply)")
+    sap.add_argument("lease_id")
+    sap.add_argument("-C", "--directory", default=".", help="the work tree (default: the current directory)")
+    for name, text in (("branch", "make a branch of the salvage's work in the pool's mirror"),
+                       ("push", "make that branch and push it to the pool's origin")):  # fmt: skip
+        sb = salvage_cmd(name, text)
+        sb.add_argument("lease_id")
+        sb.add_argument("branch")
+        sb.add_argument("-m", "--message", help="the commit message (default: names the lease)")
     sp = salvage_cmd("prune", "delete salvage past each pool's salvage_keep_* limits")
     sp.add_argument("--pool")
     sp.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
@@ -336,6 +365,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
         args.argv = [*args.argv, *argv[cut + 1 :]]
         return args
     return parser().parse_args(argv)
+
+
+def reach(opts: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """Where the daemon is (a socket path, an ``ssh://`` address, or None for the default) and
+    the SSH options, from ``options``: what ``Client`` and ``AsyncClient`` take."""
+    host = opts["host"] or os.environ.get("NECROD_HOST") or None
+    ssh_options = {"key": opts["ssh_key"], "known_hosts": opts["known_hosts"],
+                   "accept_unknown": opts["accept_unknown_host_key"], "socket": opts["socket"] if host else None}  # fmt: skip
+    return host or opts["socket"], ssh_options
 
 
 def options(args: argparse.Namespace) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from necrod.daemon.metrics import Metrics
 from necrod.daemon.mirrorkeeper import MirrorKeeper
 from necrod.daemon.pool import Pool, Waiter
 from necrod.daemon.poolsize import PoolSizer
+from necrod.daemon.resume import SalvagePoint
 from necrod.daemon.slottable import SlotTable, iso, lease_event, slot_event
 from necrod.io.gitrun import GitError
 from necrod.io.ports import free_on_host
@@ -94,10 +95,12 @@ class Allocator:
         runner_uid: int | None = None,
         affinity: str | None = None,
         ports: int | None = None,
+        resume: SalvagePoint | None = None,
     ) -> dict[str, Any]:
         """A lease on a slot of ``pool``, owned by ``uid`` (and, for a task's contained runner,
         also usable by ``runner_uid``); with ``affinity``, preferably the idle slot last
-        released under that key; with ``ports`` (else the pool's), that many TCP ports."""
+        released under that key; with ``ports`` (else the pool's), that many TCP ports; with
+        ``resume``, starting where that salvage's lease stopped (``resume.py``)."""
         started = time.perf_counter()
         p = self.table.pool(pool)
         if ref is not None:
@@ -118,7 +121,10 @@ class Allocator:
             self._check_serving(p)
             if p.state != "ready":
                 raise Unavailable(self._not_ready_message(p), pool=p.name, state=p.state)
-        target = await self._resolve_ref(p, ref, deadline) if ref is not None else None
+        if resume is not None:
+            target: str | None = resume.commit
+        else:
+            target = await self._resolve_ref(p, ref, deadline) if ref is not None else None
         if branch is not None:
             self._check_branch_free(p, branch)
         slot = None if p.waiters else self._choose_whole(p, target or p.base_commit, affinity)
@@ -145,7 +151,7 @@ class Allocator:
         result = await self._grant(
             p, slot, holder=holder, ttl_s=ttl_s or p.config.lease_ttl_s, target=target, branch=branch,
             metadata=metadata or {}, task_id=task_id, uid=uid, runner_uid=runner_uid, affinity=affinity,
-            ports=block,
+            ports=block, resume=resume,
         )  # fmt: skip
         if p.config.metrics:
             self.metrics.allocations.labels(p.name).inc()
@@ -243,11 +249,22 @@ class Allocator:
         return None
 
     def _whole(self, p: Pool, slot: Slot) -> bool:
-        if p.kind_of(slot).looks_whole(slot.admin, slot.path):
+        kind = p.kind_of(slot)
+        written = kind.written(slot.admin)
+        if written is not None:
+            # Written to while idle (an overlay's upper is empty after its reset): never handed
+            # out; what was written is salvaged as a stray, then the slot is reset.
+            log.warning("slot_written_while_idle", slot=slot.slot_id, found=written)
+            slot.salvage_as = f"stray-{p.name}-{slot.number}-{int(self.clock.wall())}"
+            slot.salvage_note, slot.salvage_commit = "written to while idle", slot.commit
+            slot.state = SlotState.CLEANING
+            event = slot_event(slot, "dirty_while_idle", detail=f"written to while idle: {written}")
+            self.jobs.spawn(self.table.persist_or_keep, slot, [event])
+            self.jobs.kick(slot)
+            return False
+        if kind.looks_whole(slot.admin, slot.path):
             return True
-        problem = self.gate.slot_git(p, slot).healthy() or p.kind_of(slot).pointer_problem(
-            slot.admin, slot.path
-        )
+        problem = self.gate.slot_git(p, slot).healthy() or kind.pointer_problem(slot.admin, slot.path)
         if problem is None:
             return True
         # Repaired (restored, or rebuilt) by its cleanup, in a worker thread: what is there to
@@ -287,7 +304,7 @@ class Allocator:
     async def _grant(
         self, p: Pool, slot: Slot, *, holder: str | None, ttl_s: float, target: str | None, branch: str | None,
         metadata: dict[str, Any], task_id: str | None, uid: int | None, runner_uid: int | None,
-        affinity: str | None = None, ports: list[int] | None = None,
+        affinity: str | None = None, ports: list[int] | None = None, resume: SalvagePoint | None = None,
     ) -> dict[str, Any]:  # fmt: skip
         # Everything up to the first await is atomic: the slot is ours from here on.
         now_m, now_w = self.clock.monotonic(), self.clock.wall()
@@ -298,7 +315,7 @@ class Allocator:
             lease_id=new_lease_id(), holder=holder, metadata=metadata, ttl_s=ttl_s, granted_at=now_w,
             expires_at=now_w + ttl_s, fencing_token=slot.fencing_token, start_commit=slot.commit,
             task_id=task_id, uid=uid, runner_uid=runner_uid, affinity=affinity, ports=ports or [],
-            deadline=now_m + ttl_s,
+            deadline=now_m + ttl_s, resumed_from=resume.lease_id if resume else None,
         )  # fmt: skip
         slot.state = SlotState.ALLOCATED
         slot.lease = lease
@@ -319,7 +336,10 @@ class Allocator:
         try:
             async with self.gate.pool_git(p):
                 await self.gate.check_mirror(p, slot)
-                await self.gate.slot_git(p, slot).checkout(target or slot.commit or "", branch)
+                if resume is not None:
+                    await self.gate.slot_git(p, slot).resume(resume.commit, resume.head, branch)
+                else:
+                    await self.gate.slot_git(p, slot).checkout(target or slot.commit or "", branch)
         except BaseException as exc:
             slot.busy = False
             with anyio.CancelScope(shield=True):
@@ -331,7 +351,7 @@ class Allocator:
             raise
         slot.busy = False
         snap = slot.snapshot()
-        slot.commit = target or slot.commit
+        slot.commit = resume.head if resume else target or slot.commit
         slot.branch = branch
         lease.branch = branch
         lease.start_commit = slot.commit
@@ -372,6 +392,7 @@ class Allocator:
             "ttl_s": lease.ttl_s,
             "holder": lease.holder,
             "ports": list(lease.ports),
+            "resumed_from": lease.resumed_from,
         }
 
     # --- heartbeat, release, expiry -----------------------------------------------------------------

@@ -86,6 +86,12 @@ class SlotGit:
         await anyio.to_thread.run_sync(self.clear_operation_state)
         return await self.kind.reset(self.admin, self.path, commit, clean_flags, timeout=self.timeout)
 
+    async def drift(self, commit: str) -> str | None:
+        """How the just-reset slot differs from a clean checkout at ``commit`` (None: it does
+        not); ``SlotKind.drift``."""
+        problem = await self.kind.drift(self.admin, self.path, commit, timeout=self.timeout)
+        return f"its reset left it different from the base: {problem}" if problem else None
+
     async def move(self, commit: str) -> tuple[str, ...]:
         """An idle, clean slot to a new base commit; the layers it now stands on."""
         return await self.kind.move(self.admin, self.path, commit, timeout=self.timeout)
@@ -96,6 +102,13 @@ class SlotGit:
             await self.run(["checkout", "--quiet", "--detach", commit])
         else:
             await self.run(["checkout", "--quiet", "-B", branch, commit])
+
+    async def resume(self, salvage: str, head: str, branch: str | None) -> None:
+        """A salvage's work in this slot (``resume.py``): HEAD (and ``branch``, if named) at
+        the lost lease's last commit ``head``, the work tree as that lease left it, what it had
+        not committed uncommitted again."""
+        await self.checkout(salvage, branch)
+        await self.run(["reset", "--quiet", "--mixed", head, "--"])
 
     async def delete_branch(self, branch: str) -> None:
         await self.kind.delete_branch(self.admin, self.path, branch, timeout=self.timeout)

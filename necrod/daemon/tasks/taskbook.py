@@ -8,6 +8,8 @@ given, and call ``wake``."""
 
 from __future__ import annotations
 
+import os
+
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -129,6 +131,9 @@ class TaskBook:
             raise InvalidParams(
                 "failure_strategy must be continue, stop-all or retry", param="failure_strategy"
             )
+        resume = get("resume")
+        if resume not in (None, "base", "salvage"):
+            raise InvalidParams("resume must be base or salvage", param="resume")
         retries = get("max_retries", self.cfg.max_retries)
         if strategy == "retry" and spec.get("max_retries") is None and defaults.get("max_retries") is None:
             retries = max(retries, STRATEGY_RETRY_DEFAULT)
@@ -137,7 +142,7 @@ class TaskBook:
             payload=get("payload"), priority=int(get("priority", 0)), labels=list(get("labels", [])),
             skills=list(get("skills", [])), max_retries=int(retries), timeout_s=get("timeout_s"), env=dict(env),
             ref=ref, branch=branch, project=get("project"), batch=batch, key=spec.get("key"),
-            failure_strategy=strategy,
+            failure_strategy=strategy, resume=resume,
         )  # fmt: skip
         if runner is not None:
             self.profiles.profile(runner)
@@ -302,8 +307,12 @@ class TaskBook:
         except OSError as exc:
             raise FailedPrecondition(f"cannot read the log of attempt {n}: {exc}", task_id=task_id) from None
         finished = a.ended_at is not None
+        try:
+            size = os.stat(a.log).st_size if a.log else 0
+        except OSError:
+            size = offset + len(data)
         return {"task_id": task_id, "attempt": n, "offset": offset + len(data), "data": data.decode("utf-8", "replace"),
-                "eof": finished and len(data) < limit, "path": a.log}  # fmt: skip
+                "eof": finished and len(data) < limit, "path": a.log, "size": size}  # fmt: skip
 
     def counts(self) -> dict[str, int]:
         c = Counter(str(t.state) for t in self.tasks.values())
