@@ -156,12 +156,12 @@ class Pool:
         return self.kinds[self.config.isolation]
 
     @property
-    def submodule_mirrors_dir(self) -> Path | None:
+    def submodule_mirrors_dir(self) -> str | None:
         """Where the host's submodule mirrors are, when this pool checks submodules out (a
         contained runner mounts it read-only: the slot's submodules borrow their objects)."""
         if not self.config.submodules or self._submodule_root is None or not self._submodule_root.is_dir():
             return None
-        return self._submodule_root
+        return str(self._submodule_root)
 
     def wanted_layers(self) -> tuple[str, ...] | None:
         """The layers an idle slot of an overlay pool should stand on now (None: not an

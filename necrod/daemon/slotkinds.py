@@ -19,6 +19,9 @@ written in one slot reaches another. Two duties follow:
 
 The slot's own ``.git`` is the agent's to write while it holds the lease, so before any git of
 ours runs there, its config, hooks, info and alternates are put back as necrod wrote them.
+
+Over 500 lines, on purpose: the two git kinds and what they share (``GitSlots``) are read
+side by side; a submodule's checkout is ``slotsubmodules``.
 """
 
 from __future__ import annotations

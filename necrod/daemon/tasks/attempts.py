@@ -249,11 +249,6 @@ class Attempts:
                           f"({t.pool} is {pool.config.isolation})")  # fmt: skip
         return str(pool.mirror.path)
 
-    def _submodule_mirrors(self, t: Task) -> str | None:
-        """The host's submodule mirrors, for a pool whose slots have submodules checked out."""
-        found = self.table.pool(t.pool).submodule_mirrors_dir
-        return str(found) if found is not None else None
-
     def _container_launch(
         self, t: Task, n: int, profile: RunnerProfile, lease: dict[str, Any]
     ) -> ContainerLaunch:
@@ -262,7 +257,7 @@ class Attempts:
         assert profile.container is not None
         return ContainerLaunch(spec=profile.container, slot=lease["path"], mirror=self._isolated_mirror(t, profile),
                                socket=str(self.socket), labels={"necrod.task": t.task_id, "necrod.attempt": str(n)},
-                               submodule_mirrors=self._submodule_mirrors(t))  # fmt: skip
+                               submodule_mirrors=self.table.pool(t.pool).submodule_mirrors_dir)  # fmt: skip
 
     def _kube_launch(self, t: Task, n: int, profile: RunnerProfile, lease: dict[str, Any]) -> KubeLaunch:
         from necrod.io.kubernetes import KubeLaunch
@@ -274,7 +269,7 @@ class Attempts:
         return KubeLaunch(spec=profile.kubernetes, slot=lease["path"], mirror=self._isolated_mirror(t, profile),
                           socket=str(self.socket), labels={"necrod.task": t.task_id, "necrod.attempt": str(n)},
                           grace_s=profile.grace_s, deadline_s=deadline,
-                          submodule_mirrors=self._submodule_mirrors(t))  # fmt: skip
+                          submodule_mirrors=self.table.pool(t.pool).submodule_mirrors_dir)  # fmt: skip
 
     # --- watching ---------------------------------------------------------------------------------
 
