@@ -106,6 +106,11 @@ def test_nested_submodules_are_checked_out_from_local_mirrors_only(
     assert (slot / "vendor/lib/lib.c").read_text() == "int lib(void) { return 1; }\n"
     assert (slot / "vendor/lib/deps/inner/inner.h").read_text() == "#define INNER 1\n"
     assert pool_view(d)["submodules"] == {"mode": "recursive", "problems": []}
+    # An agent's habit, with its origins gone and no transport allowed: nothing to fetch.
+    agent_git(slot, "-c", "protocol.allow=never", "submodule", "update", "--init", "--recursive", "--quiet")
+    status = agent_git(slot, "submodule", "status", "--recursive").splitlines()
+    assert len(status) == 2 and not any(line.startswith(("-", "+", "U")) for line in status), status
+    assert head_of(slot / "vendor/lib/deps/inner") == head_of(inner.with_name("inner-gone"))
 
 
 def bump(top: Path, lib: Path) -> str:
