@@ -480,3 +480,26 @@ def test_a_submodule_origin_that_goes_away_is_reported_and_slots_still_get_it(
     assert (slot / "main.c").read_text() == "int main(void) { return 1; }\n"
     assert (slot / "vendor/lib/lib.c").read_text() == "int lib(void) { return 1; }\n"
     assert pool_view(d)["state"] == "ready"
+
+
+def test_a_lease_at_another_ref_gets_the_submodules_that_ref_records(
+    git_kind: str, necrod_factory: Callable[..., Necrod], workdir: Path
+) -> None:
+    top, lib, _inner = nested(workdir)
+    d = necrod_factory(pool_config({"top": top}, slots=1, min_idle=0, max_slots=1, submodules=True,
+                                   fetch_interval_s=1))  # fmt: skip
+    base_lib = head_of(lib)
+    git(top, "checkout", "-q", "-b", "pr")
+    new = bump(top, lib)
+    git(top, "checkout", "-q", "main")
+    git(top, "submodule", "update", "-q")
+    seen = fetched(d)
+    wait_for(lambda: fetched(d) > seen + 1, 30, what="two more fetches")
+    lease = d.call("slots.allocate", {"pool": "top", "ref": "pr"})
+    slot = Path(lease["path"])
+    assert head_of(slot / "vendor/lib") == new
+    assert agent_git(slot, "status", "--porcelain", "--ignore-submodules=none") == ""
+    d.call("slots.release", {"lease_id": lease["lease_id"]})
+    d.wait_slots("top", "available", 1)
+    again = Path(d.call("slots.allocate", {"pool": "top"})["path"])
+    assert head_of(again / "vendor/lib") == base_lib
