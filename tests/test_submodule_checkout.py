@@ -350,6 +350,7 @@ def test_two_pools_share_one_mirror_per_submodule(
         urls.add(agent_git(slot / "vendor/lib", "config", "remote.origin.url"))
     assert len(urls) == 1
     assert os.listdir(workdir / "d" / "state" / "workspaces" / ".submodules") == [Path(urls.pop()).name]
+    assert d.call("daemon.status")["git"]["submodule_mirrors"] == {"mirrors": 1, "fetches": 1}  # the clone
 
 
 def test_an_edit_in_a_nested_submodule_is_salvaged_then_reset(

@@ -512,6 +512,7 @@ class Daemon:
                 "running": self.engine.git.running,
                 "started": self.engine.git.started,
                 "started_by_verb": dict(self.engine.git.started_by_verb),
+                "submodule_mirrors": self.engine.submodules.statistics(),
             },
             "config": {
                 "path": str(self.settings.config_path) if self.settings.config_path else None,
