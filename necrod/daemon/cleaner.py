@@ -102,7 +102,11 @@ class SlotGit:
             await self.run(["checkout", "--quiet", "--detach", commit])
         else:
             await self.run(["checkout", "--quiet", "-B", branch, commit])
-        if isinstance(self.kind, GitSlots) and self.kind.submodules is not None and self.kind.submodules.enabled:
+        if (
+            isinstance(self.kind, GitSlots)
+            and self.kind.submodules is not None
+            and self.kind.submodules.enabled
+        ):
             # The submodules ``commit`` records, from the host's mirrors (no fetch here).
             await self.kind.check_out_submodules(self.admin, self.path, commit, timeout=self.timeout)
 
