@@ -127,12 +127,16 @@ class SubmoduleCheckout:
         config = module_config(os.path.relpath(work, module), item.mirror)
         alternates = f"{item.mirror / 'objects'}\n"
 
-        def lay_out() -> bool:
+        def lay_out() -> bool | None:
             """The submodule's repository and directory as necrod writes them; whether the
-            ones there were kept (see the module docstring)."""
+            ones there were kept (see the module docstring), or None when the checkout has no
+            directory there (outside a sparse checkout's cone)."""
             # The directory the superproject's checkout made: a real one, reached without
             # following a link.
-            if slotfs.kind(work_root, sub.path) != "dir":
+            found = slotfs.kind(work_root, sub.path)
+            if found is None:
+                return None
+            if found != "dir":
                 raise OSError(f"submodule directory {sub.path!r} is not a directory of the slot")
             kept = (
                 slotfs.kind(git_root, module_rel) == "dir"
@@ -158,6 +162,8 @@ class SubmoduleCheckout:
             return kept
 
         kept = await anyio.to_thread.run_sync(lay_out)
+        if kept is None:
+            return
 
         async def run(args: list[str]) -> None:
             await self.mirror.git.run(args, git_dir=module, work_tree=work, cwd=work, timeout=timeout,
@@ -170,8 +176,12 @@ class SubmoduleCheckout:
 
 
 def _empty(root: str, rel: str) -> None:
-    """A gitlink's directory as a fresh clone has it: there and empty, nothing followed."""
-    if slotfs.kind(root, rel) == "dir":
+    """A gitlink's directory as a fresh clone has it: empty (or absent, outside a sparse
+    checkout's cone), nothing followed."""
+    found = slotfs.kind(root, rel)
+    if found is None:
+        return
+    if found == "dir":
         for name in slotfs.list_dir(root, rel):
             slotfs.remove(root, f"{rel}/{name}")
     else:
