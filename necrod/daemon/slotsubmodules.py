@@ -5,9 +5,11 @@ Each submodule is laid out as ``git submodule absorbgitdirs`` leaves one: its re
 the slot's git directory (``modules/<name>``, nested ones under their parent's ``modules/``),
 a ``.git`` file in its directory naming it. That repository is written by necrod, not by git
 (no ``clone``, no ``submodule update``): its config names only the local mirror as ``origin``,
-its objects are the mirror's, borrowed (``objects/info/alternates``), and the one git run, a
-``checkout`` of the recorded commit, is given no transport at all (``GIT_ALLOW_PROTOCOL`` empty):
-nothing here can reach the network, not even the local mirror as a remote.
+its objects are the mirror's, borrowed (``objects/info/alternates``), and the gits run there
+(``checkout`` of the recorded commit, ``clean``) are given no transport at all
+(``GIT_ALLOW_PROTOCOL`` empty): nothing here can reach the network, not even the local mirror as
+a remote. The slot kinds call it after a slot is made, reset or moved, and after an
+allocation's checkout of another ref (``cleaner``).
 
 A reset keeps a submodule in place when its directory's ``.git`` file names its repository as
 necrod wrote it: the repository's config, ``hooks/``, ``info/``, alternates and ``HEAD`` are put
