@@ -5,7 +5,8 @@ Items (issue 6): 1 allocation latency, 2 the other ways per task, 3 release to a
 4 fetching, 5 disk, 6 the daemon itself, 7 the dispatcher, 8 isolation and launchers (shared-clone
 vs worktree allocation, container vs process task start), 9 overlay slots and the prepare step
 (issue 17, on repositories of its own), ``ctl`` the wall time of ``necroctl status`` (issue 20),
-and ``db`` the SQLite commit inline vs in a thread.
+``sub`` fetch cost per interval with submodules shared by two pools (issue 18, on repositories of
+its own), and ``db`` the SQLite commit inline vs in a thread.
 Everything it starts lives under one /tmp/nb-* directory, removed at the end, even on Ctrl-C.
 """
 
@@ -33,13 +34,14 @@ from bench import (
     release,
     report,
     sqlite_hop,
+    submodules,
 )
 from bench.daemon import Daemon, config_yaml
 from bench.gitrepo import git, make_origin
 from bench.report import Row
 from bench.scratch import Scratch, raise_on_sigterm
 
-ITEMS = ("1", "2", "3", "4", "5", "6", "7", "8", "9", "ctl", "db")
+ITEMS = ("1", "2", "3", "4", "5", "6", "7", "8", "9", "ctl", "sub", "db")
 ALLOC_POOL, DISK_POOL = "alloc", "disk"
 
 
@@ -144,7 +146,7 @@ def run(
     rows: list[Row] = []
     dirt = debris.Debris()
     notes = []
-    if items - {"9"}:  # item 9 generates repositories of its own
+    if items - {"9", "sub"}:  # items 9 and sub generate repositories of their own
         origin, source = _origin(args, scratch)
         say(f"repository: {source}")
         base = _base(origin)
@@ -206,6 +208,12 @@ def run(
             moving,
             plan.fetch_interval_s,
         )
+    if "sub" in items:
+        intervals = 2 * plan.fetch_intervals
+        say(
+            f"sub: fetch cost with submodules shared by 2 pools, {intervals} intervals of {plan.fetch_interval_s} s"
+        )
+        rows += submodules.measure(scratch, 200 if args.quick else 2000, intervals, plan.fetch_interval_s)
     if "9" in items:
         sizes = " and ".join(f"{n:,}" for n in plan.overlay.files)
         notes.append(f"item 9: generated: {sizes} files, {overlay.COMMITS} commits each")

@@ -182,6 +182,7 @@ class Daemon:
             workspaces=workspaces,
             git_concurrency=self.config.daemon.git_concurrency,
             port_range=self.config.daemon.port_range,
+            allowed_protocols=self.config.daemon.allowed_protocols,
             metrics=self.metrics,
         )
         e = self.engine
@@ -456,6 +457,11 @@ class Daemon:
             if pool.fetch.failing_since is not None:
                 since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(pool.fetch.failing_since))
                 reasons.append(f"pool {pool.name} fetch: failing since {since}: {pool.fetch.last_error}")
+            if pool.submodule_problems:
+                first, more = pool.submodule_problems[0], len(pool.submodule_problems) - 1
+                reasons.append(
+                    f"pool {pool.name} submodules: {first}" + (f" (and {more} more)" if more else "")
+                )
             quarantine = pool.quarantine_note()
             if quarantine:
                 reasons.append(quarantine)
@@ -506,6 +512,7 @@ class Daemon:
                 "running": self.engine.git.running,
                 "started": self.engine.git.started,
                 "started_by_verb": dict(self.engine.git.started_by_verb),
+                "submodule_mirrors": self.engine.submodules.statistics(),
             },
             "config": {
                 "path": str(self.settings.config_path) if self.settings.config_path else None,

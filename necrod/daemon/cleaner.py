@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import anyio
 
-from necrod.daemon.slotkinds import SlotKind
+from necrod.daemon.slotkinds import GitSlots, SlotKind
 from necrod.io import slotfs
 from necrod.io.gitrun import GitResult, GitRunner
 from necrod.io.procs import processes_in
@@ -102,6 +102,13 @@ class SlotGit:
             await self.run(["checkout", "--quiet", "--detach", commit])
         else:
             await self.run(["checkout", "--quiet", "-B", branch, commit])
+        if (
+            isinstance(self.kind, GitSlots)
+            and self.kind.submodules is not None
+            and self.kind.submodules.enabled
+        ):
+            # The submodules ``commit`` records, from the host's mirrors (no fetch here).
+            await self.kind.check_out_submodules(self.admin, self.path, commit, timeout=self.timeout)
 
     async def resume(self, salvage: str, head: str, branch: str | None) -> None:
         """A salvage's work in this slot (``resume.py``): HEAD (and ``branch``, if named) at

@@ -30,6 +30,7 @@ from anyio.abc import TaskStatus
 
 from necrod.core.clock import Clock
 from necrod.core.config import Config, PoolConfig
+from necrod.core.config.model import DEFAULT_PROTOCOLS
 from necrod.core.slots import Slot, SlotState
 from necrod.daemon.allocator import Allocator
 from necrod.daemon.cleanup import Cleanup
@@ -41,7 +42,8 @@ from necrod.daemon.mirrorkeeper import MirrorKeeper
 from necrod.daemon.pool import Pool
 from necrod.daemon.poolsize import PoolSizer
 from necrod.daemon.prepare import Preparer
-from necrod.daemon.slottable import SlotTable
+from necrod.daemon.slottable import SlotTable, slot_event
+from necrod.daemon.submirrors import SubmoduleMirrors
 from necrod.io import overlay
 from necrod.io.gitrun import GitError, GitRunner
 from necrod.io.store import Event, Put, StateStore
@@ -62,6 +64,7 @@ class PoolEngine:
         workspaces: Path,
         git_concurrency: int,
         port_range: tuple[int, int] = (20000, 29999),
+        allowed_protocols: tuple[str, ...] = DEFAULT_PROTOCOLS,
         clock: Clock | None = None,
         metrics: Metrics | None = None,
     ) -> None:
@@ -73,7 +76,9 @@ class PoolEngine:
         self.jobs = jobs = Jobs(table)
         self.gate = gate = GitGate(git, git_concurrency, table, jobs, metrics)
         self.sizer = sizer = PoolSizer(table, jobs, self.clock)
-        self.keeper = keeper = MirrorKeeper(table, jobs, gate, metrics, self.clock)
+        #: The host's submodule mirrors, shared by every pool (``submodules:``).
+        self.submodules = SubmoduleMirrors(workspaces / ".submodules", git, allowed_protocols)
+        self.keeper = keeper = MirrorKeeper(table, jobs, gate, metrics, self.clock, self.submodules)
         self.preparer = preparer = Preparer(table=table, jobs=jobs, gate=gate, clock=self.clock)
         self.allocator = allocator = Allocator(
             table=table, jobs=jobs, gate=gate, sizer=sizer, keeper=keeper, metrics=metrics, clock=self.clock,
@@ -95,7 +100,7 @@ class PoolEngine:
             task_status.started()
 
     def _new_pool(self, config: PoolConfig) -> Pool:
-        pool = Pool(config, self.workspaces / config.name, self.git)
+        pool = Pool(config, self.workspaces / config.name, self.git, self.submodules)
         self.table.add_pool(pool)
         return pool
 
@@ -268,8 +273,22 @@ class PoolEngine:
             self.jobs.spawn(self._bring_up, p)  # checks git-lfs is here, fetches the base's objects
         elif {"prepare", "files", "isolation"} & set(changed):
             self.jobs.spawn(self.preparer.refresh, p)
+        if "submodules" in changed:
+            self.jobs.spawn(self._submodules_changed, p)
         self.sizer.maintain(p)
         return out
+
+    async def _submodules_changed(self, p: Pool) -> None:
+        """``submodules:`` changed: the mirrors made to hold what the base records, then every
+        idle slot cleaned again (its submodules checked out, or emptied); held ones at release."""
+        if p.state == "ready" and p.base_commit is not None:
+            async with self.gate.limits(p):
+                await self.keeper.sync_submodules(p, p.base_commit, fresh_s=0)
+        for slot in list(p.slots.values()):
+            if slot.state is SlotState.AVAILABLE and not slot.reserved and not slot.busy:
+                slot.state = SlotState.CLEANING
+                await self.table.persist_or_keep(slot, [slot_event(slot, "reconfigured")])
+                self.jobs.kick(slot)
 
     # --- shutdown ---------------------------------------------------------------------------------
 

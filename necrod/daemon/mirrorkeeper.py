@@ -29,6 +29,7 @@ from necrod.daemon.pickup import drop_branch, make_branch, push_branch
 from necrod.daemon.pool import Pool
 from necrod.daemon.resume import SalvagePoint
 from necrod.daemon.slottable import SlotTable
+from necrod.daemon.submirrors import SubmoduleMirrors
 from necrod.io.gitrun import GitError
 from necrod.io.store import Event, Put
 from necrod.proto.errors import NotFound, Unavailable
@@ -37,8 +38,10 @@ log = structlog.get_logger("necrod.engine")
 
 
 class MirrorKeeper:
-    def __init__(self, table: SlotTable, jobs: Jobs, gate: GitGate, metrics: Metrics, clock: Clock) -> None:
+    def __init__(self, table: SlotTable, jobs: Jobs, gate: GitGate, metrics: Metrics, clock: Clock,
+                 submodules: SubmoduleMirrors | None = None) -> None:  # fmt: skip
         self.table = table
+        self.submodules = submodules
         self.jobs = jobs
         self.gate = gate
         self.metrics = metrics
@@ -81,6 +84,8 @@ class MirrorKeeper:
             async with self.gate.limits(pool):
                 await lfs.fetch_objects(pool.mirror, base, timeout=pool.config.clone_timeout_s)
         pool.base_commit = base
+        async with self.gate.limits(pool):
+            await self.sync_submodules(pool, base, fresh_s=0)
 
     # --- fetching ---------------------------------------------------------------------------------
 
@@ -104,9 +109,11 @@ class MirrorKeeper:
                         await p.mirror.fetch(timeout=p.config.clone_timeout_s, refspecs=extra)
                     p.refs = await p.mirror.read_refs()
                     await p.mirror.put_back_tags({n: o for n, o in agents_tags.items() if n not in p.refs})
-                    # Before the base moves: no slot stands on a commit whose LFS objects are not here.
-                    await lfs.fetch_objects(p.mirror, resolve(p.refs, p.base_ref or ""),
-                                            timeout=p.config.clone_timeout_s)  # fmt: skip
+                    # Before the base moves: no slot stands on a commit whose LFS objects are
+                    # not here, and the slots it kicks check the new submodule commits out.
+                    base = resolve(p.refs, p.base_ref or "")
+                    await lfs.fetch_objects(p.mirror, base, timeout=p.config.clone_timeout_s)
+                    await self.sync_submodules(p, base)
             except (GitError, OSError) as exc:
                 p.fetch.failures += 1
                 p.fetch.consecutive_failures += 1
@@ -135,6 +142,26 @@ class MirrorKeeper:
                 log.info("fetch_recovered", pool=p.name)
                 await self.table.persist_quietly([Event("pools", "pool.fetch", {"pool": p.name, "ok": True})])
             return await self._set_base(p, resolve(p.refs, p.base_ref or ""))
+
+    async def sync_submodules(self, p: Pool, commit: str | None, fresh_s: float | None = None) -> None:
+        """With ``submodules:``, the host's mirrors of the submodules ``commit`` records made to
+        hold their commits (``submirrors``; under the caller's git limits). What stops one from
+        being checked out is the pool's ``submodule_problems``, and a ``pool.submodules`` event
+        when that changes; it never fails the fetch."""
+        if not p.config.submodules or self.submodules is None:
+            p.submodule_problems = ()
+            return
+        if commit is None:
+            return
+        problems = tuple(await self.submodules.sync(
+            p.mirror, commit, recursive=p.config.submodules == "recursive",
+            fresh_s=p.config.fetch_interval_s / 2 if fresh_s is None else fresh_s, timeout=p.config.clone_timeout_s))  # fmt: skip
+        if problems != p.submodule_problems:
+            p.submodule_problems = problems
+            if problems:
+                log.error("submodules_refused", pool=p.name, commit=commit, problems=list(problems))
+            await self.table.persist_quietly([Event("pools", "pool.submodules", {
+                "pool": p.name, "commit": commit, "problems": list(problems)})])  # fmt: skip
 
     async def _set_base(self, p: Pool, commit: str | None) -> bool:
         if commit is None:

@@ -16,6 +16,8 @@ from necrod.daemon.layers import Layers
 from necrod.daemon.mirror import Mirror
 from necrod.daemon.overlayslots import OverlaySlots
 from necrod.daemon.slotkinds import CloneSlots, SlotKind, WorktreeSlots
+from necrod.daemon.slotsubmodules import SubmoduleCheckout
+from necrod.daemon.submirrors import SubmoduleMirrors
 from necrod.io.gitrun import GitRunner
 from necrod.proto.errors import NecrodError
 
@@ -86,7 +88,9 @@ class PrepareState:
 
 
 class Pool:
-    def __init__(self, config: PoolConfig, root: Path, git: GitRunner) -> None:
+    def __init__(
+        self, config: PoolConfig, root: Path, git: GitRunner, submodules: SubmoduleMirrors | None = None
+    ) -> None:
         self.config = config
         self.name = config.name
         self.root = root
@@ -97,9 +101,14 @@ class Pool:
         #: pool's files: and its last good prepared output; kept by ``prepare.Preparer``).
         self.top_layers: tuple[str, ...] = ()
         self.prepare = PrepareState()
+        checkout = None if submodules is None else SubmoduleCheckout(self.mirror, submodules,
+                                                                     lambda: self.config.submodules)  # fmt: skip
+        #: Why submodules of the base are not checked out (``submodules:``), as the last fetch found.
+        self.submodule_problems: tuple[str, ...] = ()
+        self._submodule_root = None if submodules is None else submodules.root
         self.kinds: dict[str, SlotKind] = {
-            "worktree": WorktreeSlots(self.mirror),
-            "shared-clone": CloneSlots(self.mirror),
+            "worktree": WorktreeSlots(self.mirror, checkout),
+            "shared-clone": CloneSlots(self.mirror, checkout),
             "overlay": OverlaySlots(self.mirror, self.layers, root, lambda: self.top_layers),
         }
         self.slots: dict[str, Slot] = {}
@@ -145,6 +154,14 @@ class Pool:
     def kind(self) -> SlotKind:
         """The kind new slots are made of."""
         return self.kinds[self.config.isolation]
+
+    @property
+    def submodule_mirrors_dir(self) -> str | None:
+        """Where the host's submodule mirrors are, when this pool checks submodules out (a
+        contained runner mounts it read-only: the slot's submodules borrow their objects)."""
+        if not self.config.submodules or self._submodule_root is None or not self._submodule_root.is_dir():
+            return None
+        return str(self._submodule_root)
 
     def wanted_layers(self) -> tuple[str, ...] | None:
         """The layers an idle slot of an overlay pool should stand on now (None: not an
@@ -246,4 +263,7 @@ class Pool:
             "lfs": {"mode": self.config.lfs, "fetched": self.mirror.lfs_fetched},
             "prepare": self.prepare.view() if self.config.prepare is not None else None,
             "layers": list(self.top_layers),
+            "submodules": {"mode": self.config.submodules, "problems": list(self.submodule_problems)}
+            if self.config.submodules
+            else None,
         }

@@ -6,7 +6,8 @@ Each filled submodule's files are compared with the commit the superproject reco
 salvage's scratch repository; from nothing when that commit cannot be read), and what differs
 is committed on top of a commit of the recorded tree, in the scratch repository. Its files count
 against the same limits as the rest of the salvage. Commits made inside the submodule are not
-kept, only its files; repositories nested in a submodule are left out. Nothing is written in
+kept, only its files; a submodule's own submodules are kept each as one more (below
+``MAX_SUBMODULES`` in all). Nothing is written in
 the slot and no link there is followed.
 """
 
@@ -20,6 +21,7 @@ from pathlib import Path
 import anyio
 
 from necrod.core.config import SalvageLimits
+from necrod.core.names import index_path_problem
 from necrod.daemon.salvage_plan import Plan, changed_paths, plan_files, safe_line
 from necrod.daemon.slotkinds import SlotKind
 from necrod.io import slotfs
@@ -65,12 +67,40 @@ class SubmoduleSalvage:
             return []
         await anyio.to_thread.run_sync(self._borrow_module_objects, scratch)
         kept: list[Kept] = []
-        for recorded, path in gitlinks:
-            if path in filled and len(kept) < MAX_SUBMODULES:
-                found = await self._submodule(scratch, recorded, path, taken, lease_id)
-                if found is not None:
-                    kept.append(found)
+        queue = list(gitlinks)
+        looked = 0
+        while queue and len(kept) < MAX_SUBMODULES and looked < MODULES_SCANNED:
+            recorded, path = queue.pop(0)
+            if path not in filled:
+                continue
+            looked += 1
+            found = await self._submodule(scratch, recorded, path, taken, lease_id)
+            if found is not None:
+                kept.append(found)
+            # A submodule's own submodules (``submodules: recursive``, or an agent's
+            # ``update --init --recursive``) are kept each as one more submodule.
+            nested = await self._nested(scratch, recorded, path)
+            if nested:
+                filled |= await anyio.to_thread.run_sync(self._filled, [p for _, p in nested])
+                queue += nested
         return kept
+
+    async def _nested(self, scratch: Path, recorded: str, path: str) -> list[tuple[str, str]]:
+        """The gitlinks of the tree a submodule's recorded commit holds (none when that commit
+        cannot be read), as (recorded, path in the slot)."""
+        listed = await self.git.run(["ls-tree", "-r", "-z", "--full-tree", "--end-of-options", recorded],
+                                    git_dir=scratch, timeout=self.timeout, check=False)  # fmt: skip
+        if listed.returncode != 0:
+            return []
+        out = []
+        for entry in listed.stdout.split(b"\0"):
+            meta, tab, name = entry.partition(b"\t")
+            fields = meta.split()
+            text = name.decode("utf-8", "surrogateescape")
+            # A tree is the pusher's: a name that is no path inside the work tree is not followed.
+            if tab and len(fields) == 3 and fields[0] == b"160000" and index_path_problem(text) is None:
+                out.append((fields[2].decode(), f"{path}/{text}"))
+        return out
 
     def _filled(self, paths: list[str]) -> set[str]:
         """The submodule directories that are real directories with something in them."""

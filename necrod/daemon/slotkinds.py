@@ -19,6 +19,9 @@ written in one slot reaches another. Two duties follow:
 
 The slot's own ``.git`` is the agent's to write while it holds the lease, so before any git of
 ours runs there, its config, hooks, info and alternates are put back as necrod wrote them.
+
+Over 500 lines, on purpose: the two git kinds and what they share (``GitSlots``) are read
+side by side; a submodule's checkout is ``slotsubmodules``.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from necrod.daemon.mirror import (
     unsafe_files,
     unsafe_structure,
 )
+from necrod.daemon.slotsubmodules import SubmoduleCheckout
 from necrod.io import slotfs
 from necrod.io.gitrun import GitRunner
 
@@ -96,6 +100,8 @@ class GitSlots(ABC):
 
     mirror: Mirror
     git: GitRunner
+    #: The pool's submodule checkout (``submodules:``); None: submodule directories stay empty.
+    submodules: SubmoduleCheckout | None = None
 
     @abstractmethod
     def git_dir(self, admin: str, path: str) -> Path: ...
@@ -107,31 +113,46 @@ class GitSlots(ABC):
     def pin(self, admin: str, commit: str) -> None: ...
 
     @abstractmethod
-    def forget(self, admin: str, path: str) -> None: ...
+    def forget(self, admin: str, path: str, keep_modules: bool = False) -> None: ...
 
     async def reset(
         self, admin: str, path: str, commit: str, clean_flags: str, *, timeout: float
     ) -> tuple[str, ...]:
         """Back to ``commit``: tracked files as committed, untracked (and ignored, with -x)
-        files gone, submodule directories emptied, nothing of the lease's own in its repository."""
+        files gone, submodule directories emptied (then checked out afresh when the pool has
+        ``submodules:``), nothing of the lease's own in its repository."""
         self.pin(admin, commit)
         git_dir = self.git_dir(admin, path)
         await self.git.run(["checkout", "--quiet", "--force", "--detach", commit], git_dir=git_dir,
                            work_tree=path, cwd=path, timeout=timeout)  # fmt: skip
         await self.git.run(["clean", "--quiet", clean_flags], git_dir=git_dir, work_tree=path, cwd=path,
                            timeout=timeout)  # fmt: skip
-        submodules = await self.mirror.gitlinks(commit)
+        managed = self.submodules is not None and self.submodules.enabled
+        submodules = [] if managed else await self.mirror.gitlinks(commit)
         if submodules:
             await anyio.to_thread.run_sync(empty_submodules, path, submodules)
-        await anyio.to_thread.run_sync(self.forget, admin, path)
+        await anyio.to_thread.run_sync(self.forget, admin, path, managed)
+        await self.check_out_submodules(admin, path, commit, timeout=timeout, clean_flags=clean_flags)
         return ()
 
     async def move(self, admin: str, path: str, commit: str, *, timeout: float) -> tuple[str, ...]:
-        """An idle, clean slot to a new base commit: only the tracked files that differ change."""
+        """An idle, clean slot to a new base commit: only the tracked files that differ change
+        (with ``submodules:``, the submodules are checked out again, and one the new commit no
+        longer has goes with the untracked files)."""
+        if self.submodules is not None and self.submodules.enabled:
+            return await self.reset(admin, path, commit, "-ffd", timeout=timeout)
         self.pin(admin, commit)
         await self.git.run(["checkout", "--quiet", "--force", "--detach", commit], git_dir=self.git_dir(admin, path),
                            work_tree=path, cwd=path, timeout=timeout)  # fmt: skip
         return ()
+
+    async def check_out_submodules(
+        self, admin: str, path: str, commit: str, *, timeout: float, clean_flags: str = "-ffdx"
+    ) -> None:
+        """The submodules ``commit`` records, checked out in the slot (``slotsubmodules``)."""
+        if self.submodules is not None:
+            root, rel = self.git_dir_at(admin, path)
+            await self.submodules.checkout(root, rel, path, commit, timeout=timeout, clean_flags=clean_flags)
 
     async def drift(self, admin: str, path: str, commit: str, *, timeout: float) -> str | None:
         """How a just-reset slot differs from a clean checkout at ``commit``, or None: HEAD read
@@ -210,9 +231,10 @@ def _slot_dir(path: str) -> bool:
 class WorktreeSlots(GitSlots):
     name = "worktree"
 
-    def __init__(self, mirror: Mirror) -> None:
+    def __init__(self, mirror: Mirror, submodules: SubmoduleCheckout | None = None) -> None:
         self.mirror = mirror
         self.git: GitRunner = mirror.git
+        self.submodules = submodules
 
     def git_dir(self, admin: str, path: str) -> Path:
         return self.mirror.path / "worktrees" / admin
@@ -220,10 +242,12 @@ class WorktreeSlots(GitSlots):
     def git_dir_at(self, admin: str, path: str) -> tuple[Path, str]:
         return self.mirror.path, f"worktrees/{admin}"
 
-    def forget(self, admin: str, path: str) -> None:
-        """Drop the repositories of submodules the lease initialised (``modules/``): the rest
-        of a worktree's repository is the mirror's (refs and objects)."""
-        slotfs.remove(self.mirror.path, f"worktrees/{admin}/modules")
+    def forget(self, admin: str, path: str, keep_modules: bool = False) -> None:
+        """Drop the repositories of submodules the lease initialised (``modules/``; with
+        ``keep_modules``, ``slotsubmodules`` sorts them out): the rest of a worktree's
+        repository is the mirror's (refs and objects)."""
+        if not keep_modules:
+            slotfs.remove(self.mirror.path, f"worktrees/{admin}/modules")
 
     def problem(self, admin: str, path: str) -> str | None:
         """Why the slot cannot be cleaned in place (it must be rebuilt), or None."""
@@ -306,6 +330,7 @@ class WorktreeSlots(GitSlots):
         dotgit = (slotfs.read_text(path, ".git") or "").strip()
         if dotgit != f"gitdir: {stale_admin}":
             raise OSError(f"git put the worktree's admin directory at {dotgit!r}, expected {stale_admin}")
+        await self.check_out_submodules(admin, str(path), commit, timeout=timeout)
         return ()
 
     def owns(self, directory: Path) -> bool:
@@ -358,9 +383,10 @@ def clone_config(repo_url: str) -> str:
 class CloneSlots(GitSlots):
     name = "shared-clone"
 
-    def __init__(self, mirror: Mirror) -> None:
+    def __init__(self, mirror: Mirror, submodules: SubmoduleCheckout | None = None) -> None:
         self.mirror = mirror
         self.git: GitRunner = mirror.git
+        self.submodules = submodules
 
     @property
     def alternates(self) -> str:
@@ -427,6 +453,7 @@ class CloneSlots(GitSlots):
         self.pin(admin, commit)
         await self.git.run(["checkout", "--quiet", "--force", "--detach", commit], git_dir=path / ".git",
                            work_tree=path, cwd=path, timeout=timeout)  # fmt: skip
+        await self.check_out_submodules(admin, str(path), commit, timeout=timeout)
         return ()
 
     def owns(self, directory: Path) -> bool:
@@ -466,7 +493,7 @@ class CloneSlots(GitSlots):
         await self.git.run(["update-ref", "-d", "--end-of-options", f"refs/heads/{branch}"],
                            git_dir=self.git_dir(admin, path), timeout=timeout, check=False)  # fmt: skip
 
-    def forget(self, admin: str, path: str) -> None:
+    def forget(self, admin: str, path: str, keep_modules: bool = False) -> None:
         """Drop what leases left in the slot's own repository: refs (branches, tags, stash),
         reflogs, objects and the repositories of submodules it initialised, so the next lease inherits nothing of the last one. Run after the
         reset to a commit of the mirror, and after salvage fetched the work into the mirror:
@@ -475,7 +502,8 @@ class CloneSlots(GitSlots):
         still recognises (and ``restore`` makes whole again)."""
         root = Path(path)
         for name in ("logs", "packed-refs", "ORIG_HEAD", "FETCH_HEAD", "shallow", "modules"):
-            slotfs.remove(root, f".git/{name}")
+            if name != "modules" or not keep_modules:  # kept: ``slotsubmodules`` sorts them out
+                slotfs.remove(root, f".git/{name}")
         for name in slotfs.list_dir(root, ".git/refs"):
             if name not in ("heads", "tags"):
                 slotfs.remove(root, f".git/refs/{name}")

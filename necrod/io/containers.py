@@ -75,6 +75,8 @@ class ContainerLaunch:
     mirror: str
     socket: str
     labels: dict[str, str]
+    #: The host's submodule mirrors, which the slot's submodules borrow objects from (read-only).
+    submodule_mirrors: str | None = None
 
 
 class ContainerRun(Run):
@@ -187,6 +189,8 @@ class ContainerLauncher:
         env = {k: v for k, v in env.items() if k not in ("PATH", "HOME")}
         binds = [f"{launch.slot}:{c.workdir}:rw", f"{launch.mirror}:{launch.mirror}:ro",
                  f"{os.path.dirname(launch.socket)}:{SOCKET_DIR_INSIDE}:ro", *(f"{m}:{m}:ro" for m in c.mounts)]  # fmt: skip
+        if launch.submodule_mirrors:
+            binds.append(f"{launch.submodule_mirrors}:{launch.submodule_mirrors}:ro")
         host: dict[str, Any] = {
             "Binds": binds, "NetworkMode": c.network, "CapDrop": ["ALL"],
             "SecurityOpt": ["no-new-privileges"], "PidsLimit": c.pids_limit or 0,

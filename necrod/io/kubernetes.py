@@ -71,6 +71,8 @@ class KubeLaunch:
     grace_s: float
     #: The Job's ``activeDeadlineSeconds``: a backstop for when the daemon is not there to stop it.
     deadline_s: float | None = None
+    #: The host's submodule mirrors, which the slot's submodules borrow objects from (read-only).
+    submodule_mirrors: str | None = None
 
 
 def _user(spec: KubernetesSpec) -> tuple[int, int]:
@@ -88,7 +90,7 @@ def job_manifest(spec: LaunchSpec, launch: KubeLaunch, node: str, labels: dict[s
         limits["memory"] = str(spec.memory_limit)
     if k.cpus:
         limits["cpu"] = f"{round(k.cpus * 1000)}m"
-    container = {
+    container: dict[str, Any] = {
         "name": CONTAINER, "image": k.image, "imagePullPolicy": k.image_pull_policy, "command": spec.argv,
         "workingDir": k.workdir, "env": [{"name": key, "value": v} for key, v in env.items()],
         "resources": {"limits": limits, "requests": dict(limits)},
@@ -99,6 +101,10 @@ def job_manifest(spec: LaunchSpec, launch: KubeLaunch, node: str, labels: dict[s
             {"name": "necrod-socket", "mountPath": SOCKET_DIR_INSIDE, "readOnly": True},
         ],
     }  # fmt: skip
+    if launch.submodule_mirrors:
+        container["volumeMounts"].append(
+            {"name": "submodule-mirrors", "mountPath": launch.submodule_mirrors, "readOnly": True}
+        )
     pod: dict[str, Any] = {
         "restartPolicy": "Never", "nodeName": node, "automountServiceAccountToken": False,
         "terminationGracePeriodSeconds": max(1, round(launch.grace_s)),
@@ -110,6 +116,10 @@ def job_manifest(spec: LaunchSpec, launch: KubeLaunch, node: str, labels: dict[s
             {"name": "necrod-socket", "hostPath": {"path": os.path.dirname(launch.socket), "type": "Directory"}},
         ],
     }  # fmt: skip
+    if launch.submodule_mirrors:
+        pod["volumes"].append(
+            {"name": "submodule-mirrors", "hostPath": {"path": launch.submodule_mirrors, "type": "Directory"}}
+        )
     if k.service_account:
         pod["serviceAccountName"] = k.service_account
     job_spec: dict[str, Any] = {

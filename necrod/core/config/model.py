@@ -172,6 +172,9 @@ class PoolConfig:
     ports: int = 0
     #: Files git does not carry, copied into every slot: (path in the slot, path on the host).
     files: tuple[tuple[str, str], ...] = ()
+    #: Submodules checked out in slots from the host's submodule mirrors: False (left empty),
+    #: True, or "recursive" (their submodules too).
+    submodules: bool | str = False
 
     @property
     def clean_flags(self) -> str:

@@ -93,6 +93,10 @@ _POOL_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "idle_timeout_s": num_in(0, WEEK_S),
     "isolation": one_of(*ISOLATIONS),
     "ports": int_in(0, MAX_LEASE_PORTS),
+    "submodules": described(
+        lambda v: None if v is True or v is False or v == "recursive" else "must be true, false or recursive",
+        {"enum": [False, True, "recursive"]},
+    ),
     "metrics": is_bool,
     "stale_lock_hours": num_in(0, 24 * 365, above=True),
     "lock_timeout_s": num_in(0, 24 * 3600),
@@ -316,6 +320,10 @@ def resolve_pool(
         raise r.error(
             node, f"pools.{name}: min_idle ({merged['min_idle']}) is above max_slots ({merged['max_slots']})"
         )
+    if merged.get("submodules") and merged.get("isolation") == "overlay":
+        node = nodes.get("submodules") or nodes.get("isolation") or name_node
+        raise r.error(node, f"pools.{name}: submodules are not checked out in overlay slots yet; "
+                            "use isolation: worktree or shared-clone, or submodules: false")  # fmt: skip
     problem = repo_url_problem(repo_url, daemon.allowed_protocols)
     if problem:
         raise r.error(repo_node, f"pools.{name}.repo_url {problem}")

@@ -256,7 +256,8 @@ class Attempts:
 
         assert profile.container is not None
         return ContainerLaunch(spec=profile.container, slot=lease["path"], mirror=self._isolated_mirror(t, profile),
-                               socket=str(self.socket), labels={"necrod.task": t.task_id, "necrod.attempt": str(n)})  # fmt: skip
+                               socket=str(self.socket), labels={"necrod.task": t.task_id, "necrod.attempt": str(n)},
+                               submodule_mirrors=self.table.pool(t.pool).submodule_mirrors_dir)  # fmt: skip
 
     def _kube_launch(self, t: Task, n: int, profile: RunnerProfile, lease: dict[str, Any]) -> KubeLaunch:
         from necrod.io.kubernetes import KubeLaunch
@@ -267,7 +268,8 @@ class Attempts:
         deadline = timeout + profile.grace_s + 60 if timeout else None
         return KubeLaunch(spec=profile.kubernetes, slot=lease["path"], mirror=self._isolated_mirror(t, profile),
                           socket=str(self.socket), labels={"necrod.task": t.task_id, "necrod.attempt": str(n)},
-                          grace_s=profile.grace_s, deadline_s=deadline)  # fmt: skip
+                          grace_s=profile.grace_s, deadline_s=deadline,
+                          submodule_mirrors=self.table.pool(t.pool).submodule_mirrors_dir)  # fmt: skip
 
     # --- watching ---------------------------------------------------------------------------------
 
