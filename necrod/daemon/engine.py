@@ -41,7 +41,7 @@ from necrod.daemon.mirrorkeeper import MirrorKeeper
 from necrod.daemon.pool import Pool
 from necrod.daemon.poolsize import PoolSizer
 from necrod.daemon.prepare import Preparer
-from necrod.daemon.slottable import SlotTable
+from necrod.daemon.slottable import SlotTable, slot_event
 from necrod.io import overlay
 from necrod.io.gitrun import GitError, GitRunner
 from necrod.io.store import Event, Put, StateStore
@@ -244,8 +244,9 @@ class PoolEngine:
         out = [f"pool {p.name}: {key} {getattr(old, key)!r} -> {getattr(new, key)!r}" for key in changed]
         if "git_concurrency" in changed:
             p.limiter.total_tokens = new.git_concurrency
+        if "repo_url" in changed or "filter" in changed:
+            p.mirror.set_url(new.repo_url, new.filter)
         if "repo_url" in changed:
-            p.mirror.set_url(new.repo_url)
             p.default_branch = None
         if "slots" in changed:
             p.delta = 0
@@ -258,12 +259,23 @@ class PoolEngine:
                 self.jobs.kick(slot)  # idle slots are remade now, held ones after release
         if "repo_url" in changed or "base" in changed:
             self.jobs.spawn(self.keeper.refetch_base, p)
+        if "sparse" in changed:
+            self.jobs.spawn(self._resparse, p)
         if "isolation" in changed and new.isolation == "overlay" and p.state == "ready":
             self.jobs.spawn(self._bring_up, p)  # checks it can mount first
         elif {"prepare", "files", "isolation"} & set(changed):
             self.jobs.spawn(self.preparer.refresh, p)
         self.sizer.maintain(p)
         return out
+
+    async def _resparse(self, p: Pool) -> None:
+        """The pool's sparse set changed: its idle slots are cleaned onto the new one now (held
+        ones get it when released)."""
+        for slot in list(p.slots.values()):
+            if slot.state is SlotState.AVAILABLE and not slot.reserved and not slot.busy:
+                slot.state = SlotState.CLEANING
+                await self.table.persist_or_keep(slot, [slot_event(slot, "sparse_changed")])
+                self.jobs.kick(slot)
 
     # --- shutdown ---------------------------------------------------------------------------------
 

@@ -23,8 +23,9 @@ from necrod.core.slots import SlotState
 from necrod.daemon.gitgate import GitGate
 from necrod.daemon.jobs import Jobs
 from necrod.daemon.metrics import Metrics
-from necrod.daemon.mirror import ProgressLog
+from necrod.daemon.partial import backfill
 from necrod.daemon.pool import Pool
+from necrod.daemon.poolprogress import PoolProgress
 from necrod.daemon.slottable import SlotTable
 from necrod.io.gitrun import GitError
 from necrod.io.store import Event, Put
@@ -51,10 +52,11 @@ class MirrorKeeper:
             pool.state = "cloning"
             log.info("mirror_clone", pool=pool.name, repo_url=pool.config.repo_url)
             started = time.perf_counter()
+            pool.progress = progress = PoolProgress(
+                pool.name, lambda event: self.jobs.spawn(self.table.persist_quietly, [event])
+            )
             async with self.gate.limits(pool):
-                await pool.mirror.create(
-                    timeout=pool.config.clone_timeout_s, on_progress=ProgressLog(pool.name)
-                )
+                await pool.mirror.create(timeout=pool.config.clone_timeout_s, on_progress=progress.git_line)
             pool.fetch.last_ok_at = self.clock.wall()
             pool.fetch.fetches += 1
             log.info("mirror_cloned", pool=pool.name, s=round(time.perf_counter() - started, 2))
@@ -74,6 +76,12 @@ class MirrorKeeper:
         if base is None:
             raise NotFound(f"base {pool.base_ref!r} is not a branch or tag of {pool.config.repo_url}")
         pool.base_commit = base
+        if pool.progress is not None and pool.mirror.partial is not None:
+            # The first slot's checkout needs the base's blobs: fetched here, with progress.
+            pool.progress.stage = "blobs"
+            async with self.gate.limits(pool):
+                await backfill(pool.mirror, base, pool.config.sparse, timeout=pool.config.clone_timeout_s,
+                               on_progress=pool.progress.git_line)  # fmt: skip
 
     # --- fetching ---------------------------------------------------------------------------------
 

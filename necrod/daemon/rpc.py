@@ -193,6 +193,7 @@ class Api:
             uid=ctx.peer.uid,
             affinity=params["affinity"],
             ports=params["ports"],
+            sparse=params["sparse"],
         )
         # A lease nobody heard about (the caller vanished while queued) goes back at once.
         ctx.undelivered.append(lambda: self.allocator.abandon(lease["lease_id"]))

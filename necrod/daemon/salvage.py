@@ -54,6 +54,16 @@ LISTED_SKIPS = 100
 REF_PREFIX = "refs/necrod/salvage/"
 
 
+#: A sparse slot's index marks the files outside its cone (skip-worktree): absent, and not
+#: deleted. With sparse checkout on, git also takes such a file the agent did write (it clears
+#: the mark of a file that is there), so an edit outside the cone is salvaged too.
+_SPARSE_AWARE = {
+    "GIT_CONFIG_COUNT": "1",
+    "GIT_CONFIG_KEY_0": "core.sparseCheckout",
+    "GIT_CONFIG_VALUE_0": "true",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Salvage:
     ref: str
@@ -191,7 +201,7 @@ class Salvager:
     ) -> GitResult:
         return await self.git.run(
             args, git_dir=scratch, work_tree=self.path, cwd=self.path, timeout=self.timeout, check=check,
-            env={"GIT_INDEX_FILE": str(scratch / "index")}, input=input,
+            env={"GIT_INDEX_FILE": str(scratch / "index"), **_SPARSE_AWARE}, input=input,
         )  # fmt: skip
 
     async def _head(self) -> str | None:

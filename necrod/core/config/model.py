@@ -163,6 +163,10 @@ class PoolConfig:
     ports: int = 0
     #: Files git does not carry, copied into every slot: (path in the slot, path on the host).
     files: tuple[tuple[str, str], ...] = ()
+    #: Directories its slots hold besides the top-level files (cone mode); () is everything.
+    sparse: tuple[str, ...] = ()
+    #: The mirror's partial-clone filter (``blob:none``, ``blob:limit=N``), or None: every object.
+    filter: str | None = None
 
     @property
     def clean_flags(self) -> str:
@@ -248,6 +252,8 @@ class RunnerProfile:
     kubernetes: KubernetesSpec | None = None
     #: Ports its tasks' leases get (None: the pool's ``ports``).
     ports: int | None = None
+    #: Directories its tasks' slots hold (None: the pool's ``sparse``; a task's own wins).
+    sparse: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
