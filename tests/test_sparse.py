@@ -4,6 +4,7 @@ back whatever the agent did, what salvage keeps, and the blobs a partial mirror 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -281,3 +282,29 @@ def test_a_reload_moves_idle_slots_onto_a_new_sparse_set(
     d.call("daemon.reload")
     slot = d.call("slots.list", {"pool": "repo"})["slots"][0]["path"]
     wait_for(lambda: tops(slot) == {"pkg2"} and d.wait_slots("repo", "available", 1), 20, what="the new set")
+
+
+def ctl(d: Necrod, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "necrod.ctl.main", "--socket", str(d.socket), *args],
+                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+
+
+def test_necroctl_allocate_and_run_take_sparse_and_pools_shows_the_set(
+    necrod_factory: Callable[..., Necrod], origin: Path
+) -> None:
+    d = necrod_factory(pool_config({"repo": origin}, slots=1, min_idle=0, sparse=["pkg1"]))
+    r = ctl(d, "allocate", "repo", "--sparse", "pkg2", "--sparse", "pkg3", "--json")
+    assert r.returncode == 0, r.stderr
+    lease = json.loads(r.stdout)
+    assert lease["sparse"] == ["pkg2", "pkg3"] and tops(lease["path"]) == {"pkg2", "pkg3"}
+    released_and_clean(d, lease)
+    r = ctl(d, "run", "--pool", "repo", "--no-sparse", "--", "sh", "-c", "ls -d pkg*")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["pkg0", "pkg1", "pkg2", "pkg3"]
+    d.wait_slots("repo", "available", 1)
+    r = ctl(d, "run", "--pool", "repo", "--sparse", "pkg0", "--", "sh", "-c", "ls -d pkg*")
+    assert r.stdout.split() == ["pkg0"]
+    r = ctl(d, "allocate", "repo", "--sparse", "../etc")
+    assert r.returncode != 0 and "sparse" in r.stderr
+    r = ctl(d, "pools")
+    assert r.returncode == 0 and "ready" in r.stdout

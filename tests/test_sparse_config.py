@@ -87,3 +87,18 @@ def test_progress_is_throttled_but_a_new_phase_or_the_end_gets_through() -> None
     assert throttle.due(0.3, "resolving deltas", 100)  # the end of a phase always
     assert not throttle.due(0.31, "resolving deltas", 100)  # ... once
     assert throttle.due(0.9, "resolving deltas", 100) is False
+
+
+def test_necroctl_pools_shows_a_pool_coming_up(capsys: pytest.CaptureFixture[str]) -> None:
+    from necrod.ctl import show
+
+    pool = {"name": "mono", "state": "cloning", "base": "main", "base_commit": None, "waiting": 0,
+            "slots": {"available": 0, "allocated": 0, "cleaning": 0, "creating": 0, "error": 0},
+            "fetch": {"state": "idle", "last_ok_at": None}, "prepare": None,
+            "progress": {"stage": "mirror", "phase": "receiving objects", "percent": 45, "done": 9, "total": 20}}  # fmt: skip
+    show.pools({"pools": [pool]})
+    assert "cloning: receiving objects 45%" in capsys.readouterr().out
+    pool.update(state="ready", progress={"stage": "slots", "phase": "creating slots", "percent": 50, "done": 1,
+                                         "total": 2})  # fmt: skip
+    show.pools({"pools": [pool]})
+    assert "ready: creating slots 1/2" in capsys.readouterr().out
