@@ -102,3 +102,13 @@ def test_necroctl_pools_shows_a_pool_coming_up(capsys: pytest.CaptureFixture[str
                                          "total": 2})  # fmt: skip
     show.pools({"pools": [pool]})
     assert "ready: creating slots 1/2" in capsys.readouterr().out
+
+
+def test_a_runner_profile_carries_a_sparse_set_for_its_tasks() -> None:
+    cfg = parse_config(
+        "pools:\n  p:\n    repo_url: https://example.com/p.git\n"
+        "runners:\n  docs-bot:\n    command: ['true']\n    sparse: [docs/, site]\n"
+    )
+    assert cfg.runners["docs-bot"].sparse == ("docs", "site")
+    with pytest.raises(ConfigError, match=r"runners\.bad\.sparse: '\.\./up' has a '\.\.' component"):
+        parse_config("pools: {}\nrunners:\n  bad:\n    command: ['true']\n    sparse: [../up]\n")
