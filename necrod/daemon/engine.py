@@ -166,6 +166,8 @@ class PoolEngine:
             if slot.state is SlotState.AVAILABLE:
                 self.allocator.offer(pool, slot)
         self.sizer.maintain(pool)
+        if pool.progress is not None and not any(s.state is SlotState.CREATING for s in pool.slots.values()):
+            pool.progress = None  # no slot to make: it is up
         ready = Event(
             "pools", "pool.state", {"pool": pool.name, "state": "ready", "base_commit": pool.base_commit}
         )
