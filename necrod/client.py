@@ -137,6 +137,7 @@ class _Api(Generic[R]):
         affinity: str | None = None,
         ports: int | None = None,
         sparse: list[str] | None = None,
+        from_salvage: str | None = None,
     ) -> R:
         """A lease; ``sparse``: the directories its slot holds (``[]``: all; None: the pool's)."""
         return self.call(
@@ -153,6 +154,7 @@ class _Api(Generic[R]):
                     "affinity": affinity,
                     "ports": ports,
                     "sparse": sparse,
+                    "from_salvage": from_salvage,
                 }
             ),
         )
@@ -174,6 +176,17 @@ class _Api(Generic[R]):
 
     def salvage_show(self, lease_id: str) -> R:
         return self.call("salvage.show", {"lease_id": lease_id})
+
+    def salvage_diff(self, lease_id: str, *, binary: bool = False) -> R:
+        return self.call("salvage.diff", _clean({"lease_id": lease_id, "binary": binary or None}))
+
+    def salvage_branch(
+        self, lease_id: str, branch: str, *, message: str | None = None, push: bool = False
+    ) -> R:
+        return self.call(
+            "salvage.branch",
+            _clean({"lease_id": lease_id, "branch": branch, "message": message, "push": push or None}),
+        )
 
     def salvage_prune(self, pool: str | None = None, *, dry_run: bool = False) -> R:
         return self.call("salvage.prune", _clean({"pool": pool, "dry_run": dry_run or None}))

@@ -58,8 +58,10 @@ class Lease:
     affinity: str | None = None
     #: TCP ports the lease holds (``ports:``), consecutive; given back with the lease.
     ports: list[int] = field(default_factory=list)
-    #: The directories the lease asked its slot to hold (``sparse``); None: the pool's set.
+    #: The directories its slot was handed out holding (``sparse``; ``[]``: all of it).
     sparse: list[str] | None = None
+    #: The lost lease whose salvage this one started from (``from_salvage``, ``resume: salvage``).
+    resumed_from: str | None = None
     #: Monotonic deadline; not persisted (after a restart every lease gets a fresh ttl_s).
     deadline: float = 0.0
 

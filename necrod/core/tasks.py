@@ -67,6 +67,8 @@ class Attempt:
     host: str | None = None
     remote_dir: str | None = None
     cleanup_pending: bool = False
+    #: The earlier attempt's lease whose salvage this one started from (``resume: salvage``).
+    resumed_from: str | None = None
 
     def to_row(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -118,6 +120,9 @@ class Task:
     #: Who cancelled it (``uid``, ``pid``, ``client``: the name it gave in ``hello``) and why.
     cancelled_by: dict[str, Any] | None = None
     cancel_reason: str | None = None
+    #: ``salvage``: a retry starts from the previous attempt's salvage; ``base``; None: the
+    #: runner profile's ``resume``.
+    resume: str | None = None
 
     def to_row(self) -> dict[str, Any]:
         row = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "attempts"}

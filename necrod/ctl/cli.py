@@ -103,7 +103,8 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "logs": ("necroctl logs t-17", "necroctl logs t-17 --attempt 1", "necroctl logs t-17 -f",
              "necroctl logs t-17 --json | jq -r .data"),
     "salvage": ("necroctl salvage list --pool web", "necroctl salvage show l-2dcb5c428104ebab",
-                "necroctl salvage prune --dry-run"),
+                "necroctl salvage diff l-2dcb5c428104ebab | less", "necroctl salvage checkout l-2dcb5c428104ebab",
+                "necroctl salvage push l-2dcb5c428104ebab agent/fix-login", "necroctl salvage prune --dry-run"),
     "run": ("necroctl run --pool web -- make test", "necroctl run --pool web --ref \"$GIT_COMMIT\" --salvage always -- ./ci.sh"),
     "completion": ("necroctl completion bash > /etc/bash_completion.d/necroctl",
                    "necroctl completion zsh > \"${fpath[1]}/_necroctl\"",
@@ -236,6 +237,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--metadata", type=json.loads, help="JSON object stored with the lease")
     a.add_argument("--ports", type=int, help="TCP ports to hold with the lease (default: the pool's ports)")
     _sparse_options(a)
+    a.add_argument("--from-salvage", metavar="LEASE_ID",
+                   help="start where that lost lease stopped: its commits and uncommitted work")  # fmt: skip
     h = cmd("heartbeat", "keep a lease alive")
     h.add_argument("lease_id")
     h.add_argument("--ttl", type=float)
@@ -327,7 +330,8 @@ def parser() -> argparse.ArgumentParser:
     lg.add_argument("--attempt", type=int, help="default: the latest")
     lg.add_argument("-f", "--follow", action="store_true", help="keep printing until the attempt ends")
     sv = cmd("salvage", "work salvaged from slots before they were cleaned")
-    svsub = sv.add_subparsers(dest="salvage_command", metavar="list|show|prune", required=True)
+    svsub = sv.add_subparsers(dest="salvage_command", metavar="list|show|diff|checkout|apply|branch|push|prune",
+                              required=True)  # fmt: skip
 
     def salvage_cmd(name: str, help: str) -> argparse.ArgumentParser:
         return svsub.add_parser(name, help=help, description=help, parents=[common], allow_abbrev=False,
@@ -335,6 +339,23 @@ def parser() -> argparse.ArgumentParser:
 
     salvage_cmd("list", "salvage refs, newest first").add_argument("--pool")
     salvage_cmd("show", "what one salvage holds and how to fetch it").add_argument("lease_id")
+    salvage_cmd("diff", "everything the lease did since it started, as a patch").add_argument("lease_id")
+    sco = salvage_cmd(
+        "checkout", "lease a slot that starts where the salvaged lease stopped; prints its path"
+    )
+    sco.add_argument("lease_id")
+    sco.add_argument("--pool", help="default: the pool the salvage is in")
+    sco.add_argument("--branch", help="create this branch in the slot at the lease's last commit")
+    sco.add_argument("--ttl", type=float, help="seconds the lease lives without a heartbeat")
+    sap = salvage_cmd("apply", "apply the salvage's changes to a work tree here (git apply)")
+    sap.add_argument("lease_id")
+    sap.add_argument("-C", "--directory", default=".", help="the work tree (default: the current directory)")
+    for name, text in (("branch", "make a branch of the salvage's work in the pool's mirror"),
+                       ("push", "make that branch and push it to the pool's origin")):  # fmt: skip
+        sb = salvage_cmd(name, text)
+        sb.add_argument("lease_id")
+        sb.add_argument("branch")
+        sb.add_argument("-m", "--message", help="the commit message (default: names the lease)")
     sp = salvage_cmd("prune", "delete salvage past each pool's salvage_keep_* limits")
     sp.add_argument("--pool")
     sp.add_argument("--dry-run", action="store_true", help="only list what would be deleted")

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from necrod.client import Client
-from necrod.ctl import cli, render, show
+from necrod.ctl import cli, render, salvage, show
 from necrod.ctl.cli import (
     EXIT_DEGRADED,
     EXIT_ERROR,
@@ -132,6 +132,7 @@ def _run(args: argparse.Namespace, c: Client) -> tuple[Any, Callable[[Any], None
                 metadata=args.metadata,
                 ports=args.ports,
                 sparse=sparse_of(args),
+                from_salvage=args.from_salvage,
             ), show.lease
         case "heartbeat":
             return c.heartbeat(args.lease_id, args.ttl), lambda r: print(
@@ -215,44 +216,7 @@ def _run(args: argparse.Namespace, c: Client) -> tuple[Any, Callable[[Any], None
         case "refs":
             return c.refs(args.pool, args.pattern), show.refs
         case "salvage":
-            if args.salvage_command == "list":
-                return c.salvage_list(args.pool), lambda r: print(
-                    render.table(
-                        [
-                            (
-                                i["pool"],
-                                i["lease_id"],
-                                render.short(str(i["commit"])),
-                                render.iso(i["date"]),
-                                i["subject"],
-                            )
-                            for i in r["salvage"]
-                        ],
-                        ("POOL", "LEASE", "COMMIT", "DATE", "SUBJECT"),
-                    )
-                )
-
-            def show_salvage(r: dict[str, Any]) -> None:
-                print(f"{r['ref']} in pool {r['pool']}: {r['commit']}")
-                print(f"  {r['subject']} ({render.iso(r['date'])})")
-                for f in r["files"]:
-                    print(f"  {f['status']}\t{f['path']}")
-                for sub in r.get("submodules", []):
-                    print(f"  submodule {sub['path']}: {sub['commit']}")
-                    for f in sub["files"]:
-                        print(f"    {f['status']}\t{f['path']}")
-                print(f"get it with: {r['fetch']}")
-
-            if args.salvage_command == "prune":
-
-                def show_pruned(r: dict[str, Any]) -> None:
-                    verb = "would delete" if r["dry_run"] else "deleted"
-                    print(f"{verb} {len(r['pruned'])} salvage ref(s)")
-                    for i in r["pruned"]:
-                        print(f"  {i['pool']}\t{i['lease_id']}\t{render.iso(i['date'])}\t{i['bytes']} bytes")
-
-                return c.salvage_prune(args.pool, dry_run=args.dry_run), show_pruned
-            return c.salvage_show(args.lease_id), show_salvage
+            return salvage.run(args, c)
     raise AssertionError(args.command)
 
 

@@ -11,6 +11,10 @@ A lease that ends (released, expired, revoked) sends its slot to ``cleaning`` an
 ``offer``, first to the allocations waiting for one. It calls the slot table, the background
 jobs, the git gate (a grant's checkout), the pool sizer (an idle slot fewer may want another)
 and the mirror keeper (a ref the mirror does not have yet is fetched once).
+
+Over 500 lines because granting, waiting and a lease's end are one protocol over the same
+records (the grant's slow path undoes itself through the same release); a split would pass the
+half-made lease between modules.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from necrod.daemon.metrics import Metrics
 from necrod.daemon.mirrorkeeper import MirrorKeeper
 from necrod.daemon.pool import Pool, Waiter
 from necrod.daemon.poolsize import PoolSizer
+from necrod.daemon.resume import SalvagePoint
 from necrod.daemon.slottable import SlotTable, iso, lease_event, slot_event
 from necrod.io.gitrun import GitError
 from necrod.io.ports import free_on_host
@@ -96,11 +101,13 @@ class Allocator:
         affinity: str | None = None,
         ports: int | None = None,
         sparse: list[str] | None = None,
+        resume: SalvagePoint | None = None,
     ) -> dict[str, Any]:
         """A lease on a slot of ``pool``, owned by ``uid`` (and, for a task's contained runner,
         also usable by ``runner_uid``); with ``affinity``, preferably the idle slot last
         released under that key; with ``ports`` (else the pool's), that many TCP ports; with
-        ``sparse``, the slot narrowed or widened to those directories (``[]``: all) for it."""
+        ``sparse``, the slot narrowed or widened to those directories (``[]``: all) for it; with
+        ``resume``, starting where that salvage's lease stopped (``resume.py``)."""
         started = time.perf_counter()
         p = self.table.pool(pool)
         wanted = None if sparse is None else check_sparse(sparse)
@@ -125,7 +132,10 @@ class Allocator:
             self._check_serving(p)
             if p.state != "ready":
                 raise Unavailable(self._not_ready_message(p), pool=p.name, state=p.state)
-        target = await self._resolve_ref(p, ref, deadline) if ref is not None else None
+        if resume is not None:
+            target: str | None = resume.commit
+        else:
+            target = await self._resolve_ref(p, ref, deadline) if ref is not None else None
         if branch is not None:
             self._check_branch_free(p, branch)
         slot = None if p.waiters else self._choose_whole(p, target or p.base_commit, affinity)
@@ -152,7 +162,7 @@ class Allocator:
         result = await self._grant(
             p, slot, holder=holder, ttl_s=ttl_s or p.config.lease_ttl_s, target=target, branch=branch,
             metadata=metadata or {}, task_id=task_id, uid=uid, runner_uid=runner_uid, affinity=affinity,
-            ports=block, sparse=wanted,
+            ports=block, sparse=wanted, resume=resume,
         )  # fmt: skip
         if p.config.metrics:
             self.metrics.allocations.labels(p.name).inc()
@@ -295,6 +305,7 @@ class Allocator:
         self, p: Pool, slot: Slot, *, holder: str | None, ttl_s: float, target: str | None, branch: str | None,
         metadata: dict[str, Any], task_id: str | None, uid: int | None, runner_uid: int | None,
         affinity: str | None = None, ports: list[int] | None = None, sparse: tuple[str, ...] | None = None,
+        resume: SalvagePoint | None = None,
     ) -> dict[str, Any]:  # fmt: skip
         # Everything up to the first await is atomic: the slot is ours from here on.
         now_m, now_w = self.clock.monotonic(), self.clock.wall()
@@ -305,7 +316,8 @@ class Allocator:
             lease_id=new_lease_id(), holder=holder, metadata=metadata, ttl_s=ttl_s, granted_at=now_w,
             expires_at=now_w + ttl_s, fencing_token=slot.fencing_token, start_commit=slot.commit,
             task_id=task_id, uid=uid, runner_uid=runner_uid, affinity=affinity, ports=ports or [],
-            sparse=None if sparse is None else list(sparse), deadline=now_m + ttl_s,
+            sparse=list(p.config.sparse if sparse is None else sparse), deadline=now_m + ttl_s,
+            resumed_from=resume.lease_id if resume else None,
         )  # fmt: skip
         slot.state = SlotState.ALLOCATED
         slot.lease = lease
@@ -328,7 +340,10 @@ class Allocator:
         try:
             async with self.gate.pool_git(p):
                 await self.gate.check_mirror(p, slot)
-                await self.gate.slot_git(p, slot).checkout(target or slot.commit or "", branch, narrow)
+                if resume is not None:
+                    await self.gate.slot_git(p, slot).resume(resume.commit, resume.head, branch, narrow)
+                else:
+                    await self.gate.slot_git(p, slot).checkout(target or slot.commit or "", branch, narrow)
         except BaseException as exc:
             slot.busy = False
             with anyio.CancelScope(shield=True):
@@ -340,7 +355,7 @@ class Allocator:
             raise
         slot.busy = False
         snap = slot.snapshot()
-        slot.commit = target or slot.commit
+        slot.commit = resume.head if resume else target or slot.commit
         slot.branch = branch
         lease.branch = branch
         lease.start_commit = slot.commit
@@ -381,12 +396,9 @@ class Allocator:
             "ttl_s": lease.ttl_s,
             "holder": lease.holder,
             "ports": list(lease.ports),
-            "sparse": list(lease.sparse) if lease.sparse is not None else self._pool_sparse(slot.pool),
+            "sparse": list(lease.sparse or []),
+            "resumed_from": lease.resumed_from,
         }
-
-    def _pool_sparse(self, pool: str) -> list[str]:
-        p = self.table.pools.get(pool)
-        return list(p.config.sparse) if p is not None else []
 
     # --- heartbeat, release, expiry -----------------------------------------------------------------
 

@@ -114,5 +114,14 @@ class SlotGit:
         await self.kind.checkout(self.admin, self.path, args, commit, wanted if (wanted or sparse is not None)
                                  else None, timeout=self.timeout)  # fmt: skip
 
+    async def resume(
+        self, salvage: str, head: str, branch: str | None, sparse: tuple[str, ...] | None = None
+    ) -> None:
+        """A salvage's work in this slot (``resume.py``): HEAD (and ``branch``, if named) at
+        the lost lease's last commit ``head``, the work tree as that lease left it, what it had
+        not committed uncommitted again (within the lease's ``sparse`` set, as ``checkout``)."""
+        await self.checkout(salvage, branch, sparse)
+        await self.run(["reset", "--quiet", "--mixed", head, "--"])
+
     async def delete_branch(self, branch: str) -> None:
         await self.kind.delete_branch(self.admin, self.path, branch, timeout=self.timeout)

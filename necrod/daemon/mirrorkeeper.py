@@ -1,6 +1,6 @@
 """Each pool's mirror, kept: cloned on first use, fetched once per pool (never per slot), its
 refs read and the base moved, its objects checked and fetched again when some are missing, and
-salvage past the pool's retention pruned.
+salvage past the pool's retention pruned, and salvage turned into branches.
 
 A moved base kicks the pool's idle slots (``lifecycle`` moves them). Every git here goes through
 the gate (limits, and the mirror made canonical first). It calls the slot table, the background
@@ -24,8 +24,10 @@ from necrod.daemon.gitgate import GitGate
 from necrod.daemon.jobs import Jobs
 from necrod.daemon.metrics import Metrics
 from necrod.daemon.partial import backfill
+from necrod.daemon.pickup import drop_branch, make_branch, push_branch
 from necrod.daemon.pool import Pool
 from necrod.daemon.poolprogress import PoolProgress
+from necrod.daemon.resume import SalvagePoint
 from necrod.daemon.slottable import SlotTable
 from necrod.io.gitrun import GitError
 from necrod.io.store import Event, Put
@@ -240,3 +242,25 @@ class MirrorKeeper:
             await self.table.persist_quietly([Event("pools", "salvage.pruned", {
                 "pool": p.name, "lease_ids": [g["lease_id"] for g in gone][:100], "count": len(refs)})])  # fmt: skip
         return pruned
+
+    async def salvage_branch(
+        self, p: Pool, point: SalvagePoint, branch: str, subject: str, *, push: bool
+    ) -> str:
+        """A branch holding a salvage's work (``pickup.py``) in the mirror, and with ``push`` on
+        the origin too; its commit. A push that fails leaves no branch behind."""
+        async with self.gate.limits(p):
+            # The push reads the mirror's config: an agent in a worktree slot can write it.
+            await self.gate.check_mirror(p)
+            commit = await make_branch(p.mirror, point, branch, subject)
+            if push:
+                try:
+                    await push_branch(p.mirror, commit, branch)
+                except BaseException:
+                    await drop_branch(p.mirror, commit, branch)
+                    raise
+        log.info(
+            "salvage_branch", pool=p.name, lease_id=point.lease_id, branch=branch, commit=commit, pushed=push
+        )
+        await self.table.persist_quietly([Event("pools", "salvage.branched", {
+            "pool": p.name, "lease_id": point.lease_id, "branch": branch, "commit": commit, "pushed": push})])  # fmt: skip
+        return commit

@@ -18,6 +18,8 @@ from necrod import PROTOCOL_VERSION, __version__
 from necrod.core.names import check_lease_id, check_pool_name
 from necrod.core.tasks import Task
 from necrod.daemon.events import as_seen_by
+from necrod.daemon.pickup import patch
+from necrod.daemon.resume import SalvagePoint, salvage_point, settled_salvage
 from necrod.io.slotfs import read_head
 from necrod.io.steps import read_chunk
 from necrod.io.store import Event
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
     from necrod.daemon.lifecycle import Lifecycle
     from necrod.daemon.metrics import Metrics
     from necrod.daemon.mirrorkeeper import MirrorKeeper
+    from necrod.daemon.pool import Pool
     from necrod.daemon.poolsize import PoolSizer
     from necrod.daemon.slottable import SlotTable
     from necrod.daemon.supervisor import Supervisor
@@ -95,6 +98,8 @@ class Api:
             "events.subscribe": self.subscribe,
             "salvage.list": self.salvage_list,
             "salvage.show": self.salvage_show,
+            "salvage.diff": self.salvage_diff,
+            "salvage.branch": self.salvage_branch,
             "salvage.prune": self.salvage_prune,
             "anomalies.list": self.anomalies,
             "slots.recover": self.recover,
@@ -182,6 +187,7 @@ class Api:
         return root, git_dir, None if slot.kind == "worktree" else git_dir
 
     async def allocate(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        resume = await self._salvage_to_resume(params, ctx) if params["from_salvage"] else None
         lease = await self.allocator.allocate(
             pool=params["pool"],
             holder=params["holder"] or ctx.client or f"pid:{ctx.peer.pid}",
@@ -194,10 +200,26 @@ class Api:
             affinity=params["affinity"],
             ports=params["ports"],
             sparse=params["sparse"],
+            resume=resume,
         )
         # A lease nobody heard about (the caller vanished while queued) goes back at once.
         ctx.undelivered.append(lambda: self.allocator.abandon(lease["lease_id"]))
         return lease
+
+    async def _salvage_to_resume(self, params: dict[str, Any], ctx: CallContext) -> SalvagePoint:
+        lease_id = check_lease_id(params["from_salvage"])
+        if params["ref"] is not None:
+            raise InvalidParams(
+                "from_salvage starts at the salvaged lease's commit: pass no ref", param="ref"
+            )
+        point = await settled_salvage(self.table.pool(params["pool"]), lease_id)
+        if point is None:
+            raise NotFound(f"no salvage of lease {lease_id} in pool {params['pool']} (it left nothing to keep, "
+                           "or was another pool's)", lease_id=lease_id)  # fmt: skip
+        if not ctx.may_act_for(point.uid):
+            raise PermissionDenied(f"the salvage of lease {lease_id} is not yours (uid {ctx.peer.uid}); "
+                                   "only its owner or an admin may resume it", lease_id=lease_id)  # fmt: skip
+        return point
 
     def _check_lease(self, lease_id: str, ctx: CallContext) -> None:
         """A lease is acted on by the uid that took it (or its task's runner), or an admin."""
@@ -314,6 +336,33 @@ class Api:
                     )
                 return {"pool": pool.name, **shown}
         raise NotFound(f"no salvage for lease {lease_id}", lease_id=lease_id)
+
+    async def _salvage_of(self, lease_id: str, ctx: CallContext) -> tuple[Pool, SalvagePoint]:
+        for pool in self.table.pools.values():
+            if not pool.mirror.exists:
+                continue
+            point = await salvage_point(pool.mirror.git, pool.mirror.path, lease_id)
+            if point is None:
+                continue
+            if not ctx.may_act_for(point.uid):
+                raise PermissionDenied(f"the salvage of lease {lease_id} is not yours (uid {ctx.peer.uid}); "
+                                       "only its owner or an admin may use it", lease_id=lease_id)  # fmt: skip
+            return pool, point
+        raise NotFound(f"no salvage for lease {lease_id}", lease_id=lease_id)
+
+    async def salvage_diff(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        pool, point = await self._salvage_of(check_lease_id(params["lease_id"]), ctx)
+        found = await patch(pool.mirror, point, binary=bool(params["binary"]))
+        return {"pool": pool.name, "lease_id": point.lease_id, "start": point.start, "commit": point.commit,
+                "patch": found.text, "truncated": found.truncated}  # fmt: skip
+
+    async def salvage_branch(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        pool, point = await self._salvage_of(check_lease_id(params["lease_id"]), ctx)
+        message = params["message"] or f"Work of lease {point.lease_id}, picked up from its salvage"
+        branch, push = params["branch"], bool(params["push"])
+        commit = await self.keeper.salvage_branch(pool, point, branch, message, push=push)
+        return {"pool": pool.name, "lease_id": point.lease_id, "branch": branch, "commit": commit, "pushed": push,
+                "fetch": f"git fetch {pool.mirror.path} refs/heads/{branch}"}  # fmt: skip
 
     async def salvage_prune(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         pool = check_pool_name(params["pool"]) if params["pool"] else None

@@ -143,6 +143,9 @@ class PoolConfig:
     fetch_interval_s: float = 300.0
     cleanup: str = "full"
     salvage: bool = True
+    #: ``salvage: always``: a task that succeeded is salvaged too (a container with no network
+    #: has no other way to hand its work back).
+    salvage_succeeded: bool = False
     salvage_max_bytes: int = 128 << 20
     salvage_max_files: int = 20_000
     salvage_max_file_bytes: int = 16 << 20
@@ -254,6 +257,10 @@ class RunnerProfile:
     ports: int | None = None
     #: Directories its tasks' slots hold (None: the pool's ``sparse``; a task's own wins).
     sparse: tuple[str, ...] | None = None
+    #: ``always``: salvage the slot of a task that succeeded too (else only of one that did not).
+    salvage: str = "on-failure"
+    #: ``salvage``: a retry starts from the previous attempt's salvage instead of the base.
+    resume: str = "base"
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,7 +72,10 @@ _POOL_CHECKS: dict[str, Callable[[Any], str | None]] = {
         {"anyOf": [{"const": 0}, schema_of(num_in(1, WEEK_S))]},
     ),
     "cleanup": one_of("full", "keep-ignored"),
-    "salvage": is_bool,
+    "salvage": described(
+        lambda v: None if isinstance(v, bool) or v == "always" else "must be true, false or always",
+        {"anyOf": [{"type": "boolean"}, {"const": "always"}]},
+    ),
     "salvage_max_bytes": is_size,
     "salvage_max_files": int_in(1, 10_000_000),
     "salvage_max_file_bytes": is_size,
@@ -315,6 +318,8 @@ def resolve_pool(
     name_node: Node,
 ) -> PoolConfig:
     merged = {**defaults, **options}
+    if merged.get("salvage") == "always":
+        merged.update(salvage=True, salvage_succeeded=True)
     slots = merged.get("slots", 2)
     if "max_slots" not in merged:
         merged["max_slots"] = max(8, slots)

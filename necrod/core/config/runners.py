@@ -55,6 +55,8 @@ _RUNNER_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "grace_s": num_in(0, 3600),
     "cpu_limit": optional_num(0, 1024),
     "ports": int_in(0, MAX_LEASE_PORTS),
+    "salvage": one_of("on-failure", "always"),
+    "resume": one_of("base", "salvage"),
 }
 
 

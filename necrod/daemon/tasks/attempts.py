@@ -29,6 +29,7 @@ from necrod.daemon.allocator import Allocator
 from necrod.daemon.fleet import Fleet, HostDown, HostLink, RemoteRun, launch
 from necrod.daemon.lifecycle import Lifecycle
 from necrod.daemon.metrics import Metrics
+from necrod.daemon.resume import settled_salvage
 from necrod.daemon.slottable import SlotTable
 from necrod.daemon.tasks.runners import Runners
 from necrod.daemon.tasks.runs import SALVAGE_WAIT_S, Active, Spawn
@@ -120,6 +121,8 @@ class Attempts:
         })  # fmt: skip
         if lease.get("branch"):
             env["NECROD_BRANCH"] = lease["branch"]
+        if lease.get("resumed_from"):
+            env["NECROD_RESUMED_FROM"] = lease["resumed_from"]
         if lease.get("ports"):
             ports = [str(port) for port in lease["ports"]]
             env.update({"NECROD_PORT": ports[0], "NECROD_PORTS": ",".join(ports), "PORT": ports[0]})
@@ -130,21 +133,43 @@ class Attempts:
         request: dict[str, Any] = {"pool": t.pool, "ttl_s": profile.lease_ttl_s, "ref": t.ref, "branch": t.branch,
                                    "metadata": {"task_id": t.task_id, "attempt": n}, "ports": profile.ports,
                                    "sparse": t.sparse if t.sparse is not None or profile.sparse is None else list(profile.sparse)}  # fmt: skip
+        lost = self._resume_from(t, profile, a.host)
         if a.host is None:
+            point = await settled_salvage(self.table.pool(t.pool), lost) if lost else None
+            if point is not None:
+                request["ref"] = None
             return await self.allocator.allocate(holder=f"task {t.task_id}", task_id=t.task_id, uid=t.uid,
-                                              runner_uid=runner_uid(profile), **request)  # fmt: skip
+                                                 runner_uid=runner_uid(profile), resume=point, **request)  # fmt: skip
         link = self.fleet.link(a.host)
         request["holder"] = f"task {t.task_id} of {self.fleet.origin}"
+        if lost:
+            request.update(from_salvage=lost, ref=None)
         try:
-            lease: dict[str, Any] = await link.call(
-                "slots.allocate", {k: v for k, v in request.items() if v is not None}
-            )
+            try:
+                lease: dict[str, Any] = await link.call(
+                    "slots.allocate", {k: v for k, v in request.items() if v is not None}
+                )
+            except NotFound:
+                if not lost:
+                    raise
+                # The lost attempt left nothing to keep there: start from the base.
+                request.update(from_salvage=None, ref=t.ref)
+                lease = await link.call("slots.allocate", {k: v for k, v in request.items() if v is not None})
         except HostDown as exc:
             raise Unavailable(str(exc)) from None
         except ResourceExhausted:
             self._no_remote_slot[(a.host, t.pool)] = self.clock.monotonic() + 2.0
             raise
         return lease
+
+    @staticmethod
+    def _resume_from(t: Task, profile: RunnerProfile, host: str | None) -> str | None:
+        """The lease of the attempt a retry resumes from (``resume: salvage``): the last one
+        that held a slot on the same host, if the task asks for it."""
+        if (t.resume or profile.resume) != "salvage":
+            return None
+        last = next((a for a in reversed(t.attempts) if a.lease_id), None)
+        return last.lease_id if last is not None and last.host == host else None
 
     async def start(self, a: Active) -> None:
         t, profile = a.task, a.profile
@@ -170,7 +195,8 @@ class Attempts:
         link = self.fleet.link(a.host) if a.host else None
         attempt = Attempt(n, self.clock.wall(), profile.name, "remote" if link else profile.launcher,
                           slot_id=lease["slot_id"], lease_id=lease["lease_id"], path=lease["path"], log=str(log_path),
-                          host=a.host, remote_dir=self.fleet.directory(link, t.task_id) if link else None)  # fmt: skip
+                          host=a.host, remote_dir=self.fleet.directory(link, t.task_id) if link else None,
+                          resumed_from=lease.get("resumed_from"))  # fmt: skip
         t.attempts.append(attempt)
         a.attempt = attempt
         wait_s = attempt.started_at - (t.next_attempt_at or t.submitted_at)
@@ -425,7 +451,7 @@ class Attempts:
             detail = f"host {a.host} was unreachable for {self.cfg.host_grace_s:g}s (dispatcher.host_grace_s)"
             attempt.detail = detail
         elif attempt is not None and attempt.lease_id:
-            await self.release(attempt.lease_id, salvage=outcome != "succeeded", host=attempt.host)
+            await self.release(attempt.lease_id, salvage=self._salvages(a, outcome), host=attempt.host)
             if outcome == "cancelled" and attempt.host is None and attempt.slot_id:
                 await self._salvaged(attempt.slot_id, attempt.lease_id)
         self._account()
@@ -466,6 +492,14 @@ class Attempts:
         await self.book.save(t, self.book.event(t, outcome if t.state in FINISHED else "attempt_ended", outcome=outcome,
                                         detail=detail, attempt=attempt.number if attempt else None, **usage),
                              *ops)  # fmt: skip
+
+    def _salvages(self, a: Active, outcome: str) -> bool:
+        """Whether an attempt's slot is salvaged when it ends: unless it succeeded, or always
+        where the profile or the pool says ``salvage: always``."""
+        if outcome != "succeeded" or a.profile.salvage == "always":
+            return True
+        pool = self.table.pools.get(a.task.pool)
+        return a.host is None and pool is not None and pool.config.salvage_succeeded
 
     async def _salvaged(self, slot_id: str, lease_id: str) -> None:
         """Wait (a bounded time) for the slot's cleanup to have salvaged ``lease_id``'s work, so

@@ -132,6 +132,9 @@ class TaskBook:
             raise InvalidParams(
                 "failure_strategy must be continue, stop-all or retry", param="failure_strategy"
             )
+        resume = get("resume")
+        if resume not in (None, "base", "salvage"):
+            raise InvalidParams("resume must be base or salvage", param="resume")
         retries = get("max_retries", self.cfg.max_retries)
         if strategy == "retry" and spec.get("max_retries") is None and defaults.get("max_retries") is None:
             retries = max(retries, STRATEGY_RETRY_DEFAULT)
@@ -140,7 +143,7 @@ class TaskBook:
             payload=get("payload"), priority=int(get("priority", 0)), labels=list(get("labels", [])),
             skills=list(get("skills", [])), max_retries=int(retries), timeout_s=get("timeout_s"), env=dict(env),
             ref=ref, branch=branch, sparse=sparse, project=get("project"), batch=batch, key=spec.get("key"),
-            failure_strategy=strategy,
+            failure_strategy=strategy, resume=resume,
         )  # fmt: skip
         if runner is not None:
             self.profiles.profile(runner)

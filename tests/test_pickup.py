@@ -1,0 +1,80 @@
+"""Picking up what an agent left, with necroctl: diff, checkout, apply, branch, push."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.helpers import Necrod, git
+from tests.test_ctl import ctl
+from tests.test_resume import leave_work, status
+
+
+def lost_lease(d: Necrod) -> tuple[str, str]:
+    """A lease that committed and left work, released: its id and its last commit."""
+    with d.client() as c:
+        lease = c.allocate("repo")
+        commit = leave_work(Path(lease["path"]))
+        c.release(lease["lease_id"])
+    d.wait_slots("repo", "available", 2)
+    return lease["lease_id"], commit
+
+
+def test_diff_shows_everything_the_lease_did(necrod: Necrod) -> None:
+    lease_id, _ = lost_lease(necrod)
+    r = ctl(necrod, "salvage", "diff", lease_id)
+    assert r.returncode == 0, r.stderr
+    for line in ("+committed by the agent", "+changed, not committed", "-content 2", "+untracked",
+                 "diff --git a/notes.txt b/notes.txt"):  # fmt: skip
+        assert line in r.stdout
+    data = json.loads(ctl(necrod, "--json", "salvage", "diff", lease_id).stdout)
+    assert data["truncated"] is False and data["lease_id"] == lease_id and data["patch"] == r.stdout
+
+
+def test_checkout_and_apply_put_the_work_back(necrod: Necrod, workdir: Path, origin: Path) -> None:
+    lease_id, commit = lost_lease(necrod)
+    r = ctl(necrod, "salvage", "checkout", lease_id)
+    assert r.returncode == 0, r.stderr
+    path = Path(r.stdout.strip())
+    assert git(path, "rev-parse", "HEAD") == commit
+    assert status(path) == ["?? notes.txt", "D pkg2/sub2/file2.txt", "M pkg1/sub1/file1.txt"]
+    # apply: into a person's own clone, at the commit the lease started from.
+    mine = workdir / "mine"
+    git(workdir, "clone", "-q", str(origin), str(mine))
+    r = ctl(necrod, "salvage", "apply", lease_id, "-C", str(mine))
+    assert r.returncode == 0 and "applied the work of lease" in r.stdout, r.stderr
+    assert (mine / "README").read_text() == "committed by the agent\n"
+    assert (mine / "notes.txt").read_text() == "untracked\n"
+    assert not (mine / "pkg2" / "sub2" / "file2.txt").exists()
+
+
+def test_branch_and_push_publish_one_plain_commit(necrod: Necrod, origin: Path) -> None:
+    lease_id, commit = lost_lease(necrod)
+    r = ctl(necrod, "salvage", "branch", lease_id, "agent/kept")
+    assert r.returncode == 0 and "branch agent/kept" in r.stdout, r.stderr
+    again = ctl(necrod, "salvage", "branch", lease_id, "agent/kept")
+    assert again.returncode == 1 and "already_exists" in again.stderr
+    r = ctl(necrod, "--json", "salvage", "push", lease_id, "agent/pushed", "-m", "Pick up the login fix")
+    assert r.returncode == 0, r.stderr
+    pushed = json.loads(r.stdout)
+    assert pushed["pushed"] is True
+    # On the origin: one commit on top of the lease's own, holding its uncommitted work too.
+    assert git(origin, "rev-parse", "agent/pushed") == pushed["commit"]
+    assert git(origin, "rev-parse", "agent/pushed^") == commit
+    assert git(origin, "log", "-1", "--format=%s", "agent/pushed") == "Pick up the login fix"
+    assert git(origin, "show", "agent/pushed:notes.txt") == "untracked"
+    assert git(origin, "rev-list", "--count", "agent/pushed^@") == "3"  # no salvage-only parents
+    # A branch the origin has already is not overwritten.
+    r = ctl(necrod, "salvage", "push", lease_id, "main")
+    assert r.returncode == 1 and "failed_precondition: the origin refused branch 'main'" in r.stderr, r.stderr
+    assert git(origin, "log", "-1", "--format=%s", "main") == "second"
+    # ... and the refused push left no branch behind in the mirror.
+    assert ctl(necrod, "salvage", "branch", lease_id, "main").returncode == 0
+
+
+def test_salvage_commands_refuse_what_is_not_there(necrod: Necrod) -> None:
+    r = ctl(necrod, "salvage", "diff", "l-0000000000000000")
+    assert r.returncode == 1 and "not_found" in r.stderr
+    lease_id, _ = lost_lease(necrod)
+    r = ctl(necrod, "salvage", "branch", lease_id, "bad..name")
+    assert r.returncode == 1 and "invalid_params" in r.stderr
