@@ -145,6 +145,26 @@ def test_salvage_in_a_sparse_slot_keeps_the_work_and_records_no_absent_directory
     assert git(mirror, "show", f"{shown['commit']}:{edited}") == "the agent's edit"
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_salvage_of_a_sparse_slot_whose_index_the_agent_removed_records_no_absent_directory(
+    necrod_factory: Callable[..., Necrod], origin: Path, kind: str
+) -> None:
+    d = necrod_factory(
+        pool_config({"repo": origin}, slots=1, min_idle=0, isolation=kind, sparse=["pkg1/sub0"])
+    )
+    lease = d.call("slots.allocate", {"pool": "repo"})
+    slot = Path(lease["path"])
+    inside = sorted(f for f in files(str(slot)) if f.startswith("pkg1/sub0/"))
+    (slot / inside[0]).write_text("edited\n")
+    (slot / inside[1]).unlink()  # a real deletion, in a directory that is there
+    (Path(in_slot(str(slot), "rev-parse", "--absolute-git-dir")) / "index").unlink()
+    released_and_clean(d, lease)
+    shown = d.call("salvage.show", {"lease_id": lease["lease_id"]})
+    assert {(f["status"], f["path"]) for f in shown["files"]} == {("M", inside[0]), ("D", inside[1])}
+    again = d.call("slots.allocate", {"pool": "repo"})
+    assert {f.rsplit("/", 1)[0] for f in files(again["path"]) if "/" in f} == {"pkg1/sub0"}
+
+
 def test_sparse_is_refused_for_an_overlay_pool_and_checked_on_a_lease(
     necrod_factory: Callable[..., Necrod], origin: Path
 ) -> None:

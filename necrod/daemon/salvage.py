@@ -104,6 +104,24 @@ def _staged(listing: bytes) -> list[tuple[str, str, str]]:
     return out
 
 
+def sparse_gaps(root: str, paths: list[str]) -> list[str]:
+    """Which of ``paths`` (an index read from HEAD, the slot's own being untrusted) a sparse
+    checkout left out: absent, in a directory that is absent too. A cone holds whole directories
+    and every file of its parents, so such a file was never there; the agent did not delete it.
+    Nothing is followed (``slotfs``)."""
+    present: dict[str, bool] = {}
+    out = []
+    for path in paths:
+        parent = path.rpartition("/")[0]
+        if not parent:
+            continue
+        if parent not in present:
+            present[parent] = slotfs.kind(root, parent) is not None
+        if not present[parent] and slotfs.kind(root, path) is None:
+            out.append(path)
+    return out
+
+
 def _gitlinks(entries: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
     return [(obj, path) for mode, obj, path in entries if mode == "160000"]
 
@@ -227,7 +245,14 @@ class Salvager:
             index.unlink()
         await self._run(scratch, ["read-tree", "HEAD"])
         listed = await self._run(scratch, ["ls-files", "--stage", "-z"])
-        return _gitlinks(_staged(listed.stdout))
+        entries = _staged(listed.stdout)
+        gaps = await anyio.to_thread.run_sync(
+            sparse_gaps, self.path, [p for m, _, p in entries if m != "160000"]
+        )
+        if gaps:
+            await self._run(scratch, ["update-index", "--skip-worktree", "-z", "--stdin"],
+                            input=b"".join(os.fsencode(p) + b"\0" for p in gaps))  # fmt: skip
+        return _gitlinks(entries)
 
     # --- the salvage ------------------------------------------------------------------------------
 
