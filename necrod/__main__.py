@@ -1,3 +1,3 @@
-from necrod.daemon.main import main
+from necrod.command import main
 
 raise SystemExit(main())

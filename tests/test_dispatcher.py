@@ -84,6 +84,7 @@ def test_a_task_runs_in_its_own_slot_with_the_runner_environment(
     assert attempt["outcome"] == "succeeded" and attempt["exit_code"] == 0
     log = d.call("tasks.logs", {"task_id": tid})
     assert f"hello from {attempt['path']}" in log["data"] and log["eof"]
+    assert log["size"] == len(log["data"].encode()) == log["offset"]
     # Success releases the slot without a salvage ref; the slot comes back clean.
     d.wait_slots("repo", "available", 2)
     assert d.call("salvage.list")["salvage"] == []

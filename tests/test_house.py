@@ -20,6 +20,8 @@ MAY_IMPORT = {
     "io": {"io", "core", "proto"},
     "daemon": {"daemon", "io", "core", "proto"},
     "ctl": {"ctl", "io", "core", "proto"},
+    # `necrod mcp`: a client of the daemon like necroctl, sharing its ways to reach one.
+    "mcpserver": {"mcpserver", "ctl", "io", "core", "proto"},
 }
 MAX_LINES = 600
 

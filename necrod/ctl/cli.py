@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any
 
 from necrod import __version__
@@ -119,7 +120,9 @@ def epilog(command: str) -> str:
     return (f"examples:\n{examples}\n\n" if examples else "") + _EXIT_TEXT.get(command, _EXITS)
 
 
-def _common() -> argparse.ArgumentParser:
+def reach_options() -> argparse.ArgumentParser:
+    """How to reach the daemon: --socket, --timeout, -H and the SSH options (``necrod mcp``
+    takes the same)."""
     # On every subcommand too, so options work before or after it; SUPPRESS keeps the
     # subcommand's absent option from overwriting the one given before it.
     common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
@@ -128,12 +131,6 @@ def _common() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="daemon socket (default: $NECROD_SOCKET, the per-user socket, then /run/necrod/necrod.sock); "
         "with -H, the daemon's socket on that host",
-    )
-    common.add_argument(
-        "--json",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help='print the daemon\'s result as JSON (errors too: {"error": {"kind": ..., "message": ...}})',
     )
     common.add_argument(
         "--timeout", type=float, default=argparse.SUPPRESS, help="seconds to wait for a reply (default 120)"
@@ -156,6 +153,17 @@ def _common() -> argparse.ArgumentParser:
         action="store_true",
         default=argparse.SUPPRESS,
         help="with -H, connect even when the host key is not in known_hosts",
+    )
+    return common
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False, parents=[reach_options()])
+    common.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help='print the daemon\'s result as JSON (errors too: {"error": {"kind": ..., "message": ...}})',
     )
     return common
 
@@ -375,6 +383,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
         args.argv = [*args.argv, *argv[cut + 1 :]]
         return args
     return parser().parse_args(argv)
+
+
+def reach(opts: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """Where the daemon is (a socket path, an ``ssh://`` address, or None for the default) and
+    the SSH options, from ``options``: what ``Client`` and ``AsyncClient`` take."""
+    host = opts["host"] or os.environ.get("NECROD_HOST") or None
+    ssh_options = {"key": opts["ssh_key"], "known_hosts": opts["known_hosts"],
+                   "accept_unknown": opts["accept_unknown_host_key"], "socket": opts["socket"] if host else None}  # fmt: skip
+    return host or opts["socket"], ssh_options
 
 
 def options(args: argparse.Namespace) -> dict[str, Any]:

@@ -282,10 +282,8 @@ def _silence_stdout() -> None:
 
 
 def _client(opts: dict[str, Any]) -> Client:
-    host = opts["host"] or os.environ.get("NECROD_HOST") or None
-    ssh_options = {"key": opts["ssh_key"], "known_hosts": opts["known_hosts"],
-                   "accept_unknown": opts["accept_unknown_host_key"], "socket": opts["socket"] if host else None}  # fmt: skip
-    return Client(host or opts["socket"], timeout=opts["timeout"], ssh_options=ssh_options)
+    where, ssh_options = cli.reach(opts)
+    return Client(where, timeout=opts["timeout"], ssh_options=ssh_options)
 
 
 def _call(args: argparse.Namespace, opts: dict[str, Any]) -> int:

@@ -260,11 +260,22 @@ class Allocator:
         return None
 
     def _whole(self, p: Pool, slot: Slot) -> bool:
-        if p.kind_of(slot).looks_whole(slot.admin, slot.path):
+        kind = p.kind_of(slot)
+        written = kind.written(slot.admin)
+        if written is not None:
+            # Written to while idle (an overlay's upper is empty after its reset): never handed
+            # out; what was written is salvaged as a stray, then the slot is reset.
+            log.warning("slot_written_while_idle", slot=slot.slot_id, found=written)
+            slot.salvage_as = f"stray-{p.name}-{slot.number}-{int(self.clock.wall())}"
+            slot.salvage_note, slot.salvage_commit = "written to while idle", slot.commit
+            slot.state = SlotState.CLEANING
+            event = slot_event(slot, "dirty_while_idle", detail=f"written to while idle: {written}")
+            self.jobs.spawn(self.table.persist_or_keep, slot, [event])
+            self.jobs.kick(slot)
+            return False
+        if kind.looks_whole(slot.admin, slot.path):
             return True
-        problem = self.gate.slot_git(p, slot).healthy() or p.kind_of(slot).pointer_problem(
-            slot.admin, slot.path
-        )
+        problem = self.gate.slot_git(p, slot).healthy() or kind.pointer_problem(slot.admin, slot.path)
         if problem is None:
             return True
         # Repaired (restored, or rebuilt) by its cleanup, in a worker thread: what is there to

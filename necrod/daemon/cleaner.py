@@ -97,6 +97,12 @@ class SlotGit:
         return await self.kind.reset(self.admin, self.path, commit, clean_flags, timeout=self.timeout,
                                      sparse=self.sparse)  # fmt: skip
 
+    async def drift(self, commit: str) -> str | None:
+        """How the just-reset slot differs from a clean checkout at ``commit`` (None: it does
+        not); ``SlotKind.drift``."""
+        problem = await self.kind.drift(self.admin, self.path, commit, timeout=self.timeout)
+        return f"its reset left it different from the base: {problem}" if problem else None
+
     async def move(self, commit: str) -> tuple[str, ...]:
         """An idle, clean slot to a new base commit; the layers it now stands on."""
         return await self.kind.move(self.admin, self.path, commit, timeout=self.timeout, sparse=self.sparse)

@@ -2,7 +2,8 @@
 
 Whatever still runs in the slot is stopped (a slot whose processes will not stop is isolated),
 the lease's work is salvaged (``salvage.py``), the slot is reset to the pool's base (``checkout
---force --detach``, ``clean``) or remade when its repository is broken or its kind changed, and
+--force --detach``, ``clean``) or remade when its repository is broken or its kind changed, the
+reset is verified (a slot that still differs from the base is isolated with the evidence), and
 it is looked at once more for processes started meanwhile before it is offered. An overlay
 slot's reset is a fresh upper (``overlayslots.py``); a git slot gets the pool's prepare output
 and ``files:`` after its reset (``prepare.py``). A cleanup that
@@ -89,7 +90,7 @@ class Cleanup:
         if not await self._stop_leftovers(p, slot):
             return
         sg = self.gate.slot_git(p, slot)
-        salvaged = None
+        salvaged = drift = None
         started = time.perf_counter()
         try:
             async with self.gate.limits(p):
@@ -118,6 +119,7 @@ class Cleanup:
                         if not retiring and not remake:
                             await self.preparer.files_changed(p)
                             slot.layers = await sg.reset(base, p.config.clean_flags)
+                            drift = await sg.drift(base)
                         if branch:
                             await sg.delete_branch(branch)
                     if not retiring and slot.kind != p.config.isolation:
@@ -157,7 +159,7 @@ class Cleanup:
                 "bytes": salvaged.bytes, "skipped": salvaged.skipped_count, "kept": list(salvaged.extras),
                 "submodules": list(salvaged.submodules),
             }))  # fmt: skip
-        came_back = None if retiring else slot.isolate or await self._came_back(p, slot)
+        came_back = None if retiring else slot.isolate or drift or await self._came_back(p, slot)
         snap = slot.snapshot()
         slot.salvage_as = slot.salvage_commit = slot.salvage_note = slot.salvage_uid = None
         slot.branch = None

@@ -152,7 +152,10 @@ class Healer:
             async with self.gate.limits(p):
                 # git status may run filter drivers: the mirror's config is made canonical first.
                 await self.gate.check_mirror(p, slot)
-                status = await sg.run(["status", "--porcelain=v2", "--branch", "-z", "--untracked-files=all"])
+                # Without optional locks: a status that refreshed the index would write into the
+                # idle slot (an overlay's upper), which is what it looks for.
+                status = await sg.run(["status", "--porcelain=v2", "--branch", "-z", "--untracked-files=all"],
+                                      env={"GIT_OPTIONAL_LOCKS": "0"})  # fmt: skip
         except (GitError, OSError) as exc:
             if self._still_idle(slot) and heal:
                 slot.rebuild = True

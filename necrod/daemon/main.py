@@ -23,7 +23,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="necrod",
         allow_abbrev=False,
         description="Serve pools of clean git worktrees over a Unix socket. With no config, serves the "
-        "git repository it is started in (2 slots).",
+        "git repository it is started in (2 slots). `necrod mcp` is the MCP server for agents "
+        "(`necrod mcp --help`).",
     )
     p.add_argument(
         "--config",

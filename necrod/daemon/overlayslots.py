@@ -30,9 +30,12 @@ import structlog
 
 from necrod.daemon.layers import BASE, OPAQUE, Layers
 from necrod.daemon.mirror import Mirror, remove_path
-from necrod.daemon.slotkinds import CloneSlots
+from necrod.daemon.slotkinds import CloneSlots, described_drift
 from necrod.io import overlay, slotfs
 from necrod.io.gitrun import GitRunner
+
+#: Directories of an idle slot's upper a grant looks at for what was written there.
+WRITTEN_LOOK = 8
 
 log = structlog.get_logger("necrod.slots")
 
@@ -185,16 +188,40 @@ class OverlaySlots:
     def untouched(self, admin: str, path: str) -> bool:
         """Whether the lease changed nothing: its upper holds directories only (what copying a
         directory up leaves), none of them opaque. Run in a worker thread."""
+        return self._first_written(admin, limit=None) is None
+
+    async def drift(self, admin: str, path: str, commit: str, *, timeout: float) -> str | None:
+        """How a just-reset slot differs from its layers: whatever its upper holds but
+        directories (its layers are read-only, and the base layer is a checkout at ``commit``)."""
+        found = await anyio.to_thread.run_sync(lambda: self._first_written(admin, limit=None))
+        return described_drift([found]) if found else None
+
+    def written(self, admin: str) -> str | None:
+        """What was written into an idle slot since its reset, looked for at each grant: its
+        upper is empty then, so this is one directory read (a deep upper is not walked here)."""
+        found = self._first_written(admin, limit=WRITTEN_LOOK)
+        return described_drift([found]) if found else None
+
+    def _first_written(self, admin: str, limit: int | None) -> str | None:
+        """The first thing in the slot's upper that is not a plain directory (a file, a link,
+        an opaque directory), relative to it; None when there is none among the first ``limit``
+        directories looked at."""
         upper = self.uppers / admin / "upper"
-        for dirpath, dirnames, filenames in os.walk(upper):
-            if filenames or any(os.path.islink(os.path.join(dirpath, d)) for d in dirnames):
-                return False
+        for n, (dirpath, dirnames, filenames) in enumerate(os.walk(upper)):
+            if limit is not None and n >= limit:
+                return None
+            rel = os.path.relpath(dirpath, upper)
+            if filenames:
+                return os.path.normpath(os.path.join(rel, filenames[0]))
+            link = next((d for d in dirnames if os.path.islink(os.path.join(dirpath, d))), None)
+            if link is not None:
+                return os.path.normpath(os.path.join(rel, link))
             try:
                 if os.getxattr(dirpath, OPAQUE, follow_symlinks=False):
-                    return False
+                    return rel + "/ (opaque)"
             except OSError:
                 pass
-        return True
+        return None
 
     def own_disk(self, admin: str, path: str) -> str:
         """Where the slot's own disk use is: its upper (the layers are shared)."""

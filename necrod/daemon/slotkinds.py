@@ -19,6 +19,10 @@ written in one slot reaches another. Two duties follow:
 
 The slot's own ``.git`` is the agent's to write while it holds the lease, so before any git of
 ours runs there, its config, hooks, info and alternates are put back as necrod wrote them.
+
+Over 500 lines: the two git kinds side by side, with what they do alike (``GitSlots``) and the
+``SlotKind`` protocol all three kinds keep, read as one contract; a checkout under a sparse set
+and a partial mirror's blobs are in ``sparsecheckout`` and ``partial``.
 """
 
 from __future__ import annotations
@@ -87,6 +91,8 @@ class SlotKind(Protocol):
     def own_disk(self, admin: str, path: str) -> str: ...
     async def unused(self, admin: str, path: str, layers: tuple[str, ...]) -> bool: ...
     def untouched(self, admin: str, path: str) -> bool: ...
+    async def drift(self, admin: str, path: str, commit: str, *, timeout: float) -> str | None: ...
+    def written(self, admin: str) -> str | None: ...
     def pin(self, admin: str, commit: str) -> None: ...
     def object_dirs(self, admin: str, path: str) -> list[Path]: ...
     async def delete_branch(self, admin: str, path: str, branch: str, *, timeout: float) -> None: ...
@@ -151,6 +157,24 @@ class GitSlots(ABC):
                             sparse or None, timeout=timeout)  # fmt: skip
         return ()
 
+    async def drift(self, admin: str, path: str, commit: str, *, timeout: float) -> str | None:
+        """How a just-reset slot differs from a clean checkout at ``commit``, or None: HEAD read
+        from its file, then git's stat of the work tree against the index (no hashing of what
+        is unchanged): a changed, missing or untracked file is drift (ignored files are not)."""
+        root, rel = self.git_dir_at(admin, path)
+        head = (slotfs.read_text_or_none(root, f"{rel}/HEAD") or "").strip()
+        if head != commit:
+            return f"HEAD is {head[:64]!r}, not {commit}"
+        status = await self.git.run(["status", "--porcelain=v1", "-z", "--untracked-files=all", "--no-renames",
+                                     "--ignore-submodules=all"], git_dir=self.git_dir(admin, path), work_tree=path,
+                                    cwd=path, timeout=timeout, env={"GIT_OPTIONAL_LOCKS": "0"})  # fmt: skip
+        changed = [e.decode("utf-8", "replace") for e in status.stdout.split(b"\0") if e]
+        return described_drift(changed)
+
+    def written(self, admin: str) -> str | None:
+        """What was written since the reset, if that can be told in a few system calls: not here."""
+        return None
+
     async def mount_again(self, admin: str, path: str, layers: tuple[str, ...]) -> bool:
         """Nothing to mount: the slot is a directory."""
         return False
@@ -171,6 +195,19 @@ class GitSlots(ABC):
     def untouched(self, admin: str, path: str) -> bool:
         """Whether the lease changed nothing, if that can be told cheaply: not here."""
         return False
+
+
+#: Paths named in a drift's evidence.
+DRIFT_NAMED = 10
+
+
+def described_drift(changed: list[str]) -> str | None:
+    """Evidence of a drift, from ``status --porcelain`` entries (or paths); None for none."""
+    if not changed:
+        return None
+    shown = ", ".join(repr(c[:200]) for c in changed[:DRIFT_NAMED])
+    more = f" and {len(changed) - DRIFT_NAMED} more" if len(changed) > DRIFT_NAMED else ""
+    return f"{len(changed)} path(s) differ from the base: {shown}{more}"
 
 
 def empty_submodules(path: str, submodules: list[str]) -> None:

@@ -112,6 +112,7 @@ _SEAM_SCRIPT = r"""#!/bin/sh
 #   hang-VERB   sleep until the process group is killed (pids appended to SEAM/hung)
 #   die-VERB    start the real git, SIGKILL it after ARG seconds, then die by SIGKILL too
 #   fail-VERB   print ARG on stderr, as git would, and exit 128
+#   after-VERB  run the real git, then the shell command ARG in git's directory; git's status
 seam=@SEAM@
 real=@REAL@
 verb=
@@ -156,6 +157,12 @@ if [ -n "$verb" ]; then
         echo "$arg" >&2
         exit 128
     fi
+    if [ -e "$seam/after-$verb" ] && fire "$seam/after-$verb"; then
+        "$real" "$@"
+        status=$?
+        sh -c "$arg"
+        exit $status
+    fi
 fi
 exec "$real" "$@"
 """
@@ -191,8 +198,12 @@ class GitSeam:
     def fail(self, verb: str, message: str, *, once: bool = False) -> None:
         self._trigger("fail", verb, once, message)
 
+    def after(self, verb: str, command: str, *, once: bool = True) -> None:
+        """Run ``command`` (sh) where git ran, once a ``verb`` call of it has ended."""
+        self._trigger("after", verb, once, command)
+
     def clear(self) -> None:
-        for mode in ("hang", "die", "fail"):
+        for mode in ("hang", "die", "fail", "after"):
             for p in self.dir.glob(f"{mode}-*"):
                 if ".fired." not in p.name:
                     p.unlink(missing_ok=True)

@@ -277,6 +277,7 @@ def test_planted_code_never_runs_under_a_deep_health_scan_or_salvage_queries(
         slot = Path(agent["path"])
         PLANTS[plant](slot, scene.reachable(slot), marker)
         FIGURES["tamper plants"] += 1
+        wait_settled(d)  # an overlay slot touched by the last plant is salvaged and reset first
         # An idle slot whose files look touched (an agent can reach those too): git must re-read them.
         idle = next(s for s in slots_by_id(d).values() if s["state"] == "available")
         os.utime(Path(idle["path"]) / "README", (1_000_000_000, 1_000_000_000))

@@ -8,6 +8,7 @@ given, and call ``wake``."""
 
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -308,8 +309,12 @@ class TaskBook:
         except OSError as exc:
             raise FailedPrecondition(f"cannot read the log of attempt {n}: {exc}", task_id=task_id) from None
         finished = a.ended_at is not None
+        try:
+            size = os.stat(a.log).st_size if a.log else 0
+        except OSError:
+            size = offset + len(data)
         return {"task_id": task_id, "attempt": n, "offset": offset + len(data), "data": data.decode("utf-8", "replace"),
-                "eof": finished and len(data) < limit, "path": a.log}  # fmt: skip
+                "eof": finished and len(data) < limit, "path": a.log, "size": size}  # fmt: skip
 
     def counts(self) -> dict[str, int]:
         c = Counter(str(t.state) for t in self.tasks.values())
