@@ -182,15 +182,25 @@ def test_sparse_is_refused_for_an_overlay_pool_and_checked_on_a_lease(
     assert result.returncode == 1 and "sparse does not apply to overlay slots" in result.stderr
 
 
-def test_a_task_gets_its_sparse_slot(necrod_factory: Callable[..., Necrod], origin: Path) -> None:
-    d = necrod_factory(pool_config({"repo": origin}, slots=1))
-    task = d.call("tasks.submit", {"pool": "repo", "command": "ls -d pkg* > ../seen-$NECROD_TASK_ID",
-                                   "sparse": ["pkg2"]})  # fmt: skip
-    done = wait_for(lambda: (t := d.call("tasks.get", {"task_id": task["task_id"]}))["state"] == "succeeded" and t,
-                    30, what="the task")  # fmt: skip
-    assert done["sparse"] == ["pkg2"]
-    slot = Path(d.call("slots.list", {"pool": "repo"})["slots"][0]["path"])
-    assert (slot.parent / f"seen-{task['task_id']}").read_text().split() == ["pkg2"]
+def test_a_task_gets_its_sparse_slot_from_itself_or_its_runner_profile(
+    necrod_factory: Callable[..., Necrod], origin: Path, workdir: Path
+) -> None:
+    seen = workdir / "seen"
+    seen.mkdir()
+    lister = f"ls -d pkg* > {seen}/$NECROD_TASK_ID"
+    config = pool_config({"repo": origin}, slots=1, min_idle=0)
+    config += f"runners:\n  lister:\n    command: {json.dumps(lister)}\n    sparse: [pkg3]\n"
+    d = necrod_factory(config)
+
+    def run(spec: dict[str, Any]) -> list[str]:
+        task = d.call("tasks.submit", {"pool": "repo", **spec})
+        wait_for(lambda: d.call("tasks.get", {"task_id": task["task_id"]})["state"] == "succeeded", 30,
+                 what="the task")  # fmt: skip
+        return (seen / task["task_id"]).read_text().split()
+
+    assert run({"command": lister, "sparse": ["pkg2"]}) == ["pkg2"]
+    assert run({"runner": "lister"}) == ["pkg3"]
+    assert run({"runner": "lister", "sparse": []}) == ["pkg0", "pkg1", "pkg2", "pkg3"]
 
 
 # --- partial mirrors ---------------------------------------------------------------------------
