@@ -227,7 +227,7 @@ def missing_blobs(mirror: str, *revs: str) -> set[str]:
     return {line[1:] for line in listed.splitlines() if line.startswith("?")}
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [*KINDS, "overlay"])
 def test_a_partial_mirror_serves_slots_before_every_blob_is_local(
     necrod_factory: Callable[..., Necrod], workdir: Path, kind: str
 ) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import anyio
 
+from necrod.daemon.partial import backfill
 from necrod.daemon.slotkinds import GitSlots, SlotKind
 from necrod.io import slotfs
 from necrod.io.gitrun import GitResult, GitRunner
@@ -113,7 +114,8 @@ class SlotGit:
         self.kind.pin(self.admin, commit)
         args = ["checkout", "--quiet", "--detach", commit] if branch is None else ["checkout", "--quiet", "-B",
                                                                                    branch, commit]  # fmt: skip
-        if not isinstance(self.kind, GitSlots):  # an overlay slot: no sparse sets, no partial mirror
+        if not isinstance(self.kind, GitSlots):  # an overlay slot: no sparse sets
+            await backfill(self.kind.mirror, commit, timeout=self.timeout)
             await self.run(args)
             return
         wanted = self.sparse if sparse is None else sparse
