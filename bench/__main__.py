@@ -6,7 +6,9 @@ Items (issue 6): 1 allocation latency, 2 the other ways per task, 3 release to a
 vs worktree allocation, container vs process task start), 9 overlay slots and the prepare step
 (issue 17, on repositories of its own), ``ctl`` the wall time of ``necroctl status`` (issue 20),
 ``sub`` fetch cost per interval with submodules shared by two pools (issue 18, on repositories of
-its own), and ``db`` the SQLite commit inline vs in a thread.
+its own), ``db`` the SQLite commit inline vs in a thread, and ``mono`` the first ready slot of a
+large repository, full vs partial vs sparse (issue 18, on a repository of its own; not in
+``--quick`` unless named: ``--only mono``).
 Everything it starts lives under one /tmp/nb-* directory, removed at the end, even on Ctrl-C.
 """
 
@@ -30,6 +32,7 @@ from bench import (
     dispatch,
     fetch,
     isolation,
+    monorepo,
     overlay,
     release,
     report,
@@ -41,7 +44,7 @@ from bench.gitrepo import git, make_origin
 from bench.report import Row
 from bench.scratch import Scratch, raise_on_sigterm
 
-ITEMS = ("1", "2", "3", "4", "5", "6", "7", "8", "9", "ctl", "sub", "db")
+ITEMS = ("1", "2", "3", "4", "5", "6", "7", "8", "9", "ctl", "sub", "db", "mono")
 ALLOC_POOL, DISK_POOL = "alloc", "disk"
 
 
@@ -68,13 +71,15 @@ class Plan:
     start_tasks: int
     #: Item 9: its repositories' sizes, samples per figure, and how long its prepare step sleeps.
     overlay: overlay.Sizes
+    #: Item mono: its repository's size and samples per variant.
+    mono: monorepo.Sizes = monorepo.FULL
 
 
 # --quick must finish in under two minutes on two cores (issue 6): fewer of everything, a shorter
 # fetch interval, item 8 at 1 and 8 clients only, item 9 on 1,000 and 10,000 files.
 QUICK = Plan(
     (1, 8, 32), 2, 2, 2, 4.0, 300, 2, 2.5, (1, 10), (10,), 100, (1, 8), 1, 8, 5,
-    overlay.Sizes((1000, 10_000), 2, 1.0),
+    overlay.Sizes((1000, 10_000), 2, 1.0), monorepo.QUICK,
 )  # fmt: skip
 FULL = Plan(
     (1, 8, 32, 64), 6, 9, 9, 35.0, 2000, 4, 5.0, (1, 10, 50), (10, 50), 1000, (1, 8, 32), 4, 32, 20,
@@ -146,7 +151,7 @@ def run(
     rows: list[Row] = []
     dirt = debris.Debris()
     notes = []
-    if items - {"9", "sub"}:  # items 9 and sub generate repositories of their own
+    if items - {"9", "sub", "mono"}:  # items 9, sub and mono generate repositories of their own
         origin, source = _origin(args, scratch)
         say(f"repository: {source}")
         base = _base(origin)
@@ -219,6 +224,11 @@ def run(
         notes.append(f"item 9: generated: {sizes} files, {overlay.COMMITS} commits each")
         say(f"9: overlay slots and the prepare step, on {sizes} files")
         rows += overlay.measure(scratch, plan.overlay, dirt, say)
+    if "mono" in items:
+        m = plan.mono
+        notes.append(f"item mono: generated: {m.files:,} files, {m.commits:,} commits of {m.churn} files")
+        say(f"mono: first ready slot, full vs partial vs sparse, {m.samples} samples each")
+        rows += monorepo.measure(scratch, plan.mono, say)
     return rows, notes
 
 
@@ -234,7 +244,7 @@ def _revision() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
-    items = set(args.only.split(",")) if args.only else set(ITEMS)
+    items = set(args.only.split(",")) if args.only else set(ITEMS) - ({"mono"} if args.quick else set())
     unknown = items - set(ITEMS)
     if unknown:
         print(

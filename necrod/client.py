@@ -136,8 +136,10 @@ class _Api(Generic[R]):
         metadata: dict[str, Any] | None = None,
         affinity: str | None = None,
         ports: int | None = None,
+        sparse: list[str] | None = None,
         from_salvage: str | None = None,
     ) -> R:
+        """A lease; ``sparse``: the directories its slot holds (``[]``: all; None: the pool's)."""
         return self.call(
             "slots.allocate",
             _clean(
@@ -151,6 +153,7 @@ class _Api(Generic[R]):
                     "metadata": metadata,
                     "affinity": affinity,
                     "ports": ports,
+                    "sparse": sparse,
                     "from_salvage": from_salvage,
                 }
             ),

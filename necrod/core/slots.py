@@ -58,6 +58,8 @@ class Lease:
     affinity: str | None = None
     #: TCP ports the lease holds (``ports:``), consecutive; given back with the lease.
     ports: list[int] = field(default_factory=list)
+    #: The directories its slot was handed out holding (``sparse``; ``[]``: all of it).
+    sparse: list[str] | None = None
     #: The lost lease whose salvage this one started from (``from_salvage``, ``resume: salvage``).
     resumed_from: str | None = None
     #: Monotonic deadline; not persisted (after a restart every lease gets a fresh ttl_s).
@@ -223,6 +225,7 @@ class Slot:
             "granted_at": lease.granted_at if lease else None,
             "task_id": lease.task_id if lease else None,
             "ports": list(lease.ports) if lease else [],
+            "sparse": lease.sparse if lease else None,
             "error": self.error,
             "allocations": self.allocations,
             "last_released_at": self.last_released_at or None,

@@ -101,6 +101,8 @@ class Task:
     env: dict[str, str] = field(default_factory=dict)
     ref: str | None = None
     branch: str | None = None
+    #: The directories its slot holds for the attempt (``sparse``); None: the profile's, else the pool's.
+    sparse: list[str] | None = None
     project: str | None = None
     batch: str | None = None
     key: str | None = None
@@ -164,7 +166,7 @@ class Task:
             out.update({
                 "command": self.command, "payload": self.payload if owner else None, "skills": self.skills,
                 "project": self.project, "timeout_s": self.timeout_s, "env": self.env if owner else None,
-                "ref": self.ref, "branch": self.branch, "failure_strategy": self.failure_strategy,
+                "ref": self.ref, "branch": self.branch, "sparse": self.sparse, "failure_strategy": self.failure_strategy,
                 "attempts": [{**a.to_row(), "duration_s": a.duration_s, **({} if owner else {"lease_id": None})}
                              for a in self.attempts],
             })  # fmt: skip

@@ -184,7 +184,22 @@ def _run_options(p: argparse.ArgumentParser) -> None:
                    help="seconds between SIGTERM and SIGKILL when the command must stop (default 10)")  # fmt: skip
     p.add_argument("--reconnect-for", type=float, default=300.0, metavar="S",
                    help="keep trying to reach a restarting daemon this long (default 300)")  # fmt: skip
+    _sparse_options(p)
     p.add_argument("argv", nargs="*", metavar="COMMAND", help="the command and its arguments, after --")
+
+
+def _sparse_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sparse", action="append", metavar="DIR",
+                   help="the slot holds only this directory (repeatable) and the top-level files, for "
+                        "this lease (default: the pool's sparse set)")  # fmt: skip
+    p.add_argument("--no-sparse", action="store_true", help="the whole checkout, even in a sparse pool")
+
+
+def sparse_of(args: argparse.Namespace) -> list[str] | None:
+    """The ``sparse`` a lease asks for: ``--sparse`` dirs, ``[]`` for ``--no-sparse``, or None."""
+    if args.no_sparse and args.sparse:
+        raise SystemExit("necroctl: give --sparse or --no-sparse, not both")
+    return [] if args.no_sparse else args.sparse
 
 
 def parser() -> argparse.ArgumentParser:
@@ -229,6 +244,7 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--wait", type=float, help="queue up to this many seconds for a free slot")
     a.add_argument("--metadata", type=json.loads, help="JSON object stored with the lease")
     a.add_argument("--ports", type=int, help="TCP ports to hold with the lease (default: the pool's ports)")
+    _sparse_options(a)
     a.add_argument("--from-salvage", metavar="LEASE_ID",
                    help="start where that lost lease stopped: its commits and uncommitted work")  # fmt: skip
     h = cmd("heartbeat", "keep a lease alive")
@@ -279,6 +295,8 @@ def parser() -> argparse.ArgumentParser:
     sub_.add_argument("--env", action="append", metavar="NAME=VALUE")
     sub_.add_argument("--ref")
     sub_.add_argument("--branch")
+    sub_.add_argument("--sparse", action="append", metavar="DIR",
+                      help="the task's slot holds only this directory (repeatable) and the top-level files")  # fmt: skip
     sub_.add_argument("--project")
     sub_.add_argument("--failure-strategy", choices=("continue", "stop-all", "retry"))
     tl = cmd("tasks", "tasks and their state (--graph: the levels that can run in parallel)")

@@ -33,6 +33,7 @@ from necrod.ctl.cli import (
     EXIT_UNKNOWN,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
+    sparse_of,
 )
 from necrod.proto.errors import DaemonUnreachable, NecrodError, ReplyTimeout
 
@@ -60,7 +61,7 @@ def _submission(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"necroctl submit: --env {item!r} is not NAME=VALUE")
         env[name] = value
     fields = ("runner", "payload", "priority", "labels", "skills", "depends_on", "max_retries", "timeout_s",
-              "ref", "branch", "project", "failure_strategy")  # fmt: skip
+              "ref", "branch", "sparse", "project", "failure_strategy")  # fmt: skip
     task = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
     if args.argv:
         task["command"] = args.argv
@@ -130,6 +131,7 @@ def _run(args: argparse.Namespace, c: Client) -> tuple[Any, Callable[[Any], None
                 wait_s=args.wait,
                 metadata=args.metadata,
                 ports=args.ports,
+                sparse=sparse_of(args),
                 from_salvage=args.from_salvage,
             ), show.lease
         case "heartbeat":

@@ -27,6 +27,7 @@ from anyio.abc import Process
 from necrod import paths
 from necrod.client import AsyncClient
 from necrod.ctl import render
+from necrod.ctl.cli import sparse_of
 from necrod.ctl.reconnect import LeaseLost, Reconnecting
 from necrod.io.launchers import stop_group
 from necrod.proto.errors import DaemonUnreachable, NecrodError
@@ -55,6 +56,7 @@ class Options:
     socket: Path
     ref: str | None
     branch: str | None
+    sparse: list[str] | None
     ttl_s: float | None
     wait_s: float | None
     holder: str
@@ -167,7 +169,7 @@ class CommandRun:
         # The reply may wait for a queued slot and for a ref to be fetched.
         async with AsyncClient(o.socket, timeout=(o.wait_s or 0) + (o.timeout_s or 120.0)) as client:
             lease: dict[str, Any] = await client.allocate(
-                o.pool, holder=o.holder, ttl_s=o.ttl_s, ref=o.ref, branch=o.branch, wait_s=o.wait_s,
+                o.pool, holder=o.holder, ttl_s=o.ttl_s, ref=o.ref, branch=o.branch, wait_s=o.wait_s, sparse=o.sparse,
                 metadata={"command": shlex.join(o.argv)[:MAX_COMMAND_NOTE]},
             )  # fmt: skip
         return lease
@@ -238,7 +240,7 @@ def options(args: argparse.Namespace) -> Options:
     return Options(
         pool=args.pool, argv=list(args.argv),
         socket=(Path(socket) if socket else paths.client_socket_path()).absolute(),
-        ref=args.ref, branch=args.branch, ttl_s=args.ttl, wait_s=args.wait,
+        ref=args.ref, branch=args.branch, sparse=sparse_of(args), ttl_s=args.ttl, wait_s=args.wait,
         holder=args.holder or f"necroctl-run@{os.uname().nodename}:{os.getpid()}", salvage=args.salvage,
         grace_s=args.grace, reconnect_for_s=args.reconnect_for, timeout_s=getattr(args, "timeout", None),
         as_json=getattr(args, "json", False),

@@ -26,7 +26,7 @@ def status(r: dict[str, Any]) -> None:
         rows.append(
             (
                 name,
-                p["state"],
+                _coming_up(p),
                 s["available"],
                 s["allocated"],
                 s["cleaning"] + s["creating"],
@@ -56,7 +56,7 @@ def pools(r: dict[str, Any]) -> None:
         rows.append(
             (
                 p["name"],
-                p["state"],
+                _coming_up(p),
                 p["base"],
                 render.short(p["base_commit"]),
                 f"{s['available']}/{s['allocated']}/{s['cleaning'] + s['creating']}/{s['error']}",
@@ -71,6 +71,17 @@ def pools(r: dict[str, Any]) -> None:
         prep = p.get("prepare")
         if prep and prep["state"] == "failed":
             print(f"\n{p['name']}: prepare failed: {prep['error']}\n(necroctl prepare-log {p['name']})")
+
+
+def _coming_up(p: dict[str, Any]) -> str:
+    """A pool's state, with its progress while it comes up (``cloning: receiving objects 45%``)."""
+    g = p.get("progress")
+    if not g:
+        return str(p["state"])
+    amount = f"{g['percent']}%" if g.get("percent") is not None else str(g.get("done"))
+    if g.get("total") and g.get("stage") == "slots":
+        amount = f"{g['done']}/{g['total']}"
+    return f"{p['state']}: {g['phase']} {amount}"
 
 
 def _prepare(prep: dict[str, Any] | None) -> str:
@@ -114,7 +125,8 @@ def lease(r: dict[str, Any]) -> None:
         f"lease {r['lease_id']} on slot {r['slot_id']} at {render.short(r['commit'])}"
         + (f" branch {r['branch']}" if r.get("branch") else "")
         + f", fencing token {r['fencing_token']}, expires {render.until(r['expires_at'])}"
-        + (f", ports {','.join(map(str, r['ports']))}" if r.get("ports") else ""),
+        + (f", ports {','.join(map(str, r['ports']))}" if r.get("ports") else "")
+        + (f", sparse {','.join(r['sparse'])}" if r.get("sparse") else ""),
         file=sys.stderr,
     )
 

@@ -11,6 +11,10 @@ A lease that ends (released, expired, revoked) sends its slot to ``cleaning`` an
 ``offer``, first to the allocations waiting for one. It calls the slot table, the background
 jobs, the git gate (a grant's checkout), the pool sizer (an idle slot fewer may want another)
 and the mirror keeper (a ref the mirror does not have yet is fetched once).
+
+Over 500 lines because granting, waiting and a lease's end are one protocol over the same
+records (the grant's slow path undoes itself through the same release); a split would pass the
+half-made lease between modules.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from necrod.core.names import check_branch, check_ref, looks_like_sha
 from necrod.core.ports import choose_block
 from necrod.core.refs import resolve
 from necrod.core.slots import Lease, Slot, SlotState, choose_slot, new_lease_id
+from necrod.core.sparse import check_sparse
 from necrod.daemon import lfs
 from necrod.daemon.gitgate import GitGate
 from necrod.daemon.jobs import Jobs
@@ -96,14 +101,20 @@ class Allocator:
         runner_uid: int | None = None,
         affinity: str | None = None,
         ports: int | None = None,
+        sparse: list[str] | None = None,
         resume: SalvagePoint | None = None,
     ) -> dict[str, Any]:
         """A lease on a slot of ``pool``, owned by ``uid`` (and, for a task's contained runner,
         also usable by ``runner_uid``); with ``affinity``, preferably the idle slot last
         released under that key; with ``ports`` (else the pool's), that many TCP ports; with
+        ``sparse``, the slot narrowed or widened to those directories (``[]``: all) for it; with
         ``resume``, starting where that salvage's lease stopped (``resume.py``)."""
         started = time.perf_counter()
         p = self.table.pool(pool)
+        wanted = None if sparse is None else check_sparse(sparse)
+        if wanted is not None and wanted != p.config.sparse and p.config.isolation == "overlay":
+            raise FailedPrecondition(f"pool {p.name} has overlay slots, which hold the whole checkout: sparse "
+                                     "does not apply to them", pool=p.name, param="sparse")  # fmt: skip
         if ref is not None:
             check_ref(ref)
         if branch is not None:
@@ -152,7 +163,7 @@ class Allocator:
         result = await self._grant(
             p, slot, holder=holder, ttl_s=ttl_s or p.config.lease_ttl_s, target=target, branch=branch,
             metadata=metadata or {}, task_id=task_id, uid=uid, runner_uid=runner_uid, affinity=affinity,
-            ports=block, resume=resume,
+            ports=block, sparse=wanted, resume=resume,
         )  # fmt: skip
         if p.config.metrics:
             self.metrics.allocations.labels(p.name).inc()
@@ -305,7 +316,8 @@ class Allocator:
     async def _grant(
         self, p: Pool, slot: Slot, *, holder: str | None, ttl_s: float, target: str | None, branch: str | None,
         metadata: dict[str, Any], task_id: str | None, uid: int | None, runner_uid: int | None,
-        affinity: str | None = None, ports: list[int] | None = None, resume: SalvagePoint | None = None,
+        affinity: str | None = None, ports: list[int] | None = None, sparse: tuple[str, ...] | None = None,
+        resume: SalvagePoint | None = None,
     ) -> dict[str, Any]:  # fmt: skip
         # Everything up to the first await is atomic: the slot is ours from here on.
         now_m, now_w = self.clock.monotonic(), self.clock.wall()
@@ -316,13 +328,16 @@ class Allocator:
             lease_id=new_lease_id(), holder=holder, metadata=metadata, ttl_s=ttl_s, granted_at=now_w,
             expires_at=now_w + ttl_s, fencing_token=slot.fencing_token, start_commit=slot.commit,
             task_id=task_id, uid=uid, runner_uid=runner_uid, affinity=affinity, ports=ports or [],
-            deadline=now_m + ttl_s, resumed_from=resume.lease_id if resume else None,
+            sparse=list(p.config.sparse if sparse is None else sparse), deadline=now_m + ttl_s,
+            resumed_from=resume.lease_id if resume else None,
         )  # fmt: skip
         slot.state = SlotState.ALLOCATED
         slot.lease = lease
         slot.allocations += 1
         self.table.hold(slot)
-        if (target is None or target == slot.commit) and branch is None:
+        # A lease whose sparse set is not the pool's has its slot narrowed or widened first.
+        narrow = sparse if sparse is not None and sparse != p.config.sparse else None
+        if (target is None or target == slot.commit) and branch is None and narrow is None:
             await self.table.commit([(slot, snap)], [lease_event("granted", slot, lease, commit=slot.commit)])
             self._reap_wake.set()
             return self._lease_view(slot)
@@ -342,9 +357,9 @@ class Allocator:
             async with self.gate.pool_git(p):
                 await self.gate.check_mirror(p, slot)
                 if resume is not None:
-                    await self.gate.slot_git(p, slot).resume(resume.commit, resume.head, branch)
+                    await self.gate.slot_git(p, slot).resume(resume.commit, resume.head, branch, narrow)
                 else:
-                    await self.gate.slot_git(p, slot).checkout(target or slot.commit or "", branch)
+                    await self.gate.slot_git(p, slot).checkout(target or slot.commit or "", branch, narrow)
         except BaseException as exc:
             slot.busy = False
             with anyio.CancelScope(shield=True):
@@ -397,6 +412,7 @@ class Allocator:
             "ttl_s": lease.ttl_s,
             "holder": lease.holder,
             "ports": list(lease.ports),
+            "sparse": list(lease.sparse or []),
             "resumed_from": lease.resumed_from,
         }
 

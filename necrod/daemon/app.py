@@ -528,6 +528,7 @@ class Daemon:
                     "waiting": len(p.waiters),
                     "fetch": p.fetch.view()["state"],
                     "base_commit": p.base_commit,
+                    "progress": p.progress.latest if p.progress is not None else None,
                 }
                 for name, p in self.engine.table.pools.items()
             },

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import anyio
 
+from necrod.daemon.partial import backfill
 from necrod.daemon.slotkinds import GitSlots, SlotKind
 from necrod.io import slotfs
 from necrod.io.gitrun import GitResult, GitRunner
@@ -40,8 +41,18 @@ _LOCKS = ("index.lock", "HEAD.lock", "ORIG_HEAD.lock")
 class SlotGit:
     """git in one slot of a pool."""
 
-    def __init__(self, git: GitRunner, kind: SlotKind, admin: str, path: str, timeout: float) -> None:
+    def __init__(
+        self,
+        git: GitRunner,
+        kind: SlotKind,
+        admin: str,
+        path: str,
+        timeout: float,
+        sparse: tuple[str, ...] = (),
+    ) -> None:
         self.git = git
+        #: The pool's sparse set: what a reset and a move leave the slot holding (() : all of it).
+        self.sparse = sparse
         self.kind = kind
         self.admin = admin
         self.admin_dir = kind.git_dir(admin, path)
@@ -84,7 +95,8 @@ class SlotGit:
         """Detached at ``commit``, as clean as the slot's kind makes it (``SlotKind.reset``),
         no interrupted merge or rebase left behind; the layers it now stands on."""
         await anyio.to_thread.run_sync(self.clear_operation_state)
-        return await self.kind.reset(self.admin, self.path, commit, clean_flags, timeout=self.timeout)
+        return await self.kind.reset(self.admin, self.path, commit, clean_flags, timeout=self.timeout,
+                                     sparse=self.sparse)  # fmt: skip
 
     async def drift(self, commit: str) -> str | None:
         """How the just-reset slot differs from a clean checkout at ``commit`` (None: it does
@@ -94,27 +106,32 @@ class SlotGit:
 
     async def move(self, commit: str) -> tuple[str, ...]:
         """An idle, clean slot to a new base commit; the layers it now stands on."""
-        return await self.kind.move(self.admin, self.path, commit, timeout=self.timeout)
+        return await self.kind.move(self.admin, self.path, commit, timeout=self.timeout, sparse=self.sparse)
 
-    async def checkout(self, commit: str, branch: str | None) -> None:
+    async def checkout(self, commit: str, branch: str | None, sparse: tuple[str, ...] | None = None) -> None:
+        """A clean slot to ``commit`` (on ``branch``) for a lease, narrowed or widened to the
+        lease's ``sparse`` set when it asked for one (else it keeps the pool's)."""
         self.kind.pin(self.admin, commit)
-        if branch is None:
-            await self.run(["checkout", "--quiet", "--detach", commit])
-        else:
-            await self.run(["checkout", "--quiet", "-B", branch, commit])
-        if (
-            isinstance(self.kind, GitSlots)
-            and self.kind.submodules is not None
-            and self.kind.submodules.enabled
-        ):
+        args = ["checkout", "--quiet", "--detach", commit] if branch is None else ["checkout", "--quiet", "-B",
+                                                                                   branch, commit]  # fmt: skip
+        if not isinstance(self.kind, GitSlots):  # an overlay slot: no sparse sets, no submodules
+            await backfill(self.kind.mirror, commit, timeout=self.timeout)
+            await self.run(args)
+            return
+        wanted = self.sparse if sparse is None else sparse
+        await self.kind.checkout(self.admin, self.path, args, commit, wanted if (wanted or sparse is not None)
+                                 else None, timeout=self.timeout)  # fmt: skip
+        if self.kind.submodules is not None and self.kind.submodules.enabled:
             # The submodules ``commit`` records, from the host's mirrors (no fetch here).
             await self.kind.check_out_submodules(self.admin, self.path, commit, timeout=self.timeout)
 
-    async def resume(self, salvage: str, head: str, branch: str | None) -> None:
+    async def resume(
+        self, salvage: str, head: str, branch: str | None, sparse: tuple[str, ...] | None = None
+    ) -> None:
         """A salvage's work in this slot (``resume.py``): HEAD (and ``branch``, if named) at
         the lost lease's last commit ``head``, the work tree as that lease left it, what it had
-        not committed uncommitted again."""
-        await self.checkout(salvage, branch)
+        not committed uncommitted again (within the lease's ``sparse`` set, as ``checkout``)."""
+        await self.checkout(salvage, branch, sparse)
         await self.run(["reset", "--quiet", "--mixed", head, "--"])
 
     async def delete_branch(self, branch: str) -> None:

@@ -131,7 +131,11 @@ class Cleanup:
                     if not retiring and (problem is not None or slot.rebuild):
                         slot.prepared = None
                         slot.layers = await p.kind.add(
-                            Path(slot.path), slot.admin, base, timeout=p.config.cleanup_timeout_s
+                            Path(slot.path),
+                            slot.admin,
+                            base,
+                            timeout=p.config.cleanup_timeout_s,
+                            sparse=p.config.sparse,
                         )
                 finally:
                     slot.busy = False

@@ -171,6 +171,8 @@ class PoolEngine:
             if slot.state is SlotState.AVAILABLE:
                 self.allocator.offer(pool, slot)
         self.sizer.maintain(pool)
+        if pool.progress is not None and not any(s.state is SlotState.CREATING for s in pool.slots.values()):
+            pool.progress = None  # no slot to make: it is up
         ready = Event(
             "pools", "pool.state", {"pool": pool.name, "state": "ready", "base_commit": pool.base_commit}
         )
@@ -249,8 +251,8 @@ class PoolEngine:
         out = [f"pool {p.name}: {key} {getattr(old, key)!r} -> {getattr(new, key)!r}" for key in changed]
         if "git_concurrency" in changed:
             p.limiter.total_tokens = new.git_concurrency
-        if "repo_url" in changed or "lfs" in changed:
-            p.mirror.set_url(new.repo_url, new.lfs)
+        if "repo_url" in changed or "lfs" in changed or "filter" in changed:
+            p.mirror.set_url(new.repo_url, new.lfs, new.filter)
         if "repo_url" in changed:
             p.default_branch = None
         if "slots" in changed:
@@ -267,6 +269,8 @@ class PoolEngine:
                 self.jobs.kick(slot)  # idle slots are remade now, held ones after release
         if "repo_url" in changed or "base" in changed:
             self.jobs.spawn(self.keeper.refetch_base, p)
+        if "sparse" in changed:
+            self.jobs.spawn(self._resparse, p)
         if "isolation" in changed and new.isolation == "overlay" and p.state == "ready":
             self.jobs.spawn(self._bring_up, p)  # checks it can mount first
         elif "lfs" in changed and p.state == "ready":
@@ -284,10 +288,18 @@ class PoolEngine:
         if p.state == "ready" and p.base_commit is not None:
             async with self.gate.limits(p):
                 await self.keeper.sync_submodules(p, p.base_commit, fresh_s=0)
+        await self._clean_idle(p, "reconfigured")
+
+    async def _resparse(self, p: Pool) -> None:
+        """The pool's sparse set changed: its idle slots are cleaned onto the new one now (held
+        ones get it when released)."""
+        await self._clean_idle(p, "sparse_changed")
+
+    async def _clean_idle(self, p: Pool, reason: str) -> None:
         for slot in list(p.slots.values()):
             if slot.state is SlotState.AVAILABLE and not slot.reserved and not slot.busy:
                 slot.state = SlotState.CLEANING
-                await self.table.persist_or_keep(slot, [slot_event(slot, "reconfigured")])
+                await self.table.persist_or_keep(slot, [slot_event(slot, reason)])
                 self.jobs.kick(slot)
 
     # --- shutdown ---------------------------------------------------------------------------------

@@ -90,7 +90,9 @@ class GitGate:
     # --- git in one slot --------------------------------------------------------------------------------
 
     def slot_git(self, p: Pool, slot: Slot) -> SlotGit:
-        return SlotGit(self.git, p.kind_of(slot), slot.admin, slot.path, p.config.cleanup_timeout_s)
+        return SlotGit(
+            self.git, p.kind_of(slot), slot.admin, slot.path, p.config.cleanup_timeout_s, p.config.sparse
+        )
 
     def salvager(self, p: Pool, slot: Slot) -> Salvager:
         return Salvager(self.git, p.kind_of(slot), slot.admin, slot.path, timeout=p.config.cleanup_timeout_s,

@@ -31,6 +31,7 @@ import anyio
 import structlog
 
 from necrod.daemon.mirror import Mirror
+from necrod.daemon.partial import backfill
 from necrod.daemon.slotkinds import CloneSlots
 from necrod.io import slotfs
 
@@ -109,6 +110,7 @@ class Layers:
         try:
             await self.git.run(["init", "--quiet", "--template=", "--", str(tmp)], timeout=timeout)
             clone.restore(name, str(tmp))
+            await backfill(self.mirror, commit, timeout=timeout)
             git_dir = tmp / ".git"
             await self.git.run(["checkout", "--quiet", "--force", "--detach", commit], git_dir=git_dir,
                                work_tree=tmp, cwd=tmp, timeout=timeout)  # fmt: skip

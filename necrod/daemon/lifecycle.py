@@ -117,7 +117,7 @@ class Lifecycle:
                     slot.kind = p.config.isolation
                     slot.prepared = None
                     slot.layers = await p.kind.add(Path(slot.path), slot.admin, base,
-                                                   timeout=p.config.cleanup_timeout_s)  # fmt: skip
+                                                   timeout=p.config.cleanup_timeout_s, sparse=p.config.sparse)  # fmt: skip
                 finally:
                     slot.busy = False
             slot.commit = base
@@ -130,6 +130,7 @@ class Lifecycle:
             slot.state = SlotState.REMOVING
             slot.error = f"creating the worktree failed: {exc}"
             await self.table.persist_or_keep(slot, [slot_event(slot, "create_failed", error=slot.error)])
+            self._first_slots(p)
             return
         p.create_failures = 0
         snap = slot.snapshot()
@@ -140,6 +141,17 @@ class Lifecycle:
         if await self.table.commit_or_log(slot, snap, [slot_event(slot, "created")]):
             self.allocator.offer(p, slot)
             self.sizer.maintain(p)
+        self._first_slots(p)
+
+    def _first_slots(self, p: Pool) -> None:
+        """A pool coming up for the first time: how many of its first slots are made; its
+        progress is over once none is being made."""
+        if p.progress is None:
+            return
+        made = sum(s.state is not SlotState.CREATING for s in p.slots.values())
+        p.progress.slots(made, len(p.slots))
+        if made == len(p.slots):
+            p.progress = None
 
     async def _mark_broken(self, p: Pool, slot: Slot) -> None:
         reason = self.gate.slot_git(p, slot).healthy() or (

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import stat
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -46,10 +46,13 @@ def quote_config(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def canonical_config(repo_url: str) -> str:
+def canonical_config(repo_url: str, partial: str | None = None) -> str:
+    """The mirror's config; with ``partial`` (a ``filter:``), a partial clone whose origin is
+    the promisor remote: fetches take that filter, missing blobs are fetched from origin."""
+    promisor = f"\tpromisor = true\n\tpartialclonefilter = {partial}\n" if partial else ""
     return (
         "[core]\n"
-        "\trepositoryformatversion = 0\n"
+        f"\trepositoryformatversion = {1 if partial else 0}\n"
         "\tfilemode = true\n"
         "\tbare = true\n"
         "\tlogallrefupdates = false\n"
@@ -58,6 +61,7 @@ def canonical_config(repo_url: str) -> str:
         "\tfetch = +refs/heads/*:refs/remotes/origin/*\n"
         "\tfetch = +refs/tags/*:refs/tags/*\n"
         "\ttagOpt = --no-tags\n"
+        f"{promisor}" + ("[extensions]\n\tpartialClone = origin\n" if partial else "")
     )
 
 
@@ -163,18 +167,24 @@ _LOCK_EXISTS = re.compile(r"Unable to create '([^']+\.lock)': File exists")
 class Mirror:
     """See the module docstring."""
 
-    def __init__(self, path: Path, repo_url: str, git: GitRunner, lfs: LfsMode = False) -> None:
+    def __init__(
+        self, path: Path, repo_url: str, git: GitRunner, lfs: LfsMode = False, partial: str | None = None
+    ) -> None:
         self.path = path
         self.repo_url = repo_url
         self.git = git
         #: The pool's ``lfs:``, and the commit whose LFS objects were last fetched (``daemon.lfs``).
         self.lfs: LfsMode = lfs
         self.lfs_fetched: str | None = None
+        #: The pool's ``filter:`` (a partial clone), or None.
+        self.partial = partial
         self._config_text = self._canonical()
         self._gitlinks: dict[str, list[str]] = {}
+        #: (commit, sparse set) whose blobs are known to be here (``partial.backfill``).
+        self.backfilled: set[tuple[str, tuple[str, ...]]] = set()
 
     def _canonical(self) -> str:
-        return canonical_config(self.repo_url) + repo_config(
+        return canonical_config(self.repo_url, self.partial) + repo_config(
             self.lfs, str(self.path), self.repo_url, own_repository=False
         )
 
@@ -187,14 +197,22 @@ class Mirror:
     def exists(self) -> bool:
         return (self.path / "HEAD").is_file() and (self.path / "objects").is_dir()
 
-    def set_url(self, repo_url: str, lfs: LfsMode | None = None) -> None:
-        if (lfs is not None and lfs != self.lfs) or repo_url != self.repo_url:
+    def set_url(self, repo_url: str, lfs: LfsMode, partial: str | None) -> None:
+        if lfs != self.lfs or repo_url != self.repo_url:
             self.lfs_fetched = None
-        self.repo_url = repo_url
-        self.lfs = self.lfs if lfs is None else lfs
+        self.repo_url, self.lfs, self.partial = repo_url, lfs, partial
         self._config_text = self._canonical()
         if self.exists:
             slotfs.write_atomic(self.path, "config", self._config_text)
+
+    def fetch_options(self) -> list[str]:
+        """A partial mirror of a local origin: the origin's ``upload-pack`` reads only the
+        origin's own config (git clears ours for it), so it is told on its command line to
+        serve filters and single objects, as hosting services do."""
+        if self.partial is None or local_repo_path(self.repo_url) is None:
+            return []
+        return [f"--upload-pack={shlex.quote(self.git.git)} -c uploadpack.allowFilter=true "
+                "-c uploadpack.allowAnySHA1InWant=true upload-pack"]  # fmt: skip
 
     # --- tamper ---------------------------------------------------------------------------------
 
@@ -218,7 +236,7 @@ class Mirror:
         if tmp.exists():
             await anyio.to_thread.run_sync(shutil.rmtree, tmp)
         local = local_repo_path(self.repo_url)
-        if local is not None and _hard_linkable(local, self.path.parent):
+        if local is not None and self.partial is None and _hard_linkable(local, self.path.parent):
             # A local origin on this file system: its objects are hard-linked, not packed and
             # copied (symfony, 391 MB: 2.9 s instead of 50 s). Its branches go; the fetch below
             # makes the mirror's own refs, as for any origin.
@@ -230,12 +248,12 @@ class Mirror:
         else:
             await self.git.run(["init", "--quiet", "--bare", "--template=", "--", str(tmp)], timeout=60)
         # What init (or clone) wrote is replaced by our own canonical files.
-        keep = Mirror(tmp, self.repo_url, self.git, self.lfs)
+        keep = Mirror(tmp, self.repo_url, self.git, self.lfs, self.partial)
         keep._config_text = self._config_text  # the LFS lines name the mirror's final path
         keep.restore_canonical()
         (tmp / "description").unlink(missing_ok=True)
         await self.git.run(
-            ["fetch", "--progress", "--prune", "origin"],
+            ["fetch", "--progress", "--prune", *self.fetch_options(), "origin"],
             git_dir=tmp,
             timeout=timeout,
             network=True,
@@ -248,9 +266,9 @@ class Mirror:
         killed part-way leaves lock files on the refs it was updating; the next one would fail
         on them for ever, so a lock where only our fetch writes is removed and the fetch tried
         again, once."""
-        args = ["fetch", "--quiet", "--prune", "origin"]
+        args = ["fetch", "--quiet", "--prune", *self.fetch_options(), "origin"]
         if refspecs:
-            args = ["fetch", "--quiet", "origin", "--end-of-options", *refspecs]
+            args = ["fetch", "--quiet", *self.fetch_options(), "origin", "--end-of-options", *refspecs]
         try:
             await self.git.run(args, git_dir=self.path, timeout=timeout, network=True)
         except GitError as exc:
@@ -283,8 +301,9 @@ class Mirror:
 
     async def refetch(self, *, timeout: float) -> None:
         """Fetch every object again (heals a mirror that lost objects)."""
-        await self.git.run(["fetch", "--quiet", "--refetch", "--prune", "origin"], git_dir=self.path,
-                           timeout=timeout, network=True)  # fmt: skip
+        await self.git.run(["fetch", "--quiet", "--refetch", "--prune", *self.fetch_options(), "origin"],
+                           git_dir=self.path, timeout=timeout, network=True)  # fmt: skip
+        self.backfilled.clear()
 
     async def remote_head(self, *, timeout: float) -> str | None:
         """The origin's default branch (what its HEAD points at)."""
@@ -446,19 +465,3 @@ class Mirror:
 
 def _number(text: str) -> int | None:
     return int(text) if text.strip().isdigit() else None
-
-
-class ProgressLog:
-    """Turns git's progress lines into a log line every few seconds, not hundreds a second."""
-
-    def __init__(self, pool: str, every_s: float = 2.0) -> None:
-        self.pool = pool
-        self.every_s = every_s
-        self._last = 0.0
-
-    def __call__(self, line: str) -> None:
-        now = time.monotonic()
-        done = "done" in line
-        if done or now - self._last >= self.every_s:
-            self._last = now
-            log.info("clone_progress", pool=self.pool, progress=line.strip())

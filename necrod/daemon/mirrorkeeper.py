@@ -24,9 +24,10 @@ from necrod.daemon import lfs
 from necrod.daemon.gitgate import GitGate
 from necrod.daemon.jobs import Jobs
 from necrod.daemon.metrics import Metrics
-from necrod.daemon.mirror import ProgressLog
+from necrod.daemon.partial import backfill
 from necrod.daemon.pickup import drop_branch, make_branch, push_branch
 from necrod.daemon.pool import Pool
+from necrod.daemon.poolprogress import PoolProgress
 from necrod.daemon.resume import SalvagePoint
 from necrod.daemon.slottable import SlotTable
 from necrod.daemon.submirrors import SubmoduleMirrors
@@ -58,10 +59,11 @@ class MirrorKeeper:
             pool.state = "cloning"
             log.info("mirror_clone", pool=pool.name, repo_url=pool.config.repo_url)
             started = time.perf_counter()
+            pool.progress = progress = PoolProgress(
+                pool.name, lambda event: self.jobs.spawn(self.table.persist_quietly, [event])
+            )
             async with self.gate.limits(pool):
-                await pool.mirror.create(
-                    timeout=pool.config.clone_timeout_s, on_progress=ProgressLog(pool.name)
-                )
+                await pool.mirror.create(timeout=pool.config.clone_timeout_s, on_progress=progress.git_line)
             pool.fetch.last_ok_at = self.clock.wall()
             pool.fetch.fetches += 1
             log.info("mirror_cloned", pool=pool.name, s=round(time.perf_counter() - started, 2))
@@ -86,6 +88,12 @@ class MirrorKeeper:
         pool.base_commit = base
         async with self.gate.limits(pool):
             await self.sync_submodules(pool, base, fresh_s=0)
+        if pool.progress is not None and pool.mirror.partial is not None:
+            # The first slot's checkout needs the base's blobs: fetched here, with progress.
+            pool.progress.stage = "blobs"
+            async with self.gate.limits(pool):
+                await backfill(pool.mirror, base, pool.config.sparse, timeout=pool.config.clone_timeout_s,
+                               on_progress=pool.progress.git_line)  # fmt: skip
 
     # --- fetching ---------------------------------------------------------------------------------
 

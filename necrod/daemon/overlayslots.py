@@ -106,21 +106,27 @@ class OverlaySlots:
         target.mkdir(parents=True)
         overlay.mount(target, self.layers.paths(stack), slot_upper / "upper", slot_upper / "work")
 
-    async def add(self, path: Path, admin: str, commit: str, *, timeout: float) -> tuple[str, ...]:
+    async def add(
+        self, path: Path, admin: str, commit: str, *, timeout: float, sparse: tuple[str, ...] = ()
+    ) -> tuple[str, ...]:
+        """A fresh upper on the pool's layers (``sparse`` is refused for overlay pools)."""
         stack = await self._stack(commit, timeout)
         await anyio.to_thread.run_sync(self._mount_fresh, str(path), admin, stack)
         return stack
 
     async def reset(
-        self, admin: str, path: str, commit: str, clean_flags: str, *, timeout: float
-    ) -> tuple[str, ...]:
+        self, admin: str, path: str, commit: str, clean_flags: str, *, timeout: float,
+        sparse: tuple[str, ...] = (),
+    ) -> tuple[str, ...]:  # fmt: skip
         """A fresh upper on the pool's current layers at ``commit`` (``clean_flags`` mean
         nothing here: what the prepare step made is in a layer, not in the upper)."""
         stack = await self._stack(commit, timeout)
         await anyio.to_thread.run_sync(self._mount_fresh, path, admin, stack)
         return stack
 
-    async def move(self, admin: str, path: str, commit: str, *, timeout: float) -> tuple[str, ...]:
+    async def move(
+        self, admin: str, path: str, commit: str, *, timeout: float, sparse: tuple[str, ...] = ()
+    ) -> tuple[str, ...]:
         return await self.reset(admin, path, commit, "", timeout=timeout)
 
     async def mount_again(self, admin: str, path: str, layers: tuple[str, ...]) -> bool:

@@ -15,6 +15,7 @@ from necrod.core.slots import Slot, SlotState
 from necrod.daemon.layers import Layers
 from necrod.daemon.mirror import Mirror
 from necrod.daemon.overlayslots import OverlaySlots
+from necrod.daemon.poolprogress import PoolProgress
 from necrod.daemon.slotkinds import CloneSlots, SlotKind, WorktreeSlots
 from necrod.daemon.slotsubmodules import SubmoduleCheckout
 from necrod.daemon.submirrors import SubmoduleMirrors
@@ -95,7 +96,7 @@ class Pool:
         self.name = config.name
         self.root = root
         self.slots_dir = root / "slots"
-        self.mirror = Mirror(root / "mirror.git", config.repo_url, git, config.lfs)
+        self.mirror = Mirror(root / "mirror.git", config.repo_url, git, config.lfs, config.filter)
         self.layers = Layers(root, self.mirror)
         #: Layers above the base that overlay slots mounted now stand on, topmost first (the
         #: pool's files: and its last good prepared output; kept by ``prepare.Preparer``).
@@ -149,6 +150,8 @@ class Pool:
         self.clean_bytes: tuple[str, int] | None = None
         #: Monotonic time of the last mirror connectivity check.
         self.mirror_checked_at = 0.0
+        #: Set while the pool comes up for the first time (clone, blobs, first slots).
+        self.progress: PoolProgress | None = None
 
     @property
     def kind(self) -> SlotKind:
@@ -266,4 +269,7 @@ class Pool:
             "submodules": {"mode": self.config.submodules, "problems": list(self.submodule_problems)}
             if self.config.submodules
             else None,
+            "progress": self.progress.latest if self.progress is not None else None,
+            "sparse": list(self.config.sparse),
+            "filter": self.config.filter,
         }

@@ -199,6 +199,7 @@ class Api:
             uid=ctx.peer.uid,
             affinity=params["affinity"],
             ports=params["ports"],
+            sparse=params["sparse"],
             resume=resume,
         )
         # A lease nobody heard about (the caller vanished while queued) goes back at once.

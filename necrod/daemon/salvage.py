@@ -54,6 +54,16 @@ LISTED_SKIPS = 100
 REF_PREFIX = "refs/necrod/salvage/"
 
 
+#: A sparse slot's index marks the files outside its cone (skip-worktree): absent, and not
+#: deleted. With sparse checkout on, git also takes such a file the agent did write (it clears
+#: the mark of a file that is there), so an edit outside the cone is salvaged too.
+_SPARSE_AWARE = {
+    "GIT_CONFIG_COUNT": "1",
+    "GIT_CONFIG_KEY_0": "core.sparseCheckout",
+    "GIT_CONFIG_VALUE_0": "true",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Salvage:
     ref: str
@@ -91,6 +101,24 @@ def _staged(listing: bytes) -> list[tuple[str, str, str]]:
         fields = meta.split()
         if tab and len(fields) == 3:
             out.append((fields[0].decode(), fields[1].decode(), os.fsdecode(path)))
+    return out
+
+
+def sparse_gaps(root: str, paths: list[str]) -> list[str]:
+    """Which of ``paths`` (an index read from HEAD, the slot's own being untrusted) a sparse
+    checkout left out: absent, in a directory that is absent too. A cone holds whole directories
+    and every file of its parents, so such a file was never there; the agent did not delete it.
+    Nothing is followed (``slotfs``)."""
+    present: dict[str, bool] = {}
+    out = []
+    for path in paths:
+        parent = path.rpartition("/")[0]
+        if not parent:
+            continue
+        if parent not in present:
+            present[parent] = slotfs.kind(root, parent) is not None
+        if not present[parent] and slotfs.kind(root, path) is None:
+            out.append(path)
     return out
 
 
@@ -194,7 +222,7 @@ class Salvager:
     ) -> GitResult:
         return await self.git.run(
             args, git_dir=scratch, work_tree=self.path, cwd=self.path, timeout=self.timeout, check=check,
-            env={"GIT_INDEX_FILE": str(scratch / "index")}, input=input,
+            env={"GIT_INDEX_FILE": str(scratch / "index"), **_SPARSE_AWARE}, input=input,
         )  # fmt: skip
 
     async def _head(self) -> str | None:
@@ -220,7 +248,14 @@ class Salvager:
             index.unlink()
         await self._run(scratch, ["read-tree", "HEAD"])
         listed = await self._run(scratch, ["ls-files", "--stage", "-z"])
-        return _gitlinks(_staged(listed.stdout))
+        entries = _staged(listed.stdout)
+        gaps = await anyio.to_thread.run_sync(
+            sparse_gaps, self.path, [p for m, _, p in entries if m != "160000"]
+        )
+        if gaps:
+            await self._run(scratch, ["update-index", "--skip-worktree", "-z", "--stdin"],
+                            input=b"".join(os.fsencode(p) + b"\0" for p in gaps))  # fmt: skip
+        return _gitlinks(entries)
 
     # --- the salvage ------------------------------------------------------------------------------
 

@@ -20,8 +20,10 @@ written in one slot reaches another. Two duties follow:
 The slot's own ``.git`` is the agent's to write while it holds the lease, so before any git of
 ours runs there, its config, hooks, info and alternates are put back as necrod wrote them.
 
-Over 500 lines, on purpose: the two git kinds and what they share (``GitSlots``) are read
-side by side; a submodule's checkout is ``slotsubmodules``.
+Over 500 lines, on purpose: the two git kinds side by side, with what they do alike
+(``GitSlots``) and the ``SlotKind`` protocol all three kinds keep, read as one contract; a
+submodule's checkout is ``slotsubmodules``, a checkout under a sparse set and a partial mirror's
+blobs are ``sparsecheckout`` and ``partial``.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ from necrod.daemon.mirror import (
     unsafe_files,
     unsafe_structure,
 )
+from necrod.daemon.partial import backfill
 from necrod.daemon.slotsubmodules import SubmoduleCheckout
+from necrod.daemon.sparsecheckout import sparse_checkout
 from necrod.io import slotfs
 from necrod.io.gitrun import GitRunner
 
@@ -72,11 +76,16 @@ class SlotKind(Protocol):
     def pointer_problem(self, admin: str, path: str) -> str | None: ...
     def restore(self, admin: str, path: str) -> list[str]: ...
     def owns(self, directory: Path) -> bool: ...
-    async def add(self, path: Path, admin: str, commit: str, *, timeout: float) -> tuple[str, ...]: ...
-    async def reset(
-        self, admin: str, path: str, commit: str, clean_flags: str, *, timeout: float
+    async def add(
+        self, path: Path, admin: str, commit: str, *, timeout: float, sparse: tuple[str, ...] = ()
     ) -> tuple[str, ...]: ...
-    async def move(self, admin: str, path: str, commit: str, *, timeout: float) -> tuple[str, ...]: ...
+    async def reset(
+        self, admin: str, path: str, commit: str, clean_flags: str, *, timeout: float,
+        sparse: tuple[str, ...] = (),
+    ) -> tuple[str, ...]: ...  # fmt: skip
+    async def move(
+        self, admin: str, path: str, commit: str, *, timeout: float, sparse: tuple[str, ...] = ()
+    ) -> tuple[str, ...]: ...
     async def mount_again(self, admin: str, path: str, layers: tuple[str, ...]) -> bool: ...
     async def remove(self, path: Path, admin: str, *, timeout: float) -> None: ...
     async def prune(self) -> None: ...
@@ -115,16 +124,26 @@ class GitSlots(ABC):
     @abstractmethod
     def forget(self, admin: str, path: str, keep_modules: bool = False) -> None: ...
 
+    async def checkout(
+        self, admin: str, path: str, args: list[str], commit: str, sparse: tuple[str, ...] | None, *,
+        timeout: float,
+    ) -> None:  # fmt: skip
+        """``git <args>`` (a checkout of ``commit``) in the slot, as ``sparsecheckout`` runs it."""
+        await sparse_checkout(self.mirror, self.git_dir(admin, path), self.git_dir_at(admin, path), path, args,
+                              commit, sparse, timeout=timeout)  # fmt: skip
+
     async def reset(
-        self, admin: str, path: str, commit: str, clean_flags: str, *, timeout: float
-    ) -> tuple[str, ...]:
+        self, admin: str, path: str, commit: str, clean_flags: str, *, timeout: float,
+        sparse: tuple[str, ...] = (),
+    ) -> tuple[str, ...]:  # fmt: skip
         """Back to ``commit``: tracked files as committed, untracked (and ignored, with -x)
         files gone, submodule directories emptied (then checked out afresh when the pool has
-        ``submodules:``), nothing of the lease's own in its repository."""
+        ``submodules:``), nothing of the lease's own in its repository, and the pool's ``sparse``
+        set (the full checkout: ()) whatever the lease made of it."""
         self.pin(admin, commit)
         git_dir = self.git_dir(admin, path)
-        await self.git.run(["checkout", "--quiet", "--force", "--detach", commit], git_dir=git_dir,
-                           work_tree=path, cwd=path, timeout=timeout)  # fmt: skip
+        await self.checkout(admin, path, ["checkout", "--quiet", "--force", "--detach", commit], commit, sparse,
+                            timeout=timeout)  # fmt: skip
         await self.git.run(["clean", "--quiet", clean_flags], git_dir=git_dir, work_tree=path, cwd=path,
                            timeout=timeout)  # fmt: skip
         managed = self.submodules is not None and self.submodules.enabled
@@ -135,15 +154,17 @@ class GitSlots(ABC):
         await self.check_out_submodules(admin, path, commit, timeout=timeout, clean_flags=clean_flags)
         return ()
 
-    async def move(self, admin: str, path: str, commit: str, *, timeout: float) -> tuple[str, ...]:
-        """An idle, clean slot to a new base commit: only the tracked files that differ change
-        (with ``submodules:``, the submodules are checked out again, and one the new commit no
-        longer has goes with the untracked files)."""
+    async def move(
+        self, admin: str, path: str, commit: str, *, timeout: float, sparse: tuple[str, ...] = ()
+    ) -> tuple[str, ...]:
+        """An idle, clean slot (at the pool's ``sparse`` set) to a new base commit: only the
+        tracked files that differ change (with ``submodules:``, the submodules are checked out
+        again, and one the new commit no longer has goes with the untracked files)."""
         if self.submodules is not None and self.submodules.enabled:
-            return await self.reset(admin, path, commit, "-ffd", timeout=timeout)
+            return await self.reset(admin, path, commit, "-ffd", timeout=timeout, sparse=sparse)
         self.pin(admin, commit)
-        await self.git.run(["checkout", "--quiet", "--force", "--detach", commit], git_dir=self.git_dir(admin, path),
-                           work_tree=path, cwd=path, timeout=timeout)  # fmt: skip
+        await self.checkout(admin, path, ["checkout", "--quiet", "--force", "--detach", commit], commit,
+                            sparse or None, timeout=timeout)  # fmt: skip
         return ()
 
     async def check_out_submodules(
@@ -317,19 +338,26 @@ class WorktreeSlots(GitSlots):
             slotfs.write_atomic(path, ".git", want)
         return changed
 
-    async def add(self, path: Path, admin: str, commit: str, *, timeout: float) -> tuple[str, ...]:
-        """``git worktree add --detach`` at ``path``; leftovers of an earlier attempt go first."""
+    async def add(
+        self, path: Path, admin: str, commit: str, *, timeout: float, sparse: tuple[str, ...] = ()
+    ) -> tuple[str, ...]:
+        """``git worktree add --detach`` at ``path`` (checked out as the ``sparse`` set says);
+        leftovers of an earlier attempt go first."""
         stale_admin = self.git_dir(admin, str(path))
         if path.exists() or path.is_symlink():
             await anyio.to_thread.run_sync(remove_path, path)
         if stale_admin.exists():
             await anyio.to_thread.run_sync(remove_path, stale_admin)
         path.parent.mkdir(parents=True, exist_ok=True)
-        await self.git.run(["worktree", "add", "--quiet", "--detach", "--", str(path), commit],
-                           git_dir=self.mirror.path, timeout=timeout)  # fmt: skip
+        await backfill(self.mirror, commit, sparse, timeout=timeout)
+        await self.git.run(["worktree", "add", "--quiet", "--detach", *(["--no-checkout"] if sparse else []),
+                            "--", str(path), commit], git_dir=self.mirror.path, timeout=timeout)  # fmt: skip
         dotgit = (slotfs.read_text(path, ".git") or "").strip()
         if dotgit != f"gitdir: {stale_admin}":
             raise OSError(f"git put the worktree's admin directory at {dotgit!r}, expected {stale_admin}")
+        if sparse:
+            await self.checkout(admin, str(path), ["checkout", "--quiet", "--force", "--detach", commit], commit,
+                                sparse, timeout=timeout)  # fmt: skip
         await self.check_out_submodules(admin, str(path), commit, timeout=timeout)
         return ()
 
@@ -442,17 +470,20 @@ class CloneSlots(GitSlots):
             slotfs.write_atomic(root, ".git/objects/info/alternates", self.alternates)
         return changed
 
-    async def add(self, path: Path, admin: str, commit: str, *, timeout: float) -> tuple[str, ...]:
+    async def add(
+        self, path: Path, admin: str, commit: str, *, timeout: float, sparse: tuple[str, ...] = ()
+    ) -> tuple[str, ...]:
         """A repository of its own at ``path`` borrowing the mirror's objects, checked out
-        (detached) at ``commit``; leftovers of an earlier attempt go first."""
+        (detached) at ``commit`` (as the ``sparse`` set says); leftovers of an earlier attempt
+        go first."""
         if path.exists() or path.is_symlink():
             await anyio.to_thread.run_sync(remove_path, path)
         path.parent.mkdir(parents=True, exist_ok=True)
         await self.git.run(["init", "--quiet", "--template=", "--", str(path)], timeout=timeout)
         self.restore(admin, str(path))
         self.pin(admin, commit)
-        await self.git.run(["checkout", "--quiet", "--force", "--detach", commit], git_dir=path / ".git",
-                           work_tree=path, cwd=path, timeout=timeout)  # fmt: skip
+        await self.checkout(admin, str(path), ["checkout", "--quiet", "--force", "--detach", commit], commit,
+                            sparse or None, timeout=timeout)  # fmt: skip
         await self.check_out_submodules(admin, str(path), commit, timeout=timeout)
         return ()
 

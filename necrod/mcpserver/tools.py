@@ -103,8 +103,8 @@ TOOLS: tuple[Tool, ...] = (
             "branch": _str("create (or reset) this branch at the commit and check it out"),
             "sparse": {
                 **_STRINGS,
-                "description": "only these directories (cone mode), for daemons that "
-                "support per-lease sparse checkouts",
+                "description": "the workspace holds only these directories and the top-level files "
+                "(git's cone mode); [] for all of it; default: the pool's sparse set",
             },
             "ttl_s": _num(
                 "the lease ends this long after the last heartbeat; default: the pool's", 1, 604800
@@ -169,6 +169,10 @@ TOOLS: tuple[Tool, ...] = (
             },
             "ref": _str("check out this branch, tag or commit"),
             "branch": _str("create this branch in the workspace"),
+            "sparse": {
+                **_STRINGS,
+                "description": "the workspace holds only these directories and the top-level files",
+            },
             "labels": {**_STRINGS, "description": "labels to find the task by"},
             "priority": _int("higher runs first", -1_000_000, 1_000_000),
             "max_retries": _int("attempts after a failure", 0, 1000),

@@ -175,6 +175,10 @@ class PoolConfig:
     #: Submodules checked out in slots from the host's submodule mirrors: False (left empty),
     #: True, or "recursive" (their submodules too).
     submodules: bool | str = False
+    #: Directories its slots hold besides the top-level files (cone mode); () is everything.
+    sparse: tuple[str, ...] = ()
+    #: The mirror's partial-clone filter (``blob:none``, ``blob:limit=N``), or None: every object.
+    filter: str | None = None
 
     @property
     def clean_flags(self) -> str:
@@ -260,6 +264,8 @@ class RunnerProfile:
     kubernetes: KubernetesSpec | None = None
     #: Ports its tasks' leases get (None: the pool's ``ports``).
     ports: int | None = None
+    #: Directories its tasks' slots hold (None: the pool's ``sparse``; a task's own wins).
+    sparse: tuple[str, ...] | None = None
     #: ``always``: salvage the slot of a task that succeeded too (else only of one that did not).
     salvage: str = "on-failure"
     #: ``salvage``: a retry starts from the previous attempt's salvage instead of the base.

@@ -43,6 +43,7 @@ from necrod.core.config.schema import (
 )
 from necrod.core.config.urls import repo_url_problem
 from necrod.core.names import index_path_problem, ref_name_problem
+from necrod.core.sparse import SPARSE_SCHEMA, filter_problem, normalize, sparse_set_problem
 
 # --- the schema ---------------------------------------------------------------------------------
 
@@ -97,6 +98,9 @@ _POOL_CHECKS: dict[str, Callable[[Any], str | None]] = {
         lambda v: None if v is True or v is False or v == "recursive" else "must be true, false or recursive",
         {"enum": [False, True, "recursive"]},
     ),
+    "filter": described(
+        filter_problem, {"type": "string", "pattern": r"^blob:(none|limit=[1-9][0-9]{0,12}[kmg]?)$"}
+    ),
     "metrics": is_bool,
     "stale_lock_hours": num_in(0, 24 * 365, above=True),
     "lock_timeout_s": num_in(0, 24 * 3600),
@@ -115,6 +119,7 @@ POOL_EXTRA: dict[str, dict[str, Any]] = {
     "prepare": {"type": "object", "required": ["command"], "additionalProperties": False,
                 "properties": {**{k: schema_of(c) for k, c in _PREPARE_CHECKS.items()}, **PREPARE_EXTRA}},
     "files": mapping_schema({"type": "string", "minLength": 1}),
+    "sparse": SPARSE_SCHEMA,
     "cleanup_options": {"type": "object", "additionalProperties": False,
                         "properties": dict.fromkeys(_CLEANUP_OPTIONS, schema_of(is_bool))},
 }  # fmt: skip
@@ -158,6 +163,11 @@ def read_pool_options(r: Reader, sec: Section, *, allow_repo: bool) -> tuple[dic
         if files is not None:
             options["files"] = files
         nodes["files"] = sec.items["files"][1]
+    if sec.has("sparse"):
+        sparse = r.attempt(lambda: read_sparse(r, sec))
+        if sparse is not None:
+            options["sparse"] = sparse
+        nodes["sparse"] = sec.items["sparse"][1]
     if sec.has("cleanup_options"):
 
         def cleanup_options() -> None:
@@ -221,6 +231,17 @@ def read_files(r: Reader, sec: Section) -> tuple[tuple[str, str], ...]:
             raise r.error(value_node, f"{path}.{slot_path} {bad}")
         out.append((slot_path, host))
     return tuple(out)
+
+
+def read_sparse(r: Reader, sec: Section) -> tuple[str, ...]:
+    """``sparse:``: directories (cone mode) a slot holds besides the top-level files."""
+    path = f"{sec.path}.sparse"
+    node = sec.raw("sparse")[1]  # type: ignore[index]
+    entries = r.strings(node, path)
+    problem = sparse_set_problem(entries)
+    if problem:
+        raise r.error(node, f"{path}: {problem}")
+    return normalize(entries)
 
 
 #: ``daemon:``'s keys whose values are not checked one by one, with their JSON Schema.
@@ -324,6 +345,13 @@ def resolve_pool(
         node = nodes.get("submodules") or nodes.get("isolation") or name_node
         raise r.error(node, f"pools.{name}: submodules are not checked out in overlay slots yet; "
                             "use isolation: worktree or shared-clone, or submodules: false")  # fmt: skip
+    if merged.get("sparse") and merged.get("isolation") == "overlay":
+        node = nodes.get("sparse") or nodes.get("isolation") or name_node
+        raise r.error(
+            node,
+            f"pools.{name}: sparse does not apply to overlay slots (they stand on one full "
+            "checkout shared by every slot); use isolation: worktree or shared-clone",
+        )
     problem = repo_url_problem(repo_url, daemon.allowed_protocols)
     if problem:
         raise r.error(repo_node, f"pools.{name}.repo_url {problem}")

@@ -44,6 +44,7 @@ from necrod.core.config.schema import (
     read_command,
     schema_of,
 )
+from necrod.core.sparse import SPARSE_SCHEMA, normalize, sparse_set_problem
 
 _RUNNER_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "launcher": one_of(*LAUNCHERS),
@@ -70,6 +71,13 @@ def read_runner(r: Reader, name: str, node: Node, pools: dict[str, PoolConfig]) 
         item = sec.raw(key)
         if item is not None:
             values[key] = tuple(r.strings(item[1], f"runners.{name}.{key}"))
+    item = sec.raw("sparse")
+    if item is not None:
+        entries = r.strings(item[1], f"runners.{name}.sparse")
+        problem = sparse_set_problem(entries)
+        if problem:
+            raise r.error(item[1], f"runners.{name}.sparse: {problem}")
+        values["sparse"] = normalize(entries)
     env = mapping_of(r, sec, "env", env_value)
     values["env"] = tuple((k, str(v)) for k, v in env.items())
     if sec.has("memory_limit"):
@@ -212,6 +220,7 @@ def _section_schema(checks: dict[str, Callable[[Any], str | None]], extra: dict[
 
 #: A runner profile's keys that are not single values, with their JSON Schema.
 RUNNER_EXTRA: dict[str, dict[str, Any]] = {
+    "sparse": SPARSE_SCHEMA,
     "command": COMMAND_SCHEMA, "skills": STRINGS_SCHEMA, "pools": STRINGS_SCHEMA,
     "env": mapping_schema(schema_of(env_value)), "memory_limit": SIZE_SCHEMA,
     "container": _section_schema(_CONTAINER_CHECKS, CONTAINER_EXTRA, ("image",)),

@@ -131,7 +131,8 @@ class Attempts:
     async def _allocate(self, a: Active, n: int) -> dict[str, Any]:
         t, profile = a.task, a.profile
         request: dict[str, Any] = {"pool": t.pool, "ttl_s": profile.lease_ttl_s, "ref": t.ref, "branch": t.branch,
-                                   "metadata": {"task_id": t.task_id, "attempt": n}, "ports": profile.ports}  # fmt: skip
+                                   "metadata": {"task_id": t.task_id, "attempt": n}, "ports": profile.ports,
+                                   "sparse": t.sparse if t.sparse is not None or profile.sparse is None else list(profile.sparse)}  # fmt: skip
         lost = self._resume_from(t, profile, a.host)
         if a.host is None:
             point = await settled_salvage(self.table.pool(t.pool), lost) if lost else None

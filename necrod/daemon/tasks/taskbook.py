@@ -22,6 +22,7 @@ from necrod.core.clock import Clock
 from necrod.core.config import Config, DispatcherConfig
 from necrod.core.names import check_branch, check_pool_name, check_ref
 from necrod.core.scheduler import FairShare
+from necrod.core.sparse import check_sparse
 from necrod.core.taskindex import TaskIndex
 from necrod.core.tasks import (
     FINISHED,
@@ -120,7 +121,9 @@ class TaskBook:
             value = get(name, [])
             if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
                 raise InvalidParams(f"{name} must be a list of strings", param=name)
-        ref, branch = get("ref"), get("branch")
+        ref, branch, sparse = get("ref"), get("branch"), get("sparse")
+        if sparse is not None:
+            sparse = list(check_sparse(sparse))
         if ref is not None:
             check_ref(ref)
         if branch is not None:
@@ -140,7 +143,7 @@ class TaskBook:
             task_id=f"t-{seq}", seq=seq, pool=pool, submitted_at=self.clock.wall(), runner=runner, command=command,
             payload=get("payload"), priority=int(get("priority", 0)), labels=list(get("labels", [])),
             skills=list(get("skills", [])), max_retries=int(retries), timeout_s=get("timeout_s"), env=dict(env),
-            ref=ref, branch=branch, project=get("project"), batch=batch, key=spec.get("key"),
+            ref=ref, branch=branch, sparse=sparse, project=get("project"), batch=batch, key=spec.get("key"),
             failure_strategy=strategy, resume=resume,
         )  # fmt: skip
         if runner is not None:
