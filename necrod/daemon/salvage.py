@@ -209,13 +209,21 @@ class Salvager:
     def _copy_index(self, scratch: str) -> None:
         root, rel = self.kind.git_dir_at(self.admin, self.path)
         try:
+            st = slotfs.lstat(root, f"{rel}/index")
             data = slotfs.read_bytes(root, f"{rel}/index", cap=MAX_INDEX_BYTES)
         except OSError as exc:
             log.warning("salvage_index_refused", slot=self.path, error=str(exc))
             return
         if data:
-            with open(os.path.join(scratch, "index"), "wb") as f:
+            copy = os.path.join(scratch, "index")
+            with open(copy, "wb") as f:
                 f.write(data)
+            if st is not None:
+                # The copy keeps the index's time: git (without nanosecond times here) takes an
+                # entry whose file changed in the same second as the index was written as
+                # racily clean and looks at its content. A copy dated now would make it trust
+                # the size and second alone, and miss an edit of the same size made then.
+                os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
 
     async def _run(
         self, scratch: Path, args: list[str], *, check: bool = True, input: bytes | None = None
