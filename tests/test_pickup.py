@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
+from necrod.proto.errors import NecrodError
 from tests.helpers import Necrod, git
 from tests.test_ctl import ctl
 from tests.test_resume import leave_work, status
@@ -78,3 +80,43 @@ def test_salvage_commands_refuse_what_is_not_there(necrod: Necrod) -> None:
     lease_id, _ = lost_lease(necrod)
     r = ctl(necrod, "salvage", "branch", lease_id, "bad..name")
     assert r.returncode == 1 and "invalid_params" in r.stderr
+
+
+def test_a_forged_signed_salvage_runs_no_program_of_the_agents(necrod: Necrod, workdir: Path) -> None:
+    """In a worktree pool an agent writes the mirror's config and refs: it signs a commit, names
+    it a salvage and asks git to check signatures with a program of its own. Reading that
+    salvage (show, diff, resume, branch) must not run it."""
+    marker = workdir / "signature-program-ran"
+    with necrod.client() as c:
+        lease = c.allocate("repo")
+        slot = Path(lease["path"])
+        evil = slot / "gpg.sh"
+        evil.write_text(f"#!/bin/sh\ntouch {marker}\n")
+        evil.chmod(0o755)
+        tree = git(slot, "rev-parse", "HEAD^{tree}")
+        head = git(slot, "rev-parse", "HEAD")
+        body = (f"tree {tree}\nparent {head}\nauthor a <a@b> 1 +0000\ncommitter a <a@b> 1 +0000\n"
+                "gpgsig -----BEGIN PGP SIGNATURE-----\n \n abc\n -----END PGP SIGNATURE-----\n\n"
+                "forged\n\nNecrod-Uid: 0\n")  # fmt: skip
+        signed = subprocess.run(["git", "-C", str(slot), "hash-object", "-t", "commit", "-w", "--stdin"],
+                                input=body.encode(), capture_output=True, check=True).stdout.decode().strip()  # fmt: skip
+        git(slot, "update-ref", "refs/necrod/salvage/l-00000000000000ff", signed)
+        git(slot, "config", "log.showSignature", "true")
+        git(slot, "config", "gpg.program", str(evil))
+        # The plant works: the agent's own git runs the program.
+        git(slot, "log", "-1", "--format=%H", signed)
+        assert marker.exists()
+        marker.unlink()
+        for call in (
+            lambda: c.salvage_show("l-00000000000000ff"),
+            lambda: c.salvage_diff("l-00000000000000ff"),
+            lambda: c.allocate("repo", from_salvage="l-00000000000000ff"),
+            lambda: c.salvage_list("repo"),
+        ):
+            try:
+                call()
+            except NecrodError:
+                pass
+        c.salvage_branch("l-00000000000000ff", "picked")
+        c.release(lease["lease_id"])
+    assert not marker.exists(), "a program the agent named ran under the daemon's git"

@@ -52,6 +52,21 @@ SAFE_FLAGS = (
     "maintenance.auto=false",
     "-c",
     "advice.detachedHead=false",
+    # No signature is made or checked: ``log.showSignature`` in a config an agent wrote (a
+    # worktree pool's shared one) would run its ``gpg.program`` from a mere ``git log`` of a
+    # commit it signed. The program is named too, for any path that checks one anyway.
+    "-c",
+    "log.showSignature=false",
+    "-c",
+    "commit.gpgSign=false",
+    "-c",
+    "tag.gpgSign=false",
+    "-c",
+    "gpg.program=false",
+    "-c",
+    "gpg.ssh.program=false",
+    "-c",
+    "gpg.x509.program=false",
     "-c",
     "submodule.recurse=false",
     "-c",
