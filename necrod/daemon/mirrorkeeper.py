@@ -220,6 +220,9 @@ class MirrorKeeper:
             p.repairing = True
             try:
                 async with self.gate.limits(p):
+                    # Objects are missing because something removed them: an agent in a
+                    # worktree slot can, and leave a symlink where git is about to write them.
+                    await self.gate.check_mirror(p)
                     await p.mirror.refetch(timeout=p.config.clone_timeout_s)
                 after = await p.mirror.connectivity_problem(timeout=p.config.clone_timeout_s)
             except (GitError, OSError) as exc:
