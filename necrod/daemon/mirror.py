@@ -36,6 +36,8 @@ from necrod.io.gitrun import GitError, GitRunner
 
 log = structlog.get_logger("necrod.mirror")
 
+#: Where salvage refs live (``salvage.py`` writes them).
+REF_PREFIX = "refs/necrod/salvage/"
 #: Directories whose whole content necrod owns (kept empty).
 _EMPTY_DIRS = ("hooks", "info")
 #: Files that must not exist in the mirror: an alternate would let objects come from elsewhere.
@@ -298,6 +300,24 @@ class Mirror:
             return None
         lines = [line for line in (result.err + result.out).splitlines() if line.strip()]
         return "; ".join(lines[:3]) or f"git fsck exited {result.returncode}"
+
+    async def drop_lost_salvage(self, *, timeout: float) -> list[str]:
+        """Delete the salvage refs whose objects are gone (an agent in a worktree slot can remove
+        the mirror's objects): nothing can fetch them again, and a ref to a missing object keeps
+        the mirror broken for every fetch after. The refs deleted."""
+        listed = await self.git.run(["for-each-ref", "--format=%(objectname) %(refname)", REF_PREFIX],
+                                    git_dir=self.path, timeout=60)  # fmt: skip
+        lost = []
+        for line in listed.out.splitlines():
+            sha, _, ref = line.partition(" ")
+            whole = await self.git.run(["rev-list", "--objects", "--quiet", "--end-of-options", sha, "--"],
+                                       git_dir=self.path, timeout=timeout, check=False)  # fmt: skip
+            if whole.returncode != 0:
+                lost.append(ref)
+        if lost:
+            await self.git.run(["update-ref", "--stdin"], git_dir=self.path, timeout=60,
+                               input="".join(f"delete {ref}\n" for ref in lost).encode())  # fmt: skip
+        return lost
 
     async def refetch(self, *, timeout: float) -> None:
         """Fetch every object again (heals a mirror that lost objects)."""

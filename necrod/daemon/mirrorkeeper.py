@@ -218,11 +218,17 @@ class MirrorKeeper:
                 return problem, None
             log.error("mirror_objects_missing", pool=p.name, problem=problem)
             p.repairing = True
+            lost: list[str] = []
             try:
                 async with self.gate.limits(p):
                     # Objects are missing because something removed them: an agent in a
                     # worktree slot can, and leave a symlink where git is about to write them.
                     await self.gate.check_mirror(p)
+                    # A salvage only the mirror had cannot be fetched again, and a ref to a
+                    # missing object fails every fetch after (the refetch's too): dropped first.
+                    lost = await p.mirror.drop_lost_salvage(timeout=p.config.clone_timeout_s)
+                    if lost:
+                        log.error("salvage_lost", pool=p.name, refs=lost[:20], count=len(lost))
                     await p.mirror.refetch(timeout=p.config.clone_timeout_s)
                 after = await p.mirror.connectivity_problem(timeout=p.config.clone_timeout_s)
             except (GitError, OSError) as exc:
@@ -232,7 +238,8 @@ class MirrorKeeper:
             for slot in list(p.slots.values()):
                 if slot.state is SlotState.AVAILABLE:
                     slot.verified_at = 0.0  # look at them again at the next scan
-            repaired = Event("pools", "pool.repaired", {"pool": p.name, "problem": problem, "still": after})
+            repaired = Event("pools", "pool.repaired", {"pool": p.name, "problem": problem, "still": after,
+                                                        "salvage_lost": lost[:100]})  # fmt: skip
             self.jobs.spawn(self.table.persist_quietly, [repaired])
             return problem, "refetched" + (f", still broken: {after}" if after else "")
         finally:

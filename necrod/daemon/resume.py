@@ -17,8 +17,8 @@ from pathlib import Path
 import anyio
 
 from necrod.core.slots import SlotState
+from necrod.daemon.mirror import REF_PREFIX
 from necrod.daemon.pool import Pool
-from necrod.daemon.salvage import REF_PREFIX
 from necrod.io.gitrun import GitRunner
 from necrod.proto.errors import FailedPrecondition, Unavailable
 

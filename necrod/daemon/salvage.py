@@ -38,7 +38,7 @@ import structlog
 
 from necrod.core.config import SalvageLimits
 from necrod.core.names import index_path_problem
-from necrod.daemon.mirror import MAX_INDEX_BYTES
+from necrod.daemon.mirror import MAX_INDEX_BYTES, REF_PREFIX
 from necrod.daemon.salvage_plan import Plan, changed_paths, plan, safe_line
 from necrod.daemon.salvage_submodules import Kept, SubmoduleSalvage
 from necrod.daemon.slotkinds import SlotKind
@@ -51,7 +51,6 @@ log = structlog.get_logger("necrod.salvage")
 MAX_EXTRAS = 64
 #: Skipped paths named in the commit message (the count is always there).
 LISTED_SKIPS = 100
-REF_PREFIX = "refs/necrod/salvage/"
 
 
 #: A sparse slot's index marks the files outside its cone (skip-worktree): absent, and not

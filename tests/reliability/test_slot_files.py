@@ -322,6 +322,54 @@ def test_salvage_writes_nothing_through_a_symlinked_git_directory(scene: Scene, 
     assert "work.txt" in salvaged_files(scene, lease["lease_id"])
 
 
+@pytest.mark.parametrize("kind", ["worktree"])  # the mirror's objects are the slot's
+def test_mirror_objects_removed_behind_a_symlink_are_fetched_again_not_through_it(scene: Scene) -> None:
+    """An agent in a worktree slot replaces one of the mirror's object directories, objects and
+    all, with a symlink, there where an earlier lease's salvage commit is: the mirror is repaired
+    (fetched again) with the symlink gone first, so nothing is written through it; the salvage,
+    which only the mirror had, is lost and its ref dropped (a ref to a missing object would
+    break every fetch after); the slot comes back and the pool goes on fetching."""
+    trap = scene.outside / "trap-mirror-objects"
+    trap.mkdir()
+    earlier, slot = fresh_lease(scene, "mirror-objects-earlier")
+    (slot / "earlier.txt").write_text("the earlier lease's work\n")
+    release_and_settle(scene, earlier)
+    with scene.d.client() as c:
+        kept = c.salvage_show(earlier["lease_id"])["commit"]
+    lease, slot = fresh_lease(scene, "mirror-objects")
+    fanout = scene.mirror / "objects" / kept[:2]
+    assert fanout.is_dir(), "the salvage commit is a loose object of the mirror"
+    lost = sorted(fanout.name + o.name for o in fanout.iterdir())
+    subprocess.run(["rm", "-rf", str(fanout)], check=True)
+    fanout.symlink_to(trap)
+    (slot / "work.txt").write_text("work\n")
+    back = release_and_settle(scene, lease)
+    assert list(trap.iterdir()) == [], "the daemon wrote into the mirror's objects through the symlink"
+    assert back["state"] == "available", back["error"]
+    assert not fanout.is_symlink()
+
+    # What the origin has is fetched again; a salvage whose objects only the mirror had is lost,
+    # and its ref dropped: a ref to a missing object would break every fetch after.
+    def has(repo: Path, oid: str) -> bool:
+        return subprocess.run(["git", "-C", str(repo), "cat-file", "-e", oid]).returncode == 0
+
+    with scene.d.client() as c:
+        c.call("anomalies.list", {"pool": "repo", "deep": True, "heal": True})  # the mirror checked
+    assert [oid for oid in lost if has(scene.origin, oid) and not has(scene.mirror, oid)] == []
+    fsck = subprocess.run(["git", "-C", str(scene.mirror), "fsck", "--connectivity-only", "--no-dangling"],
+                          capture_output=True, text=True)  # fmt: skip
+    assert fsck.returncode == 0, fsck.stderr
+    with scene.d.client() as c:
+        gone = [s["lease_id"] for s in c.salvage_list("repo")["salvage"]]
+    assert earlier["lease_id"] not in gone
+    commit_file(scene.origin, "after-repair.txt", "x\n", branch="after-repair")
+    with scene.d.client() as c:
+        after = c.allocate("repo", ref="after-repair", wait_s=60)
+        c.release(after["lease_id"])
+    assert after["commit"] == git(scene.origin, "rev-parse", "after-repair")
+    assert "work.txt" in salvaged_files(scene, lease["lease_id"])
+
+
 # --- 17b: a half-remade repository is cleaned again, never quarantined ---------------------------------
 
 

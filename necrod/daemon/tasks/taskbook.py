@@ -35,7 +35,7 @@ from necrod.core.tasks import (
     levels,
 )
 from necrod.core.templates import TemplateError, check
-from necrod.daemon.salvage import REF_PREFIX as SALVAGE_PREFIX
+from necrod.daemon.mirror import REF_PREFIX as SALVAGE_PREFIX
 from necrod.daemon.tasks.profiles import Profiles
 from necrod.daemon.tasks.runs import Active
 from necrod.io.launchers import read_log
