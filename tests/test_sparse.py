@@ -86,7 +86,8 @@ def test_a_lease_narrows_or_widens_its_slot_and_cleanup_restores_the_pools_set(
 def test_a_lease_on_a_full_pool_is_widened_back_to_everything(
     necrod_factory: Callable[..., Necrod], origin: Path
 ) -> None:
-    d = necrod_factory(pool_config({"repo": origin}, slots=1))
+    # min_idle 0: the pool stays one slot, so the next lease gets the one this lease narrowed.
+    d = necrod_factory(pool_config({"repo": origin}, slots=1, min_idle=0))
     lease = d.call(
         "slots.allocate",
         {"pool": "repo", "sparse": ["pkg0"], "ref": git(origin, "rev-parse", "main~1"), "branch": "work"},
