@@ -70,7 +70,7 @@ class Lease:
         return uid in (self.uid, self.runner_uid)
 
     def to_row(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "deadline"}
+        return {name: getattr(self, name) for name in _LEASE_PERSISTED}
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Lease:
@@ -83,6 +83,9 @@ class Lease:
         self.deadline = now_mono + self.ttl_s
         self.expires_at = now_wall + self.ttl_s
 
+
+#: What a lease's row holds: every field but its monotonic deadline (computed once, not per row).
+_LEASE_PERSISTED = tuple(f.name for f in fields(Lease) if f.name != "deadline")
 
 _PERSISTED = (
     "slot_id",

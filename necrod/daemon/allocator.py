@@ -168,7 +168,7 @@ class Allocator:
         if p.config.metrics:
             self.metrics.allocations.labels(p.name).inc()
             self.metrics.allocation_seconds.labels(p.name).observe(time.perf_counter() - started)
-        self.sizer.maintain(p)  # one idle slot fewer: min_idle may want another cut
+        self.sizer.maintain_soon(p)  # one idle slot fewer: min_idle may want another cut
         return result
 
     def _ports(self, p: Pool, count: int) -> list[int] | None:

@@ -138,6 +138,8 @@ class Pool:
         #: Monotonic time before which no slot is created (backoff after failed creations).
         self.create_not_before = 0.0
         self.maintain_scheduled = False
+        #: A ``maintain`` is due at the next turn of the loop (``PoolSizer.maintain_soon``).
+        self.maintain_due = False
         #: git processes of ours working for this pool right now (background jobs and checkouts).
         self.git_active = 0
         #: Set while maintenance needs the pool to itself (lock removal, worktree prune).

@@ -72,6 +72,21 @@ class PoolSizer:
         if p.shrinking and p.counts().total <= p.baseline:
             p.shrinking = False
 
+    def maintain_soon(self, p: Pool) -> None:
+        """``maintain`` at the next turn of the loop: a burst of allocations granted in one turn
+        costs one pass over the pool's slots, not one each (issue 22)."""
+        if p.maintain_due or not self.jobs.running:
+            return
+        p.maintain_due = True
+        self.jobs.spawn(self._maintain_next_turn, p)
+
+    async def _maintain_next_turn(self, p: Pool) -> None:
+        try:
+            await anyio.lowlevel.checkpoint()
+        finally:
+            p.maintain_due = False
+        self.maintain(p)
+
     async def _maintain_later(self, p: Pool, delay: float) -> None:
         await anyio.sleep(delay)
         p.maintain_scheduled = False

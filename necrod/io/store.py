@@ -41,6 +41,7 @@ import structlog
 from anyio.abc import TaskStatus
 
 from necrod.proto.errors import Unavailable
+from necrod.proto.jsonrpc import dump_json
 
 log = structlog.get_logger("necrod.store")
 
@@ -393,7 +394,7 @@ class StateStore:
                     if isinstance(op, Put):
                         conn.execute(
                             "INSERT OR REPLACE INTO records VALUES (?, ?, ?)",
-                            (op.kind, op.key, json.dumps(op.data, separators=(",", ":"))),
+                            (op.kind, op.key, dump_json(op.data).decode()),
                         )
                     elif isinstance(op, Delete):
                         conn.execute("DELETE FROM records WHERE kind = ? AND key = ?", (op.kind, op.key))
@@ -402,7 +403,7 @@ class StateStore:
                         seq += 1
                         conn.execute(
                             "INSERT INTO events VALUES (?, ?, ?, ?, ?)",
-                            (op.seq, op.ts, op.topic, op.type, json.dumps(op.data, separators=(",", ":"))),
+                            (op.seq, op.ts, op.topic, op.type, dump_json(op.data).decode()),
                         )
             horizon = seq - 1 - self._history
             if horizon > self._pruned_below + 1000:

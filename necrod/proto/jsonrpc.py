@@ -182,8 +182,18 @@ def decode_request(line: bytes) -> Request | BadRequest:
 _encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
+def dump_json(obj: Any) -> bytes:
+    """Compact JSON as UTF-8: orjson (a few microseconds where ``json`` costs tens on a reply or a
+    slot row, the allocation path's largest encoder cost), else ``json`` for what orjson refuses:
+    a lone surrogate (a path name git gave us undecodable), an integer beyond 64 bits."""
+    try:
+        return orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:
+        return _encoder.encode(obj).encode("ascii")
+
+
 def _dump(obj: dict[str, Any]) -> bytes:
-    return (_encoder.encode(obj) + "\n").encode("ascii")
+    return dump_json(obj) + b"\n"
 
 
 def encode_result(request_id: RequestId, result: Any) -> bytes:
