@@ -9,6 +9,8 @@ vs worktree allocation, container vs process task start), 9 overlay slots and th
 its own), ``db`` the SQLite commit inline vs in a thread, and ``mono`` the first ready slot of a
 large repository, full vs partial vs sparse (issue 18, on a repository of its own; not in
 ``--quick`` unless named: ``--only mono``).
+Items 1 and 7 are judged against same-run floors (``bench/floors.py``, issue 22); ``--profile``
+samples the daemon with py-spy during them (``bench/profile.py``).
 Everything it starts lives under one /tmp/nb-* directory, removed at the end, even on Ctrl-C.
 """
 

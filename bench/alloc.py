@@ -147,7 +147,7 @@ def measure(
         for clients in levels:
             label = f"{clients} client{'s' if clients > 1 else ''}"
             profiled = (
-                record(daemon.pid, f"item 1, {label}")
+                record(daemon.pid, f"item 1, {label} (the whole level: allocations, releases, cleanups)")
                 if record and clients == TARGET_CLIENTS
                 else nullcontext()
             )

@@ -81,7 +81,9 @@ class Profiler:
                 flame.problem = f"py-spy wrote nothing ({tail[0] if tail else f'exit {proc.returncode}'})"
 
     def summaries(self, top: int = TOP) -> list[str]:
-        """Each flame's ``top`` functions by inclusive share, as lines to print after the table."""
+        """Each flame's top functions by inclusive share, the event loop's thread and the worker
+        threads apart (``top`` in all; not those on 90% or more of their threads' samples: the
+        loop's and the thread's own frames), as lines to print after the table."""
         lines = []
         if self.missing:
             lines.append(f"profile: {self.missing}")
@@ -89,43 +91,74 @@ class Profiler:
             if flame.problem:
                 lines += ["", f"profile, {flame.label}: {flame.problem}"]
                 continue
-            total, shares = inclusive(flame.path.read_text(errors="replace"))
-            lines += ["", f"profile, {flame.label}: {total:,} samples at {RATE}/s, inclusive % per function"]
-            for name, count in shares[:top]:
-                lines.append(f"  {100 * count / total:5.1f}%  {name}")
+            stacks = parse(flame.path.read_text(errors="replace"))
+            busy = [(frames, n) for frames, n in stacks if frames[-1] not in IDLE]
+            total = sum(n for _, n in busy)
+            idle = sum(n for _, n in stacks) - total
+            lines += [
+                "",
+                f"profile, {flame.label}: {total:,} busy samples at {RATE}/s ({idle:,} of idle threads "
+                "dropped); inclusive % of the busy samples",
+            ]
+            everything = dict(inclusive(busy))
+            focus = [f"{name.split(' (')[0]} {100 * n / total:.1f}%" for name, n in everything.items()
+                     if name.split(" (+")[0] in FOCUS]  # fmt: skip
+            if focus:
+                lines.append(f"  of which: {', '.join(focus)}")
+            loop = [(f, n) for f, n in busy if not f[0].startswith(WORKER)]
+            workers = [(f, n) for f, n in busy if f[0].startswith(WORKER)]
+            for what, part, count in (
+                ("event loop thread", loop, top - top // 3),
+                ("worker threads (to_thread: off the loop)", workers, top // 3),
+            ):
+                share = sum(n for _, n in part)
+                lines.append(f"  {what}: {100 * share / max(total, 1):.1f}%")
+                # A function on (nearly) every stack of the group is the thread's scaffolding.
+                shown = [(name, n) for name, n in inclusive(part) if n < 0.9 * share][:count]
+                lines += [f"    {100 * n / max(total, 1):5.1f}%  {name}" for name, n in shown]
         return lines
 
 
-def inclusive(raw: str) -> tuple[int, list[tuple[str, int]]]:
-    """Total samples and, per function, the samples with it anywhere on the stack, most first.
+#: The leaves of threads that wait for work; py-spy's own idle test misses some of them.
+IDLE = frozenset({"Condition.wait (threading.py)", "EpollSelector.select (selectors.py)"})
+#: The daemon's request path and its durable write, shown on their own where they were sampled.
+FOCUS = ("RpcServer._request_loop (necrod/io/server.py)", "StateStore._flush (necrod/io/store.py)")
+#: The first frame of a thread other than the main one.
+WORKER = "Thread._bootstrap (threading.py)"
+
+
+def parse(raw: str) -> list[tuple[list[str], int]]:
+    """py-spy's raw lines (``frame;frame;... count``) as (frames root first, named by ``_name``,
+    samples)."""
+    out = []
+    for line in raw.splitlines():
+        stack, _, n = line.rpartition(" ")
+        if stack and n.isdigit():
+            out.append(([_name(frame) for frame in stack.split(";")], int(n)))
+    return out
+
+
+def inclusive(stacks: list[tuple[list[str], int]]) -> list[tuple[str, int]]:
+    """Per function, the samples with it anywhere on the stack, most first.
 
     Functions that are on exactly the same stacks (a chain of callers above one function: the
     thread's bootstrap, ``runpy``, ``asyncio.run``...) count once, under the deepest of them,
     which names how many callers it stands for."""
-    total = 0
-    weights: list[int] = []
     seen_on: dict[str, set[int]] = {}
     depth: dict[str, int] = {}
-    for line in raw.splitlines():
-        stack, _, n = line.rpartition(" ")
-        if not stack or not n.isdigit():
-            continue
-        k = len(weights)
-        weights.append(int(n))
-        total += int(n)
-        for d, frame in enumerate(stack.split(";")):
-            name = _name(frame)
+    for k, (frames, _) in enumerate(stacks):
+        for d, name in enumerate(frames):
             seen_on.setdefault(name, set()).add(k)
             depth[name] = max(depth.get(name, 0), d)
     chains: dict[frozenset[int], list[str]] = {}
-    for name, stacks in seen_on.items():
-        chains.setdefault(frozenset(stacks), []).append(name)
+    for name, on in seen_on.items():
+        chains.setdefault(frozenset(on), []).append(name)
     shares = []
-    for stacks, names in chains.items():
+    for on, names in chains.items():
         deepest = max(names, key=lambda name: depth[name])
         label = deepest + (f" (+{len(names) - 1} callers on the same stacks)" if len(names) > 1 else "")
-        shares.append((label, sum(weights[k] for k in stacks)))
-    return total, sorted(shares, key=lambda kv: -kv[1])
+        shares.append((label, sum(stacks[k][1] for k in on)))
+    return sorted(shares, key=lambda kv: -kv[1])
 
 
 def _name(frame: str) -> str:
