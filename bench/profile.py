@@ -100,9 +100,11 @@ class Profiler:
                 f"profile, {flame.label}: {total:,} busy samples at {RATE}/s ({idle:,} of idle threads "
                 "dropped); inclusive % of the busy samples",
             ]
-            everything = dict(inclusive(busy))
-            focus = [f"{name.split(' (')[0]} {100 * n / total:.1f}%" for name, n in everything.items()
-                     if name.split(" (+")[0] in FOCUS]  # fmt: skip
+            focus = [
+                f"{name.split(' (')[0]} {100 * sum(n for f, n in busy if name in f) / total:.1f}%"
+                for name in FOCUS
+                if any(name in f for f, _ in busy)
+            ]
             if focus:
                 lines.append(f"  of which: {', '.join(focus)}")
             loop = [(f, n) for f, n in busy if not f[0].startswith(WORKER)]
