@@ -9,6 +9,8 @@ vs worktree allocation, container vs process task start), 9 overlay slots and th
 its own), ``db`` the SQLite commit inline vs in a thread, and ``mono`` the first ready slot of a
 large repository, full vs partial vs sparse (issue 18, on a repository of its own; not in
 ``--quick`` unless named: ``--only mono``).
+Items 1 and 7 are judged against same-run floors (``bench/floors.py``, issue 22); ``--profile``
+samples the daemon with py-spy during them (``bench/profile.py``).
 Everything it starts lives under one /tmp/nb-* directory, removed at the end, even on Ctrl-C.
 """
 
@@ -41,6 +43,7 @@ from bench import (
 )
 from bench.daemon import Daemon, config_yaml
 from bench.gitrepo import git, make_origin
+from bench.profile import Profiler
 from bench.report import Row
 from bench.scratch import Scratch, raise_on_sigterm
 
@@ -96,6 +99,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--commits", type=int, help="commits in the generated repository (500; --quick: 100)")
     parser.add_argument("--only", help=f"comma-separated items to run, of {','.join(ITEMS)} (default: all)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (for a look at logs)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy the daemon during item 1's 32-client level and item 7's unqueued runs; "
+        "print each flame's top functions after the table",
+    )
     return parser.parse_args(argv)
 
 
@@ -146,7 +155,7 @@ def _pools_a(origin: str, base: str, alloc_slots: int) -> str:
 
 
 def run(
-    args: argparse.Namespace, scratch: Scratch, plan: Plan, items: set[str]
+    args: argparse.Namespace, scratch: Scratch, plan: Plan, items: set[str], profiler: Profiler | None
 ) -> tuple[list[Row], list[str]]:
     rows: list[Row] = []
     dirt = debris.Debris()
@@ -166,7 +175,14 @@ def run(
         levels = list(plan.alloc_levels) if "1" in items else [1]
         say(f"1: allocation latency at {levels} clients")
         alloc_rows, single_ms = alloc.measure(
-            daemon, ALLOC_POOL, slots, levels, plan.alloc_rounds, burst=not args.quick
+            daemon,
+            ALLOC_POOL,
+            slots,
+            levels,
+            plan.alloc_rounds,
+            burst=not args.quick,
+            scratch=scratch if "1" in items else None,
+            record=profiler.record if profiler else None,
         )
         rows += alloc_rows if "1" in items else []
         if "2" in items:
@@ -186,7 +202,9 @@ def run(
         rows += daemon_cost.measure(scratch, small, plan.idle_s, args.quick)
     if "7" in items:
         say(f"7: the dispatcher, {plan.tasks_done} tasks alone and with {dispatch.QUEUED:,} queued")
-        rows += dispatch.measure(scratch, small, plan.tasks_done, args.quick)
+        rows += dispatch.measure(
+            scratch, small, plan.tasks_done, args.quick, record=profiler.record if profiler else None
+        )
     if "8" in items:
         say(f"8: allocation on shared-clone vs worktree pools at {list(plan.iso_levels)} clients")
         rows += isolation.allocation(
@@ -255,9 +273,14 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:])
     raise_on_sigterm()
     scratch = Scratch(keep=args.keep)
+    profiler = Profiler(scratch) if args.profile else None
+    if profiler and profiler.missing:
+        say(profiler.missing)
     started = time.perf_counter()
+    profiles: list[str] = []
     try:
-        rows, notes = run(args, scratch, plan, items)
+        rows, notes = run(args, scratch, plan, items, profiler)
+        profiles = profiler.summaries() if profiler else []
     except KeyboardInterrupt:
         say("interrupted; cleaning up")
         return 130
@@ -268,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     took = time.perf_counter() - started
     machine = report.machine()
     if args.json:
-        print(report.to_json(rows, {**machine, "necrod": _revision(), "seconds": round(took, 1)}, command))
+        meta = {**machine, "necrod": _revision(), "seconds": round(took, 1)}
+        print(report.to_json(rows, meta, command, profiles))
         return 0
     header = [
         f"command: {command.strip()}",
@@ -277,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         f"load average now {os.getloadavg()[0]:.2f}",
     ]
     print(report.render(rows, header))
+    if profiles:
+        print("\n".join(profiles))
     return 0
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from bench.cpu import process_cpu_seconds
 from bench.scratch import Scratch, env_without_socket
 from necrod.client import Client
 from necrod.proto.errors import DaemonUnreachable
@@ -109,9 +109,8 @@ class Daemon:
         return self.state_dir / "workspaces" / pool
 
     def cpu_seconds(self) -> float:
-        """User plus system CPU of the daemon process itself (not of its git children)."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _clock_ticks()
+        """User plus system CPU of the daemon process itself (not of its git children), in ns steps."""
+        return process_cpu_seconds(self.pid)
 
     def rss_bytes(self) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -128,7 +127,3 @@ def settled(p: dict[str, Any]) -> bool:
         and s["cleaning"] == 0
         and s["available"] + s["allocated"] >= p["size"]["baseline"]
     )
-
-
-def _clock_ticks() -> int:
-    return os.sysconf("SC_CLK_TCK")

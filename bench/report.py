@@ -84,8 +84,11 @@ def render(rows: list[Row], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-def to_json(rows: list[Row], machine: dict[str, Any], command: str) -> str:
-    return json.dumps({"command": command, "machine": machine, "rows": [asdict(r) for r in rows]}, indent=2)
+def to_json(rows: list[Row], machine: dict[str, Any], command: str, profiles: list[str] | None = None) -> str:
+    out: dict[str, Any] = {"command": command, "machine": machine, "rows": [asdict(r) for r in rows]}
+    if profiles:
+        out["profiles"] = profiles
+    return json.dumps(out, indent=2)
 
 
 def machine() -> dict[str, Any]:

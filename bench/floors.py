@@ -1,0 +1,215 @@
+"""The same-run floors of issue 22: the least any Python daemon can do on this machine.
+
+- ``durable``: an asyncio Unix-socket JSON-lines server that, per request line, decodes it,
+  writes one SQLite row (WAL, ``synchronous=FULL``, a database of its own) and group-commits once
+  per loop turn: every request that arrived in the same loop turn shares one COMMIT, and a reply
+  goes out only after its commit. Each reply is shaped like a ``slots.allocate`` result.
+- ``plain``: the same server without SQLite (decode, reply).
+- ``spawn``: a plain Python loop that runs ``true`` N at a time (``asyncio.create_subprocess_exec``
+  under a semaphore) and prints its tasks per second and its own CPU per task, as JSON.
+
+Each runs as its own process (``python -m bench.floors ...``), like the daemon, so its CPU is read
+the same way (``bench.cpu``; ``spawn`` reads its own with getrusage, its children excluded). Item 1 measures the echo servers with its own
+client program; item 7 runs ``spawn``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.cpu import process_cpu_seconds
+from bench.scratch import Scratch
+
+DURABLE, PLAIN = "durable", "plain"
+LABELS = {DURABLE: "durable echo (1 SQLite row, group commit per loop turn)", PLAIN: "plain echo"}
+
+
+# --- the servers (run in the floor's own process) -------------------------------------------------
+
+
+class _Server:
+    def __init__(self, db: sqlite3.Connection | None) -> None:
+        self.db = db
+        self.loop = asyncio.get_running_loop()
+        #: Replies waiting for the commit of the loop turn their requests arrived in.
+        self.pending: list[tuple[asyncio.StreamWriter, bytes]] = []
+        self.leases = 0
+
+    def _reply(self, line: bytes) -> bytes:
+        request = json.loads(line)
+        params = request.get("params") or {}
+        self.leases += 1
+        lease = f"l-{os.getpid()}-{self.leases}"
+        result = {
+            "lease_id": lease,
+            "slot_id": f"{params.get('pool', 'floor')}/{self.leases % 64}",
+            "pool": params.get("pool"),
+            "holder": params.get("holder"),
+            "path": f"/tmp/floor/{self.leases % 64}",
+            "commit": "0" * 40,
+        }
+        if self.db is not None:
+            if not self.pending:
+                self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute(
+                "INSERT INTO leases VALUES (?, ?, ?, ?)", (lease, result["pool"], result["holder"], line)
+            )
+        return json.dumps({"jsonrpc": "2.0", "id": request.get("id"), "result": result}).encode() + b"\n"
+
+    def _commit(self) -> None:
+        """Called once per loop turn that received requests: one COMMIT, then their replies."""
+        pending, self.pending = self.pending, []
+        assert self.db is not None
+        self.db.execute("COMMIT")
+        for writer, reply in pending:
+            if not writer.is_closing():
+                writer.write(reply)
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                reply = self._reply(line)
+                if self.db is None:
+                    writer.write(reply)
+                    continue
+                if not self.pending:  # the first request of this loop turn
+                    # call_soon runs after every callback already ready in this turn.
+                    self.loop.call_soon(self._commit)
+                self.pending.append((writer, reply))
+        except (ConnectionError, json.JSONDecodeError):
+            pass
+        finally:
+            writer.close()
+
+
+def _open_db(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute("PRAGMA synchronous = FULL")
+    db.execute("CREATE TABLE leases (lease_id TEXT PRIMARY KEY, pool TEXT, holder TEXT, request BLOB)")
+    return db
+
+
+async def _serve(path: str, db_path: str | None) -> None:
+    server = _Server(_open_db(Path(db_path)) if db_path else None)
+    async with await asyncio.start_unix_server(server.serve, path, limit=1 << 20) as s:
+        await s.serve_forever()
+
+
+# --- spawn: tasks of ``true``, N at a time ----------------------------------------------------------
+
+
+async def _spawn(tasks: int, at_once: int) -> dict[str, float]:
+    gate = asyncio.Semaphore(at_once)
+
+    async def one() -> None:
+        async with gate:
+            proc = await asyncio.create_subprocess_exec("true")
+            if await proc.wait() != 0:
+                raise RuntimeError("true failed")
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    started = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(tasks)))
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
+    return {"tasks": tasks, "per_second": tasks / wall, "cpu_ms_per_task": cpu * 1000 / tasks}
+
+
+def spawn_floor(scratch: Scratch, tasks: int, at_once: int) -> dict[str, float]:
+    """Run ``spawn`` in a process of its own; its tasks per second and CPU ms per task."""
+    argv = [sys.executable, "-m", "bench.floors", "spawn", "--tasks", str(tasks), "--at-once", str(at_once)]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=scratch.root, env=_env())
+    result: dict[str, float] = json.loads(out.stdout)
+    return result
+
+
+def _env() -> dict[str, str]:
+    """The bench package importable from the floor's own process, wherever it runs."""
+    env = dict(os.environ)
+    here = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+    return env
+
+
+# --- the handle the bench holds ---------------------------------------------------------------------
+
+
+class Floor:
+    """One echo server process under the bench's scratch directory."""
+
+    def __init__(self, scratch: Scratch, kind: str) -> None:
+        self.kind = kind
+        self.label = LABELS[kind]
+        self.root = scratch.path(f"floor-{kind}")
+        self.root.mkdir(exist_ok=True)
+        self.socket = self.root / "floor.sock"
+        argv = [sys.executable, "-m", "bench.floors", kind, "--socket", str(self.socket)]
+        if kind == DURABLE:
+            argv += ["--db", str(self.root / "floor.sqlite")]
+        self.scratch = scratch
+        self.proc = scratch.spawn(argv, log=self.root / "floor.log", env=_env())
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"floor {self.kind} exited with {self.proc.returncode}: {self.root}")
+            try:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(str(self.socket))
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"floor {self.kind} did not listen within {timeout:g}s")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def cpu_seconds(self) -> float:
+        """User plus system CPU of the floor's process, read as ``Daemon.cpu_seconds`` reads the daemon's."""
+        return process_cpu_seconds(self.pid)
+
+    def stop(self) -> None:
+        self.scratch.stop(self.proc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.floors", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="kind", required=True)
+    for kind in (DURABLE, PLAIN):
+        p = sub.add_parser(kind, help=LABELS[kind])
+        p.add_argument("--socket", required=True)
+        if kind == DURABLE:
+            p.add_argument("--db", required=True, help="the SQLite file (created; must not exist)")
+    p = sub.add_parser("spawn", help="run `true` --tasks times, --at-once at a time; print JSON")
+    p.add_argument("--tasks", type=int, required=True)
+    p.add_argument("--at-once", type=int, default=8)
+    args = parser.parse_args(argv)
+    if args.kind == "spawn":
+        result: dict[str, Any] = asyncio.run(_spawn(args.tasks, args.at_once))
+        print(json.dumps(result))
+        return 0
+    try:
+        asyncio.run(_serve(args.socket, getattr(args, "db", None)))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
