@@ -77,9 +77,9 @@ class SlotTable:
     # --- lookups --------------------------------------------------------------------------------------
 
     def pool(self, name: str) -> Pool:
-        check_pool_name(name)
         pool = self.pools.get(name)
         if pool is None:
+            check_pool_name(name)  # a pool that exists has a valid name: only a miss says why
             raise NotFound(f"no pool named {name!r}", pool=name)
         return pool
 
