@@ -273,7 +273,12 @@ class Salvager:
         gitlinks = await self._trusted_index(scratch)
         status = await self._run(scratch, ["status", "--porcelain=v1", "-z", "--untracked-files=all",
                                            "--no-renames", "--ignore-submodules=all"])  # fmt: skip
-        taken = await anyio.to_thread.run_sync(plan, self.path, changed_paths(status.stdout), self.limits)
+        changed = changed_paths(status.stdout)
+        extras = await self._extras(head, origin_tags) if sound else []
+        if not changed and not gitlinks and not extras and (start_commit is None or head == start_commit):
+            # Nothing to keep (an agent that only read, the common case): no staging, no tree.
+            return None
+        taken = await anyio.to_thread.run_sync(plan, self.path, changed, self.limits)
         partial = bool(taken.skipped)
         if not taken.skipped:
             added = await self._run(scratch, ["add", "--all", "--ignore-errors"], check=False)
@@ -286,7 +291,6 @@ class Salvager:
             await self._run(scratch, ["update-index", "--add", "--remove", "-z", "--stdin"], input=paths)
         tree = (await self._run(scratch, ["write-tree"])).out.strip()
         head_tree = (await self._run(scratch, ["rev-parse", "HEAD^{tree}"])).out.strip()
-        extras = await self._extras(head, origin_tags) if sound else []
         kept = await self._submodules.keep(scratch, gitlinks, taken, lease_id) if gitlinks else []
         partial = partial or bool(taken.skipped)
         dirty = tree != head_tree or bool(kept)
