@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from necrod.core.taskindex import TaskIndex
-from necrod.core.tasks import Task, TaskState
+from necrod.core.tasks import FINISHED, Task, TaskState
 
 
 def task(n: int, *deps: int) -> Task:
-    return Task(f"t-{n}", n, "repo", 0.0, depends_on=[f"t-{d}" for d in deps])
+    return Task(f"t-{n}", n, "repo", 0.0, depends_on=[f"t-{d}" for d in deps], batch=f"b-{n % 3}")
 
 
 def truly_ready(index: TaskIndex) -> set[str]:
@@ -57,6 +59,34 @@ def test_a_pruned_dependency_counts_as_done() -> None:
     assert set(index.ready) == {"t-2"}
 
 
+def assert_bookkeeping(index: TaskIndex) -> None:
+    """The finished tasks, the counts per state and the batches agree with the tasks."""
+    tasks = index.tasks.values()
+    assert set(index.finished) == {t.task_id for t in tasks if t.state in FINISHED}
+    assert +index.counts == Counter(t.state for t in tasks)
+    batches: dict[str, list[str]] = {}
+    for t in tasks:
+        if t.batch is not None:
+            batches.setdefault(t.batch, []).append(t.task_id)
+    assert {b: sorted(ids) for b, ids in batches.items()} == {b: sorted(m) for b, m in index.batches.items()}
+
+
+def test_finished_tasks_are_kept_in_the_order_they_ended() -> None:
+    index = TaskIndex()
+    a, b, c = task(1), task(2), task(3)
+    b.state, b.finished_at = TaskState.SUCCEEDED, 5.0  # loaded: ordered by when they finished
+    c.state, c.finished_at = TaskState.FAILED, 2.0
+    index.add([a, b, c])
+    assert list(index.finished) == ["t-3", "t-2"]
+    index.set_state(a, TaskState.CANCELLED)
+    index.set_state(c, TaskState.QUEUED)  # retried: not finished any more
+    index.set_state(c, TaskState.SUCCEEDED)  # and finished again, last
+    assert list(index.finished) == ["t-2", "t-1", "t-3"]
+    assert index.counts[TaskState.SUCCEEDED] == 2 and index.counts[TaskState.CANCELLED] == 1
+    index.remove("t-2")
+    assert list(index.finished) == ["t-1", "t-3"] and index.counts[TaskState.SUCCEEDED] == 1
+
+
 STATES: list[TaskState | str] = list(TaskState)
 
 
@@ -74,6 +104,7 @@ def test_ready_matches_the_definition_after_any_changes(
     index = TaskIndex()
     index.add(reversed(tasks))
     assert set(index.ready) == truly_ready(index)
+    assert_bookkeeping(index)
     for n, move in moves:
         t = index.tasks.get(f"t-{n}")
         if t is None:
@@ -84,6 +115,7 @@ def test_ready_matches_the_definition_after_any_changes(
             assert isinstance(move, TaskState)
             index.set_state(t, move)
         assert set(index.ready) == truly_ready(index)
+        assert_bookkeeping(index)
     for t in index.tasks.values():
         if t.state is TaskState.QUEUED and t.task_id not in index.ready:
             assert t.waiting_on == "dependencies"

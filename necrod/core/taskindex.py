@@ -5,14 +5,19 @@ walked every task and its dependencies on every wake-up cost more than running t
 The index keeps the set of *ready* tasks (queued, every dependency succeeded) up to date as
 states change, and a task's dependents are looked at again only when its success changes.
 
+It also keeps what would otherwise cost a walk of every task at each task's end or each status
+call (issue 22): the finished tasks in the order they finished (pruning takes the oldest), the
+count of tasks in each state, and each batch's tasks.
+
 Every state change goes through ``set_state``. Pure: no I/O.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 
-from necrod.core.tasks import Task, TaskState
+from necrod.core.tasks import FINISHED, Task, TaskState
 
 
 class TaskIndex:
@@ -22,6 +27,12 @@ class TaskIndex:
         self.dependents: dict[str, set[str]] = {}
         #: Queued tasks whose dependencies have all succeeded, in the order they became ready.
         self.ready: dict[str, Task] = {}
+        #: Finished tasks, oldest end first.
+        self.finished: dict[str, Task] = {}
+        #: How many tasks are in each state.
+        self.counts: Counter[TaskState] = Counter()
+        #: batch → its tasks, in the order they were added.
+        self.batches: dict[str, dict[str, Task]] = {}
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -32,14 +43,26 @@ class TaskIndex:
         added = list(tasks)
         for task in added:
             self.tasks[task.task_id] = task
+            self.counts[task.state] += 1
+            if task.batch is not None:
+                self.batches.setdefault(task.batch, {})[task.task_id] = task
             for dep in task.depends_on:
                 self.dependents.setdefault(dep, set()).add(task.task_id)
+        for task in sorted((t for t in added if t.state in FINISHED), key=lambda t: t.finished_at or 0.0):
+            self.finished[task.task_id] = task
         for task in added:
             self._update(task)
 
     def remove(self, task_id: str) -> None:
         """Forget a finished task (pruned). Its dependents count it as done from now on."""
-        self.tasks.pop(task_id, None)
+        task = self.tasks.pop(task_id, None)
+        if task is not None:
+            self.counts[task.state] -= 1
+            self.finished.pop(task_id, None)
+            if task.batch is not None and (batch := self.batches.get(task.batch)) is not None:
+                batch.pop(task_id, None)
+                if not batch:
+                    del self.batches[task.batch]
         self.ready.pop(task_id, None)
         for dep_id in self.dependents.pop(task_id, ()):
             if (dep := self.tasks.get(dep_id)) is not None:
@@ -47,6 +70,13 @@ class TaskIndex:
 
     def set_state(self, task: Task, state: TaskState) -> None:
         was_done = task.state is TaskState.SUCCEEDED
+        if task.task_id in self.tasks:
+            self.counts[task.state] -= 1
+            self.counts[state] += 1
+            if state not in FINISHED:
+                self.finished.pop(task.task_id, None)
+            elif task.state not in FINISHED:
+                self.finished[task.task_id] = task
         task.state = state
         self._update(task)
         if was_done != (state is TaskState.SUCCEEDED):

@@ -272,7 +272,15 @@ def _ours(pid: int) -> bool:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes()[:4096].split(b"\0")
     except OSError:
         return True  # gone already
-    return argv[1:3] == [b"-m", b"necrod.io.runshim"]
+    return is_runshim(argv)
+
+
+def is_runshim(argv: list[bytes]) -> bool:
+    """Whether a command line is a runner's wrapper: ``python -I -S .../necrod/io/runshim.py``
+    (``python -m necrod.io.runshim`` before issue 22)."""
+    return argv[1:3] == [b"-m", b"necrod.io.runshim"] or (
+        argv[1:3] == [b"-I", b"-S"] and len(argv) > 3 and argv[3].endswith(b"/necrod/io/runshim.py")
+    )
 
 
 def _descends_from_us(pid: int) -> bool:

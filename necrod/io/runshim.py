@@ -16,17 +16,22 @@ how a runner ended that the daemon before it started: the runner is no child of 
 The wrapper ignores SIGTERM, SIGINT and SIGHUP (the command does not: they are reset before it
 starts) so that it outlives a stop's SIGTERM to the process group and records the outcome; it
 stays out of the runner's cgroups, so its own memory and CPU are not the runner's.
+
+It runs once per task, so it starts lean (issue 22): the launchers run this file with ``-I -S``
+(no site, no ``necrod`` import), and it imports neither ``signal`` nor ``json``, which pull in
+``enum`` and ``re``: half of its start-up time. ``_signal`` is the same functions without the
+enum wrappers, and the record is written by hand (``json`` is imported only to quote why a
+command could not start).
 """
 
 from __future__ import annotations
 
-import json
+import _signal  # type: ignore[import-not-found]  # signal without its enum wrappers
 import os
-import signal
 import sys
 
 #: Signals the wrapper rides out so that it can record how the command ended.
-_SHIELDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_SHIELDED = (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP)
 
 
 def _join(cgroups: list[str]) -> None:
@@ -35,23 +40,33 @@ def _join(cgroups: list[str]) -> None:
             procs.write(str(os.getpid()))
 
 
+def _json(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, int | float):
+        return repr(value)
+    import json  # only for the reason a start failed: the common path stays without it
+
+    return json.dumps(value)
+
+
 def _record(path: str, record: dict[str, object]) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump(record, f)
+        f.write("{" + ", ".join(f'"{key}": {_json(value)}' for key, value in record.items()) + "}")
     os.replace(tmp, path)
 
 
 def _supervise(cgroups: list[str], exit_file: str, command: list[str]) -> int:
     for sig in _SHIELDED:
-        signal.signal(sig, signal.SIG_IGN)
+        _signal.signal(sig, _signal.SIG_IGN)
     read_end, write_end = os.pipe()  # close-on-exec: EOF at exec, or the reason it failed
     pid = os.fork()
     if pid == 0:  # the command
         os.close(read_end)
         try:
             for sig in _SHIELDED:
-                signal.signal(sig, signal.SIG_DFL)
+                _signal.signal(sig, _signal.SIG_DFL)
             _join(cgroups)
             os.execvp(command[0], command)
         except OSError as exc:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -235,7 +236,10 @@ class Attempts:
         attempt.pid = a.run.pid
         if isinstance(a.run, RemoteRun):
             attempt.remote_dir = a.run.dir
-        await self.book.save(t)
+        if link is not None or profile.launcher != "process":
+            await self.book.save(t)
+        # A process runner's pid is saved with its end, not in a commit of its own: a daemon
+        # restarted before that finds the runner by its exit record's path (``adopt``).
         log.info("task_started", task=t.task_id, attempt=n, slot=lease["slot_id"], runner=profile.name,
                  launcher=attempt.launcher, host=a.host, pid=a.run.pid)  # fmt: skip
         self._spawn(self.watch, a)
@@ -430,6 +434,7 @@ class Attempts:
     ) -> None:
         t = a.task
         attempt = a.attempt
+        releasing: Callable[[], Coroutine[Any, Any, None]] | None = None
         if outcome is None:
             outcome, detail = self._outcome(a, result)
         now = self.clock.wall()
@@ -453,9 +458,13 @@ class Attempts:
             detail = f"host {a.host} was unreachable for {self.cfg.host_grace_s:g}s (dispatcher.host_grace_s)"
             attempt.detail = detail
         elif attempt is not None and attempt.lease_id:
-            await self.release(attempt.lease_id, salvage=self._salvages(a, outcome), host=attempt.host)
+            salvage = self._salvages(a, outcome)
             if outcome == "cancelled" and attempt.host is None and attempt.slot_id:
+                # The cancel answers with the salvage ref: the salvage is made before the end is.
+                await self.release(attempt.lease_id, salvage=salvage, host=attempt.host)
                 await self._salvaged(attempt.slot_id, attempt.lease_id)
+            else:
+                releasing = partial(self.release, attempt.lease_id, salvage=salvage, host=attempt.host)
         self._account()
         ops: list[Put | Delete | Event] = []
         if outcome == "succeeded":
@@ -491,9 +500,15 @@ class Attempts:
         }  # fmt: skip
         if outcome == "cancelled":
             usage.update(self.book.cancel_note(t, attempt))
-        await self.book.save(t, self.book.event(t, outcome if t.state in FINISHED else "attempt_ended", outcome=outcome,
-                                        detail=detail, attempt=attempt.number if attempt else None, **usage),
-                             *ops)  # fmt: skip
+        save = partial(self.book.save, t, self.book.event(t, outcome if t.state in FINISHED else "attempt_ended",
+                       outcome=outcome, detail=detail, attempt=attempt.number if attempt else None, **usage), *ops)  # fmt: skip
+        if releasing is None:
+            await save()
+            return
+        # The release and the end are queued in the same loop turn: one commit for both.
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(releasing)
+            tg.start_soon(save)
 
     def _salvages(self, a: Active, outcome: str) -> bool:
         """Whether an attempt's slot is salvaged when it ends: unless it succeeded, or always

@@ -111,6 +111,7 @@ class Recovery:
             elif (adopted := self.runners.process.adopt(attempt.session or f"necro-{task.task_id}-{attempt.number}",
                                                     Path(attempt.log or ""), attempt.pid)) is not None:  # fmt: skip
                 a.run = adopted
+                attempt.pid = attempt.pid or adopted.pid  # found by its exit record's path if not saved
                 log.info("runner_adopted", task=task.task_id, pid=attempt.pid)
                 self._spawn(self._watch, a)
             else:

@@ -8,9 +8,9 @@ given, and call ``wake``."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -282,7 +282,8 @@ class TaskBook:
 
     def matching(self, *, state: str | None = None, pool: str | None = None, label: str | None = None,
              batch: str | None = None) -> list[Task]:  # fmt: skip
-        return [t for t in sorted(self.tasks.values(), key=lambda t: t.seq)
+        among = self.tasks if batch is None else self.index.batches.get(batch, {})
+        return [t for t in sorted(among.values(), key=lambda t: t.seq)
                 if (state is None or t.state == state) and (pool is None or t.pool == pool)
                 and (label is None or label in t.labels) and (batch is None or t.batch == batch)]  # fmt: skip
 
@@ -317,8 +318,7 @@ class TaskBook:
                 "eof": finished and len(data) < limit, "path": a.log, "size": size}  # fmt: skip
 
     def counts(self) -> dict[str, int]:
-        c = Counter(str(t.state) for t in self.tasks.values())
-        return {s.value: c.get(s.value, 0) for s in TaskState}
+        return {s.value: self.index.counts[s] for s in TaskState}
 
     # --- cancel and retry -------------------------------------------------------------------------
 
@@ -479,14 +479,13 @@ class TaskBook:
     # --- pruning and saving -----------------------------------------------------------------------
 
     def prune(self) -> list[Put | Delete | Event]:
-        if len(self.tasks) <= self.cfg.keep_finished:
-            return []
-        finished = [t for t in self.tasks.values() if t.state in FINISHED]
-        excess = len(finished) - self.cfg.keep_finished
-        if excess <= 0:
+        """Forget the oldest finished tasks beyond ``keep_finished`` (not one a task still
+        waiting depends on). Run at every task's end: it costs the excess, not the book."""
+        excess = len(self.index.finished) - self.cfg.keep_finished
+        if len(self.tasks) <= self.cfg.keep_finished or excess <= 0:
             return []
         ops: list[Put | Delete | Event] = []
-        for t in sorted(finished, key=lambda t: t.finished_at or 0)[:excess]:
+        for t in list(itertools.islice(self.index.finished.values(), excess)):
             if any(
                 self.tasks[d].state not in FINISHED
                 for d in self.dependents.get(t.task_id, ())
