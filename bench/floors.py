@@ -1,16 +1,17 @@
 """The same-run floors of issue 22: the least any Python daemon can do on this machine.
 
-- ``durable``: an asyncio Unix-socket JSON-lines server that, per request line, decodes it,
-  writes one SQLite row (WAL, ``synchronous=FULL``, a database of its own) and group-commits once
-  per loop turn: every request that arrived in the same loop turn shares one COMMIT, and a reply
-  goes out only after its commit. Each reply is shaped like a ``slots.allocate`` result.
+- ``durable``: an asyncio Unix-socket JSON-lines server that, per request line, decodes it
+  (orjson, the daemon's codec), writes one SQLite row (WAL, ``synchronous=FULL``, a database of
+  its own) and group-commits once per loop turn: every request that arrived in the same loop
+  turn shares one COMMIT, and a reply goes out only after its commit. Each reply is shaped like
+  a ``slots.allocate`` result.
 - ``plain``: the same server without SQLite (decode, reply).
 - ``spawn``: a plain Python loop that runs ``true`` N at a time (``asyncio.create_subprocess_exec``
   under a semaphore) and prints its tasks per second and its own CPU per task, as JSON.
 
 Each runs as its own process (``python -m bench.floors ...``), like the daemon, so its CPU is read
-the same way (``bench.cpu``; ``spawn`` reads its own with getrusage, its children excluded). Item 1 measures the echo servers with its own
-client program; item 7 runs ``spawn``.
+the same way (``bench.cpu``; ``spawn`` reads its own with getrusage, its children excluded).
+Item 1 measures the echo servers with its own client program; item 7 runs ``spawn``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from bench.cpu import process_cpu_seconds
 from bench.scratch import Scratch
@@ -47,7 +50,7 @@ class _Server:
         self.leases = 0
 
     def _reply(self, line: bytes) -> bytes:
-        request = json.loads(line)
+        request = orjson.loads(line)
         params = request.get("params") or {}
         self.leases += 1
         lease = f"l-{os.getpid()}-{self.leases}"
@@ -65,7 +68,8 @@ class _Server:
             self.db.execute(
                 "INSERT INTO leases VALUES (?, ?, ?, ?)", (lease, result["pool"], result["holder"], line)
             )
-        return json.dumps({"jsonrpc": "2.0", "id": request.get("id"), "result": result}).encode() + b"\n"
+        reply = {"jsonrpc": "2.0", "id": request.get("id"), "result": result}
+        return orjson.dumps(reply, option=orjson.OPT_APPEND_NEWLINE)
 
     def _commit(self) -> None:
         """Called once per loop turn that received requests: one COMMIT, then their replies."""
@@ -87,7 +91,7 @@ class _Server:
                     # call_soon runs after every callback already ready in this turn.
                     self.loop.call_soon(self._commit)
                 self.pending.append((writer, reply))
-        except (ConnectionError, json.JSONDecodeError):
+        except (ConnectionError, orjson.JSONDecodeError):
             pass
         finally:
             writer.close()

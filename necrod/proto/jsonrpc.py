@@ -182,18 +182,23 @@ def decode_request(line: bytes) -> Request | BadRequest:
 _encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
-def dump_json(obj: Any) -> bytes:
-    """Compact JSON as UTF-8: orjson (a few microseconds where ``json`` costs tens on a reply or a
-    slot row, the allocation path's largest encoder cost), else ``json`` for what orjson refuses:
-    a lone surrogate (a path name git gave us undecodable), an integer beyond 64 bits."""
+def dump_json(obj: Any, *, line: bool = False) -> bytes:
+    """Compact JSON as UTF-8 (with ``line``, ending in a newline): orjson (a few microseconds
+    where ``json`` costs tens on a reply or a slot row, the allocation path's largest encoder
+    cost; 3 ms where it costs 31 for 10,000 tasks), else ``json`` for what orjson refuses: a
+    lone surrogate (a path name git gave us undecodable), an integer beyond 64 bits."""
     try:
-        return orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS)
+        return orjson.dumps(obj, option=_AS_LINE if line else orjson.OPT_NON_STR_KEYS)
     except TypeError:
-        return _encoder.encode(obj).encode("ascii")
+        text = _encoder.encode(obj).encode("ascii")
+        return text + b"\n" if line else text
+
+
+_AS_LINE = orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE
 
 
 def _dump(obj: dict[str, Any]) -> bytes:
-    return dump_json(obj) + b"\n"
+    return dump_json(obj, line=True)
 
 
 def encode_result(request_id: RequestId, result: Any) -> bytes:
