@@ -139,11 +139,17 @@ class TaskFailed(Exception):
     pass
 
 
+#: adjtimex's ``status`` bit saying its ``time.tv_usec`` holds nanoseconds (NTP's nano mode).
+_STA_NANO = 0x2000
+
+
 def _clock(log: str) -> float:
     sec, usec = (re.search(rf"time\.tv_{u}:\s*(\d+)", log) for u in ("sec", "usec"))
     if sec is None or usec is None:
         raise TaskFailed(f"no clock in the task's output: {log.strip()[-200:]!r}")
-    return int(sec[1]) + int(usec[1]) / 1e6
+    status = re.search(r"status:\s*(\d+)", log)
+    nano = status is not None and int(status[1]) & _STA_NANO
+    return int(sec[1]) + int(usec[1]) / (1e9 if nano else 1e6)
 
 
 def _why(task: dict[str, Any]) -> str:
