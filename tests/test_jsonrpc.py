@@ -9,7 +9,15 @@ from typing import Any
 import pytest
 
 from necrod.proto.errors import ERROR_KINDS, NotFound, error_from_object
-from necrod.proto.jsonrpc import MAX_DEPTH, BadRequest, Request, decode_request, encode_error, encode_result
+from necrod.proto.jsonrpc import (
+    MAX_DEPTH,
+    BadRequest,
+    Request,
+    decode_request,
+    dump_json,
+    encode_error,
+    encode_result,
+)
 from necrod.proto.router import CallContext, Peer, Router
 
 pytestmark = pytest.mark.anyio
@@ -71,13 +79,23 @@ def test_a_good_request_decodes() -> None:
     assert isinstance(note, Request) and note.notification and note.params == {}
 
 
-def test_replies_are_one_line_of_ascii_json() -> None:
+def test_replies_are_one_line_of_utf8_json() -> None:
     line = encode_result(7, {"path": "/tmp/ü", "n": 1})
     assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert "/tmp/ü".encode() in line
     assert json.loads(line) == {"jsonrpc": "2.0", "id": 7, "result": {"path": "/tmp/ü", "n": 1}}
     err = json.loads(encode_error(None, NotFound("no pool named 'x'", pool="x")))
     assert err["error"]["data"] == {"kind": "not_found", "pool": "x"}
     assert err["error"]["code"] == -32004
+
+
+def test_what_orjson_refuses_is_still_answered() -> None:
+    """A file name git gave us undecodable (a lone surrogate) and an integer beyond 64 bits
+    still make a reply: escaped as the stdlib does, never a failed call."""
+    line = encode_result(1, {"paths": ["bad\udcff.txt"], "n": 2**70, 3: "int key"})
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert json.loads(line)["result"] == {"paths": ["bad\udcff.txt"], "n": 2**70, "3": "int key"}
+    assert dump_json({"kind": "slot", 1: [1.5, None]}) == b'{"kind":"slot","1":[1.5,null]}'
 
 
 def test_error_objects_round_trip_to_the_same_class() -> None:
