@@ -37,6 +37,7 @@ import anyio
 import structlog
 
 from necrod.io.cgroups import LimitUnenforceable, RunnerCgroup, RunnerCgroups
+from necrod.io.procs import ScanStuck, scan_off_loop
 
 log = structlog.get_logger("necrod.launch")
 
@@ -385,14 +386,22 @@ class ProcessLauncher:
             raise
         return ProcessRun(process, exit_file, cgroup)
 
+    async def locate(self, log_path: Path) -> int | None:
+        """The pid of the runner logging to ``log_path``, found by its exit record's path among
+        every process (for one whose pid a daemon stopped before saving): off the loop, since
+        reading a process's command line waits on its memory lock; None if not found in time."""
+        try:
+            return await scan_off_loop(find_runner, runner_files(log_path)[2])
+        except ScanStuck as exc:
+            log.warning("runner_not_located", log=str(log_path), error=str(exc))
+            return None
+
     def adopt(self, name: str, log_path: Path, pid: int | None) -> Run | None:
         """The runner ``name`` a daemon before this one started, if it still runs or recorded
         how it ended; None when it is known neither way (a runner of a necrod before exit
-        records, or one whose end was lost with a reboot). Without ``pid`` (the daemon stopped
-        before saving it) the runner is looked for by its exit record's path."""
+        records, or one whose end was lost with a reboot). Without ``pid`` only its exit record
+        can tell (``locate`` finds a pid that was not saved)."""
         exit_file = runner_files(log_path)[2]
-        if not pid:
-            pid = find_runner(exit_file)
         running = bool(pid) and process_alive(pid or 0, exit_file)
         if not running and not exit_file.exists():
             return None

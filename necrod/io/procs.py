@@ -118,6 +118,12 @@ async def find_holders(directories: Sequence[str], skip: Iterable[int] = ()) -> 
     return await _off_loop(holders, directories, tuple(skip))
 
 
+async def scan_off_loop(func: Callable[..., T], *args: object) -> T:
+    """Another reader of every process's /proc entries (``cmdline`` waits on a process's memory
+    lock too), run the same way: a scan thread, a deadline, ``ScanStuck``."""
+    return await _off_loop(func, *args)
+
+
 async def _off_loop(func: Callable[..., T], *args: object) -> T:
     with anyio.move_on_after(SCAN_TIMEOUT_S):
         return await anyio.to_thread.run_sync(func, *args, abandon_on_cancel=True, limiter=_scan_threads)

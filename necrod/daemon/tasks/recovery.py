@@ -108,10 +108,11 @@ class Recovery:
                     a.run = RemoteRun(link, attempt.remote_dir or "", attempt.number, attempt.pid,
                                       Path(attempt.log or ""), lambda: self.cfg.host_grace_s)  # fmt: skip
                     self._spawn(self._watch, a)
-            elif (adopted := self.runners.process.adopt(attempt.session or f"necro-{task.task_id}-{attempt.number}",
-                                                    Path(attempt.log or ""), attempt.pid)) is not None:  # fmt: skip
+            elif (adopted := self.runners.process.adopt(
+                    attempt.session or f"necro-{task.task_id}-{attempt.number}", Path(attempt.log or ""),
+                    attempt.pid or await self.runners.process.locate(Path(attempt.log or "")))) is not None:  # fmt: skip
                 a.run = adopted
-                attempt.pid = attempt.pid or adopted.pid  # found by its exit record's path if not saved
+                attempt.pid = adopted.pid or None  # found by its exit record's path if it was not saved
                 log.info("runner_adopted", task=task.task_id, pid=attempt.pid)
                 self._spawn(self._watch, a)
             else:
