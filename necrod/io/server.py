@@ -107,7 +107,7 @@ class Connection:
 
     def __init__(self, stream: SocketStream, connection_id: int, write_timeout: float) -> None:
         self.stream = stream
-        self._sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        self.sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)
         self.id = connection_id
         self._write_timeout = write_timeout
         # Uncontended (nearly always: one reply at a time), it takes the lock without a turn of the loop.
@@ -122,7 +122,7 @@ class Connection:
             # deadline, no cancel scope and no turn of the loop (the allocation path's second
             # cost after encoding). Only the rest of a reply the client is slow to read waits.
             try:
-                sent = self._sock.send(data)
+                sent = self.sock.send(data)
             except BlockingIOError:
                 sent = 0
             except OSError as exc:
@@ -300,7 +300,7 @@ class RpcServer:
             close=conn.close,
             only_methods=OPERATOR_METHODS if restricted else None,
         )
-        reader = LineReader(stream, self.limits.read_timeout, self.budget, peer, admin=admin)
+        reader = LineReader(conn.sock, self.limits.read_timeout, self.budget, peer, admin=admin)
         if restricted:
             reader.idle_timeout = RESTRICTED_IDLE_S
         if not restricted:
@@ -339,6 +339,7 @@ class RpcServer:
                         ),
                     )
                 )
+                reader.close()
                 await self._linger(conn.stream)
                 return
             except BufferFull:
