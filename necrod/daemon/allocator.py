@@ -165,8 +165,7 @@ class Allocator:
             ports=block, sparse=wanted, resume=resume,
         )  # fmt: skip
         if p.config.metrics:
-            self.metrics.allocations.labels(p.name).inc()
-            self.metrics.allocation_seconds.labels(p.name).observe(time.perf_counter() - started)
+            self.metrics.allocated(p.name, time.perf_counter() - started)
         self.sizer.maintain_soon(p)  # one idle slot fewer: min_idle may want another cut
         return result
 

@@ -11,6 +11,7 @@ with it. Pools with ``metrics: false`` are left out of the per-pool series.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -61,6 +62,9 @@ class Metrics:
         GCCollector(registry=r)
         self._pools: set[str] = set()
         self._runners: set[str] = set()
+        #: Each pool's allocation series, kept at hand: ``labels()`` takes a lock and checks its
+        #: arguments, twice per allocation otherwise.
+        self._granted: dict[str, tuple[Any, Any]] = {}
         self.allocations = Counter("necrod_allocations", "Leases granted.", ["pool"], registry=r)
         self.allocation_seconds = Histogram(
             "necrod_allocation_seconds",
@@ -147,6 +151,7 @@ class Metrics:
             for kind in ANOMALY_KINDS:
                 self.anomalies.labels(name, kind)
         for name in self._pools - pools:
+            self._granted.pop(name, None)
             for metric in self._per_pool():
                 metric.remove(name)
             for how in LEASE_ENDS:
@@ -158,6 +163,17 @@ class Metrics:
         for name in self._runners - runners:
             self.attempt_seconds.remove(name)
         self._pools, self._runners = pools, runners
+
+    def allocated(self, pool: str, seconds: float) -> None:
+        """One lease granted in ``pool``, ``seconds`` after it was asked for."""
+        series = self._granted.get(pool)
+        if series is None:
+            series = self._granted[pool] = (
+                self.allocations.labels(pool),
+                self.allocation_seconds.labels(pool),
+            )
+        series[0].inc()
+        series[1].observe(seconds)
 
     def add_gauges(self, collect: Callable[[], Iterable[Metric]]) -> None:
         self.registry.register(_Gauges(collect))

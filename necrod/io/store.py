@@ -26,6 +26,7 @@ work can ``wait_writable`` rather than redo, over and over, work it could not re
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -102,7 +103,9 @@ Undo = Callable[[], None]
 class _Pending:
     ops: Sequence[Op]
     undo: Undo | None
-    done: anyio.Event = field(default_factory=anyio.Event)
+    # asyncio's own event: anyio's costs a look-up of the running backend at each creation, and
+    # one is made per write on the allocation path.
+    done: asyncio.Event = field(default_factory=asyncio.Event)
     error: BaseException | None = None
 
 
@@ -121,7 +124,7 @@ class StateStore:
         self.path = path
         self._conn = conn
         self._queue: list[_Pending] = []
-        self._wake = anyio.Event()
+        self._wake = asyncio.Event()
         self._running = False
         self._last_seq = self._read_last_seq()
         self._history = 50_000
@@ -306,7 +309,7 @@ class StateStore:
                 if not self._wake.is_set():
                     self._checkpoint()
                     continue
-                self._wake = anyio.Event()
+                self._wake = asyncio.Event()
                 self._flush()
         finally:
             self._running = False

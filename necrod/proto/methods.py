@@ -221,11 +221,11 @@ _TYPE_NAMES = {
 
 def check_param(method: str, name: str, spec: Param, value: Any) -> None:
     """Raise ``InvalidParams`` unless ``value`` fits ``spec``."""
-    where = f"{method}: {name}"
     if value is None:
         if spec.required:
-            raise InvalidParams(f"{where} is required", param=name)
+            raise InvalidParams(f"{method}: {name} is required", param=name)
         return
+    where = f"{method}: {name}"
     if not _type_ok(spec, value):
         raise InvalidParams(f"{where} must be {_TYPE_NAMES[spec.type]}", param=name)
     if spec.type == "string":
@@ -283,8 +283,8 @@ def check_params(
     specs = table.get(method)
     if specs is None:
         raise MethodNotFound(f"no method {method!r}", method=method)
-    unknown = sorted(set(params) - set(specs))
-    if unknown:
+    if not params.keys() <= specs.keys():
+        unknown = sorted(set(params) - set(specs))
         raise InvalidParams(f"{method}: unknown parameter(s): {', '.join(unknown)}"
                             + did_you_mean(unknown[0], specs), param=unknown[0])  # fmt: skip
     checked: dict[str, Any] = {}
