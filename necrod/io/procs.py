@@ -242,9 +242,16 @@ def _process(pid: int, targets: _Targets) -> _Seen | None:
 
 
 def _look(proc: int, pid: int, targets: _Targets) -> _Seen | None:
-    stat = _read_at(proc, "stat", 4096)
-    if stat is None:
+    try:
+        fd = os.open("stat", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc)
+    except OSError:
         return None
+    try:
+        stat = os.read(fd, 4096)  # one record, far below a page: one read has all of it
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     text = stat.decode("utf-8", "replace")
     name = text[text.find("(") + 1 : text.rfind(")")]
     fields = text[text.rfind(")") + 1 :].split()

@@ -25,7 +25,7 @@ Error handling: an unexpected error of a pass is raised to every caller it was s
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import anyio
 
@@ -62,11 +62,17 @@ class _Ask:
         return self.answer is not None or self.error is not None
 
 
-class ProcScanner:
-    """The daemon's passes over /proc: ``holders`` asks, ``stop`` stops what is found."""
+#: One pass: for each asker's (directories, skip pids), the processes working there. Blocking.
+Pass = Callable[[Sequence[tuple[Sequence[str], frozenset[int]]]], list[list[Holder]]]
 
-    def __init__(self, timeout: float = SCAN_TIMEOUT_S) -> None:
+
+class ProcScanner:
+    """The daemon's passes over /proc: ``holders`` asks, ``stop`` stops what is found.
+    ``scan`` is the pass (``procs.holders_of``; tests hand in one they hold back)."""
+
+    def __init__(self, timeout: float = SCAN_TIMEOUT_S, scan: Pass = holders_of) -> None:
         self.timeout = timeout
+        self._scan = scan
         self._asked: list[_Ask] = []
         #: Set when the running pass ends (answered, failed or abandoned); None when none runs.
         self._running: anyio.Event | None = None
@@ -108,7 +114,7 @@ class ProcScanner:
         ended = self._running = anyio.Event()
         self._passes += 1
         try:
-            answers = await in_scan_thread(holders_of, [(a.directories, a.skip) for a in batch])
+            answers = await in_scan_thread(self._scan, [(a.directories, a.skip) for a in batch])
         except Exception as exc:
             for a in batch:
                 a.error = exc
