@@ -273,7 +273,7 @@ def _look(proc: int, pid: int, targets: _Targets) -> _Seen | None:
     if seen is None:
         return None  # another user's: nothing of it can be read
     if not seen and not _moved_in(proc, targets, note):
-        files = _open_files(proc, targets, note)
+        files = _open_files(proc, pid, targets, note)
         if files is False and state != "D":  # a D process may hold its memory lock for ever
             _mapped(proc, targets, note)
     return (name, state, ppid), found
@@ -299,24 +299,23 @@ def _threads(proc: int, pid: int, threads: int, targets: _Targets, note: _Note) 
             if note(target, link, targets.askers_of(target)):
                 return True
         return False
+    # Names listed by path (listing through a descriptor costs a dup, two fcntl and a seek),
+    # read through ``proc``: a pid reused meanwhile is not read as this process.
     try:
-        tasks = os.open("task", _DIR, dir_fd=proc)
+        tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
         tids = [str(pid)]
-    else:
-        try:
-            tids = os.listdir(tasks)
-        except OSError:
-            tids = [str(pid)]
-        finally:
-            os.close(tasks)
     for tid in tids:
         for link in ("cwd", "root"):
-            where = _readlink(f"task/{tid}/{link}", proc)
-            if where is not None:
-                via = link if tid == str(pid) else f"thread {tid} {link}"
-                if note(where, via, targets.askers_of(where)):
-                    return True
+            try:
+                where = os.readlink(f"task/{tid}/{link}", dir_fd=proc)
+            except PermissionError:
+                return None  # neither may any other thread's (nor its files, nor its maps)
+            except OSError:
+                continue  # that thread is gone
+            via = link if tid == str(pid) else f"thread {tid} {link}"
+            if note(where, via, targets.askers_of(where)):
+                return True
     return False
 
 
@@ -333,23 +332,18 @@ def _moved_in(proc: int, targets: _Targets, note: _Note) -> bool:
     return bool(askers) and note(_readlink("cwd", proc) or "?", "cwd in another mount namespace", askers)
 
 
-def _open_files(proc: int, targets: _Targets, note: _Note) -> bool | None:
+def _open_files(proc: int, pid: int, targets: _Targets, note: _Note) -> bool | None:
     """Files it holds open; None when they may not be read (nor may its maps)."""
     try:
-        fds = os.open("fd", _DIR, dir_fd=proc)
+        fds = os.listdir(f"/proc/{pid}/fd")
     except PermissionError:
         return None
     except OSError:
         return False
-    try:
-        for fd in os.listdir(fds):
-            target = _readlink(fd, fds)
-            if target is not None and note(target, "open file", targets.askers_of(target)):
-                return True
-    except OSError:
-        pass
-    finally:
-        os.close(fds)
+    for fd in fds:
+        target = _readlink(f"fd/{fd}", proc)
+        if target is not None and note(target, "open file", targets.askers_of(target)):
+            return True
     return False
 
 
