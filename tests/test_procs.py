@@ -152,6 +152,36 @@ def test_a_deleted_slot_directory_still_names_only_its_own_processes(
     assert [(h.pid, h.path) for h in git_dir] == [(in_gone_slot.pid, f"{slots['a1.git']} (deleted)")]
 
 
+LEADER_GONE = """
+import ctypes, os, sys, threading, time
+def work():
+    held = open(os.path.join(sys.argv[1], "held.log"), "a")
+    open(sys.argv[2], "w").close()
+    while True:
+        held.write("x")
+        held.flush()
+        time.sleep(0.05)
+threading.Thread(target=work).start()
+ctypes.CDLL(None).pthread_exit(None)  # the first thread ends; the process reads as a zombie
+"""
+
+
+async def test_a_process_whose_first_thread_exited_is_seen_and_stopped_through_a_live_thread(
+    spawn: Spawn, slots: dict[str, str], workdir: Path
+) -> None:
+    ready = workdir / "holding"
+    proc = spawn([sys.executable, "-c", LEADER_GONE, slots["a1"], str(ready)])
+    wait_for(ready.exists, 10, what="the thread")
+    wait_for(lambda: Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z",
+             10, what="the first thread to exit")  # fmt: skip
+    a1, a10 = holders_of([((slots["a1"],), frozenset()), ((slots["a10"],), frozenset())])
+    assert [(h.pid, h.via, h.path) for h in a1] == [(proc.pid, "open file", f"{slots['a1']}/held.log")]
+    assert a10 == []
+    stop = await ProcScanner().stop([slots["a1"]], 2.0)
+    assert pids(stop.stopped) == {proc.pid} and stop.left == []
+    assert proc.wait(10) is not None
+
+
 # --- the scanner: passes shared, never one that began before the ask ------------------------------
 
 

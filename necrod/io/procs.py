@@ -236,14 +236,16 @@ def _process(pid: int, targets: _Targets) -> _Seen | None:
     except OSError:
         return None
     try:
-        return _look(proc, pid, targets)
+        return _look(proc, proc, f"/proc/{pid}", pid, targets)
     finally:
         os.close(proc)
 
 
-def _look(proc: int, pid: int, targets: _Targets) -> _Seen | None:
+def _look(proc: int, where: int, base: str, pid: int, targets: _Targets) -> _Seen | None:
+    """The process of ``proc`` (its /proc directory), its entries read in ``where`` (named
+    ``base``): the same directory, or a live thread's when its first thread has exited."""
     try:
-        fd = os.open("stat", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc)
+        fd = os.open("stat", os.O_RDONLY | os.O_CLOEXEC, dir_fd=where)
     except OSError:
         return None
     try:
@@ -255,11 +257,13 @@ def _look(proc: int, pid: int, targets: _Targets) -> _Seen | None:
     text = stat.decode("utf-8", "replace")
     name = text[text.find("(") + 1 : text.rfind(")")]
     fields = text[text.rfind(")") + 1 :].split()
-    if len(fields) < 18 or fields[0] in ("Z", "X"):
-        return None  # exited: nothing left to write with
-    if int(fields[6]) & _PF_KTHREAD:
+    if len(fields) < 18 or int(fields[6]) & _PF_KTHREAD:
         return None  # a kernel thread: no files, no working directory of a slot's
     state, ppid, threads = fields[0], int(fields[1]), int(fields[17])
+    if state in ("Z", "X"):
+        # Exited; but when only its first thread did (pthread_exit), the others work on, and
+        # the process's own fd/ and maps read empty: they are read through a live thread's.
+        return _through_live_thread(proc, pid, targets) if where == proc and threads > 1 else None
     found: dict[int, tuple[str, str]] = {}
 
     def note(path: str, via: str, askers: set[int] | None) -> bool:
@@ -268,15 +272,33 @@ def _look(proc: int, pid: int, targets: _Targets) -> _Seen | None:
             found.setdefault(i, (via, path))
         return len(found) == targets.count
 
-    # The cheap entries first; the maps only while an asker has not seen it.
-    seen = _threads(proc, pid, threads, targets, note)
-    if seen is None:
-        return None  # another user's: nothing of it can be read
-    if not seen and not _moved_in(proc, targets, note):
-        files = _open_files(proc, pid, targets, note)
+    # The cheap entries first; the maps only while an asker has not seen it. One whose
+    # entries may not be read (another user's) is not read further: none of them may be.
+    seen = _threads(proc, where, pid, threads, targets, note)
+    if seen is False and not _moved_in(where, targets, note):
+        files = _open_files(where, base, targets, note)
         if files is False and state != "D":  # a D process may hold its memory lock for ever
-            _mapped(proc, targets, note)
+            _mapped(where, targets, note)
     return (name, state, ppid), found
+
+
+def _through_live_thread(proc: int, pid: int, targets: _Targets) -> _Seen | None:
+    try:
+        tids = [t for t in os.listdir(f"/proc/{pid}/task") if t != str(pid)]
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            live = os.open(f"task/{tid}", _DIR, dir_fd=proc)
+        except OSError:
+            continue  # that one ended too
+        try:
+            seen = _look(proc, live, f"/proc/{pid}/task/{tid}", pid, targets)
+        finally:
+            os.close(live)
+        if seen is not None:
+            return seen
+    return None
 
 
 #: Records how a process was seen, by a path, a "via" and the askers whose directories hold the
@@ -284,14 +306,14 @@ def _look(proc: int, pid: int, targets: _Targets) -> _Seen | None:
 _Note = Callable[[str, str, "set[int] | None"], bool]
 
 
-def _threads(proc: int, pid: int, threads: int, targets: _Targets, note: _Note) -> bool | None:
+def _threads(proc: int, where: int, pid: int, threads: int, targets: _Targets, note: _Note) -> bool | None:
     """Each thread's working directory and root (a thread may have its own). None when they
     may not be read."""
     if threads == 1:
         # One thread: its working directory and root are the process's; no need to list task/.
         for link in ("cwd", "root"):
             try:
-                target = os.readlink(link, dir_fd=proc)
+                target = os.readlink(link, dir_fd=where)
             except PermissionError:
                 return None
             except OSError:
@@ -308,48 +330,48 @@ def _threads(proc: int, pid: int, threads: int, targets: _Targets, note: _Note) 
     for tid in tids:
         for link in ("cwd", "root"):
             try:
-                where = os.readlink(f"task/{tid}/{link}", dir_fd=proc)
+                path = os.readlink(f"task/{tid}/{link}", dir_fd=proc)
             except PermissionError:
                 return None  # neither may any other thread's (nor its files, nor its maps)
             except OSError:
                 continue  # that thread is gone
             via = link if tid == str(pid) else f"thread {tid} {link}"
-            if note(where, via, targets.askers_of(where)):
+            if note(path, via, targets.askers_of(path)):
                 return True
     return False
 
 
-def _moved_in(proc: int, targets: _Targets, note: _Note) -> bool:
+def _moved_in(where: int, targets: _Targets, note: _Note) -> bool:
     """A working directory that is one of the directories seen from another mount namespace
     (the path it reads as is not ours)."""
     if not targets.identities:
         return False
     try:
-        st = os.stat("cwd", dir_fd=proc)
+        st = os.stat("cwd", dir_fd=where)
     except OSError:
         return False
     askers = targets.identities.get((st.st_dev, st.st_ino))
-    return bool(askers) and note(_readlink("cwd", proc) or "?", "cwd in another mount namespace", askers)
+    return bool(askers) and note(_readlink("cwd", where) or "?", "cwd in another mount namespace", askers)
 
 
-def _open_files(proc: int, pid: int, targets: _Targets, note: _Note) -> bool | None:
+def _open_files(where: int, base: str, targets: _Targets, note: _Note) -> bool | None:
     """Files it holds open; None when they may not be read (nor may its maps)."""
     try:
-        fds = os.listdir(f"/proc/{pid}/fd")
+        fds = os.listdir(f"{base}/fd")
     except PermissionError:
         return None
     except OSError:
         return False
     for fd in fds:
-        target = _readlink(f"fd/{fd}", proc)
+        target = _readlink(f"fd/{fd}", where)
         if target is not None and note(target, "open file", targets.askers_of(target)):
             return True
     return False
 
 
-def _read_at(proc: int, name: str, cap: int) -> bytes | None:
+def _read_at(where: int, name: str, cap: int) -> bytes | None:
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=proc)
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=where)
     except OSError:
         return None
     try:
@@ -364,8 +386,8 @@ def _read_at(proc: int, name: str, cap: int) -> bytes | None:
         os.close(fd)
 
 
-def _mapped(proc: int, targets: _Targets, note: _Note) -> None:
-    maps = _read_at(proc, "maps", MAPS_CAP)
+def _mapped(where: int, targets: _Targets, note: _Note) -> None:
+    maps = _read_at(where, "maps", MAPS_CAP)
     if not maps or not any(needle in maps for needle in targets.needles):
         return  # most processes: no line could name a file in the directories
     for line in maps.split(b"\n"):
