@@ -539,6 +539,7 @@ class Daemon:
                 "state_free_bytes": self.supervisor.state_free_bytes,
             },
             "store": self.store.statistics(),
+            "procs": self.engine.cleanup.scanner.statistics(),
             "anomalies": {
                 "last_scan_at": self.supervisor.last_scan_at,
                 "found": len(self.supervisor.last_scan),

@@ -36,7 +36,8 @@ from necrod.daemon.slotkinds import SlotKind
 from necrod.daemon.slottable import SlotTable, slot_event
 from necrod.io import slotfs
 from necrod.io.gitrun import GitError
-from necrod.io.procs import Holder, ScanStuck, find_holders, kernel_path, stop_holders
+from necrod.io.procs import Holder, ScanStuck, kernel_path
+from necrod.io.procscan import ProcScanner
 from necrod.io.store import Event
 
 log = structlog.get_logger("necrod.engine")
@@ -64,6 +65,8 @@ class Cleanup:
         self.preparer = preparer
         self.metrics = metrics
         self.clock = clock
+        #: The daemon's passes over /proc: the resets of slots cleaned at once share them.
+        self.scanner = ProcScanner()
 
     def _retiring(self, p: Pool, slot: Slot) -> bool:
         if p.draining or slot.retire:
@@ -218,7 +221,7 @@ class Cleanup:
         if await self._unused(p, slot):
             return True
         try:
-            stop = await stop_holders(self._slot_dirs(p, slot), LEFTOVER_GRACE_S)
+            stop = await self.scanner.stop(self._slot_dirs(p, slot), LEFTOVER_GRACE_S)
         except ScanStuck as exc:
             await self._isolate_now(p, slot, f"could not tell what runs in it: {exc}")
             return False
@@ -241,10 +244,10 @@ class Cleanup:
         if await self._unused(p, slot):
             return None
         try:
-            found = await find_holders(self._slot_dirs(p, slot))
+            found = await self.scanner.holders(self._slot_dirs(p, slot))
             if not found:
                 return None
-            await stop_holders(self._slot_dirs(p, slot), 0.0)
+            await self.scanner.stop(self._slot_dirs(p, slot), 0.0)
         except ScanStuck as exc:
             return f"could not tell what runs in it: {exc}"
         who = _named(found)

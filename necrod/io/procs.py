@@ -10,7 +10,10 @@ Resource handling: a scan reads every process's /proc entries, and reading anoth
 memory maps waits on its memory lock, which a process stuck in the kernel may hold for as long
 as it likes. So scans run in worker threads of their own (at most ``SCAN_THREADS``), each with a
 deadline; a scan past it is abandoned (its thread ends when the kernel lets it) and reported as
-``ScanStuck``, never waited for on the event loop.
+``ScanStuck``, never waited for on the event loop. One pass answers many askers at once
+(``holders_of``; ``procscan.py`` gathers them): a process is read once, the cheap entries
+first, its maps only while an asker has not seen it yet, and only parsed when they could name
+one of the directories.
 
 Error handling: a process that exits while it is being read is simply gone. One whose entries
 cannot be read (another user's, when necrod is not root) cannot be seen at all; see
@@ -99,64 +102,50 @@ def processes_in(directory: str) -> list[int]:
 
 def holders(directories: Sequence[str], skip: Iterable[int] = ()) -> list[Holder]:
     """Processes working in any of ``directories`` (absolute paths as the kernel names them).
-    Blocking: call it in a worker thread (``find_holders``)."""
-    dirs = tuple(d.rstrip("/") for d in directories)
-    identities = _identities(dirs)
-    skipped = {os.getpid(), *skip}
-    found = []
+    Blocking: call it in a scan thread (``procscan.ProcScanner`` shares one pass among askers)."""
+    return holders_of([(directories, frozenset(skip))])[0]
+
+
+def holders_of(asks: Sequence[tuple[Sequence[str], frozenset[int]]]) -> list[list[Holder]]:
+    """One pass over every process answering several askers: for each ``(directories, skip)``,
+    the processes working in its directories, less the pids of its ``skip``. A process is read
+    once whoever asks; each asker gets how the process was seen in its own directories.
+    Blocking: call it in a scan thread."""
+    targets = _Targets([dirs for dirs, _ in asks])
+    answers: list[list[Holder]] = [[] for _ in asks]
+    own = os.getpid()
     for pid in _pids():
-        if pid in skipped:
+        if pid == own:
             continue
-        holder = _holder(pid, dirs, identities)
-        if holder is not None:
-            found.append(holder)
-    return found
+        seen = _process(pid, targets)
+        if seen is None:
+            continue
+        (name, state, ppid), found = seen
+        for i, (via, path) in found.items():
+            if pid not in asks[i][1]:
+                answers[i].append(Holder(pid, ppid, name, state, via, path))
+    return answers
 
 
-async def find_holders(directories: Sequence[str], skip: Iterable[int] = ()) -> list[Holder]:
-    """``holders`` in a worker thread, with a deadline (``ScanStuck``)."""
-    return await _off_loop(holders, directories, tuple(skip))
+async def in_scan_thread(func: Callable[..., T], *args: object) -> T:
+    """``func`` in a scan thread, without a deadline: the caller keeps its own (a cancelled
+    call returns at once and leaves the thread to end when the kernel lets it)."""
+    return await anyio.to_thread.run_sync(func, *args, abandon_on_cancel=True, limiter=_scan_threads)
 
 
 async def scan_off_loop(func: Callable[..., T], *args: object) -> T:
     """Another reader of every process's /proc entries (``cmdline`` waits on a process's memory
     lock too), run the same way: a scan thread, a deadline, ``ScanStuck``."""
-    return await _off_loop(func, *args)
-
-
-async def _off_loop(func: Callable[..., T], *args: object) -> T:
     with anyio.move_on_after(SCAN_TIMEOUT_S):
-        return await anyio.to_thread.run_sync(func, *args, abandon_on_cancel=True, limiter=_scan_threads)
+        return await in_scan_thread(func, *args)
     raise ScanStuck(SCAN_TIMEOUT_S)
-
-
-async def stop_holders(directories: Sequence[str], grace: float, skip: Iterable[int] = ()) -> Stop:
-    """Stop everything working in ``directories``: SIGTERM, up to ``grace`` for it to go, then
-    SIGKILL (a few rounds, which also catch processes that came since), looking again each
-    time. Raises ``ScanStuck`` when /proc cannot be read in time."""
-    skipped = tuple(skip)
-    seen: dict[int, Holder] = {}
-    found = await find_holders(directories, skipped)
-    if not found:
-        return Stop([], [])
-    seen.update((h.pid, h) for h in found)
-    refused = await _off_loop(signal_holders, found, directories, signal.SIGTERM)
-    found = await _wait_gone(directories, grace, skipped, seen)
-    for _ in range(KILL_ROUNDS):
-        if not found:
-            break
-        refused += await _off_loop(signal_holders, found, directories, signal.SIGKILL)
-        found = await _wait_gone(directories, KILL_WAIT_S, skipped, seen)
-    left = {h.pid: h for h in [*found, *refused]}
-    return Stop(list(seen.values()), list(left.values()))
 
 
 def signal_holders(found: Iterable[Holder], directories: Sequence[str], sig: int) -> list[Holder]:
     """Send ``sig`` to each process of ``found`` that still works in ``directories``; return
     those that may not be signalled. Each is checked again through a pidfd, so a pid reused by
     another process since the scan is never signalled."""
-    dirs = tuple(d.rstrip("/") for d in directories)
-    identities = _identities(dirs)
+    targets = _Targets([directories])
     refused = []
     for h in found:
         try:
@@ -164,7 +153,8 @@ def signal_holders(found: Iterable[Holder], directories: Sequence[str], sig: int
         except OSError:
             continue  # gone
         try:
-            if _holder(h.pid, dirs, identities) is not None:
+            seen = _process(h.pid, targets)
+            if seen is not None and seen[1]:
                 signal.pidfd_send_signal(pidfd, sig)
         except ProcessLookupError:
             pass
@@ -173,18 +163,6 @@ def signal_holders(found: Iterable[Holder], directories: Sequence[str], sig: int
         finally:
             os.close(pidfd)
     return refused
-
-
-async def _wait_gone(
-    directories: Sequence[str], timeout: float, skip: tuple[int, ...], seen: dict[int, Holder]
-) -> list[Holder]:
-    deadline = anyio.current_time() + timeout
-    while True:
-        await anyio.sleep(POLL_S)
-        found = await find_holders(directories, skip)
-        seen.update((h.pid, h) for h in found if h.pid not in seen)
-        if not found or anyio.current_time() >= deadline:
-            return found
 
 
 # --- reading /proc --------------------------------------------------------------------------
@@ -197,99 +175,224 @@ def _pids() -> list[int]:
         return []
 
 
-def _readlink(path: str) -> str | None:
+def _readlink(path: str, dir_fd: int | None = None) -> str | None:
     try:
-        return os.readlink(path)
+        return os.readlink(path, dir_fd=dir_fd)
     except OSError:
         return None
 
 
-def _inside(path: str, dirs: tuple[str, ...]) -> bool:
-    # A deleted directory reads as "<path> (deleted)"; files below it keep their prefix.
-    return any(path in (d, f"{d} (deleted)") or path.startswith(d + "/") for d in dirs)
+class _Targets:
+    """The directories of every asker of one pass, each mapped to the askers it is one of."""
+
+    def __init__(self, dir_sets: Sequence[Sequence[str]]) -> None:
+        self.count = len(dir_sets)
+        self.owners: dict[str, set[int]] = {}
+        for i, dirs in enumerate(dir_sets):
+            for d in dirs:
+                self.owners.setdefault(d.rstrip("/"), set()).add(i)
+        #: Every path inside a directory starts with it: a cheap test that rejects most.
+        self.heads = tuple(self.owners)
+        #: ... and its parent's name is somewhere in a line of the maps that names it.
+        self.needles = tuple({os.fsencode(os.path.dirname(d)) for d in self.owners})
+        #: (device, inode) of each directory, to know it from another mount namespace.
+        self.identities: dict[tuple[int, int], set[int]] = {}
+        for d, askers in self.owners.items():
+            try:
+                st = os.lstat(d)
+            except OSError:
+                continue
+            self.identities.setdefault((st.st_dev, st.st_ino), set()).update(askers)
+
+    def askers_of(self, path: str) -> set[int] | None:
+        """The askers with a directory that is ``path`` or holds it, matching whole components
+        (``/slots/a1`` does not hold ``/slots/a10``); None when there are none."""
+        if not path.startswith(self.heads):
+            return None
+        found: set[int] | None = None
+        # A deleted directory reads as "<path> (deleted)"; files below it keep their prefix.
+        candidates = [path, path.removesuffix(" (deleted)")] if path.endswith(" (deleted)") else [path]
+        at = path.rfind("/")
+        while at >= 0:
+            candidates.append(path[:at])
+            at = path.rfind("/", 0, at)
+        for candidate in candidates:
+            askers = self.owners.get(candidate)
+            if askers is not None:
+                found = askers if found is None else found | askers
+        return found
 
 
-def _identities(dirs: tuple[str, ...]) -> set[tuple[int, int]]:
-    """(device, inode) of each directory, to know it from another mount namespace."""
-    out = set()
-    for d in dirs:
-        try:
-            st = os.lstat(d)
-        except OSError:
-            continue
-        out.add((st.st_dev, st.st_ino))
-    return out
+#: How a process is named, and for each asker (by index) how it was seen in its directories.
+_Seen = tuple[tuple[str, str, int], dict[int, tuple[str, str]]]
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
-def _holder(pid: int, dirs: tuple[str, ...], identities: set[tuple[int, int]]) -> Holder | None:
-    base = f"/proc/{pid}"
+def _process(pid: int, targets: _Targets) -> _Seen | None:
+    """Read one process's entries relative to its /proc directory (one lookup of the pid, not
+    one per entry). None when it is gone, exited, a kernel thread or cannot be read."""
     try:
-        with open(f"{base}/stat", "rb") as f:
-            stat = f.read(4096).decode("utf-8", "replace")
-    except OSError:
-        return None
-    name = stat[stat.find("(") + 1 : stat.rfind(")")]
-    fields = stat[stat.rfind(")") + 1 :].split()
-    if len(fields) < 7 or fields[0] in ("Z", "X"):
-        return None  # exited: nothing left to write with
-    if int(fields[6]) & _PF_KTHREAD:
-        return None  # a kernel thread: no files, no working directory of a slot's
-    state, ppid = fields[0], int(fields[1])
-    found = _how(base, pid, state, dirs, identities)
-    if found is None:
-        return None
-    return Holder(pid, ppid, name, state, found[0], found[1])
-
-
-def _how(
-    base: str, pid: int, state: str, dirs: tuple[str, ...], identities: set[tuple[int, int]]
-) -> tuple[str, str] | None:
-    try:
-        tids = os.listdir(f"{base}/task")
-    except OSError:
-        tids = [str(pid)]
-    for tid in tids:
-        for link in ("cwd", "root"):
-            target = _readlink(f"{base}/task/{tid}/{link}")
-            if target is not None and _inside(target, dirs):
-                return (link if tid == str(pid) else f"thread {tid} {link}"), target
-    try:
-        st = os.stat(f"{base}/cwd")
-        if (st.st_dev, st.st_ino) in identities:
-            return "cwd in another mount namespace", _readlink(f"{base}/cwd") or "?"
-    except OSError:
-        pass
-    try:
-        fds = os.listdir(f"{base}/fd")
-    except OSError:
-        fds = []
-    for fd in fds:
-        target = _readlink(f"{base}/fd/{fd}")
-        if target is not None and _inside(target, dirs):
-            return "open file", target
-    if state != "D":  # its memory lock may be held for as long as it is stuck
-        mapped = _mapped_inside(base, dirs)
-        if mapped is not None:
-            return "mapped file", mapped
-    return None
-
-
-def _mapped_inside(base: str, dirs: tuple[str, ...]) -> str | None:
-    try:
-        fd = os.open(f"{base}/maps", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        proc = os.open(f"/proc/{pid}", _DIR)
     except OSError:
         return None
     try:
-        chunks, size = [], 0
-        while size < MAPS_CAP and (chunk := os.read(fd, 1 << 16)):
-            chunks.append(chunk)
-            size += len(chunk)
+        return _look(proc, proc, f"/proc/{pid}", pid, targets)
+    finally:
+        os.close(proc)
+
+
+def _look(proc: int, where: int, base: str, pid: int, targets: _Targets) -> _Seen | None:
+    """The process of ``proc`` (its /proc directory), its entries read in ``where`` (named
+    ``base``): the same directory, or a live thread's when its first thread has exited."""
+    try:
+        fd = os.open("stat", os.O_RDONLY | os.O_CLOEXEC, dir_fd=where)
+    except OSError:
+        return None
+    try:
+        stat = os.read(fd, 4096)  # one record, far below a page: one read has all of it
     except OSError:
         return None
     finally:
         os.close(fd)
-    for line in b"".join(chunks).decode("utf-8", "replace").splitlines():
-        parts = line.split(maxsplit=5)
-        if len(parts) == 6 and _inside(parts[5], dirs):
-            return parts[5]
+    text = stat.decode("utf-8", "replace")
+    name = text[text.find("(") + 1 : text.rfind(")")]
+    fields = text[text.rfind(")") + 1 :].split()
+    if len(fields) < 18 or int(fields[6]) & _PF_KTHREAD:
+        return None  # a kernel thread: no files, no working directory of a slot's
+    state, ppid, threads = fields[0], int(fields[1]), int(fields[17])
+    if state in ("Z", "X"):
+        # Exited; but when only its first thread did (pthread_exit), the others work on, and
+        # the process's own fd/ and maps read empty: they are read through a live thread's.
+        return _through_live_thread(proc, pid, targets) if where == proc and threads > 1 else None
+    found: dict[int, tuple[str, str]] = {}
+
+    def note(path: str, via: str, askers: set[int] | None) -> bool:
+        """Record how the askers saw it (the first way each did); True once every asker has."""
+        for i in askers or ():
+            found.setdefault(i, (via, path))
+        return len(found) == targets.count
+
+    # The cheap entries first; the maps only while an asker has not seen it. One whose
+    # entries may not be read (another user's) is not read further: none of them may be.
+    seen = _threads(proc, where, pid, threads, targets, note)
+    if seen is False and not _moved_in(where, targets, note):
+        files = _open_files(where, base, targets, note)
+        if files is False and state != "D":  # a D process may hold its memory lock for ever
+            _mapped(where, targets, note)
+    return (name, state, ppid), found
+
+
+def _through_live_thread(proc: int, pid: int, targets: _Targets) -> _Seen | None:
+    try:
+        tids = [t for t in os.listdir(f"/proc/{pid}/task") if t != str(pid)]
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            live = os.open(f"task/{tid}", _DIR, dir_fd=proc)
+        except OSError:
+            continue  # that one ended too
+        try:
+            seen = _look(proc, live, f"/proc/{pid}/task/{tid}", pid, targets)
+        finally:
+            os.close(live)
+        if seen is not None:
+            return seen
     return None
+
+
+#: Records how a process was seen, by a path, a "via" and the askers whose directories hold the
+#: path; True once every asker of the pass has seen it (nothing more to read).
+_Note = Callable[[str, str, "set[int] | None"], bool]
+
+
+def _threads(proc: int, where: int, pid: int, threads: int, targets: _Targets, note: _Note) -> bool | None:
+    """Each thread's working directory and root (a thread may have its own). None when they
+    may not be read."""
+    if threads == 1:
+        # One thread: its working directory and root are the process's; no need to list task/.
+        for link in ("cwd", "root"):
+            try:
+                target = os.readlink(link, dir_fd=where)
+            except PermissionError:
+                return None
+            except OSError:
+                continue
+            if note(target, link, targets.askers_of(target)):
+                return True
+        return False
+    # Names listed by path (listing through a descriptor costs a dup, two fcntl and a seek),
+    # read through ``proc``: a pid reused meanwhile is not read as this process.
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        tids = [str(pid)]
+    for tid in tids:
+        for link in ("cwd", "root"):
+            try:
+                path = os.readlink(f"task/{tid}/{link}", dir_fd=proc)
+            except PermissionError:
+                return None  # neither may any other thread's (nor its files, nor its maps)
+            except OSError:
+                continue  # that thread is gone
+            via = link if tid == str(pid) else f"thread {tid} {link}"
+            if note(path, via, targets.askers_of(path)):
+                return True
+    return False
+
+
+def _moved_in(where: int, targets: _Targets, note: _Note) -> bool:
+    """A working directory that is one of the directories seen from another mount namespace
+    (the path it reads as is not ours)."""
+    if not targets.identities:
+        return False
+    try:
+        st = os.stat("cwd", dir_fd=where)
+    except OSError:
+        return False
+    askers = targets.identities.get((st.st_dev, st.st_ino))
+    return bool(askers) and note(_readlink("cwd", where) or "?", "cwd in another mount namespace", askers)
+
+
+def _open_files(where: int, base: str, targets: _Targets, note: _Note) -> bool | None:
+    """Files it holds open; None when they may not be read (nor may its maps)."""
+    try:
+        fds = os.listdir(f"{base}/fd")
+    except PermissionError:
+        return None
+    except OSError:
+        return False
+    for fd in fds:
+        target = _readlink(f"fd/{fd}", where)
+        if target is not None and note(target, "open file", targets.askers_of(target)):
+            return True
+    return False
+
+
+def _read_at(where: int, name: str, cap: int) -> bytes | None:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=where)
+    except OSError:
+        return None
+    try:
+        chunks, size = [], 0
+        while size < cap and (chunk := os.read(fd, min(1 << 16, cap - size))):
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _mapped(where: int, targets: _Targets, note: _Note) -> None:
+    maps = _read_at(where, "maps", MAPS_CAP)
+    if not maps or not any(needle in maps for needle in targets.needles):
+        return  # most processes: no line could name a file in the directories
+    for line in maps.split(b"\n"):
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6:
+            path = os.fsdecode(parts[5])
+            if note(path, "mapped file", targets.askers_of(path)):
+                return
