@@ -34,6 +34,9 @@ class TaskState(StrEnum):
     CANCELLED = "cancelled"
 
 
+#: Assignment without ``Task.__setattr__``'s hook (bound once: it runs at every assignment).
+_assign = object.__setattr__
+
 FINISHED = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED})
 FAILURE_STRATEGIES = ("continue", "stop-all", "retry")
 #: Retries a task gets under failure_strategy "retry" when it did not ask for a number.
@@ -133,9 +136,9 @@ class Task:
         # Tasks are changed from every room of the dispatcher; dropping the cached brief view
         # here, rather than at each change, is what makes a stale ``tasks.list`` impossible to
         # forget (lists and dicts of a task are replaced, never changed in place: see brief_json).
-        object.__setattr__(self, name, value)
+        _assign(self, name, value)
         if name != "_brief":
-            object.__setattr__(self, "_brief", None)
+            _assign(self, "_brief", None)
 
     def to_row(self) -> dict[str, Any]:
         row = {name: getattr(self, name) for name in _ROW_FIELDS}
@@ -193,7 +196,7 @@ class Task:
         if cached is not None and cached[1] == len(self.attempts):
             return cached[0]
         encoded = dump_json(self.view(brief=True))
-        object.__setattr__(self, "_brief", (encoded, len(self.attempts)))
+        _assign(self, "_brief", (encoded, len(self.attempts)))
         return encoded
 
 
