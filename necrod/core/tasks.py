@@ -195,7 +195,10 @@ class Task:
         cached = self._brief
         if cached is not None and cached[1] == len(self.attempts):
             return cached[0]
-        encoded = dump_json(self.view(brief=True))
+        # Copied into a bytes object of its own size: orjson shrinks each result from a larger
+        # buffer, and 10,000 of those kept grew the heap at ~5 µs each (measured: 95 ms for a
+        # cold listing, 24 ms with the copy of ~300 bytes).
+        encoded = bytes(memoryview(dump_json(self.view(brief=True))))
         _assign(self, "_brief", (encoded, len(self.attempts)))
         return encoded
 
