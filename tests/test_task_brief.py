@@ -7,8 +7,10 @@ import json
 from dataclasses import fields
 from typing import Any
 
+from necrod.core.taskindex import TaskIndex
 from necrod.core.tasks import Attempt, Task, TaskState
-from necrod.proto.jsonrpc import dump_json
+from necrod.daemon.tasks.taskbook import TaskBook
+from necrod.proto.jsonrpc import dump_json, encode_result
 
 #: A new value for every field of a task, each different from the one ``task()`` gives. A field
 #: added to ``Task`` fails ``test_every_field_has_a_change_here`` until it is listed here.
@@ -72,8 +74,6 @@ def test_an_attempt_appended_in_place_is_listed() -> None:
 
 
 def test_the_index_changing_a_state_drops_it_too() -> None:
-    from necrod.core.taskindex import TaskIndex
-
     index = TaskIndex()
     a, b = Task("t-1", 1, "repo", 0.0), Task("t-2", 2, "repo", 0.0, depends_on=["t-1"])
     index.add([a, b])
@@ -105,3 +105,10 @@ def test_rows_hold_no_cache_and_load_back_the_same() -> None:
     assert "_brief" not in row and list(row)[:3] == ["task_id", "seq", "pool"]
     back = Task.from_row(json.loads(json.dumps(row)))
     assert back == t and back.brief_json() == t.brief_json()
+
+
+def test_the_listing_is_the_json_array_of_the_brief_views() -> None:
+    tasks = [task(), Task("t-3", 3, "repo", 2.0)]
+    for listed in ([], tasks[:1], tasks):
+        reply = json.loads(encode_result(1, {"tasks": TaskBook.briefs(listed)}))
+        assert reply["result"]["tasks"] == [t.view(brief=True) for t in listed]
