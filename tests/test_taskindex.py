@@ -69,6 +69,24 @@ def assert_bookkeeping(index: TaskIndex) -> None:
         if t.batch is not None:
             batches.setdefault(t.batch, []).append(t.task_id)
     assert {b: sorted(ids) for b, ids in batches.items()} == {b: sorted(m) for b, m in index.batches.items()}
+    # Listings walk these without sorting: both stay in submission order.
+    for members in (index.tasks, *index.batches.values()):
+        assert [t.seq for t in members.values()] == sorted(t.seq for t in members.values())
+
+
+def test_tasks_and_batches_iterate_in_submission_order_however_added() -> None:
+    index = TaskIndex()
+    index.add([task(5), task(3, 5)])  # a batch naming a later member, added as it came
+    index.add([task(9)])
+    index.add([task(1), task(7)])  # older than some known (not at submit): put back in order
+    assert list(index.tasks) == ["t-1", "t-3", "t-5", "t-7", "t-9"]
+    assert {b: list(m) for b, m in index.batches.items()} == {"b-0": ["t-3", "t-9"], "b-1": ["t-1", "t-7"],
+                                                              "b-2": ["t-5"]}  # fmt: skip
+    assert set(index.ready) == truly_ready(index)
+    assert_bookkeeping(index)
+    index.remove("t-3")
+    index.add([task(10)])
+    assert list(index.tasks) == ["t-1", "t-5", "t-7", "t-9", "t-10"]
 
 
 def test_finished_tasks_are_kept_in_the_order_they_ended() -> None:

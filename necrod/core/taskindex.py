@@ -7,7 +7,8 @@ states change, and a task's dependents are looked at again only when its success
 
 It also keeps what would otherwise cost a walk of every task at each task's end or each status
 call (issue 22): the finished tasks in the order they finished (pruning takes the oldest), the
-count of tasks in each state, and each batch's tasks.
+count of tasks in each state, and each batch's tasks. ``tasks`` (and each batch) iterate in
+submission order (``seq``), so that a listing needs no sort.
 
 Every state change goes through ``set_state``. Pure: no I/O.
 """
@@ -31,8 +32,10 @@ class TaskIndex:
         self.finished: dict[str, Task] = {}
         #: How many tasks are in each state.
         self.counts: Counter[TaskState] = Counter()
-        #: batch → its tasks, in the order they were added.
+        #: batch → its tasks, in submission order.
         self.batches: dict[str, dict[str, Task]] = {}
+        #: The highest ``seq`` added so far.
+        self._last_seq = 0
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -40,7 +43,11 @@ class TaskIndex:
     def add(self, tasks: Iterable[Task]) -> None:
         """Add tasks that may depend on each other: all are known before any is judged ready
         (a dependency not known counts as pruned, hence done)."""
-        added = list(tasks)
+        added = sorted(tasks, key=lambda t: t.seq)
+        if not added:
+            return
+        behind = added[0].seq <= self._last_seq
+        self._last_seq = max(self._last_seq, added[-1].seq)
         for task in added:
             self.tasks[task.task_id] = task
             self.counts[task.state] += 1
@@ -50,6 +57,11 @@ class TaskIndex:
                 self.dependents.setdefault(dep, set()).add(task.task_id)
         for task in sorted((t for t in added if t.state in FINISHED), key=lambda t: t.finished_at or 0.0):
             self.finished[task.task_id] = task
+        if behind:
+            # Not at submit, which numbers upwards: put the orders back.
+            _by_seq(self.tasks)
+            for batch in self.batches.values():
+                _by_seq(batch)
         for task in added:
             self._update(task)
 
@@ -102,3 +114,10 @@ class TaskIndex:
         else:
             self.ready.pop(task.task_id, None)
             task.waiting_on, task.reason = "dependencies", None
+
+
+def _by_seq(tasks: dict[str, Task]) -> None:
+    """Reorder ``tasks`` in place (it is shared) by submission order."""
+    ordered = sorted(tasks.values(), key=lambda t: t.seq)
+    tasks.clear()
+    tasks.update((t.task_id, t) for t in ordered)

@@ -409,7 +409,7 @@ class Api:
         dispatcher = self.dispatcher
         tasks = dispatcher.matching(state=params["state"], pool=params["pool"], label=params["label"],
                                 batch=params["batch"])  # fmt: skip
-        result: dict[str, Any] = {"tasks": [t.view(brief=True) for t in tasks]}
+        result: dict[str, Any] = {"tasks": dispatcher.book.briefs(tasks)}
         if params["graph"]:
             result["levels"] = dispatcher.graph(tasks)
         return result
