@@ -8,6 +8,11 @@
 - ``plain``: the same server without SQLite (decode, reply).
 - ``spawn``: a plain Python loop that runs ``true`` N at a time (``asyncio.create_subprocess_exec``
   under a semaphore) and prints its tasks per second and its own CPU per task, as JSON.
+- ``resets``: the same loop, each of the N workers with a slot of its own that it gives back
+  after each ``true`` the least way the slot's kind allows: on an overlay, unmount it (the
+  daemon's test that nothing uses it), put its upper aside, make a new one, mount it again and
+  delete the old one; on a git worktree, ``checkout --force`` of the base, ``clean -ffdx`` and the
+  ``status`` that verifies it. What a dispatcher that resets a slot between tasks cannot go under.
 
 Each runs as its own process (``python -m bench.floors ...``), like the daemon, so its CPU is read
 the same way (``bench.cpu``; ``spawn`` reads its own with getrusage, its children excluded).
@@ -21,6 +26,7 @@ import asyncio
 import json
 import os
 import resource
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -132,6 +138,83 @@ async def _spawn(tasks: int, at_once: int) -> dict[str, float]:
     return {"tasks": tasks, "per_second": tasks / wall, "cpu_ms_per_task": cpu * 1000 / tasks}
 
 
+async def _resets(
+    kind: str, root: Path, source: str, commit: str, tasks: int, at_once: int
+) -> dict[str, float]:
+    """``tasks`` runs of ``true``, ``at_once`` slots of ``kind`` each reset after each run."""
+    from necrod.io import overlay  # the syscalls the daemon mounts with (the floor is Linux-only too)
+
+    slots = [root / f"slot-{i}" for i in range(at_once)]
+
+    async def git(cwd: Path, *args: str) -> None:
+        proc = await asyncio.create_subprocess_exec("git", *args, cwd=cwd, stdout=subprocess.DEVNULL)
+        if await proc.wait() != 0:
+            raise RuntimeError(f"git {args[0]} failed in {cwd}")
+
+    def mount_fresh(slot: Path, n: int) -> None:
+        upper = root / f"upper-{slot.name}-{n}"
+        (upper / "upper").mkdir(parents=True)
+        (upper / "work").mkdir()
+        slot.mkdir(exist_ok=True)
+        overlay.mount(slot, [Path(source)], upper / "upper", upper / "work")
+
+    def remount(slot: Path, n: int) -> None:
+        if not overlay.unmount_if_unused(slot):
+            raise RuntimeError(f"{slot} is in use")
+        old = root / f"upper-{slot.name}-{n - 1}"
+        aside = root / f"trash-{slot.name}-{n}"
+        os.rename(old, aside)
+        mount_fresh(slot, n)
+        shutil.rmtree(aside)
+
+    if kind == "overlay":
+        for slot in slots:
+            await asyncio.to_thread(mount_fresh, slot, 0)
+    else:
+        for slot in slots:
+            await git(Path(source), "worktree", "add", "--quiet", "--detach", str(slot), commit)
+
+    async def worker(slot: Path, count: int) -> None:
+        for n in range(1, count + 1):
+            proc = await asyncio.create_subprocess_exec("true", cwd=slot)
+            if await proc.wait() != 0:
+                raise RuntimeError("true failed")
+            if kind == "overlay":
+                await asyncio.to_thread(remount, slot, n)
+            else:
+                await git(slot, "checkout", "--quiet", "--force", "--detach", commit)
+                await git(slot, "clean", "--quiet", "-ffdx")
+                await git(slot, "status", "--porcelain=v1", "-z", "--untracked-files=all")
+
+    shares = [tasks // at_once + (1 if i < tasks % at_once else 0) for i in range(at_once)]
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    started = time.perf_counter()
+    try:
+        await asyncio.gather(*(worker(slot, count) for slot, count in zip(slots, shares, strict=True)))
+        wall = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_SELF)
+    finally:
+        if kind == "overlay":
+            for slot in slots:
+                overlay.unmount(slot)
+    cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
+    return {"tasks": tasks, "per_second": tasks / wall, "cpu_ms_per_task": cpu * 1000 / tasks}
+
+
+def reset_floor(
+    scratch: Scratch, kind: str, source: Path, commit: str, tasks: int, at_once: int
+) -> dict[str, float]:
+    """Run ``resets`` in a process of its own; its tasks per second and CPU ms per task.
+    ``source``: the overlay's lower directory, or the repository the worktrees are added to."""
+    root = scratch.path(f"floor-resets-{kind}")
+    root.mkdir()
+    argv = [sys.executable, "-m", "bench.floors", "resets", "--slot-kind", kind, "--root", str(root),
+            "--source", str(source), "--commit", commit, "--tasks", str(tasks), "--at-once", str(at_once)]  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=scratch.root, env=_env())
+    result: dict[str, float] = json.loads(out.stdout)
+    return result
+
+
 def spawn_floor(scratch: Scratch, tasks: int, at_once: int) -> dict[str, float]:
     """Run ``spawn`` in a process of its own; its tasks per second and CPU ms per task."""
     argv = [sys.executable, "-m", "bench.floors", "spawn", "--tasks", str(tasks), "--at-once", str(at_once)]
@@ -203,7 +286,20 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("spawn", help="run `true` --tasks times, --at-once at a time; print JSON")
     p.add_argument("--tasks", type=int, required=True)
     p.add_argument("--at-once", type=int, default=8)
+    p = sub.add_parser("resets", help="the same, each worker's slot reset after each run; print JSON")
+    p.add_argument("--slot-kind", choices=["overlay", "worktree"], required=True)
+    p.add_argument("--root", required=True, help="an empty directory for the slots")
+    p.add_argument("--source", required=True, help="the overlay's lower directory, or the repository")
+    p.add_argument("--commit", required=True, help="what a worktree is reset to")
+    p.add_argument("--tasks", type=int, required=True)
+    p.add_argument("--at-once", type=int, default=8)
     args = parser.parse_args(argv)
+    if args.kind == "resets":
+        result = asyncio.run(
+            _resets(args.slot_kind, Path(args.root), args.source, args.commit, args.tasks, args.at_once)
+        )
+        print(json.dumps(result))
+        return 0
     if args.kind == "spawn":
         result: dict[str, Any] = asyncio.run(_spawn(args.tasks, args.at_once))
         print(json.dumps(result))
