@@ -338,6 +338,9 @@ def test_config_reloaded_lists_runner_and_dispatcher_changes(
     d.config_path.write_text(config(origin, runners=profile("a", "false", grace_s=3) + profile("c", "true"),
                                     dispatcher="  max_running: 3\n"))  # fmt: skip
     changes = d.call("daemon.reload")["changes"]
+    if not changes:  # the file watcher saw the change first: its reload made the changes
+        applied = [e for e in d.log_events() if e.get("event") == "config_applied" and e.get("changes")]
+        changes = applied[-1]["changes"]
     assert "runner a: command, grace_s changed" in changes
     assert "removed runner b" in changes and "runner c: process" in changes
     assert "dispatcher.max_running: 8 -> 3" in changes
