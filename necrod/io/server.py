@@ -64,10 +64,10 @@ LARGE_LINE_BYTES = DEFAULT_MAX_REQUEST_BYTES
 #: After refusing an over-long line, keep reading (and discarding) this long / this much, so
 #: a client still writing it is not cut off with EPIPE before it can read why.
 LINGER_S = 2.0
+LINGER_BYTES = 32 << 20
 #: A reply this long that does not fit the socket's buffer grows the buffer (once per connection).
 LARGE_REPLY_BYTES = 256 << 10
 LARGE_REPLY_SNDBUF = 4 << 20
-LINGER_BYTES = 32 << 20
 
 
 @dataclass(frozen=True, slots=True)
