@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from necrod.io.cgroups import is_runshim
 from necrod.io.launchers import LaunchSpec, _shim, find_runner, process_alive
 
@@ -58,3 +60,27 @@ def test_a_runner_is_found_by_its_exit_records_path(tmp_path: Path) -> None:
     finally:
         wrapper.kill()
         wrapper.wait(10)
+
+
+@pytest.mark.anyio
+async def test_a_runner_whose_process_cannot_be_read_in_time_is_not_taken_for_alive(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading a command line waits on the process's memory lock (a process stuck in the kernel
+    holds it): the check runs off the event loop, and one that does not answer in time is not
+    the runner, never signalled or waited on as one. The stuck read is simulated."""
+    import os
+    import time
+
+    from necrod.io import launchers, procs
+
+    def stuck(pid: int, exit_file: Path) -> bool:
+        time.sleep(5.0)
+        return True
+
+    monkeypatch.setattr(procs, "SCAN_TIMEOUT_S", 0.2)
+    assert await launchers.alive_off_loop(os.getpid(), tmp_path / "1.exit") is False
+    monkeypatch.setattr(launchers, "process_alive", stuck)
+    started = time.monotonic()
+    assert await launchers.alive_off_loop(os.getpid(), tmp_path / "1.exit") is False
+    assert time.monotonic() - started < 3.0

@@ -194,6 +194,17 @@ async def end_cgroup(cgroup: RunnerCgroup, wait: float = CGROUP_DRAIN_S) -> bool
     return True
 
 
+async def alive_off_loop(pid: int, exit_file: Path) -> bool:
+    """``process_alive`` in a scan thread: reading a command line waits on the process's memory
+    lock, and the pid may be anyone's by now. One that cannot be read in time is not taken for
+    the runner (never signal or wait on a process that could not be told apart)."""
+    try:
+        return await scan_off_loop(process_alive, pid, exit_file)
+    except ScanStuck:
+        log.warning("runner_unreadable", pid=pid, exit_file=str(exit_file))
+        return False
+
+
 def find_runner(exit_file: Path) -> int | None:
     """The pid of the wrapper that records its end in ``exit_file``, among every process (after
     a restart, for a runner whose pid was not saved); None when there is none."""
@@ -352,7 +363,7 @@ class AdoptedProcessRun(Run):
         self.cgroup = cgroup
 
     async def wait(self) -> Exit:
-        while self.pid and process_alive(self.pid, self.exit_file):
+        while self.pid and await alive_off_loop(self.pid, self.exit_file):
             await _wait_exit(self.pid)
         return read_exit(self.exit_file, self.cgroup) or Exit(
             code=None, lost=True, detail="the runner ended without recording its exit status"
@@ -396,13 +407,13 @@ class ProcessLauncher:
             log.warning("runner_not_located", log=str(log_path), error=str(exc))
             return None
 
-    def adopt(self, name: str, log_path: Path, pid: int | None) -> Run | None:
+    async def adopt(self, name: str, log_path: Path, pid: int | None) -> Run | None:
         """The runner ``name`` a daemon before this one started, if it still runs or recorded
         how it ended; None when it is known neither way (a runner of a necrod before exit
         records, or one whose end was lost with a reboot). Without ``pid`` only its exit record
         can tell (``locate`` finds a pid that was not saved)."""
         exit_file = runner_files(log_path)[2]
-        running = bool(pid) and process_alive(pid or 0, exit_file)
+        running = bool(pid) and await alive_off_loop(pid or 0, exit_file)
         if not running and not exit_file.exists():
             return None
         return AdoptedProcessRun(pid or 0, exit_file, RunnerCgroup.find(self.cgroup_parents, name))

@@ -108,7 +108,7 @@ class Recovery:
                     a.run = RemoteRun(link, attempt.remote_dir or "", attempt.number, attempt.pid,
                                       Path(attempt.log or ""), lambda: self.cfg.host_grace_s)  # fmt: skip
                     self._spawn(self._watch, a)
-            elif (adopted := self.runners.process.adopt(
+            elif (adopted := await self.runners.process.adopt(
                     attempt.session or f"necro-{task.task_id}-{attempt.number}", Path(attempt.log or ""),
                     attempt.pid or await self.runners.process.locate(Path(attempt.log or "")))) is not None:  # fmt: skip
                 a.run = adopted
