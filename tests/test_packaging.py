@@ -79,6 +79,7 @@ def test_the_build_system_floor_builds_a_wheel_with_the_license_and_the_extras(t
         metadata = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert "necrod/py.typed" in names and "necrod/daemon/tasks/attempts.py" in names
+    assert "necrod/io/runshim.pl" in names
     assert "License-Expression: Apache-2.0" in metadata
     assert "Provides-Extra: containers" in metadata and "Provides-Extra: kubernetes" in metadata
     unconditional = [

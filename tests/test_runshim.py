@@ -1,4 +1,5 @@
-"""The runner's wrapper (``runshim``) as the launchers start it: lean (``-I -S``, run as a file),
+"""The runner's wrapper (``runshim``) as the launchers start it, in Perl where perl is installed
+and in Python elsewhere (both are tested): lean (Perl; Python ``-I -S``, run as a file),
 its exit record valid JSON whatever the command was, and found again by that record's path when
 a daemon restarted before saving the runner's pid (issue 22)."""
 
@@ -12,54 +13,117 @@ from pathlib import Path
 import pytest
 
 from necrod.io.cgroups import is_runshim
-from necrod.io.launchers import LaunchSpec, _shim, find_runner, process_alive
+from necrod.io.launchers import PERL, RUNSHIM_PL, LaunchSpec, _shim, find_runner, process_alive, read_exit
+
+WRAPPERS = ["python", pytest.param("perl", marks=pytest.mark.skipif(PERL is None, reason="no perl here"))]
 
 
-def _spec(tmp_path: Path, argv: list[str]) -> LaunchSpec:
-    return LaunchSpec(name="necro-t-1-1", argv=argv, cwd=str(tmp_path), env={}, log=tmp_path / "1.log")
+def _spec(tmp_path: Path, argv: list[str], env: dict[str, str] | None = None) -> LaunchSpec:
+    return LaunchSpec(name="necro-t-1-1", argv=argv, cwd=str(tmp_path), env=env or {}, log=tmp_path / "1.log")
 
 
-def _run(tmp_path: Path, argv: list[str]) -> dict[str, object]:
-    command = _shim(_spec(tmp_path, argv), None)
-    subprocess.run(command, cwd=tmp_path, env={}, capture_output=True, timeout=30, check=False)
+def _wrapped(tmp_path: Path, argv: list[str], wrapper: str, env: dict[str, str] | None = None
+             ) -> tuple[list[str], dict[str, str]]:  # fmt: skip
+    return _shim(_spec(tmp_path, argv, env), None, perl=PERL if wrapper == "perl" else None)
+
+
+def _run(
+    tmp_path: Path, argv: list[str], wrapper: str, env: dict[str, str] | None = None
+) -> dict[str, object]:
+    command, environment = _wrapped(tmp_path, argv, wrapper, env)
+    subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, timeout=30, check=False)
     record = json.loads((tmp_path / "1.exit").read_text())
     assert isinstance(record, dict)
     return record
 
 
-def test_the_wrapper_runs_isolated_from_a_file_and_records_an_exit(tmp_path: Path) -> None:
-    command = _shim(_spec(tmp_path, ["true"]), None)
-    assert command[:3] == [sys.executable, "-I", "-S"] and command[3].endswith("/necrod/io/runshim.py")
+def test_the_launchers_use_the_perl_wrapper_where_perl_is_installed() -> None:
+    if Path("/usr/bin/perl").exists():
+        assert PERL == "/usr/bin/perl"
+
+
+@pytest.mark.parametrize("wrapper", WRAPPERS)
+def test_the_wrapper_runs_from_a_file_and_records_an_exit(tmp_path: Path, wrapper: str) -> None:
+    command, _ = _wrapped(tmp_path, ["true"], wrapper)
+    if wrapper == "python":
+        assert command[:3] == [sys.executable, "-I", "-S"] and command[3].endswith("/necrod/io/runshim.py")
+    else:
+        assert command[0] == PERL and command[1].endswith("/necrod/io/runshim.pl")
     assert is_runshim([c.encode() for c in command])
     assert not is_runshim([sys.executable.encode(), b"-I", b"-S", b"/tmp/evil/runshim.py.sh"])
-    record = _run(tmp_path, ["sh", "-c", "exit 3"])
+    assert not is_runshim([b"/usr/bin/perl", b"/tmp/evil/runshim.pl.sh"])
+    record = _run(tmp_path, ["sh", "-c", "exit 3"], wrapper)
     assert record["code"] == 3 and record["signal"] is None
-    assert isinstance(record["cpu_s"], float) and isinstance(record["peak_rss_bytes"], int)
-    assert _run(tmp_path, ["sh", "-c", "kill -9 $$"])["signal"] == 9
+    assert isinstance(record["cpu_s"], float)
+    assert _run(tmp_path, ["sh", "-c", "kill -9 $$"], wrapper)["signal"] == 9
+    # An exit status above 128 is an exit status, not a signal.
+    assert _run(tmp_path, ["sh", "-c", "exit 137"], wrapper) | {"cpu_s": 0, "peak_rss_bytes": 0} == {
+        "code": 137, "signal": None, "cpu_s": 0, "peak_rss_bytes": 0,
+    }  # fmt: skip
+    exit = read_exit(tmp_path / "1.exit", None)
+    assert exit is not None and exit.code == 137 and exit.signal is None
 
 
-def test_a_reason_with_quotes_and_newlines_is_still_json(tmp_path: Path) -> None:
+@pytest.mark.parametrize("wrapper", WRAPPERS)
+def test_a_reason_with_quotes_and_newlines_is_still_json(tmp_path: Path, wrapper: str) -> None:
     name = str(tmp_path / 'no "such"\ncommand\\')
-    record = _run(tmp_path, [name])
-    assert record["code"] == 127 and repr(name) in str(record["start_failed"])
+    record = _run(tmp_path, [name], wrapper)
+    assert record["code"] == 127
+    assert (repr(name) if wrapper == "python" else f"'{name}'") in str(record["start_failed"])
+    exit = read_exit(tmp_path / "1.exit", None)
+    assert exit is not None and exit.start_failed == record["start_failed"]
 
 
-def test_a_runner_is_found_by_its_exit_records_path(tmp_path: Path) -> None:
+@pytest.mark.parametrize("wrapper", WRAPPERS)
+def test_the_command_gets_the_default_signal_dispositions(tmp_path: Path, wrapper: str) -> None:
+    """The wrapper ignores SIGTERM, SIGINT and SIGHUP, and Python ignores SIGPIPE from its
+    start: none of it may reach the command (``yes | head`` ends on SIGPIPE)."""
+    _run(tmp_path, ["sh", "-c", "grep '^SigIgn' /proc/self/status > sigs"], wrapper)
+    for line in (tmp_path / "sigs").read_text().splitlines():
+        assert int(line.split()[1], 16) == 0, line
+
+
+@pytest.mark.skipif(PERL is None, reason="no perl here")
+def test_perl_variables_reach_the_command_but_not_the_wrapper(tmp_path: Path) -> None:
+    """``PERL5OPT`` would load a module into the wrapper itself: it starts without the
+    runner's ``PERL*`` variables and sets them for the command alone."""
+    env = {"PERL5OPT": "-MNo::Such::Module", "PERL5LIB": "/nowhere", "OTHER": "a=b\nc"}
+    command, environment = _wrapped(
+        tmp_path, ["sh", "-c", 'printf "%s|%s|%s" "$PERL5OPT" "$PERL5LIB" "$OTHER" > seen'], "perl", env
+    )
+    assert not any(k.startswith("PERL") for k in environment)
+    subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, timeout=30, check=False)
+    assert json.loads((tmp_path / "1.exit").read_text())["code"] == 0
+    assert (tmp_path / "seen").read_text() == "-MNo::Such::Module|/nowhere|a=b\nc"
+
+
+@pytest.mark.skipif(PERL is None, reason="no perl here")
+def test_a_cgroup_that_cannot_be_joined_is_a_failed_start(tmp_path: Path) -> None:
+    command = [PERL or "", RUNSHIM_PL, "--exit-file", str(tmp_path / "1.exit"), "--cgroup",
+               str(tmp_path / "gone"), "--", "touch", "ran"]  # fmt: skip
+    subprocess.run(command, cwd=tmp_path, env={}, capture_output=True, timeout=30, check=False)
+    record = json.loads((tmp_path / "1.exit").read_text())
+    assert record["code"] == 127 and "cannot join the cgroup" in str(record["start_failed"])
+    assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("wrapper", WRAPPERS)
+def test_a_runner_is_found_by_its_exit_records_path(tmp_path: Path, wrapper: str) -> None:
     exit_file = tmp_path / "1.exit"
     assert find_runner(exit_file) is None
-    wrapper = subprocess.Popen(_shim(_spec(tmp_path, ["sleep", "30"]), None), cwd=tmp_path, env={},
-                               start_new_session=True)  # fmt: skip
+    command, environment = _wrapped(tmp_path, ["sleep", "30"], wrapper)
+    wrapper_process = subprocess.Popen(command, cwd=tmp_path, env=environment, start_new_session=True)
     try:
         # The wrapper, not its command (a child with the same command line until its exec).
         deadline = 50
-        while find_runner(exit_file) != wrapper.pid and deadline:
+        while find_runner(exit_file) != wrapper_process.pid and deadline:
             subprocess.run(["sleep", "0.1"], check=True)
             deadline -= 1
-        assert find_runner(exit_file) == wrapper.pid and process_alive(wrapper.pid, exit_file)
+        assert find_runner(exit_file) == wrapper_process.pid and process_alive(wrapper_process.pid, exit_file)
         assert find_runner(tmp_path / "2.exit") is None
     finally:
-        wrapper.kill()
-        wrapper.wait(10)
+        wrapper_process.kill()
+        wrapper_process.wait(10)
 
 
 @pytest.mark.anyio

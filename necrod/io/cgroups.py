@@ -276,10 +276,12 @@ def _ours(pid: int) -> bool:
 
 
 def is_runshim(argv: list[bytes]) -> bool:
-    """Whether a command line is a runner's wrapper: ``python -I -S .../necrod/io/runshim.py``
-    (``python -m necrod.io.runshim`` before issue 22)."""
-    return argv[1:3] == [b"-m", b"necrod.io.runshim"] or (
-        argv[1:3] == [b"-I", b"-S"] and len(argv) > 3 and argv[3].endswith(b"/necrod/io/runshim.py")
+    """Whether a command line is a runner's wrapper: ``perl .../necrod/io/runshim.pl``, or
+    ``python -I -S .../necrod/io/runshim.py`` (``python -m necrod.io.runshim`` before issue 22)."""
+    return (
+        argv[1:3] == [b"-m", b"necrod.io.runshim"]
+        or (argv[1:3] == [b"-I", b"-S"] and len(argv) > 3 and argv[3].endswith(b"/necrod/io/runshim.py"))
+        or (len(argv) > 1 and argv[0].endswith(b"/perl") and argv[1].endswith(b"/necrod/io/runshim.pl"))
     )
 
 

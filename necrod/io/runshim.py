@@ -32,6 +32,14 @@ import sys
 
 #: Signals the wrapper rides out so that it can record how the command ended.
 _SHIELDED = (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP)
+#: Signals Python ignores from its start (an ignored signal stays ignored across exec): the
+#: command gets them back as any program expects (``yes | head`` ends on SIGPIPE).
+_PYTHON_IGNORES = (_signal.SIGPIPE, _signal.SIGXFSZ)
+
+
+def _default_signals() -> None:
+    for sig in (*_SHIELDED, *_PYTHON_IGNORES):
+        _signal.signal(sig, _signal.SIG_DFL)
 
 
 def _join(cgroups: list[str]) -> None:
@@ -65,8 +73,7 @@ def _supervise(cgroups: list[str], exit_file: str, command: list[str]) -> int:
     if pid == 0:  # the command
         os.close(read_end)
         try:
-            for sig in _SHIELDED:
-                _signal.signal(sig, _signal.SIG_DFL)
+            _default_signals()
             _join(cgroups)
             os.execvp(command[0], command)
         except OSError as exc:
@@ -114,6 +121,7 @@ def main(argv: list[str]) -> int:
     if exit_file is not None:
         return _supervise(cgroups, exit_file, command)
     _join(cgroups)
+    _default_signals()
     try:
         os.execvp(command[0], command)
     except OSError as exc:
