@@ -346,3 +346,40 @@ def test_prepare_on_git_slots_runs_per_slot_and_cleanup_keeps_its_output(
     d.wait_slots("repo", "available", 2, timeout=60)
     assert (slot / "build" / "deps.txt").exists() and (slot / ".env").read_text() == "TOKEN=one\n"
     assert counter.read_text() == "run\nrun\n"  # the key did not change: not run again
+
+
+def test_a_lease_that_changed_nothing_is_cleaned_while_the_pools_git_is_held(
+    necrod_factory: Callable[..., Necrod], origin: Path, workdir: Path
+) -> None:
+    """An overlay's reset is a remount: a cleanup with nothing to salvage runs no git and does
+    not wait for the pool's git slots (``git_concurrency``), which a salvage here holds. Every
+    git the daemon starts waits while ``hold`` exists."""
+    hold, bin_dir = workdir / "hold", workdir / "bin"
+    bin_dir.mkdir()
+    real_git = subprocess.run(["sh", "-c", "command -v git"], capture_output=True, text=True).stdout.strip()
+    (bin_dir / "git").write_text(
+        f'#!/bin/sh\nwhile [ -e "{hold}" ]; do sleep 0.05; done\nexec {real_git} "$@"\n'
+    )
+    (bin_dir / "git").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    d = necrod_factory(overlay_pool(origin, slots=2, max_slots=2, git_concurrency=1), env=env)
+    d.wait_slots("repo", "available", 2, timeout=60)
+    written = d.call("slots.allocate", {"pool": "repo"})
+    untouched = d.call("slots.allocate", {"pool": "repo"})
+    (Path(written["path"]) / "work.txt").write_text("the lease's work\n")
+    hold.touch()
+    try:
+        d.call("slots.release", {"lease_id": written["lease_id"]})
+        wait_for(
+            lambda: d.call("daemon.status")["git"]["running"] >= 1, 30, what="the salvage's git to start"
+        )
+        d.call("slots.release", {"lease_id": untouched["lease_id"]})
+        d.wait_slots("repo", "available", 1, timeout=30)
+        assert slot_view(d, untouched["slot_id"])["state"] == "available"
+        assert slot_view(d, written["slot_id"])["state"] != "available"
+    finally:
+        hold.unlink()
+    d.wait_slots("repo", "available", 2, timeout=60)
+    assert [s["lease_id"] for s in d.call("salvage.list", {"pool": "repo"})["salvage"]] == [
+        written["lease_id"]
+    ]

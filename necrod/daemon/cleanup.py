@@ -90,24 +90,38 @@ class Cleanup:
         if slot.isolate is not None:
             await self._isolate_now(p, slot, slot.isolate)
             return
-        if not await self._stop_leftovers(p, slot):
+        kind = p.kind_of(slot)
+        # An overlay's reset mounts a fresh upper: one found unused is left unmounted (nothing
+        # can reach its upper any more), and mounted again only if its work is to be salvaged.
+        detached = not kind.resets_with_git and await self._unused(p, slot, detach=True)
+        if not detached and not await self._stop_leftovers(p, slot, looked=not kind.resets_with_git):
             return
         sg = self.gate.slot_git(p, slot)
         salvaged = drift = None
         started = time.perf_counter()
         try:
-            async with self.gate.limits(p):
+            untouched = slot.salvage_as is not None and await anyio.to_thread.run_sync(
+                kind.untouched, slot.admin, slot.path
+            )
+            # A remount runs no git: such a cleanup, with nothing to salvage and no kind to
+            # change, does not queue behind the pool's git processes.
+            git_free = (
+                not kind.resets_with_git and slot.kind == p.config.isolation and not slot.rebuild
+                and not slot.branch and (slot.salvage_as is None or untouched)
+            )  # fmt: skip
+            if detached and not git_free:
+                await kind.remount(slot.admin, slot.path, slot.layers)
+                detached = False
+            async with self.gate.pool_git(p) if git_free else self.gate.limits(p):
                 slot.busy = True
                 try:
                     await self.gate.check_mirror(p, slot)
-                    problem = sg.healthy()
-                    if problem is None:
+                    # A detached overlay has no view to look at: its upper is dropped unseen.
+                    problem = None if detached else sg.healthy()
+                    if problem is None and not detached:
                         locks = sg.clear_stale_locks()
                         if locks:
                             log.warning("stale_locks_removed", slot=slot.slot_id, locks=locks)
-                    untouched = slot.salvage_as is not None and await anyio.to_thread.run_sync(
-                        p.kind_of(slot).untouched, slot.admin, slot.path
-                    )
                     if slot.salvage_as and not untouched:
                         # Even a slot whose repository is broken has its work tree salvaged.
                         note = f" ({slot.salvage_note})" if slot.salvage_note else ""
@@ -162,7 +176,12 @@ class Cleanup:
                 "bytes": salvaged.bytes, "skipped": salvaged.skipped_count, "kept": list(salvaged.extras),
                 "submodules": list(salvaged.submodules),
             }))  # fmt: skip
-        came_back = None if retiring else slot.isolate or drift or await self._came_back(p, slot)
+        # A slot nothing ran in when it came back, remounted fresh in milliseconds, is not
+        # looked at again: the window such a look covers is the one after the offer.
+        came_back = (
+            None if retiring or (detached and drift is None and slot.isolate is None)
+            else slot.isolate or drift or await self._came_back(p, slot)
+        )  # fmt: skip
         snap = slot.snapshot()
         slot.salvage_as = slot.salvage_commit = slot.salvage_note = slot.salvage_uid = None
         slot.branch = None
@@ -214,11 +233,12 @@ class Cleanup:
         """Where a process of the slot's may work: its checkout and its git directory."""
         return [kernel_path(slot.path), kernel_path(str(self.gate.slot_git(p, slot).admin_dir))]
 
-    async def _stop_leftovers(self, p: Pool, slot: Slot) -> bool:
+    async def _stop_leftovers(self, p: Pool, slot: Slot, looked: bool = False) -> bool:
         """Stop whatever still runs in the slot (a lease's background job, a runner's detached
         child) before its work is salvaged and it is reset; when something will not stop, the
-        slot is isolated instead. True when nothing runs there any more."""
-        if await self._unused(p, slot):
+        slot is isolated instead. True when nothing runs there any more. ``looked``: the slot's
+        kind was just asked (``_unused``) and could not tell."""
+        if not looked and await self._unused(p, slot):
             return True
         try:
             stop = await self.scanner.stop(self._slot_dirs(p, slot), LEFTOVER_GRACE_S)
@@ -253,11 +273,11 @@ class Cleanup:
         who = _named(found)
         return f"processes started in it while it was cleaned (something outside it starts them): {who}"
 
-    async def _unused(self, p: Pool, slot: Slot) -> bool:
+    async def _unused(self, p: Pool, slot: Slot, detach: bool = False) -> bool:
         """Whether the slot's kind can tell at once that no process works in it (an overlay:
         the kernel refuses to unmount one in use), sparing a scan of every process."""
         try:
-            return await p.kind_of(slot).unused(slot.admin, slot.path, slot.layers)
+            return await p.kind_of(slot).unused(slot.admin, slot.path, slot.layers, detach=detach)
         except OSError as exc:
             log.warning("slot_use_unknown", slot=slot.slot_id, error=str(exc))
             return False

@@ -42,6 +42,7 @@ log = structlog.get_logger("necrod.slots")
 
 class OverlaySlots:
     name = "overlay"
+    resets_with_git = False
 
     def __init__(
         self, mirror: Mirror, layers: Layers, root: Path, top: Callable[[], tuple[str, ...]]
@@ -140,17 +141,21 @@ class OverlaySlots:
             if name.startswith(BASE) and not self.layers.exists(name):
                 await self.layers.base(name.removeprefix(BASE), timeout=3600)
         stack = [n for n in stack if self.layers.exists(n)]
-        slot_upper = self.uppers / admin
-
-        def mount() -> None:
-            (slot_upper / "upper").mkdir(parents=True, exist_ok=True)
-            (slot_upper / "work").mkdir(exist_ok=True)
-            Path(path).mkdir(parents=True, exist_ok=True)
-            overlay.mount(Path(path), self.layers.paths(stack), slot_upper / "upper", slot_upper / "work")
-
-        await anyio.to_thread.run_sync(mount)
+        await anyio.to_thread.run_sync(self._mount_as_was, admin, path, tuple(stack))
         log.info("overlay_mounted_again", slot=path, layers=stack)
         return True
+
+    async def remount(self, admin: str, path: str, layers: tuple[str, ...]) -> None:
+        """Mount again a slot that ``unused(detach=True)`` left unmounted, as it was (its work
+        is to be salvaged through it)."""
+        await anyio.to_thread.run_sync(self._mount_as_was, admin, path, layers)
+
+    def _mount_as_was(self, admin: str, path: str, stack: tuple[str, ...]) -> None:
+        slot_upper = self.uppers / admin
+        (slot_upper / "upper").mkdir(parents=True, exist_ok=True)
+        (slot_upper / "work").mkdir(exist_ok=True)
+        Path(path).mkdir(parents=True, exist_ok=True)
+        overlay.mount(Path(path), self.layers.paths(stack), slot_upper / "upper", slot_upper / "work")
 
     async def remove(self, path: Path, admin: str, *, timeout: float) -> None:
         def remove() -> None:
@@ -170,15 +175,16 @@ class OverlaySlots:
         if self.trash.is_dir():
             await anyio.to_thread.run_sync(_empty, self.trash)
 
-    async def unused(self, admin: str, path: str, layers: tuple[str, ...]) -> bool:
+    async def unused(self, admin: str, path: str, layers: tuple[str, ...], *, detach: bool = False) -> bool:
         """Whether no process works in the slot: the kernel refuses to unmount an overlay in
-        use. When it is not, it is mounted again at once, on the same layers and upper."""
+        use. When it is not, it is mounted again at once, on the same layers and upper, or
+        with ``detach`` left unmounted (a reset mounts a fresh one; ``remount`` puts it back)."""
 
         def check() -> bool:
             if not overlay.unmount_if_unused(Path(path)):
                 return False
-            slot_upper = self.uppers / admin
-            overlay.mount(Path(path), self.layers.paths(layers), slot_upper / "upper", slot_upper / "work")
+            if not detach:
+                self._mount_as_was(admin, path, layers)
             return True
 
         if not layers or not all(self.layers.exists(n) for n in layers):

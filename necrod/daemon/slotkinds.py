@@ -68,6 +68,8 @@ class SlotKind(Protocol):
 
     name: str
     mirror: Mirror
+    #: Whether a reset runs git (a checkout, a clean); an overlay's is a remount.
+    resets_with_git: bool
 
     def git_dir(self, admin: str, path: str) -> Path: ...
     def git_dir_at(self, admin: str, path: str) -> tuple[Path, str]: ...
@@ -91,7 +93,10 @@ class SlotKind(Protocol):
     async def prune(self) -> None: ...
     async def tidy(self) -> None: ...
     def own_disk(self, admin: str, path: str) -> str: ...
-    async def unused(self, admin: str, path: str, layers: tuple[str, ...]) -> bool: ...
+    async def unused(
+        self, admin: str, path: str, layers: tuple[str, ...], *, detach: bool = False
+    ) -> bool: ...
+    async def remount(self, admin: str, path: str, layers: tuple[str, ...]) -> None: ...
     def untouched(self, admin: str, path: str) -> bool: ...
     async def drift(self, admin: str, path: str, commit: str, *, timeout: float) -> str | None: ...
     def written(self, admin: str) -> str | None: ...
@@ -109,6 +114,7 @@ class GitSlots(ABC):
 
     mirror: Mirror
     git: GitRunner
+    resets_with_git = True
     #: The pool's submodule checkout (``submodules:``); None: submodule directories stay empty.
     submodules: SubmoduleCheckout | None = None
 
@@ -205,10 +211,14 @@ class GitSlots(ABC):
         """Where the slot's own disk use is: all of it."""
         return path
 
-    async def unused(self, admin: str, path: str, layers: tuple[str, ...]) -> bool:
+    async def unused(self, admin: str, path: str, layers: tuple[str, ...], *, detach: bool = False) -> bool:
         """Whether no process works in the slot, if that can be told cheaply: not here (the
         caller scans /proc)."""
         return False
+
+    async def remount(self, admin: str, path: str, layers: tuple[str, ...]) -> None:
+        """Never called: ``unused`` cannot tell, so it never leaves a git slot detached."""
+        raise AssertionError("a git slot is never detached")
 
     def untouched(self, admin: str, path: str) -> bool:
         """Whether the lease changed nothing, if that can be told cheaply: not here."""
