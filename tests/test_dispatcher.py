@@ -300,6 +300,24 @@ def test_capacity_limits_are_never_exceeded(
     assert peak_total <= 3
 
 
+def test_a_pass_starts_no_more_tasks_on_a_pool_than_it_has_free_slots(
+    necrod_factory: Callable[..., Necrod], origin: Path
+) -> None:
+    """Six tasks ready at once on a pool of two slots: each placement takes a free slot, none
+    is started only to find no slot and go back to the queue (which cost a lease attempt and a
+    scheduling pass each)."""
+    d = necrod_factory(config(origin, slots=2, runners=profile("r", "sleep 0.2", max_concurrency=6),
+                              dispatcher="  max_running: 6\n"))  # fmt: skip
+    d.wait_slots("repo", "available", 2)
+    batch = d.call(
+        "tasks.submit", {"pool": "repo", "runner": "r", "tasks": [{"key": f"k{i}"} for i in range(6)]}
+    )
+    for submitted in batch["tasks"]:
+        wait_state(d, submitted["task_id"], "succeeded")
+    placements = d.call("daemon.status")["dispatcher"]["placements"]
+    assert placements == {"made": 6, "found_no_slot": 0}
+
+
 def test_machine_thresholds_hold_tasks_back(necrod_factory: Callable[..., Necrod], origin: Path) -> None:
     d = necrod_factory(config(origin, runners=profile("ok", "true"), dispatcher="  max_memory_percent: 1\n"))
     tid = submit(d, pool="repo", runner="ok")

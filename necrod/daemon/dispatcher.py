@@ -208,4 +208,5 @@ class Dispatcher:
                 "refused_profiles": self.refused(),
                 "runner_cgroups": self.runners.cgroup_parents.unified is not None,
                 "paused": sorted(self.profiles.paused),
+                "placements": {"made": self.placement.scheduled, "found_no_slot": self.attempts.found_no_slot},
                 "fair_share_usage": self.fair.snapshot(self.clock.monotonic())}  # fmt: skip

@@ -90,6 +90,8 @@ class Attempts:
         self._account = account
         #: Wake the scheduling pass.
         self._wake = wake
+        #: Attempts that found no slot to lease and went back to the queue (a statistic).
+        self.found_no_slot = 0
 
     @property
     def cfg(self) -> DispatcherConfig:
@@ -179,6 +181,7 @@ class Attempts:
             lease = await self._allocate(a, n)
         except (ResourceExhausted, Unavailable, AlreadyExists) as exc:
             # Not the task's fault: back to the queue, to try again when things change.
+            self.found_no_slot += isinstance(exc, ResourceExhausted)
             self.active.pop(t.task_id, None)
             self.book.to(t, TaskState.QUEUED)
             t.waiting_on, t.reason = "slot", exc.message

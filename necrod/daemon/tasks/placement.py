@@ -124,7 +124,11 @@ class Placement:
         else:
             ordered = order(candidates, cfg.policy, label_priority=dict(cfg.label_priority), fair=self.fair,
                             fair_key_by=cfg.fair_share_key, now=self.clock.monotonic())  # fmt: skip
-        no_slot: set[str] = set()
+        # Idle slots by pool, less those that attempts started and not yet leased will take:
+        # a pass starts no more tasks on a pool than it has slots for (each one more would fail
+        # its allocation and go back to the queue).
+        free: dict[str, int] = {}
+        leasing = Counter(a.task.pool for a in self.active.values() if a.host is None and a.attempt is None)
         on_host = Counter(a.host for a in self.active.values())
         started = 0
         for t in ordered:
@@ -134,7 +138,7 @@ class Placement:
             if not ok:
                 t.waiting_on, t.reason = "resources", why
                 continue
-            placed = self._place(t, views, runners, running, on_host, no_slot)
+            placed = self._place(t, views, runners, running, on_host, free, leasing)
             if isinstance(placed, str):
                 t.waiting_on, t.reason = placed.split(":", 1)[0], placed.split(": ", 1)[-1]
                 continue
@@ -146,6 +150,8 @@ class Placement:
             self.active[t.task_id] = a
             running[profile.name] += 1
             on_host[host] += 1
+            if host is None:
+                free[t.pool] -= 1
             total += 1
             started += 1
             self.scheduled += 1
@@ -157,7 +163,8 @@ class Placement:
         return started
 
     def _place(self, t: Task, views: list[ProfileView], runners: dict[str, RunnerProfile], running: Counter[str],
-               on_host: Counter[str | None], no_slot: set[str]) -> tuple[str | None, RunnerProfile] | str:  # fmt: skip
+               on_host: Counter[str | None], free: dict[str, int], leasing: Counter[str],
+               ) -> tuple[str | None, RunnerProfile] | str:  # fmt: skip
         """Where ``t`` runs now and on which profile: the least loaded place that serves its pool,
         has room and (with its profile) its skills; this host first among equals. Otherwise why
         not, as ``"capacity: ..."`` or ``"slot: ..."``."""
@@ -175,8 +182,9 @@ class Placement:
                 if pool is None or pool.state != "ready":
                     slot_why = f"pool {t.pool} is {pool.state if pool else 'missing'}"
                     continue
-                if t.pool in no_slot or pool.counts().idle == 0:
-                    no_slot.add(t.pool)
+                if t.pool not in free:
+                    free[t.pool] = pool.counts().idle - leasing[t.pool]
+                if free[t.pool] <= 0:
                     slot_why = f"no free slot in pool {t.pool}"
                     continue
                 load = on_host[None] / max(1, self.cfg.max_running)
