@@ -211,7 +211,7 @@ class Cleanup:
                 self.allocator.offer(p, slot)
             self.sizer.maintain(p)
             if slot.layers:
-                self.jobs.spawn(self.preparer.tidy, p, slot)
+                self.jobs.coalesce(f"tidy {p.name}", self.preparer.tidy, p, slot)
 
     def _own_head_branch(self, p: Pool, slot: Slot) -> str | None:
         """The branch the slot's HEAD is on, if it is the lease's to delete: in a worktree pool

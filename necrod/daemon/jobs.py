@@ -26,6 +26,8 @@ class Jobs:
         self._drive: Driver | None = None
         #: Slots with a driver task running.
         self._active: set[str] = set()
+        #: Coalesced work under way, by key: what to run once more when it ends (None: nothing).
+        self._again: dict[str, tuple[Callable[..., Awaitable[Any]], tuple[Any, ...]] | None] = {}
 
     def start(self, tg: TaskGroup, drive: Driver) -> None:
         """Run background work in ``tg`` from now on, slots driven by ``drive``."""
@@ -45,6 +47,28 @@ class Jobs:
             await func(*args)
 
         self._tg.start_soon(run)
+
+    def coalesce(self, key: str, func: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Start ``func(*args)`` unless work under ``key`` is under way; it then runs once more
+        when that ends (with the last arguments asked for), however many asked meanwhile: a
+        burst of cleanups tidies its pool a few times, not once per slot."""
+        if key in self._again:
+            self._again[key] = (func, args)
+            return
+        self._again[key] = None
+        self.spawn(self._coalesced, key, func, args)
+
+    async def _coalesced(self, key: str, func: Callable[..., Awaitable[Any]], args: tuple[Any, ...]) -> None:
+        try:
+            while True:
+                await func(*args)
+                again = self._again[key]
+                if again is None:
+                    return
+                self._again[key] = None
+                func, args = again
+        finally:
+            del self._again[key]
 
     def kick(self, slot: Slot) -> None:
         if self._tg is None or self.table.stopping or slot.slot_id in self._active:

@@ -206,7 +206,7 @@ class Lifecycle:
         if await self.table.commit_or_log(slot, snap, [slot_event(slot, "moved")]):
             self.allocator.offer(p, slot)
             if slot.layers:
-                self.jobs.spawn(self.preparer.tidy, p, slot)
+                self.jobs.coalesce(f"tidy {p.name}", self.preparer.tidy, p, slot)
         else:
             # The slot moved but the state could not say so: never hand it out as it is.
             slot.state = SlotState.CLEANING
