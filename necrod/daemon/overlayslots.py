@@ -36,6 +36,8 @@ from necrod.io.gitrun import GitRunner
 
 #: Directories of an idle slot's upper a grant looks at for what was written there.
 WRITTEN_LOOK = 8
+#: ``_first_written``'s answer when it stopped at its limit with directories left to look at.
+_NOT_SEEN_ALL = object()
 
 log = structlog.get_logger("necrod.slots")
 
@@ -198,24 +200,28 @@ class OverlaySlots:
 
     async def drift(self, admin: str, path: str, commit: str, *, timeout: float) -> str | None:
         """How a just-reset slot differs from its layers: whatever its upper holds but
-        directories (its layers are read-only, and the base layer is a checkout at ``commit``)."""
-        found = await anyio.to_thread.run_sync(lambda: self._first_written(admin, limit=None))
-        return described_drift([found]) if found else None
+        directories (its layers are read-only, and the base layer is a checkout at ``commit``).
+        The upper was made empty a moment ago: a few directories are looked at here, and only
+        an upper with more than that is walked, in a worker thread."""
+        found = self._first_written(admin, limit=WRITTEN_LOOK)
+        if found is _NOT_SEEN_ALL:
+            found = await anyio.to_thread.run_sync(lambda: self._first_written(admin, limit=None))
+        return described_drift([found]) if isinstance(found, str) else None
 
     def written(self, admin: str) -> str | None:
         """What was written into an idle slot since its reset, looked for at each grant: its
         upper is empty then, so this is one directory read (a deep upper is not walked here)."""
         found = self._first_written(admin, limit=WRITTEN_LOOK)
-        return described_drift([found]) if found else None
+        return described_drift([found]) if isinstance(found, str) else None
 
-    def _first_written(self, admin: str, limit: int | None) -> str | None:
+    def _first_written(self, admin: str, limit: int | None) -> str | object | None:
         """The first thing in the slot's upper that is not a plain directory (a file, a link,
-        an opaque directory), relative to it; None when there is none among the first ``limit``
-        directories looked at."""
+        an opaque directory), relative to it; None when there is none; ``_NOT_SEEN_ALL`` when
+        there is none among the first ``limit`` directories and more are left."""
         upper = self.uppers / admin / "upper"
         for n, (dirpath, dirnames, filenames) in enumerate(os.walk(upper)):
             if limit is not None and n >= limit:
-                return None
+                return _NOT_SEEN_ALL
             rel = os.path.relpath(dirpath, upper)
             if filenames:
                 return os.path.normpath(os.path.join(rel, filenames[0]))
