@@ -44,6 +44,7 @@ from necrod.daemon.resume import SalvagePoint
 from necrod.daemon.slottable import SlotTable, iso, lease_event, slot_event
 from necrod.io.gitrun import GitError
 from necrod.io.ports import free_on_host
+from necrod.io.store import Delete, Event, Put
 from necrod.proto.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -55,6 +56,10 @@ from necrod.proto.errors import (
 )
 
 log = structlog.get_logger("necrod.engine")
+
+#: What a caller commits with its grant, in the same transaction, made from the lease (as
+#: ``allocate`` returns it) once the slot is chosen: a task's attempt, say.
+WithGrant = Callable[[dict[str, Any]], list[Put | Delete | Event]]
 
 #: How often the lease reaper looks at deadlines.
 REAP_INTERVAL_S = 0.25
@@ -102,12 +107,14 @@ class Allocator:
         ports: int | None = None,
         sparse: list[str] | None = None,
         resume: SalvagePoint | None = None,
+        with_grant: WithGrant | None = None,
     ) -> dict[str, Any]:
         """A lease on a slot of ``pool``, owned by ``uid`` (and, for a task's contained runner,
         also usable by ``runner_uid``); with ``affinity``, preferably the idle slot last
         released under that key; with ``ports`` (else the pool's), that many TCP ports; with
         ``sparse``, the slot narrowed or widened to those directories (``[]``: all) for it; with
-        ``resume``, starting where that salvage's lease stopped (``resume.py``)."""
+        ``resume``, starting where that salvage's lease stopped (``resume.py``); with ``with_grant``,
+        what it makes committed with the grant."""
         started = time.perf_counter()
         p = self.table.pool(pool)
         wanted = None if sparse is None else check_sparse(sparse)
@@ -162,7 +169,7 @@ class Allocator:
         result = await self._grant(
             p, slot, holder=holder, ttl_s=ttl_s or p.config.lease_ttl_s, target=target, branch=branch,
             metadata=metadata or {}, task_id=task_id, uid=uid, runner_uid=runner_uid, affinity=affinity,
-            ports=block, sparse=wanted, resume=resume,
+            ports=block, sparse=wanted, resume=resume, with_grant=with_grant,
         )  # fmt: skip
         if p.config.metrics:
             self.metrics.allocated(p.name, time.perf_counter() - started)
@@ -315,7 +322,7 @@ class Allocator:
         self, p: Pool, slot: Slot, *, holder: str | None, ttl_s: float, target: str | None, branch: str | None,
         metadata: dict[str, Any], task_id: str | None, uid: int | None, runner_uid: int | None,
         affinity: str | None = None, ports: list[int] | None = None, sparse: tuple[str, ...] | None = None,
-        resume: SalvagePoint | None = None,
+        resume: SalvagePoint | None = None, with_grant: WithGrant | None = None,
     ) -> dict[str, Any]:  # fmt: skip
         # Everything up to the first await is atomic: the slot is ours from here on.
         now_m, now_w = self.clock.monotonic(), self.clock.wall()
@@ -336,7 +343,10 @@ class Allocator:
         # A lease whose sparse set is not the pool's has its slot narrowed or widened first.
         narrow = sparse if sparse is not None and sparse != p.config.sparse else None
         if (target is None or target == slot.commit) and branch is None and narrow is None:
-            await self.table.commit([(slot, snap)], [lease_event("granted", slot, lease, commit=slot.commit)])
+            extra, events = await self._with_grant(with_grant, slot, lease)
+            await self.table.commit(
+                [(slot, snap)], [lease_event("granted", slot, lease, commit=slot.commit), *events], extra
+            )
             return self._lease_view(slot)
 
         # Slow path: record the slot as dirty before git touches it, and keep the lease from
@@ -373,14 +383,30 @@ class Allocator:
         lease.branch = branch
         lease.start_commit = slot.commit
         lease.renew(self.clock.monotonic(), self.clock.wall())
+        extra, events = await self._with_grant(with_grant, slot, lease)
         try:
             await self.table.commit(
-                [(slot, snap)], [lease_event("granted", slot, lease, commit=slot.commit, branch=branch)]
-            )
+                [(slot, snap)], [lease_event("granted", slot, lease, commit=slot.commit, branch=branch), *events],
+                extra,
+            )  # fmt: skip
         except Unavailable:
             await self._abandon_grant(slot, lease)
             raise
         return self._lease_view(slot)
+
+    async def _with_grant(
+        self, with_grant: WithGrant | None, slot: Slot, lease: Lease
+    ) -> tuple[list[Put | Delete], list[Event]]:
+        """What the caller commits with the grant; if making it fails, the grant is abandoned."""
+        if with_grant is None:
+            return [], []
+        try:
+            ops = with_grant(self._lease_view(slot))
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._abandon_grant(slot, lease)
+            raise
+        return [op for op in ops if not isinstance(op, Event)], [op for op in ops if isinstance(op, Event)]
 
     async def _abandon_grant(self, slot: Slot, lease: Lease) -> None:
         """A lease whose grant could not complete: nobody holds it; clean the slot."""

@@ -58,6 +58,11 @@ log = structlog.get_logger("necrod.dispatch")
 OUTLIVE_DAEMON = ("process", "tmux", "container", "kubernetes")
 
 
+def _session(t: Task, n: int) -> str:
+    """Attempt ``n``'s runner name: its tmux session, container, Job, or process wrapper."""
+    return f"necro-{t.task_id}-{n}"
+
+
 def runner_uid(profile: RunnerProfile) -> int | None:
     """The uid a contained runner heartbeats as (its ``user``); None for runners started as the
     daemon's own uid, which is an admin anyway."""
@@ -141,8 +146,10 @@ class Attempts:
             point = await settled_salvage(self.table.pool(t.pool), lost) if lost else None
             if point is not None:
                 request["ref"] = None
+            # The attempt is recorded in the grant's own commit: one transaction, not two.
             return await self.allocator.allocate(holder=f"task {t.task_id}", task_id=t.task_id, uid=t.uid,
-                                                 runner_uid=runner_uid(profile), resume=point, **request)  # fmt: skip
+                                                 runner_uid=runner_uid(profile), resume=point,
+                                                 with_grant=partial(self._begin, a, n), **request)  # fmt: skip
         link = self.fleet.link(a.host)
         request["holder"] = f"task {t.task_id} of {self.fleet.origin}"
         if lost:
@@ -181,6 +188,7 @@ class Attempts:
             lease = await self._allocate(a, n)
         except (ResourceExhausted, Unavailable, AlreadyExists) as exc:
             # Not the task's fault: back to the queue, to try again when things change.
+            self._unbegin(a, n)
             self.found_no_slot += isinstance(exc, ResourceExhausted)
             self.active.pop(t.task_id, None)
             self.book.to(t, TaskState.QUEUED)
@@ -190,35 +198,27 @@ class Attempts:
                 await self.book.cancel(t.task_id, None)
             return
         except NecrodError as exc:
-            attempt = Attempt(n, self.clock.wall(), profile.name, profile.launcher)
-            t.attempts.append(attempt)
-            a.attempt = attempt
+            self._unbegin(a, n)
+            failed = Attempt(n, self.clock.wall(), profile.name, profile.launcher)
+            t.attempts.append(failed)
+            a.attempt = failed
             await self.finish(a, None, "start_failed", f"could not lease a slot: {exc.message}")
             return
-        log_path = self.logs_dir / t.task_id / f"{n}.log"
+        if a.attempt is None:  # leased on another host: recorded here, in a commit of its own
+            await self.book.write(t, self._begin(a, n, lease))
+        attempt = a.attempt
+        assert attempt is not None
         link = self.fleet.link(a.host) if a.host else None
-        attempt = Attempt(n, self.clock.wall(), profile.name, "remote" if link else profile.launcher,
-                          slot_id=lease["slot_id"], lease_id=lease["lease_id"], path=lease["path"], log=str(log_path),
-                          host=a.host, remote_dir=self.fleet.directory(link, t.task_id) if link else None,
-                          resumed_from=lease.get("resumed_from"))  # fmt: skip
-        t.attempts.append(attempt)
-        a.attempt = attempt
-        wait_s = attempt.started_at - (t.next_attempt_at or t.submitted_at)
-        self.metrics.queue_wait.observe(max(0.0, wait_s))
+        log_path = Path(attempt.log or "")
         template = t.command if t.command is not None else profile.command
         assert template is not None
         boundary = profile.container or profile.kubernetes
         seen = lease if boundary is None or link else {**lease, "path": boundary.workdir}
         spec = LaunchSpec(
-            name=f"necro-{t.task_id}-{n}", argv=render(template, self._context(t, n, seen)), cwd=lease["path"],
+            name=_session(t, n), argv=render(template, self._context(t, n, seen)), cwd=lease["path"],
             env=self._environment(t, profile, n, lease, link), log=log_path, memory_limit=profile.memory_limit,
             cpu_limit=profile.cpu_limit,
         )  # fmt: skip
-        if profile.launcher in OUTLIVE_DAEMON:
-            attempt.session = spec.name
-        await self.book.save(
-            t, self.book.event(t, "started", attempt=n, slot_id=lease["slot_id"], runner=profile.name)
-        )
         try:
             if link is not None:
                 log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -246,6 +246,31 @@ class Attempts:
         log.info("task_started", task=t.task_id, attempt=n, slot=lease["slot_id"], runner=profile.name,
                  launcher=attempt.launcher, host=a.host, pid=a.run.pid)  # fmt: skip
         self._spawn(self.watch, a)
+
+    def _begin(self, a: Active, n: int, lease: dict[str, Any]) -> list[Put | Delete | Event]:
+        """Attempt ``n`` on ``lease``, on the task, and what records it (the task's row, its
+        ``started`` event): committed with the grant, or on its own for another host's lease."""
+        t, profile = a.task, a.profile
+        link = self.fleet.link(a.host) if a.host else None
+        attempt = Attempt(n, self.clock.wall(), profile.name, "remote" if link else profile.launcher,
+                          slot_id=lease["slot_id"], lease_id=lease["lease_id"], path=lease["path"],
+                          log=str(self.logs_dir / t.task_id / f"{n}.log"), host=a.host,
+                          remote_dir=self.fleet.directory(link, t.task_id) if link else None,
+                          resumed_from=lease.get("resumed_from"))  # fmt: skip
+        if profile.launcher in OUTLIVE_DAEMON:
+            attempt.session = _session(t, n)
+        t.attempts.append(attempt)
+        a.attempt = attempt
+        self.metrics.queue_wait.observe(max(0.0, attempt.started_at - (t.next_attempt_at or t.submitted_at)))
+        return self.book.ops(
+            t, self.book.event(t, "started", attempt=n, slot_id=lease["slot_id"], runner=profile.name)
+        )
+
+    def _unbegin(self, a: Active, n: int) -> None:
+        """The grant that attempt ``n`` was begun with was not committed: it never was."""
+        if a.attempt is not None and a.attempt.number == n:
+            a.task.attempts = [x for x in a.task.attempts if x is not a.attempt]
+            a.attempt = None
 
     def _isolated_mirror(self, t: Task, profile: RunnerProfile) -> str:
         """The mirror a contained runner may read: a shared-clone or overlay pool's (their slots

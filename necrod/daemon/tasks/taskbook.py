@@ -514,8 +514,16 @@ class TaskBook:
             ops.append(Delete("task", t.task_id))
         return ops
 
+    def ops(self, task: Task, *extra: Put | Delete | Event) -> list[Put | Delete | Event]:
+        """What ``save`` writes, for a caller that commits it with something of its own."""
+        return [Put("task", task.task_id, task.to_row()), *extra, self._meta_op()]
+
     async def save(self, task: Task, *extra: Put | Delete | Event) -> None:
+        await self.write(task, self.ops(task, *extra))
+
+    async def write(self, task: Task, ops: list[Put | Delete | Event]) -> None:
+        """``ops`` (made by ``ops``) committed; a failure is logged, the task kept as it is."""
         try:
-            await self.store.write([Put("task", task.task_id, task.to_row()), *extra, self._meta_op()])
+            await self.store.write(ops)
         except Unavailable as exc:
             log.error("task_not_saved", task=task.task_id, error=exc.message)
