@@ -309,6 +309,7 @@ while :; do
 done"""
 
 
+@pytest.mark.usefixtures("slot_kind")  # an overlay's cleanup skips its last look only when unused
 def test_a_process_something_outside_keeps_starting_leaves_the_slot_isolated(
     one_slot: Necrod, leftovers: Leftovers
 ) -> None:
