@@ -85,13 +85,15 @@ def test_the_command_gets_the_default_signal_dispositions(tmp_path: Path, wrappe
 
 @pytest.mark.skipif(PERL is None, reason="no perl here")
 def test_perl_variables_reach_the_command_but_not_the_wrapper(tmp_path: Path) -> None:
-    """``PERL5OPT`` would load a module into the wrapper itself: it starts without the
-    runner's ``PERL*`` variables and sets them for the command alone."""
+    """``PERL5OPT`` would load a module into the wrapper itself: it gets the runner's ``PERL*``
+    variables under another name and names them back for the command alone."""
     env = {"PERL5OPT": "-MNo::Such::Module", "PERL5LIB": "/nowhere", "OTHER": "a=b\nc"}
     command, environment = _wrapped(
         tmp_path, ["sh", "-c", 'printf "%s|%s|%s" "$PERL5OPT" "$PERL5LIB" "$OTHER" > seen'], "perl", env
     )
     assert not any(k.startswith("PERL") for k in environment)
+    # Nor on the wrapper's command line, which any user can read.
+    assert not any("/nowhere" in arg or "No::Such" in arg for arg in command)
     subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, timeout=30, check=False)
     assert json.loads((tmp_path / "1.exit").read_text())["code"] == 0
     assert (tmp_path / "seen").read_text() == "-MNo::Such::Module|/nowhere|a=b\nc"

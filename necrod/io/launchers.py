@@ -140,6 +140,8 @@ async def read_log(path: Path, offset: int, limit: int) -> bytes:
 RUNSHIM = str(Path(__file__).with_name("runshim.py"))
 #: The same wrapper in Perl, used where perl is installed: 3 ms of CPU per task, not 17 (issue 22).
 RUNSHIM_PL = str(Path(__file__).with_name("runshim.pl"))
+#: What the Perl wrapper's own environment calls the runner's ``PERL*`` variables.
+PERL_PREFIX = "NECROD_RUNSHIM_"
 #: None where there is no perl (or the script is missing): the Python wrapper then.
 PERL = next(
     (p for p in ("/usr/bin/perl", "/bin/perl") if os.access(p, os.X_OK) and os.path.isfile(RUNSHIM_PL)), None
@@ -150,16 +152,13 @@ def _shim(
     spec: LaunchSpec, cgroup: RunnerCgroup | None, perl: str | None = PERL
 ) -> tuple[list[str], dict[str, str]]:
     """The wrapper's command line and its environment. Perl's start is changed by ``PERL*``
-    variables (``PERL5OPT`` loads modules): the wrapper starts without them and sets them back
-    for the command alone."""
+    variables (``PERL5OPT`` loads modules): the wrapper gets them as ``NECROD_RUNSHIM_PERL*``
+    and names them back for the command alone."""
     exit_file = str(runner_files(spec.log)[2])
     env = spec.env
     if perl is not None:
         argv = [perl, RUNSHIM_PL, "--exit-file", exit_file]
-        env = {k: v for k, v in spec.env.items() if not k.startswith("PERL")}
-        for k, v in spec.env.items():
-            if k.startswith("PERL"):
-                argv += ["--env", f"{k}={v}"]
+        env = {(PERL_PREFIX + k if k.startswith("PERL") else k): v for k, v in spec.env.items()}
     else:
         argv = [sys.executable, "-I", "-S", RUNSHIM, "--exit-file", exit_file]
     for path in cgroup.paths if cgroup is not None else []:

@@ -2,19 +2,19 @@
 # in 2 ms of CPU where Python, even with -I -S, takes 12-17 ms, and this runs once per task
 # (issue 22). launchers.py uses it where perl is installed (every Debian: perl-base is essential).
 #
-#   perl runshim.pl --exit-file PATH [--cgroup DIR]... [--env NAME=VALUE]... -- COMMAND...
+#   perl runshim.pl --exit-file PATH [--cgroup DIR]... -- COMMAND...
 #
 # The launcher starts it with no PERL* variables (they would change how perl itself starts:
-# PERL5OPT can load modules); those the runner's environment had come back as --env, set for the
-# command only. It loads no module: every use costs start-up time.
+# PERL5OPT can load modules): the runner's come as NECROD_RUNSHIM_PERL*, renamed back for the
+# command only (kept out of the command line, which any user can read). It loads no module:
+# every use costs start-up time.
 use strict;
 
-my ($exit_file, @cgroups, %restore);
+my ($exit_file, @cgroups);
 while (@ARGV && $ARGV[0] ne '--') {
     my ($option, $value) = splice(@ARGV, 0, 2);
     if ($option eq '--exit-file') { $exit_file = $value }
     elsif ($option eq '--cgroup') { push @cgroups, $value }
-    elsif ($option eq '--env' && $value =~ /\A([^=]+)=(.*)\z/s) { $restore{$1} = $2 }
     else { print STDERR "runshim: unknown option '$option'\n"; exit 127 }
 }
 shift @ARGV;
@@ -36,7 +36,9 @@ die "runshim: fork: $!\n" unless defined $pid;
 if ($pid == 0) {
     close $failed_r;
     $SIG{$_} = 'DEFAULT' for qw(TERM INT HUP);
-    @ENV{keys %restore} = values %restore;
+    for my $name (grep { /\ANECROD_RUNSHIM_PERL/ } keys %ENV) {
+        $ENV{substr($name, length 'NECROD_RUNSHIM_')} = delete $ENV{$name};
+    }
     my $why;
     for my $cgroup (@cgroups) {
         my $procs;
