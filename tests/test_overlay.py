@@ -383,3 +383,21 @@ def test_a_lease_that_changed_nothing_is_cleaned_while_the_pools_git_is_held(
     assert [s["lease_id"] for s in d.call("salvage.list", {"pool": "repo"})["salvage"]] == [
         written["lease_id"]
     ]
+
+
+def test_work_in_a_slot_found_unmounted_at_release_is_still_salvaged(
+    necrod_factory: Callable[..., Necrod], origin: Path
+) -> None:
+    """An overlay that is not mounted when its cleanup starts (one that failed half-way left it
+    so; here it is unmounted from outside) is mounted again on its layers and upper before its
+    work is salvaged: the salvage must come from the lease's view, not the bare mount point."""
+    d = necrod_factory(overlay_pool(origin))
+    lease = d.call("slots.allocate", {"pool": "repo"})
+    slot = Path(lease["path"])
+    (slot / "work.txt").write_text("the lease's work\n")
+    subprocess.run(["umount", str(slot)], check=True)
+    assert not mounted(slot)
+    again = cycle(d, lease)
+    files = {f["path"] for f in d.call("salvage.show", {"lease_id": lease["lease_id"]})["files"]}
+    assert "work.txt" in files
+    assert mounted(slot) and not (Path(again["path"]) / "work.txt").exists()

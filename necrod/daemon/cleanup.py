@@ -112,6 +112,11 @@ class Cleanup:
             if detached and not git_free:
                 await kind.remount(slot.admin, slot.path, slot.layers)
                 detached = False
+            elif not detached and slot.salvage_as and not untouched:
+                # An overlay left unmounted (by a cleanup that failed half-way, or from outside)
+                # is mounted again on its layers and upper: its work is salvaged from its view,
+                # not from the bare mount point.
+                await kind.mount_again(slot.admin, slot.path, slot.layers)
             async with self.gate.pool_git(p) if git_free else self.gate.limits(p):
                 slot.busy = True
                 try:
