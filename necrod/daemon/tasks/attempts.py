@@ -95,7 +95,7 @@ class Attempts:
         self._account = account
         #: Wake the scheduling pass.
         self._wake = wake
-        #: Attempts that found no slot to lease and went back to the queue (a statistic).
+        #: Attempts that found no slot (or no ports) to lease and went back to the queue.
         self.found_no_slot = 0
 
     @property
