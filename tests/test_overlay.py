@@ -401,3 +401,48 @@ def test_work_in_a_slot_found_unmounted_at_release_is_still_salvaged(
     files = {f["path"] for f in d.call("salvage.show", {"lease_id": lease["lease_id"]})["files"]}
     assert "work.txt" in files
     assert mounted(slot) and not (Path(again["path"]) / "work.txt").exists()
+
+
+def test_the_mirror_is_checked_beside_the_remount_of_an_untouched_slot(
+    necrod_factory: Callable[..., Necrod], origin: Path
+) -> None:
+    """The cleanup of a lease that changed nothing is a remount under a fresh upper, with the
+    mirror's check run beside it rather than before it: what was planted in the mirror is still
+    removed and reported, and the slot comes back clean."""
+    d = necrod_factory(overlay_pool(origin))
+    mirror = Path(pool_view(d)["mirror"])
+    lease = d.call("slots.allocate", {"pool": "repo"})
+    hook = mirror / "hooks" / "post-checkout"
+    hook.write_text("#!/bin/sh\ntouch /tmp/necrod-planted-hook-ran\n")
+    hook.chmod(0o755)
+    again = cycle(d, lease)
+    assert not hook.exists()
+    with d.client() as c:
+        c.subscribe(["pools"], since=0)
+        changed = [e["changed"] for e in c.events(timeout=0.5) if e["type"] == "tamper"]
+    assert any("hooks/post-checkout" in path for paths in changed for path in paths), changed
+    assert d.call("salvage.list", {"pool": "repo"})["salvage"] == []  # nothing to salvage: no git ran
+    assert mounted(again["path"]) and agent_git(Path(again["path"]), "status", "--porcelain") == ""
+
+
+def test_a_mirror_that_cannot_be_checked_fails_the_remount_cleanly(
+    necrod_factory: Callable[..., Necrod], origin: Path
+) -> None:
+    """When the mirror's check fails (its hooks directory is a file that cannot be replaced:
+    made immutable here) beside a fresh upper's remount, the cleanup fails as any cleanup does,
+    is retried, and the slot is quarantined with the reason, not offered."""
+    d = necrod_factory(overlay_pool(origin))
+    mirror = Path(pool_view(d)["mirror"])
+    lease = d.call("slots.allocate", {"pool": "repo"})
+    hooks = mirror / "hooks"
+    planted = hooks / "pre-commit"
+    planted.write_text("#!/bin/sh\n")
+    if subprocess.run(["chattr", "+i", str(planted)], capture_output=True).returncode != 0:
+        pytest.skip("this file system has no immutable flag")
+    try:
+        d.call("slots.release", {"lease_id": lease["lease_id"]})
+        wait_for(lambda: slot_view(d, lease["slot_id"])["state"] == "error", 60, what="the quarantine")
+        error = slot_view(d, lease["slot_id"])["error"] or ""
+        assert "cleanup failed twice" in error and "pre-commit" in error, error
+    finally:
+        subprocess.run(["chattr", "-i", str(planted)], check=True)

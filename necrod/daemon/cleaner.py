@@ -94,7 +94,8 @@ class SlotGit:
     async def reset(self, commit: str, clean_flags: str) -> tuple[str, ...]:
         """Detached at ``commit``, as clean as the slot's kind makes it (``SlotKind.reset``),
         no interrupted merge or rebase left behind; the layers it now stands on."""
-        await anyio.to_thread.run_sync(self.clear_operation_state)
+        if self.kind.resets_with_git:  # an overlay's reset drops the state with the rest of its upper
+            await anyio.to_thread.run_sync(self.clear_operation_state)
         return await self.kind.reset(self.admin, self.path, commit, clean_flags, timeout=self.timeout,
                                      sparse=self.sparse)  # fmt: skip
 

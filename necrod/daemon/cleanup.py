@@ -25,6 +25,7 @@ import structlog
 from necrod.core.clock import Clock
 from necrod.core.slots import Slot, SlotState
 from necrod.daemon.allocator import Allocator
+from necrod.daemon.cleaner import SlotGit
 from necrod.daemon.gitgate import GitGate
 from necrod.daemon.jobs import Jobs
 from necrod.daemon.metrics import Metrics
@@ -120,7 +121,11 @@ class Cleanup:
             async with self.gate.pool_git(p) if git_free else self.gate.limits(p):
                 slot.busy = True
                 try:
-                    await self.gate.check_mirror(p, slot)
+                    fresh = detached and not retiring
+                    if fresh:
+                        drift = await self._fresh_upper(p, slot, sg, base)
+                    else:
+                        await self.gate.check_mirror(p, slot)
                     # A detached overlay has no view to look at: its upper is dropped unseen.
                     problem = None if detached else sg.healthy()
                     if problem is None and not detached:
@@ -135,7 +140,7 @@ class Cleanup:
                             f"necrod salvage of lease {slot.salvage_as} in slot {slot.slot_id}{note}",
                             origin_tags=p.refs, owner_uid=slot.salvage_uid,
                         )  # fmt: skip
-                    if problem is None:
+                    if problem is None and not fresh:
                         branch = slot.branch or self._own_head_branch(p, slot)
                         remake = slot.rebuild or slot.kind != p.config.isolation
                         if not retiring and not remake:
@@ -217,6 +222,29 @@ class Cleanup:
             self.sizer.maintain(p)
             if slot.layers:
                 self.jobs.coalesce(f"tidy {p.name}", self.preparer.tidy, p, slot)
+
+    async def _fresh_upper(self, p: Pool, slot: Slot, sg: SlotGit, base: str) -> str | None:
+        """A detached overlay's reset: a fresh upper on the pool's layers, with the mirror's
+        check in a thread beside it, not before it (no git runs here, and the slot's own git
+        files are in the upper that goes). How the slot then differs from ``base``, or None."""
+        failed: list[Exception] = []
+
+        async def check_mirror() -> None:
+            try:
+                await self.gate.check_mirror(p)
+            except OSError as exc:
+                failed.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(check_mirror)
+            try:  # caught here: a task group would wrap it in an ExceptionGroup
+                await self.preparer.files_changed(p)
+                slot.layers = await sg.reset(base, p.config.clean_flags)
+            except (GitError, OSError) as exc:
+                failed.append(exc)
+        if failed:
+            raise failed[-1]
+        return await sg.drift(base)
 
     def _own_head_branch(self, p: Pool, slot: Slot) -> str | None:
         """The branch the slot's HEAD is on, if it is the lease's to delete: in a worktree pool

@@ -94,6 +94,8 @@ class Layers:
         second caller waits for the first)."""
         commit = commit.removesuffix(LFS_SUFFIX)
         name = self.base_name(commit)
+        if self.exists(name):  # built whole or not at all (renamed into place): no lock's loop turn
+            return name
         lock = self._locks.setdefault(name, anyio.Lock())
         async with lock:
             if not self.exists(name):

@@ -68,7 +68,8 @@ class SlotKind(Protocol):
 
     name: str
     mirror: Mirror
-    #: Whether a reset runs git (a checkout, a clean); an overlay's is a remount.
+    #: Whether a reset runs git (a checkout, a clean) on the files the lease left; an overlay's
+    #: is a remount under an empty upper, which drops all the lease wrote (a merge's state too).
     resets_with_git: bool
 
     def git_dir(self, admin: str, path: str) -> Path: ...
