@@ -201,12 +201,13 @@ def process_alive(pid: int, exit_file: Path) -> bool:
 async def end_cgroup(cgroup: RunnerCgroup, wait: float = CGROUP_DRAIN_S) -> bool:
     """Kill everything left in a runner's cgroup and remove it. False when something in it
     would not die within ``wait`` (the cgroup is kept, to be looked at)."""
-    with anyio.move_on_after(wait):
-        while True:
-            cgroup.kill()  # again each time: without cgroup.kill, a fork may slip between kills
-            if cgroup.empty():
-                break
-            await anyio.sleep(0.05)
+    if not cgroup.empty():  # mostly it is: the runner ended, and nothing it started is left
+        with anyio.move_on_after(wait):
+            while True:
+                cgroup.kill()  # again each time: without cgroup.kill, a fork may slip between kills
+                if cgroup.empty():
+                    break
+                await anyio.sleep(0.05)
     if not cgroup.empty():
         return False
     cgroup.remove()
