@@ -5,6 +5,8 @@ loop that spawns ``true`` 8 at a time (``bench/floors.py spawn``), all measured 
 One daemon, pools of a small repository (so a slot's cleanup is short and the dispatcher, not
 git, is what is measured): a worktree pool and, where overlay mounts work here, an overlay pool;
 one ``process`` runner profile whose command is ``true``, and ``dispatcher.max_running`` 8.
+The pools and the daemon have ``git_concurrency`` 8 too: the floor resets its 8 slots at once,
+and at the default (2 per pool) a worktree pool's rate is that limit's (two cleanups at a time).
 Work comes as chains: each task depends on the one before it.
 
 - the floor: the same number of ``true`` processes, 8 at a time, from a plain asyncio loop in a
@@ -58,11 +60,12 @@ Recorder = Callable[[int, str], AbstractContextManager[None]]
 def config(origin: Path, overlay: bool) -> str:
     pool = {
         "repo_url": str(origin), "base": "main", "slots": 12, "max_slots": 12, "min_idle": 0,
-        "salvage": False, "fetch_interval_s": 0,
+        "salvage": False, "fetch_interval_s": 0, "git_concurrency": RUNNING,
     }  # fmt: skip
     pools = {POOL: pool, **({OV_POOL: {**pool, "isolation": "overlay"}} if overlay else {})}
     return config_yaml(
         pools,
+        daemon={"git_concurrency": RUNNING},
         runners={PROFILE: {"command": ["true"], "max_concurrency": RUNNING, "pools": list(pools)}},
         dispatcher={"max_running": RUNNING},
     )
