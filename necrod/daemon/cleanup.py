@@ -94,16 +94,18 @@ class Cleanup:
         kind = p.kind_of(slot)
         # An overlay's reset mounts a fresh upper: one found unused is left unmounted (nothing
         # can reach its upper any more), and mounted again only if its work is to be salvaged.
-        detached = not kind.resets_with_git and await self._unused(p, slot, detach=True)
+        detached = untouched = False
+        if not kind.resets_with_git:
+            detached, untouched = await self._detach(p, slot)
         if not detached and not await self._stop_leftovers(p, slot, looked=not kind.resets_with_git):
             return
         sg = self.gate.slot_git(p, slot)
         salvaged = drift = None
         started = time.perf_counter()
         try:
-            untouched = slot.salvage_as is not None and await anyio.to_thread.run_sync(
-                kind.untouched, slot.admin, slot.path
-            )
+            if not kind.resets_with_git and not detached and slot.salvage_as is not None:
+                # Looked at once its processes are stopped (a git slot cannot tell: no hop).
+                untouched = await anyio.to_thread.run_sync(kind.untouched, slot.admin, slot.path)
             # A remount runs no git: such a cleanup, with nothing to salvage and no kind to
             # change, does not queue behind the pool's git processes.
             git_free = (
@@ -306,11 +308,31 @@ class Cleanup:
         who = _named(found)
         return f"processes started in it while it was cleaned (something outside it starts them): {who}"
 
-    async def _unused(self, p: Pool, slot: Slot, detach: bool = False) -> bool:
+    async def _detach(self, p: Pool, slot: Slot) -> tuple[bool, bool]:
+        """An overlay's first look, in one thread: whether no process works in it (it is then
+        left unmounted, and nothing can reach its upper any more) and, if so and its work is to
+        be salvaged, whether the lease changed nothing."""
+        kind = p.kind_of(slot)
+
+        def look() -> tuple[bool, bool]:
+            if not kind.detach_if_unused(slot.admin, slot.path, slot.layers):
+                return False, False
+            try:
+                return True, slot.salvage_as is not None and kind.untouched(slot.admin, slot.path)
+            except OSError:  # what cannot be looked at is salvaged (which says why if it fails too)
+                return True, False
+
+        try:
+            return await anyio.to_thread.run_sync(look)
+        except OSError as exc:
+            log.warning("slot_use_unknown", slot=slot.slot_id, error=str(exc))
+            return False, False
+
+    async def _unused(self, p: Pool, slot: Slot) -> bool:
         """Whether the slot's kind can tell at once that no process works in it (an overlay:
         the kernel refuses to unmount one in use), sparing a scan of every process."""
         try:
-            return await p.kind_of(slot).unused(slot.admin, slot.path, slot.layers, detach=detach)
+            return await p.kind_of(slot).unused(slot.admin, slot.path, slot.layers)
         except OSError as exc:
             log.warning("slot_use_unknown", slot=slot.slot_id, error=str(exc))
             return False

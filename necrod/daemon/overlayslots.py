@@ -148,7 +148,7 @@ class OverlaySlots:
         return True
 
     async def remount(self, admin: str, path: str, layers: tuple[str, ...]) -> None:
-        """Mount again a slot that ``unused(detach=True)`` left unmounted, as it was (its work
+        """Mount again a slot that ``detach_if_unused`` left unmounted, as it was (its work
         is to be salvaged through it)."""
         await anyio.to_thread.run_sync(self._mount_as_was, admin, path, layers)
 
@@ -177,20 +177,24 @@ class OverlaySlots:
         if self.trash.is_dir():
             await anyio.to_thread.run_sync(_empty, self.trash)
 
-    async def unused(self, admin: str, path: str, layers: tuple[str, ...], *, detach: bool = False) -> bool:
+    def detach_if_unused(self, admin: str, path: str, layers: tuple[str, ...]) -> bool:
         """Whether no process works in the slot: the kernel refuses to unmount an overlay in
-        use. When it is not, it is mounted again at once, on the same layers and upper, or
-        with ``detach`` left unmounted (a reset mounts a fresh one; ``remount`` puts it back)."""
-
-        def check() -> bool:
-            if not overlay.unmount_if_unused(Path(path)):
-                return False
-            if not detach:
-                self._mount_as_was(admin, path, layers)
-            return True
-
+        use. One that is not is left unmounted (a reset mounts a fresh one; ``remount`` puts
+        it back). Run in a worker thread."""
         if not layers or not all(self.layers.exists(n) for n in layers):
             return False
+        return overlay.unmount_if_unused(Path(path))
+
+    async def unused(self, admin: str, path: str, layers: tuple[str, ...]) -> bool:
+        """Whether no process works in the slot (``detach_if_unused``); one that is not is
+        mounted again at once, on the same layers and upper."""
+
+        def check() -> bool:
+            if not self.detach_if_unused(admin, path, layers):
+                return False
+            self._mount_as_was(admin, path, layers)
+            return True
+
         return await anyio.to_thread.run_sync(check)
 
     def untouched(self, admin: str, path: str) -> bool:

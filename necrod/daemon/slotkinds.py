@@ -94,9 +94,8 @@ class SlotKind(Protocol):
     async def prune(self) -> None: ...
     async def tidy(self) -> None: ...
     def own_disk(self, admin: str, path: str) -> str: ...
-    async def unused(
-        self, admin: str, path: str, layers: tuple[str, ...], *, detach: bool = False
-    ) -> bool: ...
+    def detach_if_unused(self, admin: str, path: str, layers: tuple[str, ...]) -> bool: ...
+    async def unused(self, admin: str, path: str, layers: tuple[str, ...]) -> bool: ...
     async def remount(self, admin: str, path: str, layers: tuple[str, ...]) -> None: ...
     def untouched(self, admin: str, path: str) -> bool: ...
     async def drift(self, admin: str, path: str, commit: str, *, timeout: float) -> str | None: ...
@@ -212,13 +211,17 @@ class GitSlots(ABC):
         """Where the slot's own disk use is: all of it."""
         return path
 
-    async def unused(self, admin: str, path: str, layers: tuple[str, ...], *, detach: bool = False) -> bool:
+    def detach_if_unused(self, admin: str, path: str, layers: tuple[str, ...]) -> bool:
         """Whether no process works in the slot, if that can be told cheaply: not here (the
         caller scans /proc)."""
         return False
 
+    async def unused(self, admin: str, path: str, layers: tuple[str, ...]) -> bool:
+        """As ``detach_if_unused``: cannot tell."""
+        return False
+
     async def remount(self, admin: str, path: str, layers: tuple[str, ...]) -> None:
-        """Never called: ``unused`` cannot tell, so it never leaves a git slot detached."""
+        """Never called: ``detach_if_unused`` cannot tell, so a git slot is never detached."""
         raise AssertionError("a git slot is never detached")
 
     def untouched(self, admin: str, path: str) -> bool:
