@@ -58,6 +58,7 @@ class SlotGit:
         self.admin_dir = kind.git_dir(admin, path)
         self.path = path
         self.timeout = timeout
+        self._state_cleared = False
 
     def healthy(self) -> str | None:
         """Why the slot cannot be cleaned in place (it must be rebuilt), or None."""
@@ -91,10 +92,20 @@ class SlotGit:
         for name in _OPERATION_STATE:
             slotfs.remove(root, f"{rel}/{name}")
 
+    def clear_operation_state_early(self) -> None:
+        """``clear_operation_state`` ahead of ``reset``, in a thread the caller has anyway,
+        where the slot's git directory allows it (``reset`` then skips it). A slot too broken
+        for it is rebuilt, or ``reset`` tries again and says why it cannot."""
+        try:
+            self.clear_operation_state()
+        except OSError:
+            return
+        self._state_cleared = True
+
     async def reset(self, commit: str, clean_flags: str) -> tuple[str, ...]:
         """Detached at ``commit``, as clean as the slot's kind makes it (``SlotKind.reset``),
         no interrupted merge or rebase left behind; the layers it now stands on."""
-        if self.kind.resets_with_git:  # an overlay's reset drops the state with the rest of its upper
+        if self.kind.resets_with_git and not self._state_cleared:  # an overlay's upper goes, state and all
             await anyio.to_thread.run_sync(self.clear_operation_state)
         return await self.kind.reset(self.admin, self.path, commit, clean_flags, timeout=self.timeout,
                                      sparse=self.sparse)  # fmt: skip

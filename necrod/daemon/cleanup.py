@@ -127,7 +127,12 @@ class Cleanup:
                     if fresh:
                         drift = await self._fresh_upper(p, slot, sg, base)
                     else:
-                        await self.gate.check_mirror(p, slot)
+                        # A reset's removal of an interrupted operation's state, in the same
+                        # thread as the mirror's check (one hop fewer holding a git slot).
+                        clear = kind.resets_with_git and not retiring and not slot.rebuild
+                        await self.gate.check_mirror(
+                            p, slot, also=sg.clear_operation_state_early if clear else None
+                        )
                     # A detached overlay has no view to look at: its upper is dropped unseen.
                     problem = None if detached else sg.healthy()
                     if problem is None and not detached:

@@ -12,7 +12,7 @@ and reported as a ``tamper`` event naming the leases held at the time.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import anyio
@@ -100,14 +100,19 @@ class GitGate:
 
     # --- before git runs --------------------------------------------------------------------------------
 
-    async def check_mirror(self, p: Pool, slot: Slot | None = None) -> None:
+    async def check_mirror(
+        self, p: Pool, slot: Slot | None = None, also: Callable[[], object] | None = None
+    ) -> None:
         """Restore the mirror's shared files (and the slot's admin files) before git runs; in a
-        worker thread, since an agent decides how much there is to look at and remove."""
+        worker thread, since an agent decides how much there is to look at and remove. ``also``
+        runs next in the same thread (a cleanup's own preparation of the slot)."""
 
         def restore() -> list[str]:
             changed = p.mirror.restore_canonical()
             if slot is not None:
                 changed += p.kind_of(slot).restore(slot.admin, slot.path)
+            if also is not None:
+                also()
             return changed
 
         changed = await anyio.to_thread.run_sync(restore)
