@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import time
@@ -113,6 +114,33 @@ async def test_cancellation_kills_the_whole_process_group(tmp_path: Path) -> Non
         await git.run(["clean"], timeout=60)
     await anyio.sleep(0.2)
     assert not alive(int(pidfile.read_text()))
+
+
+async def test_a_megabyte_in_and_out_through_the_pipes(tmp_path: Path) -> None:
+    """Input larger than a pipe's buffer is written while the output is read, and as much
+    comes back: neither side waits on the other."""
+    git = runner(tmp_path)
+    repo = tmp_path / "repo.git"
+    await git.run(["init", "--quiet", "--bare", str(repo)], timeout=30)
+    data = os.urandom(1 << 20)
+    oid = (await git.run(["hash-object", "-w", "--stdin"], git_dir=repo, timeout=30, input=data)).out.strip()
+    assert oid == hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+    assert (await git.run(["cat-file", "blob", oid], git_dir=repo, timeout=30)).stdout == data
+
+
+async def test_a_child_that_reads_no_input_ends_with_its_stderr_lines_and_no_fd_left(tmp_path: Path) -> None:
+    fake = tmp_path / "fakegit"
+    fake.write_text('#!/bin/sh\nprintf "one\\rtwo\\nthree\\n" >&2\nexit 3\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    git = GitRunner(str(fake), git_environment(("file",)))
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        lines: list[str] = []
+        with pytest.raises(GitError) as info:
+            await git.run(["fetch"], timeout=10, input=os.urandom(1 << 20), on_stderr_line=lines.append)
+        assert info.value.returncode == 3 and lines == ["one", "two", "three"]
+        assert info.value.stderr == "one\rtwo\nthree"
+    assert git.running == 0 and len(os.listdir("/proc/self/fd")) == fds
 
 
 def test_version_gate() -> None:

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import anyio
 import structlog
-from anyio.abc import ByteReceiveStream, Process
+
+from necrod.io.children import Pipes, exited
 
 log = structlog.get_logger("necrod.git")
 
@@ -199,32 +200,17 @@ def git_environment(allowed_protocols: Sequence[str], base: Mapping[str, str] = 
     return env
 
 
-async def _drain(
-    stream: ByteReceiveStream | None, sink: bytearray, on_line: Callable[[str], None] | None
-) -> None:
-    if stream is None:
-        return
-    pending = b""
-    async for chunk in stream:
-        sink += chunk
-        if on_line is not None:
-            pending += chunk
-            *lines, pending = re.split(rb"[\r\n]", pending)
-            for line in lines:
-                if line:
-                    on_line(line.decode("utf-8", "replace"))
-
-
-async def _stop_group(process: Process) -> None:
+async def _stop_group(process: subprocess.Popen[bytes]) -> None:
     """SIGTERM the process group, wait a short grace, then SIGKILL it. Always shielded."""
     with anyio.CancelScope(shield=True):
         for sig, grace in ((signal.SIGTERM, TERM_GRACE_S), (signal.SIGKILL, 5.0)):
             try:
                 os.killpg(process.pid, sig)
             except ProcessLookupError:
+                process.poll()  # reaped, if it is a zombie
                 return
             with anyio.move_on_after(grace):
-                await process.wait()
+                await exited(process)
                 # git exited; members of its group (ssh, remote helpers) may linger.
                 try:
                     os.killpg(process.pid, signal.SIGKILL)
@@ -318,26 +304,19 @@ class GitRunner:
         full_env = self.env if env is None else {**self.env, **env}
         verb = next((a for a in args if not a.startswith("-")), "git")
         started = time.perf_counter()
-        process = await anyio.open_process(
-            argv,
-            cwd=cwd,
-            env=full_env,
-            start_new_session=True,
-            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-        )
+        # Popen, its pipes watched by the loop (``children``): no asyncio transports per git.
+        process = subprocess.Popen(  # noqa: ASYNC220 (a fork and exec, as open_process does)
+            argv, cwd=cwd, env=full_env, start_new_session=True, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+        )  # fmt: skip
         self.running += 1
         self.started += 1
         self.started_by_verb[verb] = self.started_by_verb.get(verb, 0) + 1
-        stdout, stderr = bytearray(), bytearray()
         try:
-            with anyio.fail_after(timeout):
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(_drain, process.stdout, stdout, None)
-                    tg.start_soon(_drain, process.stderr, stderr, on_stderr_line)
-                    if input is not None and process.stdin is not None:
-                        await process.stdin.send(input)
-                        await process.stdin.aclose()
-                returncode = await process.wait()
+            with Pipes(process, input, on_stderr_line) as pipes:
+                with anyio.fail_after(timeout):
+                    await pipes.read_all()
+                    returncode = await exited(process)
         except TimeoutError:
             await _stop_group(process)
             raise GitTimeout(args, timeout) from None
@@ -346,9 +325,8 @@ class GitRunner:
             raise
         finally:
             self.running -= 1
-            await process.aclose()
         log.debug("git", verb=verb, rc=returncode, ms=round((time.perf_counter() - started) * 1000, 2))
-        result = GitResult(tuple(args), returncode, bytes(stdout), bytes(stderr))
+        result = GitResult(tuple(args), returncode, bytes(pipes.stdout), bytes(pipes.stderr))
         if check and returncode != 0:
             raise GitError(args, returncode, result.err)
         return result

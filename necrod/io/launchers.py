@@ -37,13 +37,12 @@ import anyio
 import structlog
 
 from necrod.io.cgroups import LimitUnenforceable, RunnerCgroup, RunnerCgroups
+from necrod.io.children import exited, wait_exit
 from necrod.io.procs import ScanStuck, scan_off_loop
 
 log = structlog.get_logger("necrod.launch")
 
 TMUX_POLL_S = 0.25
-#: How often an adopted process runner (not our child: no exit notification) is looked at.
-ADOPTED_POLL_S = 0.25
 TMUX_SESSION_CHECK_EVERY = 8
 #: After cgroup.kill, its processes are gone within milliseconds unless the kernel holds one.
 CGROUP_DRAIN_S = 5.0
@@ -330,20 +329,6 @@ class Run:
         return cpu, peak
 
 
-async def _wait_exit(pid: int) -> None:
-    """Wait until process ``pid`` ends (or seems to: callers look again): on a pidfd where the
-    kernel has them, else a short sleep."""
-    try:
-        fd = os.pidfd_open(pid)
-    except (AttributeError, OSError):
-        await anyio.sleep(ADOPTED_POLL_S)
-        return
-    try:
-        await anyio.wait_readable(fd)
-    finally:
-        os.close(fd)
-
-
 class ProcessRun(Run):
     """A process runner this daemon started: its child, started with ``subprocess.Popen``, not
     asyncio's subprocess transports, which kill their processes when the event loop closes (a
@@ -358,8 +343,7 @@ class ProcessRun(Run):
         self.cgroup = cgroup
 
     async def wait(self) -> Exit:
-        while (code := self.process.poll()) is None:
-            await _wait_exit(self.process.pid)
+        code = await exited(self.process)
         recorded = read_exit(self.exit_file, self.cgroup)
         if recorded is not None:
             return recorded
@@ -384,7 +368,7 @@ class AdoptedProcessRun(Run):
 
     async def wait(self) -> Exit:
         while self.pid and await alive_off_loop(self.pid, self.exit_file):
-            await _wait_exit(self.pid)
+            await wait_exit(self.pid)
         return read_exit(self.exit_file, self.cgroup) or Exit(
             code=None, lost=True, detail="the runner ended without recording its exit status"
         )
