@@ -361,3 +361,24 @@ def test_released_slots_are_looked_at_before_and_after_their_reset_and_status_co
         procs = c.status()["procs"]
     # Each reset asks twice (leftovers before it, processes started meanwhile after it).
     assert procs["asks"] >= 4 and 1 <= procs["passes"] <= procs["asks"] and procs["stuck"] == 0
+
+
+def test_kernel_path_resolves_the_daemons_directory_and_follows_nothing_below_it(workdir: Path) -> None:
+    """A worktree's git directory is under the mirror, which an agent in a worktree pool can
+    write: a symlink planted there is not followed (not on the event loop, not into a FUSE
+    mount); the pool's own directory above it is resolved."""
+    real = workdir / "real"
+    (real / "mirror.git").mkdir(parents=True)
+    root = workdir / "pool-link"
+    root.symlink_to(real)
+    elsewhere = workdir / "elsewhere"
+    elsewhere.mkdir()
+    (real / "mirror.git" / "worktrees").symlink_to(elsewhere)
+    resolved = real.resolve()
+    admin = root / "mirror.git" / "worktrees" / "a1"
+    assert kernel_path(str(admin), str(root)) == str(resolved / "mirror.git" / "worktrees" / "a1")
+    assert kernel_path(str(root / "slots" / "1"), str(root)) == str(resolved / "slots" / "1")
+    # By default only the directory just above is trusted, and resolved.
+    assert kernel_path(str(root / "slots" / "1")) == str(resolved / "slots" / "1")
+    # A path that is not below the trusted directory falls back to that.
+    assert kernel_path(str(elsewhere / "x"), str(root)) == str(elsewhere.resolve() / "x")

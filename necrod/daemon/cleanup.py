@@ -271,7 +271,8 @@ class Cleanup:
 
     def _slot_dirs(self, p: Pool, slot: Slot) -> list[str]:
         """Where a process of the slot's may work: its checkout and its git directory."""
-        return [kernel_path(slot.path), kernel_path(str(self.gate.slot_git(p, slot).admin_dir))]
+        admin = str(self.gate.slot_git(p, slot).admin_dir)
+        return [kernel_path(slot.path, str(p.root)), kernel_path(admin, str(p.root))]
 
     async def _stop_leftovers(self, p: Pool, slot: Slot, looked: bool = False) -> bool:
         """Stop whatever still runs in the slot (a lease's background job, a runner's detached

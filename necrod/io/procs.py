@@ -22,6 +22,7 @@ docs/reliability.md for what that leaves open.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 from collections.abc import Callable, Iterable, Sequence
@@ -82,11 +83,23 @@ class Stop:
     left: list[Holder]
 
 
-def kernel_path(path: str) -> str:
-    """``path`` as /proc names it: the directories above it resolved (they are the daemon's),
-    its last component not followed (it may be the agent's)."""
-    head, name = os.path.split(path.rstrip("/"))
-    return os.path.join(os.path.realpath(head), name)
+@functools.lru_cache(maxsize=1024)
+def _resolved(directory: str) -> str:
+    return os.path.realpath(directory)
+
+
+def kernel_path(path: str, trusted: str | None = None) -> str:
+    """``path`` as /proc names it. ``trusted``, a directory of the daemon's above it (by default
+    the one just above it), is resolved, once: a pool's directories do not move while the
+    daemon runs. What lies below it is joined as it is, never followed: it may be the agent's
+    (a worktree's git directory is under the mirror, which an agent in such a pool can write),
+    and a symlink planted there must not be followed, on the event loop, into a FUSE mount."""
+    path = os.path.normpath(path)
+    head = os.path.normpath(trusted) if trusted else os.path.dirname(path)
+    rel = os.path.relpath(path, head)
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+        head, rel = os.path.dirname(path), os.path.basename(path)
+    return os.path.normpath(os.path.join(_resolved(head), rel))
 
 
 def processes_in(directory: str) -> list[int]:
