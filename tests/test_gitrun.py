@@ -14,6 +14,7 @@ import pytest
 from necrod.io.gitrun import (
     SAFE_FLAGS,
     GitError,
+    GitOutputTooLarge,
     GitRunner,
     GitTimeout,
     git_environment,
@@ -141,6 +142,53 @@ async def test_a_child_that_reads_no_input_ends_with_its_stderr_lines_and_no_fd_
         assert info.value.returncode == 3 and lines == ["one", "two", "three"]
         assert info.value.stderr == "one\rtwo\nthree"
     assert git.running == 0 and len(os.listdir("/proc/self/fd")) == fds
+
+
+def fake_git(tmp_path: Path, script: str) -> GitRunner:
+    fake = tmp_path / "fakegit"
+    fake.write_text(f"#!/bin/sh\n{script}\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    return GitRunner(str(fake), git_environment(("file",)))
+
+
+async def test_output_past_the_limit_stops_git_or_is_cut(tmp_path: Path) -> None:
+    """What git prints is the agent's to decide (``git status`` of a slot it filled): no more
+    than the limit is read, and git is stopped there."""
+    git = fake_git(tmp_path, f"echo $$ > {tmp_path}/pid\nexec yes")
+    with pytest.raises(GitOutputTooLarge) as info:
+        await git.run(["status"], timeout=30, max_stdout=1 << 20)
+    assert "git status failed" in str(info.value) and "more than 1048576 bytes" in str(info.value)
+    assert not alive(int((tmp_path / "pid").read_text()))
+    cut = await git.run(["diff"], timeout=30, max_stdout=1 << 20, cut=True)
+    assert cut.cut and cut.stdout == b"y\n" * (1 << 19)
+    assert not alive(int((tmp_path / "pid").read_text())) and git.running == 0
+    # At the limit exactly is not past it.
+    whole = await fake_git(tmp_path, "head -c 1048576 /dev/zero").run(
+        ["diff"], timeout=30, max_stdout=1 << 20
+    )
+    assert not whole.cut and len(whole.stdout) == 1 << 20 and whole.returncode == 0
+
+
+async def test_only_the_end_of_a_flood_of_stderr_is_kept(tmp_path: Path) -> None:
+    git = fake_git(tmp_path, "head -c 50000000 /dev/zero | tr '\\0' e >&2\necho ' the end' >&2\nexit 1")
+    lines: list[str] = []
+    with pytest.raises(GitError) as info:
+        await git.run(["fetch"], timeout=60, on_stderr_line=lines.append)
+    assert str(info.value).endswith("the end") and len(info.value.stderr) <= 64 << 10
+    assert len(lines) == 1 and len(lines[0]) == 8 << 10 and lines[0].endswith("e the end")
+
+
+async def test_a_stderr_callback_that_raises_fails_the_run_and_stops_git(tmp_path: Path) -> None:
+    git = fake_git(tmp_path, f"echo $$ > {tmp_path}/pid\necho progress >&2\nexec sleep 60")
+
+    def refuse(line: str) -> None:
+        raise ValueError(f"refused {line}")
+
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="refused progress"):
+        await git.run(["clone"], timeout=60, on_stderr_line=refuse)
+    assert time.monotonic() - started < 10
+    assert not alive(int((tmp_path / "pid").read_text())) and git.running == 0
 
 
 def test_version_gate() -> None:

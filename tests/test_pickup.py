@@ -33,6 +33,18 @@ def test_diff_shows_everything_the_lease_did(necrod: Necrod) -> None:
     assert data["truncated"] is False and data["lease_id"] == lease_id and data["patch"] == r.stdout
 
 
+def test_a_diff_past_its_limit_is_cut_there(necrod: Necrod) -> None:
+    """A patch is read up to its 8 MiB, not whole and then cut: git is stopped there."""
+    with necrod.client() as c:
+        lease = c.allocate("repo")
+        (Path(lease["path"]) / "long.txt").write_text("a line an agent wrote, again and again\n" * 300_000)
+        c.release(lease["lease_id"])
+        necrod.wait_slots("repo", "available", 2)
+        data = c.call("salvage.diff", {"lease_id": lease["lease_id"]})
+    assert data["truncated"] is True and len(data["patch"]) == 8 << 20
+    assert data["patch"].startswith("diff --git a/long.txt b/long.txt")
+
+
 def test_checkout_and_apply_put_the_work_back(necrod: Necrod, workdir: Path, origin: Path) -> None:
     lease_id, commit = lost_lease(necrod)
     r = ctl(necrod, "salvage", "checkout", lease_id)

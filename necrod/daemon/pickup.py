@@ -33,10 +33,9 @@ async def patch(mirror: Mirror, point: SalvagePoint, *, binary: bool) -> Patch:
     args = ["diff", "--no-color", "--no-ext-diff", "--no-textconv", "--full-index"]
     args += ["--binary"] if binary else []
     result = await mirror.git.run([*args, "--end-of-options", point.start, point.commit, "--"],
-                                  git_dir=mirror.path, timeout=GIT_TIMEOUT_S)  # fmt: skip
-    data = result.stdout
-    truncated = len(data) > MAX_PATCH_BYTES
-    return Patch(data[:MAX_PATCH_BYTES].decode("utf-8", "replace"), truncated)
+                                  git_dir=mirror.path, timeout=GIT_TIMEOUT_S, max_stdout=MAX_PATCH_BYTES,
+                                  cut=True)  # fmt: skip
+    return Patch(result.stdout.decode("utf-8", "replace"), result.cut)
 
 
 async def make_branch(mirror: Mirror, point: SalvagePoint, branch: str, subject: str) -> str:

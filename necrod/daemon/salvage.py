@@ -39,11 +39,11 @@ import structlog
 from necrod.core.config import SalvageLimits
 from necrod.core.names import index_path_problem
 from necrod.daemon.mirror import MAX_INDEX_BYTES, REF_PREFIX
-from necrod.daemon.salvage_plan import Plan, changed_paths, plan, safe_line
+from necrod.daemon.salvage_plan import MAX_STATUS_BYTES, STATUS_CUT, Plan, changed_paths, plan, safe_line
 from necrod.daemon.salvage_submodules import Kept, SubmoduleSalvage
 from necrod.daemon.slotkinds import SlotKind
 from necrod.io import slotfs
-from necrod.io.gitrun import GitError, GitResult, GitRunner
+from necrod.io.gitrun import MAX_STDOUT, GitError, GitResult, GitRunner
 
 log = structlog.get_logger("necrod.salvage")
 
@@ -225,11 +225,20 @@ class Salvager:
                 os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
 
     async def _run(
-        self, scratch: Path, args: list[str], *, check: bool = True, input: bytes | None = None
+        self,
+        scratch: Path,
+        args: list[str],
+        *,
+        check: bool = True,
+        input: bytes | None = None,
+        cut: bool = False,
     ) -> GitResult:
+        """git in the slot on the salvage's own index; ``cut``: a listing, read up to
+        ``MAX_STATUS_BYTES``."""
         return await self.git.run(
             args, git_dir=scratch, work_tree=self.path, cwd=self.path, timeout=self.timeout, check=check,
             env={"GIT_INDEX_FILE": str(scratch / "index"), **_SPARSE_AWARE}, input=input,
+            cut=cut, max_stdout=MAX_STATUS_BYTES if cut else MAX_STDOUT,
         )  # fmt: skip
 
     async def _head(self) -> str | None:
@@ -272,13 +281,16 @@ class Salvager:
     ) -> Salvage | None:  # fmt: skip
         gitlinks = await self._trusted_index(scratch)
         status = await self._run(scratch, ["status", "--porcelain=v1", "-z", "--untracked-files=all",
-                                           "--no-renames", "--ignore-submodules=all"])  # fmt: skip
-        changed = changed_paths(status.stdout)
+                                           "--no-renames", "--ignore-submodules=all"],
+                                 cut=True)  # fmt: skip
+        changed = changed_paths(status)
         extras = await self._extras(head, origin_tags) if sound else []
         if not changed and not gitlinks and not extras and (start_commit is None or head == start_commit):
             # Nothing to keep (an agent that only read, the common case): no staging, no tree.
             return None
         taken = await anyio.to_thread.run_sync(plan, self.path, changed, self.limits)
+        if status.cut:  # staged path by path, so that nothing past the listing goes in
+            taken.skipped.insert(0, STATUS_CUT)
         partial = bool(taken.skipped)
         if not taken.skipped:
             added = await self._run(scratch, ["add", "--all", "--ignore-errors"], check=False)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from necrod.core.config import SalvageLimits
 from necrod.io import slotfs
+from necrod.io.gitrun import GitResult
 
 
 @dataclass(slots=True)
@@ -22,9 +23,18 @@ class Plan:
     bytes: int = 0
 
 
-def changed_paths(status: bytes) -> list[tuple[str, str]]:
+#: The most of a ``git status`` listing a salvage reads: some hundreds of thousands of paths,
+#: far past any ``salvage_max_files``. An agent decides how long it is.
+MAX_STATUS_BYTES = 64 << 20
+
+
+def changed_paths(status: GitResult) -> list[tuple[str, str]]:
     """``(xy, path)`` from ``git status --porcelain=v1 -z --no-renames``."""
-    return [(e[:2].decode(), os.fsdecode(e[3:])) for e in status.split(b"\0") if len(e) > 3]
+    return [(e[:2].decode(), os.fsdecode(e[3:])) for e in status.entries() if len(e) > 3]
+
+
+#: What a salvage whose ``git status`` listing was cut says it left out.
+STATUS_CUT = f"the paths past the first {MAX_STATUS_BYTES >> 20} MiB of git status (not looked at)"
 
 
 def plan(root: str, changed: list[tuple[str, str]], limits: SalvageLimits) -> Plan:

@@ -22,10 +22,17 @@ import anyio
 
 from necrod.core.config import SalvageLimits
 from necrod.core.names import index_path_problem
-from necrod.daemon.salvage_plan import Plan, changed_paths, plan_files, safe_line
+from necrod.daemon.salvage_plan import (
+    MAX_STATUS_BYTES,
+    STATUS_CUT,
+    Plan,
+    changed_paths,
+    plan_files,
+    safe_line,
+)
 from necrod.daemon.slotkinds import SlotKind
 from necrod.io import slotfs
-from necrod.io.gitrun import GitResult, GitRunner
+from necrod.io.gitrun import MAX_STDOUT, GitResult, GitRunner
 
 #: Submodules kept per salvage; how deep below ``modules/`` their repositories are looked for,
 #: and how many directories at most (an agent decides how many there are).
@@ -142,9 +149,12 @@ class SubmoduleSalvage:
         work = os.path.join(self.path, path)
         env = {"GIT_INDEX_FILE": str(scratch / "index-submodule")}
 
-        async def run(args: list[str], *, check: bool = True, input: bytes | None = None) -> GitResult:
+        async def run(
+            args: list[str], *, check: bool = True, input: bytes | None = None, cut: bool = False
+        ) -> GitResult:
             return await self.git.run(args, git_dir=scratch, work_tree=work, cwd=work, timeout=self.timeout,
-                                      check=check, env=env, input=input)  # fmt: skip
+                                      check=check, env=env, input=input, cut=cut,
+                                      max_stdout=MAX_STATUS_BYTES if cut else MAX_STDOUT)  # fmt: skip
 
         (scratch / "index-submodule").unlink(missing_ok=True)
         if (await run(["read-tree", recorded], check=False)).returncode != 0:
@@ -154,8 +164,8 @@ class SubmoduleSalvage:
             await run(["read-tree", EMPTY_TREE])
         before = (await run(["write-tree"])).out.strip()
         status = await run(["status", "--porcelain=v1", "-z", "--untracked-files=all", "--no-renames",
-                            "--ignore-submodules=all"])  # fmt: skip
-        changed = changed_paths(status.stdout)
+                            "--ignore-submodules=all"], cut=True)  # fmt: skip
+        changed = changed_paths(status)
         if not changed:
             return None
         left = replace(self.limits, max_files=max(0, self.limits.max_files - len(taken.take)),
@@ -164,6 +174,8 @@ class SubmoduleSalvage:
         taken.take += [f"{path}/{p}" for p in part.take]
         taken.bytes += part.bytes
         taken.skipped += [f"{json.dumps(path)}/{s}" for s in part.skipped]
+        if status.cut:
+            taken.skipped.append(f"{json.dumps(path)}: {STATUS_CUT}")
         if part.take:
             paths = b"".join(os.fsencode(p) + b"\0" for p in part.take)
             await run(["update-index", "--add", "--remove", "-z", "--stdin"], input=paths)

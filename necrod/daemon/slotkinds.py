@@ -191,9 +191,9 @@ class GitSlots(ABC):
             return f"HEAD is {head[:64]!r}, not {commit}"
         status = await self.git.run(["status", "--porcelain=v1", "-z", "--untracked-files=all", "--no-renames",
                                      "--ignore-submodules=all"], git_dir=self.git_dir(admin, path), work_tree=path,
-                                    cwd=path, timeout=timeout, env={"GIT_OPTIONAL_LOCKS": "0"})  # fmt: skip
-        changed = [e.decode("utf-8", "replace") for e in status.stdout.split(b"\0") if e]
-        return described_drift(changed)
+                                    cwd=path, timeout=timeout, env={"GIT_OPTIONAL_LOCKS": "0"},
+                                    max_stdout=DRIFT_LISTED, cut=True)  # fmt: skip
+        return described_drift([e.decode("utf-8", "replace") for e in status.entries() if e], more=status.cut)
 
     def written(self, admin: str) -> str | None:
         """What was written since the reset, if that can be told in a few system calls: not here."""
@@ -231,15 +231,19 @@ class GitSlots(ABC):
 
 #: Paths named in a drift's evidence.
 DRIFT_NAMED = 10
+#: The most of a drifted slot's ``git status`` read: any drift is evidence enough.
+DRIFT_LISTED = 1 << 20
 
 
-def described_drift(changed: list[str]) -> str | None:
-    """Evidence of a drift, from ``status --porcelain`` entries (or paths); None for none."""
+def described_drift(changed: list[str], *, more: bool = False) -> str | None:
+    """Evidence of a drift, from ``status --porcelain`` entries (or paths), of which there were
+    ``more`` not read; None for none."""
     if not changed:
         return None
     shown = ", ".join(repr(c[:200]) for c in changed[:DRIFT_NAMED])
-    more = f" and {len(changed) - DRIFT_NAMED} more" if len(changed) > DRIFT_NAMED else ""
-    return f"{len(changed)} path(s) differ from the base: {shown}{more}"
+    rest = f" and {len(changed) - DRIFT_NAMED} more" if len(changed) > DRIFT_NAMED else ""
+    count = f"over {len(changed)}" if more else f"{len(changed)}"
+    return f"{count} path(s) differ from the base: {shown}{rest}"
 
 
 def empty_submodules(path: str, submodules: list[str]) -> None:

@@ -42,19 +42,33 @@ async def exited(process: subprocess.Popen[bytes]) -> int:
     return code
 
 
+#: How much of a child's stderr is kept: its end, where the reason for a failure is.
+STDERR_KEPT = 64 << 10
+#: The longest stderr line handed on whole; a longer one is cut to its end.
+LINE_KEPT = 8 << 10
+
+
 class Pipes:
     """A child's stdout and stderr read to the end, and ``input`` written to its stdin (then
-    closed), from the event loop; ``on_stderr_line`` gets each line of stderr as it comes. Use
-    as a context manager: leaving it stops watching and closes the pipes, whatever happened."""
+    closed), from the event loop; ``on_stderr_line`` gets each line of stderr as it comes (if
+    it raises, ``read_all`` does). Use as a context manager: leaving it stops watching and
+    closes the pipes, whatever happened.
+
+    Nothing is read unbounded: stdout stops at ``stdout_limit`` bytes (``cut`` is then set,
+    ``read_all`` returns and the caller stops the child), and of stderr only the last
+    ``STDERR_KEPT`` bytes are kept."""
 
     def __init__(
         self, process: subprocess.Popen[bytes], input: bytes | None = None,
-        on_stderr_line: Callable[[str], None] | None = None,
+        on_stderr_line: Callable[[str], None] | None = None, *, stdout_limit: int,
     ) -> None:  # fmt: skip
         self.loop = asyncio.get_running_loop()
         self.process = process
         self.stdout = bytearray()
         self.stderr = bytearray()
+        #: stdout reached ``stdout_limit``: ``stdout`` holds its first bytes, the child is not done.
+        self.cut = False
+        self._stdout_limit = stdout_limit
         self._on_line = on_stderr_line
         self._pending = b""
         self._input = memoryview(input) if input is not None else memoryview(b"")
@@ -78,9 +92,7 @@ class Pipes:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for fd in self._readers:
-            self.loop.remove_reader(fd)
-        self._readers.clear()
+        self._stop_reading()
         self._stop_writing()
         for stream in (self.process.stdout, self.process.stderr):
             if stream is not None:
@@ -89,7 +101,7 @@ class Pipes:
             self._done.cancel()
 
     async def read_all(self) -> None:
-        """Until both outputs are at their end and the input is written."""
+        """Until both outputs are at their end (or stdout at its limit) and the input is written."""
         await self._done
 
     def _read(self, fd: int, sink: bytearray) -> None:
@@ -103,13 +115,34 @@ class Pipes:
             self.loop.remove_reader(fd)
             self._readers.remove(fd)
             self._check_done()
-            return
-        sink += chunk
-        if self._on_line is not None and sink is self.stderr:
-            *lines, self._pending = (self._pending + chunk).replace(b"\r", b"\n").split(b"\n")
-            for line in lines:
-                if line:
-                    self._on_line(line.decode("utf-8", "replace"))
+        elif sink is self.stdout:
+            room = self._stdout_limit - len(sink)
+            sink += chunk[:room]
+            if len(chunk) > room:
+                self.cut = True
+                self._stop_reading()
+                self._stop_writing()
+                self._check_done()
+        else:
+            sink += chunk
+            if len(sink) > STDERR_KEPT:
+                del sink[: len(sink) - STDERR_KEPT]
+            if self._on_line is not None:
+                try:
+                    self._hand_on_lines(chunk)
+                except Exception as exc:  # the caller's: it fails the read, not the loop
+                    self._stop_reading()
+                    self._stop_writing()
+                    if not self._done.done():
+                        self._done.set_exception(exc)
+
+    def _hand_on_lines(self, chunk: bytes) -> None:
+        assert self._on_line is not None
+        *lines, pending = (self._pending + chunk).replace(b"\r", b"\n").split(b"\n")
+        self._pending = pending[-LINE_KEPT:]
+        for line in lines:
+            if line:
+                self._on_line(line[-LINE_KEPT:].decode("utf-8", "replace"))
 
     def _write(self, fd: int) -> None:
         try:
@@ -122,6 +155,11 @@ class Pipes:
         if not self._input:
             self._stop_writing()
             self._check_done()
+
+    def _stop_reading(self) -> None:
+        for fd in self._readers:
+            self.loop.remove_reader(fd)
+        self._readers.clear()
 
     def _stop_writing(self) -> None:
         if self._writer is not None:

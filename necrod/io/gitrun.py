@@ -12,6 +12,10 @@ process at a time.
 
 Error handling: a non-zero exit raises ``GitError`` (unless ``check=False``), a timeout raises
 ``GitTimeout``; network operations (``network=True``) are tried three times with backoff.
+
+Nothing git prints is read unbounded (an agent decides how much ``git status`` of its slot
+prints): stdout past ``max_stdout`` stops git and raises ``GitOutputTooLarge``, or, for a
+caller that asked to ``cut``, ends the result there; of stderr only its end is kept.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ log = structlog.get_logger("necrod.git")
 TERM_GRACE_S = 2.0
 #: Attempts for network operations (fetch, clone, ls-remote).
 NETWORK_ATTEMPTS = 3
+#: The most of a git's stdout read, unless the caller says otherwise: above any listing of a
+#: large repository's files or objects that necrod asks for.
+MAX_STDOUT = 256 << 20
 
 #: Flags on every git call: they win over anything in repository config.
 SAFE_FLAGS = (
@@ -130,6 +137,13 @@ class GitTimeout(GitError):
         super().__init__(args, None, f"timed out after {timeout:g}s")
 
 
+class GitOutputTooLarge(GitError):
+    """A git command printed more than the caller would read, and was stopped."""
+
+    def __init__(self, args: Sequence[str], limit: int) -> None:
+        super().__init__(args, None, f"printed more than {limit} bytes; stopped there")
+
+
 class GitVersionError(Exception):
     """The git found is missing, or older than the releases that fixed the 2024 clone CVEs."""
 
@@ -140,6 +154,8 @@ class GitResult:
     returncode: int
     stdout: bytes
     stderr: bytes
+    #: stdout ended at the caller's ``max_stdout`` (``cut=True``): git was stopped there.
+    cut: bool = False
 
     @property
     def out(self) -> str:
@@ -148,6 +164,13 @@ class GitResult:
     @property
     def err(self) -> str:
         return self.stderr.decode("utf-8", "replace")
+
+    def entries(self) -> list[bytes]:
+        """stdout's NUL-terminated entries (``-z``); of a ``cut`` stdout, not the last, which
+        may be a part of one."""
+        entries = self.stdout.split(b"\0")
+        entries.pop()  # what follows the last NUL: nothing, or a part of an entry
+        return entries
 
 
 def parse_git_version(text: str) -> tuple[int, int, int]:
@@ -264,7 +287,12 @@ class GitRunner:
         env: Mapping[str, str] | None = None,
         input: bytes | None = None,
         on_stderr_line: Callable[[str], None] | None = None,
+        max_stdout: int = MAX_STDOUT,
+        cut: bool = False,
     ) -> GitResult:
+        """git ``args``; see the module docstring. With ``cut``, stdout past ``max_stdout`` bytes
+        is no error: git is stopped there, its exit status is not looked at, and the result
+        says ``cut``."""
         argv = self.argv(args, git_dir=git_dir, work_tree=work_tree)
         attempts = NETWORK_ATTEMPTS if network else 1
         for attempt in range(1, attempts + 1):
@@ -278,6 +306,8 @@ class GitRunner:
                     env=env,
                     input=input,
                     on_stderr_line=on_stderr_line,
+                    max_stdout=max_stdout,
+                    cut=cut,
                 )
             except GitError as exc:
                 if attempt == attempts:
@@ -300,6 +330,8 @@ class GitRunner:
         env: Mapping[str, str] | None,
         input: bytes | None,
         on_stderr_line: Callable[[str], None] | None,
+        max_stdout: int,
+        cut: bool,
     ) -> GitResult:
         full_env = self.env if env is None else {**self.env, **env}
         verb = next((a for a in args if not a.startswith("-")), "git")
@@ -313,9 +345,11 @@ class GitRunner:
         self.started += 1
         self.started_by_verb[verb] = self.started_by_verb.get(verb, 0) + 1
         try:
-            with Pipes(process, input, on_stderr_line) as pipes:
+            with Pipes(process, input, on_stderr_line, stdout_limit=max_stdout) as pipes:
                 with anyio.fail_after(timeout):
                     await pipes.read_all()
+                    if pipes.cut:
+                        await _stop_group(process)
                     returncode = await exited(process)
         except TimeoutError:
             await _stop_group(process)
@@ -326,7 +360,9 @@ class GitRunner:
         finally:
             self.running -= 1
         log.debug("git", verb=verb, rc=returncode, ms=round((time.perf_counter() - started) * 1000, 2))
-        result = GitResult(tuple(args), returncode, bytes(pipes.stdout), bytes(pipes.stderr))
-        if check and returncode != 0:
+        result = GitResult(tuple(args), returncode, bytes(pipes.stdout), bytes(pipes.stderr), pipes.cut)
+        if pipes.cut and not cut:
+            raise GitOutputTooLarge(args, max_stdout)
+        if check and returncode != 0 and not pipes.cut:
             raise GitError(args, returncode, result.err)
         return result

@@ -4,6 +4,7 @@ is handed out."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,6 +44,28 @@ def test_a_drift_planted_after_the_reset_is_caught_before_the_slot_is_offered(
     assert (Path(lease["path"]) / "planted.txt").read_text() == "planted\n"
     logged = [e for e in d.log_events() if e.get("event") == "slot_isolated"]
     assert logged and "planted.txt" in logged[-1]["reason"]
+
+
+def test_a_drift_of_more_paths_than_are_read_is_still_caught(
+    necrod_factory: Callable[..., Necrod], origin: Path, seam: GitSeam
+) -> None:
+    """How much ``git status`` prints is up to what is in the slot: the drift check reads its
+    first megabyte, which is evidence enough."""
+    d = necrod_factory(daemon_config({"repo": origin}, {"git": str(seam.path)}, slots=1, max_slots=1,
+                                     min_idle=0))  # fmt: skip
+    with d.client() as c:
+        lease = c.allocate("repo")
+        # 6,000 names of 200 characters: over 1.2 MB of listing.
+        seam.after("clean", "for i in $(seq 6000); do : > $(printf 'planted-%0192d' $i); done")
+        c.release(lease["lease_id"], salvage=False)
+        slot = isolated(d, lease["slot_id"])
+    error = str(slot["error"])
+    assert re.match(r"isolated: its reset left it different from the base: over (\d+) path\(s\)", error), (
+        error
+    )
+    listed = int(error.split("over ")[1].split(" ")[0])
+    assert 4000 < listed < 6000 and "planted-" in error and f"and {listed - 10} more" in error
+    assert len(list(Path(lease["path"]).glob("planted-*"))) == 6000
 
 
 def test_an_overlay_written_to_while_idle_is_not_handed_out(

@@ -103,6 +103,32 @@ def test_many_files_are_capped_by_count(module_daemon: Callable[..., Necrod]) ->
     FIGURES["salvage paths left out over the limits"] += 19_500
 
 
+def test_a_listing_longer_than_a_salvage_reads_is_cut_and_said(module_daemon: Callable[..., Necrod]) -> None:
+    """How much ``git status`` prints is the agent's to decide: 19,000 empty files under a path
+    of 3.7 KB list 68 MiB. The salvage reads 64 MiB of it, takes what fits the limits, and
+    says where it stopped; the slot comes back."""
+    d = module_daemon(lambda o: daemon_config({"repo": o}, slots=1, max_slots=1, min_idle=0,
+                                              salvage_max_files=100))  # fmt: skip
+
+    def write(slot: Path) -> None:
+        fd = os.open(slot, os.O_RDONLY | os.O_DIRECTORY)
+        for _ in range(15):  # one at a time: the whole path is past what a system call takes
+            os.mkdir("d" * 250, dir_fd=fd)
+            deeper = os.open("d" * 250, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = deeper
+        for i in range(19_000):
+            os.close(os.open(f"f{i:05d}", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd))
+        os.close(fd)
+
+    lease = leave_and_release(d, write, "long-listing")
+    _, tree, message = salvage_tree(d, lease["lease_id"])
+    assert len([p for p in tree if p.startswith("d" * 250)]) == 100
+    assert "the paths past the first 64 MiB of git status (not looked at)" in message, message[:2000]
+    skipped = int(re.search(r"Necrod-Skipped: (\d+)", message).group(1))  # type: ignore[union-attr]
+    assert 17_000 < skipped + 100 - 1 < 19_000, skipped
+
+
 def test_old_salvage_is_pruned_by_count_bytes_and_age(module_daemon: Callable[..., Necrod]) -> None:
     d = module_daemon(lambda o: daemon_config({"repo": o}, slots=1, max_slots=1, min_idle=0,
                                               salvage_keep_count=2))  # fmt: skip
