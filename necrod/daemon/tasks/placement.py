@@ -60,7 +60,8 @@ class Placement:
         #: Starts an attempt of a placed task (run as a background job).
         self._start = start
         self._stopping = stopping
-        self.stalled: list[str] = []
+        #: What ``stalled`` says; None: to be found when asked.
+        self._stalled: list[str] | None = []
         self.scheduled = 0
         self._wake = anyio.Event()
         self._resources: tuple[float, bool, str | None] = (0.0, True, None)
@@ -112,7 +113,7 @@ class Placement:
             else:
                 candidates.append(t)
         if not candidates:
-            self._report_stall()
+            self._stalled = None
             return 0
         runners = self._config().runners
         views = self.profiles.views()
@@ -156,10 +157,9 @@ class Placement:
             started += 1
             self.scheduled += 1
             self.jobs.spawn(self._start, a)
-        if not started:
-            self._report_stall()
-        else:
-            self.stalled = []
+        # A stall is found when asked (status, health, metrics), not at every pass: a pass costs
+        # what the ready set costs, and finding a stall walks the whole queue.
+        self._stalled = [] if started else None
         return started
 
     def _place(self, t: Task, views: list[ProfileView], runners: dict[str, RunnerProfile], running: Counter[str],
@@ -225,16 +225,21 @@ class Placement:
             return f"capacity: {capacity_why}"
         return f"slot: {slot_why or f'no place serves pool {t.pool}'}"
 
-    def _report_stall(self) -> None:
-        """When tasks are queued, none runs and none can start, say which chain holds them."""
+    @property
+    def stalled(self) -> list[str]:
+        """When tasks are queued, none runs and none could start at the last pass: which chains
+        hold them (empty when nothing is stuck)."""
+        if self._stalled is None:
+            self._stalled = self._find_stall()
+        return self._stalled
+
+    def _find_stall(self) -> list[str]:
         if self.active:
-            self.stalled = []
-            return
+            return []
         # A task held by a paused profile waits because an operator said so: no stall.
         queued = [t for t in self.tasks.values() if t.state is TaskState.QUEUED and t.waiting_on != "paused"]
         if not queued or any(t.waiting_on == "backoff" for t in queued):
-            self.stalled = []
-            return
+            return []
         chains: list[str] = []
         for t in queued:
             if t.waiting_on != "dependencies":
@@ -258,7 +263,7 @@ class Placement:
             for t in queued
             if t.waiting_on != "dependencies"
         ]
-        self.stalled = (chains + roots)[:STALLED_SHOWN]
+        return (chains + roots)[:STALLED_SHOWN]
 
     def account(self) -> None:
         """Charge running tasks' runner-seconds to their fair-share key."""
