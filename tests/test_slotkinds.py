@@ -74,6 +74,25 @@ def _head_gone(kind: SlotKind, path: Path) -> None:
     (kind.git_dir("1", str(path)) / "HEAD").unlink()
 
 
+def _head_symlinked(kind: SlotKind, path: Path) -> None:
+    """To a file that says the same: following it, the grant would be led wherever the agent
+    likes (a FUSE mount that never answers freezes the daemon)."""
+    head = kind.git_dir("1", str(path)) / "HEAD"
+    copy = path.parent / "head-elsewhere"
+    copy.write_text(head.read_text())
+    head.unlink()
+    head.symlink_to(copy)
+
+
+def _git_dir_symlinked(kind: SlotKind, path: Path) -> None:
+    """The slot's git directory (a worktree's is in the mirror, which every slot can write)."""
+    git_dir = kind.git_dir("1", str(path))
+    target = path.parent / "git-dir-elsewhere"
+    shutil.copytree(git_dir, target, symlinks=True)  # a copy: an overlay's is on another mount
+    shutil.rmtree(git_dir)
+    git_dir.symlink_to(target)
+
+
 def _slot_gone(kind: SlotKind, path: Path) -> None:
     delete_slot(path)
 
@@ -84,7 +103,17 @@ def _dotgit_fifo(kind: SlotKind, path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "damage", [_dotgit_symlink, _dotgit_elsewhere, _dotgit_swapped, _head_gone, _slot_gone, _dotgit_fifo]
+    "damage",
+    [
+        _dotgit_symlink,
+        _dotgit_elsewhere,
+        _dotgit_swapped,
+        _head_gone,
+        _head_symlinked,
+        _git_dir_symlinked,
+        _slot_gone,
+        _dotgit_fifo,
+    ],
 )
 def test_damage_sends_the_slot_to_the_closer_look(
     slot: Slot, damage: Callable[[SlotKind, Path], None]

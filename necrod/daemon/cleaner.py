@@ -59,6 +59,10 @@ class SlotGit:
         self.path = path
         self.timeout = timeout
         self._state_cleared = False
+        #: What ``prepare`` found: why the slot must be rebuilt (None: it need not), and the
+        #: stale lock files it removed.
+        self.problem: str | None = None
+        self.locks: list[str] = []
 
     def healthy(self) -> str | None:
         """Why the slot cannot be cleaned in place (it must be rebuilt), or None."""
@@ -77,15 +81,33 @@ class SlotGit:
             check=check,
         )
 
+    def prepare(self, clear_state: bool) -> None:
+        """A cleanup's first look at the slot, in the thread that checked the mirror: its
+        interrupted operation's state cleared (``clear_state``), what is wrong with it
+        (``problem``), and if nothing is, the lock files a killed git left removed (``locks``).
+        Not on the event loop: what an agent left at a lock's name (a directory of a million
+        files) is the agent's to decide."""
+        if clear_state:
+            self.clear_operation_state_early()
+        self.problem = self.healthy()
+        if self.problem is None:
+            self.locks = self.clear_stale_locks()
+
     def clear_stale_locks(self) -> list[str]:
-        """Remove lock files left by a killed git, but only when no process works in the slot."""
+        """Remove lock files left by a killed git, but only when no process works in the slot;
+        in a worker thread (see ``prepare``)."""
+        present = self.stale_locks()
         root, rel = self.kind.git_dir_at(self.admin, self.path)
-        present = [name for name in _LOCKS if slotfs.kind(root, f"{rel}/{name}") is not None]
-        if not present or processes_in(self.path):
-            return []
         for name in present:
             slotfs.remove(root, f"{rel}/{name}")
         return present
+
+    def stale_locks(self) -> list[str]:
+        """The lock files a killed git left (whatever is at their names), when no process works
+        in the slot; blocking."""
+        root, rel = self.kind.git_dir_at(self.admin, self.path)
+        present = [name for name in _LOCKS if slotfs.kind(root, f"{rel}/{name}") is not None]
+        return [] if not present or processes_in(self.path) else present
 
     def clear_operation_state(self) -> None:
         root, rel = self.kind.git_dir_at(self.admin, self.path)

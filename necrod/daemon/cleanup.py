@@ -17,6 +17,7 @@ preparer.
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -127,18 +128,17 @@ class Cleanup:
                     if fresh:
                         drift = await self._fresh_upper(p, slot, sg, base)
                     else:
-                        # A reset's removal of an interrupted operation's state, in the same
-                        # thread as the mirror's check (one hop fewer holding a git slot).
+                        # The slot's first look, and a reset's removal of an interrupted
+                        # operation's state, in the same thread as the mirror's check (one hop
+                        # fewer holding a git slot). A detached overlay has no view to look at:
+                        # its upper is dropped unseen.
                         clear = kind.resets_with_git and not retiring and not slot.rebuild
                         await self.gate.check_mirror(
-                            p, slot, also=sg.clear_operation_state_early if clear else None
+                            p, slot, also=None if detached else partial(sg.prepare, clear)
                         )
-                    # A detached overlay has no view to look at: its upper is dropped unseen.
-                    problem = None if detached else sg.healthy()
-                    if problem is None and not detached:
-                        locks = sg.clear_stale_locks()
-                        if locks:
-                            log.warning("stale_locks_removed", slot=slot.slot_id, locks=locks)
+                    problem = sg.problem
+                    if sg.locks:
+                        log.warning("stale_locks_removed", slot=slot.slot_id, locks=sg.locks)
                     if slot.salvage_as and not untouched:
                         # Even a slot whose repository is broken has its work tree salvaged.
                         note = f" ({slot.salvage_note})" if slot.salvage_note else ""

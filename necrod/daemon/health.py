@@ -48,7 +48,6 @@ from necrod.daemon.mirrorkeeper import MirrorKeeper
 from necrod.daemon.pool import Pool
 from necrod.daemon.slottable import SlotTable, slot_event
 from necrod.io.gitrun import GitError
-from necrod.io.procs import processes_in
 
 log = structlog.get_logger("necrod.engine")
 
@@ -138,10 +137,9 @@ class Healer:
             if heal:
                 await self.gate.check_mirror(p, slot)
             out.append(Anomaly("slot_broken", p.name, pointer, slot.slot_id, "repaired" if heal else None))
-        locks = [name for name in ("index.lock", "HEAD.lock") if (sg.admin_dir / name).exists()]
-        if locks and not processes_in(slot.path):
-            if heal:
-                sg.clear_stale_locks()
+        # In a thread, and nothing followed: an agent decides what is at a lock's name.
+        locks = await anyio.to_thread.run_sync(sg.clear_stale_locks if heal else sg.stale_locks)
+        if locks:
             out.append(
                 Anomaly("stale_lock", p.name, ", ".join(locks), slot.slot_id, "removed" if heal else None)
             )

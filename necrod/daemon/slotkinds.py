@@ -314,8 +314,10 @@ class WorktreeSlots(GitSlots):
             return False
         finally:
             os.close(fd)
-        admin_dir = f"{self.mirror.path}/worktrees/{admin}"
-        return text.strip() == os.fsencode(f"gitdir: {admin_dir}") and os.path.isfile(f"{admin_dir}/HEAD")
+        # Nothing followed: the mirror, ``worktrees/`` included, is writable from every slot.
+        return text.strip() == os.fsencode(f"gitdir: {self.mirror.path}/worktrees/{admin}") and (
+            slotfs.kind(self.mirror.path, f"worktrees/{admin}/HEAD") == "file"
+        )
 
     def pointer_problem(self, admin: str, path: str) -> str | None:
         """Why the slot's ``.git`` file does not point at its admin directory, or None."""

@@ -304,37 +304,27 @@ def symlinks_below(
 ) -> list[str]:
     """Paths (relative to ``root``) of the symlinks and special files under ``root/rel``, or
     ``[rel]`` itself when it is not a real directory. Never descends a symlink; stops after
-    ``limit`` entries."""
+    ``limit`` entries. One directory is open at a time: the ones still to look at are kept by
+    name (an agent decides how many there are), each opened from ``root`` when its turn comes."""
     found: list[str] = []
     seen = 0
-    start = _parts(rel)
-    try:
-        with open_dir(root, start) as top:
-            stack: list[tuple[int, str]] = [(os.dup(top), "/".join(start))]
-    except FileNotFoundError:
-        return found
-    except UnsafePath:
-        return ["/".join(start)]
-    try:
-        while stack and seen <= limit:
-            fd, shown = stack.pop()
-            try:
-                for entry in os.scandir(fd):
+    stack = [_parts(rel)]
+    while stack and seen <= limit:
+        parts = stack.pop()
+        shown = "/".join(parts)
+        try:
+            with open_dir(root, parts) as fd, os.scandir(fd) as listing:
+                for entry in listing:
                     seen += 1
-                    path = f"{shown}/{entry.name}"
                     # The directory entry's type: no stat call per entry.
                     if entry.is_dir(follow_symlinks=False):
-                        try:
-                            stack.append((os.open(entry.name, _DIR_FLAGS, dir_fd=fd), path))
-                        except OSError:
-                            found.append(path)
+                        stack.append([*parts, entry.name])
                     elif not entry.is_file(follow_symlinks=False):
-                        found.append(path)
-            finally:
-                os.close(fd)
-    finally:
-        for fd, _ in stack:
-            os.close(fd)
+                        found.append(f"{shown}/{entry.name}")
+        except FileNotFoundError:
+            continue  # gone since it was listed (or never there, at the top)
+        except UnsafePath:  # not a real directory (any more)
+            found.append(shown)
     return found
 
 

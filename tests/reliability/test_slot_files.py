@@ -283,6 +283,33 @@ def test_a_fifo_or_a_huge_file_in_the_slot_never_stalls_the_daemon(scene: Scene,
         assert planted.is_file() and planted.stat().st_size < SPARSE_BYTES
 
 
+@pytest.mark.parametrize("kind", ["worktree", "shared-clone"])
+def test_a_lock_made_a_directory_of_many_files_is_removed_off_the_loop(scene: Scene) -> None:
+    """A killed git's ``index.lock`` is removed at cleanup, whatever is at its name: 200,000
+    files there took the event loop 3 s to delete (a worktree's is in the mirror, where any
+    slot of the pool can plant it)."""
+    lease, slot = fresh_lease(scene, "lock-dir")
+    lock = scene.git_dir(slot) / "index.lock"
+    lock.mkdir()
+    fd = os.open(lock, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for i in range(200_000):
+            os.close(os.open(str(i), os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+    stop, stalls = threading.Event(), Stalls()
+    prober = threading.Thread(target=probe_status, args=(scene.d, stop, stalls))
+    prober.start()
+    try:
+        back = release_and_settle(scene, lease, timeout=120)
+    finally:
+        stop.set()
+        prober.join(30)
+    assert stalls.calls > 0 and stalls.worst_s < 1.0, f"daemon.status stalled {stalls.worst_s:.2f}s"
+    assert back["state"] == "available", back
+    assert not lock.exists() and "work.txt" in salvaged_files(scene, lease["lease_id"])
+
+
 # --- 17a: salvage writes nothing through a symlinked object or ref directory ----------------------------
 
 
