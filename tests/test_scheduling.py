@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 
+from necrod.core.config.model import ContainerSpec, KubernetesSpec, RunnerProfile
 from necrod.core.scheduler import FairShare, ProfileView, choose_profile, effective_priority, eligible, order
 from necrod.core.tasks import Task, body_dependencies, find_cycle, levels, retry_delay
 from necrod.core.templates import TemplateError, check, render
@@ -73,6 +75,31 @@ def test_profiles_by_skill_and_capacity() -> None:
     assert choose_profile(task, [general, py], {"py": 1, "general": 2}, "skill") is None
     assert choose_profile(mk(2, skills=["go"]), [general, py], {}, "fifo") == general
     assert eligible(mk(3, runner="py"), [general, py]) == [py]
+
+
+def test_a_task_of_a_peer_that_is_not_an_admin_runs_only_where_that_is_no_escalation() -> None:
+    """``process`` and ``tmux`` runners run as the daemon's uid, an admin: a non-admin's task
+    there would give its submitter the daemon's rights (docs/operations.md, Peers)."""
+    daemon = 1000
+    plain = RunnerProfile(name="plain")
+    boxed = RunnerProfile(name="boxed", launcher="container", container=ContainerSpec(image="i"))
+    as_root = RunnerProfile(name="root", launcher="container", container=ContainerSpec(image="i", user="0:0"))
+    as_daemon = RunnerProfile(
+        name="d", launcher="kubernetes", kubernetes=KubernetesSpec(image="i", user="1000:1000")
+    )
+    assert not plain.open_to_anyone(daemon) and boxed.open_to_anyone(daemon)
+    assert not as_root.open_to_anyone(daemon) and not as_daemon.open_to_anyone(daemon)
+    assert RunnerProfile(name="opt-in", submitters="anyone").open_to_anyone(daemon)
+    assert not replace(boxed, submitters="admins").open_to_anyone(daemon)
+    views = [
+        ProfileView(p.name, frozenset({"x"}), 1, open_to_anyone=p.open_to_anyone(daemon))
+        for p in (plain, boxed)
+    ]
+    assert [v.name for v in eligible(mk(1, skills=["x"]), views)] == ["plain", "boxed"]
+    assert [v.name for v in eligible(mk(2, skills=["x"], non_admin=True), views)] == ["boxed"]
+    assert eligible(mk(3, runner="plain", non_admin=True), views) == []
+    assert Task.from_row(mk(4, non_admin=True).to_row()).non_admin  # kept across restarts
+    assert not Task.from_row({k: v for k, v in mk(5).to_row().items() if k != "non_admin"}).non_admin
 
 
 def test_templates() -> None:

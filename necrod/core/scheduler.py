@@ -39,6 +39,8 @@ class ProfileView:
     pools: frozenset[str] | None = None
     #: Why it starts nothing now (an operator paused it), or None.
     paused: str | None = None
+    #: Whether it runs tasks of peers that are not admins (``RunnerProfile.open_to_anyone``).
+    open_to_anyone: bool = True
 
 
 def eligible(task: Task, profiles: Iterable[ProfileView], host_skills: frozenset[str] = frozenset()
@@ -53,6 +55,8 @@ def eligible(task: Task, profiles: Iterable[ProfileView], host_skills: frozenset
         if not set(task.skills) <= p.skills | host_skills:
             continue
         if p.pools is not None and task.pool not in p.pools:
+            continue
+        if task.non_admin and not p.open_to_anyone:
             continue
         out.append(p)
     return out

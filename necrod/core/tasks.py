@@ -122,6 +122,9 @@ class Task:
     #: The uid that submitted the task: its leases are that uid's, and only it (or an admin)
     #: may cancel or retry it. None on tasks recorded before owners were: admins only.
     uid: int | None = None
+    #: Its submitter was not an admin: it runs only on a profile open to anyone, on this host
+    #: (a runner as the daemon's uid would give the submitter the daemon's rights).
+    non_admin: bool = False
     #: Who cancelled it (``uid``, ``pid``, ``client``: the name it gave in ``hello``) and why.
     cancelled_by: dict[str, Any] | None = None
     cancel_reason: str | None = None

@@ -143,10 +143,12 @@ class Dispatcher:
 
     # --- the task book ----------------------------------------------------------------------------
 
-    async def submit(self, params: dict[str, Any], uid: int | None = None) -> dict[str, Any]:
+    async def submit(
+        self, params: dict[str, Any], uid: int | None = None, *, admin: bool = True
+    ) -> dict[str, Any]:
         """One task, or a batch (``tasks: [...]``) with dependencies between its members, owned
-        by ``uid``."""
-        return await self.book.submit(params, uid)
+        by ``uid`` (an admin, or not: see ``Task.non_admin``)."""
+        return await self.book.submit(params, uid, admin=admin)
 
     def task(self, task_id: str) -> Task:
         return self.book.task(task_id)

@@ -385,7 +385,9 @@ class Api:
         return {"text": self.metrics.render()}
 
     async def tasks_submit(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
-        return await self.dispatcher.submit({k: v for k, v in params.items() if v is not None}, ctx.peer.uid)
+        return await self.dispatcher.submit(
+            {k: v for k, v in params.items() if v is not None}, ctx.peer.uid, admin=ctx.admin
+        )
 
     def _own_tasks(self, ctx: CallContext, task_id: str | None, batch: str | None) -> None:
         """Only a task's submitter (or an admin) may cancel, retry or read it."""

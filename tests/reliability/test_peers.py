@@ -129,11 +129,11 @@ def shared_daemon(
     """A daemon whose socket other uids may reach (``socket_group: nogroup``)."""
     workdir.chmod(0o711)
 
-    def make(daemon: dict[str, Any] | None = None, **defaults: Any) -> Necrod:
+    def make(daemon: dict[str, Any] | None = None, extra: str = "", **defaults: Any) -> Necrod:
         (workdir / "d").mkdir(exist_ok=True)
         (workdir / "d").chmod(0o711)
         pool = {"slots": 2, "min_idle": 0, **defaults}
-        return necrod_factory(daemon_config({"repo": origin}, {**SHARED, **(daemon or {})}, **pool))
+        return necrod_factory(daemon_config({"repo": origin}, {**SHARED, **(daemon or {})}, **pool) + extra)
 
     yield make
 
@@ -241,9 +241,24 @@ def test_events_show_lease_ids_to_their_owner_only(shared_daemon: Callable[..., 
     assert all(s["lease_id"] is None for s in snapshot["slots"])
 
 
+#: Runner profiles: ``open`` runs anyone's tasks (as the daemon's uid: the operator said so),
+#: ``mine`` only admins' (the default for a ``process`` runner); tasks that name none go to ``mine``.
+RUNNERS = """\
+dispatcher:
+  default_runner: mine
+runners:
+  open:
+    submitters: anyone
+    max_concurrency: 4
+  mine:
+    command: ["id", "-u"]
+    skills: [build]
+"""
+
+
 def test_another_uids_task_cannot_be_cancelled_retried_or_read(shared_daemon: Callable[..., Necrod]) -> None:
-    d = shared_daemon()
-    submitted = call_as(OWNER, d, "tasks.submit", {"pool": "repo", "command": ["sleep", "60"],
+    d = shared_daemon(extra=RUNNERS)
+    submitted = call_as(OWNER, d, "tasks.submit", {"pool": "repo", "runner": "open", "command": ["sleep", "60"],
                                                    "env": {"API_TOKEN": "s3cret"}, "payload": {"k": "s3cret"}})  # fmt: skip
     task_id = submitted["task_id"]
     wait_for(
@@ -261,6 +276,27 @@ def test_another_uids_task_cannot_be_cancelled_retried_or_read(shared_daemon: Ca
     assert refused(call_as(INTRUDER, d, "slots.release", {"lease_id": lease_id}))
     assert call_as(OWNER, d, "slots.heartbeat", {"lease_id": lease_id})["lease_id"] == lease_id
     assert call_as(OWNER, d, "tasks.cancel", {"task_id": task_id})["state"] == "cancelled"
+
+
+def test_a_peer_that_is_not_an_admin_cannot_have_code_run_as_the_daemon(
+    shared_daemon: Callable[..., Necrod],
+) -> None:
+    """A ``process`` runner runs as the daemon's uid, an admin: a task of a peer that is not one
+    there (its own command, or a profile's with its ``env``: ``LD_PRELOAD``) would hand it every
+    lease, task and key of the daemon. Refused, naming the profiles; an admin's goes on."""
+    d = shared_daemon(extra=RUNNERS)
+    for params in ({"command": ["id", "-u"]}, {"runner": "mine"}, {"skills": ["build"]},
+                   {"runner": "mine", "env": {"LD_PRELOAD": "/tmp/evil.so"}},
+                   {"tasks": [{"runner": "open", "command": ["true"]}, {"runner": "mine"}]}):  # fmt: skip
+        reply = call_as(OWNER, d, "tasks.submit", {"pool": "repo", **params})
+        assert refused(reply), (params, reply)
+    reply = call_as(OWNER, d, "tasks.submit", {"pool": "repo", "runner": "mine"})
+    assert "is not an admin" in reply["message"] and "mine" in reply["message"], reply
+    assert d.call("tasks.list", {})["tasks"] == [], "a refused batch left a task behind"
+    # What an admin submits runs there, as the daemon.
+    task_id = d.call("tasks.submit", {"pool": "repo", "runner": "mine"})["task_id"]
+    wait_for(lambda: d.call("tasks.get", {"task_id": task_id})["state"] == "succeeded", 60, what="the task")
+    assert d.call("tasks.logs", {"task_id": task_id})["data"].strip() == "0"
 
 
 def test_owners_survive_a_restart_and_rows_without_one_are_admin_only(

@@ -270,6 +270,21 @@ class RunnerProfile:
     salvage: str = "on-failure"
     #: ``salvage``: a retry starts from the previous attempt's salvage instead of the base.
     resume: str = "base"
+    #: Whose tasks it runs: ``anyone`` or ``admins``; None: anyone's where its runners have a
+    #: uid of their own (``runs_as_own_uid``), else only admins' (docs/operations.md, Peers).
+    submitters: str | None = None
+
+    def runs_as_own_uid(self, daemon_uid: int) -> bool:
+        """Whether its runners run as a uid that is not an admin: a container's or pod's
+        ``user`` other than root and the daemon's (``process`` and ``tmux`` run as the daemon's)."""
+        boundary = self.container or self.kubernetes
+        return boundary is not None and int(boundary.user.split(":")[0]) not in (0, daemon_uid)
+
+    def open_to_anyone(self, daemon_uid: int) -> bool:
+        """Whether a peer that is not an admin may have tasks run here (``submitters``)."""
+        if self.submitters is not None:
+            return self.submitters == "anyone"
+        return self.runs_as_own_uid(daemon_uid)
 
 
 @dataclass(frozen=True, slots=True)

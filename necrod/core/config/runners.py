@@ -57,6 +57,7 @@ _RUNNER_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "ports": int_in(0, MAX_LEASE_PORTS),
     "salvage": one_of("on-failure", "always"),
     "resume": one_of("base", "salvage"),
+    "submitters": one_of("anyone", "admins"),
 }
 
 

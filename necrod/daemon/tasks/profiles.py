@@ -7,6 +7,7 @@ enforce), and calls ``wake`` when a pause ends."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -93,16 +94,21 @@ class Profiles:
         return replace(DEFAULT_PROFILE, name=attempt.runner, launcher=launcher)
 
     def views(self) -> list[ProfileView]:
+        uid = os.geteuid()
         return [ProfileView(p.name, frozenset(p.skills), p.max_concurrency,
-                            frozenset(p.pools) if p.pools is not None else None, self.paused_reason(p.name))
+                            frozenset(p.pools) if p.pools is not None else None, self.paused_reason(p.name),
+                            p.open_to_anyone(uid))
                 for p in self._config().runners.values()]  # fmt: skip
 
     def places(self, task: Task) -> list[tuple[str | None, frozenset[str]]]:
         """Where ``task`` could run, ignoring load: this host (None) and the hosts serving its pool,
-        each with the skills it adds."""
+        each with the skills it adds. A task of a peer that is not an admin runs on this host
+        only: another host runs it as the user necrod reaches it as."""
         places: list[tuple[str | None, frozenset[str]]] = []
         if self.cfg.run_locally and task.pool in self._pools():
             places.append((None, frozenset()))
+        if task.non_admin:
+            return places
         places += [
             (name, frozenset(h.skills)) for name, h in self._config().hosts.items() if task.pool in h.pools
         ]
@@ -122,6 +128,7 @@ class Profiles:
         if (
             not found
             and not refused
+            and not task.non_admin  # the stand-in runs as the daemon's uid
             and task.runner is None
             and not task.skills
             and task.command is not None

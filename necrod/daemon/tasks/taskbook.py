@@ -12,6 +12,7 @@ import itertools
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +42,14 @@ from necrod.daemon.tasks.profiles import Profiles
 from necrod.daemon.tasks.runs import Active
 from necrod.io.launchers import read_log
 from necrod.io.store import Delete, Event, Put, StateStore
-from necrod.proto.errors import FailedPrecondition, InvalidParams, NecrodError, NotFound, Unavailable
+from necrod.proto.errors import (
+    FailedPrecondition,
+    InvalidParams,
+    NecrodError,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 from necrod.proto.methods import TASK_KEYS, did_you_mean
 
 if TYPE_CHECKING:
@@ -90,7 +98,8 @@ class TaskBook:
 
     # --- submitting -------------------------------------------------------------------------------
 
-    def _build(self, spec: dict[str, Any], defaults: dict[str, Any], seq: int, batch: str | None) -> Task:
+    def _build(self, spec: dict[str, Any], defaults: dict[str, Any], seq: int, batch: str | None, *,
+               non_admin: bool = False, uid: int | None = None) -> Task:  # fmt: skip
         def get(name: str, fallback: Any = None) -> Any:
             value = spec.get(name)
             return value if value is not None else defaults.get(name, fallback)
@@ -145,11 +154,22 @@ class TaskBook:
             payload=get("payload"), priority=int(get("priority", 0)), labels=list(get("labels", [])),
             skills=list(get("skills", [])), max_retries=int(retries), timeout_s=get("timeout_s"), env=dict(env),
             ref=ref, branch=branch, sparse=sparse, project=get("project"), batch=batch, key=spec.get("key"),
-            failure_strategy=strategy, resume=resume,
+            failure_strategy=strategy, resume=resume, non_admin=non_admin,
         )  # fmt: skip
         if runner is not None:
             self.profiles.profile(runner)
         profiles = self.profiles.profiles_for(task)
+        if (
+            not profiles
+            and non_admin
+            and (admins_only := self.profiles.profiles_for(replace(task, non_admin=False)))
+        ):
+            names = ", ".join(sorted(p.name for p in admins_only))
+            raise PermissionDenied(
+                f"uid {uid} is not an admin: its tasks run only on a runner profile open to anyone "
+                f"(submitters: anyone, or a container or pod user of its own), here; {names} would run "
+                "it as the daemon's uid (docs/operations.md, Peers)", runner=runner,
+            )  # fmt: skip
         if not profiles:
             wanted = f"skills {', '.join(task.skills)}" if task.skills else "a command"
             refused = self.profiles.refusals(task)
@@ -169,9 +189,11 @@ class TaskBook:
                 raise InvalidParams(f"command template: {exc}", param="command") from None
         return task
 
-    async def submit(self, params: dict[str, Any], uid: int | None = None) -> dict[str, Any]:
+    async def submit(
+        self, params: dict[str, Any], uid: int | None = None, *, admin: bool = True
+    ) -> dict[str, Any]:
         """One task, or a batch (``tasks: [...]``) with dependencies between its members, owned
-        by ``uid``."""
+        by ``uid`` (an admin, or not: see ``Task.non_admin``)."""
         if self._stopping():
             raise Unavailable("the daemon is shutting down")
         specs = params.get("tasks")
@@ -195,7 +217,7 @@ class TaskBook:
                     f"{where}: unknown key {name!r}{did_you_mean(name, TASK_KEYS)}", param=name
                 )
             try:
-                task = self._build(spec, defaults, seq + i, batch)
+                task = self._build(spec, defaults, seq + i, batch, non_admin=not admin, uid=uid)
             except NecrodError as exc:
                 if single:
                     raise
