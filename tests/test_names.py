@@ -8,7 +8,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from necrod.core.names import check_branch, check_ref, parse_slot_id, pool_name_problem, ref_name_problem
+from necrod.core.names import (
+    check_branch,
+    check_ref,
+    parse_slot_id,
+    pool_name_problem,
+    ref_name_problem,
+    shown_url,
+)
 from necrod.proto.errors import InvalidParams
 
 
@@ -79,3 +86,12 @@ def test_slot_ids() -> None:
     for bad in ("12", "pool/", "pool/x", "../1", "-p/1"):
         with pytest.raises(InvalidParams):
             parse_slot_id(bad)
+
+
+def test_a_url_is_shown_without_its_secret() -> None:
+    """pools.get and pools.list answer every peer; a token in ``repo_url`` is the operator's."""
+    assert shown_url("https://user:ghp_s3cret@github.com/o/r.git") == "https://user:***@github.com/o/r.git"
+    assert shown_url("https://ghp_s3cret@github.com/o/r") == "https://***@github.com/o/r"
+    assert shown_url("https://a:b@c@host") == "https://a:***@host"
+    for kept in ("https://github.com/o/r.git", "git@github.com:o/r.git", "/srv/git/r.git", "file:///srv/r"):
+        assert shown_url(kept) == kept

@@ -117,3 +117,18 @@ def index_path_problem(path: str) -> str | None:
         if part.lower().rstrip(". ") == ".git":
             return "names a .git directory"
     return None
+
+
+def shown_url(url: str) -> str:
+    """``url`` as a peer may see it: a password or token in its user part (``https://user:TOKEN@``,
+    ``https://TOKEN@``) replaced by ``***``. The mirror's config keeps the real one."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url  # a path, or scp-like ``user@host:path`` (ssh: no secret in it)
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, host = netloc.rpartition("@")
+    if not at:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    shown = f"{user}:***" if colon else "***"
+    return f"{scheme}://{shown}@{host}{slash}{path}"

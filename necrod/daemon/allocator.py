@@ -28,7 +28,7 @@ import anyio
 import structlog
 
 from necrod.core.clock import Clock
-from necrod.core.names import check_branch, check_ref, looks_like_sha
+from necrod.core.names import check_branch, check_ref, looks_like_sha, shown_url
 from necrod.core.ports import choose_block
 from necrod.core.refs import resolve
 from necrod.core.slots import Lease, Slot, SlotState, choose_slot, new_lease_id
@@ -227,7 +227,9 @@ class Allocator:
         if commit is None and looks_like_sha(ref):
             commit = await p.mirror.has_commit(ref)
         if commit is None:
-            raise NotFound(f"ref {ref!r} is not in {p.config.repo_url} (fetched just now)", ref=ref)
+            raise NotFound(
+                f"ref {ref!r} is not in {shown_url(p.config.repo_url)} (fetched just now)", ref=ref
+            )
         return commit
 
     # --- waiting -------------------------------------------------------------------------------------

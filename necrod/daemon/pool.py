@@ -10,6 +10,7 @@ from typing import Any
 import anyio
 
 from necrod.core.config import PoolConfig
+from necrod.core.names import shown_url
 from necrod.core.sizing import PoolCounts, quarantine_shortfall
 from necrod.core.slots import Slot, SlotState
 from necrod.daemon.layers import Layers
@@ -252,7 +253,7 @@ class Pool:
             "name": self.name,
             "state": "draining" if self.draining else self.state,
             "error": self.error,
-            "repo_url": self.config.repo_url,
+            "repo_url": shown_url(self.config.repo_url),
             "base": self.base_ref,
             "base_commit": self.base_commit,
             "slots": self.by_state(),
