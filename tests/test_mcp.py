@@ -369,7 +369,15 @@ async def test_over_http_on_loopback_with_a_token_and_released_when_the_server_s
 
 
 def test_http_is_served_on_loopback_only() -> None:
-    for address in ("0.0.0.0:8765", "192.168.1.10:8765", "[::]:8765", "example.com:8765", "127.0.0.1:0"):
+    # 127.0.0.2 is loopback too, but the SDK checks Host and Origin only on the usual three.
+    for address in (
+        "0.0.0.0:8765",
+        "192.168.1.10:8765",
+        "[::]:8765",
+        "example.com:8765",
+        "127.0.0.1:0",
+        "127.0.0.2:8765",
+    ):
         done = subprocess.run([PY, "-m", "necrod", "mcp", "--http", address], capture_output=True, text=True,
                               timeout=60)  # fmt: skip
         assert done.returncode == 2 and "--http" in done.stderr, (address, done.stderr)

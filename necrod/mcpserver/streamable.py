@@ -38,6 +38,10 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+#: The loopback hosts the MCP SDK guards against DNS rebinding (it checks Host and Origin).
+SDK_GUARDED = ("127.0.0.1", "::1")
+
+
 def loopback(address: str) -> tuple[str, int]:
     """``HOST:PORT`` with a loopback HOST; raises ValueError saying what is wrong."""
     host, sep, port = address.rpartition(":")
@@ -54,6 +58,10 @@ def loopback(address: str) -> tuple[str, int]:
                 f"--http {address!r}: only a loopback address is served (reach another host's daemon "
                 "with -H ssh://, and run necrod mcp where the agent runs)"
             )
+        if str(ip) not in SDK_GUARDED:
+            # The SDK checks Host and Origin (DNS rebinding) on these three names only.
+            raise ValueError(f"--http {address!r}: HOST must be 127.0.0.1, ::1 or localhost")
+        host = str(ip)
     return host, int(port)
 
 
