@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -73,6 +74,7 @@ class Allocator:
     def __init__(
         self, *, table: SlotTable, jobs: Jobs, gate: GitGate, sizer: PoolSizer, keeper: MirrorKeeper,
         metrics: Metrics, clock: Clock, port_range: tuple[int, int] = (20000, 29999),
+        max_leases_per_uid: int = 64,
     ) -> None:  # fmt: skip
         self.table = table
         self.jobs = jobs
@@ -86,8 +88,11 @@ class Allocator:
         self.lease_hooks: list[LeaseHook] = []
         #: Called with the pool's name after a slot becomes available.
         self.on_slot_available: list[Callable[[str], None]] = []
-        #: ``daemon.port_range`` (kept current by the engine at a reload).
+        #: ``daemon.port_range`` and ``max_leases_per_uid`` (kept current by the engine at a reload).
         self.port_range = port_range
+        self.max_leases_per_uid = max_leases_per_uid
+        #: Allocations under way (waiting included) by uids that are not admins.
+        self._allocating: Counter[int] = Counter()
         self._next_port: int | None = None
 
     async def allocate(
@@ -108,13 +113,39 @@ class Allocator:
         sparse: list[str] | None = None,
         resume: SalvagePoint | None = None,
         with_grant: WithGrant | None = None,
+        admin: bool = True,
     ) -> dict[str, Any]:
         """A lease on a slot of ``pool``, owned by ``uid`` (and, for a task's contained runner,
         also usable by ``runner_uid``); with ``affinity``, preferably the idle slot last
         released under that key; with ``ports`` (else the pool's), that many TCP ports; with
         ``sparse``, the slot narrowed or widened to those directories (``[]``: all) for it; with
         ``resume``, starting where that salvage's lease stopped (``resume.py``); with ``with_grant``,
-        what it makes committed with the grant."""
+        what it makes committed with the grant. A ``uid`` that is not an ``admin`` holds and
+        waits for ``max_leases_per_uid`` leases at most."""
+        if admin or uid is None:
+            return await self._allocate(pool, holder, ttl_s, ref, branch, wait_s, metadata, task_id, uid, runner_uid,
+                                        affinity, ports, sparse, resume, with_grant)  # fmt: skip
+        held = sum(
+            1 for p in self.table.pools.values() for s in p.slots.values() if s.lease and s.lease.uid == uid
+        )
+        if held + self._allocating[uid] >= self.max_leases_per_uid:
+            raise ResourceExhausted(
+                f"uid {uid} holds or waits for {held + self._allocating[uid]} leases, its most "
+                f"(daemon.max_leases_per_uid: {self.max_leases_per_uid}); release one first", pool=pool,
+            )  # fmt: skip
+        self._allocating[uid] += 1
+        try:
+            return await self._allocate(pool, holder, ttl_s, ref, branch, wait_s, metadata, task_id, uid, runner_uid,
+                                        affinity, ports, sparse, resume, with_grant)  # fmt: skip
+        finally:
+            self._allocating[uid] -= 1
+
+    async def _allocate(
+        self, pool: str, holder: str | None, ttl_s: float | None, ref: str | None, branch: str | None,
+        wait_s: float | None, metadata: dict[str, Any] | None, task_id: str | None, uid: int | None,
+        runner_uid: int | None, affinity: str | None, ports: int | None, sparse: list[str] | None,
+        resume: SalvagePoint | None, with_grant: WithGrant | None,
+    ) -> dict[str, Any]:  # fmt: skip
         started = time.perf_counter()
         p = self.table.pool(pool)
         wanted = None if sparse is None else check_sparse(sparse)

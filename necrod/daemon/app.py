@@ -182,6 +182,7 @@ class Daemon:
             workspaces=workspaces,
             git_concurrency=self.config.daemon.git_concurrency,
             port_range=self.config.daemon.port_range,
+            max_leases_per_uid=self.config.daemon.max_leases_per_uid,
             allowed_protocols=self.config.daemon.allowed_protocols,
             metrics=self.metrics,
         )

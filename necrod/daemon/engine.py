@@ -64,6 +64,7 @@ class PoolEngine:
         workspaces: Path,
         git_concurrency: int,
         port_range: tuple[int, int] = (20000, 29999),
+        max_leases_per_uid: int = 64,
         allowed_protocols: tuple[str, ...] = DEFAULT_PROTOCOLS,
         clock: Clock | None = None,
         metrics: Metrics | None = None,
@@ -82,7 +83,7 @@ class PoolEngine:
         self.preparer = preparer = Preparer(table=table, jobs=jobs, gate=gate, clock=self.clock)
         self.allocator = allocator = Allocator(
             table=table, jobs=jobs, gate=gate, sizer=sizer, keeper=keeper, metrics=metrics, clock=self.clock,
-            port_range=port_range,
+            port_range=port_range, max_leases_per_uid=max_leases_per_uid,
         )  # fmt: skip
         self.cleanup = cleanup = Cleanup(table=table, jobs=jobs, gate=gate, sizer=sizer, allocator=allocator,
                                          keeper=keeper, preparer=preparer, metrics=metrics, clock=self.clock)  # fmt: skip
@@ -219,6 +220,7 @@ class PoolEngine:
         changes: list[str] = []
         self.gate.limiter.total_tokens = config.daemon.git_concurrency
         self.allocator.port_range = config.daemon.port_range
+        self.allocator.max_leases_per_uid = config.daemon.max_leases_per_uid
         for name, pc in config.pools.items():
             p = self.table.pools.get(name)
             if p is None:

@@ -201,6 +201,7 @@ class Api:
             ports=params["ports"],
             sparse=params["sparse"],
             resume=resume,
+            admin=ctx.admin,
         )
         # A lease nobody heard about (the caller vanished while queued) goes back at once.
         ctx.undelivered.append(lambda: self.allocator.abandon(lease["lease_id"]))

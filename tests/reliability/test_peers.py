@@ -299,6 +299,29 @@ def test_a_peer_that_is_not_an_admin_cannot_have_code_run_as_the_daemon(
     assert d.call("tasks.logs", {"task_id": task_id})["data"].strip() == "0"
 
 
+def test_one_uid_cannot_take_every_slot_or_fill_the_queue(shared_daemon: Callable[..., Necrod]) -> None:
+    d = shared_daemon({"max_leases_per_uid": 1, "max_tasks_per_uid": 3}, extra=RUNNERS, slots=3, max_slots=3)
+    mine = call_as(OWNER, d, "slots.allocate", {"pool": "repo"})
+    assert refused(call_as(OWNER, d, "slots.allocate", {"pool": "repo", "wait_s": 5}), "resource_exhausted")
+    assert "max_leases_per_uid" in call_as(OWNER, d, "slots.allocate", {"pool": "repo"})["message"]
+    assert "lease_id" in call_as(INTRUDER, d, "slots.allocate", {"pool": "repo"}), "the cap is per uid"
+    assert "lease_id" in d.call("slots.allocate", {"pool": "repo"}), "an admin is not held to it"
+    call_as(OWNER, d, "slots.release", {"lease_id": mine["lease_id"]})
+    d.call("runners.pause", {"runner": "open", "reason": "hold the queue"})
+    batch = call_as(OWNER, d, "tasks.submit", {"pool": "repo", "runner": "open", "command": ["true"],
+                                               "tasks": [{}, {}]})  # fmt: skip
+    assert len(batch["tasks"]) == 2
+    reply = call_as(OWNER, d, "tasks.submit", {"pool": "repo", "runner": "open", "tasks": [{}, {}],
+                                               "command": ["true"]})  # fmt: skip
+    assert refused(reply, "resource_exhausted") and "max_tasks_per_uid" in reply["message"], reply
+    assert "task_id" in call_as(
+        OWNER, d, "tasks.submit", {"pool": "repo", "runner": "open", "command": ["true"]}
+    )
+    assert all("task_id" in d.call("tasks.submit", {"pool": "repo", "runner": "open", "command": ["true"]})
+               for _ in range(4))  # fmt: skip
+    FIGURES["calls past a per-uid quota refused"] += 3
+
+
 def test_owners_survive_a_restart_and_rows_without_one_are_admin_only(
     shared_daemon: Callable[..., Necrod],
 ) -> None:

@@ -84,6 +84,10 @@ class DaemonConfig:
     max_connections: int = 1024
     #: Connections one uid that is not an admin may hold (so one peer cannot lock others out).
     max_connections_per_uid: int = 256
+    #: Leases one uid that is not an admin may hold and wait for at once, over every pool.
+    max_leases_per_uid: int = 64
+    #: Unfinished tasks (queued, blocked, running) one uid that is not an admin may have.
+    max_tasks_per_uid: int = 10_000
     #: Bytes of unfinished request lines held for all connections together (a quarter per
     #: non-admin uid), so half-sent lines cannot exhaust memory.
     max_buffered_bytes: int = 64 * MIB

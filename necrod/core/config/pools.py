@@ -258,6 +258,8 @@ _DAEMON_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "admin_group": is_str,
     "max_connections": int_in(1, 65_536),
     "max_connections_per_uid": int_in(1, 65_536),
+    "max_leases_per_uid": int_in(1, 1_000_000),
+    "max_tasks_per_uid": int_in(1, 10_000_000),
     "shutdown_grace_s": num_in(0, 3600),
     "write_timeout_s": num_in(0.1, 3600),
     "read_timeout_s": num_in(0.1, 3600),

@@ -48,6 +48,7 @@ from necrod.proto.errors import (
     NecrodError,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     Unavailable,
 )
 from necrod.proto.methods import TASK_KEYS, did_you_mean
@@ -189,6 +190,17 @@ class TaskBook:
                 raise InvalidParams(f"command template: {exc}", param="command") from None
         return task
 
+    def _check_quota(self, uid: int, adding: int) -> None:
+        """A uid that is not an admin has ``daemon.max_tasks_per_uid`` unfinished tasks at most:
+        finished ones are pruned, queued ones are not, and each is memory and a row."""
+        limit = self._config().daemon.max_tasks_per_uid
+        unfinished = sum(1 for t in self.tasks.values() if t.uid == uid and t.state not in FINISHED)
+        if unfinished + adding > limit:
+            raise ResourceExhausted(
+                f"uid {uid} has {unfinished} unfinished tasks; {adding} more would pass its most "
+                f"(daemon.max_tasks_per_uid: {limit})"
+            )
+
     async def submit(
         self, params: dict[str, Any], uid: int | None = None, *, admin: bool = True
     ) -> dict[str, Any]:
@@ -203,6 +215,8 @@ class TaskBook:
             specs = [{}]
         if not isinstance(specs, list) or not specs or not all(isinstance(s, dict) for s in specs):
             raise InvalidParams("tasks must be a non-empty list of task objects", param="tasks")
+        if not admin and uid is not None:
+            self._check_quota(uid, len(specs))
         batch = None if single else f"b-{self.next_batch}"
         seq = self.next_seq
         built: list[Task] = []
