@@ -22,7 +22,6 @@ from necrod.daemon.pickup import patch
 from necrod.daemon.resume import SalvagePoint, salvage_point, settled_salvage
 from necrod.io.slotfs import read_head
 from necrod.io.steps import read_chunk
-from necrod.io.store import Event
 from necrod.proto.errors import InvalidParams, NotFound, PermissionDenied, UnsupportedProtocol
 from necrod.proto.methods import EVENT_TOPICS
 from necrod.proto.router import CallContext, Router
@@ -260,13 +259,15 @@ class Api:
             raise InvalidParams("this connection cannot receive events")
         store, bus = self.store, self.bus
         # Registered and measured with no await in between: nothing committed can fall in a gap.
-        sub = bus.subscribe(topics)
+        sub = bus.subscribe(topics, connection=ctx.connection_id, uid=None if ctx.admin else ctx.peer.uid)
+        ctx.on_close.append(lambda: bus.unsubscribe(sub))
         last = store.last_seq
-        replay: list[Event] = []
         truncated = False
         if since is not None:
-            truncated = since + 1 < store.first_seq() and since < last
-            replay = store.events_since(since, until=last, topics=topics)
+            first = store.first_seq()
+            truncated = since + 1 < first and since < last
+            if truncated:
+                since = first - 1
         result: dict[str, Any] = {
             "subscription": "s-" + secrets.token_hex(4),
             "seq": last,
@@ -277,31 +278,42 @@ class Api:
                 "pools": [p.view() for p in self.table.pools.values()],
                 "slots": self.table.list_slots(viewer=ctx.viewer),
             }
-        ctx.on_close.append(lambda: bus.unsubscribe(sub))
         notify, spawn, close, viewer = ctx.notify, ctx.spawn, ctx.close, ctx.viewer
+        # An admin's replays wait only behind its own connection's; anyone else's behind its uid's.
+        turn = ("connection", ctx.connection_id) if ctx.admin else ("uid", ctx.peer.uid)
+        sid = result["subscription"]
+
+        async def overflow(message: str) -> None:
+            await notify("event", {"subscription": sid, "type": "overflow", "topic": "daemon", "seq": None,
+                                   "message": message})  # fmt: skip
+            if close is not None:
+                close()
+
+        async def send(event: dict[str, Any]) -> None:
+            await notify("event", {"subscription": sid, **event})
 
         async def pump() -> None:
-            sid = result["subscription"]
-            for event in replay:
-                await notify("event", {"subscription": sid, **as_seen_by(event, viewer)})
+            # Live events are queued on ``sub`` from the moment it was registered, so the
+            # replay (up to ``last``) and then the queue (after ``last``) leave no gap.
+            if since is not None and not await bus.replay(
+                store, sub, turn=turn, since=since, until=last, viewer=viewer, send=send
+            ):
+                if sub.closed:
+                    return
+                await overflow(
+                    "subscriber fell too far behind; reconnect with since to resume"
+                    if sub.overflowed
+                    else "the history was pruned past this replay while it ran; reconnect with "
+                    "since to resume (the reply will say truncated)"
+                )
+                return
             while True:
                 batch = await sub.next_batch()
                 for event in batch:
                     if event.seq > last:
-                        await notify("event", {"subscription": sid, **as_seen_by(event, viewer)})
+                        await send(as_seen_by(event, viewer))
                 if sub.overflowed:
-                    await notify(
-                        "event",
-                        {
-                            "subscription": sid,
-                            "type": "overflow",
-                            "topic": "daemon",
-                            "seq": None,
-                            "message": "subscriber fell too far behind; reconnect with since to resume",
-                        },
-                    )
-                    if close is not None:
-                        close()
+                    await overflow("subscriber fell too far behind; reconnect with since to resume")
                     return
                 if sub.closed:
                     return

@@ -242,21 +242,17 @@ class StateStore:
         topics: Iterable[str] | None = None,
         limit: int = 100_000,
     ) -> list[Event]:
-        sql = "SELECT seq, ts, topic, type, data FROM events WHERE seq > ?"
-        args: list[Any] = [since]
-        if until is not None:
-            sql += " AND seq <= ?"
-            args.append(until)
-        if topics is not None:
-            wanted = list(topics)
-            sql += f" AND topic IN ({','.join('?' * len(wanted))})"
-            args.extend(wanted)
-        sql += " ORDER BY seq LIMIT ?"
-        args.append(limit)
+        """At most ``limit`` events after ``since``, read on the writer's connection, on the
+        loop: for a few. A subscriber's replay reads pages through an ``EventReader`` instead."""
+        sql, args = _events_query(since, until, topics, limit)
         return [
             Event(topic, type_, json.loads(data), ts, seq)
             for seq, ts, topic, type_, data in self._conn.execute(sql, args)
         ]
+
+    def reader(self) -> EventReader:
+        """A reader of the event history for a worker thread (see ``EventReader``)."""
+        return EventReader(self.path)
 
     # --- writing ---------------------------------------------------------------------------------
 
@@ -417,3 +413,66 @@ class StateStore:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+
+
+def _events_query(
+    since: int, until: int | None, topics: Iterable[str] | None, limit: int
+) -> tuple[str, list[Any]]:
+    sql = "SELECT seq, ts, topic, type, data FROM events WHERE seq > ?"
+    args: list[Any] = [since]
+    if until is not None:
+        sql += " AND seq <= ?"
+        args.append(until)
+    if topics is not None:
+        wanted = list(topics)
+        sql += f" AND topic IN ({','.join('?' * len(wanted))})"
+        args.extend(wanted)
+    sql += " ORDER BY seq LIMIT ?"
+    args.append(limit)
+    return sql, args
+
+
+class EventReader:
+    """Pages of the event history, read from a worker thread on a connection of its own.
+
+    The writer's connection stays the event loop's alone (a read on it from a thread would
+    queue behind, or in front of, a commit), and each page is its own short read transaction:
+    no snapshot is held between pages, so a slow subscriber keeps neither the WAL from being
+    checkpointed nor the history from being pruned.
+
+    Resource handling: the connection is opened at the first ``page`` and closed by ``close``;
+    use the reader from one thread at a time (any thread: anyio's worker threads vary).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._conn: sqlite3.Connection | None = None
+
+    def page(
+        self, since: int, *, until: int, topics: Iterable[str] | None, limit: int
+    ) -> tuple[int, list[Event]]:
+        """The oldest ``seq`` still kept, and at most ``limit`` events after ``since`` up to
+        ``until``, both from one snapshot: an oldest kept ``seq`` above ``since + 1`` means
+        events after ``since`` were pruned."""
+        if self._conn is None:
+            self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._conn.execute("PRAGMA query_only = ON")
+            self._conn.execute("PRAGMA busy_timeout = 2000")
+        conn = self._conn
+        sql, args = _events_query(since, until, topics, limit)
+        conn.execute("BEGIN")
+        try:
+            row = conn.execute("SELECT MIN(seq) FROM events").fetchone()
+            first = int(row[0]) if row is not None and row[0] is not None else until + 1
+            events = [
+                Event(topic, type_, json.loads(data), ts, seq)
+                for seq, ts, topic, type_, data in conn.execute(sql, args)
+            ]
+        finally:
+            conn.execute("COMMIT")
+        return first, events
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
