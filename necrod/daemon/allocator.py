@@ -125,9 +125,9 @@ class Allocator:
         if admin or uid is None:
             return await self._allocate(pool, holder, ttl_s, ref, branch, wait_s, metadata, task_id, uid, runner_uid,
                                         affinity, ports, sparse, resume, with_grant)  # fmt: skip
-        held = sum(
-            1 for p in self.table.pools.values() for s in p.slots.values() if s.lease and s.lease.uid == uid
-        )
+        # A task's lease counts against its submitter's tasks (``max_tasks_per_uid``), not here.
+        held = sum(1 for p in self.table.pools.values() for s in p.slots.values()
+                   if s.lease and s.lease.uid == uid and s.lease.task_id is None)  # fmt: skip
         if held + self._allocating[uid] >= self.max_leases_per_uid:
             raise ResourceExhausted(
                 f"uid {uid} holds or waits for {held + self._allocating[uid]} leases, its most "

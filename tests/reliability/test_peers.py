@@ -304,9 +304,24 @@ def test_one_uid_cannot_take_every_slot_or_fill_the_queue(shared_daemon: Callabl
     mine = call_as(OWNER, d, "slots.allocate", {"pool": "repo"})
     assert refused(call_as(OWNER, d, "slots.allocate", {"pool": "repo", "wait_s": 5}), "resource_exhausted")
     assert "max_leases_per_uid" in call_as(OWNER, d, "slots.allocate", {"pool": "repo"})["message"]
-    assert "lease_id" in call_as(INTRUDER, d, "slots.allocate", {"pool": "repo"}), "the cap is per uid"
-    assert "lease_id" in d.call("slots.allocate", {"pool": "repo"}), "an admin is not held to it"
+    other = call_as(INTRUDER, d, "slots.allocate", {"pool": "repo"})
+    assert "lease_id" in other, "the cap is per uid"
+    admins = d.call("slots.allocate", {"pool": "repo"})
+    assert "lease_id" in admins, "an admin is not held to it"
     call_as(OWNER, d, "slots.release", {"lease_id": mine["lease_id"]})
+    call_as(INTRUDER, d, "slots.release", {"lease_id": other["lease_id"]})
+    d.call("slots.release", {"lease_id": admins["lease_id"]})
+    # A task's lease counts against its submitter's tasks, not its leases.
+    task_id = call_as(
+        OWNER, d, "tasks.submit", {"pool": "repo", "runner": "open", "command": ["sleep", "60"]}
+    )["task_id"]
+    wait_for(
+        lambda: d.call("tasks.get", {"task_id": task_id})["state"] == "running", 30, what="the task to run"
+    )
+    again = call_as(OWNER, d, "slots.allocate", {"pool": "repo", "wait_s": 30})
+    assert "lease_id" in again, again
+    call_as(OWNER, d, "slots.release", {"lease_id": again["lease_id"]})
+    call_as(OWNER, d, "tasks.cancel", {"task_id": task_id})
     d.call("runners.pause", {"runner": "open", "reason": "hold the queue"})
     batch = call_as(OWNER, d, "tasks.submit", {"pool": "repo", "runner": "open", "command": ["true"],
                                                "tasks": [{}, {}]})  # fmt: skip
