@@ -308,7 +308,7 @@ class Mirror:
         listed = await self.git.run(["for-each-ref", "--format=%(objectname) %(refname)", REF_PREFIX],
                                     git_dir=self.path, timeout=60)  # fmt: skip
         lost = []
-        for line in listed.out.splitlines():
+        for line in listed.lines():
             sha, _, ref = line.partition(" ")
             whole = await self.git.run(["rev-list", "--objects", "--quiet", "--end-of-options", sha, "--"],
                                        git_dir=self.path, timeout=timeout, check=False)  # fmt: skip
@@ -338,7 +338,7 @@ class Mirror:
         result = await self.git.run(["for-each-ref", "--format=%(objectname) %(*objectname) %(refname)",
                                      "refs/tags/"], git_dir=self.path, timeout=120)  # fmt: skip
         out = {}
-        for line in result.out.splitlines():
+        for line in result.lines():
             obj, peeled, name = ([*line.split(" ", 2), "", ""])[:3]
             if name and origin.get(name) != (peeled or obj):
                 out[name] = obj
@@ -409,7 +409,7 @@ class Mirror:
         result = await self.git.run(["for-each-ref", "--sort=-committerdate", f"--format={fmt}",
                                      "refs/necrod/salvage/"], git_dir=self.path, timeout=60)  # fmt: skip
         out = []
-        for line in result.out.splitlines():
+        for line in result.lines():
             parts = line.split("\0")
             if len(parts) == 5:
                 ref, commit, date, subject, trailers = parts
@@ -459,7 +459,7 @@ class Mirror:
         start = start.strip() or (parents.split()[0] if parents.split() else "")
         files = await self._changed_files(start, commit) if start else []
         submodules = []
-        for line in subs.splitlines()[:MAX_SHOWN_SUBMODULES]:
+        for line in subs.split("\n")[:MAX_SHOWN_SUBMODULES]:
             sub, _, path = line.strip().partition(" ")
             if sub and path:
                 files_there = await self._changed_files(f"{sub}^", sub)

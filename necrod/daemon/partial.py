@@ -34,7 +34,7 @@ async def backfill(
         return 0
     listed = await mirror.git.run(["rev-list", "--objects", "--no-walk", "--missing=print", "--end-of-options",
                                    commit], git_dir=mirror.path, timeout=timeout)  # fmt: skip
-    missing = {line[1:].strip() for line in listed.out.splitlines() if line.startswith("?")}
+    missing = {line[1:].strip() for line in listed.lines() if line.startswith("?")}
     wanted: list[str] = []
     if missing:
         for mode, oid, path in await mirror.tree(commit):

@@ -365,7 +365,7 @@ class Salvager:
         tags = await self.git.run(["for-each-ref", f"--format={fmt}", "refs/tags/"], git_dir=repo,
                                   timeout=self.timeout, check=False)  # fmt: skip
         candidates: dict[str, tuple[str, str]] = {}
-        for line in tags.out.splitlines():
+        for line in tags.lines():
             parts = line.split("\0")
             if len(parts) != 5:
                 continue
@@ -387,7 +387,7 @@ class Salvager:
         stash = await self.git.run(["log", "-g", "--format=%H%x00%P%x00%gs", "refs/stash", "--"],
                                    git_dir=repo, timeout=self.timeout, check=False)  # fmt: skip
         if stash.returncode == 0:
-            for i, line in enumerate(stash.out.splitlines()[:MAX_EXTRAS]):
+            for i, line in enumerate(stash.lines()[:MAX_EXTRAS]):
                 sha, parents, subject = ([*line.split("\0"), "", ""])[:3]
                 if not sha or (shared and not await self._reaches(repo, head, parents.split()[:1])):
                     continue

@@ -165,6 +165,11 @@ class GitResult:
     def err(self) -> str:
         return self.stderr.decode("utf-8", "replace")
 
+    def lines(self) -> list[str]:
+        """stdout's lines, split at newlines only: ``str.splitlines`` also splits at U+2028,
+        U+0085, ``\x1c`` and more, which a ref name or a commit subject (an agent's) may hold."""
+        return self.out.removesuffix("\n").split("\n") if self.out else []
+
     def entries(self) -> list[bytes]:
         """stdout's NUL-terminated entries (``-z``); of a ``cut`` stdout, not the last, which
         may be a part of one."""

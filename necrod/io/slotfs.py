@@ -360,7 +360,7 @@ def read_head(
     if loose is not None:
         return _object_id(loose), branch
     packed = read_text_or_none(root, f"{base}packed-refs", cap=SMALL_FILE_BYTES * 16) or ""
-    for line in packed.splitlines():
+    for line in packed.split("\n"):
         commit, _, name = line.partition(" ")
         if name == ref:
             return _object_id(commit), branch

@@ -129,6 +129,29 @@ def test_a_listing_longer_than_a_salvage_reads_is_cut_and_said(module_daemon: Ca
     assert 17_000 < skipped + 100 - 1 < 19_000, skipped
 
 
+def test_a_holder_that_splits_lines_hides_no_salvage(module_daemon: Callable[..., Necrod]) -> None:
+    """``str.splitlines`` splits at U+2028, U+0085, ``\\x1c`` and more: a holder (in the salvage's
+    subject) holding one hid its salvage from the list and from retention, which then pruned
+    others' in its place while the hidden ones filled the disk."""
+    d = module_daemon(lambda o: daemon_config({"repo": o}, slots=1, max_slots=1, min_idle=0,
+                                              salvage_keep_count=1))  # fmt: skip
+    leases = []
+    for n, holder in enumerate(["split\u2028me", "fs\x1cme", "next\x85line"]):
+        time.sleep(1.05)  # commit dates are whole seconds: one salvage per second keeps their order
+        lease = leave_and_release(d, lambda s, n=n: (s / "w.txt").write_text(f"work {n}\n"), holder)
+        leases.append(lease["lease_id"])
+    with d.client() as c:
+        assert {i["lease_id"] for i in c.salvage_list()["salvage"]} >= set(leases)
+    done = ctl(d, "salvage", "prune")
+    assert done.returncode == 0, done.stdout + done.stderr
+    with d.client() as c:
+        assert {i["lease_id"] for i in c.salvage_list()["salvage"]} == {leases[-1]}
+    mirror = workspaces_of(d) / "repo" / "mirror.git"
+    assert git(mirror, "for-each-ref", "--format=%(refname)", "refs/necrod/salvage/").split() == [
+        f"refs/necrod/salvage/{leases[-1]}"
+    ]
+
+
 def test_old_salvage_is_pruned_by_count_bytes_and_age(module_daemon: Callable[..., Necrod]) -> None:
     d = module_daemon(lambda o: daemon_config({"repo": o}, slots=1, max_slots=1, min_idle=0,
                                               salvage_keep_count=2))  # fmt: skip
