@@ -10,9 +10,15 @@ from typing import Any
 import anyio
 import pytest
 
+from necrod.core.slots import Lease, Slot, SlotState
 from necrod.daemon import events as events_module
-from necrod.daemon.events import MAX_SUBSCRIPTIONS_PER_CONNECTION, MAX_SUBSCRIPTIONS_PER_UID, EventBus
-from necrod.io.store import EventReader, StateStore
+from necrod.daemon.events import (
+    MAX_SUBSCRIPTIONS_PER_CONNECTION,
+    MAX_SUBSCRIPTIONS_PER_UID,
+    EventBus,
+    as_seen_by,
+)
+from necrod.io.store import Event, EventReader, StateStore
 from necrod.proto.errors import ResourceExhausted
 
 pytestmark = pytest.mark.anyio
@@ -96,3 +102,24 @@ async def test_subscriptions_are_capped_and_freed() -> None:
     assert bus.subscribe(connection=1000, uid=8)  # another uid
     assert bus.subscribe(connection=1001, uid=None)  # an admin
     await anyio.lowlevel.checkpoint()
+
+
+def test_a_runner_uid_is_not_shown_the_leases_of_its_profile_s_other_tasks() -> None:
+    """Every task of a contained profile runs as its ``user``, whoever submitted it: that uid
+    may act on a lease (by the id its runner was given), but is shown none, or one task's
+    runner could list the others' ids and release them (their work unsalvaged, their result
+    forged). The owner still sees its own."""
+    owner, other_owner, runner = 1001, 1002, 65534
+    lease = Lease(lease_id="l-victim", holder="h", metadata={}, ttl_s=30.0, granted_at=1.0, expires_at=31.0,
+                  fencing_token=1, start_commit="c", uid=other_owner, runner_uid=runner)  # fmt: skip
+    assert lease.held_by(runner) and lease.held_by(other_owner) and not lease.held_by(owner)
+    s = Slot(
+        slot_id="p/1", pool="p", number=1, path="/s/1", admin="1", state=SlotState.ALLOCATED, lease=lease
+    )
+    assert s.view(viewer=runner)["lease_id"] is None and s.view(viewer=owner)["lease_id"] is None
+    assert s.view(viewer=other_owner)["lease_id"] == "l-victim" and s.view()["lease_id"] == "l-victim"
+    event = Event(
+        "leases", "lease.granted", {"lease_id": "l-victim", "owner_uid": other_owner, "runner_uid": runner}
+    )
+    assert as_seen_by(event, runner)["lease_id"] is None
+    assert as_seen_by(event, other_owner)["lease_id"] == "l-victim"

@@ -66,8 +66,14 @@ class Lease:
     deadline: float = 0.0
 
     def held_by(self, uid: int) -> bool:
-        """Whether ``uid`` may act on the lease without being an admin."""
+        """Whether ``uid`` may act on the lease without being an admin (knowing its id)."""
         return uid in (self.uid, self.runner_uid)
+
+    def shown_to(self, uid: int) -> bool:
+        """Whether ``uid``, not an admin, is shown the lease's id: its owner only. A contained
+        runner's uid is every task's of its profile, whoever submitted them: its runner has its
+        own lease's id (``NECROD_LEASE_ID``), and the others' are not to be learnt."""
+        return uid == self.uid
 
     def to_row(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in _LEASE_PERSISTED}
@@ -209,13 +215,13 @@ class Slot:
 
     def view(self, viewer: int | None = None, now: float | None = None) -> dict[str, Any]:
         """What clients see of a slot. ``viewer`` is the uid of a non-admin peer: the lease id
-        is shown only to whoever may act on it (None: an admin, who sees them all). ``now``
+        is shown only to its owner (None: an admin, who sees them all). ``now``
         (wall time) counts the current lease into the time held."""
         lease = self.lease
         held = self.held_s + (
             max(0.0, now - lease.granted_at) if lease is not None and now is not None else 0.0
         )
-        shown = lease is not None and (viewer is None or lease.held_by(viewer))
+        shown = lease is not None and (viewer is None or lease.shown_to(viewer))
         return {
             "slot_id": self.slot_id,
             "pool": self.pool,

@@ -46,12 +46,13 @@ _EVENTS_PER_TURN = 100
 
 
 def _lease_shown(entry: Mapping[str, Any], viewer: int) -> bool:
-    return viewer in (entry.get("owner_uid"), entry.get("runner_uid"))
+    """As ``Lease.shown_to``: the owner only, never the runner uid a profile's tasks share."""
+    return viewer == entry.get("owner_uid")
 
 
 def as_seen_by(event: Event, viewer: int | None) -> dict[str, Any]:
     """The event as a subscriber sees it: a non-admin ``viewer`` (uid) does not see the ids of
-    live leases it may not act on (in ``lease.*`` events and in a tamper report). Events
+    live leases it does not own (in ``lease.*`` events and in a tamper report). Events
     recorded before leases had owners carry none, and are shown without their lease ids."""
     out = event.to_dict()
     if viewer is None:
