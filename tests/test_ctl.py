@@ -283,3 +283,51 @@ def test_every_command_has_examples_and_exit_codes_and_no_abbreviations() -> Non
     assert "124" in subs.choices["pools"].format_help()
     r = ctl(None, "slots", "--sta", "allocated")  # an abbreviation of --state
     assert r.returncode == 2 and "unrecognized arguments" in r.stderr
+
+
+#: What an agent can put in a holder, a label or a path: an OSC 52 clipboard write, a window
+#: title, a screen clear, rich markup, a carriage return that hides what came before, a bidi override.
+HOSTILE = (
+    "agent\x1b]52;c;ZXZpbA==\x07\x1b]0;title\x07\x1b[2J[link=https://evil.example]x[/link]\rINNOCENT\u202e"
+)
+
+
+def on_a_terminal(argv: list[str]) -> str:
+    """What ``argv`` writes to a terminal (a pty: stdout and stderr), as the terminal receives it."""
+    master, slave = os.openpty()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child and its terminal are gone
+            break
+        if not chunk:
+            break
+        out += chunk
+    proc.wait(30)
+    os.close(master)
+    return out.decode("utf-8", "replace")
+
+
+def test_what_agents_wrote_reaches_a_terminal_escaped(necrod: Necrod) -> None:
+    """A holder is a peer's free string: on the operator's terminal it must not act (clipboard,
+    title, clear, a hidden line); ``--json`` escapes it too."""
+    with necrod.client() as c:
+        lease = c.allocate("repo", holder=HOSTILE)
+        base = [sys.executable, "-m", "necrod.ctl.main", "--socket", str(necrod.socket)]
+        shown = on_a_terminal([*base, "slots", "-l"])
+        assert "\x1b" not in shown and "\r" not in shown.replace("\r\n", "\n") and "\u202e" not in shown
+        assert "agent\\x1b]52;c;ZXZpbA==" in shown and "INNOCENT" in shown
+        as_json = ctl(necrod, "slots", "--json")
+        assert "\x1b" not in as_json.stdout and "\\u001b" in as_json.stdout
+        c.release(lease["lease_id"])
+
+
+def test_printable_escapes_what_acts_and_keeps_what_reads() -> None:
+    assert (
+        render.printable("plain text, ünïcödé, tabs\tand\nlines") == "plain text, ünïcödé, tabs\tand\nlines"
+    )
+    assert render.printable("a\x1b[2Jb\rc\u2028d\x85") == "a\\x1b[2Jb\\rc\\u2028d\\x85"
+    assert render.table([(HOSTILE,)], ("HOLDER",)).count("\x1b") == 0

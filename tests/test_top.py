@@ -220,3 +220,19 @@ def test_the_picture_follows_prepare_fetch_and_failures_from_events() -> None:
     assert not p.overdue_leases(1080.0) and p.overdue_leases(1100.0)  # heartbeats publish no event
     p.apply({"seq": 11, "ts": 1050.0, "type": "lease.released", "slot_id": "web/1", "lease_id": "l-1"})
     assert p.panels(now=1051.0)[1].rows == [] and p.panels(now=1051.0, pool="other")[0].rows == []
+
+
+def test_a_cell_is_text_never_markup_or_escapes() -> None:
+    """rich reads ``[link=…]`` and ``[style]`` in a plain string: a holder would plant a link or
+    fake a style on the operator's dashboard."""
+    from rich.console import Console
+
+    from necrod.ctl.top import _table
+    from necrod.ctl.topmodel import Panel
+
+    holder = "agent\x1b]52;c;ZXZpbA==\x07[link=https://evil.example]click[/link][bold red]OK[/]"
+    console = Console(record=True, force_terminal=True, width=200, color_system="truecolor")
+    console.print(_table(Panel("leases", ("HOLDER",), [(holder,)])))
+    out = console.export_text(styles=True)
+    assert "evil.example" in out and "[link=" in out  # shown as the characters it is
+    assert "\x1b]8;" not in out and "\x1b]52" not in out and "\x1b[1;31m" not in out

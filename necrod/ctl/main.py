@@ -281,6 +281,20 @@ def _silence_stdout() -> None:
     os.close(devnull)
 
 
+#: Commands that print a runner's own output as it wrote it (colours and all); ``top`` draws
+#: with rich, its cells as plain text (``top._table``).
+RAW_OUTPUT = frozenset({"logs", "prepare-log", "top"})
+
+
+def _guard_terminals() -> None:
+    """stdout and stderr, where they are terminals, through ``render.Terminal``: what the daemon
+    relays is the agents' to write. A pipe or a file gets it as it is (``--json`` escapes it)."""
+    if sys.stdout.isatty():
+        sys.stdout = render.Terminal(sys.stdout)
+    if sys.stderr.isatty():
+        sys.stderr = render.Terminal(sys.stderr)
+
+
 def _client(opts: dict[str, Any]) -> Client:
     where, ssh_options = cli.reach(opts)
     return Client(where, timeout=opts["timeout"], ssh_options=ssh_options)
@@ -324,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return run.main(args)
     opts = cli.options(args)
+    if args.command not in RAW_OUTPUT:
+        _guard_terminals()
     try:
         return _call(args, opts)
     except NecrodError as exc:

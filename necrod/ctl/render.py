@@ -2,13 +2,51 @@
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TextIO
+
+
+def printable(text: str) -> str:
+    """``text`` safe to show on a terminal: what is not printable (an escape sequence, a carriage
+    return that overwrites the line, a bidi override, a line separator) written as Python
+    escapes it; newlines and tabs kept. What the daemon relays (holders, labels, paths, commit
+    subjects, messages) is an agent's to choose."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
+
+
+class Terminal(io.TextIOBase):
+    """A terminal's stream that writes everything through ``printable``: nothing an agent put
+    in a name can move the cursor, retitle the window, write the clipboard or hide a line."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(printable(text))
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]  # the terminal's, read-only here
+        return self._stream.encoding
 
 
 def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
-    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in row] for row in rows]
+    cells = [[str(h) for h in headers]] + [
+        ["-" if c is None else printable(str(c)) for c in row] for row in rows
+    ]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     return "\n".join(lines)

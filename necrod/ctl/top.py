@@ -144,13 +144,15 @@ def _room(height: int, picture: Picture, pool: str | None, now: float) -> dict[s
 def _table(panel: Panel) -> RenderableType:
     from rich import box
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title=f"{panel.title} ({len(panel.rows) + panel.more})", title_justify="left",
                   box=box.SIMPLE_HEAD, expand=False, pad_edge=False, show_edge=False)  # fmt: skip
     for header in panel.headers:
         table.add_column(header, no_wrap=True, overflow="ellipsis", max_width=80)
     for row in panel.rows:
-        table.add_row(*row)
+        # Text, never markup: a holder like "[link=https://…]" stays what it says.
+        table.add_row(*(Text(render.printable(str(cell))) for cell in row))
     if panel.more:
         table.add_row(f"... {panel.more} more", *([""] * (len(panel.headers) - 1)))
     return table
