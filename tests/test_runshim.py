@@ -6,6 +6,7 @@ a daemon restarted before saving the runner's pid (issue 22)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -126,6 +127,32 @@ def test_a_runner_is_found_by_its_exit_records_path(tmp_path: Path, wrapper: str
     finally:
         wrapper_process.kill()
         wrapper_process.wait(10)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs another uid to start a process as")
+def test_another_users_process_that_names_the_exit_record_is_not_the_runner(tmp_path: Path) -> None:
+    """An attempt's log path is in every peer's ``tasks.get``: a local user's process started
+    with ``--exit-file <that path>`` ahead of a restart was adopted as an admin's runner (and its
+    end taken for the runner's, and the real runner's cgroup killed)."""
+    exit_file = tmp_path / "1.exit"
+    wait = [
+        "sh",
+        "-c",
+        "sleep 30; :",
+    ]  # arguments after the script are its $0, $1...: kept in its command line
+    impostor = subprocess.Popen([*wait, "--exit-file", str(exit_file)], user=65534, start_new_session=True)
+    mine = subprocess.Popen([*wait, "--exit-file-not", str(exit_file)], start_new_session=True)
+    try:
+        deadline = 50
+        while not Path(f"/proc/{impostor.pid}/cmdline").read_bytes().count(b"--exit-file") and deadline:
+            subprocess.run(["sleep", "0.1"], check=True)
+            deadline -= 1
+        assert not process_alive(impostor.pid, exit_file) and find_runner(exit_file) is None
+        assert not process_alive(mine.pid, exit_file), "the path must follow --exit-file"
+    finally:
+        for p in (impostor, mine):
+            p.kill()
+            p.wait(10)
 
 
 @pytest.mark.anyio

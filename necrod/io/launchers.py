@@ -22,6 +22,7 @@ left in its cgroup (a child that left the process group with ``setsid``) is kill
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shlex
@@ -186,15 +187,20 @@ def _cgroup(parents: RunnerCgroups, spec: LaunchSpec) -> RunnerCgroup | None:
 
 def process_alive(pid: int, exit_file: Path) -> bool:
     """Whether ``pid`` is still the runner that records its end in ``exit_file`` (a pid reused
-    by another process since does not count, nor does a zombie)."""
+    by another process since does not count, nor does a zombie). The wrapper runs as the
+    daemon's uid with ``--exit-file <exit_file>`` in its command line: another user's process
+    that says the same (the path is in every peer's ``tasks.get``) is not it."""
     try:
+        owner = os.stat(f"/proc/{pid}").st_uid
         stat = Path(f"/proc/{pid}/stat").read_text()
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()[:65536]
     except OSError:
         return False
-    if stat.rsplit(")", 1)[1].split()[0] == "Z":
+    if owner != os.geteuid() or stat.rsplit(")", 1)[1].split()[0] == "Z":
         return False
-    return str(exit_file).encode() in cmdline.split(b"\0")
+    argv = cmdline.split(b"\0")
+    wanted = str(exit_file).encode()
+    return any(a == b"--exit-file" and b == wanted for a, b in itertools.pairwise(argv))
 
 
 async def end_cgroup(cgroup: RunnerCgroup, wait: float = CGROUP_DRAIN_S) -> bool:
