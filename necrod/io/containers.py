@@ -35,6 +35,7 @@ import anyio
 import structlog
 
 from necrod.core.config import ContainerSpec
+from necrod.io.attemptlog import CappedLog
 from necrod.io.contained import SOCKET_DIR_INSIDE, hand_over, socket_inside
 from necrod.io.launchers import Exit, LaunchSpec, Run
 
@@ -94,10 +95,14 @@ class ContainerRun(Run):
     async def _pump_logs(self, done: anyio.Event) -> None:
         try:
             with open(self.log_path, "ab", buffering=0) as out:  # noqa: ASYNC230 (small appends)
+                sink = CappedLog(out)
+                if sink.full:
+                    return
                 async for chunk in self.container.log(
                     stdout=True, stderr=True, follow=True, since=self.since
                 ):
-                    out.write(chunk.encode() if isinstance(chunk, str) else chunk)
+                    if not sink.write(chunk.encode() if isinstance(chunk, str) else chunk):
+                        return
         except (aiodocker.DockerError, *UNREACHABLE) as exc:
             log.warning("container_logs_failed", container=self.name, error=str(exc))
         finally:

@@ -35,6 +35,7 @@ import anyio
 import structlog
 
 from necrod.core.config import KubernetesSpec
+from necrod.io.attemptlog import CappedLog
 from necrod.io.contained import SOCKET_DIR_INSIDE, hand_over, socket_inside
 from necrod.io.kubeapi import CONTAINER, Api, KubeError, connect
 from necrod.io.launchers import Exit, LaunchSpec, Run
@@ -208,12 +209,16 @@ class KubeRun(Run):
                     log.warning("kubernetes_log_refused", pod=pod, status=resp.status)
                     return
                 with open(self.log_path, "ab", buffering=0) as out:  # noqa: ASYNC230 (small appends)
+                    sink = CappedLog(out)
+                    if sink.full:
+                        return
                     skip = out.tell()
                     async for chunk in resp.content.iter_any():
                         if skip >= len(chunk):
                             skip -= len(chunk)
                             continue
-                        out.write(chunk[skip:])
+                        if not sink.write(chunk[skip:]):
+                            return
                         skip = 0
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             log.warning("kubernetes_log_failed", pod=pod, error=str(exc) or type(exc).__name__)
