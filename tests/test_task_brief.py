@@ -23,7 +23,7 @@ CHANGES: dict[str, Any] = {
     "reason": "attempt 1 failed: exit 3", "retries_used": 1, "next_attempt_at": 123.0,
     "finished_at": 9.5, "attempts": [Attempt(1, 8.0, "r", "process"), Attempt(2, 8.5, "r", "process")],
     "uid": 1001, "cancelled_by": {"uid": 0, "pid": 12, "client": "necroctl"}, "cancel_reason": "stop",
-    "resume": "salvage",
+    "resume": "salvage", "non_admin": True,
 }  # fmt: skip
 
 
