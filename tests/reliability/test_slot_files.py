@@ -248,6 +248,18 @@ def probe_status(d: Necrod, stop: threading.Event, out: Stalls) -> None:
             time.sleep(0.05)
 
 
+def release_probed(scene: Scene, lease: dict[str, Any]) -> tuple[dict[str, Any], Stalls]:
+    """``release_and_settle``, with ``daemon.status`` probed every 50 ms throughout."""
+    stop, stalls = threading.Event(), Stalls()
+    prober = threading.Thread(target=probe_status, args=(scene.d, stop, stalls))
+    prober.start()
+    try:
+        return release_and_settle(scene, lease, timeout=120), stalls
+    finally:
+        stop.set()
+        prober.join(30)
+
+
 @pytest.mark.parametrize(("kind", "target"), cases(READ_TARGETS))
 def test_a_fifo_or_a_huge_file_in_the_slot_never_stalls_the_daemon(scene: Scene, target: str) -> None:
     rel, how = target.rsplit(":", 1)
@@ -266,14 +278,7 @@ def test_a_fifo_or_a_huge_file_in_the_slot_never_stalls_the_daemon(scene: Scene,
             f.truncate(SPARSE_BYTES)
     FIGURES[f"{how}s planted in slots"] += 1
     rss_before = rss_kb(scene.d.proc.pid)  # type: ignore[union-attr]
-    stop, stalls = threading.Event(), Stalls()
-    prober = threading.Thread(target=probe_status, args=(scene.d, stop, stalls))
-    prober.start()
-    try:
-        back = release_and_settle(scene, lease, timeout=120)
-    finally:
-        stop.set()
-        prober.join(30)
+    back, stalls = release_probed(scene, lease)
     growth_mb = (rss_kb(scene.d.proc.pid) - rss_before) / 1024  # type: ignore[union-attr]
     assert stalls.calls > 0 and stalls.worst_s < 2.0, f"daemon.status stalled {stalls.worst_s:.2f}s"
     assert growth_mb < 200, f"the daemon grew by {growth_mb:.0f} MB reading {target}"
@@ -297,14 +302,7 @@ def test_a_lock_made_a_directory_of_many_files_is_removed_off_the_loop(scene: Sc
             os.close(os.open(str(i), os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd))
     finally:
         os.close(fd)
-    stop, stalls = threading.Event(), Stalls()
-    prober = threading.Thread(target=probe_status, args=(scene.d, stop, stalls))
-    prober.start()
-    try:
-        back = release_and_settle(scene, lease, timeout=120)
-    finally:
-        stop.set()
-        prober.join(30)
+    back, stalls = release_probed(scene, lease)
     assert stalls.calls > 0 and stalls.worst_s < 1.0, f"daemon.status stalled {stalls.worst_s:.2f}s"
     assert back["state"] == "available", back
     assert not lock.exists() and "work.txt" in salvaged_files(scene, lease["lease_id"])
