@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -159,7 +160,8 @@ def test_dependencies_order_and_block(
 ) -> None:
     order = workdir / "order.txt"
     runners = profile("rec", f"echo {{task_id}} >> {order}; sleep 0.3", max_concurrency=4)
-    runners += profile("fail", "exit 1", max_concurrency=4)
+    go = workdir / "fail-now"  # the failing task waits for its dependents to be submitted
+    runners += profile("fail", f"while [ ! -e {go} ]; do sleep 0.05; done; exit 1", max_concurrency=4)
     d = necrod_factory(config(origin, slots=4, runners=runners))
     with d.client() as c:
         batch = c.submit("repo", runner="rec", tasks=[
@@ -187,6 +189,7 @@ def test_dependencies_order_and_block(
         bad = c.submit("repo", runner="fail")["task_id"]
         child = c.submit("repo", runner="rec", depends_on=[bad])["task_id"]
         grandchild = c.submit("repo", runner="rec", depends_on=[child])["task_id"]
+        go.touch()
         wait_state(d, bad, "failed")
         assert wait_state(d, grandchild, "blocked")["reason"] == f"dependency {bad} failed"
         assert c.task(child)["state"] == "blocked" and c.task(child)["attempts"] == []
@@ -195,6 +198,57 @@ def test_dependencies_order_and_block(
         # Retrying the failed task re-queues what it blocked.
         assert c.retry(bad)["state"] == "queued"
         assert c.task(child)["state"] == "queued" and c.task(grandchild)["state"] == "queued"
+
+
+def _same_turn(d: Necrod, *calls: tuple[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Send each call on a connection of its own, all before reading any answer: the daemon reads
+    them in one loop turn, so each runs while the others' commits are pending."""
+    conns = [socket.socket(socket.AF_UNIX) for _ in calls]
+    try:
+        for conn in conns:
+            conn.connect(str(d.socket))
+        for conn, (method, params) in zip(conns, calls, strict=True):
+            conn.sendall(
+                json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).encode() + b"\n"
+            )
+        return [json.loads(conn.makefile().readline()) for conn in conns]
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def test_a_dependency_cancelled_while_its_dependent_is_submitted_blocks_it(
+    necrod_factory: Callable[..., Necrod], origin: Path
+) -> None:
+    """The dependent was being committed, not yet in the index, when its dependency was cancelled
+    and its dependents blocked: it used to stay queued for ever."""
+    d = necrod_factory(config(origin, runners=profile("hold", "sleep 60") + profile("rec", "true")))
+    blocker = submit(d, pool="repo", runner="hold")
+    wait_state(d, blocker, "running")
+    for _ in range(3):
+        dep = submit(d, pool="repo", runner="rec", depends_on=[blocker])
+        submitted, _ = _same_turn(d, ("tasks.submit", {"pool": "repo", "runner": "rec", "depends_on": [dep]}),
+                                  ("tasks.cancel", {"task_id": dep}))  # fmt: skip
+        child = submitted["result"]["task_id"]
+        assert wait_state(d, child, "blocked", timeout=10)["reason"] == f"dependency {dep} is cancelled"
+    d.call("tasks.cancel", {"task_id": blocker})
+
+
+def test_a_dependency_retried_while_its_dependent_is_submitted_unblocks_it(
+    necrod_factory: Callable[..., Necrod], origin: Path, workdir: Path
+) -> None:
+    """The dependent is blocked at submission (its dependency failed), and the dependency is
+    retried before that is committed: it runs once the dependency succeeds."""
+    flag = workdir / "failed-once"
+    runners = profile("once", f"test -e {flag} || {{ touch {flag}; exit 1; }}") + profile("rec", "true")
+    d = necrod_factory(config(origin, runners=runners, dispatcher="  max_retries: 0\n"))
+    dep = submit(d, pool="repo", runner="once")
+    wait_state(d, dep, "failed")
+    submitted, _ = _same_turn(d, ("tasks.submit", {"pool": "repo", "runner": "rec", "depends_on": [dep]}),
+                              ("tasks.retry", {"task_id": dep}))  # fmt: skip
+    child = submitted["result"]["task_id"]
+    wait_state(d, dep, "succeeded")
+    wait_state(d, child, "succeeded")
 
 
 def test_cycles_and_unservable_tasks_are_refused(necrod_factory: Callable[..., Necrod], origin: Path) -> None:

@@ -277,6 +277,9 @@ class TaskBook:
         ops.append(self._meta_op())
         await self.store.write(ops)
         self.index.add(built)
+        late = self._settle_submitted(built)
+        if late:
+            await self.store.write(late)
         self._wake()
         if single:
             return {"task_id": built[0].task_id, "state": str(built[0].state)}
@@ -297,6 +300,26 @@ class TaskBook:
 
     def _dependency(self, task_id: str, pending: dict[str, Task] | None = None) -> Task | None:
         return self.tasks.get(task_id) or (pending or {}).get(task_id)
+
+    def _settle_submitted(self, built: list[Task]) -> list[Put | Delete | Event]:
+        """Block (or unblock) what was just submitted by what happened to its dependencies while
+        it was being committed: a dependency that failed, was cancelled or retried meanwhile
+        changed its dependents' states without these, which were not in the index yet (they
+        would have waited for ever, or stayed blocked behind a dependency queued again)."""
+        ops: list[Put | Delete | Event] = []
+        for task in built:
+            broken = self._broken_dependency(task)
+            if task.state is TaskState.QUEUED and broken:
+                self.to(task, TaskState.BLOCKED)
+                task.reason = broken
+                ops += [Put("task", task.task_id, task.to_row()), self.event(task, "blocked", reason=broken)]
+                ops += self.block_dependents(task)
+            elif task.state is TaskState.BLOCKED and not broken:
+                task.reason = None
+                self.to(task, TaskState.QUEUED)
+                ops += [Put("task", task.task_id, task.to_row()), self.event(task, "queued")]
+                ops += self._unblock_dependents(task)
+        return ops
 
     def _broken_dependency(self, task: Task, pending: dict[str, Task] | None = None) -> str | None:
         for dep_id in task.depends_on:
