@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from necrod.io.attemptlog import MAX_LOG_BYTES, cut_line
+from necrod.io.launchers import _capped_copy
 from necrod.proto.errors import FailedPrecondition, InvalidParams, NotFound
 from tests.helpers import Necrod, git, wait_for
 
@@ -503,6 +505,34 @@ def test_a_restart_finds_runners_whose_profile_was_removed_meanwhile(
         ["tmux", "-S", str(d.state_dir / "tmux.sock"), "ls"], capture_output=True, text=True
     )
     assert "necro-" not in tmux.stdout
+
+
+def test_a_runner_that_floods_its_output_cannot_fill_the_disk(
+    necrod_factory: Callable[..., Necrod], origin: Path
+) -> None:
+    """An agent's output is kept up to ``MAX_LOG_BYTES``, then a line says the rest was not; the
+    task runs to its end regardless (the wrapper drops what is past the limit)."""
+    over = MAX_LOG_BYTES + (16 << 20)
+    flood = f"head -c {over} /dev/zero; echo after-the-flood > marker; test -s marker"
+    d = necrod_factory(config(origin, runners=profile("flood", flood)))
+    tid = submit(d, pool="repo", runner="flood")
+    done = wait_state(d, tid, "succeeded", timeout=120)
+    log = Path(done["attempts"][0]["log"])
+    assert log.stat().st_size == MAX_LOG_BYTES + len(cut_line(MAX_LOG_BYTES))
+    end = d.call("tasks.logs", {"task_id": tid, "offset": MAX_LOG_BYTES - 4})
+    assert end["data"] == "\0" * 4 + cut_line(MAX_LOG_BYTES).decode() and end["eof"]
+
+
+def test_a_tmux_runners_copy_of_its_pane_keeps_the_limit(tmp_path: Path) -> None:
+    """``pipe-pane`` runs this shell command on the pane's output (tmux itself is too slow to
+    push hundreds of megabytes through in a test)."""
+    log = tmp_path / "it's a log"
+    log.write_bytes(b"")
+    subprocess.run(["sh", "-c", _capped_copy(log, 1000)], input=b"x" * 5000, check=True, timeout=30)
+    assert log.read_bytes() == b"x" * 1000 + cut_line(1000)
+    log.write_bytes(b"")
+    subprocess.run(["sh", "-c", _capped_copy(log, 1000)], input=b"short\n", check=True, timeout=30)
+    assert log.read_bytes() == b"short\n"
 
 
 def test_a_crash_leaves_no_process_runner_running_twice(

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from necrod.io.attemptlog import cut_line
 from necrod.io.cgroups import is_runshim
 from necrod.io.launchers import PERL, RUNSHIM_PL, LaunchSpec, _shim, find_runner, process_alive, read_exit
 
@@ -177,3 +180,83 @@ async def test_a_runner_whose_process_cannot_be_read_in_time_is_not_taken_for_al
     started = time.monotonic()
     assert await launchers.alive_off_loop(os.getpid(), tmp_path / "1.exit") is False
     assert time.monotonic() - started < 3.0
+
+
+# --- the log's limit (--log-limit): an agent's output must not fill the state directory's disk ---
+
+
+def _limited(tmp_path: Path, argv: list[str], wrapper: str, limit: int) -> tuple[list[str], dict[str, str]]:
+    spec = _spec(tmp_path, argv)
+    return _shim(spec, None, perl=PERL if wrapper == "perl" else None, log_limit=limit)
+
+
+def _run_limited(tmp_path: Path, argv: list[str], wrapper: str, limit: int, timeout: float = 30) -> float:
+    """Run the wrapper with its stdout appended to the log, as the process launcher does; the
+    seconds it took."""
+    command, environment = _limited(tmp_path, argv, wrapper, limit)
+    started = time.monotonic()
+    with open(tmp_path / "1.log", "ab") as log:
+        subprocess.run(
+            command, cwd=tmp_path, env=environment, stdout=log, stderr=log, timeout=timeout, check=False
+        )
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("wrapper", WRAPPERS)
+def test_a_log_keeps_the_limit_what_it_held_counted_then_says_it_was_cut(
+    tmp_path: Path, wrapper: str
+) -> None:
+    (tmp_path / "1.log").write_bytes(b"before\n")
+    # 5 MB through a pipe the command cannot fill: past the limit, output is read and dropped,
+    # so the command runs to its end (it writes "done" after) and its status is recorded.
+    script = "head -c 5000000 /dev/zero | tr '\\0' x; echo; echo to-stderr >&2; touch done; exit 3"
+    _run_limited(tmp_path, ["sh", "-c", script], wrapper, 1000)
+    log = (tmp_path / "1.log").read_bytes()
+    assert log == b"before\n" + b"x" * (1000 - 7) + cut_line(1000)
+    assert (tmp_path / "done").exists()
+    record = json.loads((tmp_path / "1.exit").read_text())
+    assert record["code"] == 3 and record["signal"] is None
+
+
+@pytest.mark.parametrize("wrapper", WRAPPERS)
+def test_output_under_the_limit_is_kept_whole_in_order(tmp_path: Path, wrapper: str) -> None:
+    script = "for i in 1 2 3; do echo out-$i; echo err-$i >&2; done; printf 'no newline'"
+    _run_limited(tmp_path, ["sh", "-c", script], wrapper, 10_000)
+    expected = "".join(f"out-{i}\nerr-{i}\n" for i in (1, 2, 3)) + "no newline"
+    assert (tmp_path / "1.log").read_text() == expected
+    assert json.loads((tmp_path / "1.exit").read_text())["code"] == 0
+
+
+@pytest.mark.parametrize("wrapper", WRAPPERS)
+def test_a_background_child_holding_the_output_does_not_hold_back_the_end(
+    tmp_path: Path, wrapper: str
+) -> None:
+    """The command ends while a child it left keeps the pipe open (and keeps writing): the end
+    is recorded at once, not when the child lets go."""
+    script = "(while :; do echo noise; sleep 0.01; done &) ; (sleep 60 &) ; echo last; exit 4"
+    try:
+        took = _run_limited(tmp_path, ["sh", "-c", script], wrapper, 1 << 20)
+        assert took < 10
+        assert json.loads((tmp_path / "1.exit").read_text())["code"] == 4
+        assert b"last\n" in (tmp_path / "1.log").read_bytes()
+    finally:
+        subprocess.run(["pkill", "-f", "while :; do echo noise"], check=False)
+        subprocess.run(["pkill", "-x", "-f", "sleep 60"], check=False)
+
+
+@pytest.mark.parametrize("wrapper", WRAPPERS)
+def test_a_stop_while_output_flows_is_recorded_as_the_signal(tmp_path: Path, wrapper: str) -> None:
+    command, environment = _limited(tmp_path, ["sh", "-c", "exec yes"], wrapper, 4096)
+    with open(tmp_path / "1.log", "ab") as log:
+        process = subprocess.Popen(command, cwd=tmp_path, env=environment, stdout=log, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while (tmp_path / "1.log").stat().st_size < 4096 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.killpg(process.pid, signal.SIGTERM)  # as a stop does: the wrapper rides it out
+        assert process.wait(10) == 128 + signal.SIGTERM
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert json.loads((tmp_path / "1.exit").read_text())["signal"] == signal.SIGTERM
+    assert (tmp_path / "1.log").read_bytes() == b"y\n" * 2048 + cut_line(4096)

@@ -4,7 +4,9 @@ Both launchers run the command through ``runshim`` (cgroups and limits first), i
 directory, with exactly the environment given, in a process group of its own, with stdout and
 stderr appended to the attempt's log file. ``runshim`` stays as the command's parent and writes
 how it ended (exit status, CPU seconds, peak memory, or why it could not start) to a file
-beside the log, so that a daemon that did not start the runner can still learn its end.
+beside the log, so that a daemon that did not start the runner can still learn its end. The
+runner's output is untrusted: a log keeps at most ``attemptlog.MAX_LOG_BYTES`` of it (the process
+runner's wrapper copies it; tmux's copy stops there), then a line saying it was cut.
 
 - ``process``: a child of the daemon, in a session of its own; its exit is noticed at once.
   It outlives the daemon: a stop or restart leaves it running (the systemd unit's
@@ -37,6 +39,7 @@ import aiofiles
 import anyio
 import structlog
 
+from necrod.io import attemptlog
 from necrod.io.cgroups import LimitUnenforceable, RunnerCgroup, RunnerCgroups
 from necrod.io.children import exited, wait_exit
 from necrod.io.procs import ScanStuck, scan_off_loop
@@ -149,11 +152,12 @@ PERL = next(
 
 
 def _shim(
-    spec: LaunchSpec, cgroup: RunnerCgroup | None, perl: str | None = PERL
+    spec: LaunchSpec, cgroup: RunnerCgroup | None, perl: str | None = PERL, log_limit: int | None = None
 ) -> tuple[list[str], dict[str, str]]:
     """The wrapper's command line and its environment. Perl's start is changed by ``PERL*``
     variables (``PERL5OPT`` loads modules): the wrapper gets them as ``NECROD_RUNSHIM_PERL*``
-    and names them back for the command alone."""
+    and names them back for the command alone. With ``log_limit`` the wrapper copies the
+    command's output to its own stdout, that many bytes of it at most."""
     exit_file = str(runner_files(spec.log)[2])
     env = spec.env
     if perl is not None:
@@ -163,6 +167,8 @@ def _shim(
         argv = [sys.executable, "-I", "-S", RUNSHIM, "--exit-file", exit_file]
     for path in cgroup.paths if cgroup is not None else []:
         argv += ["--cgroup", str(path)]
+    if log_limit is not None:
+        argv += ["--log-limit", str(log_limit)]
     return [*argv, "--", *spec.argv], env
 
 
@@ -397,7 +403,7 @@ class ProcessLauncher:
             spec.log.parent.mkdir(parents=True, exist_ok=True)
             exit_file.unlink(missing_ok=True)
             with open(spec.log, "ab") as out:  # noqa: ASYNC230 (opened for the child, not read here)
-                argv, env = _shim(spec, cgroup)
+                argv, env = _shim(spec, cgroup, log_limit=attemptlog.MAX_LOG_BYTES)
                 process = subprocess.Popen(  # noqa: ASYNC220 (a fork and exec, as open_process does; see ProcessRun)
                     argv, cwd=spec.cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
                     stderr=subprocess.STDOUT, start_new_session=True,
@@ -428,6 +434,14 @@ class ProcessLauncher:
         if not running and not exit_file.exists():
             return None
         return AdoptedProcessRun(pid or 0, exit_file, RunnerCgroup.find(self.cgroup_parents, name))
+
+
+def _capped_copy(log: Path, limit: int) -> str:
+    """A shell command appending its input to ``log`` up to ``limit`` bytes, then a line saying
+    the rest was not kept (``pipe-pane`` stops copying once it has exited)."""
+    q = shlex.quote(str(log))
+    cut = shlex.quote(attemptlog.cut_line(limit).decode())
+    return f"head -c {limit} >> {q}; [ $(wc -c < {q}) -lt {limit} ] || printf %s {cut} >> {q}"
 
 
 class TmuxRun(Run):
@@ -525,7 +539,9 @@ class TmuxLauncher:
         spec.log.touch()
         await self._tmux("new-session", "-d", "-s", spec.name, "-c", spec.cwd, "-x", "200", "-y", "50",
                          f"sh {shlex.quote(str(script))}")  # fmt: skip
-        await self._tmux("pipe-pane", "-o", "-t", f"={spec.name}:", f"cat >> {shlex.quote(str(spec.log))}")
+        await self._tmux(
+            "pipe-pane", "-o", "-t", f"={spec.name}:", _capped_copy(spec.log, attemptlog.MAX_LOG_BYTES)
+        )
         pid = await self.pane_pid(spec.name)
         go.touch()
         return TmuxRun(self, spec.name, exit_file, pid, cgroup)
