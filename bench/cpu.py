@@ -21,3 +21,11 @@ def process_cpu_seconds(pid: int) -> float:
     except OSError:  # not Linux, or a kernel without it: the ticks of /proc
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds(pid: int) -> float:
+    """User plus system CPU of the children ``pid`` has waited for (and theirs): for the daemon,
+    its git processes and its runners' wrappers with their commands. In clock ticks (10 ms): read
+    over hundreds of tasks."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")

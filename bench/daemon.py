@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.cpu import process_cpu_seconds
+from bench.cpu import children_cpu_seconds, process_cpu_seconds
 from bench.scratch import Scratch, env_without_socket
 from necrod.client import Client
 from necrod.proto.errors import DaemonUnreachable
@@ -111,6 +111,10 @@ class Daemon:
     def cpu_seconds(self) -> float:
         """User plus system CPU of the daemon process itself (not of its git children), in ns steps."""
         return process_cpu_seconds(self.pid)
+
+    def all_cpu_seconds(self) -> float:
+        """The daemon's CPU and its waited-for children's (git, runners), in clock ticks."""
+        return process_cpu_seconds(self.pid) + children_cpu_seconds(self.pid)
 
     def rss_bytes(self) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
