@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -208,6 +209,23 @@ class Necrod:
             return slots if len(matching) == count else None
 
         return wait_for(check, timeout, what=f"{count} {state} slot(s) in {pool}")  # type: ignore[no-any-return]
+
+
+def same_turn(d: Necrod, *calls: tuple[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Send each call on a connection of its own, all before reading any answer: the daemon reads
+    them in one loop turn, so each runs while the others' commits are pending."""
+    conns = [socket.socket(socket.AF_UNIX) for _ in calls]
+    try:
+        for conn in conns:
+            conn.connect(str(d.socket))
+        for conn, (method, params) in zip(conns, calls, strict=True):
+            conn.sendall(
+                json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).encode() + b"\n"
+            )
+        return [json.loads(conn.makefile().readline()) for conn in conns]
+    finally:
+        for conn in conns:
+            conn.close()
 
 
 #: Defaults every ``pool_config`` carries unless a test says otherwise: the ``slot_kind``

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pytest
 from necrod.io.attemptlog import MAX_LOG_BYTES, cut_line
 from necrod.io.launchers import _capped_copy
 from necrod.proto.errors import FailedPrecondition, InvalidParams, NotFound
-from tests.helpers import Necrod, git, wait_for
+from tests.helpers import Necrod, git, same_turn, wait_for
 
 PY = sys.executable
 # A well-behaved runner: heartbeats, and rides out a daemon restart (the lease survives it).
@@ -202,23 +201,6 @@ def test_dependencies_order_and_block(
         assert c.task(child)["state"] == "queued" and c.task(grandchild)["state"] == "queued"
 
 
-def _same_turn(d: Necrod, *calls: tuple[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Send each call on a connection of its own, all before reading any answer: the daemon reads
-    them in one loop turn, so each runs while the others' commits are pending."""
-    conns = [socket.socket(socket.AF_UNIX) for _ in calls]
-    try:
-        for conn in conns:
-            conn.connect(str(d.socket))
-        for conn, (method, params) in zip(conns, calls, strict=True):
-            conn.sendall(
-                json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).encode() + b"\n"
-            )
-        return [json.loads(conn.makefile().readline()) for conn in conns]
-    finally:
-        for conn in conns:
-            conn.close()
-
-
 def test_a_dependency_cancelled_while_its_dependent_is_submitted_blocks_it(
     necrod_factory: Callable[..., Necrod], origin: Path
 ) -> None:
@@ -229,8 +211,8 @@ def test_a_dependency_cancelled_while_its_dependent_is_submitted_blocks_it(
     wait_state(d, blocker, "running")
     for _ in range(3):
         dep = submit(d, pool="repo", runner="rec", depends_on=[blocker])
-        submitted, _ = _same_turn(d, ("tasks.submit", {"pool": "repo", "runner": "rec", "depends_on": [dep]}),
-                                  ("tasks.cancel", {"task_id": dep}))  # fmt: skip
+        submitted, _ = same_turn(d, ("tasks.submit", {"pool": "repo", "runner": "rec", "depends_on": [dep]}),
+                                 ("tasks.cancel", {"task_id": dep}))  # fmt: skip
         child = submitted["result"]["task_id"]
         assert wait_state(d, child, "blocked", timeout=10)["reason"] == f"dependency {dep} is cancelled"
     d.call("tasks.cancel", {"task_id": blocker})
@@ -246,8 +228,8 @@ def test_a_dependency_retried_while_its_dependent_is_submitted_unblocks_it(
     d = necrod_factory(config(origin, runners=runners, dispatcher="  max_retries: 0\n"))
     dep = submit(d, pool="repo", runner="once")
     wait_state(d, dep, "failed")
-    submitted, _ = _same_turn(d, ("tasks.submit", {"pool": "repo", "runner": "rec", "depends_on": [dep]}),
-                              ("tasks.retry", {"task_id": dep}))  # fmt: skip
+    submitted, _ = same_turn(d, ("tasks.submit", {"pool": "repo", "runner": "rec", "depends_on": [dep]}),
+                             ("tasks.retry", {"task_id": dep}))  # fmt: skip
     child = submitted["result"]["task_id"]
     wait_state(d, dep, "succeeded")
     wait_state(d, child, "succeeded")
@@ -331,6 +313,43 @@ def test_cancel_stops_a_running_task_within_the_grace(
     d.wait_slots("repo", "available", 2)  # cleaned: the salvage is written before the reset
     shown = d.call("salvage.show", {"lease_id": attempt["lease_id"]})
     assert [f["path"] for f in shown["files"]] == ["unsaved.txt"]
+
+
+def test_a_cancel_while_a_timed_out_runner_is_stopped_cancels_the_task(
+    necrod_factory: Callable[..., Necrod], origin: Path
+) -> None:
+    """The runner was being stopped for its timeout (within its grace) when the cancel came: the
+    attempt ended as a timeout, the task was retried, and the cancel answered "queued"."""
+    d = necrod_factory(config(origin, runners=profile("deaf", "trap '' TERM; sleep 60", grace_s=3)))
+    tid = submit(d, pool="repo", runner="deaf", timeout_s=1, max_retries=2)
+    wait_for(lambda: task(d, tid)["attempts"], what="an attempt")
+    time.sleep(2)  # its timeout is past: it is being stopped, and ignores SIGTERM
+    assert d.call("tasks.cancel", {"task_id": tid})["state"] == "cancelled"
+    done = task(d, tid)
+    assert done["state"] == "cancelled" and [a["outcome"] for a in done["attempts"]] == ["cancelled"]
+
+
+def test_a_cancel_while_a_tasks_slot_is_being_leased_cancels_the_task(
+    necrod_factory: Callable[..., Necrod], origin: Path
+) -> None:
+    """The cancel came while the attempt was leasing a slot (fetching its ref), and the lease
+    failed: the attempt ended start_failed, the task was retried, and the cancel answered "queued".
+    A cancel that misses that window (the task waiting out its backoff) is tried again."""
+    d = necrod_factory(config(origin, runners=profile("rec", "true"), dispatcher="  retry_backoff_s: 0.2\n"))
+    d.wait_slots("repo", "available", 2)
+    for _ in range(10):
+        tid = submit(d, pool="repo", runner="rec", ref="no-such-branch", max_retries=3)
+        wait_for(lambda t=tid: task(d, t)["state"] == "running", interval=0.002, what=f"{tid} to be leasing")
+        assert d.call("tasks.cancel", {"task_id": tid})["state"] == "cancelled"
+        done = task(d, tid)
+        assert done["state"] == "cancelled"
+        if done["attempts"][-1]["outcome"] == "cancelled":
+            break  # it was caught leasing, and ended as the cancel said
+        assert done["attempts"][-1]["outcome"] == "start_failed"  # caught in its backoff: again
+    else:
+        pytest.fail("no cancel came while a slot was being leased")
+    time.sleep(0.5)  # past its backoff: it would have been started again
+    assert task(d, tid)["state"] == "cancelled"
 
 
 def test_capacity_limits_are_never_exceeded(

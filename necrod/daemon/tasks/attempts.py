@@ -463,7 +463,9 @@ class Attempts:
         t = a.task
         attempt = a.attempt
         releasing: Callable[[], Coroutine[Any, Any, None]] | None = None
-        if outcome is None:
+        if outcome is None or a.stop_reason == "cancelled":
+            # Cancelled while it was starting, and its lease or launch failed meanwhile: it ends
+            # cancelled, as the cancel answers, not start_failed (which would be retried).
             outcome, detail = self._outcome(a, result)
         now = self.clock.wall()
         if attempt is not None:

@@ -54,7 +54,9 @@ class Active:
     force: bool = False
 
     def request_stop(self, reason: str) -> None:
-        if self.stop_reason is None:
+        # A cancel outranks a stop already under way (a timeout, a lost lease): the attempt then
+        # ends cancelled, not retried.
+        if self.stop_reason is None or reason == "cancelled":
             self.stop_reason = reason
         self.stop.set()
 
