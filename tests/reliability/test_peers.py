@@ -33,7 +33,7 @@ from necrod.client import Client
 from necrod.ctl.main import main as necroctl_main
 from necrod.daemon.main import main as necrod_main
 from necrod.proto.errors import NecrodError
-from tests.helpers import Necrod, wait_for
+from tests.helpers import Necrod, same_turn, wait_for
 from tests.reliability.conftest import FIGURES, Raw, daemon_config, request, rss_kb
 
 pytestmark = pytest.mark.reliability
@@ -335,6 +335,17 @@ def test_one_uid_cannot_take_every_slot_or_fill_the_queue(shared_daemon: Callabl
     assert all("task_id" in d.call("tasks.submit", {"pool": "repo", "runner": "open", "command": ["true"]})
                for _ in range(4))  # fmt: skip
     FIGURES["calls past a per-uid quota refused"] += 3
+
+
+def test_submits_in_one_turn_cannot_pass_the_task_quota(shared_daemon: Callable[..., Necrod]) -> None:
+    """Each submit counted the uid's tasks in the index, which a submit's tasks join only once
+    committed: submits in one loop turn each saw none of the others', and all were taken."""
+    d = shared_daemon({"max_tasks_per_uid": 3}, extra=RUNNERS)
+    d.call("runners.pause", {"runner": "open", "reason": "hold the queue"})
+    call = ("tasks.submit", {"pool": "repo", "runner": "open", "command": ["true"]})
+    replies = as_uid(OWNER, lambda: same_turn(d, *[call] * 6))
+    assert sum("result" in r for r in replies) == 3, replies
+    assert all("max_tasks_per_uid" in r["error"]["message"] for r in replies if "error" in r), replies
 
 
 def test_owners_survive_a_restart_and_rows_without_one_are_admin_only(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -84,6 +85,11 @@ class TaskBook:
         self.dependents = self.index.dependents
         self.next_seq = 1
         self.next_batch = 1
+        #: Tasks being committed by submits not yet answered, by uid (they count in the quota).
+        self._submitting: Counter[int] = Counter()
+        #: What those tasks depend on, kept from pruning until they are in the index (where
+        #: pruning sees them): a failed dependency forgotten meanwhile would unblock them.
+        self._depended_on: Counter[str] = Counter()
 
     @property
     def cfg(self) -> DispatcherConfig:
@@ -195,6 +201,7 @@ class TaskBook:
         finished ones are pruned, queued ones are not, and each is memory and a row."""
         limit = self._config().daemon.max_tasks_per_uid
         unfinished = sum(1 for t in self.tasks.values() if t.uid == uid and t.state not in FINISHED)
+        unfinished += self._submitting[uid]
         if unfinished + adding > limit:
             raise ResourceExhausted(
                 f"uid {uid} has {unfinished} unfinished tasks; {adding} more would pass its most "
@@ -275,7 +282,20 @@ class TaskBook:
         if batch is not None:
             self.next_batch += 1
         ops.append(self._meta_op())
-        await self.store.write(ops)
+        # Not in the index until committed: a submit checking the quota meanwhile counts them here.
+        if uid is not None:
+            self._submitting[uid] += len(built)
+        depended_on = Counter(d for t in built for d in t.depends_on)
+        self._depended_on.update(depended_on)
+        try:
+            await self.store.write(ops)
+        finally:
+            if uid is not None:
+                self._submitting[uid] -= len(built)
+            self._depended_on.subtract(depended_on)
+            for dep_id in depended_on:
+                if self._depended_on[dep_id] <= 0:
+                    del self._depended_on[dep_id]
         self.index.add(built)
         late = self._settle_submitted(built)
         if late:
@@ -563,7 +583,7 @@ class TaskBook:
             return []
         ops: list[Put | Delete | Event] = []
         for t in list(itertools.islice(self.index.finished.values(), excess)):
-            if any(
+            if self._depended_on[t.task_id] > 0 or any(
                 self.tasks[d].state not in FINISHED
                 for d in self.dependents.get(t.task_id, ())
                 if d in self.tasks
