@@ -22,7 +22,7 @@ from necrod.proto.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from tests.helpers import Necrod, commit_file, delete_slot, git, pool_config, wait_for
+from tests.helpers import Necrod, commit_file, delete_slot, git, pool_config, same_turn, wait_for
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -225,6 +225,79 @@ def test_ref_and_branch(necrod: Necrod, origin: Path) -> None:
         assert git(again["path"], "symbolic-ref", "--short", "HEAD") == "feature/x"
         with pytest.raises(NotFound, match="not in"):
             c.allocate("repo", ref="no-such-branch")
+
+
+def test_one_branch_is_not_handed_out_twice_in_one_turn(necrod: Necrod) -> None:
+    """The branch was put on its slot once checked out: an allocation of it meanwhile found it
+    free, and two leases held it."""
+    necrod.wait_slots("repo", "available", 2)
+    call = ("slots.allocate", {"pool": "repo", "branch": "feature/twice"})
+    answers = same_turn(necrod, call, call)
+    granted = [a["result"] for a in answers if "result" in a]
+    assert len(granted) == 1 and granted[0]["branch"] == "feature/twice", answers
+    assert [a["error"]["code"] for a in answers if "error" in a] == [-32005], answers  # already_exists
+
+
+def test_one_branch_is_not_handed_out_twice_to_waiting_callers(
+    necrod_factory: Callable[..., Necrod], origin: Path
+) -> None:
+    """Both callers found the branch free, then waited for a slot: each got one, on the branch."""
+    d = necrod_factory(pool_config({"repo": origin}, slots=2, max_slots=2, min_idle=0))
+    with d.client() as c:
+        held = [c.allocate("repo") for _ in range(2)]
+    answers: list[Any] = []
+
+    def wait() -> None:
+        with d.client() as c2:
+            try:
+                answers.append(c2.allocate("repo", branch="feature/waited", wait_s=30))
+            except AlreadyExists as exc:
+                answers.append(exc)
+
+    threads = [threading.Thread(target=wait) for _ in range(2)]
+    for t in threads:
+        t.start()
+    with d.client() as c:
+        wait_for(lambda: c.pools()["pools"][0]["waiting"] == 2, what="two waiting callers")
+        for lease in held:
+            c.release(lease["lease_id"])
+    for t in threads:
+        t.join(40)
+    assert sorted(type(a).__name__ for a in answers) == ["AlreadyExists", "dict"], answers
+
+
+def test_a_slot_removed_while_it_is_cleaned_is_not_handed_out(
+    necrod_factory: Callable[..., Necrod], origin: Path
+) -> None:
+    """slots.remove of a slot being cleaned marks it to go; the cleanup, which had decided at its
+    start that the slot stayed, offered it to a waiting caller anyway (and the removal waited for
+    that lease to end)."""
+    d = necrod_factory(pool_config({"repo": origin}, slots=1, max_slots=1, min_idle=0))
+    with d.client() as c:
+        first = c.allocate("repo")
+    (Path(first["path"]) / "unsaved.txt").write_text("salvaged: the cleanup takes a while\n")
+    got: list[Any] = []
+
+    def wait() -> None:
+        with d.client() as c2:
+            try:
+                lease = c2.allocate("repo", holder="waiter", wait_s=5)
+            except ResourceExhausted as exc:
+                got.append(exc)
+                return
+            got.append(lease)
+            time.sleep(1)
+            c2.release(lease["lease_id"])
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    with d.client() as c:
+        wait_for(lambda: c.pools()["pools"][0]["waiting"] == 1, what="the waiting caller")
+        c.release(first["lease_id"])
+        removed = c.remove_slot(first["slot_id"])
+    waiter.join(20)
+    assert removed["state"] == "removed"
+    assert not (isinstance(got[0], dict) and got[0]["slot_id"] == first["slot_id"]), got
 
 
 @pytest.mark.parametrize(

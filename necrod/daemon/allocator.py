@@ -190,6 +190,12 @@ class Allocator:
                 self._give_back(p, slot)
                 raise Unavailable(f"pool {p.name} is repairing its mirror (objects were missing); retry shortly",
                                   pool=p.name, state="repairing")  # fmt: skip
+            if branch is not None:
+                try:
+                    self._check_branch_free(p, branch)  # again: another caller may have taken it meanwhile
+                except AlreadyExists:
+                    self._give_back(p, slot)
+                    raise
         # From choosing the ports to the grant nothing awaits: no other lease can take them.
         block = self._ports(p, p.config.ports if ports is None else ports)
         if block is None:
@@ -232,7 +238,10 @@ class Allocator:
 
     def _check_branch_free(self, p: Pool, branch: str) -> None:
         for other in p.slots.values():
-            if other.branch == branch and other.state in (SlotState.ALLOCATED, SlotState.CLEANING):
+            # A grant whose checkout still runs has the branch on its lease, not yet on its slot.
+            leased = other.lease is not None and other.lease.branch == branch
+            held = other.branch == branch and other.state in (SlotState.ALLOCATED, SlotState.CLEANING)
+            if leased or held:
                 raise AlreadyExists(
                     f"branch {branch!r} is checked out in slot {other.slot_id}", branch=branch
                 )
@@ -364,7 +373,7 @@ class Allocator:
         slot.fencing_token += 1
         lease = Lease(
             lease_id=new_lease_id(), holder=holder, metadata=metadata, ttl_s=ttl_s, granted_at=now_w,
-            expires_at=now_w + ttl_s, fencing_token=slot.fencing_token, start_commit=slot.commit,
+            expires_at=now_w + ttl_s, fencing_token=slot.fencing_token, start_commit=slot.commit, branch=branch,
             task_id=task_id, uid=uid, runner_uid=runner_uid, affinity=affinity, ports=ports or [],
             sparse=list(p.config.sparse if sparse is None else sparse), deadline=now_m + ttl_s,
             resumed_from=resume.lease_id if resume else None,

@@ -193,6 +193,8 @@ class Cleanup:
                 "bytes": salvaged.bytes, "skipped": salvaged.skipped_count, "kept": list(salvaged.extras),
                 "submodules": list(salvaged.submodules),
             }))  # fmt: skip
+        # Removed (slots.remove) or its pool dropped while it was cleaned: it goes, not offered.
+        retiring = retiring or p.draining or slot.retire
         # A slot nothing ran in when it came back, remounted fresh in milliseconds, is not
         # looked at again: the window such a look covers is the one after the offer.
         came_back = (
