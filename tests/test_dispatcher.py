@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -552,6 +553,34 @@ def test_a_tmux_runners_copy_of_its_pane_keeps_the_limit(tmp_path: Path) -> None
     log.write_bytes(b"")
     subprocess.run(["sh", "-c", _capped_copy(log, 1000)], input=b"short\n", check=True, timeout=30)
     assert log.read_bytes() == b"short\n"
+
+
+def test_a_task_call_as_soon_as_the_socket_answers_waits_for_the_runners_to_be_found(
+    necrod_factory: Callable[..., Necrod], origin: Path
+) -> None:
+    """The socket is served before the dispatcher has found the runners of the daemon before:
+    a cancel of a running task in between failed with an internal error (KeyError)."""
+    d = necrod_factory(config(origin, runners=profile("long", "sleep 60", grace_s=1)))
+    tid = submit(d, pool="repo", runner="long")
+    wait_state(d, tid, "running")
+    d.terminate()
+    d.start(wait=False)
+    deadline = time.monotonic() + 30
+    while True:
+        conn = socket.socket(socket.AF_UNIX)
+        try:
+            conn.connect(str(d.socket))
+            break
+        except OSError:
+            conn.close()
+            assert time.monotonic() < deadline, "the restarted daemon never listened"
+            time.sleep(0.001)
+    with conn:
+        conn.sendall(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tasks.cancel",
+                                 "params": {"task_id": tid}}).encode() + b"\n")  # fmt: skip
+        reply = json.loads(conn.makefile().readline())
+    assert reply.get("result", {}).get("state") == "cancelled", reply
+    assert wait_state(d, tid, "cancelled")["attempts"][-1]["outcome"] == "cancelled"
 
 
 def test_a_crash_leaves_no_process_runner_running_twice(

@@ -65,6 +65,9 @@ class Dispatcher:
         cfg = config().dispatcher
         self.fair = FairShare(cfg.fair_share_half_life_s, dict(cfg.fair_share_weights))
         self.jobs = Jobs()
+        #: Set once the book is loaded and the runners of the daemon before are found again: the
+        #: socket is served before that, and a task call meanwhile would see neither.
+        self.recovered = anyio.Event()
         origin = origin_id(state_dir)
         self.runners = Runners(origin, state_dir, self.jobs.spawn)
         self.profiles = Profiles(config=config, pools=lambda: table.pools, store=store, clock=self.clock,
@@ -129,6 +132,7 @@ class Dispatcher:
                 self.jobs.tg = tg
                 await tg.start(self.fleet.run, self._config().hosts)
                 await self.recovery.reconcile()
+                self.recovered.set()
                 task_status.started()
                 tg.start_soon(self.hostwatch.watch_remote_leases)
                 await self.placement.loop()

@@ -24,7 +24,7 @@ from necrod.io.slotfs import read_head
 from necrod.io.steps import read_chunk
 from necrod.proto.errors import InvalidParams, NotFound, PermissionDenied, UnsupportedProtocol
 from necrod.proto.methods import EVENT_TOPICS
-from necrod.proto.router import CallContext, Router
+from necrod.proto.router import CallContext, Handler, Router
 
 if TYPE_CHECKING:
     from necrod.daemon.allocator import Allocator
@@ -117,9 +117,20 @@ class Api:
             "tasks.logs": self.tasks_logs,
             "hosts.list": self.hosts_list,
         }.items():
-            router.register(method, handler)
+            task_call = method.startswith(("tasks.", "runners.", "hosts."))
+            router.register(method, self._after_recovery(handler) if task_call else handler)
         self.methods = sorted(router.methods)
         return router
+
+    def _after_recovery(self, handler: Handler) -> Handler:
+        """``handler`` once the dispatcher has its tasks and runners back (at once after start-up)."""
+
+        async def wait_then(params: dict[str, Any], ctx: CallContext) -> Any:
+            if not self.dispatcher.recovered.is_set():
+                await self.dispatcher.recovered.wait()
+            return await handler(params, ctx)
+
+        return wait_then
 
     async def hello(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         protocol = params["protocol"]
