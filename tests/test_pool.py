@@ -266,6 +266,21 @@ def test_one_branch_is_not_handed_out_twice_to_waiting_callers(
     assert sorted(type(a).__name__ for a in answers) == ["AlreadyExists", "dict"], answers
 
 
+def test_a_slot_removed_by_force_while_its_grant_checks_out_is_revoked_after_the_grant(
+    necrod_factory: Callable[..., Necrod], origin: Path
+) -> None:
+    """A grant with a branch holds the slot while its checkout runs; a forced removal then
+    revoked a lease not granted yet: its cleanup ran beside the checkout, and the allocation
+    failed with an internal error."""
+    d = necrod_factory(pool_config({"repo": origin}, slots=1, max_slots=1, min_idle=0))
+    d.wait_slots("repo", "available", 1)
+    granted, removed = same_turn(d, ("slots.allocate", {"pool": "repo", "branch": "feature/gone"}),
+                                 ("slots.remove", {"slot_id": "repo/1", "force": True}))  # fmt: skip
+    assert granted.get("result", {}).get("slot_id") == "repo/1", granted
+    assert removed.get("result", {}).get("state") == "removed", removed
+    assert "AssertionError" not in d.log()
+
+
 def test_a_slot_removed_while_it_is_cleaned_is_not_handed_out(
     necrod_factory: Callable[..., Necrod], origin: Path
 ) -> None:

@@ -86,6 +86,8 @@ class Allocator:
         #: Awaited when a lease ends other than by release (expiry, revocation), before the
         #: slot is salvaged: the dispatcher stops the processes it started there.
         self.lease_hooks: list[LeaseHook] = []
+        #: Slots whose grant has not answered yet: their lease is not the holder's until it has.
+        self.granting: set[str] = set()
         #: Called with the pool's name after a slot becomes available.
         self.on_slot_available: list[Callable[[str], None]] = []
         #: ``daemon.port_range`` and ``max_leases_per_uid`` (kept current by the engine at a reload).
@@ -203,11 +205,15 @@ class Allocator:
             low, high = self.port_range
             raise ResourceExhausted(f"no {ports or p.config.ports} consecutive free ports in daemon.port_range "
                                     f"{low}-{high}", pool=p.name)  # fmt: skip
-        result = await self._grant(
-            p, slot, holder=holder, ttl_s=ttl_s or p.config.lease_ttl_s, target=target, branch=branch,
-            metadata=metadata or {}, task_id=task_id, uid=uid, runner_uid=runner_uid, affinity=affinity,
-            ports=block, sparse=wanted, resume=resume, with_grant=with_grant,
-        )  # fmt: skip
+        self.granting.add(slot.slot_id)
+        try:
+            result = await self._grant(
+                p, slot, holder=holder, ttl_s=ttl_s or p.config.lease_ttl_s, target=target, branch=branch,
+                metadata=metadata or {}, task_id=task_id, uid=uid, runner_uid=runner_uid, affinity=affinity,
+                ports=block, sparse=wanted, resume=resume, with_grant=with_grant,
+            )  # fmt: skip
+        finally:
+            self.granting.discard(slot.slot_id)
         if p.config.metrics:
             self.metrics.allocated(p.name, time.perf_counter() - started)
         self.sizer.maintain_soon(p)  # one idle slot fewer: min_idle may want another cut

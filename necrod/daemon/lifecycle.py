@@ -261,6 +261,14 @@ class Lifecycle:
     async def remove_slot(self, sid: str, *, force: bool = False, wait_s: float = 300) -> dict[str, Any]:
         slot = self.table.slot(sid)
         p = self.table.pools[slot.pool]
+        # A grant not answered yet (its commit, or its checkout, runs) holds the slot with a lease
+        # nobody has: revoking it would clean the slot beside that checkout and fail the grant.
+        # Its end (granted or abandoned) comes first.
+        with anyio.move_on_after(wait_s):
+            while sid in self.allocator.granting:
+                await anyio.sleep(0.05)
+        if sid in self.allocator.granting:
+            raise FailedPrecondition(f"slot {sid} is still being granted; try again")
         counted = slot.state not in (SlotState.ERROR, SlotState.REMOVING) and not slot.retire
         if slot.state is SlotState.ALLOCATED:
             if not force:
