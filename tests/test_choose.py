@@ -26,8 +26,9 @@ def test_least_recently_used_then_number() -> None:
 
 def test_only_idle_available_slots() -> None:
     busy, reserved, held = slot(1, busy=True), slot(2, reserved=True), slot(3, state=SlotState.ALLOCATED)
-    assert choose_slot([busy, reserved, held], "c1") is None
-    assert choose_slot([busy, reserved, held, slot(4, released=9.0)], "c1").number == 4
+    retiring = slot(5, retire=True)  # the pool shrinks: it goes as soon as its driver runs
+    assert choose_slot([busy, reserved, held, retiring], "c1") is None
+    assert choose_slot([busy, reserved, held, retiring, slot(4, released=9.0)], "c1").number == 4
 
 
 def test_affinity_then_commit_then_current_layers() -> None:

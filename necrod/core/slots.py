@@ -268,7 +268,8 @@ def choose_slot(
     # It runs at every allocation over every slot of the pool, so each preference narrows the
     # candidates in a list pass and the last choice is one ``min`` in C: the same slot as the
     # smallest key (other affinity, other commit, other layers, last released, number).
-    idle = [s for s in slots if s.state is available and not s.busy and not s.reserved]
+    # A slot marked to retire (the pool shrinks) is still available until its driver runs.
+    idle = [s for s in slots if s.state is available and not (s.busy or s.reserved or s.retire)]
     if affinity is not None:
         idle = [s for s in idle if s.affinity == affinity] or idle
     if commit is not None:

@@ -342,7 +342,7 @@ class Allocator:
 
     def offer(self, p: Pool, slot: Slot) -> None:
         """A slot became available: hand it to the first waiting allocation, if any."""
-        if slot.state is not SlotState.AVAILABLE or slot.reserved or slot.busy:
+        if slot.state is not SlotState.AVAILABLE or slot.reserved or slot.busy or slot.retire:
             return
         if p.waiters and not self._whole(p, slot):
             return
