@@ -280,3 +280,14 @@ def choose_slot(
 
 
 _LEAST_RECENTLY_USED = operator.attrgetter("last_released_at", "number")
+
+
+def branch_holder(slots: Iterable[Slot], branch: str) -> Slot | None:
+    """The slot that has ``branch``: leased with it (a grant whose checkout still runs has it on
+    its lease, not yet on its slot), or checked out there and not yet cleaned away."""
+    for s in slots:
+        if (s.lease is not None and s.lease.branch == branch) or (
+            s.branch == branch and s.state in (SlotState.ALLOCATED, SlotState.CLEANING)
+        ):
+            return s
+    return None

@@ -32,7 +32,7 @@ from necrod.core.clock import Clock
 from necrod.core.names import check_branch, check_ref, looks_like_sha, shown_url
 from necrod.core.ports import choose_block
 from necrod.core.refs import resolve
-from necrod.core.slots import Lease, Slot, SlotState, choose_slot, new_lease_id
+from necrod.core.slots import Lease, Slot, SlotState, branch_holder, choose_slot, new_lease_id
 from necrod.core.sparse import check_sparse
 from necrod.daemon import lfs
 from necrod.daemon.gitgate import GitGate
@@ -243,14 +243,9 @@ class Allocator:
             raise Unavailable(f"pool {p.name} is being removed (draining)", pool=p.name)
 
     def _check_branch_free(self, p: Pool, branch: str) -> None:
-        for other in p.slots.values():
-            # A grant whose checkout still runs has the branch on its lease, not yet on its slot.
-            leased = other.lease is not None and other.lease.branch == branch
-            held = other.branch == branch and other.state in (SlotState.ALLOCATED, SlotState.CLEANING)
-            if leased or held:
-                raise AlreadyExists(
-                    f"branch {branch!r} is checked out in slot {other.slot_id}", branch=branch
-                )
+        holder = branch_holder(p.slots.values(), branch)
+        if holder is not None:
+            raise AlreadyExists(f"branch {branch!r} is checked out in slot {holder.slot_id}", branch=branch)
 
     async def _resolve_ref(self, p: Pool, ref: str, deadline: float) -> str:
         commit = resolve(p.refs, ref)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import os
 import re
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -39,6 +38,7 @@ from necrod.core.tasks import (
 )
 from necrod.core.templates import TemplateError, check
 from necrod.daemon.mirror import REF_PREFIX as SALVAGE_PREFIX
+from necrod.daemon.tasks.inflight import InFlight
 from necrod.daemon.tasks.profiles import Profiles
 from necrod.daemon.tasks.runs import Active
 from necrod.io.launchers import read_log
@@ -85,11 +85,7 @@ class TaskBook:
         self.dependents = self.index.dependents
         self.next_seq = 1
         self.next_batch = 1
-        #: Tasks being committed by submits not yet answered, by uid (they count in the quota).
-        self._submitting: Counter[int] = Counter()
-        #: What those tasks depend on, kept from pruning until they are in the index (where
-        #: pruning sees them): a failed dependency forgotten meanwhile would unblock them.
-        self._depended_on: Counter[str] = Counter()
+        self.in_flight = InFlight()
 
     @property
     def cfg(self) -> DispatcherConfig:
@@ -201,7 +197,7 @@ class TaskBook:
         finished ones are pruned, queued ones are not, and each is memory and a row."""
         limit = self._config().daemon.max_tasks_per_uid
         unfinished = sum(1 for t in self.tasks.values() if t.uid == uid and t.state not in FINISHED)
-        unfinished += self._submitting[uid]
+        unfinished += self.in_flight.tasks_of(uid)
         if unfinished + adding > limit:
             raise ResourceExhausted(
                 f"uid {uid} has {unfinished} unfinished tasks; {adding} more would pass its most "
@@ -282,20 +278,8 @@ class TaskBook:
         if batch is not None:
             self.next_batch += 1
         ops.append(self._meta_op())
-        # Not in the index until committed: a submit checking the quota meanwhile counts them here.
-        if uid is not None:
-            self._submitting[uid] += len(built)
-        depended_on = Counter(d for t in built for d in t.depends_on)
-        self._depended_on.update(depended_on)
-        try:
+        with self.in_flight.submitting(uid, built):
             await self.store.write(ops)
-        finally:
-            if uid is not None:
-                self._submitting[uid] -= len(built)
-            self._depended_on.subtract(depended_on)
-            for dep_id in depended_on:
-                if self._depended_on[dep_id] <= 0:
-                    del self._depended_on[dep_id]
         self.index.add(built)
         late = self._settle_submitted(built)
         if late:
@@ -583,7 +567,7 @@ class TaskBook:
             return []
         ops: list[Put | Delete | Event] = []
         for t in list(itertools.islice(self.index.finished.values(), excess)):
-            if self._depended_on[t.task_id] > 0 or any(
+            if self.in_flight.depended_on(t.task_id) or any(
                 self.tasks[d].state not in FINISHED
                 for d in self.dependents.get(t.task_id, ())
                 if d in self.tasks
