@@ -67,7 +67,10 @@ def test_one_fetch_per_pool_whatever_the_number_of_slots(
     # One fetch per pool per interval (±1 for jitter and the window's edges), not one per slot.
     assert 3 <= per_pool["small"] <= 8 and 3 <= per_pool["large"] <= 8, per_pool
     assert abs(per_pool["large"] - per_pool["small"]) <= 2, per_pool
-    assert after - before == sum(per_pool.values())
+    # git's count grows when a fetch starts, a pool's when it ends: a fetch under way at either
+    # edge of the window is in one count and not the other (one per pool at most, each pool
+    # fetches one at a time; a loaded machine makes fetches long enough to straddle an edge).
+    assert abs((after - before) - sum(per_pool.values())) <= len(per_pool), (after - before, per_pool)
 
 
 def test_an_unreachable_origin_is_reported_and_allocation_goes_on(
