@@ -74,17 +74,18 @@ my $pid = fork();
 die "runshim: fork: $!\n" unless defined $pid;
 if ($pid == 0) {
     close $failed_r;
-    if (defined $output_w) {
+    my $why;
+    if (defined $output_w) {  # descriptors dup'ed onto 1 and 2: no path is opened
         close $output_r;
-        open(STDOUT, '>&', $output_w) && open(STDERR, '>&', $output_w) or exit 127;
+        $why = "cannot hand its output to the wrapper: $!"
+            unless open(STDOUT, '>&', $output_w) && open(STDERR, '>&', $output_w);
         close $output_w;
     }
     $SIG{$_} = 'DEFAULT' for qw(TERM INT HUP);
     for my $name (grep { /\ANECROD_RUNSHIM_PERL/ } keys %ENV) {
         $ENV{substr($name, length 'NECROD_RUNSHIM_')} = delete $ENV{$name};
     }
-    my $why;
-    for my $cgroup (@cgroups) {
+    for my $cgroup (defined $why ? () : @cgroups) {
         my $procs;
         unless (open($procs, '>>', "$cgroup/cgroup.procs") && print($procs "$$") && close($procs)) {
             $why = "cannot join the cgroup $cgroup: $!";
