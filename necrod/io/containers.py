@@ -49,6 +49,12 @@ STOP_RETRY_S = 10.0
 UNREACHABLE = (OSError, aiohttp.ClientError)
 #: aiodocker's status for "Cannot connect to Docker Engine".
 NO_ENGINE = 900
+#: The engine's states of a container that has not ended ("created": ours were all started).
+STILL_RUNNING = ("created", "running", "paused", "restarting")
+#: How long the log stream may take to end after the container did; then how long the second pass
+#: may take to read what is left.
+DRAIN_S = 2.0
+CATCH_UP_S = 10.0
 
 
 def _away(exc: Exception) -> bool:
@@ -91,38 +97,69 @@ class ContainerRun(Run):
         self.log_path = log_path
         self.since = since
         self._exit: Exit | None = None
+        #: Bytes of the engine's log stream already copied (a later pass skips them).
+        self._streamed = 0
 
-    async def _pump_logs(self, done: anyio.Event) -> None:
+    async def _pump_logs(self) -> None:
+        """Copy the container's output to the attempt's log, from where an earlier pass stopped,
+        until the engine's stream ends or the log is full."""
         try:
             with open(self.log_path, "ab", buffering=0) as out:  # noqa: ASYNC230 (small appends)
                 sink = CappedLog(out)
                 if sink.full:
                     return
+                skip = self._streamed
                 async for chunk in self.container.log(
                     stdout=True, stderr=True, follow=True, since=self.since
                 ):
-                    if not sink.write(chunk.encode() if isinstance(chunk, str) else chunk):
+                    data = chunk.encode() if isinstance(chunk, str) else chunk
+                    if skip:
+                        seen = min(skip, len(data))
+                        data, skip = data[seen:], skip - seen
+                    self._streamed += len(data)
+                    if data and not sink.write(data):
                         return
         except (aiodocker.DockerError, *UNREACHABLE) as exc:
             log.warning("container_logs_failed", container=self.name, error=str(exc))
-        finally:
-            done.set()
+
+    async def _exited(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The wait's answer and the engine's record, once the record agrees the container ended:
+        podman's wait can answer while the container still runs, with a status of 0."""
+        backoff = 0.1
+        while True:
+            status = await self.container.wait()
+            info = await self.container.show()
+            if info.get("State", {}).get("Status") not in STILL_RUNNING:
+                return status, info
+            log.warning("container_wait_answered_early", container=self.name)
+            await anyio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
 
     async def _wait_once(self) -> tuple[dict[str, Any], dict[str, Any]]:
         failure: Exception | None = None
+        drained = anyio.Event()
+
+        async def follow() -> None:
+            await self._pump_logs()
+            drained.set()
+
         async with anyio.create_task_group() as tg:
-            drained = anyio.Event()
-            tg.start_soon(self._pump_logs, drained)
+            tg.start_soon(follow)
             try:
-                status = await self.container.wait()
-                with anyio.move_on_after(2):  # the log stream ends with the container
+                status, info = await self._exited()
+                with anyio.move_on_after(DRAIN_S):  # the log stream ends with the container
                     await drained.wait()
             except (aiodocker.DockerError, *UNREACHABLE) as exc:
                 failure = exc  # raised as itself, not inside the task group's ExceptionGroup
             tg.cancel_scope.cancel()
         if failure is not None:
             raise failure
-        return status, await self.container.show()
+        if not drained.is_set():
+            # podman's follow can miss a short-lived container's end and hang with the last lines
+            # unsent. The container has ended: a second pass reads to the end of what it kept.
+            with anyio.move_on_after(CATCH_UP_S):
+                await self._pump_logs()
+        return status, info
 
     async def wait(self) -> Exit:
         if self._exit is not None:
