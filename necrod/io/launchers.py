@@ -32,6 +32,7 @@ import signal
 import stat
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,25 +152,38 @@ PERL = next(
 )
 
 
-def _shim(
-    spec: LaunchSpec, cgroup: RunnerCgroup | None, perl: str | None = PERL, log_limit: int | None = None
+def wrapped(
+    command: Sequence[str],
+    env: Mapping[str, str],
+    exit_file: Path,
+    *,
+    cgroups: Sequence[Path] = (),
+    log_limit: int | None = None,
+    perl: str | None = PERL,
 ) -> tuple[list[str], dict[str, str]]:
-    """The wrapper's command line and its environment. Perl's start is changed by ``PERL*``
-    variables (``PERL5OPT`` loads modules): the wrapper gets them as ``NECROD_RUNSHIM_PERL*``
-    and names them back for the command alone. With ``log_limit`` the wrapper copies the
-    command's output to its own stdout, that many bytes of it at most."""
-    exit_file = str(runner_files(spec.log)[2])
-    env = spec.env
+    """``command`` under the wrapper, which records its end in ``exit_file``, and the wrapper's
+    environment. Perl's start is changed by ``PERL*`` variables (``PERL5OPT`` loads modules):
+    the wrapper gets them as ``NECROD_RUNSHIM_PERL*`` and names them back for the command
+    alone. With ``log_limit`` the wrapper copies the command's output to its own stdout, that
+    many bytes of it at most."""
     if perl is not None:
-        argv = [perl, RUNSHIM_PL, "--exit-file", exit_file]
-        env = {(PERL_PREFIX + k if k.startswith("PERL") else k): v for k, v in spec.env.items()}
+        argv = [perl, RUNSHIM_PL, "--exit-file", str(exit_file)]
+        env = {(PERL_PREFIX + k if k.startswith("PERL") else k): v for k, v in env.items()}
     else:
-        argv = [sys.executable, "-I", "-S", RUNSHIM, "--exit-file", exit_file]
-    for path in cgroup.paths if cgroup is not None else []:
+        argv = [sys.executable, "-I", "-S", RUNSHIM, "--exit-file", str(exit_file)]
+    for path in cgroups:
         argv += ["--cgroup", str(path)]
     if log_limit is not None:
         argv += ["--log-limit", str(log_limit)]
-    return [*argv, "--", *spec.argv], env
+    return [*argv, "--", *command], dict(env)
+
+
+def _shim(
+    spec: LaunchSpec, cgroup: RunnerCgroup | None, perl: str | None = PERL, log_limit: int | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """A runner's wrapper: its command line and environment (``wrapped``)."""
+    return wrapped(spec.argv, spec.env, runner_files(spec.log)[2], cgroups=cgroup.paths if cgroup is not None else (),
+                   log_limit=log_limit, perl=perl)  # fmt: skip
 
 
 def _cgroup(parents: RunnerCgroups, spec: LaunchSpec) -> RunnerCgroup | None:

@@ -1,7 +1,8 @@
 """Running one step of the daemon's own (a pool's prepare command) to its end, with a time limit.
 
 The step runs in a session and process group of its own, with exactly the environment given,
-its output appended to a log file. At its end, or at its time limit, whatever is left of its
+under the runners' wrapper (``runshim``): its output is appended to a log file, 256 MiB of it at
+most, and its end recorded beside it. At its end, or at its time limit, whatever is left of its
 process group gets SIGTERM, a grace, then SIGKILL: nothing it started keeps working in the
 directory that is about to become a layer or a slot.
 """
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import anyio
 
-from necrod.io.launchers import stop_group
+from necrod.io.attemptlog import MAX_LOG_BYTES
+from necrod.io.launchers import read_exit, runner_files, stop_group, wrapped
 
 #: Between SIGTERM and SIGKILL for a step that ran out of time.
 STEP_GRACE_S = 5.0
@@ -51,14 +53,26 @@ class StepResult:
 
 
 async def run_step(
-    argv: Sequence[str], *, cwd: Path, env: Mapping[str, str], log: Path, timeout: float
+    argv: Sequence[str],
+    *,
+    cwd: Path,
+    env: Mapping[str, str],
+    log: Path,
+    timeout: float,
+    log_limit: int = MAX_LOG_BYTES,
 ) -> StepResult:
-    """Run ``argv`` in ``cwd`` until it ends or ``timeout`` passes; its output goes to ``log``."""
+    """Run ``argv`` in ``cwd`` until it ends or ``timeout`` passes; its output goes to ``log``,
+    at most ``log_limit`` bytes of it: the step runs the origin's code, whose output must not
+    fill the disk the daemon's state is on. The wrapper (``runshim``) copies it and records the
+    step's end beside the log."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    exit_file = runner_files(log)[2]
+    exit_file.unlink(missing_ok=True)
+    command, wrapper_env = wrapped(argv, env, exit_file, log_limit=log_limit)
     started = time.monotonic()
     with open(log, "ab") as out:  # noqa: ASYNC230 (opened for the child, not read here)
         process = await anyio.open_process(
-            list(argv), cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=out,
+            command, cwd=cwd, env=wrapper_env, stdin=subprocess.DEVNULL, stdout=out,
             stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     timed_out = False
@@ -67,13 +81,18 @@ async def run_step(
             await process.wait()
         timed_out = scope.cancelled_caught
     finally:
-        # Ended, timed out or cancelled: nothing of its group stays (it is the group's leader).
+        # Ended, timed out or cancelled: nothing of its group stays (the wrapper leads it).
         await stop_group(process.pid, STEP_GRACE_S)
         with anyio.CancelScope(shield=True), anyio.move_on_after(STEP_GRACE_S):
             await process.wait()
-    code = process.returncode
+    duration = time.monotonic() - started
+    ended = read_exit(exit_file, None)
+    exit_file.unlink(missing_ok=True)
+    if ended is not None:
+        return StepResult(ended.code, ended.signal, timed_out, duration)
+    code = process.returncode  # the wrapper itself was killed (SIGKILL after the grace)
     sig = -code if code is not None and code < 0 else None
-    return StepResult(None if sig else code, sig, timed_out, time.monotonic() - started)
+    return StepResult(None if sig else code, sig, timed_out, duration)
 
 
 def log_tail(log: Path, limit: int = 2048) -> str:
