@@ -260,3 +260,22 @@ def test_a_stop_while_output_flows_is_recorded_as_the_signal(tmp_path: Path, wra
             process.kill()
     assert json.loads((tmp_path / "1.exit").read_text())["signal"] == signal.SIGTERM
     assert (tmp_path / "1.log").read_bytes() == b"y\n" * 2048 + cut_line(4096)
+
+
+def test_the_exit_record_is_read_only_from_a_regular_file_and_only_its_head(tmp_path: Path) -> None:
+    """The runner (or a prepare step) can write where its record lies: a symlink to a record
+    elsewhere, a FIFO nobody writes, a record padded to 16 GiB read as nothing, at once."""
+    real = tmp_path / "real.exit"
+    real.write_text('{"code": 0}')
+    assert read_exit(real, None) is not None and read_exit(real, None).code == 0  # type: ignore[union-attr]
+    link = tmp_path / "link.exit"
+    link.symlink_to(real)
+    fifo = tmp_path / "fifo.exit"
+    os.mkfifo(fifo)
+    huge = tmp_path / "huge.exit"
+    with open(huge, "wb") as f:
+        f.write(b'{"code": 0' + b" " * 8192 + b"}")
+        f.truncate(16 << 30)
+    started = time.monotonic()
+    assert [read_exit(p, None) for p in (link, fifo, huge, tmp_path)] == [None, None, None, None]
+    assert time.monotonic() - started < 1

@@ -88,12 +88,26 @@ def runner_files(log: Path) -> tuple[Path, Path, Path]:
     return stem.with_suffix(".sh"), stem.with_suffix(".go"), stem.with_suffix(".exit")
 
 
+#: An exit record is a line of JSON: what is past this is not one.
+EXIT_RECORD_BYTES = 4096
+
+
 def read_exit(exit_file: Path, cgroup: RunnerCgroup | None) -> Exit | None:
-    """The end ``runshim`` recorded (JSON; a bare number from a shell), or None before it has."""
+    """The end ``runshim`` recorded (JSON; a bare number from a shell), or None before it has.
+    What runs can write where the record lies: the first 4 KiB of a regular file only, never
+    through a symlink nor waiting on a FIFO (this is read on the event loop)."""
     try:
-        text = exit_file.read_text()[:4096].strip()
+        fd = os.open(exit_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        text = os.read(fd, EXIT_RECORD_BYTES).decode(errors="replace").strip()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     oom = cgroup.oom_killed() if cgroup else False
     if text.lstrip("-").isdigit():
         code = int(text)
